@@ -1,0 +1,45 @@
+# One-command set-up and runs. Needs only Python 3.11 (and a network to PyPI).
+#   make demo   set up .venv and run a context-parallel prefill on CPU under torchrun (CP=2)
+#   make test   set up .venv and run the whole test suite
+#   make lint   ruff check + format check
+#   make bench  run the attention benchmark (CP=1 vs CP=2) and write bench_out/attention.json
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# The dev/CI install pins the local CPU build of torch; pyproject keeps a range for users.
+TORCH_PIN ?= torch==2.13.0
+NPROC ?= 2
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[dev]" "$(TORCH_PIN)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) \
+		examples/ring_attention_prefill.py --seq-len 4096 --variant both
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: $(STAMP)
+	$(PY) tools/bench_attention.py --json bench_out/attention.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,105 @@
+"""Ring communication for context parallelism: one SendRecv per step, and the All2All.
+
+:class:`RingComm` posts the next exchange before the caller computes on the shard it holds, and
+waits after, so communication overlaps attention (ring-flash-attention's pattern)::
+
+    step s:   post send(cur -> next), recv(nxt <- prev)
+              compute on cur                  # overlaps the transfer
+              wait; cur, nxt = nxt, cur
+
+It also counts what it moves (:class:`CommStats`), so tests can check the paper's claims
+(N-1 SendRecv steps for pass-KV; one All2All for pass-Q) and benchmarks can report the time
+spent blocked on communication.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from parallel_state.layout import ring_neighbours
+
+__all__ = ["CommStats", "RingComm"]
+
+
+@dataclass
+class CommStats:
+    """What one ring attention call moved, and how long it waited for it."""
+
+    sendrecv_steps: int = 0
+    sendrecv_bytes: int = 0
+    all2all_calls: int = 0
+    all2all_bytes: int = 0
+    wait_s: float = 0.0
+
+
+def _wire(t: torch.Tensor) -> torch.Tensor:
+    """float8 goes through gloo point-to-point, but not through collectives: send bytes."""
+    return t.view(torch.uint8) if t.dtype.itemsize == 1 and t.is_floating_point() else t
+
+
+class RingComm:
+    """Point-to-point ring and All2All over one CP process group.
+
+    Args:
+        group: the CP group; ``None`` means the default group, or a single rank when
+            torch.distributed is not initialized.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+        if dist.is_available() and dist.is_initialized():
+            self.rank = dist.get_rank(group)
+            self.size = dist.get_world_size(group)
+            ranks = dist.get_process_group_ranks(group) if group is not None else None
+            ranks = ranks or list(range(self.size))
+            self.prev_rank, self.next_rank = ring_neighbours(ranks, self.rank)
+        else:
+            if group is not None:
+                raise ValueError("a process group was given but torch.distributed is not initialized")
+            self.rank, self.size = 0, 1
+            self.prev_rank = self.next_rank = 0
+        self.stats = CommStats()
+        self._pending: list[dist.Work] = []
+
+    def send_recv(self, send: torch.Tensor, recv: torch.Tensor | None = None) -> torch.Tensor:
+        """Post ``send`` to the next rank and a receive from the previous one; don't wait.
+
+        Returns the buffer the receive lands in (valid after :meth:`wait`).
+        """
+        assert not self._pending, "wait() for the previous exchange first"
+        assert send.is_contiguous()
+        recv = torch.empty_like(send) if recv is None else recv
+        ops = [
+            dist.P2POp(dist.isend, _wire(send), self.next_rank, self.group),
+            dist.P2POp(dist.irecv, _wire(recv), self.prev_rank, self.group),
+        ]
+        self._pending = dist.batch_isend_irecv(ops)
+        self.stats.sendrecv_steps += 1
+        self.stats.sendrecv_bytes += send.numel() * send.element_size()
+        return recv
+
+    def wait(self) -> None:
+        """Block until the posted exchange is done (time spent here is exposed communication)."""
+        t0 = time.perf_counter()
+        for work in self._pending:
+            work.wait()
+        self._pending = []
+        self.stats.wait_s += time.perf_counter() - t0
+
+    def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
+        """Blocking All2All of equal slices along dim 0 (slice r goes to CP rank r)."""
+        assert send.shape[0] % self.size == 0 and send.is_contiguous()
+        recv = torch.empty_like(send)
+        t0 = time.perf_counter()
+        if self.size == 1:
+            recv.copy_(send)
+        else:
+            dist.all_to_all_single(_wire(recv), _wire(send), group=self.group)
+        self.stats.wait_s += time.perf_counter() - t0
+        self.stats.all2all_calls += 1
+        self.stats.all2all_bytes += send.numel() * send.element_size()
+        return recv

@@ -1,0 +1,131 @@
+"""pass-KV ring attention: queries stay, key/value shards travel the ring (paper §3.3.1).
+
+Note:
+    With N CP ranks, every rank keeps its queries and sends its K/V shard (only the KV heads,
+    plus its cached prefix, in one contiguous buffer) around the ring in N-1 SendRecv steps.
+    Each step's exchange is posted before the attention on the shard already held::
+
+        step 0            step 1            ...   step N-1
+        r0: KV0 ─┐        r0: KV3 ─┐              r0: KV1
+        r1: KV1  ├─>      r1: KV0  ├─>            r1: KV2
+        r2: KV2  │        r2: KV1  │              r2: KV3
+        r3: KV3 ─┘(ring)  r3: KV2 ─┘              r3: KV0
+
+    At step s rank i holds the shard of rank (i - s) mod N, attends its queries to it with the
+    causal plan of :func:`~cp_infer.attention.causal.plan_block`, and merges the partial result
+    into fp32 accumulators by LSE. No step is ever fully skipped under the load-balanced layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from cp_infer.attention.blocks import KVPrefix, attend_step
+from cp_infer.attention.comm import RingComm
+from cp_infer.attention.kernels import AttentionKernel, get_kernel
+from cp_infer.sharding import ShardLayout
+
+__all__ = ["check_ring_inputs", "ring_attention_pass_kv"]
+
+
+def check_ring_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: ShardLayout,
+    comm: RingComm,
+    prefix: KVPrefix | None,
+) -> None:
+    """Shape checks shared by both variants; raise ValueError (the same on every rank)."""
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape:
+        raise ValueError(
+            f"expected q (H, T, D) and k, v (H_kv, T, D); got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    h, t, d = q.shape
+    h_kv = k.shape[0]
+    if h % h_kv:
+        raise ValueError(f"query heads {h} are not a multiple of KV heads {h_kv}")
+    if k.shape[1] != t or k.shape[2] != d:
+        raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)}")
+    if layout.cp != comm.size:
+        raise ValueError(
+            f"the layout is for cp={layout.cp} but the CP group has {comm.size} ranks; "
+            "build the ShardLayout with the CP group's size"
+        )
+    if t != layout.t_local:
+        raise ValueError(
+            f"q has {t} local tokens but the layout gives t_local={layout.t_local}; "
+            "shard the batch with cp_infer.sharding.shard(x, layout, cp_rank)"
+        )
+    if prefix is not None:
+        if prefix.cp != layout.cp or prefix.n_seqs != layout.n_seqs:
+            raise ValueError(
+                f"the KV prefix describes cp={prefix.cp}, {prefix.n_seqs} sequences; "
+                f"the layout cp={layout.cp}, {layout.n_seqs} sequences"
+            )
+        if prefix.k.shape[0] != h_kv or prefix.k.shape[2] != d:
+            raise ValueError(f"prefix k {tuple(prefix.k.shape)} does not match k {tuple(k.shape)}")
+
+
+def ring_attention_pass_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: ShardLayout,
+    group: dist.ProcessGroup | None = None,
+    *,
+    causal: bool = True,
+    kernel: str | AttentionKernel = "auto",
+    scale: float | None = None,
+    prefix: KVPrefix | None = None,
+    comm: RingComm | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of this rank's queries over the whole (sharded) context, by pass-KV.
+
+    Args:
+        q: (H, t_local, D) this rank's load-balanced query shard (see ``cp_infer.sharding``).
+        k, v: (H_kv, t_local, D) this rank's new keys/values (GQA: H_kv divides H).
+        layout: the batch layout; ``layout.cp`` must equal the CP group size.
+        group: the CP process group (``None``: default group, or a single process).
+        causal: causal mask over each sequence (prefix tokens are always visible).
+        kernel: local attention kernel name or callable (see ``attention.kernels``).
+        scale: softmax scale; default ``1/sqrt(D)``.
+        prefix: cached keys/values on this rank for persistent-KV prefill.
+        comm: a :class:`RingComm` to reuse (and read statistics from).
+
+    Returns:
+        (out, lse): (H, t_local, D) in q's dtype and (H, t_local) float32.
+    """
+    comm = RingComm(group) if comm is None else comm
+    check_ring_inputs(q, k, v, layout, comm, prefix)
+    kernel = get_kernel(kernel, q.device)
+    n, rank = comm.size, comm.rank
+    h, t, d = q.shape
+    acc_out = torch.zeros(h, t, d, dtype=torch.float32, device=q.device)
+    acc_lse = torch.full((h, t), float("-inf"), dtype=torch.float32, device=q.device)
+
+    # One contiguous buffer per step: (2, H_kv, P + t_local, D), prefix first.
+    p = prefix.k.shape[1] if prefix is not None else 0
+    parts = [k, v] if prefix is None else [torch.cat([prefix.k, k], 1), torch.cat([prefix.v, v], 1)]
+    cur = torch.stack(parts) if n > 1 else None
+    nxt = None
+    for step in range(n):
+        kv_rank = (rank - step) % n
+        if step + 1 < n:
+            nxt = comm.send_recv(cur, nxt)
+        if step == 0:
+            sk, sv = k, v
+            pk, pv = (prefix.k, prefix.v) if prefix is not None else (None, None)
+        else:
+            sk, sv = cur[0, :, p:], cur[1, :, p:]
+            pk, pv = cur[0, :, :p], cur[1, :, :p]
+        attend_step(
+            q, sk, sv, layout, rank, kv_rank, acc_out, acc_lse,
+            causal=causal, kernel=kernel, scale=scale, prefix_k=pk, prefix_v=pv, prefix=prefix,
+        )  # fmt: skip
+        if step + 1 < n:
+            comm.wait()
+            cur, nxt = nxt, cur
+    return acc_out.to(q.dtype), acc_lse

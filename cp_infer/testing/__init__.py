@@ -1,0 +1,10 @@
+"""Helpers for multi-process CPU tests and benchmarks (gloo)."""
+
+from cp_infer.testing.multiprocess import (
+    DistributedError,
+    DistributedPool,
+    free_port,
+    run_distributed,
+)
+
+__all__ = ["DistributedError", "DistributedPool", "free_port", "run_distributed"]

@@ -1,0 +1,29 @@
+"""Shared fixtures: one gloo worker pool per world size, reused by every test of the session."""
+
+from __future__ import annotations
+
+import pytest
+
+from cp_infer.testing import DistributedPool
+
+
+class _Pools:
+    def __init__(self) -> None:
+        self._pools: dict[int, DistributedPool] = {}
+
+    def __call__(self, world_size: int) -> DistributedPool:
+        if world_size not in self._pools:
+            self._pools[world_size] = DistributedPool(world_size, pg_timeout_s=60.0)
+        return self._pools[world_size]
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+
+
+@pytest.fixture(scope="session")
+def dist_pool():
+    """``dist_pool(world_size).run(fn, *args)`` runs ``fn`` on every rank and returns results."""
+    pools = _Pools()
+    yield pools
+    pools.close()
