@@ -89,12 +89,21 @@ class KVPrefix:
         return KVPrefix(torch.cat(pad, dim=1), torch.cat(pad_v, dim=1), tuple(map(tuple, lens)))
 
 
-def _call(kernel, q, k, v, causal, scale, acc_out, acc_lse) -> None:
-    """Run the kernel on (H, t, D) views and merge into (H, t, D) / (H, t) accumulators."""
+def _call(kernel, q, k, v, causal, scale, acc_out, acc_lse, fresh: bool) -> bool:
+    """Run the kernel on (H, t, D) views and merge into (H, t, D) / (H, t) accumulators.
+
+    ``fresh`` accumulators hold nothing yet: the result is copied in, not merged (one pass
+    instead of four). Returns whether the rows were written.
+    """
     if q.shape[1] == 0 or k.shape[1] == 0:
-        return
+        return False
     out, lse = kernel(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), causal, scale)
-    merge_into_(acc_out, acc_lse, out[0], lse[0])
+    if fresh:
+        acc_out.copy_(out[0])
+        acc_lse.copy_(lse[0])
+    else:
+        merge_into_(acc_out, acc_lse, out[0], lse[0])
+    return True
 
 
 def attend_step(
@@ -113,6 +122,7 @@ def attend_step(
     prefix_k: torch.Tensor | None = None,
     prefix_v: torch.Tensor | None = None,
     prefix: KVPrefix | None = None,
+    fresh: bool = False,
 ) -> None:
     """Attend the shard of ``q_rank`` to the shard (and prefix) of ``kv_rank``; merge in place.
 
@@ -123,6 +133,8 @@ def attend_step(
         acc_out, acc_lse: (H, t_local, D) / (H, t_local) float32 accumulators for ``q``.
         prefix_k, prefix_v: (H_kv, P, D) cached keys/values held by ``kv_rank``.
         prefix: the prefix description (lengths per rank and sequence).
+        fresh: the accumulators are uninitialized: results are written, not merged, and rows
+            this step does not reach are set to out = 0, lse = -inf.
     """
     calls = plan_block(q_rank, kv_rank, layout.cp, causal)
     for j in range(layout.n_seqs):
@@ -131,13 +143,24 @@ def attend_step(
         qj, kj, vj = q[:, seq], k[:, seq], v[:, seq]
         oj, lj = acc_out[:, seq], acc_lse[:, seq]
         valid = layout.valid_kv_len(j, kv_rank)
+        written = [not fresh, not fresh]  # per local query chunk
         for call in calls:
             qs = slice(call.q_start * c, call.q_stop * c)
             ks, ke = call.kv_start * c, call.kv_stop * c
             if not call.causal:
                 ke = min(ke, valid)  # padded keys are cut off, never masked
-            _call(kernel, qj[:, qs], kj[:, ks:ke], vj[:, ks:ke], call.causal, scale, oj[:, qs], lj[:, qs])
+            rows = range(call.q_start, call.q_stop)
+            first = not any(written[a] for a in rows)
+            assert first or all(written[a] for a in rows), "a call half-covers written rows"
+            if _call(kernel, qj[:, qs], kj[:, ks:ke], vj[:, ks:ke], call.causal, scale,
+                     oj[:, qs], lj[:, qs], fresh=first):  # fmt: skip
+                for a in rows:
+                    written[a] = True
+        for a in range(2):
+            if not written[a]:
+                oj[:, a * c : (a + 1) * c].zero_()
+                lj[:, a * c : (a + 1) * c].fill_(float("-inf"))
         if prefix is not None:
             p0, n = prefix.offsets[j], prefix.lens[kv_rank][j]
             pk, pv = prefix_k[:, p0 : p0 + n], prefix_v[:, p0 : p0 + n]
-            _call(kernel, qj, pk, pv, False, scale, oj, lj)
+            _call(kernel, qj, pk, pv, False, scale, oj, lj, fresh=False)

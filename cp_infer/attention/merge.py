@@ -39,7 +39,7 @@ def merge_into_(
     new_lse = torch.logaddexp(acc_lse, lse)
     safe = _safe(new_lse)
     acc_out.mul_(torch.exp(acc_lse - safe).unsqueeze(-1))
-    acc_out.add_(out.float() * torch.exp(lse - safe).unsqueeze(-1))
+    acc_out.addcmul_(out, torch.exp(lse - safe).unsqueeze(-1))
     acc_lse.copy_(new_lse)
 
 

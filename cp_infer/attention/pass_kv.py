@@ -103,8 +103,8 @@ def ring_attention_pass_kv(
     kernel = get_kernel(kernel, q.device)
     n, rank = comm.size, comm.rank
     h, t, d = q.shape
-    acc_out = torch.zeros(h, t, d, dtype=torch.float32, device=q.device)
-    acc_lse = torch.full((h, t), float("-inf"), dtype=torch.float32, device=q.device)
+    acc_out = torch.empty(h, t, d, dtype=torch.float32, device=q.device)
+    acc_lse = torch.empty(h, t, dtype=torch.float32, device=q.device)
 
     # One contiguous buffer per step: (2, H_kv, P + t_local, D), prefix first.
     p = prefix.k.shape[1] if prefix is not None else 0
@@ -124,6 +124,7 @@ def ring_attention_pass_kv(
         attend_step(
             q, sk, sv, layout, rank, kv_rank, acc_out, acc_lse,
             causal=causal, kernel=kernel, scale=scale, prefix_k=pk, prefix_v=pv, prefix=prefix,
+            fresh=step == 0,
         )  # fmt: skip
         if step + 1 < n:
             comm.wait()

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from cp_infer.attention.blocks import KVPrefix, attend_step
 from cp_infer.attention.comm import RingComm
 from cp_infer.attention.kernels import AttentionKernel, get_kernel
-from cp_infer.attention.merge import merge_partials
+from cp_infer.attention.merge import merge_into_
 from cp_infer.attention.pass_kv import check_ring_inputs
 from cp_infer.sharding import ShardLayout
 
@@ -90,11 +90,10 @@ def ring_attention_pass_q(
         q_rank = (rank - step) % n
         if step + 1 < n:
             nxt = comm.send_recv(cur, nxt)
-        acc_out.zero_()
-        acc_lse.fill_(float("-inf"))
         attend_step(
             cur, k, v, layout, q_rank, rank, acc_out, acc_lse,
             causal=causal, kernel=kernel, scale=scale, prefix_k=pk, prefix_v=pv, prefix=prefix,
+            fresh=True,
         )  # fmt: skip
         _pack(acc_out.to(q.dtype), acc_lse, send[q_rank])
         if step + 1 < n:
@@ -104,6 +103,10 @@ def ring_attention_pass_q(
     if n == 1:
         return acc_out.to(q.dtype), acc_lse.clone()
     recv = comm.all_to_all(send)
-    parts = [_unpack(recv[r], h, t, d, q.dtype) for r in range(n)]
-    out, lse = merge_partials([o for o, _ in parts], [lse for _, lse in parts])
-    return out.to(q.dtype), lse
+    # Merge the N partials one by one into fp32 accumulators (no N-way stacked copy).
+    out, lse = _unpack(recv[0], h, t, d, q.dtype)
+    acc_out.copy_(out)
+    acc_lse.copy_(lse)
+    for r in range(1, n):
+        merge_into_(acc_out, acc_lse, *_unpack(recv[r], h, t, d, q.dtype))
+    return acc_out.to(q.dtype), acc_lse

@@ -90,7 +90,10 @@ def _worker(
             results.put((rank, True, out))
         except BaseException:  # report everything, including SystemExit from argparse
             results.put((rank, False, traceback.format_exc()))
-    dist.destroy_process_group()
+    # Leave without tearing the process group down: that can block on peers already gone.
+    results.close()
+    results.join_thread()
+    os._exit(0)
 
 
 class DistributedPool:
@@ -108,6 +111,7 @@ class DistributedPool:
         self.world_size = world_size
         self.pg_timeout_s = pg_timeout_s
         self.threads = threads
+        self.grace_s = 5.0  # how long the other ranks may take to report after a failure
         self._procs: list[mp.process.BaseProcess] = []
         self._tasks: list[mp.Queue] = []
         self._results: mp.Queue | None = None
@@ -145,8 +149,9 @@ class DistributedPool:
                 q.put(None)
             except (OSError, ValueError):
                 pass
+        deadline = time.monotonic() + 5.0
         for p in self._procs:
-            p.join(timeout=5)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
         self._kill()
 
     def _kill(self) -> None:
@@ -183,23 +188,18 @@ class DistributedPool:
         deadline = time.monotonic() + timeout_s
         outs: dict[int, Any] = {}
         errors: dict[int, str] = {}
-        while len(outs) + len(errors) < self.world_size:
-            # After the first failure the other ranks get a short grace period: they are
-            # most likely blocked in a collective the failed rank will never join.
-            left = deadline - time.monotonic()
-            if errors:
-                left = min(left, 10.0)
-            if left <= 0:
-                break
+        while len(outs) + len(errors) < self.world_size and time.monotonic() < deadline:
             try:
-                rank, ok, payload = self._results.get(timeout=min(left, 1.0))
+                rank, ok, payload = self._results.get(timeout=1.0)
+                (outs if ok else errors)[rank] = payload
             except queue.Empty:
-                dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
-                dead = [r for r in dead if r not in outs and r not in errors]
-                for r in dead:
-                    errors[r] = f"worker process died (exit code {self._procs[r].exitcode})"
-                continue
-            (outs if ok else errors)[rank] = payload
+                for r, p in enumerate(self._procs):
+                    if not p.is_alive() and r not in outs and r not in errors:
+                        errors[r] = f"worker process died (exit code {p.exitcode})"
+            if errors:
+                # After the first failure the other ranks get a short grace period to report:
+                # they are most likely blocked in a collective the failed rank never joins.
+                deadline = min(deadline, time.monotonic() + self.grace_s)
         if errors or len(outs) < self.world_size:
             missing = [r for r in range(self.world_size) if r not in outs and r not in errors]
             self._kill()

@@ -1,0 +1,42 @@
+"""Logging with the rank in every record: ``[rank 1/4] cp_infer.x: message``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+__all__ = ["setup_logging"]
+
+
+class _RankFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            record.rank, record.world = dist.get_rank(), dist.get_world_size()
+        else:
+            record.rank = int(os.environ.get("RANK", 0))
+            record.world = int(os.environ.get("WORLD_SIZE", 1))
+        return True
+
+
+def setup_logging(level: int | str = logging.INFO, *, all_ranks: bool = False) -> None:
+    """Configure the root logger once per process.
+
+    Args:
+        level: log level for rank 0 (and every rank when ``all_ranks``).
+        all_ranks: if False, ranks other than 0 only log warnings and errors.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    handler = logging.StreamHandler()
+    handler.addFilter(_RankFilter())
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s [rank %(rank)d/%(world)d] %(name)s: %(message)s", "%H:%M:%S")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level if all_ranks or rank == 0 else logging.WARNING)
+    # megatron-core announces at import that Transformer Engine / apex are absent: expected on CPU.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")

@@ -1,0 +1,226 @@
+#!/usr/bin/env python
+"""Benchmark context-parallel prefill attention on CPU: CP=1 vs CP=N, pass-KV, pass-Q and torch's ring.
+
+Every CP size runs in its own pool of N worker processes (gloo, one intra-op thread per rank, so
+N=2 uses the machine's two cores). For each sequence length it times:
+
+- ``local``: the unsharded causal kernel on one rank (the CP=1 baseline, t1);
+- ``pass-kv`` / ``pass-q``: this project's rings on the load-balanced shards;
+- ``torch-ring``: torch's ``_templated_ring_attention`` (forward only, load-balanced, driven with
+  the same CPU flash kernel and the same shards): the peer to beat.
+
+and reports the parallel efficiency ``t1 / (N * tN)`` and, for our rings, the fraction of
+communication hidden by overlap: ``1 - exposed / alone``, where ``exposed`` is the time ranks
+spent blocked on the ring during attention and ``alone`` the time the same messages take with no
+compute.
+
+Example (the figures in docs/performance.md)::
+
+    python tools/bench_attention.py --seq-lens 8192 16384 32768 --cp 2 --json bench_out/attention.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cp_infer.attention import RingComm, ring_attention  # noqa: E402
+from cp_infer.attention.pass_q import _slot_bytes  # noqa: E402
+from cp_infer.sharding import ShardLayout, shard  # noqa: E402
+from cp_infer.testing import DistributedPool  # noqa: E402
+
+logger = logging.getLogger("bench_attention")
+OURS = ("pass-kv", "pass-q")
+
+
+def _inputs(seq_len, heads, kv_heads, head_dim, dtype, layout, rank):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(heads, seq_len, head_dim, generator=g, dtype=dtype)
+    k = torch.randn(kv_heads, seq_len, head_dim, generator=g, dtype=dtype)
+    v = torch.randn(kv_heads, seq_len, head_dim, generator=g, dtype=dtype)
+    return tuple(shard(x, layout, rank, dim=1).contiguous() for x in (q, k, v))
+
+
+def _timed(fn, warmup: int, repeats: int) -> list[float]:
+    """Wall time of ``fn`` per repeat, the slowest rank's (the ring finishes when all do)."""
+    times = []
+    for i in range(warmup + repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        dt = torch.tensor(time.perf_counter() - t0, dtype=torch.float64)
+        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+        if i >= warmup:
+            times.append(dt.item())
+    return times
+
+
+def _comm_alone(variant, q, k, n, repeats) -> float:
+    """Time of the variant's messages with no attention in between (same shapes, same order)."""
+    if n == 1:
+        return 0.0
+    comm = RingComm()
+    buf = torch.stack([k, k]) if variant == "pass-kv" else q.clone()
+    h, t, d = q.shape
+    slots = torch.empty(n, _slot_bytes(h, t, d, q.dtype), dtype=torch.uint8)
+
+    def run():
+        cur, nxt = buf, None
+        for _ in range(n - 1):
+            nxt = comm.send_recv(cur, nxt)
+            comm.wait()
+            cur, nxt = nxt, cur
+        if variant == "pass-q":
+            comm.all_to_all(slots)
+
+    return min(_timed(run, 1, repeats))
+
+
+def _torch_ring(q, k, v):
+    from torch.distributed.tensor.experimental._attention import _templated_ring_attention
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    return _templated_ring_attention(
+        dist.group.WORLD, 2, op, q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), is_causal=True
+    )
+
+
+def bench_rank(seq_len, variant, heads, kv_heads, head_dim, dtype, warmup, repeats):
+    """Runs on every rank of the pool; returns one record (rank 0's view)."""
+    n, rank = dist.get_world_size(), dist.get_rank()
+    layout = ShardLayout([seq_len], n)
+    q, k, v = _inputs(seq_len, heads, kv_heads, head_dim, dtype, layout, rank)
+    comm = RingComm()
+    if variant == "local":
+        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+        def fn():
+            op(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, True)
+    elif variant == "torch-ring":
+
+        def fn():
+            _torch_ring(q, k, v)
+    else:
+
+        def fn():
+            ring_attention(q, k, v, layout, variant=variant, comm=comm)
+
+    times = _timed(fn, warmup, repeats)
+    record = {
+        "variant": variant,
+        "seq_len": seq_len,
+        "cp": n,
+        "time_s": statistics.median(times),
+        "time_min_s": min(times),
+        "times_s": times,
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads_per_rank": torch.get_num_threads(),
+    }
+    if variant in OURS and n > 1:
+        calls = warmup + repeats
+        exposed = torch.tensor(comm.stats.wait_s / calls, dtype=torch.float64)
+        dist.all_reduce(exposed, op=dist.ReduceOp.MAX)
+        alone = _comm_alone(variant, q, k, n, repeats)
+        record.update(
+            comm_alone_s=alone,
+            comm_exposed_s=exposed.item(),
+            comm_hidden=max(0.0, min(1.0, 1.0 - exposed.item() / alone)) if alone else None,
+            sendrecv_bytes_per_call=comm.stats.sendrecv_bytes // calls,
+            all2all_bytes_per_call=comm.stats.all2all_bytes // calls,
+        )
+    if variant == "torch-ring":
+        from torch.distributed.tensor.experimental._attention import _cp_options
+
+        record["torch_rotate_method"] = str(_cp_options.rotate_method)
+    return record
+
+
+def _table(records) -> str:
+    cols = ["variant", "seq_len", "cp", "time_s", "efficiency", "comm_hidden"]
+    rows = [cols] + [
+        [
+            str(r["variant"]),
+            str(r["seq_len"]),
+            str(r["cp"]),
+            f"{r['time_s']:.3f}",
+            f"{r['efficiency']:.3f}" if r.get("efficiency") is not None else "-",
+            f"{r['comm_hidden']:.2f}" if r.get("comm_hidden") is not None else "-",
+        ]
+        for r in records
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Efficiency is t(CP=1) / (N * t(CP=N)), t(CP=1) being the unsharded causal kernel "
+        "on one thread. Times are the median over --repeats, each the slowest rank's.",
+    )
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 16384, 32768])
+    p.add_argument("--cp", type=int, nargs="+", default=[2], help="CP sizes to compare with CP=1")
+    p.add_argument("--variants", nargs="+", default=[*OURS, "torch-ring"])
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
+    p.add_argument("--json", type=Path, help="write the records to this file")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    dtype = getattr(torch, args.dtype)
+    shape = (args.heads, args.kv_heads, args.head_dim, dtype)
+
+    records: list[dict] = []
+    baseline: dict[int, float] = {}
+    with DistributedPool(1, threads=args.threads, pg_timeout_s=1800) as pool:
+        for s in args.seq_lens:
+            (rec,) = pool.run(bench_rank, s, "local", *shape, 0, 1, timeout_s=3600)
+            rec["efficiency"] = 1.0
+            baseline[s] = rec["time_s"]
+            records.append(rec)
+            logger.info("cp=1 seq_len=%d local %.3fs", s, rec["time_s"])
+    for n in args.cp:
+        with DistributedPool(n, threads=args.threads, pg_timeout_s=1800) as pool:
+            for s in args.seq_lens:
+                for variant in args.variants:
+                    rec = pool.run(
+                        bench_rank, s, variant, *shape, args.warmup, args.repeats, timeout_s=3600
+                    )[0]
+                    rec["efficiency"] = baseline[s] / (n * rec["time_s"])
+                    records.append(rec)
+                    logger.info(
+                        "cp=%d seq_len=%d %s %.3fs efficiency %.3f",
+                        n, s, variant, rec["time_s"], rec["efficiency"],
+                    )  # fmt: skip
+    print(_table(records))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
+        tmp.write_text(json.dumps(records, indent=1))
+        os.replace(tmp, args.json)  # never a half-written file
+        logger.info("wrote %s", args.json)
+    return records
+
+
+if __name__ == "__main__":
+    main()
