@@ -67,7 +67,9 @@ def main(argv=None) -> int:
         for variant in variants:
             dist.barrier(pg.cp_group)
             t0 = time.perf_counter()
-            out, _ = ring_attention(q_l, k_l, v_l, layout, pg.cp_group, variant=variant, causal=causal)
+            out, _ = ring_attention(
+                q_l, k_l, v_l, layout, pg.cp_group, variant=variant, causal=causal
+            )
             elapsed = time.perf_counter() - t0
             shards = [torch.empty_like(out) for _ in range(pg.cp)]
             dist.all_gather(shards, out, group=pg.cp_group)

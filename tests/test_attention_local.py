@@ -1,5 +1,7 @@
 """Local kernels, the LSE merge and the causal block plan: single process."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -51,7 +53,10 @@ def test_custom_scale_is_honoured():
 def test_get_kernel_errors_name_the_fix():
     with pytest.raises(ValueError, match="choose one of"):
         get_kernel("nope")
-    for name, extra in [("flash_attn", "cp_infer\\[gpu\\]"), ("transformer_engine", "cp_infer\\[gpu\\]")]:
+    for name, extra in [
+        ("flash_attn", "cp_infer\\[gpu\\]"),
+        ("transformer_engine", "cp_infer\\[gpu\\]"),
+    ]:
         try:
             get_kernel(name)
         except ImportError as e:
@@ -64,7 +69,10 @@ def test_merge_of_key_splits_is_exact(n_parts):
     q, k, v = _qkv(tq=17, tk=60)
     full_out, full_lse = reference_attention(q, k, v, False)
     bounds = torch.linspace(0, 60, n_parts + 1).long().tolist()
-    parts = [reference_attention(q, k[:, :, a:b], v[:, :, a:b], False) for a, b in zip(bounds, bounds[1:])]
+    parts = [
+        reference_attention(q, k[:, :, a:b], v[:, :, a:b], False)
+        for a, b in itertools.pairwise(bounds)
+    ]
     out, lse = merge_partials([p[0] for p in parts], [p[1] for p in parts])
     torch.testing.assert_close(out, full_out, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(lse, full_lse, atol=1e-6, rtol=1e-6)

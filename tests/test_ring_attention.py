@@ -154,13 +154,21 @@ def _prefix_rank(prefix_lens, new_lens, variant, placement):
     full_lens = [p + n for p, n in zip(prefix_lens, new_lens, strict=True)]
     q, k, v = _batch(full_lens, 2)
     offsets = [sum(full_lens[:j]) for j in range(len(full_lens))]
-    new_idx = torch.cat([torch.arange(o + p, o + p + n) for o, p, n in zip(offsets, prefix_lens, new_lens, strict=True)])
+    new_idx = torch.cat(
+        [
+            torch.arange(o + p, o + p + n)
+            for o, p, n in zip(offsets, prefix_lens, new_lens, strict=True)
+        ]
+    )
     layout = ShardLayout(new_lens, cp)
     q_new, k_new, v_new = (shard(x[:, new_idx], layout, rank, dim=1) for x in (q, k, v))
     # cached tokens of every sequence, split over ranks
     if placement == "balanced":
         prev = [ShardLayout([max(p, 1)], cp) for p in prefix_lens]
-        lens = [[prev[j].valid_kv_len(0, r) if prefix_lens[j] else 0 for j in range(len(prefix_lens))] for r in range(cp)]
+        lens = [
+            [prev[j].valid_kv_len(0, r) if prefix_lens[j] else 0 for j in range(len(prefix_lens))]
+            for r in range(cp)
+        ]
     else:  # everything on rank 0: the prefix buffers of the other ranks are all padding
         lens = [[p if r == 0 else 0 for p in prefix_lens] for r in range(cp)]
     pk, pv = [], []
@@ -191,7 +199,12 @@ def test_persistent_kv_prefill(dist_pool, world, variant, placement):
     q, k, v = _batch(full_lens, 2)
     ref, _ = varlen_attention(q, k, v, full_lens, causal=True, kernel="reference")
     offsets = [sum(full_lens[:j]) for j in range(len(full_lens))]
-    new_idx = torch.cat([torch.arange(o + p, o + p + n) for o, p, n in zip(offsets, prefix_lens, new_lens, strict=True)])
+    new_idx = torch.cat(
+        [
+            torch.arange(o + p, o + p + n)
+            for o, p, n in zip(offsets, prefix_lens, new_lens, strict=True)
+        ]
+    )
     torch.testing.assert_close(out, ref[:, new_idx], atol=1e-5, rtol=0)
 
 

@@ -35,10 +35,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cp_infer.attention import RingComm, ring_attention  # noqa: E402
-from cp_infer.attention.pass_q import _slot_bytes  # noqa: E402
-from cp_infer.sharding import ShardLayout, shard  # noqa: E402
-from cp_infer.testing import DistributedPool  # noqa: E402
+from cp_infer.attention import RingComm, ring_attention
+from cp_infer.attention.pass_q import _slot_bytes
+from cp_infer.sharding import ShardLayout, shard
+from cp_infer.testing import DistributedPool
 
 logger = logging.getLogger("bench_attention")
 OURS = ("pass-kv", "pass-q")
@@ -66,16 +66,17 @@ def _timed(fn, warmup: int, repeats: int) -> list[float]:
     return times
 
 
-def _comm_alone(variant, q, k, n, repeats) -> float:
-    """Time of the variant's messages with no attention in between (same shapes, same order)."""
+def _comm_alone(variant, q, k, n, repeats) -> tuple[float, float]:
+    """(SendRecv, All2All) time of the variant's messages with no attention in between."""
     if n == 1:
-        return 0.0
-    comm = RingComm()
+        return 0.0, 0.0
     buf = torch.stack([k, k]) if variant == "pass-kv" else q.clone()
     h, t, d = q.shape
     slots = torch.empty(n, _slot_bytes(h, t, d, q.dtype), dtype=torch.uint8)
-
-    def run():
+    best = None
+    for _ in range(repeats):
+        comm = RingComm()
+        dist.barrier()
         cur, nxt = buf, None
         for _ in range(n - 1):
             nxt = comm.send_recv(cur, nxt)
@@ -83,8 +84,10 @@ def _comm_alone(variant, q, k, n, repeats) -> float:
             cur, nxt = nxt, cur
         if variant == "pass-q":
             comm.all_to_all(slots)
-
-    return min(_timed(run, 1, repeats))
+        times = torch.tensor([comm.stats.sendrecv_wait_s, comm.stats.all2all_s], dtype=torch.float64)
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+        best = times if best is None else torch.minimum(best, times)
+    return best[0].item(), best[1].item()
 
 
 def _torch_ring(q, k, v):
@@ -132,13 +135,22 @@ def bench_rank(seq_len, variant, heads, kv_heads, head_dim, dtype, warmup, repea
     }
     if variant in OURS and n > 1:
         calls = warmup + repeats
-        exposed = torch.tensor(comm.stats.wait_s / calls, dtype=torch.float64)
+        exposed = torch.tensor(
+            [comm.stats.sendrecv_wait_s / calls, comm.stats.all2all_s / calls], dtype=torch.float64
+        )
         dist.all_reduce(exposed, op=dist.ReduceOp.MAX)
-        alone = _comm_alone(variant, q, k, n, repeats)
+        sr_exposed, a2a = exposed.tolist()
+        sr_alone, a2a_alone = _comm_alone(variant, q, k, n, repeats)
+        alone = sr_alone + a2a_alone
         record.update(
-            comm_alone_s=alone,
-            comm_exposed_s=exposed.item(),
-            comm_hidden=max(0.0, min(1.0, 1.0 - exposed.item() / alone)) if alone else None,
+            sendrecv_alone_s=sr_alone,
+            sendrecv_exposed_s=sr_exposed,
+            all2all_s=a2a,
+            all2all_alone_s=a2a_alone,
+            # fraction of all communication time hidden behind attention
+            comm_hidden=max(0.0, min(1.0, 1.0 - (sr_exposed + a2a) / alone)) if alone else None,
+            # the same for the ring's SendRecv alone (the All2All cannot overlap by design)
+            sendrecv_hidden=max(0.0, min(1.0, 1.0 - sr_exposed / sr_alone)) if sr_alone else None,
             sendrecv_bytes_per_call=comm.stats.sendrecv_bytes // calls,
             all2all_bytes_per_call=comm.stats.all2all_bytes // calls,
         )
@@ -150,7 +162,7 @@ def bench_rank(seq_len, variant, heads, kv_heads, head_dim, dtype, warmup, repea
 
 
 def _table(records) -> str:
-    cols = ["variant", "seq_len", "cp", "time_s", "efficiency", "comm_hidden"]
+    cols = ["variant", "seq_len", "cp", "time_s", "efficiency", "comm_hidden", "sendrecv_hidden"]
     rows = [cols] + [
         [
             str(r["variant"]),
@@ -159,6 +171,7 @@ def _table(records) -> str:
             f"{r['time_s']:.3f}",
             f"{r['efficiency']:.3f}" if r.get("efficiency") is not None else "-",
             f"{r['comm_hidden']:.2f}" if r.get("comm_hidden") is not None else "-",
+            f"{r['sendrecv_hidden']:.2f}" if r.get("sendrecv_hidden") is not None else "-",
         ]
         for r in records
     ]
@@ -194,7 +207,7 @@ def main(argv=None) -> list[dict]:
     baseline: dict[int, float] = {}
     with DistributedPool(1, threads=args.threads, pg_timeout_s=1800) as pool:
         for s in args.seq_lens:
-            (rec,) = pool.run(bench_rank, s, "local", *shape, 0, 1, timeout_s=3600)
+            (rec,) = pool.run(bench_rank, s, "local", *shape, 0, args.repeats, timeout_s=3600)
             rec["efficiency"] = 1.0
             baseline[s] = rec["time_s"]
             records.append(rec)

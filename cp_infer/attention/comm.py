@@ -31,9 +31,15 @@ class CommStats:
 
     sendrecv_steps: int = 0
     sendrecv_bytes: int = 0
+    sendrecv_wait_s: float = 0.0  # blocked on SendRecv after the overlapped compute
     all2all_calls: int = 0
     all2all_bytes: int = 0
-    wait_s: float = 0.0
+    all2all_s: float = 0.0  # the All2All blocks: it is on the critical path
+
+    @property
+    def exposed_s(self) -> float:
+        """Communication time not hidden behind compute."""
+        return self.sendrecv_wait_s + self.all2all_s
 
 
 def _wire(t: torch.Tensor) -> torch.Tensor:
@@ -59,7 +65,9 @@ class RingComm:
             self.prev_rank, self.next_rank = ring_neighbours(ranks, self.rank)
         else:
             if group is not None:
-                raise ValueError("a process group was given but torch.distributed is not initialized")
+                raise ValueError(
+                    "a process group was given but torch.distributed is not initialized"
+                )
             self.rank, self.size = 0, 1
             self.prev_rank = self.next_rank = 0
         self.stats = CommStats()
@@ -88,7 +96,7 @@ class RingComm:
         for work in self._pending:
             work.wait()
         self._pending = []
-        self.stats.wait_s += time.perf_counter() - t0
+        self.stats.sendrecv_wait_s += time.perf_counter() - t0
 
     def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
         """Blocking All2All of equal slices along dim 0 (slice r goes to CP rank r)."""
@@ -99,7 +107,7 @@ class RingComm:
             recv.copy_(send)
         else:
             dist.all_to_all_single(_wire(recv), _wire(send), group=self.group)
-        self.stats.wait_s += time.perf_counter() - t0
+        self.stats.all2all_s += time.perf_counter() - t0
         self.stats.all2all_calls += 1
         self.stats.all2all_bytes += send.numel() * send.element_size()
         return recv

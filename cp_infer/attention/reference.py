@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import accumulate
+from itertools import accumulate, pairwise
 
 import torch
 
@@ -33,7 +33,7 @@ def varlen_attention(
     kernel = get_kernel(kernel, q.device)
     outs, lses = [], []
     offsets = (0, *accumulate(seq_lens))
-    for s, e in zip(offsets[:-1], offsets[1:], strict=True):
+    for s, e in pairwise(offsets):
         o, lse = kernel(q[None, :, s:e], k[None, :, s:e], v[None, :, s:e], causal, scale)
         outs.append(o[0])
         lses.append(lse[0])

@@ -17,6 +17,7 @@ The function run on the workers must be importable (defined at module level).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import multiprocessing as mp
 import os
@@ -145,10 +146,8 @@ class DistributedPool:
     def close(self) -> None:
         """Stop the workers (politely, then by force)."""
         for q in self._tasks:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 q.put(None)
-            except (OSError, ValueError):
-                pass
         deadline = time.monotonic() + 5.0
         for p in self._procs:
             p.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -206,7 +205,9 @@ class DistributedPool:
             parts = [f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())]
             if missing:
                 parts.append(f"ranks {missing} did not finish within {timeout_s:.0f}s")
-            raise DistributedError(f"{what} failed at world_size={self.world_size}:\n" + "\n".join(parts))
+            raise DistributedError(
+                f"{what} failed at world_size={self.world_size}:\n" + "\n".join(parts)
+            )
         return [outs[r] for r in range(self.world_size)]
 
 
