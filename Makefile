@@ -1,6 +1,6 @@
 # One-command set-up and runs. Needs only Python 3.11 (and a network to PyPI).
 #   make demo   set up .venv and run a context-parallel prefill on CPU under torchrun (CP=2)
-#   make test   set up .venv and run the whole test suite
+#   make test   set up .venv, run ruff and the whole test suite
 #   make lint   ruff check + format check
 #   make bench  run the attention benchmark (CP=1 vs CP=2) and write bench_out/attention.json
 
@@ -28,6 +28,8 @@ demo: $(STAMP)
 		examples/ring_attention_prefill.py --seq-len 4096 --variant both
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)

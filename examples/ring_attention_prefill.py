@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -50,8 +51,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
     dtype, causal = getattr(torch, args.dtype), not args.no_causal
-    dist.init_process_group("gloo")
-    with parallel_groups(cp=dist.get_world_size(), timeout_s=120) as pg:
+    # parallel_groups starts torch.distributed from torchrun's env (gloo on CPU, 120 s timeout)
+    with parallel_groups(cp=int(os.environ.get("WORLD_SIZE", 1)), timeout_s=120) as pg:
         logger.info("layout: %s", pg.describe())
         pg.check_heads(args.heads, args.kv_heads)
         layout = ShardLayout(args.seq_len, pg.cp)

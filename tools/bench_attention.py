@@ -52,18 +52,20 @@ def _inputs(seq_len, heads, kv_heads, head_dim, dtype, layout, rank):
     return tuple(shard(x, layout, rank, dim=1).contiguous() for x in (q, k, v))
 
 
+def _time_once(fn) -> float:
+    """Wall time of one call, the slowest rank's (the ring finishes when all ranks do)."""
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    dt = torch.tensor(time.perf_counter() - t0, dtype=torch.float64)
+    dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+    return dt.item()
+
+
 def _timed(fn, warmup: int, repeats: int) -> list[float]:
-    """Wall time of ``fn`` per repeat, the slowest rank's (the ring finishes when all do)."""
-    times = []
-    for i in range(warmup + repeats):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        dt = torch.tensor(time.perf_counter() - t0, dtype=torch.float64)
-        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-        if i >= warmup:
-            times.append(dt.item())
-    return times
+    for _ in range(warmup):
+        _time_once(fn)
+    return [_time_once(fn) for _ in range(repeats)]
 
 
 def _comm_alone(variant, q, k, n, repeats) -> tuple[float, float]:
@@ -84,7 +86,9 @@ def _comm_alone(variant, q, k, n, repeats) -> tuple[float, float]:
             cur, nxt = nxt, cur
         if variant == "pass-q":
             comm.all_to_all(slots)
-        times = torch.tensor([comm.stats.sendrecv_wait_s, comm.stats.all2all_s], dtype=torch.float64)
+        times = torch.tensor(
+            [comm.stats.sendrecv_wait_s, comm.stats.all2all_s], dtype=torch.float64
+        )
         dist.all_reduce(times, op=dist.ReduceOp.MAX)
         best = times if best is None else torch.minimum(best, times)
     return best[0].item(), best[1].item()
@@ -99,66 +103,78 @@ def _torch_ring(q, k, v):
     )
 
 
-def bench_rank(seq_len, variant, heads, kv_heads, head_dim, dtype, warmup, repeats):
-    """Runs on every rank of the pool; returns one record (rank 0's view)."""
+def _make_fn(variant, q, k, v, layout, comm):
+    if variant == "local":
+        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        return lambda: op(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, True)
+    if variant == "torch-ring":
+        return lambda: _torch_ring(q, k, v)
+    return lambda: ring_attention(q, k, v, layout, variant=variant, comm=comm)
+
+
+def bench_rank(seq_len, variants, heads, kv_heads, head_dim, dtype, warmup, repeats):
+    """Runs on every rank of the pool; returns one record per variant (rank 0's view).
+
+    Variants are interleaved round by round (v1 v2 v3, v1 v2 v3, ...) so that drift in the
+    machine's speed affects all of them alike.
+    """
     n, rank = dist.get_world_size(), dist.get_rank()
     layout = ShardLayout([seq_len], n)
     q, k, v = _inputs(seq_len, heads, kv_heads, head_dim, dtype, layout, rank)
-    comm = RingComm()
-    if variant == "local":
-        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    comms = {name: RingComm() for name in variants}
+    fns = {name: _make_fn(name, q, k, v, layout, comms[name]) for name in variants}
+    for _ in range(warmup):
+        for name in variants:
+            _time_once(fns[name])
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name in variants:
+            times[name].append(_time_once(fns[name]))
+    records = []
+    for variant in variants:
+        record = {
+            "variant": variant,
+            "seq_len": seq_len,
+            "cp": n,
+            "time_s": statistics.median(times[variant]),
+            "time_min_s": min(times[variant]),
+            "times_s": times[variant],
+            "heads": heads,
+            "kv_heads": kv_heads,
+            "head_dim": head_dim,
+            "dtype": str(dtype).removeprefix("torch."),
+            "threads_per_rank": torch.get_num_threads(),
+        }
+        if variant in OURS and n > 1:
+            record.update(_comm_record(comms[variant], variant, q, k, n, warmup + repeats))
+        if variant == "torch-ring":
+            from torch.distributed.tensor.experimental._attention import _cp_options
 
-        def fn():
-            op(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, True)
-    elif variant == "torch-ring":
+            record["torch_rotate_method"] = str(_cp_options.rotate_method)
+        records.append(record)
+    return records
 
-        def fn():
-            _torch_ring(q, k, v)
-    else:
 
-        def fn():
-            ring_attention(q, k, v, layout, variant=variant, comm=comm)
-
-    times = _timed(fn, warmup, repeats)
-    record = {
-        "variant": variant,
-        "seq_len": seq_len,
-        "cp": n,
-        "time_s": statistics.median(times),
-        "time_min_s": min(times),
-        "times_s": times,
-        "heads": heads,
-        "kv_heads": kv_heads,
-        "head_dim": head_dim,
-        "dtype": str(dtype).removeprefix("torch."),
-        "threads_per_rank": torch.get_num_threads(),
-    }
-    if variant in OURS and n > 1:
-        calls = warmup + repeats
-        exposed = torch.tensor(
-            [comm.stats.sendrecv_wait_s / calls, comm.stats.all2all_s / calls], dtype=torch.float64
-        )
-        dist.all_reduce(exposed, op=dist.ReduceOp.MAX)
-        sr_exposed, a2a = exposed.tolist()
-        sr_alone, a2a_alone = _comm_alone(variant, q, k, n, repeats)
-        alone = sr_alone + a2a_alone
-        record.update(
-            sendrecv_alone_s=sr_alone,
-            sendrecv_exposed_s=sr_exposed,
-            all2all_s=a2a,
-            all2all_alone_s=a2a_alone,
-            # fraction of all communication time hidden behind attention
-            comm_hidden=max(0.0, min(1.0, 1.0 - (sr_exposed + a2a) / alone)) if alone else None,
-            # the same for the ring's SendRecv alone (the All2All cannot overlap by design)
-            sendrecv_hidden=max(0.0, min(1.0, 1.0 - sr_exposed / sr_alone)) if sr_alone else None,
-            sendrecv_bytes_per_call=comm.stats.sendrecv_bytes // calls,
-            all2all_bytes_per_call=comm.stats.all2all_bytes // calls,
-        )
-    if variant == "torch-ring":
-        from torch.distributed.tensor.experimental._attention import _cp_options
-
-        record["torch_rotate_method"] = str(_cp_options.rotate_method)
-    return record
+def _comm_record(comm, variant, q, k, n, calls) -> dict:
+    exposed = torch.tensor(
+        [comm.stats.sendrecv_wait_s / calls, comm.stats.all2all_s / calls], dtype=torch.float64
+    )
+    dist.all_reduce(exposed, op=dist.ReduceOp.MAX)
+    sr_exposed, a2a = exposed.tolist()
+    sr_alone, a2a_alone = _comm_alone(variant, q, k, n, 3)
+    alone = sr_alone + a2a_alone
+    return dict(
+        sendrecv_alone_s=sr_alone,
+        sendrecv_exposed_s=sr_exposed,
+        all2all_s=a2a,
+        all2all_alone_s=a2a_alone,
+        # fraction of all communication time hidden behind attention
+        comm_hidden=max(0.0, min(1.0, 1.0 - (sr_exposed + a2a) / alone)) if alone else None,
+        # the same for the ring's SendRecv alone (the All2All cannot overlap by design)
+        sendrecv_hidden=max(0.0, min(1.0, 1.0 - sr_exposed / sr_alone)) if sr_alone else None,
+        sendrecv_bytes_per_call=comm.stats.sendrecv_bytes // calls,
+        all2all_bytes_per_call=comm.stats.all2all_bytes // calls,
+    )
 
 
 def _table(records) -> str:
@@ -195,7 +211,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
     p.add_argument("--json", type=Path, help="write the records to this file")
     args = p.parse_args(argv)
@@ -207,7 +223,7 @@ def main(argv=None) -> list[dict]:
     baseline: dict[int, float] = {}
     with DistributedPool(1, threads=args.threads, pg_timeout_s=1800) as pool:
         for s in args.seq_lens:
-            (rec,) = pool.run(bench_rank, s, "local", *shape, 0, args.repeats, timeout_s=3600)
+            (rec,) = pool.run(bench_rank, s, ["local"], *shape, 0, args.repeats, timeout_s=3600)[0]
             rec["efficiency"] = 1.0
             baseline[s] = rec["time_s"]
             records.append(rec)
@@ -215,15 +231,15 @@ def main(argv=None) -> list[dict]:
     for n in args.cp:
         with DistributedPool(n, threads=args.threads, pg_timeout_s=1800) as pool:
             for s in args.seq_lens:
-                for variant in args.variants:
-                    rec = pool.run(
-                        bench_rank, s, variant, *shape, args.warmup, args.repeats, timeout_s=3600
-                    )[0]
+                recs = pool.run(
+                    bench_rank, s, args.variants, *shape, args.warmup, args.repeats, timeout_s=3600
+                )[0]
+                for rec in recs:
                     rec["efficiency"] = baseline[s] / (n * rec["time_s"])
                     records.append(rec)
                     logger.info(
                         "cp=%d seq_len=%d %s %.3fs efficiency %.3f",
-                        n, s, variant, rec["time_s"], rec["efficiency"],
+                        n, s, rec["variant"], rec["time_s"], rec["efficiency"],
                     )  # fmt: skip
     print(_table(records))
     if args.json:
