@@ -1,0 +1,178 @@
+"""Load Hugging Face Llama / Mixtral safetensors straight into a sharded model.
+
+Each rank reads only the slices its parameters hold (``safe_open(...).get_slice``), for the
+layers of its pipeline stage and the experts of its EP rank. Anything missing, misshapen or not
+matching config.json raises a ValueError naming the tensor and the fix, before any collective.
+
+Names: ours follow the Llama reference code (wq, w1, attention_norm, ...); the table below maps
+them to the Hugging Face ``LlamaForCausalLM`` / ``MixtralForCausalLM`` names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+from cp_infer.models.config import ModelConfig
+from cp_infer.parallel.tensor_parallel import Shard, get_shard
+
+__all__ = ["RandomSource", "SafetensorsSource", "hf_name", "load_weights"]
+
+logger = logging.getLogger(__name__)
+
+_LAYER_MAP = {
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.gate": "block_sparse_moe.gate",
+    "feed_forward.shared_expert.w1": "block_sparse_moe.shared_expert.gate_proj",
+    "feed_forward.shared_expert.w2": "block_sparse_moe.shared_expert.down_proj",
+    "feed_forward.shared_expert.w3": "block_sparse_moe.shared_expert.up_proj",
+}
+_EXPERT = re.compile(r"feed_forward\.experts\.(\d+)\.(w[123])$")
+
+
+def hf_name(name: str, cfg: ModelConfig) -> str:
+    """Hugging Face tensor name of one of our parameter names."""
+    if name == "tok_embeddings.weight":
+        return "model.embed_tokens.weight"
+    if name == "output.weight":
+        return "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
+    if name == "norm.weight":
+        return "model.norm.weight"
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name)
+    if m is None:
+        raise KeyError(f"no Hugging Face name for parameter {name!r}")
+    layer, rest = m.groups()
+    e = _EXPERT.fullmatch(rest)
+    if e is not None:
+        return f"model.layers.{layer}.block_sparse_moe.experts.{e[1]}.{e[2]}.weight"
+    if rest not in _LAYER_MAP:
+        raise KeyError(f"no Hugging Face name for parameter {name!r}")
+    return f"model.layers.{layer}.{_LAYER_MAP[rest]}.weight"
+
+
+class SafetensorsSource:
+    """Tensors of a Hugging Face directory (one ``*.safetensors`` or a sharded index)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        index = self.directory / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.directory / f for name, f in weight_map.items()}
+        else:
+            files = sorted(self.directory.glob("*.safetensors"))
+            if not files:
+                raise ValueError(
+                    f"no *.safetensors in {self.directory}; save the model with "
+                    "save_pretrained(..., safe_serialization=True)"
+                )
+            self.files = {}
+            for f in files:
+                with safe_open(f, "pt") as h:
+                    self.files.update({k: f for k in h.keys()})  # noqa: SIM118
+        self._handles: dict[Path, object] = {}
+
+    def __enter__(self) -> SafetensorsSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handles.clear()
+
+    def read(self, name: str, shard: Shard | None, expected_full: tuple[int, ...]) -> torch.Tensor:
+        if name not in self.files:
+            raise ValueError(
+                f"tensor {name!r} is missing from the checkpoint in {self.directory}; "
+                "is config.json from the same model as the weights?"
+            )
+        path = self.files[name]
+        if not path.exists():
+            raise ValueError(f"{path.name} (holding {name!r}) is missing from {self.directory}")
+        try:
+            if path not in self._handles:
+                self._handles[path] = safe_open(path, "pt")
+            sl = self._handles[path].get_slice(name)
+            shape = tuple(sl.get_shape())
+            if shape != tuple(expected_full):
+                raise ValueError(
+                    f"tensor {name!r} has shape {shape} in the checkpoint but config.json "
+                    f"implies {tuple(expected_full)}; the checkpoint and config do not match"
+                )
+            return sl[shard.slices()] if shard is not None else sl[:]
+        except ValueError:
+            raise
+        except Exception as e:  # corrupt or truncated file
+            raise ValueError(f"cannot read tensor {name!r} from {path}: {e}") from e
+
+
+class RandomSource:
+    """Deterministic random weights: every full tensor is drawn from a generator seeded by
+    (seed, tensor name), so every layout slices the very same model."""
+
+    def __init__(self, seed: int, std: float = 0.02) -> None:
+        self.seed, self.std = seed, std
+
+    def read(self, name: str, shard: Shard | None, expected_full: tuple[int, ...]) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        full = torch.randn(expected_full, generator=g)
+        full = (
+            1.0 + 0.1 * full
+            if name.endswith("norm.weight") or "layernorm" in name
+            else full * self.std
+        )
+        return full[shard.slices()] if shard is not None else full
+
+
+def _parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Parameter]]:
+    for mod_name, module in model.named_modules():
+        for p_name, param in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            yield full, module, p_name, param
+
+
+@torch.no_grad()
+def load_weights(
+    model: nn.Module,
+    source: SafetensorsSource | RandomSource,
+    cfg: ModelConfig,
+    *,
+    progress: bool = False,
+) -> None:
+    """Fill every parameter of a (sharded) model from ``source``.
+
+    Args:
+        model: from :func:`cp_infer.parallel.parallelize`.
+        source: where the full tensors live.
+        cfg: the model config (for names and full shapes).
+        progress: show a progress bar (rank 0).
+    """
+    params = list(_parameters(model))
+    for name, module, p_name, param in tqdm(
+        params, desc="loading weights", disable=not progress, unit="tensor"
+    ):
+        shard = get_shard(module, p_name)
+        full_shape = shard.full_shape if shard is not None else tuple(param.shape)
+        tensor = source.read(hf_name(name, cfg), shard, full_shape)
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ValueError(
+                f"tensor {hf_name(name, cfg)!r}: read {tuple(tensor.shape)}, "
+                f"expected {tuple(param.shape)} for {name}"
+            )
+        param.copy_(tensor.to(param.dtype))
+    logger.info("loaded %d tensors", len(params))

@@ -1,0 +1,219 @@
+"""Command line: ``python -m cp_infer generate ...`` (run it under torchrun or deepspeed).
+
+Examples::
+
+    # a random tiny Llama at CP=2 on CPU
+    torchrun --standalone --nproc-per-node 2 -m cp_infer generate --preset tiny-llama --seed 0 \\
+        --cp 2 --input prompts.jsonl --output out.jsonl --max-new-tokens 16
+
+    # a Hugging Face checkpoint at TP=2 x CP=2
+    torchrun --standalone --nproc-per-node 4 -m cp_infer generate --checkpoint ./llama \\
+        --tp 2 --cp 2 --input prompts.jsonl --output out.jsonl --save-logits logits.safetensors
+
+Input lines are ``{"id": ..., "token_ids": [...]}`` or ``{"id": ..., "prompt": "text"}`` (text
+needs a tokenizer.json in the checkpoint directory). Output lines are
+``{"id": ..., "token_ids": [...], "text": ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from cp_infer.attention import VARIANTS
+from cp_infer.attention.kernels import KERNELS
+from cp_infer.log import setup_logging
+from cp_infer.models.config import PRESETS, ModelConfig, get_preset
+
+__all__ = ["main"]
+
+logger = logging.getLogger("cp_infer")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m cp_infer",
+        description="Exact context-parallel (ring attention) inference for long contexts.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser(
+        "generate",
+        help="generate tokens for a JSONL file of prompts",
+        description="Prefill every prompt with ring attention over the CP ranks, then decode. "
+        "Launch one process per rank: world size = tp * cp * pp.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--checkpoint", type=Path, help="Hugging Face directory (config.json + *.safetensors)"
+    )
+    src.add_argument("--preset", choices=sorted(PRESETS), help="random-initialized preset model")
+    g.add_argument(
+        "--seed", type=int, default=0, help="seed of the preset's weights and of sampling"
+    )
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    g.add_argument("--cp", type=int, default=1, help="context-parallel size (ring attention)")
+    g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    g.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
+    g.add_argument("--input", type=Path, required=True, help="prompts, one JSON object per line")
+    g.add_argument("--output", type=Path, required=True, help="where to write the generations")
+    g.add_argument("--max-new-tokens", type=int, default=16)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument(
+        "--eos-id", type=int, default=None, help="stop token (default: from config.json)"
+    )
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    g.add_argument("--variant", choices=VARIANTS, default="pass-kv", help="prefill ring variant")
+    g.add_argument("--kernel", choices=["auto", *sorted(KERNELS)], default="auto")
+    g.add_argument(
+        "--save-logits", type=Path, help="safetensors of each prompt's first-token logits"
+    )
+    g.add_argument("--timeout", type=float, default=300.0, help="process-group timeout, seconds")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def read_prompts(path: Path, checkpoint: Path | None) -> tuple[list, list[list[int]], object]:
+    """(ids, token id lists, tokenizer or None) from a JSONL file."""
+    if not path.exists():
+        raise ValueError(f"input file {path} does not exist")
+    ids, prompts, tokenizer = [], [], None
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n} is not valid JSON: {e}") from e
+        if "token_ids" in row:
+            prompts.append([int(t) for t in row["token_ids"]])
+        elif "prompt" in row:
+            tokenizer = tokenizer or load_tokenizer(checkpoint)
+            prompts.append(tokenizer.encode(row["prompt"]).ids)
+        else:
+            raise ValueError(f'{path}:{n} needs "token_ids" or "prompt"')
+        ids.append(row.get("id", len(ids)))
+    if tokenizer is None and checkpoint is not None and (checkpoint / "tokenizer.json").exists():
+        tokenizer = load_tokenizer(checkpoint)
+    return ids, prompts, tokenizer
+
+
+def load_tokenizer(checkpoint: Path | None):
+    if checkpoint is None or not (checkpoint / "tokenizer.json").exists():
+        raise ValueError(
+            'text prompts ("prompt") need a tokenizer.json in --checkpoint; '
+            'give "token_ids" instead'
+        )
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as e:
+        raise ValueError(
+            "text prompts need the `tokenizers` package: pip install tokenizers"
+        ) from e
+    return Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file and rename: never a half-written output."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _model_config(args) -> tuple[ModelConfig, int | None]:
+    if args.preset:
+        return get_preset(args.preset), args.eos_id
+    if not (args.checkpoint / "config.json").exists():
+        raise ValueError(
+            f"{args.checkpoint} has no config.json: is it a Hugging Face model directory?"
+        )
+    hf = json.loads((args.checkpoint / "config.json").read_text())
+    eos = args.eos_id if args.eos_id is not None else hf.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    return ModelConfig.from_hf(hf), eos
+
+
+def run_generate(args) -> int:
+    from cp_infer.checkpoint import RandomSource, SafetensorsSource, load_weights
+    from cp_infer.engine import SamplingConfig, generate
+    from cp_infer.parallel import parallelize
+    from parallel_state import parallel_groups
+
+    cfg, eos_id = _model_config(args)
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        eos_id=eos_id,
+    )
+    ids, prompts, tokenizer = read_prompts(args.input, args.checkpoint)
+    dtype = DTYPES[args.dtype]
+    with parallel_groups(
+        tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep, timeout_s=args.timeout
+    ) as pg:
+        if pg.dp != 1:
+            raise ValueError(
+                f"world size {pg.world_size} = tp*cp*pp ({pg.tp * pg.cp * pg.pp}) x {pg.dp}: "
+                f"generate runs one model replica; launch {pg.tp * pg.cp * pg.pp} processes"
+            )
+        logger.info("%s | model %s (%.1fM params)", pg.describe(), cfg.name, cfg.n_params() / 1e6)
+        model = parallelize(cfg, pg, dtype)
+        source = RandomSource(args.seed) if args.preset else SafetensorsSource(args.checkpoint)
+        load_weights(model, source, cfg, progress=pg.rank == 0)
+        result = generate(
+            model, pg, prompts, sampling, variant=args.variant, kernel=args.kernel, dtype=dtype
+        )
+        writer = pg.is_last_pp_stage and pg.tp_rank == 0 and pg.cp_rank == 0
+        if writer:
+            _write_outputs(args, ids, result, tokenizer)
+        torch.distributed.barrier()
+    return 0
+
+
+def _write_outputs(args, ids, result, tokenizer) -> None:
+    def write_jsonl(tmp: Path) -> None:
+        with tmp.open("w") as f:
+            for pid, toks in zip(ids, result.tokens, strict=True):
+                text = tokenizer.decode(toks) if tokenizer is not None else None
+                f.write(json.dumps({"id": pid, "token_ids": toks, "text": text}) + "\n")
+
+    _atomic_write(args.output, write_jsonl)
+    logger.info("wrote %d generations to %s", len(ids), args.output)
+    for pid, toks in zip(ids, result.tokens, strict=True):
+        logger.info("id=%s generated %s", pid, toks)
+    if args.save_logits is not None:
+        from safetensors.torch import save_file
+
+        tensors = {str(pid): result.first_logits[i].contiguous() for i, pid in enumerate(ids)}
+        _atomic_write(args.save_logits, lambda tmp: save_file(tensors, str(tmp)))
+        logger.info("wrote first-token logits to %s", args.save_logits)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+    except ValueError as e:
+        # Bad input: the same message on every rank, and a non-zero exit so torchrun stops.
+        logger.error("error: %s", e)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Token sampling: greedy, or temperature with nucleus (top-p) filtering, seeded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SamplingConfig", "sample"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How to pick the next token.
+
+    Args:
+        max_new_tokens: tokens to generate per prompt (>= 1).
+        temperature: 0 for greedy (argmax), else softmax temperature.
+        top_p: nucleus sampling: keep the smallest set of tokens with probability >= top_p.
+        seed: seed of the sampling generator (the same on every rank).
+        eos_id: stop a sequence when this token is generated.
+    """
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    eos_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
+    """(B, V) float32 logits -> (B,) int64 token ids."""
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    if cfg.top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # drop a token once the mass before it already reaches top_p (the first always stays)
+        drop = sorted_p.cumsum(dim=-1) - sorted_p >= cfg.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

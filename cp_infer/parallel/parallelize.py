@@ -1,0 +1,126 @@
+"""Turn a plain :class:`~cp_infer.models.llama.Transformer` into this rank's shard of it.
+
+The model is built on the meta device for this rank's pipeline stage, tensor-parallel layers are
+swapped in (heads, FFN rows, vocabulary split over TP), experts are cut down to this EP rank's
+block with an all-to-all dispatcher, and only then is memory allocated, for the local shards
+alone. Weights are filled in afterwards by a checkpoint loader (``cp_infer.checkpoint``), which
+reads each parameter's :class:`~cp_infer.parallel.tensor_parallel.Shard`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cp_infer.models.config import ModelConfig
+from cp_infer.models.llama import Attention, FeedForward, MoE, Transformer
+from cp_infer.models.rope import inv_frequencies
+from cp_infer.parallel.expert_parallel import AllToAllDispatcher, local_experts
+from cp_infer.parallel.pipeline import stage_layers
+from cp_infer.parallel.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    VocabParallelLMHead,
+    split_range,
+)
+from parallel_state import ParallelGroups, check_head_split
+
+__all__ = ["check_model_fits_layout", "parallelize"]
+
+
+def check_model_fits_layout(cfg: ModelConfig, pg: ParallelGroups) -> None:
+    """Raise ValueError (the same on every rank) if the model cannot be split this way."""
+    check_head_split(cfg.n_heads, cfg.n_kv_heads, pg.tp)
+    if cfg.vocab_size % pg.tp:
+        raise ValueError(f"vocab_size={cfg.vocab_size} is not divisible by tp={pg.tp}")
+    if cfg.ffn_dim % pg.tp or cfg.shared_expert_ffn_dim % pg.tp:
+        raise ValueError(f"ffn_dim={cfg.ffn_dim} is not divisible by tp={pg.tp}")
+    if pg.pp > cfg.n_layers:
+        raise ValueError(f"pp={pg.pp} exceeds n_layers={cfg.n_layers}; use pp <= {cfg.n_layers}")
+    if pg.ep > 1 and not cfg.is_moe:
+        raise ValueError(f"ep={pg.ep} needs an MoE model; {cfg.name} is dense (use ep=1)")
+    if cfg.is_moe:
+        local_experts(cfg.n_experts, pg.ep, pg.ep_rank)  # raises if ep does not divide
+
+
+def _tp_group(pg: ParallelGroups):
+    return pg.tp_group if pg.tp > 1 else None
+
+
+def _kv_head_range(cfg: ModelConfig, tp: int, tp_rank: int) -> tuple[int, int]:
+    if cfg.n_kv_heads >= tp:
+        return split_range(cfg.n_kv_heads, tp, tp_rank)
+    head = tp_rank // (tp // cfg.n_kv_heads)  # KV heads replicated over tp / n_kv_heads ranks
+    return head, head + 1
+
+
+def _parallelize_attention(attn: Attention, cfg: ModelConfig, pg: ParallelGroups) -> None:
+    hd = cfg.head_dim
+    h0, h1 = split_range(cfg.n_heads, pg.tp, pg.tp_rank)
+    k0, k1 = _kv_head_range(cfg, pg.tp, pg.tp_rank)
+    attn.n_local_heads, attn.n_local_kv_heads = h1 - h0, k1 - k0
+    attn.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * hd, h0 * hd, h1 * hd)
+    attn.wk = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, k0 * hd, k1 * hd)
+    attn.wv = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, k0 * hd, k1 * hd)
+    attn.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, h0 * hd, h1 * hd, _tp_group(pg))
+
+
+def _parallelize_ffn(ffn: FeedForward, dim: int, hidden: int, pg: ParallelGroups, reduce: bool):
+    f0, f1 = split_range(hidden, pg.tp, pg.tp_rank)
+    ffn.w1 = ColumnParallelLinear(dim, hidden, f0, f1)
+    ffn.w3 = ColumnParallelLinear(dim, hidden, f0, f1)
+    ffn.w2 = RowParallelLinear(hidden, dim, f0, f1, _tp_group(pg), reduce=reduce)
+
+
+def _parallelize_moe(moe: MoE, cfg: ModelConfig, pg: ParallelGroups) -> None:
+    keep = local_experts(cfg.n_experts, pg.ep, pg.ep_rank)
+    moe.experts = nn.ModuleDict({str(e): moe.experts[str(e)] for e in keep})
+    # Experts are tensor-parallel too (etp = tp): partial outputs are reduced once, after
+    # the combine, instead of once per expert.
+    for expert in moe.experts.values():
+        _parallelize_ffn(expert, cfg.dim, cfg.ffn_dim, pg, reduce=False)
+    if moe.shared_expert is not None:
+        _parallelize_ffn(moe.shared_expert, cfg.dim, cfg.shared_expert_ffn_dim, pg, reduce=False)
+    if pg.tp > 1:
+        group = pg.tp_group
+
+        def reduce(y: torch.Tensor) -> torch.Tensor:
+            dist.all_reduce(y, group=group)
+            return y
+
+        moe.reduce = reduce
+    if pg.ep > 1:
+        moe.dispatch = AllToAllDispatcher(pg.ep_group, len(keep))
+
+
+def parallelize(cfg: ModelConfig, pg: ParallelGroups, dtype: torch.dtype) -> Transformer:
+    """Build this rank's shard of the model (uninitialized weights, ``dtype``, on CPU).
+
+    Raises:
+        ValueError: the model does not fit the layout (see :func:`check_model_fits_layout`).
+    """
+    check_model_fits_layout(cfg, pg)
+    layers = stage_layers(cfg.n_layers, pg.pp, pg.pp_rank)
+    with torch.device("meta"):
+        model = Transformer(
+            cfg, layers, first_stage=pg.is_first_pp_stage, last_stage=pg.is_last_pp_stage
+        )
+    v0, v1 = split_range(cfg.vocab_size, pg.tp, pg.tp_rank)
+    if model.tok_embeddings is not None:
+        model.tok_embeddings = VocabParallelEmbedding(
+            cfg.vocab_size, cfg.dim, v0, v1, _tp_group(pg)
+        )
+    if model.output is not None:
+        model.output = VocabParallelLMHead(cfg.dim, cfg.vocab_size, v0, v1, _tp_group(pg))
+    for block in model.layers.values():
+        _parallelize_attention(block.attention, cfg, pg)
+        if isinstance(block.feed_forward, MoE):
+            _parallelize_moe(block.feed_forward, cfg, pg)
+        else:
+            _parallelize_ffn(block.feed_forward, cfg.dim, cfg.ffn_dim, pg, reduce=True)
+    model = model.to_empty(device="cpu").to(dtype)
+    model.inv_freq = inv_frequencies(cfg)  # buffers are not kept by to_empty
+    model.eval()
+    return model

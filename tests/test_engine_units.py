@@ -1,0 +1,131 @@
+"""Pure pieces of the engine and the model: no processes."""
+
+import pytest
+import torch
+
+from cp_infer.engine import KVCache, SamplingConfig, decode_owner, sample
+from cp_infer.engine.generate import check_prompts
+from cp_infer.engine.kv_cache import decode_tokens_owned
+from cp_infer.models import PRESETS, ModelConfig, get_preset
+from cp_infer.models.rope import inv_frequencies
+from cp_infer.parallel.expert_parallel import local_experts
+from cp_infer.parallel.pipeline import stage_layers
+
+
+@pytest.mark.parametrize("cp", [1, 2, 3, 4])
+def test_decode_placement_is_balanced(cp):
+    for seq in range(5):
+        for steps in range(1, 12):
+            counts = [decode_tokens_owned(seq, steps, cp, r) for r in range(cp)]
+            brute = [sum(decode_owner(seq, s, cp) == r for s in range(steps)) for r in range(cp)]
+            assert counts == brute
+            assert sum(counts) == steps and max(counts) - min(counts) <= 1
+    # sequences start one rank apart
+    assert [decode_owner(j, 0, 4) for j in range(4)] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(("n", "pp"), [(2, 1), (2, 2), (5, 2), (7, 3), (126, 8)])
+def test_stage_layers_partition(n, pp):
+    stages = [stage_layers(n, pp, r) for r in range(pp)]
+    assert [i for s in stages for i in s] == list(range(n))
+    assert max(map(len, stages)) - min(map(len, stages)) <= 1
+
+
+def test_stage_layers_rejects_too_many_stages():
+    with pytest.raises(ValueError, match="pp=3 is larger"):
+        stage_layers(2, 3, 0)
+
+
+def test_local_experts():
+    assert [list(local_experts(8, 4, r)) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    with pytest.raises(ValueError, match="not divisible by ep=3"):
+        local_experts(8, 3, 0)
+
+
+def test_sampling_greedy_and_seeded():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
+    assert sample(logits, SamplingConfig(), torch.Generator()).tolist() == [1, 0]
+    cfg = SamplingConfig(temperature=1.0, top_p=0.9, seed=3)
+    a = [sample(logits, cfg, torch.Generator().manual_seed(3)).tolist() for _ in range(3)]
+    assert a[0] == a[1] == a[2]
+    # top_p keeps only the most likely token when it alone has mass >= top_p
+    peaked = torch.tensor([[10.0, 0.0, 0.0]])
+    cfg = SamplingConfig(temperature=1.0, top_p=0.5)
+    assert all(sample(peaked, cfg, torch.Generator().manual_seed(s)).item() == 0 for s in range(20))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+    ],
+)
+def test_sampling_config_validates(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingConfig(**kwargs)
+
+
+def test_check_prompts_errors_name_the_fix():
+    with pytest.raises(ValueError, match="empty"):
+        check_prompts([[1], []], 10, 4, 100)
+    with pytest.raises(ValueError, match="outside"):
+        check_prompts([[1, 99]], 10, 4, 100)
+    with pytest.raises(ValueError, match="lower --max-new-tokens"):
+        check_prompts([[1] * 98], 10, 4, 100)
+    with pytest.raises(ValueError, match="no prompts"):
+        check_prompts([], 10, 4, 100)
+
+
+def test_kv_cache_write_view_commit_and_overflow():
+    cache = KVCache([0, 1], capacity=[3, 1], n_kv_heads=2, head_dim=4, dtype=torch.float32)
+    k = torch.randn(2, 2, 4)
+    cache.write(0, 0, k, k + 1)
+    kc, vc = cache.view(0, 0)
+    assert torch.equal(kc, k) and torch.equal(vc, k + 1)
+    cache.commit()
+    assert cache.lens == [2, 0]
+    with pytest.raises(ValueError, match="lower max_new_tokens"):
+        cache.write(0, 0, k, k)
+
+
+def test_presets_and_configs():
+    assert {
+        "tiny-llama",
+        "tiny-moe",
+        "llama3-8b",
+        "llama3-70b",
+        "llama3-405b",
+        "mixtral-8x7b",
+    } <= set(PRESETS)
+    big = get_preset("llama3-405b")
+    assert (big.n_layers, big.dim, big.ffn_dim, big.n_heads, big.n_kv_heads) == (
+        126,
+        16384,
+        53248,
+        128,
+        8,
+    )
+    assert 400e9 < big.n_params() < 410e9
+    assert 7.9e9 < get_preset("llama3-8b").n_params() < 8.1e9
+    assert 46e9 < get_preset("mixtral-8x7b").n_params() < 47.5e9
+    assert get_preset("tiny-llama", n_layers=4).n_layers == 4
+    with pytest.raises(ValueError, match="choose one of"):
+        get_preset("gpt-5")
+    with pytest.raises(ValueError, match="not a multiple of n_kv_heads"):
+        ModelConfig(vocab_size=8, dim=64, n_layers=1, n_heads=6, n_kv_heads=4, ffn_dim=8)
+
+
+def test_from_hf_rejects_unknown_models():
+    with pytest.raises(ValueError, match="unsupported model_type"):
+        ModelConfig.from_hf({"model_type": "gpt2"})
+
+
+def test_llama3_rope_scaling_matches_reference_formula():
+    """Low frequencies divided by the factor, high ones kept (Llama 3.1 rope scaling)."""
+    cfg = get_preset("llama3-8b")
+    plain = inv_frequencies(ModelConfig(**{**cfg.to_dict(), "rope_scaling": None}))
+    scaled = inv_frequencies(cfg)
+    torch.testing.assert_close(scaled[:10], plain[:10])  # wavelength < 2048: unchanged
+    torch.testing.assert_close(scaled[-5:], plain[-5:] / 8)  # wavelength > 8192: / factor

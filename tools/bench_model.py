@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Benchmark whole-model prefill (TTFT) and decode (TTIT) on CPU at CP=1 vs CP=N.
+
+Every CP size runs in its own pool of N gloo workers (one intra-op thread per rank). For each
+preset and prompt length it times ``generate`` with one new token (TTFT: the prefill plus one
+sampling) and with ``1 + --decode-tokens`` new tokens; TTIT is the difference divided by the
+number of decode steps. Prefill parallel efficiency is ``TTFT(CP=1) / (N * TTFT(CP=N))``.
+
+Example (the figures in docs/performance.md)::
+
+    python tools/bench_model.py --presets tiny-llama small-llama --seq-lens 4096 16384 32768 \\
+        --cp 2 --json bench_out/model.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cp_infer.checkpoint import RandomSource, load_weights
+from cp_infer.engine import SamplingConfig, generate
+from cp_infer.models import get_preset
+from cp_infer.parallel import parallelize
+from cp_infer.testing import DistributedPool
+from parallel_state import parallel_groups
+
+logger = logging.getLogger("bench_model")
+
+
+def _timed_generate(model, pg, prompt, max_new, variant) -> float:
+    dist.barrier()
+    t0 = time.perf_counter()
+    generate(model, pg, [prompt], SamplingConfig(max_new_tokens=max_new), variant=variant)
+    dt = torch.tensor(time.perf_counter() - t0, dtype=torch.float64)
+    dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+    return dt.item()
+
+
+def bench_rank(preset, seq_len, variant, decode_tokens, repeats) -> dict:
+    cfg = get_preset(preset, max_seq_len=max(seq_len + decode_tokens + 1, 1024))
+    with parallel_groups(cp=dist.get_world_size(), timeout_s=1800) as pg:
+        model = parallelize(cfg, pg, torch.float32)
+        load_weights(model, RandomSource(0), cfg)
+        prompt = [(7 * i + 1) % cfg.vocab_size for i in range(seq_len)]
+        _timed_generate(model, pg, prompt[:256], 2, variant)  # warm-up
+        ttft = min(_timed_generate(model, pg, prompt, 1, variant) for _ in range(repeats))
+        full = min(
+            _timed_generate(model, pg, prompt, 1 + decode_tokens, variant) for _ in range(repeats)
+        )
+    return {
+        "preset": preset,
+        "variant": variant,
+        "seq_len": seq_len,
+        "cp": pg.cp,
+        "ttft_s": ttft,
+        "ttit_s": max(0.0, full - ttft) / decode_tokens,
+        "decode_tokens": decode_tokens,
+        "threads_per_rank": torch.get_num_threads(),
+    }
+
+
+def _table(records) -> str:
+    cols = ["preset", "seq_len", "cp", "ttft_s", "ttit_ms", "prefill_eff"]
+    rows = [cols] + [
+        [
+            r["preset"],
+            str(r["seq_len"]),
+            str(r["cp"]),
+            f"{r['ttft_s']:.3f}",
+            f"{1000 * r['ttit_s']:.1f}",
+            f"{r['efficiency']:.3f}",
+        ]
+        for r in records
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", nargs="+", default=["tiny-llama", "small-llama"])
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 16384, 32768])
+    p.add_argument("--cp", type=int, nargs="+", default=[2])
+    p.add_argument("--variant", default="pass-kv", choices=["pass-kv", "pass-q"])
+    p.add_argument("--decode-tokens", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    records, baseline = [], {}
+    for n in [1, *args.cp]:
+        with DistributedPool(n, pg_timeout_s=1800) as pool:
+            for preset in args.presets:
+                for s in args.seq_lens:
+                    rec = pool.run(
+                        bench_rank, preset, s, args.variant, args.decode_tokens, args.repeats,
+                        timeout_s=3600,
+                    )[0]  # fmt: skip
+                    if n == 1:
+                        baseline[(preset, s)] = rec["ttft_s"]
+                    rec["efficiency"] = baseline[(preset, s)] / (n * rec["ttft_s"])
+                    records.append(rec)
+                    logger.info(
+                        "%s seq_len=%d cp=%d TTFT %.3fs TTIT %.1fms efficiency %.3f",
+                        preset, s, n, rec["ttft_s"], 1000 * rec["ttit_s"], rec["efficiency"],
+                    )  # fmt: skip
+    print(_table(records))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
+        tmp.write_text(json.dumps(records, indent=1))
+        os.replace(tmp, args.json)
+    return records
+
+
+if __name__ == "__main__":
+    main()
