@@ -1,5 +1,6 @@
 # One-command set-up and runs. Needs only Python 3.11 (and a network to PyPI).
-#   make demo   set up .venv and run a context-parallel prefill on CPU under torchrun (CP=2)
+#   make demo   set up .venv and generate with a tiny Llama at CP=2 on CPU under torchrun
+#   make demo-attention   the ring attention alone (both variants) against unsharded attention
 #   make test   set up .venv, run ruff and the whole test suite
 #   make lint   ruff check + format check
 #   make bench  run the attention benchmark (CP=1 vs CP=2) and write bench_out/attention.json
@@ -12,7 +13,7 @@ STAMP  := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 NPROC ?= 2
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo demo-attention test lint format bench bench-model clean
 
 setup: $(STAMP)
 
@@ -25,7 +26,12 @@ $(STAMP): pyproject.toml setup.py
 
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) \
-		examples/ring_attention_prefill.py --seq-len 4096 --variant both
+		-m cp_infer generate --preset tiny-llama --seed 0 --cp $(NPROC) \
+		--input examples/prompts.jsonl --output demo_out/generations.jsonl --max-new-tokens 16
+
+demo-attention: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) \
+		examples/ring_attention_prefill.py --seq-len 4096 1000 7 --variant both
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -42,6 +48,9 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) tools/bench_attention.py --json bench_out/attention.json
+
+bench-model: $(STAMP)
+	$(PY) tools/bench_model.py --json bench_out/model.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

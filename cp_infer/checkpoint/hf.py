@@ -85,8 +85,14 @@ class SafetensorsSource:
                 )
             self.files = {}
             for f in files:
-                with safe_open(f, "pt") as h:
-                    self.files.update({k: f for k in h.keys()})  # noqa: SIM118
+                try:
+                    with safe_open(f, "pt") as h:
+                        self.files.update({k: f for k in h.keys()})  # noqa: SIM118
+                except Exception as e:  # header unreadable: corrupt or truncated
+                    raise ValueError(
+                        f"cannot read {f}: {e}; the file is corrupt or truncated, "
+                        "copy or convert the checkpoint again"
+                    ) from e
         self._handles: dict[Path, object] = {}
 
     def __enter__(self) -> SafetensorsSource:
@@ -118,7 +124,10 @@ class SafetensorsSource:
         except ValueError:
             raise
         except Exception as e:  # corrupt or truncated file
-            raise ValueError(f"cannot read tensor {name!r} from {path}: {e}") from e
+            raise ValueError(
+                f"cannot read tensor {name!r} from {path}: {e}; the file is corrupt or "
+                "truncated, copy or convert the checkpoint again"
+            ) from e
 
 
 class RandomSource:

@@ -1,0 +1,175 @@
+"""The ``python -m cp_infer generate`` command: end to end under torchrun, and its errors.
+
+Errors are checked in the shared gloo pool (every rank runs the command's code and must raise
+the same ValueError, before any collective, so nothing hangs); one run goes through torchrun
+itself to check exit codes and files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from cp_infer.cli import build_parser, main, run_generate  # noqa: E402
+from cp_infer.testing import free_port  # noqa: E402
+from tests.hf_oracle import PROMPTS, make_checkpoint, reference  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_NEW = 16
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = make_checkpoint("llama", tmp_path_factory.mktemp("llama"))
+    return path, reference(path, {k: PROMPTS[k] for k in ("len5", "len300")}, MAX_NEW)
+
+
+def _write_prompts(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_help_teaches_the_tool():
+    top = build_parser().format_help()
+    assert "generate" in top and "torchrun" in top
+    out = subprocess.run(
+        [sys.executable, "-m", "cp_infer", "generate", "--help"],
+        capture_output=True, text=True, cwd=REPO, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    for flag in ("--checkpoint", "--preset", "--tp", "--cp", "--pp", "--ep", "--save-logits"):
+        assert flag in out
+
+
+def test_torchrun_end_to_end_matches_transformers(llama, tmp_path):
+    path, ref = llama
+    prompts = _write_prompts(
+        tmp_path / "p.jsonl",
+        [{"id": "a", "token_ids": PROMPTS["len5"]}, {"id": "b", "token_ids": PROMPTS["len300"]}],
+    )
+    out, logits = tmp_path / "out.jsonl", tmp_path / "logits.safetensors"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--master-port", str(free_port()), "-m", "cp_infer", "generate",
+        "--checkpoint", str(path), "--cp", "2", "--input", str(prompts), "--output", str(out),
+        "--max-new-tokens", str(MAX_NEW), "--save-logits", str(logits), "--timeout", "60",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b"]
+    assert rows[0]["token_ids"] == ref["len5"]["tokens"]
+    assert rows[1]["token_ids"] == ref["len300"]["tokens"]
+    saved = load_file(str(logits))
+    torch.testing.assert_close(saved["a"], ref["len5"]["logits"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(saved["b"], ref["len300"]["logits"], atol=1e-4, rtol=0)
+
+
+def test_torchrun_failure_exits_nonzero_without_output(llama, tmp_path):
+    path, _ = llama
+    prompts = _write_prompts(tmp_path / "p.jsonl", [{"id": 0, "token_ids": []}])
+    out = tmp_path / "out.jsonl"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--master-port", str(free_port()), "-m", "cp_infer", "generate",
+        "--checkpoint", str(path), "--cp", "2", "--input", str(prompts), "--output", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "prompt 0 is empty" in proc.stderr
+    assert not out.exists()
+
+
+# -- errors on every rank, in the pool ---------------------------------------------------------
+def _cli_error_rank(argv: list[str]) -> str | None:
+    args = build_parser().parse_args(argv)
+    try:
+        run_generate(args)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _bad_case(case: str, path: Path, tmp: Path) -> tuple[list[str], str]:
+    prompts = _write_prompts(tmp / "p.jsonl", [{"id": 0, "token_ids": PROMPTS["len5"]}])
+    base = ["generate", "--checkpoint", str(path), "--input", str(prompts), "--output", str(tmp / "o.jsonl")]
+    if case == "world_size":
+        return [*base, "--cp", "3"], "does not divide world_size"
+    if case == "context":
+        return [*base, "--cp", "2", "--max-new-tokens", "5000"], "exceeds the model's max_seq_len"
+    if case == "empty":
+        _write_prompts(tmp / "p.jsonl", [{"id": 0, "token_ids": [1]}, {"id": 1, "token_ids": []}])
+        return [*base, "--cp", "2"], "prompt 1 is empty"
+    if case == "bad_json":
+        (tmp / "p.jsonl").write_text('{"id": 0, "token_ids": [1, 2]\n')
+        return [*base, "--cp", "2"], "is not valid JSON"
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case", ["world_size", "context", "empty", "bad_json"])
+def test_bad_input_raises_on_every_rank(dist_pool, llama, tmp_path, case):
+    argv, match = _bad_case(case, llama[0], tmp_path)
+    messages = dist_pool(2).run(_cli_error_rank, argv, timeout_s=120)
+    assert all(m is not None and match in m for m in messages), messages
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_heads_not_divisible_by_tp(dist_pool, llama, tmp_path):
+    # A 6-head model cannot be split over tp=4 (world 4).
+    cfg = json.loads((llama[0] / "config.json").read_text())
+    cfg.update(num_attention_heads=6, num_key_value_heads=2, hidden_size=96, head_dim=16)
+    bad = tmp_path / "ckpt"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps(cfg))
+    (bad / "model.safetensors").write_bytes((llama[0] / "model.safetensors").read_bytes())
+    prompts = _write_prompts(tmp_path / "p.jsonl", [{"id": 0, "token_ids": [1, 2]}])
+    argv = ["generate", "--checkpoint", str(bad), "--input", str(prompts), "--output", str(tmp_path / "o.jsonl"), "--tp", "4"]
+    messages = dist_pool(4).run(_cli_error_rank, argv, timeout_s=120)
+    assert all(m is not None and "n_heads=6" in m and "tp=4" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("damage", ["truncated", "mismatched", "missing_tensor"])
+def test_bad_checkpoints_are_named(dist_pool, llama, tmp_path, damage):
+    src = llama[0]
+    bad = tmp_path / "ckpt"
+    bad.mkdir()
+    cfg = json.loads((src / "config.json").read_text())
+    weights = (src / "model.safetensors").read_bytes()
+    if damage == "truncated":
+        weights = weights[: len(weights) // 2]
+    elif damage == "mismatched":
+        cfg["intermediate_size"] = 128  # the weights say 96
+    elif damage == "missing_tensor":
+        cfg["num_hidden_layers"] = 3  # layer 2 is not in the file
+    (bad / "config.json").write_text(json.dumps(cfg))
+    (bad / "model.safetensors").write_bytes(weights)
+    prompts = _write_prompts(tmp_path / "p.jsonl", [{"id": 0, "token_ids": [1, 2]}])
+    argv = ["generate", "--checkpoint", str(bad), "--input", str(prompts), "--output", str(tmp_path / "o.jsonl"), "--cp", "2"]
+    messages = dist_pool(2).run(_cli_error_rank, argv, timeout_s=120)
+    expected = {
+        "truncated": "model.safetensors",
+        "mismatched": "mlp.gate_proj.weight",
+        "missing_tensor": "model.layers.2",
+    }[damage]
+    assert all(m is not None and expected in m for m in messages), messages
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_preset_runs_in_process(dist_pool, tmp_path):
+    prompts = _write_prompts(tmp_path / "p.jsonl", [{"id": "x", "token_ids": [1, 2, 3]}])
+    argv = ["generate", "--preset", "tiny-llama", "--cp", "2", "--input", str(prompts),
+            "--output", str(tmp_path / "o.jsonl"), "--max-new-tokens", "4"]  # fmt: skip
+    assert dist_pool(2).run(main, argv, timeout_s=120) == [0, 0]
+    rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert rows[0]["id"] == "x" and len(rows[0]["token_ids"]) == 4
