@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="generate tokens for a JSONL file of prompts",
         description="Prefill every prompt with ring attention over the CP ranks, then decode. "
-        "Launch one process per rank: world size = tp * cp * pp.",
+        "Launch one process per rank: world size = tp * cp * pp (x dp replicas, which run "
+        "the same batch; use them with --ep to spread experts further).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     src = g.add_mutually_exclusive_group(required=True)
@@ -164,11 +165,11 @@ def run_generate(args) -> int:
     with parallel_groups(
         tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep, timeout_s=args.timeout
     ) as pg:
-        if pg.dp != 1:
-            raise ValueError(
-                f"world size {pg.world_size} = tp*cp*pp ({pg.tp * pg.cp * pg.pp}) x {pg.dp}: "
-                f"generate runs one model replica; launch {pg.tp * pg.cp * pg.pp} processes"
-            )
+        if pg.dp > 1:
+            logger.info(
+                "world size %d = tp*cp*pp x %d: the %d data-parallel replicas run the same batch "
+                "(they form the EP groups)", pg.world_size, pg.dp, pg.dp,
+            )  # fmt: skip
         logger.info("%s | model %s (%.1fM params)", pg.describe(), cfg.name, cfg.n_params() / 1e6)
         model = parallelize(cfg, pg, dtype)
         source = RandomSource(args.seed) if args.preset else SafetensorsSource(args.checkpoint)
@@ -176,7 +177,7 @@ def run_generate(args) -> int:
         result = generate(
             model, pg, prompts, sampling, variant=args.variant, kernel=args.kernel, dtype=dtype
         )
-        writer = pg.is_last_pp_stage and pg.tp_rank == 0 and pg.cp_rank == 0
+        writer = pg.is_last_pp_stage and pg.tp_rank == 0 and pg.cp_rank == 0 and pg.dp_rank == 0
         if writer:
             _write_outputs(args, ids, result, tokenizer)
         torch.distributed.barrier()

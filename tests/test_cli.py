@@ -18,11 +18,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file
 
-from cp_infer.cli import build_parser, main, run_generate  # noqa: E402
-from cp_infer.testing import free_port  # noqa: E402
-from tests.hf_oracle import PROMPTS, make_checkpoint, reference  # noqa: E402
+from cp_infer.cli import build_parser, main, run_generate
+from cp_infer.testing import free_port
+from tests.hf_oracle import PROMPTS, make_checkpoint, reference
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_NEW = 16
@@ -103,7 +103,15 @@ def _cli_error_rank(argv: list[str]) -> str | None:
 
 def _bad_case(case: str, path: Path, tmp: Path) -> tuple[list[str], str]:
     prompts = _write_prompts(tmp / "p.jsonl", [{"id": 0, "token_ids": PROMPTS["len5"]}])
-    base = ["generate", "--checkpoint", str(path), "--input", str(prompts), "--output", str(tmp / "o.jsonl")]
+    base = [
+        "generate",
+        "--checkpoint",
+        str(path),
+        "--input",
+        str(prompts),
+        "--output",
+        str(tmp / "o.jsonl"),
+    ]
     if case == "world_size":
         return [*base, "--cp", "3"], "does not divide world_size"
     if case == "context":
@@ -134,7 +142,17 @@ def test_heads_not_divisible_by_tp(dist_pool, llama, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     (bad / "model.safetensors").write_bytes((llama[0] / "model.safetensors").read_bytes())
     prompts = _write_prompts(tmp_path / "p.jsonl", [{"id": 0, "token_ids": [1, 2]}])
-    argv = ["generate", "--checkpoint", str(bad), "--input", str(prompts), "--output", str(tmp_path / "o.jsonl"), "--tp", "4"]
+    argv = [
+        "generate",
+        "--checkpoint",
+        str(bad),
+        "--input",
+        str(prompts),
+        "--output",
+        str(tmp_path / "o.jsonl"),
+        "--tp",
+        "4",
+    ]
     messages = dist_pool(4).run(_cli_error_rank, argv, timeout_s=120)
     assert all(m is not None and "n_heads=6" in m and "tp=4" in m for m in messages), messages
 
@@ -155,7 +173,17 @@ def test_bad_checkpoints_are_named(dist_pool, llama, tmp_path, damage):
     (bad / "config.json").write_text(json.dumps(cfg))
     (bad / "model.safetensors").write_bytes(weights)
     prompts = _write_prompts(tmp_path / "p.jsonl", [{"id": 0, "token_ids": [1, 2]}])
-    argv = ["generate", "--checkpoint", str(bad), "--input", str(prompts), "--output", str(tmp_path / "o.jsonl"), "--cp", "2"]
+    argv = [
+        "generate",
+        "--checkpoint",
+        str(bad),
+        "--input",
+        str(prompts),
+        "--output",
+        str(tmp_path / "o.jsonl"),
+        "--cp",
+        "2",
+    ]
     messages = dist_pool(2).run(_cli_error_rank, argv, timeout_s=120)
     expected = {
         "truncated": "model.safetensors",
@@ -173,3 +201,30 @@ def test_preset_runs_in_process(dist_pool, tmp_path):
     assert dist_pool(2).run(main, argv, timeout_s=120) == [0, 0]
     rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert rows[0]["id"] == "x" and len(rows[0]["token_ids"]) == 4
+
+
+def test_generation_stops_at_eos(dist_pool, tmp_path):
+    prompts = _write_prompts(tmp_path / "p.jsonl", [{"id": 0, "token_ids": [5, 6, 7]}])
+    out = tmp_path / "o.jsonl"
+    base = ["generate", "--preset", "tiny-llama", "--cp", "2", "--input", str(prompts),
+            "--output", str(out), "--max-new-tokens", "6"]  # fmt: skip
+    assert dist_pool(2).run(main, base, timeout_s=120) == [0, 0]
+    free = json.loads(out.read_text())["token_ids"]
+    assert len(free) == 6
+    eos = free[2]
+    assert dist_pool(2).run(main, [*base, "--eos-id", str(eos)], timeout_s=120) == [0, 0]
+    stopped = json.loads(out.read_text())["token_ids"]
+    assert stopped == free[: free.index(eos) + 1]
+
+
+def test_sampling_is_seeded_and_the_same_on_every_layout(dist_pool, tmp_path):
+    prompts = _write_prompts(tmp_path / "p.jsonl", [{"id": 0, "token_ids": list(range(1, 40))}])
+    outs = []
+    for world, cp in [(1, 1), (2, 2)]:
+        out = tmp_path / f"o{cp}.jsonl"
+        argv = ["generate", "--preset", "tiny-llama", "--cp", str(cp), "--input", str(prompts),
+                "--output", str(out), "--max-new-tokens", "8", "--temperature", "0.8",
+                "--top-p", "0.9", "--seed", "7"]  # fmt: skip
+        assert dist_pool(world).run(main, argv, timeout_s=120) == [0] * world
+        outs.append(json.loads(out.read_text())["token_ids"])
+    assert outs[0] == outs[1] and len(outs[0]) == 8

@@ -2,9 +2,10 @@
 """Benchmark whole-model prefill (TTFT) and decode (TTIT) on CPU at CP=1 vs CP=N.
 
 Every CP size runs in its own pool of N gloo workers (one intra-op thread per rank). For each
-preset and prompt length it times ``generate`` with one new token (TTFT: the prefill plus one
-sampling) and with ``1 + --decode-tokens`` new tokens; TTIT is the difference divided by the
-number of decode steps. Prefill parallel efficiency is ``TTFT(CP=1) / (N * TTFT(CP=N))``.
+preset and prompt length it runs ``generate`` with ``1 + --decode-tokens`` new tokens and reads
+the engine's own timings: TTFT (prefill and the first sampling) and TTIT (the median decode
+step), each the slowest rank's and the best of ``--repeats``. Prefill parallel efficiency is
+``TTFT(CP=1) / (N * TTFT(CP=N))``.
 
 Example (the figures in docs/performance.md)::
 
@@ -18,8 +19,8 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,13 +38,14 @@ from parallel_state import parallel_groups
 logger = logging.getLogger("bench_model")
 
 
-def _timed_generate(model, pg, prompt, max_new, variant) -> float:
+def _timed_generate(model, pg, prompt, max_new, variant) -> tuple[float, float]:
+    """(TTFT, median TTIT) of one generate call, the slowest rank's."""
     dist.barrier()
-    t0 = time.perf_counter()
-    generate(model, pg, [prompt], SamplingConfig(max_new_tokens=max_new), variant=variant)
-    dt = torch.tensor(time.perf_counter() - t0, dtype=torch.float64)
-    dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-    return dt.item()
+    result = generate(model, pg, [prompt], SamplingConfig(max_new_tokens=max_new), variant=variant)
+    steps = result.decode_step_s or [0.0]
+    t = torch.tensor([result.ttft_s, statistics.median(steps)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t[0].item(), t[1].item()
 
 
 def bench_rank(preset, seq_len, variant, decode_tokens, repeats) -> dict:
@@ -53,17 +55,17 @@ def bench_rank(preset, seq_len, variant, decode_tokens, repeats) -> dict:
         load_weights(model, RandomSource(0), cfg)
         prompt = [(7 * i + 1) % cfg.vocab_size for i in range(seq_len)]
         _timed_generate(model, pg, prompt[:256], 2, variant)  # warm-up
-        ttft = min(_timed_generate(model, pg, prompt, 1, variant) for _ in range(repeats))
-        full = min(
+        runs = [
             _timed_generate(model, pg, prompt, 1 + decode_tokens, variant) for _ in range(repeats)
-        )
+        ]
     return {
         "preset": preset,
         "variant": variant,
         "seq_len": seq_len,
         "cp": pg.cp,
-        "ttft_s": ttft,
-        "ttit_s": max(0.0, full - ttft) / decode_tokens,
+        "ttft_s": min(r[0] for r in runs),
+        "ttit_s": min(r[1] for r in runs),
+        "runs": runs,
         "decode_tokens": decode_tokens,
         "threads_per_rank": torch.get_num_threads(),
     }

@@ -14,6 +14,7 @@ to stop.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -35,10 +36,20 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class GenerationResult:
-    """Generated token ids per prompt (EOS included when hit) and the first step's logits."""
+    """Generated token ids per prompt (EOS included when hit), the first step's logits, timings.
+
+    Attributes:
+        tokens: generated ids per prompt.
+        first_logits: (B, V) float32 logits of the first generated position (last PP stage
+            only; None elsewhere).
+        ttft_s: time to first token on this rank (prefill + first sampling).
+        decode_step_s: wall time of every decode step on this rank (TTIT samples).
+    """
 
     tokens: list[list[int]]
-    first_logits: torch.Tensor | None = field(default=None, repr=False)  # (B, V) fp32, last stage
+    first_logits: torch.Tensor | None = field(default=None, repr=False)
+    ttft_s: float = 0.0
+    decode_step_s: list[float] = field(default_factory=list)
 
 
 def check_prompts(
@@ -141,6 +152,7 @@ def generate(
     generator = torch.Generator().manual_seed(sampling.seed)
 
     # -- prefill ----------------------------------------------------------------------------
+    t_start = time.perf_counter()
     packed = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
     tokens = shard(packed, layout, pg.cp_rank)
     ctx = ForwardContext(
@@ -157,8 +169,10 @@ def generate(
         first_logits = model.logits(_last_token_hidden(h, layout, pg))
         next_tokens = sample(first_logits, sampling, generator)
     next_tokens = _broadcast_tokens(next_tokens, b, pg)
+    ttft = time.perf_counter() - t_start
 
     # -- decode -----------------------------------------------------------------------------
+    step_times: list[float] = []
     out = [[] for _ in range(b)]
     done = [False] * b
     lens = [len(p) for p in prompts]
@@ -169,6 +183,7 @@ def generate(
                 done[j] = t == sampling.eos_id or len(out[j]) >= max_new
         if all(done) or step == max_new - 1:
             break
+        t_step = time.perf_counter()
         owners = [decode_owner(j, step, pg.cp) for j in range(b)]
         ctx = ForwardContext(
             positions=torch.tensor([n + step for n in lens]),
@@ -178,4 +193,7 @@ def generate(
         cache.commit()
         next_tokens = sample(model.logits(h), sampling, generator) if h is not None else None
         next_tokens = _broadcast_tokens(next_tokens, b, pg)
-    return GenerationResult(tokens=out, first_logits=first_logits)
+        step_times.append(time.perf_counter() - t_step)
+    return GenerationResult(
+        tokens=out, first_logits=first_logits, ttft_s=ttft, decode_step_s=step_times
+    )

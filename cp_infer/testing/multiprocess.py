@@ -157,7 +157,10 @@ class DistributedPool:
         for p in self._procs:
             if p.is_alive():
                 p.kill()
-                p.join(timeout=5)
+            p.join(timeout=5)
+        for q in [*self._tasks, *([self._results] if self._results is not None else [])]:
+            q.cancel_join_thread()
+            q.close()
         self._procs, self._tasks, self._results = [], [], None
 
     def __enter__(self) -> DistributedPool:
