@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from cp_infer.attention import VARIANTS
 from cp_infer.attention.kernels import KERNELS
 from cp_infer.log import setup_logging
 from cp_infer.models.config import PRESETS, ModelConfig, get_preset
+from cp_infer.reporting import atomic_write
 
 __all__ = ["main"]
 
@@ -125,14 +125,6 @@ def load_tokenizer(checkpoint: Path | None):
     return Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file and rename: never a half-written output."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _model_config(args) -> tuple[ModelConfig, int | None]:
     if args.preset:
         return get_preset(args.preset), args.eos_id
@@ -191,7 +183,7 @@ def _write_outputs(args, ids, result, tokenizer) -> None:
                 text = tokenizer.decode(toks) if tokenizer is not None else None
                 f.write(json.dumps({"id": pid, "token_ids": toks, "text": text}) + "\n")
 
-    _atomic_write(args.output, write_jsonl)
+    atomic_write(args.output, write_jsonl)
     logger.info("wrote %d generations to %s", len(ids), args.output)
     for pid, toks in zip(ids, result.tokens, strict=True):
         logger.info("id=%s generated %s", pid, toks)
@@ -199,7 +191,7 @@ def _write_outputs(args, ids, result, tokenizer) -> None:
         from safetensors.torch import save_file
 
         tensors = {str(pid): result.first_logits[i].contiguous() for i, pid in enumerate(ids)}
-        _atomic_write(args.save_logits, lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write(args.save_logits, lambda tmp: save_file(tensors, str(tmp)))
         logger.info("wrote first-token logits to %s", args.save_logits)
 
 

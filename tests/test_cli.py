@@ -133,14 +133,22 @@ def test_bad_input_raises_on_every_rank(dist_pool, llama, tmp_path, case):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def _damaged_copy(src: Path, dst: Path, *, truncate: bool = False, **config) -> Path:
+    """A copy of a checkpoint with config.json fields replaced and/or the weights cut short."""
+    dst.mkdir()
+    cfg = {**json.loads((src / "config.json").read_text()), **config}
+    weights = (src / "model.safetensors").read_bytes()
+    (dst / "config.json").write_text(json.dumps(cfg))
+    (dst / "model.safetensors").write_bytes(weights[: len(weights) // 2] if truncate else weights)
+    return dst
+
+
 def test_heads_not_divisible_by_tp(dist_pool, llama, tmp_path):
     # A 6-head model cannot be split over tp=4 (world 4).
-    cfg = json.loads((llama[0] / "config.json").read_text())
-    cfg.update(num_attention_heads=6, num_key_value_heads=2, hidden_size=96, head_dim=16)
-    bad = tmp_path / "ckpt"
-    bad.mkdir()
-    (bad / "config.json").write_text(json.dumps(cfg))
-    (bad / "model.safetensors").write_bytes((llama[0] / "model.safetensors").read_bytes())
+    bad = _damaged_copy(
+        llama[0], tmp_path / "ckpt",
+        num_attention_heads=6, num_key_value_heads=2, hidden_size=96, head_dim=16,
+    )  # fmt: skip
     prompts = _write_prompts(tmp_path / "p.jsonl", [{"id": 0, "token_ids": [1, 2]}])
     argv = [
         "generate",
@@ -159,19 +167,12 @@ def test_heads_not_divisible_by_tp(dist_pool, llama, tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "mismatched", "missing_tensor"])
 def test_bad_checkpoints_are_named(dist_pool, llama, tmp_path, damage):
-    src = llama[0]
-    bad = tmp_path / "ckpt"
-    bad.mkdir()
-    cfg = json.loads((src / "config.json").read_text())
-    weights = (src / "model.safetensors").read_bytes()
-    if damage == "truncated":
-        weights = weights[: len(weights) // 2]
-    elif damage == "mismatched":
-        cfg["intermediate_size"] = 128  # the weights say 96
-    elif damage == "missing_tensor":
-        cfg["num_hidden_layers"] = 3  # layer 2 is not in the file
-    (bad / "config.json").write_text(json.dumps(cfg))
-    (bad / "model.safetensors").write_bytes(weights)
+    how = {
+        "truncated": dict(truncate=True),
+        "mismatched": dict(intermediate_size=128),  # the weights say 96
+        "missing_tensor": dict(num_hidden_layers=3),  # layer 2 is not in the file
+    }[damage]
+    bad = _damaged_copy(llama[0], tmp_path / "ckpt", **how)
     prompts = _write_prompts(tmp_path / "p.jsonl", [{"id": 0, "token_ids": [1, 2]}])
     argv = [
         "generate",

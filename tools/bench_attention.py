@@ -22,9 +22,7 @@ Example (the figures in docs/performance.md)::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import statistics
 import sys
 import time
@@ -36,7 +34,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cp_infer.attention import RingComm, ring_attention
-from cp_infer.attention.pass_q import _slot_bytes
+from cp_infer.attention.pass_q import slot_bytes
+from cp_infer.reporting import format_table, write_json
 from cp_infer.sharding import ShardLayout, shard
 from cp_infer.testing import DistributedPool
 
@@ -74,7 +73,7 @@ def _comm_alone(variant, q, k, n, repeats) -> tuple[float, float]:
         return 0.0, 0.0
     buf = torch.stack([k, k]) if variant == "pass-kv" else q.clone()
     h, t, d = q.shape
-    slots = torch.empty(n, _slot_bytes(h, t, d, q.dtype), dtype=torch.uint8)
+    slots = torch.empty(n, slot_bytes(h, t, d, q.dtype), dtype=torch.uint8)
     best = None
     for _ in range(repeats):
         comm = RingComm()
@@ -180,22 +179,16 @@ def _comm_record(comm, variant, q, k, n, calls) -> dict:
 
 def _table(records) -> str:
     cols = ["variant", "seq_len", "cp", "time_s", "efficiency", "comm_hidden", "sendrecv_hidden"]
-    rows = [cols] + [
-        [
-            str(r["variant"]),
-            str(r["seq_len"]),
-            str(r["cp"]),
-            f"{r['time_s']:.3f}",
-            f"{r['efficiency']:.3f}" if r.get("efficiency") is not None else "-",
-            f"{r['comm_hidden']:.2f}" if r.get("comm_hidden") is not None else "-",
-            f"{r['sendrecv_hidden']:.2f}" if r.get("sendrecv_hidden") is not None else "-",
-        ]
+
+    def fmt(r, key, spec):
+        return format(r[key], spec) if r.get(key) is not None else "-"
+
+    rows = [
+        [r["variant"], str(r["seq_len"]), str(r["cp"]), fmt(r, "time_s", ".3f"),
+         fmt(r, "efficiency", ".3f"), fmt(r, "comm_hidden", ".2f"), fmt(r, "sendrecv_hidden", ".2f")]
         for r in records
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    ]  # fmt: skip
+    return format_table(cols, rows)
 
 
 def main(argv=None) -> list[dict]:
@@ -245,10 +238,7 @@ def main(argv=None) -> list[dict]:
                     )  # fmt: skip
     print(_table(records))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(records, indent=1))
-        os.replace(tmp, args.json)  # never a half-written file
+        write_json(args.json, records)
         logger.info("wrote %s", args.json)
     return records
 

@@ -16,9 +16,7 @@ Example (the figures in docs/performance.md)::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -32,6 +30,7 @@ from cp_infer.checkpoint import RandomSource, load_weights
 from cp_infer.engine import SamplingConfig, generate
 from cp_infer.models import get_preset
 from cp_infer.parallel import parallelize
+from cp_infer.reporting import format_table, write_json
 from cp_infer.testing import DistributedPool
 from parallel_state import parallel_groups
 
@@ -73,21 +72,12 @@ def bench_rank(preset, seq_len, variant, decode_tokens, repeats) -> dict:
 
 def _table(records) -> str:
     cols = ["preset", "seq_len", "cp", "ttft_s", "ttit_ms", "prefill_eff"]
-    rows = [cols] + [
-        [
-            r["preset"],
-            str(r["seq_len"]),
-            str(r["cp"]),
-            f"{r['ttft_s']:.3f}",
-            f"{1000 * r['ttit_s']:.1f}",
-            f"{r['efficiency']:.3f}",
-        ]
+    rows = [
+        [r["preset"], str(r["seq_len"]), str(r["cp"]), f"{r['ttft_s']:.3f}",
+         f"{1000 * r['ttit_s']:.1f}", f"{r['efficiency']:.3f}"]
         for r in records
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    ]  # fmt: skip
+    return format_table(cols, rows)
 
 
 def main(argv=None) -> list[dict]:
@@ -120,10 +110,7 @@ def main(argv=None) -> list[dict]:
                     )  # fmt: skip
     print(_table(records))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(records, indent=1))
-        os.replace(tmp, args.json)
+        write_json(args.json, records)
     return records
 
 

@@ -35,7 +35,7 @@ def _align(n_bytes: int) -> int:
     return -(-n_bytes // 8) * 8
 
 
-def _slot_bytes(h: int, t: int, d: int, dtype: torch.dtype) -> int:
+def slot_bytes(h: int, t: int, d: int, dtype: torch.dtype) -> int:
     """Bytes of one All2All slot: the output in ``dtype``, then the float32 LSE, 8-aligned."""
     return _align(h * t * d * dtype.itemsize) + _align(h * t * 4)
 
@@ -80,8 +80,7 @@ def ring_attention_pass_q(
     n, rank = comm.size, comm.rank
     h, t, d = q.shape
     pk, pv = (prefix.k, prefix.v) if prefix is not None else (None, None)
-    slot_bytes = _slot_bytes(h, t, d, q.dtype)
-    send = torch.empty(n, slot_bytes, dtype=torch.uint8, device=q.device)
+    send = torch.empty(n, slot_bytes(h, t, d, q.dtype), dtype=torch.uint8, device=q.device)
     acc_out = torch.empty(h, t, d, dtype=torch.float32, device=q.device)
     acc_lse = torch.empty(h, t, dtype=torch.float32, device=q.device)
 
