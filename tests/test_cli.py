@@ -229,3 +229,29 @@ def test_sampling_is_seeded_and_the_same_on_every_layout(dist_pool, tmp_path):
         assert dist_pool(world).run(main, argv, timeout_s=120) == [0] * world
         outs.append(json.loads(out.read_text())["token_ids"])
     assert outs[0] == outs[1] and len(outs[0]) == 8
+
+
+def test_sharded_checkpoint_and_text_prompts(dist_pool, llama, tmp_path):
+    """A checkpoint saved in several shards with an index, and prompts given as text."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path, ref = llama
+    sharded = tmp_path / "sharded"
+    model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    model.save_pretrained(sharded, max_shard_size="50KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    # word-level tokenizer: "w<i>" is token i
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(sharded / "tokenizer.json"))
+    text = " ".join(f"w{t}" for t in PROMPTS["len5"])
+    prompts = _write_prompts(tmp_path / "p.jsonl", [{"id": "t", "prompt": text}])
+    out = tmp_path / "o.jsonl"
+    argv = ["generate", "--checkpoint", str(sharded), "--tp", "2", "--cp", "2",
+            "--input", str(prompts), "--output", str(out), "--max-new-tokens", str(MAX_NEW)]  # fmt: skip
+    assert dist_pool(4).run(main, argv, timeout_s=120) == [0] * 4
+    row = json.loads(out.read_text())
+    assert row["token_ids"] == ref["len5"]["tokens"]
+    assert row["text"] == " ".join(f"w{t}" for t in ref["len5"]["tokens"])

@@ -91,10 +91,8 @@ def _worker(
             results.put((rank, True, out))
         except BaseException:  # report everything, including SystemExit from argparse
             results.put((rank, False, traceback.format_exc()))
-    # Leave without tearing the process group down: that can block on peers already gone.
     results.close()
     results.join_thread()
-    os._exit(0)
 
 
 class DistributedPool:
