@@ -166,9 +166,7 @@ def run_generate(args) -> int:
         model = parallelize(cfg, pg, dtype)
         source = RandomSource(args.seed) if args.preset else SafetensorsSource(args.checkpoint)
         load_weights(model, source, cfg, progress=pg.rank == 0)
-        result = generate(
-            model, pg, prompts, sampling, variant=args.variant, kernel=args.kernel, dtype=dtype
-        )
+        result = generate(model, pg, prompts, sampling, variant=args.variant, kernel=args.kernel)
         writer = pg.is_last_pp_stage and pg.tp_rank == 0 and pg.cp_rank == 0 and pg.dp_rank == 0
         if writer:
             _write_outputs(args, ids, result, tokenizer)

@@ -39,6 +39,13 @@ def _write_prompts(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def _argv(tmp: Path, source: Path, *extra: str, rows=({"id": 0, "token_ids": [1, 2]},)) -> list:
+    """``generate`` arguments for a checkpoint, with prompts written to ``tmp/p.jsonl``."""
+    prompts = _write_prompts(tmp / "p.jsonl", list(rows))
+    return ["generate", "--checkpoint", str(source), "--input", str(prompts),
+            "--output", str(tmp / "o.jsonl"), *extra]  # fmt: skip
+
+
 def test_help_teaches_the_tool():
     top = build_parser().format_help()
     assert "generate" in top and "torchrun" in top
@@ -102,16 +109,7 @@ def _cli_error_rank(argv: list[str]) -> str | None:
 
 
 def _bad_case(case: str, path: Path, tmp: Path) -> tuple[list[str], str]:
-    prompts = _write_prompts(tmp / "p.jsonl", [{"id": 0, "token_ids": PROMPTS["len5"]}])
-    base = [
-        "generate",
-        "--checkpoint",
-        str(path),
-        "--input",
-        str(prompts),
-        "--output",
-        str(tmp / "o.jsonl"),
-    ]
+    base = _argv(tmp, path, rows=[{"id": 0, "token_ids": PROMPTS["len5"]}])
     if case == "world_size":
         return [*base, "--cp", "3"], "does not divide world_size"
     if case == "context":
@@ -149,18 +147,7 @@ def test_heads_not_divisible_by_tp(dist_pool, llama, tmp_path):
         llama[0], tmp_path / "ckpt",
         num_attention_heads=6, num_key_value_heads=2, hidden_size=96, head_dim=16,
     )  # fmt: skip
-    prompts = _write_prompts(tmp_path / "p.jsonl", [{"id": 0, "token_ids": [1, 2]}])
-    argv = [
-        "generate",
-        "--checkpoint",
-        str(bad),
-        "--input",
-        str(prompts),
-        "--output",
-        str(tmp_path / "o.jsonl"),
-        "--tp",
-        "4",
-    ]
+    argv = _argv(tmp_path, bad, "--tp", "4")
     messages = dist_pool(4).run(_cli_error_rank, argv, timeout_s=120)
     assert all(m is not None and "n_heads=6" in m and "tp=4" in m for m in messages), messages
 
@@ -173,18 +160,7 @@ def test_bad_checkpoints_are_named(dist_pool, llama, tmp_path, damage):
         "missing_tensor": dict(num_hidden_layers=3),  # layer 2 is not in the file
     }[damage]
     bad = _damaged_copy(llama[0], tmp_path / "ckpt", **how)
-    prompts = _write_prompts(tmp_path / "p.jsonl", [{"id": 0, "token_ids": [1, 2]}])
-    argv = [
-        "generate",
-        "--checkpoint",
-        str(bad),
-        "--input",
-        str(prompts),
-        "--output",
-        str(tmp_path / "o.jsonl"),
-        "--cp",
-        "2",
-    ]
+    argv = _argv(tmp_path, bad, "--cp", "2")
     messages = dist_pool(2).run(_cli_error_rank, argv, timeout_s=120)
     expected = {
         "truncated": "model.safetensors",

@@ -93,20 +93,14 @@ def _world(sizes):
     return max(tp * cp * pp, sizes.get("ep", 1) * tp * pp)
 
 
-@pytest.mark.parametrize("layout", LLAMA_LAYOUTS)
-def test_llama_matches_transformers(dist_pool, hf_models, layout, tmp_path):
-    path, ref = hf_models["llama"]
-    sizes = LLAMA_LAYOUTS[layout]
-    codes = dist_pool(_world(sizes)).run(
-        _generate_rank, path, sizes, BATCH, tmp_path, timeout_s=TIMEOUT
-    )
-    _check(codes, tmp_path, ref, BATCH)
+CASES = [("llama", name, sizes) for name, sizes in LLAMA_LAYOUTS.items()] + [
+    ("mixtral", name, sizes) for name, sizes in MOE_LAYOUTS.items()
+]
 
 
-@pytest.mark.parametrize("layout", MOE_LAYOUTS)
-def test_mixtral_matches_transformers(dist_pool, hf_models, layout, tmp_path):
-    path, ref = hf_models["mixtral"]
-    sizes = MOE_LAYOUTS[layout]
+@pytest.mark.parametrize(("kind", "layout", "sizes"), CASES, ids=[f"{k}-{n}" for k, n, _ in CASES])
+def test_matches_transformers(dist_pool, hf_models, kind, layout, sizes, tmp_path):
+    path, ref = hf_models[kind]
     codes = dist_pool(_world(sizes)).run(
         _generate_rank, path, sizes, BATCH, tmp_path, timeout_s=TIMEOUT
     )

@@ -125,13 +125,13 @@ def generate(
     *,
     variant: str = "pass-kv",
     kernel: str = "auto",
-    dtype: torch.dtype = torch.float32,
 ) -> GenerationResult:
     """Generate up to ``sampling.max_new_tokens`` tokens for every prompt.
 
     Must be called on every rank with the same arguments. The batch is prefilled at once.
     """
     cfg = model.cfg
+    dtype = next(model.parameters()).dtype
     check_prompts(prompts, cfg.vocab_size, sampling.max_new_tokens, cfg.max_seq_len)
     b, max_new = len(prompts), sampling.max_new_tokens
     layout = ShardLayout([len(p) for p in prompts], pg.cp)
