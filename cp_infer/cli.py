@@ -169,6 +169,8 @@ def run_generate(args) -> int:
         result = generate(model, pg, prompts, sampling, variant=args.variant, kernel=args.kernel)
         writer = pg.is_last_pp_stage and pg.tp_rank == 0 and pg.cp_rank == 0 and pg.dp_rank == 0
         if writer:
+            # the writer may not be rank 0 (with PP it sits on the last stage): let it report
+            logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
             _write_outputs(args, ids, result, tokenizer)
         torch.distributed.barrier()
     return 0

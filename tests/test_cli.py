@@ -231,3 +231,18 @@ def test_sharded_checkpoint_and_text_prompts(dist_pool, llama, tmp_path):
     row = json.loads(out.read_text())
     assert row["token_ids"] == ref["len5"]["tokens"]
     assert row["text"] == " ".join(f"w{t}" for t in ref["len5"]["tokens"])
+
+
+def test_bfloat16_runs_every_collective_and_stays_close(dist_pool, tmp_path):
+    """bf16 through TP all-reduce, CP ring, EP all-to-all and PP send/recv on gloo."""
+    prompts = _write_prompts(tmp_path / "p.jsonl", [{"id": "a", "token_ids": list(range(3, 60))}])
+    logits = {}
+    for dtype in ("float32", "bfloat16"):
+        argv = ["generate", "--preset", "tiny-moe", "--tp", "2", "--cp", "2", "--ep", "2",
+                "--input", str(prompts), "--output", str(tmp_path / f"{dtype}.jsonl"),
+                "--max-new-tokens", "2", "--dtype", dtype,
+                "--save-logits", str(tmp_path / f"{dtype}.st")]  # fmt: skip
+        assert dist_pool(4).run(main, argv, timeout_s=120) == [0] * 4
+        logits[dtype] = load_file(str(tmp_path / f"{dtype}.st"))["a"]
+    scale = logits["float32"].abs().max()
+    assert (logits["bfloat16"] - logits["float32"]).abs().max() < 0.05 * scale
