@@ -27,6 +27,7 @@ import torch
 
 from cp_infer.attention import VARIANTS
 from cp_infer.attention.kernels import KERNELS
+from cp_infer.distributed import on_all_ranks
 from cp_infer.log import setup_logging
 from cp_infer.models.config import PRESETS, ModelConfig, get_preset
 from cp_infer.reporting import atomic_write
@@ -164,8 +165,13 @@ def run_generate(args) -> int:
             )  # fmt: skip
         logger.info("%s | model %s (%.1fM params)", pg.describe(), cfg.name, cfg.n_params() / 1e6)
         model = parallelize(cfg, pg, dtype)
-        source = RandomSource(args.seed) if args.preset else SafetensorsSource(args.checkpoint)
-        load_weights(model, source, cfg, progress=pg.rank == 0)
+
+        def load() -> None:
+            source = RandomSource(args.seed) if args.preset else SafetensorsSource(args.checkpoint)
+            load_weights(model, source, cfg, progress=pg.rank == 0)
+
+        # each stage reads different tensors: agree on failure before any collective
+        on_all_ranks(load)
         result = generate(model, pg, prompts, sampling, variant=args.variant, kernel=args.kernel)
         writer = pg.is_last_pp_stage and pg.tp_rank == 0 and pg.cp_rank == 0 and pg.dp_rank == 0
         if writer:

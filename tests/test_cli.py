@@ -246,3 +246,19 @@ def test_bfloat16_runs_every_collective_and_stays_close(dist_pool, tmp_path):
         logits[dtype] = load_file(str(tmp_path / f"{dtype}.st"))["a"]
     scale = logits["float32"].abs().max()
     assert (logits["bfloat16"] - logits["float32"]).abs().max() < 0.05 * scale
+
+
+def test_a_checkpoint_error_on_one_stage_stops_every_stage(dist_pool, llama, tmp_path):
+    """Only the second pipeline stage reads layer 1: the first stage must fail too, not hang."""
+    import safetensors.torch
+
+    bad = tmp_path / "ckpt"
+    bad.mkdir()
+    (bad / "config.json").write_text((llama[0] / "config.json").read_text())
+    tensors = safetensors.torch.load_file(str(llama[0] / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    safetensors.torch.save_file(tensors, str(bad / "model.safetensors"))
+    argv = _argv(tmp_path, bad, "--pp", "2")
+    messages = dist_pool(2).run(_cli_error_rank, argv, timeout_s=60)
+    assert all(m is not None and "model.layers.1.mlp.up_proj.weight" in m for m in messages)
+    assert messages[0].startswith("rank 1:")  # stage 0 reports where it happened
