@@ -115,3 +115,96 @@ def test_single_prompts_at_cp2(dist_pool, hf_models, name, variant, tmp_path):
         _generate_rank, path, dict(cp=2), [name], tmp_path, variant, timeout_s=TIMEOUT
     )
     _check(codes, tmp_path, ref, [name])
+
+
+# -- multi-turn: persistent-KV prefill over the cached conversation ----------------------------
+TURNS = [
+    [PROMPTS["len77"], PROMPTS["len5"]],
+    [[9, 8, 7], [200, 100]],
+    [[42], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]],
+]
+TURN_NEW = 6
+
+
+def _conversation_rank(path, sizes, variants):
+    from cp_infer.checkpoint import SafetensorsSource, load_weights
+    from cp_infer.engine import Conversation, SamplingConfig, generate
+    from cp_infer.models import ModelConfig
+    from cp_infer.parallel import parallelize
+    from parallel_state import parallel_groups
+
+    cfg = ModelConfig.from_hf(path)
+    with parallel_groups(**sizes, timeout_s=120) as pg:
+        model = parallelize(cfg, pg, torch.float32)
+        with SafetensorsSource(path) as source:
+            load_weights(model, source, cfg)
+        conv = Conversation()
+        turns = []
+        for prompts, variant in zip(TURNS, variants, strict=True):
+            result = generate(
+                model, pg, prompts, SamplingConfig(max_new_tokens=TURN_NEW),
+                variant=variant, conversation=conv,
+            )  # fmt: skip
+            turns.append((result.tokens, result.first_logits))
+        cache_lens = list(conv.cache.lens)
+    return turns, conv.history, cache_lens
+
+
+def _conversation_reference(path):
+    """Greedy tokens and first logits of every turn, recomputed from the full history by HF."""
+    history = [[], []]
+    ref = []
+    for prompts in TURNS:
+        history = [h + p for h, p in zip(history, prompts, strict=True)]
+        r = reference(path, {str(j): h for j, h in enumerate(history)}, TURN_NEW)
+        ref.append(
+            ([r[str(j)]["tokens"] for j in range(2)], [r[str(j)]["logits"] for j in range(2)])
+        )
+        history = [h + r[str(j)]["tokens"] for j, h in enumerate(history)]
+    return ref, history
+
+
+@pytest.fixture(scope="module")
+def conversation_refs(hf_models):
+    return {kind: _conversation_reference(hf_models[kind][0]) for kind in ("llama", "mixtral")}
+
+
+CONVERSATIONS = [
+    ("llama", dict(), ("pass-kv", "pass-kv", "pass-kv")),
+    ("llama", dict(cp=2), ("pass-kv", "pass-q", "pass-kv")),
+    ("llama", dict(cp=2), ("pass-q", "pass-q", "pass-q")),
+    ("llama", dict(cp=4), ("pass-kv", "pass-q", "pass-q")),
+    ("llama", dict(tp=2, cp=2), ("pass-kv", "pass-q", "pass-kv")),
+    ("llama", dict(pp=2, cp=2), ("pass-kv", "pass-q", "pass-kv")),
+    ("mixtral", dict(ep=2, cp=2), ("pass-kv", "pass-q", "pass-kv")),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "sizes", "variants"),
+    CONVERSATIONS,
+    ids=[
+        f"{k}-{'x'.join(f'{d}{n}' for d, n in s.items()) or 'cp1'}-{v[1]}"
+        for k, s, v in CONVERSATIONS
+    ],
+)
+def test_multi_turn_matches_full_recompute(
+    dist_pool, hf_models, conversation_refs, kind, sizes, variants
+):
+    path = hf_models[kind][0]
+    ref, ref_history = conversation_refs[kind]
+    results = dist_pool(_world(sizes)).run(
+        _conversation_rank, path, sizes, variants, timeout_s=TIMEOUT
+    )
+    for turns, history, _ in results:
+        assert history == ref_history
+        for (tokens, logits), (ref_tokens, ref_logits) in zip(turns, ref, strict=True):
+            assert tokens == ref_tokens
+            if logits is not None:
+                for j in range(2):
+                    torch.testing.assert_close(logits[j], ref_logits[j], atol=1e-4, rtol=0)
+    # every token but each sequence's last generated one is cached exactly once over the CP ranks
+    cp = sizes.get("cp", 1)
+    per_stage = [r[2] for r in results][: sizes.get("tp", 1) * cp : sizes.get("tp", 1)]
+    totals = [sum(col) for col in zip(*per_stage, strict=True)]
+    assert totals == [len(h) - 1 for h in ref_history]

@@ -27,7 +27,12 @@ __all__ = ["DecodeAttention", "PrefillAttention"]
 
 
 class PrefillAttention:
-    """Ring attention over the CP group; caches the real tokens' K/V."""
+    """Ring attention over the CP group; caches the real tokens' K/V.
+
+    Args:
+        prefix_lens: (cp, B) tokens each CP rank already caches per sequence (earlier turns of
+            a conversation); they are attended as the ring's KV prefix.
+    """
 
     def __init__(
         self,
@@ -38,14 +43,20 @@ class PrefillAttention:
         *,
         variant: str,
         kernel: str | AttentionKernel,
+        prefix_lens: list[list[int]] | None = None,
     ) -> None:
         self.layout, self.cp_rank, self.cp_group = layout, cp_rank, cp_group
         self.cache, self.variant, self.kernel = cache, variant, kernel
+        self.prefix_lens = prefix_lens
 
     def __call__(self, q, k, v, layer_id: int) -> torch.Tensor:
+        prefix = None
+        if self.prefix_lens is not None:  # earlier turns, already in the cache
+            prefix = self.cache.as_prefix(layer_id, self.prefix_lens)
         out, _ = ring_attention(
-            q, k, v, self.layout, self.cp_group, variant=self.variant, kernel=self.kernel
-        )
+            q, k, v, self.layout, self.cp_group, variant=self.variant, kernel=self.kernel,
+            prefix=prefix,
+        )  # fmt: skip
         for j in range(self.layout.n_seqs):
             seg = self.layout.local_slice(j)
             n = self.layout.valid_kv_len(j, self.cp_rank)  # real tokens: a prefix of the segment

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +30,7 @@ from cp_infer.parallel.pipeline import recv_activation, send_activation
 from cp_infer.sharding import ShardLayout, shard
 from parallel_state import ParallelGroups
 
-__all__ = ["GenerationResult", "generate"]
+__all__ = ["Conversation", "GenerationResult", "generate"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,21 +54,32 @@ class GenerationResult:
 
 
 def check_prompts(
-    prompts: list[list[int]], vocab_size: int, max_new: int, max_seq_len: int
+    prompts: list[list[int]],
+    vocab_size: int,
+    max_new: int,
+    max_seq_len: int,
+    history_lens: Sequence[int] | None = None,
 ) -> None:
-    """ValueError naming the prompt and the fix; pure, so every rank raises alike."""
+    """ValueError naming the prompt and the fix; pure, so every rank raises alike.
+
+    Args:
+        history_lens: tokens each sequence already has from earlier turns.
+    """
     if not prompts:
         raise ValueError("no prompts given: the input file is empty")
-    for i, p in enumerate(prompts):
+    history_lens = history_lens or [0] * len(prompts)
+    for i, (p, before) in enumerate(zip(prompts, history_lens, strict=True)):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
         bad = [t for t in p if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"prompt {i} has token ids {bad[:5]} outside [0, {vocab_size})")
-        if len(p) + max_new > max_seq_len:
+        total = before + len(p) + max_new
+        if total > max_seq_len:
+            earlier = f" after {before} tokens of earlier turns" if before else ""
             raise ValueError(
-                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new} the context "
-                f"({len(p) + max_new}) exceeds the model's max_seq_len={max_seq_len}: "
+                f"prompt {i} has {len(p)} tokens{earlier}; with max_new_tokens={max_new} the "
+                f"context ({total}) exceeds the model's max_seq_len={max_seq_len}: "
                 "shorten the prompt or lower --max-new-tokens"
             )
 
@@ -116,6 +128,50 @@ def _broadcast_tokens(tokens: torch.Tensor | None, b: int, pg: ParallelGroups) -
     return buf
 
 
+@dataclass
+class Conversation:
+    """What a batch of chats keeps between turns: the tokens so far and the CP-sharded KV cache.
+
+    Pass the same object to :func:`generate` turn after turn (on every rank); each turn's
+    prompts are appended to the history and prefilled over the cached prefix (persistent-KV
+    prefill, paper §3.3), so earlier turns are never recomputed.
+
+    Attributes:
+        history: every sequence's tokens so far (prompts and generations).
+        uncached: tail of each history not yet in the cache (the last generated token, which
+            never went through the model); it leads the next turn's new tokens.
+        decode_steps: decode tokens cached so far per sequence (continues the round-robin).
+        cache: this rank's KV cache (None before the first turn).
+    """
+
+    history: list[list[int]] = field(default_factory=list)
+    uncached: list[list[int]] = field(default_factory=list)
+    decode_steps: list[int] = field(default_factory=list)
+    cache: KVCache | None = None
+
+    @property
+    def cached_lens(self) -> list[int]:
+        """Tokens of each sequence in the cache, over all CP ranks."""
+        return [len(h) - len(u) for h, u in zip(self.history, self.uncached, strict=True)]
+
+
+def _cache_lens_table(cache: KVCache, pg: ParallelGroups) -> list[list[int]]:
+    """(cp, B) cached tokens per CP rank and sequence, known on every rank."""
+    mine = torch.tensor(cache.lens, dtype=torch.long)
+    if pg.cp == 1:
+        return [mine.tolist()]
+    rows = [torch.empty_like(mine) for _ in range(pg.cp)]
+    dist.all_gather(rows, mine, group=pg.cp_group)
+    return [r.tolist() for r in rows]
+
+
+def _decode_owned(seq: int, start: int, n: int, cp: int, cp_rank: int) -> int:
+    """Decode tokens ``start .. start+n-1`` of ``seq`` that land on ``cp_rank``."""
+    return decode_tokens_owned(seq, start + n, cp, cp_rank) - decode_tokens_owned(
+        seq, start, cp, cp_rank
+    )
+
+
 @torch.no_grad()
 def generate(
     model: Transformer,
@@ -125,42 +181,64 @@ def generate(
     *,
     variant: str = "pass-kv",
     kernel: str = "auto",
+    conversation: Conversation | None = None,
 ) -> GenerationResult:
     """Generate up to ``sampling.max_new_tokens`` tokens for every prompt.
 
     Must be called on every rank with the same arguments. The batch is prefilled at once.
+
+    Args:
+        model: this rank's shard of the model (:func:`cp_infer.parallel.parallelize`).
+        pg: the parallel layout.
+        prompts: token ids per sequence (the new turn's, when continuing a conversation).
+        sampling: how to pick tokens.
+        variant: ring attention variant of the prefill, ``"pass-kv"`` or ``"pass-q"``.
+        kernel: local attention kernel.
+        conversation: continue these chats (updated in place); None for a fresh batch.
     """
     cfg = model.cfg
     dtype = next(model.parameters()).dtype
-    check_prompts(prompts, cfg.vocab_size, sampling.max_new_tokens, cfg.max_seq_len)
+    conv = conversation if conversation is not None else Conversation()
+    if conv.history and len(conv.history) != len(prompts):
+        raise ValueError(
+            f"the conversation has {len(conv.history)} sequences but {len(prompts)} prompts "
+            "were given; pass one new prompt per sequence"
+        )
     b, max_new = len(prompts), sampling.max_new_tokens
-    layout = ShardLayout([len(p) for p in prompts], pg.cp)
+    cached = conv.cached_lens if conv.history else [0] * b
+    history = conv.history if conv.history else [[] for _ in range(b)]
+    check_prompts(prompts, cfg.vocab_size, max_new, cfg.max_seq_len, [len(x) for x in history])
+    new = [u + p for u, p in zip(conv.uncached, prompts, strict=True)] if conv.history else prompts
+    layout = ShardLayout([len(x) for x in new], pg.cp)
     attn_kernel = get_kernel(kernel)
-    first_block = next(iter(model.layers.values()))
-    capacity = [
-        layout.valid_kv_len(j, pg.cp_rank) + decode_tokens_owned(j, max_new, pg.cp, pg.cp_rank)
+    steps0 = conv.decode_steps if conv.history else [0] * b
+    extra = [
+        layout.valid_kv_len(j, pg.cp_rank) + _decode_owned(j, steps0[j], max_new, pg.cp, pg.cp_rank)
         for j in range(b)
     ]
-    cache = KVCache(
-        list(model.layer_ids),
-        capacity,
-        first_block.attention.n_local_kv_heads,
-        cfg.head_dim,
-        dtype,
-    )
+    if conv.cache is None:
+        n_kv = next(iter(model.layers.values())).attention.n_local_kv_heads
+        conv.cache = KVCache(list(model.layer_ids), extra, n_kv, cfg.head_dim, dtype)
+    else:
+        for j in range(b):
+            conv.cache.reserve(j, extra[j])
+    cache = conv.cache
+    prefix_lens = _cache_lens_table(cache, pg) if any(cached) else None
     run = _Pipeline(model, pg, cfg.dim, dtype)
     generator = torch.Generator().manual_seed(sampling.seed)
 
-    # -- prefill ----------------------------------------------------------------------------
+    # -- prefill (over the cached prefix, if any) -------------------------------------------
     t_start = time.perf_counter()
-    packed = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
+    packed = torch.tensor([t for x in new for t in x], dtype=torch.long)
     tokens = shard(packed, layout, pg.cp_rank)
+    offsets = torch.repeat_interleave(torch.tensor(cached), torch.tensor(layout.local_lens))
     ctx = ForwardContext(
-        positions=layout.positions(pg.cp_rank),
+        positions=layout.positions(pg.cp_rank) + offsets,
         attention=PrefillAttention(
-            layout, pg.cp_rank, pg.cp_group, cache, variant=variant, kernel=attn_kernel
+            layout, pg.cp_rank, pg.cp_group, cache, variant=variant, kernel=attn_kernel,
+            prefix_lens=prefix_lens,
         ),
-    )
+    )  # fmt: skip
     h = run(tokens, ctx)
     cache.commit()
     first_logits = None
@@ -175,25 +253,38 @@ def generate(
     step_times: list[float] = []
     out = [[] for _ in range(b)]
     done = [False] * b
-    lens = [len(p) for p in prompts]
+    steps = list(steps0)  # decode tokens cached per sequence (the round-robin counter)
+    cached_last = [False] * b  # whether each sequence's last generated token is in the cache
+    start = [c + len(x) for c, x in zip(cached, new, strict=True)]  # position of token 0
     for step in range(max_new):
+        live = [not d for d in done]  # sequences whose token this step belongs to them
         for j, t in enumerate(next_tokens.tolist()):
-            if not done[j]:
+            if live[j]:
                 out[j].append(t)
+                cached_last[j] = False
                 done[j] = t == sampling.eos_id or len(out[j]) >= max_new
         if all(done) or step == max_new - 1:
             break
         t_step = time.perf_counter()
-        owners = [decode_owner(j, step, pg.cp) for j in range(b)]
+        # a finished sequence still rides along in the batch, but its tokens are not cached
+        owners = [decode_owner(j, steps[j], pg.cp) if live[j] else -1 for j in range(b)]
         ctx = ForwardContext(
-            positions=torch.tensor([n + step for n in lens]),
+            positions=torch.tensor([start[j] + step for j in range(b)]),
             attention=DecodeAttention(cache, owners, pg.cp_rank, pg.cp_group, attn_kernel),
         )
         h = run(next_tokens, ctx)
         cache.commit()
+        for j in range(b):
+            if live[j]:
+                steps[j] += 1
+                cached_last[j] = True
         next_tokens = sample(model.logits(h), sampling, generator) if h is not None else None
         next_tokens = _broadcast_tokens(next_tokens, b, pg)
         step_times.append(time.perf_counter() - t_step)
+
+    conv.history = [h + p + o for h, p, o in zip(history, prompts, out, strict=True)]
+    conv.uncached = [[] if c else [o[-1]] for o, c in zip(out, cached_last, strict=True)]
+    conv.decode_steps = steps
     return GenerationResult(
         tokens=out, first_logits=first_logits, ttft_s=ttft, decode_step_s=step_times
     )

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from cp_infer.attention.blocks import KVPrefix
+
 __all__ = ["KVCache", "decode_owner", "decode_tokens_owned"]
 
 
@@ -50,7 +52,7 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
     ) -> None:
-        self.capacity = tuple(capacity)
+        self.capacity = list(capacity)
         self.lens = [0] * len(capacity)
         self._pending = [0] * len(capacity)
         self.k = {
@@ -87,3 +89,27 @@ class KVCache:
         """Make the tokens staged by the last forward pass permanent (call once per pass)."""
         self.lens = [n + p for n, p in zip(self.lens, self._pending, strict=True)]
         self._pending = [0] * self.n_seqs
+
+    def reserve(self, seq: int, extra: int) -> None:
+        """Make room for ``extra`` more tokens of ``seq`` (a new turn of a conversation)."""
+        need = self.lens[seq] + extra
+        if need <= self.capacity[seq]:
+            return
+        for store in (self.k, self.v):
+            for bufs in store.values():
+                old = bufs[seq]
+                new = old.new_empty(old.shape[0], need, old.shape[2])
+                new[:, : self.lens[seq]] = old[:, : self.lens[seq]]
+                bufs[seq] = new
+        self.capacity[seq] = need
+
+    def as_prefix(self, layer: int, lens: Sequence[Sequence[int]]) -> KVPrefix:
+        """This rank's cached K/V of ``layer`` as the prefix of a new prefill.
+
+        Args:
+            lens: (cp, n_seqs) cached tokens per CP rank and sequence (this rank's row is
+                ``self.lens``).
+        """
+        k = [self.k[layer][j][:, : self.lens[j]] for j in range(self.n_seqs)]
+        v = [self.v[layer][j][:, : self.lens[j]] for j in range(self.n_seqs)]
+        return KVPrefix.pack(k, v, lens)
