@@ -12,7 +12,9 @@ Examples::
 
 Input lines are ``{"id": ..., "token_ids": [...]}`` or ``{"id": ..., "prompt": "text"}`` (text
 needs a tokenizer.json in the checkpoint directory). Output lines are
-``{"id": ..., "token_ids": [...], "text": ...}``.
+``{"id": ..., "token_ids": [...], "text": ...}``. A multi-turn chat is
+``{"id": ..., "turns": [[...], [...]]}``: each turn is prefilled over the KV cache of the earlier
+ones (persistent-KV prefill) and the output line holds ``"turns": [{"token_ids", "text"}, ...]``.
 """
 
 from __future__ import annotations
@@ -76,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--eos-id", type=int, default=None, help="stop token (default: from config.json)"
     )
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    g.add_argument("--variant", choices=VARIANTS, default="pass-kv", help="prefill ring variant")
+    g.add_argument(
+        "--variant", choices=[*VARIANTS, "auto"], default="auto",
+        help="prefill ring variant; auto picks by the paper's Alg. 1 (pass-KV unless most of "
+        "the context is cached)",
+    )  # fmt: skip
     g.add_argument("--kernel", choices=["auto", *sorted(KERNELS)], default="auto")
     g.add_argument(
         "--save-logits", type=Path, help="safetensors of each prompt's first-token logits"
@@ -86,11 +92,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_prompts(path: Path, checkpoint: Path | None) -> tuple[list, list[list[int]], object]:
-    """(ids, token id lists, tokenizer or None) from a JSONL file."""
+def read_prompts(
+    path: Path, checkpoint: Path | None
+) -> tuple[list, list[list[list[int]]], object, bool]:
+    """(ids, turns of token ids per row, tokenizer or None, multi_turn) from a JSONL file.
+
+    A row is ``{"id", "token_ids": [...]}``, ``{"id", "prompt": "text"}``, or a conversation
+    ``{"id", "turns": [[...] or "text", ...]}``; conversations in one file must have the same
+    number of turns (they run as one batch, turn by turn).
+    """
     if not path.exists():
         raise ValueError(f"input file {path} does not exist")
-    ids, prompts, tokenizer = [], [], None
+    ids, rows, state = [], [], {"tokenizer": None}
+
+    def encode(item, where: str) -> list[int]:
+        if isinstance(item, str):
+            state["tokenizer"] = state["tokenizer"] or load_tokenizer(checkpoint)
+            return state["tokenizer"].encode(item).ids
+        if isinstance(item, list):
+            return [int(t) for t in item]
+        raise ValueError(f"{where}: a prompt is a list of token ids or a string")
+
+    multi_turn = False
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -98,17 +121,25 @@ def read_prompts(path: Path, checkpoint: Path | None) -> tuple[list, list[list[i
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n} is not valid JSON: {e}") from e
-        if "token_ids" in row:
-            prompts.append([int(t) for t in row["token_ids"]])
+        if "turns" in row:
+            multi_turn = True
+            rows.append([encode(t, f"{path}:{n}") for t in row["turns"]])
+        elif "token_ids" in row:
+            rows.append([encode(row["token_ids"], f"{path}:{n}")])
         elif "prompt" in row:
-            tokenizer = tokenizer or load_tokenizer(checkpoint)
-            prompts.append(tokenizer.encode(row["prompt"]).ids)
+            rows.append([encode(row["prompt"], f"{path}:{n}")])
         else:
-            raise ValueError(f'{path}:{n} needs "token_ids" or "prompt"')
+            raise ValueError(f'{path}:{n} needs "token_ids", "prompt" or "turns"')
         ids.append(row.get("id", len(ids)))
+    if len({len(r) for r in rows}) > 1:
+        raise ValueError(
+            f"{path}: conversations have {sorted({len(r) for r in rows})} turns; put "
+            "conversations with different numbers of turns in separate files"
+        )
+    tokenizer = state["tokenizer"]
     if tokenizer is None and checkpoint is not None and (checkpoint / "tokenizer.json").exists():
         tokenizer = load_tokenizer(checkpoint)
-    return ids, prompts, tokenizer
+    return ids, rows, tokenizer, multi_turn
 
 
 def load_tokenizer(checkpoint: Path | None):
@@ -141,7 +172,7 @@ def _model_config(args) -> tuple[ModelConfig, int | None]:
 
 def run_generate(args) -> int:
     from cp_infer.checkpoint import RandomSource, SafetensorsSource, load_weights
-    from cp_infer.engine import SamplingConfig, generate
+    from cp_infer.engine import Conversation, SamplingConfig, generate
     from cp_infer.parallel import parallelize
     from parallel_state import parallel_groups
 
@@ -153,7 +184,7 @@ def run_generate(args) -> int:
         seed=args.seed,
         eos_id=eos_id,
     )
-    ids, prompts, tokenizer = read_prompts(args.input, args.checkpoint)
+    ids, rows, tokenizer, multi_turn = read_prompts(args.input, args.checkpoint)
     dtype = DTYPES[args.dtype]
     with parallel_groups(
         tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep, timeout_s=args.timeout
@@ -172,31 +203,53 @@ def run_generate(args) -> int:
 
         # each stage reads different tensors: agree on failure before any collective
         on_all_ranks(load)
-        result = generate(model, pg, prompts, sampling, variant=args.variant, kernel=args.kernel)
+        conversation = Conversation()
+        results = [
+            generate(
+                model, pg, [r[turn] for r in rows], sampling,
+                variant=args.variant, kernel=args.kernel, conversation=conversation,
+            )
+            for turn in range(len(rows[0]) if rows else 1)
+        ]  # fmt: skip
         writer = pg.is_last_pp_stage and pg.tp_rank == 0 and pg.cp_rank == 0 and pg.dp_rank == 0
         if writer:
             # the writer may not be rank 0 (with PP it sits on the last stage): let it report
             logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
-            _write_outputs(args, ids, result, tokenizer)
+            _write_outputs(args, ids, results, tokenizer, multi_turn)
         torch.distributed.barrier()
     return 0
 
 
-def _write_outputs(args, ids, result, tokenizer) -> None:
+def _write_outputs(args, ids, results, tokenizer, multi_turn: bool) -> None:
+    def entry(toks: list[int]) -> dict:
+        text = tokenizer.decode(toks) if tokenizer is not None else None
+        return {"token_ids": toks, "text": text}
+
     def write_jsonl(tmp: Path) -> None:
         with tmp.open("w") as f:
-            for pid, toks in zip(ids, result.tokens, strict=True):
-                text = tokenizer.decode(toks) if tokenizer is not None else None
-                f.write(json.dumps({"id": pid, "token_ids": toks, "text": text}) + "\n")
+            for i, pid in enumerate(ids):
+                if multi_turn:
+                    row = {"id": pid, "turns": [entry(r.tokens[i]) for r in results]}
+                else:
+                    row = {"id": pid, **entry(results[0].tokens[i])}
+                f.write(json.dumps(row) + "\n")
 
     atomic_write(args.output, write_jsonl)
     logger.info("wrote %d generations to %s", len(ids), args.output)
-    for pid, toks in zip(ids, result.tokens, strict=True):
-        logger.info("id=%s generated %s", pid, toks)
+    for i, pid in enumerate(ids):
+        logger.info(
+            "id=%s generated %s",
+            pid,
+            [r.tokens[i] for r in results] if multi_turn else results[0].tokens[i],
+        )
     if args.save_logits is not None:
         from safetensors.torch import save_file
 
-        tensors = {str(pid): result.first_logits[i].contiguous() for i, pid in enumerate(ids)}
+        tensors = {}
+        for turn, r in enumerate(results):
+            for i, pid in enumerate(ids):
+                key = f"{pid}/{turn}" if multi_turn else str(pid)
+                tensors[key] = r.first_logits[i].contiguous()
         atomic_write(args.save_logits, lambda tmp: save_file(tensors, str(tmp)))
         logger.info("wrote first-token logits to %s", args.save_logits)
 

@@ -262,3 +262,29 @@ def test_a_checkpoint_error_on_one_stage_stops_every_stage(dist_pool, llama, tmp
     messages = dist_pool(2).run(_cli_error_rank, argv, timeout_s=60)
     assert all(m is not None and "model.layers.1.mlp.up_proj.weight" in m for m in messages)
     assert messages[0].startswith("rank 1:")  # stage 0 reports where it happened
+
+
+def test_multi_turn_conversations_from_jsonl(dist_pool, llama, tmp_path):
+    path, _ = llama
+    a, b = [PROMPTS["len77"], [9, 8, 7]], [PROMPTS["len5"], [200, 100]]
+    prompts = _write_prompts(
+        tmp_path / "p.jsonl", [{"id": "a", "turns": a}, {"id": "b", "turns": b}]
+    )
+    out = tmp_path / "o.jsonl"
+    argv = ["generate", "--checkpoint", str(path), "--cp", "2", "--input", str(prompts),
+            "--output", str(out), "--max-new-tokens", "5", "--save-logits", str(tmp_path / "l.st")]  # fmt: skip
+    assert dist_pool(2).run(main, argv, timeout_s=120) == [0, 0]
+    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    logits = load_file(str(tmp_path / "l.st"))
+    for pid, turns in (("a", a), ("b", b)):
+        first = reference(path, {"t": turns[0]}, 5)["t"]
+        second = reference(path, {"t": turns[0] + first["tokens"] + turns[1]}, 5)["t"]
+        assert [t["token_ids"] for t in rows[pid]["turns"]] == [first["tokens"], second["tokens"]]
+        torch.testing.assert_close(logits[f"{pid}/1"], second["logits"], atol=1e-4, rtol=0)
+
+
+def test_conversations_must_have_the_same_number_of_turns(dist_pool, llama, tmp_path):
+    rows = [{"id": 0, "turns": [[1, 2], [3]]}, {"id": 1, "turns": [[4]]}]
+    argv = _argv(tmp_path, llama[0], "--cp", "2", rows=rows)
+    messages = dist_pool(2).run(_cli_error_rank, argv, timeout_s=120)
+    assert all(m is not None and "separate files" in m for m in messages), messages

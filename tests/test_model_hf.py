@@ -145,7 +145,7 @@ def _conversation_rank(path, sizes, variants):
                 model, pg, prompts, SamplingConfig(max_new_tokens=TURN_NEW),
                 variant=variant, conversation=conv,
             )  # fmt: skip
-            turns.append((result.tokens, result.first_logits))
+            turns.append((result.tokens, result.first_logits, result.prefill_variant))
         cache_lens = list(conv.cache.lens)
     return turns, conv.history, cache_lens
 
@@ -177,6 +177,7 @@ CONVERSATIONS = [
     ("llama", dict(tp=2, cp=2), ("pass-kv", "pass-q", "pass-kv")),
     ("llama", dict(pp=2, cp=2), ("pass-kv", "pass-q", "pass-kv")),
     ("mixtral", dict(ep=2, cp=2), ("pass-kv", "pass-q", "pass-kv")),
+    ("llama", dict(cp=2), ("auto", "auto", "auto")),
 ]
 
 
@@ -198,11 +199,17 @@ def test_multi_turn_matches_full_recompute(
     )
     for turns, history, _ in results:
         assert history == ref_history
-        for (tokens, logits), (ref_tokens, ref_logits) in zip(turns, ref, strict=True):
+        for (tokens, logits, _), (ref_tokens, ref_logits) in zip(turns, ref, strict=True):
             assert tokens == ref_tokens
             if logits is not None:
                 for j in range(2):
                     torch.testing.assert_close(logits[j], ref_logits[j], atol=1e-4, rtol=0)
+    chosen = [variant for _, _, variant in results[0][0]]
+    if variants[0] == "auto":
+        # Alg. 1: a full prefill goes pass-KV; short turns over a long cache go pass-Q
+        assert chosen == ["pass-kv", "pass-q", "pass-q"]
+    else:
+        assert chosen == list(variants)
     # every token but each sequence's last generated one is cached exactly once over the CP ranks
     cp = sizes.get("cp", 1)
     per_stage = [r[2] for r in results][: sizes.get("tp", 1) * cp : sizes.get("tp", 1)]

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from cp_infer.attention.kernels import get_kernel
+from cp_infer.attention.selector import HARDWARE, choose_variant
 from cp_infer.engine.attention import DecodeAttention, PrefillAttention
 from cp_infer.engine.kv_cache import KVCache, decode_owner, decode_tokens_owned
 from cp_infer.engine.sampling import SamplingConfig, sample
@@ -45,12 +46,14 @@ class GenerationResult:
             only; None elsewhere).
         ttft_s: time to first token on this rank (prefill + first sampling).
         decode_step_s: wall time of every decode step on this rank (TTIT samples).
+        prefill_variant: the ring variant the prefill used (chosen by Alg. 1 for "auto").
     """
 
     tokens: list[list[int]]
     first_logits: torch.Tensor | None = field(default=None, repr=False)
     ttft_s: float = 0.0
     decode_step_s: list[float] = field(default_factory=list)
+    prefill_variant: str = "pass-kv"
 
 
 def check_prompts(
@@ -128,6 +131,19 @@ def _broadcast_tokens(tokens: torch.Tensor | None, b: int, pg: ParallelGroups) -
     return buf
 
 
+def _auto_variant(cfg, pg: ParallelGroups, dtype: torch.dtype, new: int, cached: int) -> str:
+    hardware = HARDWARE["h100-rdma" if torch.cuda.is_available() else "cpu-gloo"]
+    variant = choose_variant(
+        new, cached, cp=pg.cp, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+        bytes_per_element=dtype.itemsize, hardware=hardware,
+    )  # fmt: skip
+    logger.info(
+        "prefill of %d new tokens over %d cached (miss rate %.3f) at cp=%d: %s",
+        new, cached, new / (new + cached), pg.cp, variant,
+    )  # fmt: skip
+    return variant
+
+
 @dataclass
 class Conversation:
     """What a batch of chats keeps between turns: the tokens so far and the CP-sharded KV cache.
@@ -192,7 +208,8 @@ def generate(
         pg: the parallel layout.
         prompts: token ids per sequence (the new turn's, when continuing a conversation).
         sampling: how to pick tokens.
-        variant: ring attention variant of the prefill, ``"pass-kv"`` or ``"pass-q"``.
+        variant: ring attention variant of the prefill: ``"pass-kv"``, ``"pass-q"``, or
+            ``"auto"`` to pick by the paper's Alg. 1 from the new and cached token counts.
         kernel: local attention kernel.
         conversation: continue these chats (updated in place); None for a fresh batch.
     """
@@ -211,6 +228,8 @@ def generate(
     new = [u + p for u, p in zip(conv.uncached, prompts, strict=True)] if conv.history else prompts
     layout = ShardLayout([len(x) for x in new], pg.cp)
     attn_kernel = get_kernel(kernel)
+    if variant == "auto":
+        variant = _auto_variant(cfg, pg, dtype, sum(len(x) for x in new), sum(cached))
     steps0 = conv.decode_steps if conv.history else [0] * b
     extra = [
         layout.valid_kv_len(j, pg.cp_rank) + _decode_owned(j, steps0[j], max_new, pg.cp, pg.cp_rank)
@@ -286,5 +305,9 @@ def generate(
     conv.uncached = [[] if c else [o[-1]] for o, c in zip(out, cached_last, strict=True)]
     conv.decode_steps = steps
     return GenerationResult(
-        tokens=out, first_logits=first_logits, ttft_s=ttft, decode_step_s=step_times
+        tokens=out,
+        first_logits=first_logits,
+        ttft_s=ttft,
+        decode_step_s=step_times,
+        prefill_variant=variant,
     )

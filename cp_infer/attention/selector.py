@@ -1,0 +1,110 @@
+"""Choosing pass-KV or pass-Q for a prefill (paper §3.3.3, Alg. 1, Eq. 1-3, appendix C).
+
+With T new tokens over P cached ones on N CP ranks (NH query heads, NKV KV heads, e bytes per
+element, C FLOP/s and BW bytes/s per rank):
+
+- Eq. 1: pass-Q moves fewer bytes than pass-KV when the miss rate T/(T+P) <= 2*NKV/NH.
+- Eq. 2: pass-KV's SendRecv hides under attention when T >= N*C*NKV*e / (2*NH*BW).
+- Eq. 3: pass-Q's SendRecv hides when T+P >= N*e*C / (4*BW).
+- Alg. 1: pass-KV if Eq. 2 holds or the miss rate is above the Eq. 1 threshold, else pass-Q.
+  Appendix C charges pass-Q's All2All too, lowering the threshold by 4*T*BW / (N*C*e).
+
+C and BW start from peak figures and are meant to be tuned on measurements; :data:`HARDWARE`
+holds starting points, the CPU one measured on the development machine
+(``tools/bench_attention.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "HARDWARE",
+    "Hardware",
+    "choose_variant",
+    "miss_rate_threshold",
+    "pass_kv_hidden_min_tokens",
+    "pass_q_hidden_min_context",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hardware:
+    """Per-rank compute and link speed used by the selector.
+
+    Args:
+        flops: attention FLOP/s of one rank (C).
+        bandwidth: bytes/s one rank sends over the CP ring (BW).
+    """
+
+    flops: float
+    bandwidth: float
+
+    def __post_init__(self) -> None:
+        if self.flops <= 0 or self.bandwidth <= 0:
+            raise ValueError(f"flops and bandwidth must be > 0, got {self.flops}, {self.bandwidth}")
+
+
+HARDWARE: dict[str, Hardware] = {
+    # The paper's hosts: power-limited H100 (BF16 peak taken as 800 TF/s), 400 Gb/s RDMA or
+    # 100 Gb/s TCP per GPU between hosts.
+    "h100-rdma": Hardware(flops=800e12, bandwidth=400e9 / 8),
+    "h100-tcp": Hardware(flops=800e12, bandwidth=100e9 / 8),
+    # This project's CPU machine: ~70 GFLOP/s per core for the fp32 flash kernel, ~1.5 GiB/s
+    # over gloo loopback.
+    "cpu-gloo": Hardware(flops=70e9, bandwidth=1.5 * 2**30),
+}
+
+
+def miss_rate_threshold(n_heads: int, n_kv_heads: int) -> float:
+    """Eq. 1: below this miss rate T/(T+P), pass-Q moves fewer bytes (12.5% for Llama 3 405B)."""
+    return 2 * n_kv_heads / n_heads
+
+
+def pass_kv_hidden_min_tokens(
+    cp: int, n_heads: int, n_kv_heads: int, e: int, hw: Hardware
+) -> float:
+    """Eq. 2: new tokens from which pass-KV's communication hides under its attention."""
+    return cp * hw.flops * n_kv_heads * e / (2 * n_heads * hw.bandwidth)
+
+
+def pass_q_hidden_min_context(cp: int, e: int, hw: Hardware) -> float:
+    """Eq. 3: context length T+P from which pass-Q's SendRecv hides under its attention."""
+    return cp * e * hw.flops / (4 * hw.bandwidth)
+
+
+def choose_variant(
+    new_tokens: int,
+    cached_tokens: int,
+    *,
+    cp: int,
+    n_heads: int,
+    n_kv_heads: int,
+    bytes_per_element: int,
+    hardware: Hardware,
+    all2all_correction: bool = True,
+) -> str:
+    """Alg. 1: ``"pass-kv"`` or ``"pass-q"`` for a prefill of ``new_tokens`` over ``cached_tokens``.
+
+    Args:
+        new_tokens: T, tokens to prefill (summed over the batch).
+        cached_tokens: P, tokens already in the KV cache (summed over the batch).
+        cp: N, context-parallel size.
+        n_heads, n_kv_heads: query and KV heads (the model's, before TP).
+        bytes_per_element: e of the K/V/Q messages.
+        hardware: C and BW.
+        all2all_correction: apply appendix C's All2All term to the miss-rate threshold.
+    """
+    if new_tokens < 1 or cached_tokens < 0:
+        raise ValueError(
+            f"need new_tokens >= 1 and cached_tokens >= 0, got {new_tokens}, {cached_tokens}"
+        )
+    if cp == 1:
+        return "pass-kv"  # no ring: both are local attention
+    t, p, e = new_tokens, cached_tokens, bytes_per_element
+    if t >= pass_kv_hidden_min_tokens(cp, n_heads, n_kv_heads, e, hardware):
+        return "pass-kv"
+    threshold = miss_rate_threshold(n_heads, n_kv_heads)
+    if all2all_correction:
+        threshold -= 4 * t * hardware.bandwidth / (cp * hardware.flops * e)
+    return "pass-kv" if t / (t + p) >= threshold else "pass-q"
