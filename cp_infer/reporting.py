@@ -1,13 +1,30 @@
-"""Small output helpers shared by the CLI and the benchmarks: atomic files and text tables."""
+"""Small helpers shared by the CLI and the benchmarks: atomic files, text tables, timing."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["atomic_write", "format_table", "write_json"]
+import torch
+import torch.distributed as dist
+
+__all__ = ["atomic_write", "format_table", "time_on_all_ranks", "write_json"]
+
+
+def time_on_all_ranks(fn: Callable[[], object]) -> float:
+    """Wall time of one call of ``fn`` on every rank, the slowest rank's.
+
+    A ring finishes when all its ranks do; the barrier lines the ranks up first.
+    """
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    dt = torch.tensor(time.perf_counter() - t0, dtype=torch.float64)
+    dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+    return dt.item()
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

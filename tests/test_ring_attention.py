@@ -126,9 +126,9 @@ def test_pass_kv_sends_only_kv_heads_in_n_minus_1_steps(dist_pool, world):
     ):
         assert len(calls["batch_isend_irecv"]) == world - 1 == stats["sendrecv_steps"]
         assert calls["all_to_all_single"] == 0
+        kv = (2, t_local, D)  # (H_kv, t_local, D): only the KV heads travel, never H
         for step in calls["batch_isend_irecv"]:
-            # one isend + one irecv of K and V stacked: (2, H_kv, t_local, D), never H heads
-            assert step == [("isend", (2, 2, t_local, D)), ("irecv", (2, 2, t_local, D))]
+            assert step == [("isend", kv), ("isend", kv), ("irecv", kv), ("irecv", kv)]
         assert stats["sendrecv_bytes"] == (world - 1) * 2 * 2 * t_local * D * 4
 
 

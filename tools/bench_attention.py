@@ -25,7 +25,6 @@ import argparse
 import logging
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cp_infer.attention import RingComm, ring_attention
 from cp_infer.attention.pass_q import slot_bytes
-from cp_infer.reporting import format_table, write_json
+from cp_infer.reporting import format_table, time_on_all_ranks, write_json
 from cp_infer.sharding import ShardLayout, shard
 from cp_infer.testing import DistributedPool
 
@@ -51,20 +50,10 @@ def _inputs(seq_len, heads, kv_heads, head_dim, dtype, layout, rank):
     return tuple(shard(x, layout, rank, dim=1).contiguous() for x in (q, k, v))
 
 
-def _time_once(fn) -> float:
-    """Wall time of one call, the slowest rank's (the ring finishes when all ranks do)."""
-    dist.barrier()
-    t0 = time.perf_counter()
-    fn()
-    dt = torch.tensor(time.perf_counter() - t0, dtype=torch.float64)
-    dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-    return dt.item()
-
-
 def _timed(fn, warmup: int, repeats: int) -> list[float]:
     for _ in range(warmup):
-        _time_once(fn)
-    return [_time_once(fn) for _ in range(repeats)]
+        time_on_all_ranks(fn)
+    return [time_on_all_ranks(fn) for _ in range(repeats)]
 
 
 def _comm_alone(variant, q, k, n, repeats) -> tuple[float, float]:
@@ -124,11 +113,11 @@ def bench_rank(seq_len, variants, heads, kv_heads, head_dim, dtype, warmup, repe
     fns = {name: _make_fn(name, q, k, v, layout, comms[name]) for name in variants}
     for _ in range(warmup):
         for name in variants:
-            _time_once(fns[name])
+            time_on_all_ranks(fns[name])
     times = {name: [] for name in variants}
     for _ in range(repeats):
         for name in variants:
-            times[name].append(_time_once(fns[name]))
+            times[name].append(time_on_all_ranks(fns[name]))
     records = []
     for variant in variants:
         record = {

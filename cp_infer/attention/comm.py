@@ -73,22 +73,31 @@ class RingComm:
         self.stats = CommStats()
         self._pending: list[dist.Work] = []
 
-    def send_recv(self, send: torch.Tensor, recv: torch.Tensor | None = None) -> torch.Tensor:
+    def send_recv(self, send, recv=None):
         """Post ``send`` to the next rank and a receive from the previous one; don't wait.
 
-        Returns the buffer the receive lands in (valid after :meth:`wait`).
+        Args:
+            send: a tensor, or a list of tensors that travel together (one step).
+            recv: buffers of the same shapes to receive into; allocated when None. Never the
+                caller's input tensors: they are overwritten.
+
+        Returns:
+            The buffer(s) the receive lands in, shaped like ``send`` (valid after :meth:`wait`).
         """
         assert not self._pending, "wait() for the previous exchange first"
-        assert send.is_contiguous()
-        recv = torch.empty_like(send) if recv is None else recv
-        ops = [
-            dist.P2POp(dist.isend, _wire(send), self.next_rank, self.group),
-            dist.P2POp(dist.irecv, _wire(recv), self.prev_rank, self.group),
-        ]
+        single = isinstance(send, torch.Tensor)
+        sends = [send] if single else list(send)
+        if recv is None:
+            recvs = [torch.empty_like(t) for t in sends]
+        else:
+            recvs = [recv] if single else list(recv)
+        assert all(t.is_contiguous() for t in sends)
+        ops = [dist.P2POp(dist.isend, _wire(t), self.next_rank, self.group) for t in sends]
+        ops += [dist.P2POp(dist.irecv, _wire(t), self.prev_rank, self.group) for t in recvs]
         self._pending = dist.batch_isend_irecv(ops)
         self.stats.sendrecv_steps += 1
-        self.stats.sendrecv_bytes += send.numel() * send.element_size()
-        return recv
+        self.stats.sendrecv_bytes += sum(t.numel() * t.element_size() for t in sends)
+        return recvs[0] if single else recvs
 
     def wait(self) -> None:
         """Block until the posted exchange is done (time spent here is exposed communication)."""

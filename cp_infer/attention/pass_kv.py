@@ -2,7 +2,7 @@
 
 Note:
     With N CP ranks, every rank keeps its queries and sends its K/V shard (only the KV heads,
-    plus its cached prefix, in one contiguous buffer) around the ring in N-1 SendRecv steps.
+    plus its cached prefix) around the ring in N-1 SendRecv steps, each one batched exchange.
     Each step's exchange is posted before the attention on the shard already held::
 
         step 0            step 1            ...   step N-1
@@ -106,21 +106,18 @@ def ring_attention_pass_kv(
     acc_out = torch.empty(h, t, d, dtype=torch.float32, device=q.device)
     acc_lse = torch.empty(h, t, dtype=torch.float32, device=q.device)
 
-    # One contiguous buffer per step: (2, H_kv, P + t_local, D), prefix first.
-    p = prefix.k.shape[1] if prefix is not None else 0
-    parts = [k, v] if prefix is None else [torch.cat([prefix.k, k], 1), torch.cat([prefix.v, v], 1)]
-    cur = torch.stack(parts) if n > 1 else None
-    nxt = None
+    # What travels each step: the new K and V and, for persistent-KV prefill, the cached prefix,
+    # as separate tensors of one batched SendRecv (no copy of the prefix into a send buffer).
+    mine = [k.contiguous(), v.contiguous()]
+    if prefix is not None:
+        mine += [prefix.k.contiguous(), prefix.v.contiguous()]
+    cur, nxt = mine, None
     for step in range(n):
         kv_rank = (rank - step) % n
         if step + 1 < n:
             nxt = comm.send_recv(cur, nxt)
-        if step == 0:
-            sk, sv = k, v
-            pk, pv = (prefix.k, prefix.v) if prefix is not None else (None, None)
-        else:
-            sk, sv = cur[0, :, p:], cur[1, :, p:]
-            pk, pv = cur[0, :, :p], cur[1, :, :p]
+        sk, sv, *pkv = cur
+        pk, pv = pkv if prefix is not None else (None, None)
         attend_step(
             q, sk, sv, layout, rank, kv_rank, acc_out, acc_lse,
             causal=causal, kernel=kernel, scale=scale, prefix_k=pk, prefix_v=pv, prefix=prefix,
@@ -128,5 +125,6 @@ def ring_attention_pass_kv(
         )  # fmt: skip
         if step + 1 < n:
             comm.wait()
-            cur, nxt = nxt, cur
+            # never receive into this rank's own inputs: they are the caller's (and the cache's)
+            cur, nxt = nxt, (None if cur is mine else cur)
     return acc_out.to(q.dtype), acc_lse

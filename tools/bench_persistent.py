@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Benchmark persistent-KV prefill: pass-KV against pass-Q as the KV-cache hit rate grows.
+
+A new turn of T tokens is prefilled over P cached tokens (spread over the CP ranks as a previous
+load-balanced prefill leaves them), at a fixed context T + P and a range of miss rates T/(T+P).
+Both ring variants run on the same inputs, interleaved run by run, and the table shows which was
+faster next to the choice of the paper's Alg. 1 (``cp_infer.attention.selector``, with the
+``cpu-gloo`` hardware figures), so the selector can be checked, and its figures tuned, against
+this machine.
+
+Example (the figures in docs/performance.md)::
+
+    python tools/bench_persistent.py --context 16384 --miss-rates 1 0.5 0.125 0.03 0.01 \\
+        --json bench_out/persistent.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cp_infer.attention import KVPrefix, ring_attention
+from cp_infer.attention.selector import HARDWARE, choose_variant
+from cp_infer.reporting import format_table, time_on_all_ranks, write_json
+from cp_infer.sharding import ShardLayout, shard
+from cp_infer.testing import DistributedPool
+
+logger = logging.getLogger("bench_persistent")
+VARIANTS = ("pass-kv", "pass-q")
+
+
+def bench_rank(new, cached, heads, kv_heads, head_dim, warmup, repeats) -> list[dict]:
+    n, rank = dist.get_world_size(), dist.get_rank()
+    g = torch.Generator().manual_seed(0)
+    layout = ShardLayout([new], n)
+    q, k, v = (
+        shard(torch.randn(h, new, head_dim, generator=g), layout, rank, dim=1).contiguous()
+        for h in (heads, kv_heads, kv_heads)
+    )
+    prev = ShardLayout([max(cached, 1)], n)  # the previous turn's layout
+    lens = [[prev.valid_kv_len(0, r) if cached else 0] for r in range(n)]
+    pk, pv = (
+        shard(torch.randn(kv_heads, max(cached, 1), head_dim, generator=g), prev, rank, dim=1)[
+            :, : lens[rank][0]
+        ]
+        for _ in range(2)
+    )
+    prefix = KVPrefix.pack([pk], [pv], lens)
+    fns = {
+        name: (lambda name=name: ring_attention(q, k, v, layout, variant=name, prefix=prefix))
+        for name in VARIANTS
+    }
+    for _ in range(warmup):
+        for fn in fns.values():
+            time_on_all_ranks(fn)
+    times = {name: [] for name in VARIANTS}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(time_on_all_ranks(fn))
+    choice = choose_variant(
+        new, cached, cp=n, n_heads=heads, n_kv_heads=kv_heads, bytes_per_element=4,
+        hardware=HARDWARE["cpu-gloo"],
+    )  # fmt: skip
+    return [
+        {
+            "variant": name,
+            "new_tokens": new,
+            "cached_tokens": cached,
+            "miss_rate": new / (new + cached),
+            "cp": n,
+            "time_s": min(times[name]),
+            "times_s": times[name],
+            "alg1_choice": choice,
+        }
+        for name in VARIANTS
+    ]
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--context", type=int, default=16384, help="T + P")
+    p.add_argument("--miss-rates", type=float, nargs="+", default=[1.0, 0.5, 0.125, 0.03, 0.01])
+    p.add_argument("--cp", type=int, default=2)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    records = []
+    with DistributedPool(args.cp, pg_timeout_s=1800) as pool:
+        for miss in args.miss_rates:
+            new = max(1, round(args.context * miss))
+            recs = pool.run(
+                bench_rank, new, args.context - new, args.heads, args.kv_heads, args.head_dim,
+                args.warmup, args.repeats, timeout_s=3600,
+            )[0]  # fmt: skip
+            records.extend(recs)
+            t = {r["variant"]: r["time_s"] for r in recs}
+            logger.info("miss %.3f: pass-kv %.3fs pass-q %.3fs (Alg. 1: %s)",
+                        miss, t["pass-kv"], t["pass-q"], recs[0]["alg1_choice"])  # fmt: skip
+    rows = []
+    for kv, pq in zip(records[::2], records[1::2], strict=True):
+        best = "pass-kv" if kv["time_s"] <= pq["time_s"] else "pass-q"
+        rows.append([
+            f"{kv['miss_rate']:.3f}", str(kv["new_tokens"]), str(kv["cached_tokens"]),
+            f"{kv['time_s']:.4f}", f"{pq['time_s']:.4f}", best, kv["alg1_choice"],
+        ])  # fmt: skip
+    cols = ["miss_rate", "new", "cached", "pass_kv_s", "pass_q_s", "faster", "alg1"]
+    print(format_table(cols, rows))
+    if args.json:
+        write_json(args.json, records)
+    return records
+
+
+if __name__ == "__main__":
+    main()
