@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from cp_infer.attention import VARIANTS
-from cp_infer.attention.kernels import KERNELS
+from cp_infer.attention.kernels import KERNELS, get_kernel
 from cp_infer.distributed import on_all_ranks
 from cp_infer.log import setup_logging
 from cp_infer.models.config import PRESETS, ModelConfig, get_preset
@@ -176,6 +176,7 @@ def run_generate(args) -> int:
     from cp_infer.parallel import parallelize
     from parallel_state import parallel_groups
 
+    get_kernel(args.kernel)  # a backend missing on this machine fails here, before any work
     cfg, eos_id = _model_config(args)
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
@@ -260,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return run_generate(args)
-    except ValueError as e:
-        # Bad input: the same message on every rank, and a non-zero exit so torchrun stops.
+    except (ValueError, ImportError) as e:
+        # Bad input or a backend missing here (e.g. --kernel flash_attn on CPU): the same
+        # message on every rank, and a non-zero exit so torchrun stops.
         logger.error("error: %s", e)
         return 1
     return 2

@@ -288,3 +288,11 @@ def test_conversations_must_have_the_same_number_of_turns(dist_pool, llama, tmp_
     argv = _argv(tmp_path, llama[0], "--cp", "2", rows=rows)
     messages = dist_pool(2).run(_cli_error_rank, argv, timeout_s=120)
     assert all(m is not None and "separate files" in m for m in messages), messages
+
+
+def test_a_gpu_kernel_on_cpu_is_a_clean_error(dist_pool, tmp_path):
+    prompts = _write_prompts(tmp_path / "p.jsonl", [{"id": 0, "token_ids": [1, 2, 3]}])
+    argv = ["generate", "--preset", "tiny-llama", "--cp", "2", "--kernel", "flash_attn",
+            "--input", str(prompts), "--output", str(tmp_path / "o.jsonl")]  # fmt: skip
+    assert dist_pool(2).run(main, argv, timeout_s=120) == [1, 1]
+    assert not (tmp_path / "o.jsonl").exists()
