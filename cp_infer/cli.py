@@ -75,13 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument(
-        "--eos-id", type=int, default=None, help="stop token (default: from config.json)"
-    )
+        "--eos-id", type=int, nargs="+", default=None,
+        help="stop token(s) (default: eos_token_id of config.json, all of them if a list)",
+    )  # fmt: skip
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     g.add_argument(
         "--variant", choices=[*VARIANTS, "auto"], default="auto",
-        help="prefill ring variant; auto picks by the paper's Alg. 1 (pass-KV unless most of "
-        "the context is cached)",
+        help="prefill ring variant; auto picks per turn by the paper's Alg. 1 (for GQA models: "
+        "pass-KV unless most of the context is cached)",
     )  # fmt: skip
     g.add_argument("--kernel", choices=["auto", *sorted(KERNELS)], default="auto")
     g.add_argument(
@@ -131,6 +132,11 @@ def read_prompts(
         else:
             raise ValueError(f'{path}:{n} needs "token_ids", "prompt" or "turns"')
         ids.append(row.get("id", len(ids)))
+    dupes = sorted({str(i) for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ValueError(
+            f"{path}: ids {dupes[:5]} appear more than once; give every line its own id"
+        )
     if len({len(r) for r in rows}) > 1:
         raise ValueError(
             f"{path}: conversations have {sorted({len(r) for r in rows})} turns; put "
@@ -157,16 +163,16 @@ def load_tokenizer(checkpoint: Path | None):
     return Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
 
 
-def _model_config(args) -> tuple[ModelConfig, int | None]:
+def _model_config(args) -> tuple[ModelConfig, int | tuple[int, ...] | None]:
     if args.preset:
-        return get_preset(args.preset), args.eos_id
+        return get_preset(args.preset), tuple(args.eos_id) if args.eos_id else None
     if not (args.checkpoint / "config.json").exists():
         raise ValueError(
             f"{args.checkpoint} has no config.json: is it a Hugging Face model directory?"
         )
     hf = json.loads((args.checkpoint / "config.json").read_text())
-    eos = args.eos_id if args.eos_id is not None else hf.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) else eos
+    eos = tuple(args.eos_id) if args.eos_id is not None else hf.get("eos_token_id")
+    eos = tuple(eos) if isinstance(eos, list) else eos  # instruct models list several
     return ModelConfig.from_hf(hf), eos
 
 
@@ -186,6 +192,14 @@ def run_generate(args) -> int:
         eos_id=eos_id,
     )
     ids, rows, tokenizer, multi_turn = read_prompts(args.input, args.checkpoint)
+    for pid, turns in zip(ids, rows, strict=True):  # fail before the first turn, not the last
+        total = sum(len(t) for t in turns) + len(turns) * args.max_new_tokens
+        if len(turns) > 1 and total > cfg.max_seq_len:
+            raise ValueError(
+                f"conversation {pid!r} needs up to {total} tokens over its {len(turns)} turns, "
+                f"more than the model's max_seq_len={cfg.max_seq_len}; lower --max-new-tokens "
+                "or shorten the conversation"
+            )
     dtype = DTYPES[args.dtype]
     with parallel_groups(
         tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep, timeout_s=args.timeout

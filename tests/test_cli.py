@@ -296,3 +296,13 @@ def test_a_gpu_kernel_on_cpu_is_a_clean_error(dist_pool, tmp_path):
             "--input", str(prompts), "--output", str(tmp_path / "o.jsonl")]  # fmt: skip
     assert dist_pool(2).run(main, argv, timeout_s=120) == [1, 1]
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_duplicate_ids_and_too_long_conversations_fail_up_front(dist_pool, llama, tmp_path):
+    dup = _argv(tmp_path, llama[0], rows=[{"id": 1, "token_ids": [1]}, {"id": 1, "token_ids": [2]}])
+    long = [{"id": "c", "turns": [[1] * 2000, [2] * 2000, [3] * 100]}]  # 4100 + 3 x 16 > 4096
+    (tmp_path / "long").mkdir()
+    too_long = _argv(tmp_path / "long", llama[0], rows=long)
+    for argv, match in ((dup, "more than once"), (too_long, "over its 3 turns")):
+        messages = dist_pool(1).run(_cli_error_rank, argv, timeout_s=120)
+        assert match in messages[0], messages

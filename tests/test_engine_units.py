@@ -129,3 +129,19 @@ def test_llama3_rope_scaling_matches_reference_formula():
     scaled = inv_frequencies(cfg)
     torch.testing.assert_close(scaled[:10], plain[:10])  # wavelength < 2048: unchanged
     torch.testing.assert_close(scaled[-5:], plain[-5:] / 8)  # wavelength > 8192: / factor
+
+
+def test_several_eos_ids():
+    assert SamplingConfig(eos_id=[2, 9]).eos_ids == {2, 9}
+    assert SamplingConfig(eos_id=5).eos_ids == {5}
+    assert SamplingConfig().eos_ids == frozenset()
+
+
+def test_moe_with_expert_tp_different_from_tp_is_refused():
+    from types import SimpleNamespace
+
+    from cp_infer.parallel import check_model_fits_layout
+
+    pg = SimpleNamespace(tp=2, cp=2, pp=1, ep=4, etp=1, ep_rank=0)
+    with pytest.raises(ValueError, match="etp=1 differs from tp=2"):
+        check_model_fits_layout(get_preset("tiny-moe"), pg)

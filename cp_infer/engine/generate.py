@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from cp_infer.attention import VARIANTS
 from cp_infer.attention.kernels import get_kernel
 from cp_infer.attention.selector import HARDWARE, choose_variant
 from cp_infer.engine.attention import DecodeAttention, PrefillAttention
@@ -213,6 +214,8 @@ def generate(
         kernel: local attention kernel.
         conversation: continue these chats (updated in place); None for a fresh batch.
     """
+    if variant not in (*VARIANTS, "auto"):
+        raise ValueError(f"unknown variant {variant!r}; choose one of {[*VARIANTS, 'auto']}")
     cfg = model.cfg
     dtype = next(model.parameters()).dtype
     conv = conversation if conversation is not None else Conversation()
@@ -270,6 +273,7 @@ def generate(
 
     # -- decode -----------------------------------------------------------------------------
     step_times: list[float] = []
+    eos_ids = sampling.eos_ids
     out = [[] for _ in range(b)]
     done = [False] * b
     steps = list(steps0)  # decode tokens cached per sequence (the round-robin counter)
@@ -281,7 +285,7 @@ def generate(
             if live[j]:
                 out[j].append(t)
                 cached_last[j] = False
-                done[j] = t == sampling.eos_id or len(out[j]) >= max_new
+                done[j] = t in eos_ids or len(out[j]) >= max_new
         if all(done) or step == max_new - 1:
             break
         t_step = time.perf_counter()

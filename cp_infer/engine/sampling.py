@@ -18,16 +18,25 @@ class SamplingConfig:
         temperature: 0 for greedy (argmax), else softmax temperature.
         top_p: nucleus sampling: keep the smallest set of tokens with probability >= top_p.
         seed: seed of the sampling generator (the same on every rank).
-        eos_id: stop a sequence when this token is generated.
+        eos_id: stop a sequence when this token (or any of these tokens) is generated;
+            Llama 3 instruct checkpoints list several (end of text, end of turn).
     """
 
     max_new_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    eos_id: int | None = None
+    eos_id: int | tuple[int, ...] | None = None
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        if self.eos_id is None:
+            return frozenset()
+        return frozenset([self.eos_id] if isinstance(self.eos_id, int) else self.eos_id)
 
     def __post_init__(self) -> None:
+        if isinstance(self.eos_id, list):
+            object.__setattr__(self, "eos_id", tuple(self.eos_id))
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:

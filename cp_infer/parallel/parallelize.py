@@ -43,6 +43,11 @@ def check_model_fits_layout(cfg: ModelConfig, pg: ParallelGroups) -> None:
         raise ValueError(f"ep={pg.ep} needs an MoE model; {cfg.name} is dense (use ep=1)")
     if cfg.is_moe:
         local_experts(cfg.n_experts, pg.ep, pg.ep_rank)  # raises if ep does not divide
+        if pg.etp != pg.tp:
+            raise ValueError(
+                f"etp={pg.etp} differs from tp={pg.tp}: experts are split over the TP group "
+                "here; use etp=None (= tp)"
+            )
 
 
 def _tp_group(pg: ParallelGroups):
