@@ -50,12 +50,6 @@ def _inputs(seq_len, heads, kv_heads, head_dim, dtype, layout, rank):
     return tuple(shard(x, layout, rank, dim=1).contiguous() for x in (q, k, v))
 
 
-def _timed(fn, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        time_on_all_ranks(fn)
-    return [time_on_all_ranks(fn) for _ in range(repeats)]
-
-
 def _comm_alone(variant, q, k, n, repeats) -> tuple[float, float]:
     """(SendRecv, All2All) time of the variant's messages with no attention in between."""
     if n == 1:

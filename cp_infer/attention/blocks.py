@@ -78,15 +78,15 @@ class KVPrefix:
     ) -> KVPrefix:
         """Build this rank's prefix from per-sequence (H_kv, p_j, D) tensors, padding each."""
         seg = [max(col) for col in zip(*lens, strict=True)]
-        pad = [
-            torch.nn.functional.pad(t, (0, 0, 0, s - t.shape[1]))
-            for t, s in zip(k_per_seq, seg, strict=True)
-        ]
-        pad_v = [
-            torch.nn.functional.pad(t, (0, 0, 0, s - t.shape[1]))
-            for t, s in zip(v_per_seq, seg, strict=True)
-        ]
-        return KVPrefix(torch.cat(pad, dim=1), torch.cat(pad_v, dim=1), tuple(map(tuple, lens)))
+
+        def packed(per_seq: Sequence[torch.Tensor]) -> torch.Tensor:
+            padded = [
+                torch.nn.functional.pad(t, (0, 0, 0, s - t.shape[1]))
+                for t, s in zip(per_seq, seg, strict=True)
+            ]
+            return torch.cat(padded, dim=1)
+
+        return KVPrefix(packed(k_per_seq), packed(v_per_seq), tuple(map(tuple, lens)))
 
 
 def _call(kernel, q, k, v, causal, scale, acc_out, acc_lse, fresh: bool) -> bool:

@@ -142,7 +142,7 @@ class RandomSource:
         full = torch.randn(expected_full, generator=g)
         full = (
             1.0 + 0.1 * full
-            if name.endswith("norm.weight") or "layernorm" in name
+            if name.endswith("norm.weight")  # RMSNorm / *_layernorm
             else full * self.std
         )
         return full[shard.slices()] if shard is not None else full

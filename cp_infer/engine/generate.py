@@ -225,15 +225,21 @@ def generate(
             "were given; pass one new prompt per sequence"
         )
     b, max_new = len(prompts), sampling.max_new_tokens
-    cached = conv.cached_lens if conv.history else [0] * b
-    history = conv.history if conv.history else [[] for _ in range(b)]
+    if conv.history:
+        cached, history, uncached, steps0 = (
+            conv.cached_lens,
+            conv.history,
+            conv.uncached,
+            conv.decode_steps,
+        )
+    else:  # a fresh batch: every sequence starts empty
+        cached, history, uncached, steps0 = [0] * b, [[]] * b, [[]] * b, [0] * b
     check_prompts(prompts, cfg.vocab_size, max_new, cfg.max_seq_len, [len(x) for x in history])
-    new = [u + p for u, p in zip(conv.uncached, prompts, strict=True)] if conv.history else prompts
+    new = [u + p for u, p in zip(uncached, prompts, strict=True)]
     layout = ShardLayout([len(x) for x in new], pg.cp)
     attn_kernel = get_kernel(kernel)
     if variant == "auto":
         variant = _auto_variant(cfg, pg, dtype, sum(len(x) for x in new), sum(cached))
-    steps0 = conv.decode_steps if conv.history else [0] * b
     extra = [
         layout.valid_kv_len(j, pg.cp_rank) + _decode_owned(j, steps0[j], max_new, pg.cp, pg.cp_rank)
         for j in range(b)
