@@ -1,37 +1,128 @@
-"""Small distributed helpers for the CLI and the engine."""
+"""Errors that every rank agrees on, for the front doors (CLI, server) and the engine.
+
+A rank that fails alone must not leave the others waiting in a collective it never joins. Two
+mechanisms cover the two cases:
+
+- At a check point, :func:`on_all_ranks` runs a step on every rank and shares its outcome: if
+  the step raised anything on any rank, every rank raises :class:`RankFailure` with the same
+  one-line message.
+- Between check points (inside generation, say) a failing rank cannot reach the others, which
+  are blocked in a collective. It posts its message in the process group's key-value store
+  (:func:`announce_failure`) and exits; the others see their collective break as its sockets
+  close, and :func:`peer_failure` tells them why, so every rank reports the same cause.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import socket
 from collections.abc import Callable
 from typing import TypeVar
 
 import torch.distributed as dist
 
-__all__ = ["on_all_ranks"]
+__all__ = [
+    "RankFailure",
+    "announce_failure",
+    "clear_failure",
+    "error_message",
+    "free_port",
+    "on_all_ranks",
+    "peer_failure",
+]
 
 T = TypeVar("T")
 
+_FAILURE_KEY = "cp_infer/failure"
+
+#: Errors whose text is written for users (bad input, a backend missing on this machine).
+_USER_ERRORS = (ValueError, ImportError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+class RankFailure(Exception):
+    """A step failed on one or more ranks; ``str()`` is the message every rank reports."""
+
+
+def error_message(error: BaseException) -> str:
+    """One line for a user: the text of a user error, else the error's type and text."""
+    if isinstance(error, (RankFailure, *_USER_ERRORS)):
+        text = str(error)
+    else:
+        text = f"{type(error).__name__}: {error}"
+    return " ".join(text.split()) or type(error).__name__
+
+
+def free_port() -> int:
+    """A TCP port on localhost that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _world(group) -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(group)
+    return 1
+
 
 def on_all_ranks(fn: Callable[[], T], group=None) -> T:
-    """Run ``fn`` on every rank; if it raises ValueError on any rank, raise it on all of them.
+    """Run ``fn`` on every rank; if it raises on any rank, raise :class:`RankFailure` on all.
 
-    For checks whose outcome differs between ranks (a checkpoint tensor only one pipeline
-    stage reads, say): without this, the ranks that passed would go on into a collective that
-    the failed ranks never join, and wait there until the timeout.
+    The message is the error's own when every rank failed alike (a check on the same input),
+    else ``"rank R: ..."`` naming the first rank that failed (a checkpoint tensor only one
+    pipeline stage reads, say). On a rank that failed, the original error is the ``__cause__``.
     """
-    error: str | None = None
+    error: BaseException | None = None
     result = None
     try:
         result = fn()
-    except ValueError as e:
-        error = str(e)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        errors: list[str | None] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(errors, error, group=group)
-        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
-        if failed:
-            rank, message = failed[0]
-            raise ValueError(message if error is not None else f"rank {rank}: {message}")
-    elif error is not None:
-        raise ValueError(error)
-    return result
+    except Exception as e:
+        error = e
+    mine = error_message(error) if error is not None else None
+    if _world(group) == 1:
+        messages = [mine]
+    else:
+        messages = [None] * dist.get_world_size(group)
+        dist.all_gather_object(messages, mine, group=group)
+    failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
+    if not failed:
+        return result
+    rank, message = failed[0]
+    if len(failed) < len(messages) or len({m for _, m in failed}) > 1:
+        message = f"rank {rank}: {message}"
+    raise RankFailure(message) from error
+
+
+def _store():
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.distributed_c10d._get_default_store()
+
+
+def clear_failure() -> None:
+    """Forget an earlier run's failure (call on one rank before the run's first collective)."""
+    store = _store()
+    if store is not None:
+        store.delete_key(_FAILURE_KEY)
+
+
+def announce_failure(message: str) -> None:
+    """Tell the other ranks why this one is about to stop (best effort)."""
+    store = _store()
+    if store is None:
+        return
+    with contextlib.suppress(Exception):  # the store's host may be gone already
+        store.set(_FAILURE_KEY, f"rank {dist.get_rank()}: {message}")
+
+
+def peer_failure(wait_s: float = 2.0) -> str | None:
+    """The message another rank announced, if one did within ``wait_s`` seconds."""
+    store = _store()
+    if store is None:
+        return None
+    try:
+        store.wait([_FAILURE_KEY], datetime.timedelta(seconds=wait_s))
+        return store.get(_FAILURE_KEY).decode()
+    except Exception:  # nobody announced, or the store is gone with its host
+        return None

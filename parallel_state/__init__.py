@@ -17,6 +17,7 @@ from parallel_state.groups import (
     MEGATRON_ORDER,
     ParallelGroups,
     destroy_parallel,
+    init_distributed,
     initialize_parallel,
     parallel_groups,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "ParallelSizes",
     "check_head_split",
     "destroy_parallel",
+    "init_distributed",
     "initialize_parallel",
     "parallel_groups",
     "ring_neighbours",

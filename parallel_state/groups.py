@@ -42,6 +42,7 @@ __all__ = [
     "MEGATRON_ORDER",
     "ParallelGroups",
     "destroy_parallel",
+    "init_distributed",
     "initialize_parallel",
     "parallel_groups",
 ]
@@ -168,8 +169,14 @@ class ParallelGroups:
         check_head_split(n_heads, n_kv_heads, self.tp, world_size=self.world_size)
 
 
-def _init_default_group(backend: str | None, timeout_s: float) -> None:
-    """torchrun-style ``init_process_group`` from RANK / WORLD_SIZE / MASTER_ADDR / ..."""
+def init_distributed(backend: str | None = None, timeout_s: float = 60.0) -> None:
+    """torchrun-style ``init_process_group`` from RANK / WORLD_SIZE / MASTER_ADDR / ...
+
+    ``backend=None`` picks NCCL when CUDA is available, else gloo. A no-op if the default
+    process group exists already.
+    """
+    if dist.is_initialized():
+        return
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -225,7 +232,7 @@ def initialize_parallel(
     if not dist.is_available():
         raise RuntimeError("torch.distributed is not available in this torch build")
     if not dist.is_initialized():
-        _init_default_group(backend, timeout_s)
+        init_distributed(backend, timeout_s)
     elif backend is not None and dist.get_backend() != backend:
         raise ValueError(
             f"backend={backend!r} was requested but the default process group already uses "

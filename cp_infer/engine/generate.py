@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from cp_infer.attention import VARIANTS
 from cp_infer.attention.kernels import get_kernel
@@ -48,6 +49,7 @@ class GenerationResult:
         ttft_s: time to first token on this rank (prefill + first sampling).
         decode_step_s: wall time of every decode step on this rank (TTIT samples).
         prefill_variant: the ring variant the prefill used (chosen by Alg. 1 for "auto").
+        prefill_tokens: new tokens the prefill computed (all sequences).
     """
 
     tokens: list[list[int]]
@@ -55,34 +57,41 @@ class GenerationResult:
     ttft_s: float = 0.0
     decode_step_s: list[float] = field(default_factory=list)
     prefill_variant: str = "pass-kv"
+    prefill_tokens: int = 0
 
 
 def check_prompts(
-    prompts: list[list[int]],
+    prompts: Sequence[Sequence[int]],
     vocab_size: int,
     max_new: int,
     max_seq_len: int,
     history_lens: Sequence[int] | None = None,
+    *,
+    ids: Sequence[int | str] | None = None,
 ) -> None:
     """ValueError naming the prompt and the fix; pure, so every rank raises alike.
 
     Args:
         history_lens: tokens each sequence already has from earlier turns.
+        ids: the prompts' names for messages (default: their positions).
     """
     if not prompts:
         raise ValueError("no prompts given: the input file is empty")
     history_lens = history_lens or [0] * len(prompts)
-    for i, (p, before) in enumerate(zip(prompts, history_lens, strict=True)):
+    names = [f"prompt {i!r}" for i in (ids if ids is not None else range(len(prompts)))]
+    for name, p, before in zip(names, prompts, history_lens, strict=True):
         if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+            raise ValueError(f"{name} is empty; every prompt needs at least one token")
         bad = [t for t in p if not 0 <= t < vocab_size]
         if bad:
-            raise ValueError(f"prompt {i} has token ids {bad[:5]} outside [0, {vocab_size})")
+            raise ValueError(
+                f"{name} has token ids {bad[:5]} outside the vocabulary [0, {vocab_size})"
+            )
         total = before + len(p) + max_new
         if total > max_seq_len:
-            earlier = f" after {before} tokens of earlier turns" if before else ""
+            earlier = f" after up to {before} tokens of earlier turns" if before else ""
             raise ValueError(
-                f"prompt {i} has {len(p)} tokens{earlier}; with max_new_tokens={max_new} the "
+                f"{name} has {len(p)} tokens{earlier}; with max_new_tokens={max_new} the "
                 f"context ({total}) exceeds the model's max_seq_len={max_seq_len}: "
                 "shorten the prompt or lower --max-new-tokens"
             )
@@ -132,15 +141,21 @@ def _broadcast_tokens(tokens: torch.Tensor | None, b: int, pg: ParallelGroups) -
     return buf
 
 
-def _auto_variant(cfg, pg: ParallelGroups, dtype: torch.dtype, new: int, cached: int) -> str:
-    hardware = HARDWARE["h100-rdma" if torch.cuda.is_available() else "cpu-gloo"]
-    variant = choose_variant(
-        new, cached, cp=pg.cp, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-        bytes_per_element=dtype.itemsize, hardware=hardware,
-    )  # fmt: skip
+def _choose_variant(
+    variant: str, cfg, pg: ParallelGroups, dtype: torch.dtype, new: int, cached: int
+) -> str:
+    """The prefill variant: as given, or by Alg. 1 for ``"auto"``; logged either way."""
+    how = "given"
+    if variant == "auto":
+        hardware = HARDWARE["h100-rdma" if torch.cuda.is_available() else "cpu-gloo"]
+        variant = choose_variant(
+            new, cached, cp=pg.cp, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+            bytes_per_element=dtype.itemsize, hardware=hardware,
+        )  # fmt: skip
+        how = "Alg. 1"
     logger.info(
-        "prefill of %d new tokens over %d cached (miss rate %.3f) at cp=%d: %s",
-        new, cached, new / (new + cached), pg.cp, variant,
+        "prefill of %d new tokens over %d cached (miss rate %.3f) at cp=%d: %s (%s)",
+        new, cached, new / (new + cached), pg.cp, variant, how,
     )  # fmt: skip
     return variant
 
@@ -199,6 +214,7 @@ def generate(
     variant: str = "pass-kv",
     kernel: str = "auto",
     conversation: Conversation | None = None,
+    progress: bool = False,
 ) -> GenerationResult:
     """Generate up to ``sampling.max_new_tokens`` tokens for every prompt.
 
@@ -213,6 +229,8 @@ def generate(
             ``"auto"`` to pick by the paper's Alg. 1 from the new and cached token counts.
         kernel: local attention kernel.
         conversation: continue these chats (updated in place); None for a fresh batch.
+        progress: show a progress bar (one step per layer of this stage) on prefills that
+            take more than a second.
     """
     if variant not in (*VARIANTS, "auto"):
         raise ValueError(f"unknown variant {variant!r}; choose one of {[*VARIANTS, 'auto']}")
@@ -238,8 +256,8 @@ def generate(
     new = [u + p for u, p in zip(uncached, prompts, strict=True)]
     layout = ShardLayout([len(x) for x in new], pg.cp)
     attn_kernel = get_kernel(kernel)
-    if variant == "auto":
-        variant = _auto_variant(cfg, pg, dtype, sum(len(x) for x in new), sum(cached))
+    n_new = sum(len(x) for x in new)
+    variant = _choose_variant(variant, cfg, pg, dtype, n_new, sum(cached))
     extra = [
         layout.valid_kv_len(j, pg.cp_rank) + _decode_owned(j, steps0[j], max_new, pg.cp, pg.cp_rank)
         for j in range(b)
@@ -260,14 +278,20 @@ def generate(
     packed = torch.tensor([t for x in new for t in x], dtype=torch.long)
     tokens = shard(packed, layout, pg.cp_rank)
     offsets = torch.repeat_interleave(torch.tensor(cached), torch.tensor(layout.local_lens))
+    bar = tqdm(
+        total=len(model.layer_ids), desc=f"prefill {n_new} tokens", unit="layer",
+        delay=1.0, leave=False, disable=not progress,
+    )  # fmt: skip
     ctx = ForwardContext(
         positions=layout.positions(pg.cp_rank) + offsets,
         attention=PrefillAttention(
             layout, pg.cp_rank, pg.cp_group, cache, variant=variant, kernel=attn_kernel,
             prefix_lens=prefix_lens,
         ),
+        on_layer=bar.update,
     )  # fmt: skip
-    h = run(tokens, ctx)
+    with bar:
+        h = run(tokens, ctx)
     cache.commit()
     first_logits = None
     next_tokens = None
@@ -320,4 +344,5 @@ def generate(
         ttft_s=ttft,
         decode_step_s=step_times,
         prefill_variant=variant,
+        prefill_tokens=n_new,
     )

@@ -11,7 +11,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PRESETS", "ModelConfig", "RopeScaling", "get_preset"]
+__all__ = [
+    "PRESETS",
+    "RUNNABLE_PRESETS",
+    "ModelConfig",
+    "RopeScaling",
+    "get_preset",
+    "unsupported_hf_fields",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,7 +110,13 @@ class ModelConfig:
     # -- Hugging Face ---------------------------------------------------------------------
     @classmethod
     def from_hf(cls, hf: dict | str | Path) -> ModelConfig:
-        """From a Hugging Face ``config.json`` (LlamaForCausalLM or MixtralForCausalLM)."""
+        """From a Hugging Face ``config.json`` (LlamaForCausalLM or MixtralForCausalLM).
+
+        Raises:
+            ValueError: another architecture, a missing field, or a field that changes the
+                math in a way this code does not implement (see :func:`unsupported_hf_fields`);
+                a model that cannot run exactly is refused, never approximated.
+        """
         if not isinstance(hf, dict):
             path = Path(hf)
             path = path / "config.json" if path.is_dir() else path
@@ -114,21 +127,24 @@ class ModelConfig:
                 f"unsupported model_type {model_type!r} in config.json; cp_infer loads "
                 "'llama' (LlamaForCausalLM) and 'mixtral' (MixtralForCausalLM) checkpoints"
             )
-        scaling = hf.get("rope_scaling") or (hf.get("rope_parameters") or {})
-        rope_type = scaling.get("rope_type", scaling.get("type"))
-        rope_theta = hf.get("rope_theta", scaling.get("rope_theta", 10000.0))
-        if rope_type not in (None, "default", "llama3"):
-            raise ValueError(f"unsupported rope_scaling type {rope_type!r}; expected 'llama3'")
+        problems = unsupported_hf_fields(hf)
+        if problems:
+            raise ValueError(
+                f"config.json describes a {model_type} model that cp_infer cannot run exactly: "
+                + "; ".join(problems)
+            )
+        missing = [k for k in _HF_REQUIRED if k not in hf]
+        if missing:
+            raise ValueError(f"config.json lacks {missing}; is it a complete {model_type} config?")
+        scaling = _rope_parameters(hf)
         rope = None
-        if rope_type == "llama3":
+        if _rope_type(hf) == "llama3":
             rope = RopeScaling(
                 factor=scaling["factor"],
                 low_freq_factor=scaling["low_freq_factor"],
                 high_freq_factor=scaling["high_freq_factor"],
                 original_max_position_embeddings=scaling["original_max_position_embeddings"],
             )
-        if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise ValueError("checkpoints with attention_bias / mlp_bias are not supported")
         moe = model_type == "mixtral"
         return cls(
             vocab_size=hf["vocab_size"],
@@ -139,7 +155,7 @@ class ModelConfig:
             ffn_dim=hf["intermediate_size"],
             head_dim=hf.get("head_dim"),
             norm_eps=hf.get("rms_norm_eps", 1e-5),
-            rope_theta=rope_theta,
+            rope_theta=hf.get("rope_theta", scaling.get("rope_theta", 10000.0)),
             rope_scaling=rope,
             max_seq_len=hf.get("max_position_embeddings", 131072),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -147,6 +163,66 @@ class ModelConfig:
             top_k=hf.get("num_experts_per_tok", 2) if moe else 2,
             name=hf.get("_name_or_path") or model_type,
         )
+
+
+_HF_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+)
+
+
+def _rope_parameters(hf: dict) -> dict:
+    # transformers < 5 writes "rope_scaling", 5.x "rope_parameters" (with rope_theta inside)
+    return hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+
+
+def _rope_type(hf: dict) -> str | None:
+    scaling = _rope_parameters(hf)
+    return scaling.get("rope_type", scaling.get("type"))
+
+
+def unsupported_hf_fields(hf: dict) -> list[str]:
+    """Fields of a Hugging Face config that change the math in ways this code does not.
+
+    Each entry names the field, its value and what we implement. Fields with no effect on
+    inference (dropout, initializer range, router jitter or aux loss, ``pretraining_tp``,
+    which only slices the same matmuls) are not listed.
+    """
+    out = []
+    act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
+    if act != "silu":
+        out.append(f"hidden_act={act!r} (only SwiGLU with 'silu' is implemented)")
+    max_pos = hf.get("max_position_embeddings", 131072)
+    window = hf.get("sliding_window")
+    if window is not None and (hf.get("use_sliding_window", True) and window < max_pos):
+        out.append(
+            f"sliding_window={window} (attention here is full causal; a window shorter than "
+            f"max_position_embeddings={max_pos} changes the result)"
+        )
+    layer_types = set(hf.get("layer_types") or []) - {"full_attention"}
+    if layer_types:
+        out.append(f"layer_types {sorted(layer_types)} (only 'full_attention' is implemented)")
+    rope_type = _rope_type(hf)
+    if rope_type not in (None, "default", "llama3"):
+        out.append(f"rope type {rope_type!r} (only default and 'llama3' RoPE are implemented)")
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        out.append(f"partial_rotary_factor={hf['partial_rotary_factor']} (rotary on all dims)")
+    for flag in ("attention_bias", "mlp_bias", "qk_norm", "use_qk_norm"):
+        if hf.get(flag):
+            out.append(f"{flag}=true (not implemented)")
+    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if hf.get(cap) is not None:
+            out.append(f"{cap}={hf[cap]} (not implemented)")
+    for scale in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+        if hf.get(scale, 1.0) != 1.0:
+            out.append(f"{scale}={hf[scale]} (not implemented)")
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method", "?")
+        out.append(f"quantization_config ({method!r}; load a bf16/fp32 checkpoint)")
+    return out
 
 
 _LLAMA3_ROPE = RopeScaling()
@@ -183,6 +259,10 @@ PRESETS: dict[str, ModelConfig] = {
         ffn_dim=14336, n_experts=8, top_k=2, rope_theta=1e6, max_seq_len=32768,
     ),
 }  # fmt: skip
+
+#: Presets small enough to run with random weights (``generate --preset``); the others are real
+#: shapes for the planner and memory estimates.
+RUNNABLE_PRESETS = ("tiny-llama", "tiny-moe", "small-llama")
 
 
 def get_preset(name: str, **overrides: Any) -> ModelConfig:

@@ -35,10 +35,12 @@ class ForwardContext:
     Attributes:
         positions: (T,) position of every token within its sequence.
         attention: computes exact attention for one layer (ring attention, KV cache, ...).
+        on_layer: called after each layer (progress reporting on long prefills).
     """
 
     positions: torch.Tensor
     attention: AttentionFn
+    on_layer: Callable[[], object] | None = None
 
 
 class RMSNorm(nn.Module):
@@ -187,6 +189,8 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, ctx.positions, h.dtype)
         for layer in self.layers.values():
             h = layer(h, cos, sin, ctx)
+            if ctx.on_layer is not None:
+                ctx.on_layer()
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

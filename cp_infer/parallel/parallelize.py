@@ -25,13 +25,18 @@ from cp_infer.parallel.tensor_parallel import (
     VocabParallelLMHead,
     split_range,
 )
-from parallel_state import ParallelGroups, check_head_split
+from parallel_state import ParallelGroups, ParallelSizes, check_head_split
 
 __all__ = ["check_model_fits_layout", "parallelize"]
 
 
-def check_model_fits_layout(cfg: ModelConfig, pg: ParallelGroups) -> None:
-    """Raise ValueError (the same on every rank) if the model cannot be split this way."""
+def check_model_fits_layout(cfg: ModelConfig, sizes: ParallelGroups | ParallelSizes) -> None:
+    """Raise ValueError (the same on every rank) if the model cannot be split this way.
+
+    Pure arithmetic on the sizes (``tp``, ``pp``, ``ep``, ``etp``), so it runs before any
+    process group exists or any weight is read.
+    """
+    pg = sizes
     check_head_split(cfg.n_heads, cfg.n_kv_heads, pg.tp)
     if cfg.vocab_size % pg.tp:
         raise ValueError(f"vocab_size={cfg.vocab_size} is not divisible by tp={pg.tp}")
@@ -42,7 +47,7 @@ def check_model_fits_layout(cfg: ModelConfig, pg: ParallelGroups) -> None:
     if pg.ep > 1 and not cfg.is_moe:
         raise ValueError(f"ep={pg.ep} needs an MoE model; {cfg.name} is dense (use ep=1)")
     if cfg.is_moe:
-        local_experts(cfg.n_experts, pg.ep, pg.ep_rank)  # raises if ep does not divide
+        local_experts(cfg.n_experts, pg.ep, 0)  # raises if ep does not divide
         if pg.etp != pg.tp:
             raise ValueError(
                 f"etp={pg.etp} differs from tp={pg.tp}: experts are split over the TP group "

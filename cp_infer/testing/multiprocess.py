@@ -22,12 +22,13 @@ import datetime
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from cp_infer.distributed import free_port
 
 __all__ = ["DistributedError", "DistributedPool", "free_port", "run_distributed"]
 
@@ -41,13 +42,6 @@ class _Task:
     fn: Callable[..., Any]
     args: tuple
     kwargs: dict
-
-
-def free_port() -> int:
-    """A TCP port on localhost that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(

@@ -1,0 +1,1 @@
+"""Front doors over the engine: one module per command (``generate``; later ``serve``, ...)."""

@@ -1,0 +1,340 @@
+"""``python -m cp_infer generate``: a JSONL file of requests in, generations out.
+
+The command runs in four phases, each ending at a check point that every rank agrees on
+(:func:`cp_infer.distributed.on_all_ranks`), so a failure anywhere stops every rank with the
+same message and nobody waits in a collective:
+
+1. :func:`prepare` checks everything that needs no weights: the layout against the world size
+   and the model, the model's config (features we cannot run exactly are refused), the
+   sampling options, and every request (schema, tokens, vocabulary, context).
+2. The writer rank checks that the output paths can be written.
+3. The model is built and its weights loaded, each rank reading only its shards.
+4. Generation, then the writer writes the outputs, all or nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from cp_infer.attention import VARIANTS
+from cp_infer.attention.kernels import KERNELS, get_kernel
+from cp_infer.distributed import clear_failure, on_all_ranks
+from cp_infer.engine import Conversation, GenerationResult, SamplingConfig, generate
+from cp_infer.engine.generate import check_prompts
+from cp_infer.entrypoints.launch import HelpFormatter, ensure_launched
+from cp_infer.models.config import PRESETS, RUNNABLE_PRESETS, ModelConfig, get_preset
+from cp_infer.parallel import check_model_fits_layout
+from cp_infer.reporting import atomic_files, check_writable
+from cp_infer.schema import read_requests
+from parallel_state import (
+    ParallelGroups,
+    init_distributed,
+    parallel_groups,
+    validate_parallel_sizes,
+)
+
+__all__ = ["GenerateJob", "add_parser", "prepare", "run"]
+
+logger = logging.getLogger("cp_infer")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_DESCRIPTION = """\
+Prefill every request with ring attention over the CP ranks, then decode.
+
+Launch one process per rank, world size = tp * cp * pp (x dp replicas, which run the same
+batch; use them with --ep to spread experts further):
+
+  torchrun --standalone --nproc-per-node 2 -m cp_infer generate --preset tiny-llama --cp 2 \\
+      --input examples/prompts.jsonl --output out.jsonl
+  deepspeed --num_gpus 2 --module cp_infer generate --preset tiny-llama --cp 2 ...
+
+A layout of one process (no --tp/--cp/--pp) also runs without a launcher.
+
+Input: one JSON object per line, with an optional "id" (integer or string) and exactly one of
+"prompt" (text; needs tokenizer.json beside the weights), "token_ids" (integers) or "turns" (a
+chat: a list of turns, each text or token ids). Everything that needs no weights (the layout,
+the model config, every request, the output paths) is checked before any weight is loaded;
+a failure stops every rank with the same one-line message (add --debug for the traceback),
+and no output file is written. See docs/cli.md.
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    g = sub.add_parser(
+        "generate",
+        help="generate tokens for a JSONL file of requests",
+        description=_DESCRIPTION,
+        formatter_class=HelpFormatter,
+    )
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--checkpoint", type=Path, metavar="DIR",
+        help="Hugging Face Llama or Mixtral directory (config.json + *.safetensors)",
+    )  # fmt: skip
+    config_only = sorted(set(PRESETS) - set(RUNNABLE_PRESETS))
+    src.add_argument(
+        "--preset", choices=RUNNABLE_PRESETS,
+        help="a debug model with random weights (seeded by --seed); the real shapes "
+        f"({', '.join(config_only)}) are for the planner only",
+    )  # fmt: skip
+    g.add_argument("--input", type=Path, required=True, metavar="JSONL", help="the requests")
+    g.add_argument("--output", type=Path, required=True, metavar="JSONL", help="the generations")
+    g.add_argument(
+        "--save-logits", type=Path, metavar="FILE",
+        help="also write each request's first-token logits (safetensors, keyed by id)",
+    )  # fmt: skip
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    g.add_argument("--cp", type=int, default=1, help="context-parallel size (ring attention)")
+    g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    g.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
+    g.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate per turn")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    g.add_argument("--seed", type=int, default=0, help="seed of sampling and of preset weights")
+    g.add_argument(
+        "--eos-id", type=int, nargs="+", metavar="ID",
+        help="stop token(s); by default the eos_token_id of config.json (all, if a list)",
+    )  # fmt: skip
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and math")
+    g.add_argument(
+        "--variant", choices=[*VARIANTS, "auto"], default="auto",
+        help="prefill ring variant; auto picks per turn by the paper's Alg. 1 (for GQA "
+        "models: pass-KV unless most of the context is cached)",
+    )  # fmt: skip
+    g.add_argument(
+        "--kernel", choices=["auto", *sorted(KERNELS)], default="auto",
+        help="local attention kernel (flash_attn and transformer_engine need CUDA)",
+    )  # fmt: skip
+    g.add_argument("--timeout", type=float, default=300.0, help="process-group timeout, seconds")
+    g.add_argument("--debug", action="store_true", help="show tracebacks with errors")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    g.set_defaults(run=run)
+    return g
+
+
+@dataclass(frozen=True)
+class GenerateJob:
+    """Everything checked before any weight is loaded.
+
+    Attributes:
+        cfg: the model's shape.
+        sampling: how to pick tokens.
+        ids: one per request.
+        turns: per request, the token ids of each turn (one turn unless ``chat``).
+        chat: the requests are multi-turn chats.
+        tokenizer: a ``tokenizers.Tokenizer`` from the checkpoint, or None.
+    """
+
+    cfg: ModelConfig
+    sampling: SamplingConfig
+    ids: list[int | str]
+    turns: list[list[list[int]]]
+    chat: bool
+    tokenizer: object | None
+
+
+def _model_config(args) -> tuple[ModelConfig, int | tuple[int, ...] | None]:
+    if args.preset:
+        return get_preset(args.preset), tuple(args.eos_id) if args.eos_id else None
+    if not args.checkpoint.is_dir():
+        raise ValueError(f"--checkpoint {args.checkpoint} is not a directory")
+    path = args.checkpoint / "config.json"
+    if not path.exists():
+        raise ValueError(f"{args.checkpoint} has no config.json: is it a Hugging Face model?")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    eos = tuple(args.eos_id) if args.eos_id is not None else hf.get("eos_token_id")
+    eos = tuple(eos) if isinstance(eos, list) else eos  # instruct models list several
+    return ModelConfig.from_hf(hf), eos
+
+
+def load_tokenizer(checkpoint: Path | None):
+    if checkpoint is None or not (checkpoint / "tokenizer.json").exists():
+        raise ValueError(
+            'text prompts need a tokenizer.json in --checkpoint; give "token_ids" instead'
+        )
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as e:
+        raise ValueError(
+            "text prompts need the `tokenizers` package: pip install tokenizers"
+        ) from e
+    return Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+
+
+def prepare(args, world_size: int) -> GenerateJob:
+    """Check everything that needs no weights, in the order a user would fix it.
+
+    Raises:
+        ValueError: the first problem found, naming the fix (the same on every rank).
+    """
+    get_kernel(args.kernel)  # a backend missing on this machine fails here
+    sizes = validate_parallel_sizes(world_size, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep)
+    cfg, eos = _model_config(args)
+    check_model_fits_layout(cfg, sizes)
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        seed=args.seed, eos_id=eos,
+    )  # fmt: skip
+    bad_eos = sorted(t for t in sampling.eos_ids if t >= cfg.vocab_size)
+    if bad_eos:
+        raise ValueError(f"eos ids {bad_eos} are outside the vocabulary [0, {cfg.vocab_size})")
+    ids, requests = read_requests(args.input)
+    has_text = any(isinstance(t, str) for r in requests for t in r.turn_list)
+    tokenizer = None
+    if has_text or (args.checkpoint and (args.checkpoint / "tokenizer.json").exists()):
+        tokenizer = load_tokenizer(args.checkpoint)
+    turns = [
+        [tokenizer.encode(t).ids if isinstance(t, str) else list(t) for t in r.turn_list]
+        for r in requests
+    ]
+    n_turns = sorted({len(t) for t in turns})
+    if len(n_turns) > 1:
+        raise ValueError(
+            f"{args.input}: requests have {n_turns} turns; they run as one batch, turn by "
+            "turn: put chats with different numbers of turns in separate files"
+        )
+    before = [0] * len(turns)
+    for k in range(n_turns[0]):  # every turn fits, counting max_new_tokens per earlier turn
+        prompts = [t[k] for t in turns]
+        check_prompts(
+            prompts, cfg.vocab_size, sampling.max_new_tokens, cfg.max_seq_len, before, ids=ids
+        )
+        before = [
+            b + len(p) + sampling.max_new_tokens for b, p in zip(before, prompts, strict=True)
+        ]
+    chat = any(r.is_chat for r in requests)
+    return GenerateJob(cfg, sampling, ids, turns, chat, tokenizer)
+
+
+def _is_writer(pg: ParallelGroups) -> bool:
+    return pg.is_last_pp_stage and pg.tp_rank == 0 and pg.cp_rank == 0 and pg.dp_rank == 0
+
+
+def check_output_paths(args) -> None:
+    paths = {"--output": args.output, "--save-logits": args.save_logits}
+    paths = {flag: p for flag, p in paths.items() if p is not None}
+    for flag, path in paths.items():
+        check_writable(path, flag)
+        if path.resolve() == args.input.resolve():
+            raise ValueError(f"{flag} {path} is the --input file; choose another path")
+    if len({p.resolve() for p in paths.values()}) < len(paths):
+        raise ValueError("--output and --save-logits are the same file; choose two paths")
+
+
+def _build(args, cfg: ModelConfig, pg: ParallelGroups):
+    from cp_infer.checkpoint import RandomSource, SafetensorsSource, load_weights
+    from cp_infer.parallel import parallelize
+
+    model = parallelize(cfg, pg, DTYPES[args.dtype])
+    where = f"random weights (seed {args.seed})" if args.preset else str(args.checkpoint)
+    logger.info("loading weights: %s", where)
+    source = RandomSource(args.seed) if args.preset else SafetensorsSource(args.checkpoint)
+    load_weights(model, source, cfg, progress=pg.rank == 0)
+    return model
+
+
+def run(args, argv: list[str]) -> int:
+    if not 0 < args.timeout < float("inf"):  # before the process group that uses it
+        raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
+    ensure_launched(argv, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep)
+    init_distributed(timeout_s=args.timeout)
+    if dist.get_rank() == 0:
+        clear_failure()
+    job = on_all_ranks(lambda: prepare(args, dist.get_world_size()))
+    n_tokens = sum(len(t) for turns in job.turns for t in turns)
+    logger.info(
+        "checked %d requests (%d prompt tokens, %d turn%s each) for %s: ok",
+        len(job.ids), n_tokens, len(job.turns[0]), "s" if len(job.turns[0]) > 1 else "",
+        job.cfg.name,
+    )  # fmt: skip
+    with parallel_groups(
+        tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep, timeout_s=args.timeout
+    ) as pg:
+        writer = _is_writer(pg)
+        on_all_ranks(lambda: check_output_paths(args) if writer else None)
+        if writer:  # with PP the writer sits on the last stage, not rank 0: let it report
+            logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+        if pg.dp > 1:
+            logger.info(
+                "world size %d = tp*cp*pp x %d: the %d data-parallel replicas run the same batch "
+                "(they form the EP groups)", pg.world_size, pg.dp, pg.dp,
+            )  # fmt: skip
+        logger.info(
+            "%s | model %s (%.1fM params)", pg.describe(), job.cfg.name, job.cfg.n_params() / 1e6
+        )
+        model = on_all_ranks(lambda: _build(args, job.cfg, pg))
+        conversation = Conversation()
+        results = []
+        for turn in range(len(job.turns[0])):
+            results.append(
+                generate(
+                    model, pg, [t[turn] for t in job.turns], job.sampling,
+                    variant=args.variant, kernel=args.kernel, conversation=conversation,
+                    progress=pg.rank == 0,
+                )
+            )  # fmt: skip
+            if writer:
+                logger.info("%s", summary(results[-1], turn if job.chat else None))
+        on_all_ranks(lambda: write_outputs(args, job, results) if writer else None)
+    return 0
+
+
+def summary(r: GenerationResult, turn: int | None) -> str:
+    """TTFT, prefill throughput, TTIT and decode throughput of one generate() call."""
+    head = f"turn {turn}: " if turn is not None else ""
+    text = (
+        f"{head}TTFT {r.ttft_s * 1e3:.1f} ms ({r.prefill_tokens} prefill tokens, "
+        f"{r.prefill_tokens / max(r.ttft_s, 1e-9):.0f} tokens/s)"
+    )
+    if r.decode_step_s:
+        steps, total = len(r.decode_step_s), sum(r.decode_step_s)
+        decoded = sum(len(t) for t in r.tokens) - len(r.tokens)  # the first comes from prefill
+        text += (
+            f" | TTIT {total / steps * 1e3:.1f} ms over {steps} steps "
+            f"({decoded / max(total, 1e-9):.0f} tokens/s for {len(r.tokens)} sequences)"
+        )
+    return text
+
+
+def write_outputs(args, job: GenerateJob, results: list[GenerationResult]) -> None:
+    """Generations (and logits) into temporary files, renamed together at the end."""
+    tok = job.tokenizer
+
+    def entry(ids: list[int]) -> dict:
+        return {"token_ids": ids, "text": tok.decode(ids) if tok is not None else None}
+
+    paths = [args.output] + ([args.save_logits] if args.save_logits is not None else [])
+    with atomic_files(*paths) as tmps:
+        with tmps[0].open("w") as f:
+            for i, rid in enumerate(job.ids):
+                if job.chat:
+                    row = {"id": rid, "turns": [entry(r.tokens[i]) for r in results]}
+                else:
+                    row = {"id": rid, **entry(results[0].tokens[i])}
+                f.write(json.dumps(row) + "\n")
+        if args.save_logits is not None:
+            from safetensors.torch import save_file
+
+            tensors = {
+                (f"{rid}/{turn}" if job.chat else str(rid)): r.first_logits[i].contiguous()
+                for turn, r in enumerate(results)
+                for i, rid in enumerate(job.ids)
+            }
+            save_file(tensors, str(tmps[1]))
+    logger.info("wrote %d generations to %s", len(job.ids), args.output)
+    if args.save_logits is not None:
+        logger.info("wrote first-token logits to %s", args.save_logits)
+    for i, rid in enumerate(job.ids):
+        tokens = [r.tokens[i] for r in results] if job.chat else results[0].tokens[i]
+        logger.info("id=%s generated %s", rid, tokens)
