@@ -54,10 +54,13 @@ def _report(error: Exception, debug: bool) -> int:
         message = str(error)  # every rank agreed on it at a check point
     else:
         # Between check points: this rank failed alone, or a peer did and its exit broke the
-        # collective this rank was in. Report the peer's cause if it announced one.
-        peer = peer_failure() if isinstance(error, dist.DistError) else None
-        message = peer or error_message(error)
-        if peer is None:
+        # collective this rank was in (gloo: "Connection closed by peer"). The peer announced
+        # its cause before exiting; report that, else announce ours.
+        message = peer_failure(wait_s=0.5)
+        if message is None:
+            message = error_message(error)
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                message = f"rank {dist.get_rank()}: {message}"
             announce_failure(message)
     logger.error("error: %s", message, exc_info=error if debug else None)
     return 1

@@ -113,11 +113,11 @@ def announce_failure(message: str) -> None:
     if store is None:
         return
     with contextlib.suppress(Exception):  # the store's host may be gone already
-        store.set(_FAILURE_KEY, f"rank {dist.get_rank()}: {message}")
+        store.set(_FAILURE_KEY, message)
 
 
-def peer_failure(wait_s: float = 2.0) -> str | None:
-    """The message another rank announced, if one did within ``wait_s`` seconds."""
+def peer_failure(wait_s: float = 0.5) -> str | None:
+    """The message a rank announced, if one did within ``wait_s`` seconds."""
     store = _store()
     if store is None:
         return None

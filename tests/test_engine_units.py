@@ -6,7 +6,7 @@ import torch
 from cp_infer.engine import KVCache, SamplingConfig, decode_owner, sample
 from cp_infer.engine.generate import check_prompts
 from cp_infer.engine.kv_cache import decode_tokens_owned
-from cp_infer.models import PRESETS, ModelConfig, get_preset
+from cp_infer.models import PRESETS, ModelConfig, get_preset, unsupported_hf_fields
 from cp_infer.models.rope import inv_frequencies
 from cp_infer.parallel.expert_parallel import local_experts
 from cp_infer.parallel.pipeline import stage_layers
@@ -145,3 +145,31 @@ def test_moe_with_expert_tp_different_from_tp_is_refused():
     pg = SimpleNamespace(tp=2, cp=2, pp=1, ep=4, etp=1, ep_rank=0)
     with pytest.raises(ValueError, match="etp=1 differs from tp=2"):
         check_model_fits_layout(get_preset("tiny-moe"), pg)
+
+
+def test_unsupported_hf_fields_are_all_named():
+    hf = {"hidden_act": "gelu", "sliding_window": 4, "max_position_embeddings": 4096,
+          "attention_bias": True, "rope_parameters": {"rope_type": "yarn"}}  # fmt: skip
+    problems = unsupported_hf_fields(hf)
+    assert [p.split("=")[0].split(" (")[0] for p in problems] == [
+        "hidden_act", "sliding_window", "rope type 'yarn'", "attention_bias",
+    ]  # fmt: skip
+    # a window as long as the context never applies; fields without effect pass
+    ok = {"sliding_window": 4096, "max_position_embeddings": 4096, "pretraining_tp": 2,
+          "router_jitter_noise": 0.1, "attention_dropout": 0.1}  # fmt: skip
+    assert unsupported_hf_fields(ok) == []
+
+
+def test_forward_reports_every_layer():
+    from cp_infer.models import ForwardContext, Transformer
+
+    cfg = get_preset("tiny-llama", n_layers=3)
+    model = Transformer(cfg)
+    calls = []
+
+    def attention(q, k, v, layer_id):
+        return torch.zeros_like(q)
+
+    ctx = ForwardContext(torch.arange(4), attention, on_layer=lambda: calls.append(1))
+    model(torch.arange(4), ctx)
+    assert len(calls) == 3

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from cp_infer.attention import VARIANTS
 from cp_infer.attention.kernels import KERNELS, get_kernel
-from cp_infer.distributed import clear_failure, on_all_ranks
+from cp_infer.distributed import RankFailure, clear_failure, on_all_ranks
 from cp_infer.engine import Conversation, GenerationResult, SamplingConfig, generate
 from cp_infer.engine.generate import check_prompts
 from cp_infer.entrypoints.launch import HelpFormatter, ensure_launched
@@ -245,9 +245,12 @@ def _build(args, cfg: ModelConfig, pg: ParallelGroups):
 
 
 def run(args, argv: list[str]) -> int:
-    if not 0 < args.timeout < float("inf"):  # before the process group that uses it
-        raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
-    ensure_launched(argv, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep)
+    try:  # pure checks of the arguments, before any process group: every rank fails alike
+        if not 0 < args.timeout < float("inf"):
+            raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
+        ensure_launched(argv, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep)
+    except ValueError as e:
+        raise RankFailure(str(e)) from e
     init_distributed(timeout_s=args.timeout)
     if dist.get_rank() == 0:
         clear_failure()

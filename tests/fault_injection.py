@@ -1,0 +1,22 @@
+"""``python -m cp_infer`` with a fault injected on rank 1 mid-generation (for torchrun tests).
+
+Sampling raises on rank 1 right after the prefill, while rank 0 goes on into the first decode
+step's collectives and waits there for a rank that will never come.
+"""
+
+import importlib
+import os
+import sys
+
+from cp_infer.cli import main
+
+engine = importlib.import_module("cp_infer.engine.generate")  # the module, not the function
+
+if os.environ.get("RANK") == "1":
+
+    def _faulty_sample(*args, **kwargs):
+        raise RuntimeError("injected fault in sampling")
+
+    engine.sample = _faulty_sample
+
+sys.exit(main())
