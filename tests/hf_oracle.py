@@ -20,12 +20,12 @@ PROMPTS = {
 }
 
 
-def make_checkpoint(kind: str, directory: Path, seed: int = 0) -> Path:
+def make_checkpoint(kind: str, directory: Path, seed: int = 0, vocab_size: int = VOCAB) -> Path:
     """Save a random tiny ``llama`` or ``mixtral`` model to ``directory``."""
     import transformers
 
     common = dict(
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=2,

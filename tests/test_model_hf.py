@@ -35,7 +35,7 @@ def hf_models(tmp_path_factory):
     return out
 
 
-def _generate_rank(path, sizes, names, tmp, variant="pass-kv"):
+def _generate_rank(path, sizes, names, tmp, variant="pass-kv", *extra):
     """Every rank runs the CLI (``python -m cp_infer generate``) in-process."""
     rank = torch.distributed.get_rank()
     prompts = Path(tmp) / "prompts.jsonl"
@@ -46,7 +46,7 @@ def _generate_rank(path, sizes, names, tmp, variant="pass-kv"):
     torch.distributed.barrier()
     argv = ["generate", "--checkpoint", str(path), "--input", str(prompts),
             "--output", str(Path(tmp) / "out.jsonl"), "--save-logits", str(Path(tmp) / "logits.st"),
-            "--max-new-tokens", str(MAX_NEW), "--variant", variant, "--timeout", "120"]  # fmt: skip
+            "--max-new-tokens", str(MAX_NEW), "--variant", variant, "--timeout", "120", *extra]  # fmt: skip
     for dim, size in sizes.items():
         argv += [f"--{dim}", str(size)]
     return main(argv)
@@ -115,6 +115,45 @@ def test_single_prompts_at_cp2(dist_pool, hf_models, name, variant, tmp_path):
         _generate_rank, path, dict(cp=2), [name], tmp_path, variant, timeout_s=TIMEOUT
     )
     _check(codes, tmp_path, ref, [name])
+
+
+# -- any vocabulary size under TP: padded as Megatron pads it, never sampled, never saved ------
+ODD_VOCAB = 997  # prime: splits over no tp > 1
+
+
+@pytest.fixture(scope="module")
+def odd_vocab_models(tmp_path_factory):
+    out = {}
+    for kind in ("llama", "mixtral"):
+        path = make_checkpoint(kind, tmp_path_factory.mktemp(f"{kind}-v997"), vocab_size=ODD_VOCAB)
+        out[kind] = (path, reference(path, {n: PROMPTS[n] for n in ("len5", "len77")}, MAX_NEW))
+    return out
+
+
+ODD_VOCAB_CASES = [
+    ("llama", dict(tp=2), "128"),
+    ("llama", dict(tp=4), "128"),
+    ("llama", dict(tp=2, pp=2), "128"),
+    ("llama", dict(tp=2, cp=2), "1"),  # pads 997 to 998 only
+    ("mixtral", dict(tp=2, ep=2), "128"),
+    ("mixtral", dict(tp=2, cp=2, ep=2), "3"),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "sizes", "divisor"),
+    ODD_VOCAB_CASES,
+    ids=[f"{k}-{'x'.join(f'{d}{n}' for d, n in s.items())}-div{v}" for k, s, v in ODD_VOCAB_CASES],
+)
+def test_odd_vocabulary_under_tp(dist_pool, odd_vocab_models, kind, sizes, divisor, tmp_path):
+    path, ref = odd_vocab_models[kind]
+    names = ["len5", "len77"]
+    codes = dist_pool(_world(sizes)).run(
+        _generate_rank, path, sizes, names, tmp_path, "pass-kv",
+        "--make-vocab-size-divisible-by", divisor, timeout_s=TIMEOUT,
+    )  # fmt: skip
+    _check(codes, tmp_path, ref, names)  # the saved logits have the true 997 columns
+    assert all(ref[n]["logits"].shape == (ODD_VOCAB,) for n in names)
 
 
 # -- multi-turn: persistent-KV prefill over the cached conversation ----------------------------

@@ -178,6 +178,8 @@ def load_weights(
         shard = get_shard(module, p_name)
         full_shape = shard.full_shape if shard is not None else tuple(param.shape)
         tensor = source.read(hf_name(name, cfg), shard, full_shape)
+        if shard is not None:
+            tensor = shard.pad(tensor)  # zero rows of a padded vocabulary
         if tuple(tensor.shape) != tuple(param.shape):
             raise ValueError(
                 f"tensor {hf_name(name, cfg)!r}: read {tuple(tensor.shape)}, "

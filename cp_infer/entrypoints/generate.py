@@ -95,6 +95,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--cp", type=int, default=1, help="context-parallel size (ring attention)")
     g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     g.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
+    g.add_argument(
+        "--make-vocab-size-divisible-by", type=int, default=128, metavar="N",
+        help="pad the vocabulary to a multiple of N * tp, as Megatron does (any vocabulary "
+        "then splits over TP; padded ids are never sampled nor saved)",
+    )  # fmt: skip
     g.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate per turn")
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
@@ -179,6 +184,10 @@ def prepare(args, world_size: int) -> GenerateJob:
         ValueError: the first problem found, naming the fix (the same on every rank).
     """
     get_kernel(args.kernel)  # a backend missing on this machine fails here
+    if args.make_vocab_size_divisible_by < 1:
+        raise ValueError(
+            f"--make-vocab-size-divisible-by must be >= 1, got {args.make_vocab_size_divisible_by}"
+        )
     sizes = validate_parallel_sizes(world_size, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep)
     cfg, eos = _model_config(args)
     check_model_fits_layout(cfg, sizes)
@@ -236,7 +245,9 @@ def _build(args, cfg: ModelConfig, pg: ParallelGroups):
     from cp_infer.checkpoint import RandomSource, SafetensorsSource, load_weights
     from cp_infer.parallel import parallelize
 
-    model = parallelize(cfg, pg, DTYPES[args.dtype])
+    model = parallelize(
+        cfg, pg, DTYPES[args.dtype], make_vocab_size_divisible_by=args.make_vocab_size_divisible_by
+    )
     where = f"random weights (seed {args.seed})" if args.preset else str(args.checkpoint)
     logger.info("loading weights: %s", where)
     source = RandomSource(args.seed) if args.preset else SafetensorsSource(args.checkpoint)

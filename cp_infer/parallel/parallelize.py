@@ -23,6 +23,7 @@ from cp_infer.parallel.tensor_parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     VocabParallelLMHead,
+    padded_vocab_size,
     split_range,
 )
 from parallel_state import ParallelGroups, ParallelSizes, check_head_split
@@ -38,8 +39,6 @@ def check_model_fits_layout(cfg: ModelConfig, sizes: ParallelGroups | ParallelSi
     """
     pg = sizes
     check_head_split(cfg.n_heads, cfg.n_kv_heads, pg.tp)
-    if cfg.vocab_size % pg.tp:
-        raise ValueError(f"vocab_size={cfg.vocab_size} is not divisible by tp={pg.tp}")
     if cfg.ffn_dim % pg.tp or cfg.shared_expert_ffn_dim % pg.tp:
         raise ValueError(f"ffn_dim={cfg.ffn_dim} is not divisible by tp={pg.tp}")
     if pg.pp > cfg.n_layers:
@@ -105,8 +104,21 @@ def _parallelize_moe(moe: MoE, cfg: ModelConfig, pg: ParallelGroups) -> None:
         moe.dispatch = AllToAllDispatcher(pg.ep_group, len(keep))
 
 
-def parallelize(cfg: ModelConfig, pg: ParallelGroups, dtype: torch.dtype) -> Transformer:
+def parallelize(
+    cfg: ModelConfig,
+    pg: ParallelGroups,
+    dtype: torch.dtype,
+    *,
+    make_vocab_size_divisible_by: int = 128,
+) -> Transformer:
     """Build this rank's shard of the model (uninitialized weights, ``dtype``, on CPU).
+
+    Args:
+        cfg: the model.
+        pg: this rank's layout.
+        dtype: parameter dtype.
+        make_vocab_size_divisible_by: the vocabulary is padded to a multiple of this times
+            ``tp`` (Megatron's rule), so any vocabulary size splits over TP.
 
     Raises:
         ValueError: the model does not fit the layout (see :func:`check_model_fits_layout`).
@@ -117,7 +129,8 @@ def parallelize(cfg: ModelConfig, pg: ParallelGroups, dtype: torch.dtype) -> Tra
         model = Transformer(
             cfg, layers, first_stage=pg.is_first_pp_stage, last_stage=pg.is_last_pp_stage
         )
-    v0, v1 = split_range(cfg.vocab_size, pg.tp, pg.tp_rank)
+    vocab = padded_vocab_size(cfg.vocab_size, pg.tp, make_vocab_size_divisible_by)
+    v0, v1 = split_range(vocab, pg.tp, pg.tp_rank)
     if model.tok_embeddings is not None:
         model.tok_embeddings = VocabParallelEmbedding(
             cfg.vocab_size, cfg.dim, v0, v1, _tp_group(pg)

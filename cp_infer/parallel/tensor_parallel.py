@@ -28,6 +28,7 @@ __all__ = [
     "VocabParallelEmbedding",
     "VocabParallelLMHead",
     "get_shard",
+    "padded_vocab_size",
     "set_shard",
     "split_range",
 ]
@@ -35,7 +36,11 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Shard:
-    """This parameter is ``full[start:stop]`` along ``dim`` of a tensor of ``full_shape``."""
+    """This parameter is ``full[start:stop]`` along ``dim`` of a tensor of ``full_shape``.
+
+    ``stop`` may run past the end of ``full_shape[dim]`` (a padded vocabulary): the rows past
+    it are not in the checkpoint and hold zeros.
+    """
 
     dim: int
     start: int
@@ -43,9 +48,20 @@ class Shard:
     full_shape: tuple[int, ...]
 
     def slices(self) -> tuple[slice, ...]:
+        """What to read from the full tensor (clamped to its end)."""
         s = [slice(None)] * len(self.full_shape)
-        s[self.dim] = slice(self.start, self.stop)
+        end = self.full_shape[self.dim]
+        s[self.dim] = slice(min(self.start, end), min(self.stop, end))
         return tuple(s)
+
+    def pad(self, part: torch.Tensor) -> torch.Tensor:
+        """``part`` (what :meth:`slices` read) zero-padded to the shard's length."""
+        missing = self.stop - self.start - part.shape[self.dim]
+        if missing == 0:
+            return part
+        shape = list(part.shape)
+        shape[self.dim] = missing
+        return torch.cat([part, part.new_zeros(shape)], dim=self.dim)
 
 
 def set_shard(module: nn.Module, param_name: str, shard: Shard) -> None:
@@ -67,6 +83,18 @@ def split_range(n: int, parts: int, index: int) -> tuple[int, int]:
         raise ValueError(f"{n} does not split evenly into {parts} parts")
     size = n // parts
     return index * size, (index + 1) * size
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+    """The vocabulary rounded up to a multiple of ``divisible_by * tp``, as Megatron pads it.
+
+    Every TP rank then holds the same number of rows whatever the true size; the padded ids
+    are never looked up and their logits are cut off before anything sees them.
+    """
+    if divisible_by < 1:
+        raise ValueError(f"make_vocab_size_divisible_by must be >= 1, got {divisible_by}")
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
@@ -104,7 +132,10 @@ class RowParallelLinear(nn.Linear):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Embedding rows ``[start, stop)`` of the vocabulary; other ids contribute zeros."""
+    """Embedding rows ``[start, stop)`` of the (padded) vocabulary; other ids contribute zeros.
+
+    ``vocab_size`` is the checkpoint's true size; rows past it are padding.
+    """
 
     def __init__(self, vocab_size: int, dim: int, start: int, stop: int, group) -> None:
         super().__init__()
@@ -120,18 +151,19 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class VocabParallelLMHead(nn.Module):
-    """LM head rows ``[start, stop)``; logits of all ranks are gathered to the full vocabulary."""
+    """LM head rows ``[start, stop)`` of the (padded) vocabulary; the logits of all ranks are
+    gathered and cut to the true ``vocab_size``, so padded ids never reach sampling."""
 
     def __init__(self, dim: int, vocab_size: int, start: int, stop: int, group) -> None:
         super().__init__()
-        self.group = group
+        self.group, self.vocab_size = group, vocab_size
         self.weight = nn.Parameter(torch.empty(stop - start, dim, device="meta"))
         set_shard(self, "weight", Shard(0, start, stop, (vocab_size, dim)))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        local = F.linear(h, self.weight)  # (N, V / tp)
-        if self.group is None or dist.get_world_size(self.group) == 1:
-            return local
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(parts, local.contiguous(), group=self.group)
-        return torch.cat(parts, dim=-1)
+        local = F.linear(h, self.weight)  # (N, V_padded / tp)
+        if self.group is not None and dist.get_world_size(self.group) > 1:
+            parts = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
+            dist.all_gather(parts, local.contiguous(), group=self.group)
+            local = torch.cat(parts, dim=-1)
+        return local[..., : self.vocab_size]
