@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[dev]" "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[dev,deepspeed]" "$(TORCH_PIN)"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import torch.distributed as dist
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
+    # DeepSpeed's launcher passes --local_rank=N before the command (unless --no_local_rank)
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     generate.add_parser(sub)
     return p
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command; 0 on success, 1 (on every rank, with the same message) on failure."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if args.local_rank is not None:  # launchers also set LOCAL_RANK; keep the two in step
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     setup_logging()
     try:
         return args.run(args, argv)

@@ -52,12 +52,25 @@ def run_cli(argv: list[str]) -> CliRun:
     )
 
 
+def _launch(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+
+
 def torchrun(nproc: int, args: list[str], *, timeout: float = 180, script: str | None = None):
     """``torchrun --nproc-per-node N -m cp_infer ARGS`` (or ``script``) as a subprocess."""
     target = [script] if script else ["-m", "cp_infer"]
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-port", str(free_port()), *target, *args,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+    return _launch(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+         "--master-port", str(free_port()), *target, *args],
+        timeout,
+    )  # fmt: skip
+
+
+def deepspeed(nproc: int, target: list[str], args: list[str], *, timeout: float = 180):
+    """``deepspeed --num_gpus N TARGET ARGS`` (TARGET: ``--module cp_infer`` or a script)."""
+    exe = Path(sys.executable).with_name("deepspeed")
+    return _launch(
+        [str(exe), "--num_gpus", str(nproc), "--master_port", str(free_port()), *target, *args],
+        timeout,
+    )

@@ -120,7 +120,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )  # fmt: skip
     g.add_argument("--timeout", type=float, default=300.0, help="process-group timeout, seconds")
     g.add_argument("--debug", action="store_true", help="show tracebacks with errors")
-    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument(  # a launcher's --local_rank=N may also come after the command
+        "--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     g.set_defaults(run=run)
     return g
 

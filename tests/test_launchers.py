@@ -1,0 +1,47 @@
+"""The documented launch commands, on CPU at world 2: torchrun and DeepSpeed's launcher.
+
+DeepSpeed's launcher puts ``--local_rank=N`` before the command's own arguments unless given
+``--no_local_rank``; both forms, and a script path instead of ``--module``, must run and give
+the same tokens as torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.cli_runner import REPO, deepspeed, torchrun
+
+pytest.importorskip("deepspeed")
+
+ARGS = ["generate", "--preset", "tiny-llama", "--cp", "2", "--max-new-tokens", "6",
+        "--timeout", "60"]  # fmt: skip
+
+
+def _run(launch, tmp_path, name: str) -> list[list[int]]:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "token_ids": [1, 2, 3, 4, 5]}\n{"id": "b", "token_ids": [9]}\n')
+    out = tmp_path / f"{name}.jsonl"
+    proc = launch([*ARGS, "--input", str(prompts), "--output", str(out)])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return [json.loads(line)["token_ids"] for line in out.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def expected(tmp_path_factory):
+    return _run(lambda a: torchrun(2, a), tmp_path_factory.mktemp("torchrun"), "torchrun")
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        ["--module", "cp_infer"],
+        ["--no_local_rank", "--module", "cp_infer"],
+        [str(REPO / "cp_infer" / "__main__.py")],
+    ],
+    ids=["module", "no_local_rank", "script"],
+)
+def test_deepspeed_launcher(expected, tmp_path, target):
+    tokens = _run(lambda a: deepspeed(2, target, a), tmp_path, "deepspeed")
+    assert tokens == expected and len(tokens[0]) == 6
