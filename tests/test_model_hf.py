@@ -175,8 +175,8 @@ def _conversation_rank(path, sizes, variants):
     cfg = ModelConfig.from_hf(path)
     with parallel_groups(**sizes, timeout_s=120) as pg:
         model = parallelize(cfg, pg, torch.float32)
-        with SafetensorsSource(path) as source:
-            load_weights(model, source, cfg)
+        with SafetensorsSource(path, cfg) as source:
+            load_weights(model, source)
         conv = Conversation()
         turns = []
         for prompts, variant in zip(TURNS, variants, strict=True):

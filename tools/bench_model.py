@@ -51,7 +51,7 @@ def bench_rank(preset, seq_len, variant, decode_tokens, repeats) -> dict:
     cfg = get_preset(preset, max_seq_len=max(seq_len + decode_tokens + 1, 1024))
     with parallel_groups(cp=dist.get_world_size(), timeout_s=1800) as pg:
         model = parallelize(cfg, pg, torch.float32)
-        load_weights(model, RandomSource(0), cfg)
+        load_weights(model, RandomSource(0, cfg))
         prompt = [(7 * i + 1) % cfg.vocab_size for i in range(seq_len)]
         _timed_generate(model, pg, prompt[:256], 2, variant)  # warm-up
         runs = [

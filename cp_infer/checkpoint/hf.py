@@ -68,14 +68,26 @@ def hf_name(name: str, cfg: ModelConfig) -> str:
 
 
 class SafetensorsSource:
-    """Tensors of a Hugging Face directory (one ``*.safetensors`` or a sharded index)."""
+    """Tensors of a Hugging Face directory (one ``*.safetensors`` or a sharded index).
 
-    def __init__(self, directory: str | Path) -> None:
+    Args:
+        directory: the checkpoint.
+        cfg: the model it holds (for names: a tied LM head reads the embedding).
+    """
+
+    def __init__(self, directory: str | Path, cfg: ModelConfig) -> None:
         self.directory = Path(directory)
+        self.cfg = cfg
         index = self.directory / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: self.directory / f for name, f in weight_map.items()}
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self.files = {name: self.directory / f for name, f in weight_map.items()}
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(
+                    f"{index} is not a valid safetensors index ({type(e).__name__}: {e}); "
+                    "copy or convert the checkpoint again"
+                ) from None
         else:
             files = sorted(self.directory.glob("*.safetensors"))
             if not files:
@@ -101,7 +113,12 @@ class SafetensorsSource:
     def __exit__(self, *exc: object) -> None:
         self._handles.clear()
 
-    def read(self, name: str, shard: Shard | None, expected_full: tuple[int, ...]) -> torch.Tensor:
+    def tensor_name(self, param: str) -> str:
+        return hf_name(param, self.cfg)
+
+    def read(self, param: str, shard: Shard | None, expected_full: tuple[int, ...]) -> torch.Tensor:
+        """The slice ``shard`` of our parameter ``param`` (its Hugging Face tensor)."""
+        name = self.tensor_name(param)
         if name not in self.files:
             raise ValueError(
                 f"tensor {name!r} is missing from the checkpoint in {self.directory}; "
@@ -134,10 +151,14 @@ class RandomSource:
     """Deterministic random weights: every full tensor is drawn from a generator seeded by
     (seed, tensor name), so every layout slices the very same model."""
 
-    def __init__(self, seed: int, std: float = 0.02) -> None:
-        self.seed, self.std = seed, std
+    def __init__(self, seed: int, cfg: ModelConfig, std: float = 0.02) -> None:
+        self.seed, self.cfg, self.std = seed, cfg, std
 
-    def read(self, name: str, shard: Shard | None, expected_full: tuple[int, ...]) -> torch.Tensor:
+    def tensor_name(self, param: str) -> str:
+        return hf_name(param, self.cfg)
+
+    def read(self, param: str, shard: Shard | None, expected_full: tuple[int, ...]) -> torch.Tensor:
+        name = self.tensor_name(param)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
         full = torch.randn(expected_full, generator=g)
         full = (
@@ -159,7 +180,6 @@ def _parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Para
 def load_weights(
     model: nn.Module,
     source: SafetensorsSource | RandomSource,
-    cfg: ModelConfig,
     *,
     progress: bool = False,
 ) -> None:
@@ -167,8 +187,8 @@ def load_weights(
 
     Args:
         model: from :func:`cp_infer.parallel.parallelize`.
-        source: where the full tensors live.
-        cfg: the model config (for names and full shapes).
+        source: where the full tensors live (``read(param, shard, full_shape)`` for our
+            parameter names; ``tensor_name(param)`` for messages).
         progress: show a progress bar (rank 0).
     """
     params = list(_parameters(model))
@@ -177,12 +197,12 @@ def load_weights(
     ):
         shard = get_shard(module, p_name)
         full_shape = shard.full_shape if shard is not None else tuple(param.shape)
-        tensor = source.read(hf_name(name, cfg), shard, full_shape)
+        tensor = source.read(name, shard, full_shape)
         if shard is not None:
             tensor = shard.pad(tensor)  # zero rows of a padded vocabulary
         if tuple(tensor.shape) != tuple(param.shape):
             raise ValueError(
-                f"tensor {hf_name(name, cfg)!r}: read {tuple(tensor.shape)}, "
+                f"tensor {source.tensor_name(name)!r}: read {tuple(tensor.shape)}, "
                 f"expected {tuple(param.shape)} for {name}"
             )
         param.copy_(tensor.to(param.dtype))

@@ -252,8 +252,10 @@ def _build(args, cfg: ModelConfig, pg: ParallelGroups):
     )
     where = f"random weights (seed {args.seed})" if args.preset else str(args.checkpoint)
     logger.info("loading weights: %s", where)
-    source = RandomSource(args.seed) if args.preset else SafetensorsSource(args.checkpoint)
-    load_weights(model, source, cfg, progress=pg.rank == 0)
+    source = (
+        RandomSource(args.seed, cfg) if args.preset else SafetensorsSource(args.checkpoint, cfg)
+    )
+    load_weights(model, source, progress=pg.rank == 0)
     return model
 
 
