@@ -25,6 +25,8 @@ import torch.distributed as dist
 
 from cp_infer.attention import VARIANTS
 from cp_infer.attention.kernels import KERNELS, get_kernel
+from cp_infer.checkpoint.formats import detect_format, open_source, read_config
+from cp_infer.checkpoint.manifest import verify_manifest
 from cp_infer.distributed import RankFailure, clear_failure, on_all_ranks
 from cp_infer.engine import Conversation, GenerationResult, SamplingConfig, generate
 from cp_infer.engine.generate import check_prompts
@@ -77,7 +79,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument(
         "--checkpoint", type=Path, metavar="DIR",
-        help="Hugging Face Llama or Mixtral directory (config.json + *.safetensors)",
+        help="a Hugging Face Llama or Mixtral directory (config.json + *.safetensors) or a "
+        "megatron-core torch_dist checkpoint (see docs/checkpoints.md); detected from its files",
     )  # fmt: skip
     config_only = sorted(set(PRESETS) - set(RUNNABLE_PRESETS))
     src.add_argument(
@@ -151,18 +154,10 @@ class GenerateJob:
 def _model_config(args) -> tuple[ModelConfig, int | tuple[int, ...] | None]:
     if args.preset:
         return get_preset(args.preset), tuple(args.eos_id) if args.eos_id else None
-    if not args.checkpoint.is_dir():
-        raise ValueError(f"--checkpoint {args.checkpoint} is not a directory")
-    path = args.checkpoint / "config.json"
-    if not path.exists():
-        raise ValueError(f"{args.checkpoint} has no config.json: is it a Hugging Face model?")
-    try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-    eos = tuple(args.eos_id) if args.eos_id is not None else hf.get("eos_token_id")
+    cfg, hf = read_config(args.checkpoint, detect_format(args.checkpoint))
+    eos = tuple(args.eos_id) if args.eos_id is not None else (hf or {}).get("eos_token_id")
     eos = tuple(eos) if isinstance(eos, list) else eos  # instruct models list several
-    return ModelConfig.from_hf(hf), eos
+    return cfg, eos
 
 
 def load_tokenizer(checkpoint: Path | None):
@@ -244,7 +239,7 @@ def check_output_paths(args) -> None:
 
 
 def _build(args, cfg: ModelConfig, pg: ParallelGroups):
-    from cp_infer.checkpoint import RandomSource, SafetensorsSource, load_weights
+    from cp_infer.checkpoint import RandomSource, load_weights
     from cp_infer.parallel import parallelize
 
     model = parallelize(
@@ -252,9 +247,11 @@ def _build(args, cfg: ModelConfig, pg: ParallelGroups):
     )
     where = f"random weights (seed {args.seed})" if args.preset else str(args.checkpoint)
     logger.info("loading weights: %s", where)
-    source = (
-        RandomSource(args.seed, cfg) if args.preset else SafetensorsSource(args.checkpoint, cfg)
-    )
+    if args.preset:
+        source = RandomSource(args.seed, cfg)
+    else:
+        verify_manifest(args.checkpoint, part=pg.rank, parts=pg.world_size, progress=pg.rank == 0)
+        source = open_source(args.checkpoint, detect_format(args.checkpoint), cfg)
     load_weights(model, source, progress=pg.rank == 0)
     return model
 
