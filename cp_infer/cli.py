@@ -6,11 +6,14 @@ Examples:
     torchrun --standalone --nproc-per-node 2 -m cp_infer generate --preset tiny-llama --seed 0 \\
         --cp 2 --input prompts.jsonl --output out.jsonl --max-new-tokens 16
 
-    # a Hugging Face checkpoint at TP=2 x CP=2
+    # a Hugging Face checkpoint at TP=2 x CP=2 (or a megatron-core torch_dist one)
     torchrun --standalone --nproc-per-node 4 -m cp_infer generate --checkpoint ./llama \\
         --tp 2 --cp 2 --input prompts.jsonl --output out.jsonl --save-logits logits.safetensors
 
-`python -m cp_infer generate --help` describes the input and every option.
+    # convert a checkpoint to megatron-core's distributed format and back
+    python -m cp_infer convert --from hf --to megatron --input ./llama --output ./llama-mcore
+
+`python -m cp_infer COMMAND --help` describes each command and every option.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from cp_infer.distributed import (
     error_message,
     peer_failure,
 )
-from cp_infer.entrypoints import generate
+from cp_infer.entrypoints import convert, generate
 from cp_infer.entrypoints.launch import HelpFormatter
 from cp_infer.log import setup_logging
 
@@ -48,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     generate.add_parser(sub)
+    convert.add_parser(sub)
     return p
 
 
@@ -59,7 +63,7 @@ def _report(error: Exception, debug: bool) -> int:
         # Between check points: this rank failed alone, or a peer did and its exit broke the
         # collective this rank was in (gloo: "Connection closed by peer"). The peer announced
         # its cause before exiting; report that, else announce ours.
-        message = peer_failure(wait_s=0.5)
+        message = peer_failure()
         if message is None:
             message = error_message(error)
             if dist.is_initialized() and dist.get_world_size() > 1:

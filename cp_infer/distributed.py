@@ -15,7 +15,6 @@ mechanisms cover the two cases:
 from __future__ import annotations
 
 import contextlib
-import datetime
 import socket
 from collections.abc import Callable
 from typing import TypeVar
@@ -116,13 +115,13 @@ def announce_failure(message: str) -> None:
         store.set(_FAILURE_KEY, message)
 
 
-def peer_failure(wait_s: float = 0.5) -> str | None:
-    """The message a rank announced, if one did within ``wait_s`` seconds."""
+def peer_failure() -> str | None:
+    """The message a rank announced, if one did (no waiting: a rank announces before its exit
+    breaks anyone's collective)."""
     store = _store()
     if store is None:
         return None
     try:
-        store.wait([_FAILURE_KEY], datetime.timedelta(seconds=wait_s))
-        return store.get(_FAILURE_KEY).decode()
-    except Exception:  # nobody announced, or the store is gone with its host
+        return store.get(_FAILURE_KEY).decode() if store.check([_FAILURE_KEY]) else None
+    except Exception:  # the store is gone with its host
         return None

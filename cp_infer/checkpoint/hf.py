@@ -44,6 +44,18 @@ _LAYER_MAP = {
     "feed_forward.shared_expert.w2": "block_sparse_moe.shared_expert.down_proj",
     "feed_forward.shared_expert.w3": "block_sparse_moe.shared_expert.up_proj",
 }
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+}
 _EXPERT = re.compile(r"feed_forward\.experts\.(\d+)\.(w[123])$")
 
 
@@ -115,6 +127,15 @@ class SafetensorsSource:
 
     def tensor_name(self, param: str) -> str:
         return hf_name(param, self.cfg)
+
+    def dtype(self, param: str) -> torch.dtype:
+        """The dtype ``param`` is stored in."""
+        name = self.tensor_name(param)
+        path = self.files.get(name)
+        if path is None:
+            raise ValueError(f"tensor {name!r} is missing from the checkpoint in {self.directory}")
+        with safe_open(path, "pt") as h:
+            return _SAFETENSORS_DTYPES[h.get_slice(name).get_dtype()]
 
     def read(self, param: str, shard: Shard | None, expected_full: tuple[int, ...]) -> torch.Tensor:
         """The slice ``shard`` of our parameter ``param`` (its Hugging Face tensor)."""

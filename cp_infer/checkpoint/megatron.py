@@ -39,6 +39,7 @@ style) beside the checkpoint is used. See docs/checkpoints.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -243,6 +244,10 @@ class MegatronSource:
         key, idx, _, _ = self._address(param)
         return f"{key}{list(idx) if idx else ''}"
 
+    def dtype(self, param: str) -> torch.dtype:
+        """The dtype ``param`` is stored in."""
+        return self.dcp.tensors[self._address(param)[0]][1]
+
     # -- reading ----------------------------------------------------------------------------
     def read(self, param: str, shard: Shard | None, expected_full: tuple[int, ...]) -> torch.Tensor:
         """The slice ``shard`` of our parameter ``param``, cut from its Megatron tensor."""
@@ -417,4 +422,23 @@ def save_megatron(
             key, _, expert = name.partition("/")
             offsets = [(0, layer, L)] + ([(1, int(expert), E)] if expert else [])
             add(_LAYER + key, t, *offsets)
-    dist_checkpointing.save(state, str(directory))
+    with _cpu_safe_sync():
+        dist_checkpointing.save(state, str(directory))
+
+
+@contextlib.contextmanager
+def _cpu_safe_sync():
+    """megatron's writer assumes CUDA in two places on a CPU-only build: it calls
+    ``torch.cuda.synchronize()`` after copying (CPU) tensors to the host, and puts a flag for an
+    all-reduce on ``torch.cuda.current_device()``. There is nothing to wait for, and the flag
+    belongs on the CPU (gloo)."""
+    if torch.cuda.is_available():
+        yield
+        return
+    saved = torch.cuda.synchronize, torch.cuda.current_device
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.current_device = lambda: "cpu"
+    try:
+        yield
+    finally:
+        torch.cuda.synchronize, torch.cuda.current_device = saved

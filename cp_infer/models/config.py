@@ -164,6 +164,38 @@ class ModelConfig:
             name=hf.get("_name_or_path") or model_type,
         )
 
+    def to_hf(self) -> dict:
+        """A Hugging Face ``config.json`` (LlamaForCausalLM / MixtralForCausalLM) of this model.
+
+        :meth:`from_hf` of it gives this config back.
+        """
+        moe = self.is_moe
+        hf = {
+            "architectures": ["MixtralForCausalLM" if moe else "LlamaForCausalLM"],
+            "model_type": "mixtral" if moe else "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "intermediate_size": self.ffn_dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_seq_len,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_embeddings,
+            "attention_bias": False,
+            "_name_or_path": self.name,
+        }
+        if self.rope_scaling is not None:
+            hf["rope_scaling"] = {"rope_type": "llama3", **asdict(self.rope_scaling)}
+        if moe:
+            hf.update(num_local_experts=self.n_experts, num_experts_per_tok=self.top_k)
+        else:
+            hf["mlp_bias"] = False
+        return hf
+
 
 _HF_REQUIRED = (
     "vocab_size",
