@@ -20,8 +20,15 @@ PROMPTS = {
 }
 
 
-def make_checkpoint(kind: str, directory: Path, seed: int = 0, vocab_size: int = VOCAB) -> Path:
-    """Save a random tiny ``llama`` or ``mixtral`` model to ``directory``."""
+def make_checkpoint(
+    kind: str, directory: Path, seed: int = 0, vocab_size: int = VOCAB, rope_scaling: bool = True
+) -> Path:
+    """Save a random tiny ``llama`` or ``mixtral`` model to ``directory``.
+
+    Args:
+        rope_scaling: Llama 3 RoPE scaling for ``llama`` (plain RoPE if False, as megatron-core's
+            GPTModel can only scale from 8192 positions).
+    """
     import transformers
 
     common = dict(
@@ -40,16 +47,15 @@ def make_checkpoint(kind: str, directory: Path, seed: int = 0, vocab_size: int =
     )
     torch.manual_seed(seed)
     if kind == "llama":
+        scaling = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
         config = transformers.LlamaConfig(
-            rope_theta=500000.0,
-            rope_scaling={
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 64,
-            },
-            **common,
+            rope_theta=500000.0, rope_scaling=scaling if rope_scaling else None, **common
         )
         model = transformers.LlamaForCausalLM(config)
     elif kind == "mixtral":

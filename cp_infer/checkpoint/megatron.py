@@ -79,9 +79,12 @@ def megatron_args(directory: Path) -> argparse.Namespace | None:
     path = Path(directory) / "common.pt"
     if not path.is_file():
         return None
+    import megatron.core  # noqa: F401  registers megatron's own classes (enums in args) as safe
+
+    # added for good: a safe_globals() block would also drop megatron's registrations on exit
+    torch.serialization.add_safe_globals([argparse.Namespace])
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            common = torch.load(path, map_location="cpu", weights_only=True)
+        common = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(
             f"cannot read {path} safely ({type(e).__name__}: {str(e).splitlines()[0]}); it "
@@ -402,10 +405,17 @@ def save_megatron(
     Needs a process group (world 1 is enough): megatron's saver runs collectives.
     """
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 
     L, E = cfg.n_layers, cfg.n_experts
-    state: dict = {"args": _megatron_args(cfg, hf), "checkpoint_version": 3.0}
+    # Megatron-LM's layout: common values at the top, the model's sharded state under "model"
+    state: dict = {}
+    top = {
+        "args": _megatron_args(cfg, hf),
+        "checkpoint_version": 3.0,
+        "iteration": 0,
+        "model": state,
+    }
 
     def add(key: str, data: torch.Tensor, *offsets: tuple[int, int, int]) -> None:
         name = key if not offsets else f"{key}/{'.'.join(str(o[1]) for o in offsets)}"
@@ -417,13 +427,24 @@ def save_megatron(
     add("decoder.final_layernorm.weight", other["norm.weight"])
     if not cfg.tie_embeddings:
         add("output_layer.weight", other["output.weight"])
+
+    def extra_state(key: str, offsets: list[tuple[int, int, int]]) -> None:
+        # megatron's linear layers expect an ``_extra_state`` object beside each weight (None
+        # for the local spec; Transformer Engine accepts None too)
+        key = _LAYER + key.removesuffix(".weight") + "._extra_state"
+        shape, offset = tuple(o[2] for o in offsets), tuple(o[1] for o in offsets)
+        name = f"{key}/shard_{'.'.join(map(str, offset))}_{'.'.join(map(str, shape))}"
+        state[name] = ShardedObject(key, None, shape, offset, replica_id=0)
+
     for layer, tensors in layer_tensors:
         for name, t in fuse_for_megatron(cfg, tensors).items():
             key, _, expert = name.partition("/")
             offsets = [(0, layer, L)] + ([(1, int(expert), E)] if expert else [])
             add(_LAYER + key, t, *offsets)
+            if "linear_" in key:
+                extra_state(key, offsets)
     with _cpu_safe_sync():
-        dist_checkpointing.save(state, str(directory))
+        dist_checkpointing.save(top, str(directory))
 
 
 @contextlib.contextmanager
