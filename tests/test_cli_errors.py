@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +29,7 @@ pytest.importorskip("transformers")
 
 import safetensors.torch
 
-from tests.cli_runner import CliRun, run_cli, torchrun
+from tests.cli_runner import REPO, CliRun, run_cli, torchrun
 from tests.hf_oracle import make_checkpoint
 
 GOOD = ['{"id": "a", "token_ids": [1, 2, 3]}', '{"id": "b", "token_ids": [4, 5]}']
@@ -156,6 +159,19 @@ CASES = [
          config=dict(intermediate_size=128), before_weights=False),
     Case("missing_layer", "model.layers.2", model="llama", config=dict(num_hidden_layers=3),
          before_weights=False),
+    Case("not_a_checkpoint", "is neither a Hugging Face checkpoint (config.json + *.safetensors) "
+         "nor a megatron-core torch_dist checkpoint", model="llama", damage="not_a_checkpoint"),
+    Case("layout_vs_model", "pp=4 exceeds n_layers=2", model="llama", world=4,
+         args=("--cp", "1", "--pp", "4")),
+    # -- megatron-core checkpoints ---------------------------------------------------------
+    Case("megatron_vs_config", "has shape (192, 64) in the Megatron checkpoint but the model "
+         "config implies (256, 64)", model="megatron", config=dict(intermediate_size=128),
+         before_weights=False),
+    Case("megatron_corrupt", "__0_0.distcp does not match its sha256 in SHA256SUMS",
+         model="megatron", damage="flip", before_weights=False),
+    Case("megatron_truncated", "the file is corrupt or truncated", model="megatron",
+         damage="truncate", before_weights=False),
+    Case("megatron_dense_ep", "ep=2 needs an MoE model", model="megatron", args=("--cp", "1", "--ep", "2")),
     # only the second stage reads layer 1: the first must stop too, and say where
     Case("missing_tensor_one_stage", "rank 1: tensor 'model.layers.1.mlp.up_proj.weight' is "
          "missing", model="llama", damage="drop:model.layers.1.mlp.up_proj.weight",
@@ -165,12 +181,52 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    return {
+    out = {
         kind: make_checkpoint(kind, tmp_path_factory.mktemp(kind)) for kind in ("llama", "mixtral")
     }
+    out["megatron"] = tmp_path_factory.mktemp("megatron") / "ckpt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cp_infer", "convert", "--from", "hf", "--to", "megatron",
+         "--input", str(out["llama"]), "--output", str(out["megatron"])],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _copy_megatron(src: Path, dst: Path, config: dict, damage: str | None) -> Path:
+    """A copy of a Megatron checkpoint, its Hugging Face config (in the args) edited, or a
+    .distcp file corrupted (``flip``: one byte, SHA256SUMS kept) or cut short (``truncate``)."""
+    import argparse
+
+    import torch
+
+    shutil.copytree(src, dst)
+    if config:
+        path = dst / "common.pt"
+        torch.serialization.add_safe_globals([argparse.Namespace])
+        common = torch.load(path, weights_only=True)
+        common["args"].hf_config = json.dumps({**json.loads(common["args"].hf_config), **config})
+        torch.save(common, path)
+        (dst / "SHA256SUMS").unlink()
+    if damage is not None:
+        data = bytearray((dst / "__0_0.distcp").read_bytes())
+        if damage == "flip":
+            data[len(data) // 2] ^= 0xFF
+        else:
+            data = data[: len(data) // 2]
+            (dst / "SHA256SUMS").unlink()
+        (dst / "__0_0.distcp").write_bytes(bytes(data))
+    return dst
 
 
 def _copy_checkpoint(src: Path, dst: Path, config: dict, damage: str | None) -> Path:
+    if (src / "metadata.json").exists():
+        return _copy_megatron(src, dst, config, damage)
+    if damage == "not_a_checkpoint":
+        dst.mkdir()
+        (dst / "weights.bin").write_bytes(b"x")
+        return dst
     dst.mkdir()
     cfg = {**json.loads((src / "config.json").read_text()), **config}
     cfg = {k: v for k, v in cfg.items() if v is not None}

@@ -45,3 +45,23 @@ def expected(tmp_path_factory):
 def test_deepspeed_launcher(expected, tmp_path, target):
     tokens = _run(lambda a: deepspeed(2, target, a), tmp_path, "deepspeed")
     assert tokens == expected and len(tokens[0]) == 6
+
+
+def test_megatron_example_under_both_launchers(tmp_path):
+    """examples/megatron_checkpoint.sh: convert the tiny-llama preset to a Megatron checkpoint
+    and generate from it under torchrun and deepspeed; the tokens are the preset's own."""
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(REPO / "examples" / "megatron_checkpoint.sh"), str(tmp_path / "m")],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "torchrun and deepspeed agree" in proc.stdout
+    out = tmp_path / "preset.jsonl"
+    ran = torchrun(2, ["generate", "--preset", "tiny-llama", "--cp", "2", "--input",
+                       str(REPO / "examples" / "prompts.jsonl"), "--output", str(out)])  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert out.read_text() == (tmp_path / "m" / "torchrun.jsonl").read_text()
