@@ -28,6 +28,7 @@ import torch.distributed as dist
 from cp_infer.distributed import (
     RankFailure,
     announce_failure,
+    clear_failure,
     error_message,
     peer_failure,
 )
@@ -80,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_rank is not None:  # launchers also set LOCAL_RANK; keep the two in step
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     setup_logging()
+    if dist.is_initialized():  # a process that runs several commands (tests): forget the last
+        if dist.get_rank() == 0:
+            clear_failure()
+        dist.barrier()
     try:
         return args.run(args, argv)
     except Exception as e:
