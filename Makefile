@@ -1,6 +1,8 @@
 # One-command set-up and runs. Needs only Python 3.11 (and a network to PyPI).
 #   make demo   set up .venv and generate with a tiny Llama at CP=2 on CPU under torchrun
 #   make demo-attention   the ring attention alone (both variants) against unsharded attention
+#   make demo-megatron    a tiny model converted to a Megatron checkpoint, generated from under
+#                         torchrun and deepspeed
 #   make test   set up .venv, run ruff and the whole test suite
 #   make lint   ruff check + format check
 #   make bench  run the attention benchmark (CP=1 vs CP=2) and write bench_out/attention.json
@@ -13,7 +15,7 @@ STAMP  := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 NPROC ?= 2
 
-.PHONY: setup demo demo-attention test lint format bench bench-model clean
+.PHONY: setup demo demo-attention demo-megatron test lint format bench bench-model clean
 
 setup: $(STAMP)
 
@@ -32,6 +34,9 @@ demo: $(STAMP)
 demo-attention: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) \
 		examples/ring_attention_prefill.py --seq-len 4096 1000 7 --variant both
+
+demo-megatron: $(STAMP)
+	PYTHON=$(PY) bash examples/megatron_checkpoint.sh demo_out/megatron
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -132,6 +132,9 @@ def convert(args) -> dict:
     verify_manifest(args.input, progress=True)
     cfg, hf = read_config(args.input, args.src)
     params = _parameters(cfg)
+    if args.dst == "megatron":
+        import megatron.core.dist_checkpointing  # noqa: F401  (imported before measuring)
+    rss_before = _peak_rss()  # what the conversion itself adds is measured from here
     tmp = args.output.parent / f".{args.output.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
@@ -156,15 +159,23 @@ def convert(args) -> dict:
         "tensors": len(params),
         "bytes": sum(p.stat().st_size for p in args.output.rglob("*") if p.is_file()),
         "largest_tensor_bytes": max(_numel(s) for _, s in params) * 4,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": _peak_rss(),
+        "peak_rss_growth_bytes": _peak_rss() - rss_before,
         "seconds": time.perf_counter() - t0,
     }
     logger.info(
-        "converted %s (%s) to %s (%s): %d tensors, %.1f MiB in %.1f s, peak memory %.0f MiB",
+        "converted %s (%s) to %s (%s): %d tensors, %.1f MiB in %.1f s, peak memory %.0f MiB "
+        "(+%.0f MiB over the process before converting; largest tensor %.0f MiB)",
         args.input, args.src, args.output, args.dst, stats["tensors"], stats["bytes"] / 2**20,
-        stats["seconds"], stats["peak_rss_bytes"] / 2**20,
+        stats["seconds"], stats["peak_rss_bytes"] / 2**20, stats["peak_rss_growth_bytes"] / 2**20,
+        stats["largest_tensor_bytes"] / 2**20,
     )  # fmt: skip
     return stats
+
+
+def _peak_rss() -> int:
+    """High-water mark of this process's resident memory, bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _numel(shape: tuple[int, ...]) -> int:
