@@ -1,4 +1,4 @@
-"""Read a torch.distributed.checkpoint (DCP) directory without a process group, and safely.
+"""Read and write torch.distributed.checkpoint (DCP) directories without a process group.
 
 megatron-core's ``torch_dist`` checkpoints are DCP directories: a ``.metadata`` file that maps
 every tensor to chunks (offsets, sizes) and each chunk to a byte range of a ``*.distcp`` file,
@@ -8,23 +8,28 @@ where it is stored as a ``torch.save``'d tensor. This reader
   cannot run code), and each chunk with ``torch.load(weights_only=True)``;
 - reads any box of a tensor by loading only the chunks it overlaps, so a rank that needs a
   slice (its TP shard, its layer, its experts) never reads the rest.
+
+:func:`write_dcp` writes one: chunk by chunk, each made only when it is written.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import torch
 
-__all__ = ["DcpReader"]
+__all__ = ["ChunkSpec", "DcpReader", "write_dcp"]
 
 _ALLOWED = {
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),
     ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),  # the checkpoint id in StorageMeta
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     *(
         ("torch.distributed.checkpoint.metadata", n)
@@ -50,6 +55,12 @@ _ALLOWED = {
         )
     ),
 }
+
+
+def _index(key: str, chunk):
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    return MetadataIndex(key, chunk.offsets)
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -93,13 +104,14 @@ class DcpReader:
 
     def read(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
         """The box ``[offsets, offsets + sizes)`` of tensor ``key``."""
-        from torch.distributed.checkpoint.metadata import MetadataIndex
-
         shape, dtype = self.tensors[key]
         if len(offsets) != len(shape) or any(
             o < 0 or o + s > n for o, s, n in zip(offsets, sizes, shape, strict=True)
         ):
             raise ValueError(f"box {offsets}+{sizes} is outside {key!r} of shape {shape}")
+        for chunk in self.metadata.state_dict_metadata[key].chunks:  # the box is one chunk:
+            if tuple(chunk.offsets) == tuple(offsets) and tuple(chunk.sizes) == tuple(sizes):
+                return self._load_chunk(key, self.metadata.storage_data[_index(key, chunk)])
         out = torch.empty(sizes, dtype=dtype)
         covered = 0
         for chunk in self.metadata.state_dict_metadata[key].chunks:
@@ -110,8 +122,7 @@ class DcpReader:
             ]
             if any(a >= b for a, b in zip(lo, hi, strict=True)):
                 continue
-            info = self.metadata.storage_data[MetadataIndex(key, chunk.offsets)]
-            data = self._load_chunk(key, info)
+            data = self._load_chunk(key, self.metadata.storage_data[_index(key, chunk)])
             src = tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, chunk.offsets, strict=True))
             dst = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets, strict=True))
             out[dst] = data[src]
@@ -130,7 +141,9 @@ class DcpReader:
                 raw = f.read(info.length)
             if len(raw) != info.length:
                 raise EOFError(f"{len(raw)} of {info.length} bytes")
-            return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+            buf = io.BytesIO(raw)
+            del raw  # the buffer keeps the bytes; one copy in memory, not two
+            return torch.load(buf, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise ValueError(
                 f"{path} (holding {key!r}) is missing; copy or convert the checkpoint again"
@@ -140,3 +153,101 @@ class DcpReader:
                 f"cannot read {key!r} from {path}: {type(e).__name__}: {e}; the file is "
                 "corrupt or truncated, copy or convert the checkpoint again"
             ) from None
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """One chunk of a tensor to write: where it sits in the global tensor, and how to make it.
+
+    Attributes:
+        key: the tensor's name.
+        global_shape: the whole tensor's shape.
+        dtype: its dtype.
+        offsets: where the chunk starts.
+        sizes: the chunk's shape.
+        make: computes the chunk (called once, when it is written).
+    """
+
+    key: str
+    global_shape: tuple[int, ...]
+    dtype: torch.dtype
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    make: Callable[[], torch.Tensor] = field(compare=False, repr=False)
+
+
+def write_dcp(
+    directory: Path,
+    chunks: Sequence[ChunkSpec],
+    objects: dict[str, object],
+    *,
+    on_chunk: Callable[[ChunkSpec], None] = lambda chunk: None,
+) -> None:
+    """Write a DCP checkpoint one chunk at a time, with no process group.
+
+    Each chunk goes to a file of its own (torch's ``single_file_per_rank=False`` layout) and is
+    made only when written, so the memory held is one chunk, not the checkpoint. ``objects``
+    (small picklable values, such as megatron's ``_extra_state``) are written ``torch.save``'d.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        MetadataIndex,
+        TensorProperties,
+    )
+    from torch.distributed.checkpoint.planner import (
+        SavePlan,
+        SavePlanner,
+        TensorWriteData,
+        WriteItem,
+        WriteItemType,
+    )
+
+    by_index = {}
+    items = []
+    for c in chunks:
+        index = MetadataIndex(c.key, torch.Size(c.offsets))
+        by_index[index] = c
+        items.append(
+            WriteItem(
+                index=index,
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)),
+                    properties=TensorProperties(dtype=c.dtype),
+                    size=torch.Size(c.global_shape),
+                ),
+            )
+        )
+    items += [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in objects]
+
+    class _Planner(SavePlanner):
+        def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False) -> None:
+            pass
+
+        def create_local_plan(self) -> SavePlan:
+            return SavePlan(items)
+
+        def create_global_plan(self, all_plans):
+            return create_default_global_save_plan(all_plans)
+
+        def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+            return new_plan
+
+        def resolve_data(self, write_item):
+            if write_item.type == WriteItemType.BYTE_IO:
+                buf = io.BytesIO()
+                torch.save(objects[write_item.index.fqn], buf)
+                buf.seek(0)
+                return buf
+            spec = by_index[MetadataIndex(write_item.index.fqn, write_item.index.offset)]
+            data = spec.make().contiguous()
+            if data.dtype != spec.dtype or tuple(data.shape) != spec.sizes:
+                raise ValueError(f"{spec.key}: made {data.dtype} {tuple(data.shape)}, expected "
+                                 f"{spec.dtype} {spec.sizes}")  # fmt: skip
+            on_chunk(spec)
+            return data
+
+    writer = dcp.FileSystemWriter(str(directory), single_file_per_rank=False, thread_count=1)
+    dcp.save({}, storage_writer=writer, planner=_Planner(), no_dist=True)

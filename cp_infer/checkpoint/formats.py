@@ -45,7 +45,10 @@ def read_config(directory: Path, fmt: str) -> tuple[ModelConfig, dict | None]:
     return ModelConfig.from_hf(hf), hf
 
 
-def open_source(directory: Path, fmt: str, cfg: ModelConfig) -> SafetensorsSource | MegatronSource:
-    return (
-        MegatronSource(directory, cfg) if fmt == "megatron" else SafetensorsSource(directory, cfg)
-    )
+def open_source(
+    directory: Path, fmt: str, cfg: ModelConfig, *, streaming: bool = False
+) -> SafetensorsSource | MegatronSource:
+    """A source of the checkpoint's tensors; ``streaming`` for one pass over all of them."""
+    if fmt == "megatron":
+        return MegatronSource(directory, cfg)
+    return SafetensorsSource(directory, cfg, keep_open=not streaming)

@@ -85,11 +85,14 @@ class SafetensorsSource:
     Args:
         directory: the checkpoint.
         cfg: the model it holds (for names: a tied LM head reads the embedding).
+        keep_open: keep each file memory-mapped between reads (fast for many small slices);
+            False unmaps it after every read, so a pass over a whole checkpoint (conversion)
+            never holds more than one tensor's pages.
     """
 
-    def __init__(self, directory: str | Path, cfg: ModelConfig) -> None:
+    def __init__(self, directory: str | Path, cfg: ModelConfig, *, keep_open: bool = True) -> None:
         self.directory = Path(directory)
-        self.cfg = cfg
+        self.cfg, self.keep_open = cfg, keep_open
         index = self.directory / "model.safetensors.index.json"
         if index.exists():
             try:
@@ -158,7 +161,11 @@ class SafetensorsSource:
                     f"tensor {name!r} has shape {shape} in the checkpoint but config.json "
                     f"implies {tuple(expected_full)}; the checkpoint and config do not match"
                 )
-            return sl[shard.slices()] if shard is not None else sl[:]
+            out = sl[shard.slices()] if shard is not None else sl[:]
+            if not self.keep_open:
+                del sl
+                self._handles.pop(path)
+            return out
         except ValueError:
             raise
         except Exception as e:  # corrupt or truncated file

@@ -39,14 +39,14 @@ style) beside the checkpoint is used. See docs/checkpoints.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from cp_infer.checkpoint.dcp import DcpReader
+from cp_infer.checkpoint.dcp import ChunkSpec, DcpReader, write_dcp
 from cp_infer.models.config import ModelConfig, RopeScaling
 from cp_infer.parallel.tensor_parallel import Shard
 
@@ -59,6 +59,12 @@ __all__ = [
 ]
 
 _LAYER = "decoder.layers."
+_BACKEND = {
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
 _ATTN_NORM = ("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight")
 _FFN_NORM = ("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight")
 
@@ -346,120 +352,98 @@ def _megatron_args(cfg: ModelConfig, hf: dict | None) -> argparse.Namespace:
     )
 
 
-def fuse_for_megatron(
-    cfg: ModelConfig, tensors: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Our full tensors of one layer (or the non-layer ones) -> megatron's names and layouts.
-
-    ``tensors`` maps our parameter names without the ``layers.N.`` prefix for layer tensors.
-    """
-    out = {}
+def _fused_qkv(cfg: ModelConfig, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor):
+    """megatron's QKV rows: for each KV head, its query heads' rows, then its K, then its V."""
     hd, per = cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
-    if "attention.wq.weight" in tensors:
-        q = tensors["attention.wq.weight"].view(cfg.n_kv_heads, per, hd, -1)
-        k = tensors["attention.wk.weight"].view(cfg.n_kv_heads, 1, hd, -1)
-        v = tensors["attention.wv.weight"].view(cfg.n_kv_heads, 1, hd, -1)
-        out["self_attention.linear_qkv.weight"] = torch.cat([q, k, v], dim=1).reshape(
-            -1, q.shape[-1]
-        )
-    simple = {
-        "attention_norm.weight": _ATTN_NORM[0],
-        "ffn_norm.weight": _FFN_NORM[0],
-        "attention.wo.weight": "self_attention.linear_proj.weight",
-        "feed_forward.w2.weight": "mlp.linear_fc2.weight",
-        "feed_forward.gate.weight": "mlp.router.weight",
-    }
-    for ours, theirs in simple.items():
-        if ours in tensors:
-            out[theirs] = tensors[ours]
-    if "feed_forward.w1.weight" in tensors:
-        out["mlp.linear_fc1.weight"] = torch.cat(
-            [tensors["feed_forward.w1.weight"], tensors["feed_forward.w3.weight"]]
-        )
-    for e in range(cfg.n_experts):
-        p = f"feed_forward.experts.{e}."
-        if p + "w1.weight" in tensors:
-            out[f"mlp.experts.experts.linear_fc1.weight/{e}"] = torch.cat(
-                [tensors[p + "w1.weight"], tensors[p + "w3.weight"]]
+    q = wq.view(cfg.n_kv_heads, per, hd, -1)
+    k = wk.view(cfg.n_kv_heads, 1, hd, -1)
+    v = wv.view(cfg.n_kv_heads, 1, hd, -1)
+    return torch.cat([q, k, v], dim=1).reshape(-1, wq.shape[-1])
+
+
+def _megatron_chunks(cfg: ModelConfig, read, dtype) -> tuple[list[ChunkSpec], dict[str, object]]:
+    """Every chunk of the checkpoint (one per layer, and per expert), made from our tensors by
+    ``read(param)`` only when written; and the ``_extra_state`` objects."""
+    L, E, D, F = cfg.n_layers, cfg.n_experts, cfg.dim, cfg.ffn_dim
+    hd = cfg.head_dim
+    chunks: list[ChunkSpec] = []
+    objects: dict[str, object] = {}
+
+    def add(key: str, shape: tuple[int, ...], params: list[str], make, index: tuple[int, ...] = ()):
+        lead = (L,) if index else ()
+        lead += (E,) if len(index) == 2 else ()
+        chunks.append(
+            ChunkSpec(
+                key, (*lead, *shape), dtype(params[0]), (*index, *(0 for _ in shape)),
+                (*(1 for _ in index), *shape), lambda: make(*map(read, params)).view(
+                    *(1 for _ in index), *shape),
             )
-            out[f"mlp.experts.experts.linear_fc2.weight/{e}"] = tensors[p + "w2.weight"]
-    return out
+        )  # fmt: skip
+        if ".linear_" in key and key.endswith(".weight"):  # megatron's linears carry one
+            obj = key.removesuffix(".weight") + "._extra_state"
+            where = ".".join(map(str, index))
+            objects[f"{obj}/shard_{where}_{'.'.join(map(str, lead))}"] = [None]
+
+    same = lambda t: t  # noqa: E731
+    add("embedding.word_embeddings.weight", (cfg.vocab_size, D), ["tok_embeddings.weight"], same)
+    add("decoder.final_layernorm.weight", (D,), ["norm.weight"], same)
+    if not cfg.tie_embeddings:
+        add("output_layer.weight", (cfg.vocab_size, D), ["output.weight"], same)
+    for layer in range(L):
+        p = f"layers.{layer}."
+        at = (layer,)
+        add(_LAYER + _ATTN_NORM[0], (D,), [p + "attention_norm.weight"], same, at)
+        add(_LAYER + "self_attention.linear_qkv.weight", ((cfg.n_heads + 2 * cfg.n_kv_heads) * hd, D),
+            [p + "attention.wq.weight", p + "attention.wk.weight", p + "attention.wv.weight"],
+            lambda q, k, v: _fused_qkv(cfg, q, k, v), at)  # fmt: skip
+        add(_LAYER + "self_attention.linear_proj.weight", (D, cfg.n_heads * hd),
+            [p + "attention.wo.weight"], same, at)  # fmt: skip
+        add(_LAYER + _FFN_NORM[0], (D,), [p + "ffn_norm.weight"], same, at)
+        gate_up = lambda w1, w3: torch.cat([w1, w3])  # noqa: E731
+        if not cfg.is_moe:
+            ffn = p + "feed_forward."
+            add(_LAYER + "mlp.linear_fc1.weight", (2 * F, D), [ffn + "w1.weight", ffn + "w3.weight"],
+                gate_up, at)  # fmt: skip
+            add(_LAYER + "mlp.linear_fc2.weight", (D, F), [ffn + "w2.weight"], same, at)
+            continue
+        add(_LAYER + "mlp.router.weight", (E, D), [p + "feed_forward.gate.weight"], same, at)
+        for e in range(E):
+            ex = f"{p}feed_forward.experts.{e}."
+            key = _LAYER + "mlp.experts.experts."
+            add(key + "linear_fc1.weight", (2 * F, D), [ex + "w1.weight", ex + "w3.weight"],
+                gate_up, (layer, e))  # fmt: skip
+            add(key + "linear_fc2.weight", (D, F), [ex + "w2.weight"], same, (layer, e))
+    return chunks, objects
 
 
 def save_megatron(
     directory: Path,
     cfg: ModelConfig,
     hf: dict | None,
-    layer_tensors,
-    other: dict[str, torch.Tensor],
+    read: Callable[[str], torch.Tensor],
+    dtype: Callable[[str], torch.dtype],
+    *,
+    on_chunk: Callable[[ChunkSpec], None] = lambda chunk: None,
 ) -> None:
-    """Write a megatron-core ``torch_dist`` checkpoint with ``dist_checkpointing.save``.
+    """Write a megatron-core ``torch_dist`` checkpoint, one chunk at a time.
+
+    The layout is the one megatron-core's own ``dist_checkpointing.save`` writes for a GPTModel
+    (stacked layers and experts, ``_extra_state`` objects, ``common.pt``, ``metadata.json``),
+    and megatron-core loads it (tested). Writing it here rather than through megatron's saver
+    keeps one chunk in memory instead of the model, and needs no process group.
 
     Args:
         directory: an empty directory.
         cfg: the model.
         hf: its Hugging Face config.json, stored in the args for an exact round trip.
-        layer_tensors: ``(layer, {our name without "layers.N.": full tensor})`` for each layer.
-        other: our full embedding, final norm and LM head tensors.
-
-    Needs a process group (world 1 is enough): megatron's saver runs collectives.
+        read: our full tensor of a parameter name (called once per parameter).
+        dtype: the dtype a parameter is stored in.
+        on_chunk: called after each chunk is made (progress).
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
-
-    L, E = cfg.n_layers, cfg.n_experts
-    # Megatron-LM's layout: common values at the top, the model's sharded state under "model"
-    state: dict = {}
-    top = {
-        "args": _megatron_args(cfg, hf),
-        "checkpoint_version": 3.0,
-        "iteration": 0,
-        "model": state,
-    }
-
-    def add(key: str, data: torch.Tensor, *offsets: tuple[int, int, int]) -> None:
-        name = key if not offsets else f"{key}/{'.'.join(str(o[1]) for o in offsets)}"
-        state[name] = ShardedTensor.from_rank_offsets(
-            key, data.contiguous(), *offsets, replica_id=0, prepend_axis_num=len(offsets)
-        )
-
-    add("embedding.word_embeddings.weight", other["tok_embeddings.weight"])
-    add("decoder.final_layernorm.weight", other["norm.weight"])
-    if not cfg.tie_embeddings:
-        add("output_layer.weight", other["output.weight"])
-
-    def extra_state(key: str, offsets: list[tuple[int, int, int]]) -> None:
-        # megatron's linear layers expect an ``_extra_state`` object beside each weight (None
-        # for the local spec; Transformer Engine accepts None too)
-        key = _LAYER + key.removesuffix(".weight") + "._extra_state"
-        shape, offset = tuple(o[2] for o in offsets), tuple(o[1] for o in offsets)
-        name = f"{key}/shard_{'.'.join(map(str, offset))}_{'.'.join(map(str, shape))}"
-        state[name] = ShardedObject(key, None, shape, offset, replica_id=0)
-
-    for layer, tensors in layer_tensors:
-        for name, t in fuse_for_megatron(cfg, tensors).items():
-            key, _, expert = name.partition("/")
-            offsets = [(0, layer, L)] + ([(1, int(expert), E)] if expert else [])
-            add(_LAYER + key, t, *offsets)
-            if "linear_" in key:
-                extra_state(key, offsets)
-    with _cpu_safe_sync():
-        dist_checkpointing.save(top, str(directory))
-
-
-@contextlib.contextmanager
-def _cpu_safe_sync():
-    """megatron's writer assumes CUDA in two places on a CPU-only build: it calls
-    ``torch.cuda.synchronize()`` after copying (CPU) tensors to the host, and puts a flag for an
-    all-reduce on ``torch.cuda.current_device()``. There is nothing to wait for, and the flag
-    belongs on the CPU (gloo)."""
-    if torch.cuda.is_available():
-        yield
-        return
-    saved = torch.cuda.synchronize, torch.cuda.current_device
-    torch.cuda.synchronize = lambda *args, **kwargs: None
-    torch.cuda.current_device = lambda: "cpu"
-    try:
-        yield
-    finally:
-        torch.cuda.synchronize, torch.cuda.current_device = saved
+    directory = Path(directory)
+    chunks, objects = _megatron_chunks(cfg, read, dtype)
+    write_dcp(directory, chunks, objects, on_chunk=on_chunk)
+    # Megatron-LM's common state: the args, the checkpoint version and the iteration
+    common = {"args": _megatron_args(cfg, hf), "checkpoint_version": 3.0, "iteration": 0}
+    torch.save(common, directory / "common.pt")
+    (directory / "metadata.json").write_text(json.dumps(_BACKEND))

@@ -9,14 +9,12 @@ nothing behind. Names and layouts: docs/checkpoints.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
 import os
 import resource
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -27,7 +25,6 @@ from cp_infer.checkpoint.hf import hf_name
 from cp_infer.checkpoint.manifest import verify_manifest, write_manifest
 from cp_infer.checkpoint.megatron import save_megatron
 from cp_infer.checkpoint.safetensors_writer import TensorSpec, write_safetensors_checkpoint
-from cp_infer.distributed import free_port
 from cp_infer.entrypoints.launch import HelpFormatter
 from cp_infer.models.config import ModelConfig
 from cp_infer.models.llama import Transformer
@@ -114,17 +111,6 @@ def _parameters(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     ]
 
 
-def _ensure_process_group() -> None:
-    """megatron's saver runs collectives: a one-process gloo group is enough."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1, timeout=datetime.timedelta(seconds=300))
-
-
 def convert(args) -> dict:
     """Convert ``args.input`` into ``args.output``; returns what it measured."""
     t0 = time.perf_counter()
@@ -132,20 +118,20 @@ def convert(args) -> dict:
     verify_manifest(args.input, progress=True)
     cfg, hf = read_config(args.input, args.src)
     params = _parameters(cfg)
-    if args.dst == "megatron":
-        import megatron.core.dist_checkpointing  # noqa: F401  (imported before measuring)
     rss_before = _peak_rss()  # what the conversion itself adds is measured from here
     tmp = args.output.parent / f".{args.output.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
     try:
-        with open_source(args.input, args.src, cfg) as source:
-            bar = tqdm(total=len(params), desc=f"{args.src} -> {args.dst}", unit="tensor")
+        with open_source(args.input, args.src, cfg, streaming=True) as source:
+            unit = "tensor" if args.dst == "hf" else "chunk"
+            bar = tqdm(
+                total=_count(cfg, params, args.dst), desc=f"{args.src} -> {args.dst}", unit=unit
+            )
             with bar:
                 if args.dst == "hf":
                     _write_hf(tmp, cfg, hf, params, source, bar, args.max_shard_size)
                 else:
-                    _ensure_process_group()
                     _write_megatron(tmp, cfg, hf, params, source, bar)
         for name in SIDE_FILES:
             if (args.input / name).is_file():
@@ -176,6 +162,14 @@ def convert(args) -> dict:
 def _peak_rss() -> int:
     """High-water mark of this process's resident memory, bytes (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _count(cfg: ModelConfig, params, dst: str) -> int:
+    """Steps of the progress bar: tensors written (HF), or chunks (megatron: fused per layer)."""
+    if dst == "hf":
+        return len(params)
+    per_layer = 4 + (1 + 2 * cfg.n_experts if cfg.is_moe else 2)
+    return 3 - cfg.tie_embeddings + cfg.n_layers * per_layer
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -214,19 +208,13 @@ def _write_hf(tmp: Path, cfg, hf, params, source, bar, max_shard_bytes: int) -> 
 
 
 def _write_megatron(tmp: Path, cfg, hf, params, source, bar) -> None:
-    def read(p: str, shape) -> torch.Tensor:
-        t = source.read(p, None, shape)
-        bar.update()
-        return t
-
-    other = {p: read(p, s) for p, s in params if not p.startswith("layers.")}
-
-    def layers() -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        for layer in range(cfg.n_layers):
-            prefix = f"layers.{layer}."
-            yield layer, {p[len(prefix) :]: read(p, s) for p, s in params if p.startswith(prefix)}
-
-    save_megatron(tmp, cfg, hf, layers(), other)
+    shapes = dict(params)
+    save_megatron(
+        tmp, cfg, hf,
+        read=lambda p: source.read(p, None, shapes[p]),
+        dtype=source.dtype,
+        on_chunk=lambda chunk: bar.update(),
+    )  # fmt: skip
 
 
 def run(args, argv: list[str]) -> int:
