@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -81,9 +80,3 @@ def verify_manifest(
                 "truncated; copy or convert the checkpoint again"
             )
     return len(mine)
-
-
-def listed_files(directory: Path) -> Iterable[str]:
-    """Names in the manifest (empty without one)."""
-    directory = Path(directory)
-    return [name for _, name in _entries(directory)] if (directory / MANIFEST).exists() else []

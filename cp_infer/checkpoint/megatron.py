@@ -214,15 +214,15 @@ class MegatronSource:
         )
 
     def _address(self, param: str):
-        """(key, leading indices, kind, extra) for one of our parameter names."""
+        """(key, leading indices, kind) for one of our parameter names."""
         if param == "tok_embeddings.weight" or (
             param == "output.weight" and self.cfg.tie_embeddings
         ):
-            return (*self._key(None, "embedding.word_embeddings.weight"), "vocab", None)
+            return (*self._key(None, "embedding.word_embeddings.weight"), "vocab")
         if param == "output.weight":
-            return (*self._key(None, "output_layer.weight"), "vocab", None)
+            return (*self._key(None, "output_layer.weight"), "vocab")
         if param == "norm.weight":
-            return (*self._key(None, "decoder.final_layernorm.weight"), "plain", None)
+            return (*self._key(None, "decoder.final_layernorm.weight"), "plain")
         m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", param)
         if m is None:
             raise KeyError(f"no Megatron name for parameter {param!r}")
@@ -231,7 +231,7 @@ class MegatronSource:
         if e is not None:
             fc = "linear_fc2" if e[2] == "w2" else "linear_fc1"
             key, idx = self._key(layer, f"mlp.experts.experts.{fc}.weight")
-            return key, (*idx, int(e[1])), e[2], None
+            return key, (*idx, int(e[1])), e[2]
         table = {
             "attention_norm": (_ATTN_NORM, "plain"),
             "ffn_norm": (_FFN_NORM, "plain"),
@@ -247,10 +247,10 @@ class MegatronSource:
         if rest not in table:
             raise KeyError(f"no Megatron name for parameter {param!r}")
         names, kind = table[rest]
-        return (*self._key(layer, names), kind, None)
+        return (*self._key(layer, names), kind)
 
     def tensor_name(self, param: str) -> str:
-        key, idx, _, _ = self._address(param)
+        key, idx, _ = self._address(param)
         return f"{key}{list(idx) if idx else ''}"
 
     def dtype(self, param: str) -> torch.dtype:
@@ -260,7 +260,7 @@ class MegatronSource:
     # -- reading ----------------------------------------------------------------------------
     def read(self, param: str, shard: Shard | None, expected_full: tuple[int, ...]) -> torch.Tensor:
         """The slice ``shard`` of our parameter ``param``, cut from its Megatron tensor."""
-        key, idx, kind, _ = self._address(param)
+        key, idx, kind = self._address(param)
         shape = self.dcp.tensors[key][0][len(idx) :]
         self._check_shape(param, key, kind, shape, expected_full)
         dim = shard.dim if shard is not None else 0
@@ -319,7 +319,7 @@ class MegatronSource:
 
 
 # -- writing --------------------------------------------------------------------------------
-def _megatron_args(cfg: ModelConfig, hf: dict | None) -> argparse.Namespace:
+def _args_for(cfg: ModelConfig, hf: dict | None) -> argparse.Namespace:
     """Megatron-LM argument names for this model (what its training scripts would have set)."""
     return argparse.Namespace(
         num_layers=cfg.n_layers,
@@ -444,6 +444,6 @@ def save_megatron(
     chunks, objects = _megatron_chunks(cfg, read, dtype)
     write_dcp(directory, chunks, objects, on_chunk=on_chunk)
     # Megatron-LM's common state: the args, the checkpoint version and the iteration
-    common = {"args": _megatron_args(cfg, hf), "checkpoint_version": 3.0, "iteration": 0}
+    common = {"args": _args_for(cfg, hf), "checkpoint_version": 3.0, "iteration": 0}
     torch.save(common, directory / "common.pt")
     (directory / "metadata.json").write_text(json.dumps(_BACKEND))

@@ -25,7 +25,7 @@ from cp_infer.checkpoint.hf import hf_name
 from cp_infer.checkpoint.manifest import verify_manifest, write_manifest
 from cp_infer.checkpoint.megatron import save_megatron
 from cp_infer.checkpoint.safetensors_writer import TensorSpec, write_safetensors_checkpoint
-from cp_infer.entrypoints.launch import HelpFormatter
+from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments
 from cp_infer.models.config import ModelConfig
 from cp_infer.models.llama import Transformer
 
@@ -71,10 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--max-shard-size", type=int, default=5 << 30, metavar="BYTES",
         help="largest safetensors file written (Hugging Face output)",
     )  # fmt: skip
-    c.add_argument("--debug", action="store_true", help="show tracebacks with errors")
-    c.add_argument(
-        "--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
+    add_common_arguments(c)
     c.set_defaults(run=run)
     return c
 

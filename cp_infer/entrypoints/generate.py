@@ -30,7 +30,7 @@ from cp_infer.checkpoint.manifest import verify_manifest
 from cp_infer.distributed import RankFailure, clear_failure, on_all_ranks
 from cp_infer.engine import Conversation, GenerationResult, SamplingConfig, generate
 from cp_infer.engine.generate import check_prompts
-from cp_infer.entrypoints.launch import HelpFormatter, ensure_launched
+from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments, ensure_launched
 from cp_infer.models.config import PRESETS, RUNNABLE_PRESETS, ModelConfig, get_preset
 from cp_infer.parallel import check_model_fits_layout
 from cp_infer.reporting import atomic_files, check_writable
@@ -122,10 +122,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="local attention kernel (flash_attn and transformer_engine need CUDA)",
     )  # fmt: skip
     g.add_argument("--timeout", type=float, default=300.0, help="process-group timeout, seconds")
-    g.add_argument("--debug", action="store_true", help="show tracebacks with errors")
-    g.add_argument(  # a launcher's --local_rank=N may also come after the command
-        "--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
+    add_common_arguments(g)
     g.set_defaults(run=run)
     return g
 

@@ -15,7 +15,7 @@ import shlex
 from cp_infer.distributed import free_port
 from parallel_state import validate_parallel_sizes
 
-__all__ = ["HelpFormatter", "ensure_launched", "processes_needed"]
+__all__ = ["HelpFormatter", "add_common_arguments", "ensure_launched", "processes_needed"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         if no_default or action.default == argparse.SUPPRESS or "default" in text:
             return text
         return super()._get_help_string(action)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """What every command takes: ``--debug``, and a launcher's ``--local_rank=N`` (DeepSpeed's
+    launcher puts it before the command; this accepts it after, too)."""
+    parser.add_argument("--debug", action="store_true", help="show tracebacks with errors")
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
 
 
 def processes_needed(*, tp: int, cp: int, pp: int, ep: int) -> int:
