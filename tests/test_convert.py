@@ -109,3 +109,23 @@ def test_force_replaces_the_output(dist_pool, sources, tmp_path):
     assert got.keys() == ref.keys() and all((got[k] == ref[k]).all() for k in ref)
     summary = next(m for m in run.messages if m.startswith("converted"))
     assert "peak memory" in summary
+
+
+def test_megatron_args_that_change_the_math_are_refused():
+    import argparse
+
+    from cp_infer.checkpoint.megatron import _config_from_args
+
+    base = dict(num_attention_heads=4, hidden_size=64, num_layers=2, ffn_hidden_size=96,
+                max_position_embeddings=64, padded_vocab_size=256)  # fmt: skip
+    cfg = _config_from_args(argparse.Namespace(**base))
+    assert (cfg.vocab_size, cfg.n_kv_heads, cfg.tie_embeddings) == (256, 4, True)
+    bad = dict(swiglu=False, normalization="LayerNorm", rotary_percent=0.5, add_qkv_bias=True,
+               moe_router_pre_softmax=True, moe_router_score_function="sigmoid",
+               moe_router_topk_scaling_factor=2.5)  # fmt: skip
+    with pytest.raises(ValueError) as e:
+        _config_from_args(argparse.Namespace(**base, **bad))
+    for name in bad:
+        assert name in str(e.value)
+    with pytest.raises(ValueError, match="lack 'hidden_size'"):
+        _config_from_args(argparse.Namespace(**{**base, "hidden_size": None}))

@@ -116,9 +116,13 @@ def _config_from_args(a: argparse.Namespace) -> ModelConfig:
         problems.append(f"position_embedding_type={a.position_embedding_type!r} (only rope)")
     if getattr(a, "rotary_percent", 1.0) != 1.0:
         problems.append(f"rotary_percent={a.rotary_percent} (rotary on all dims)")
-    for flag in ("add_bias_linear", "add_qkv_bias", "qk_layernorm"):
+    for flag in ("add_bias_linear", "add_qkv_bias", "qk_layernorm", "moe_router_pre_softmax"):
         if getattr(a, flag, False):
             problems.append(f"{flag}=True (not implemented)")
+    if getattr(a, "moe_router_score_function", "softmax") not in (None, "softmax"):
+        problems.append(f"moe_router_score_function={a.moe_router_score_function!r} (softmax)")
+    if getattr(a, "moe_router_topk_scaling_factor", None) not in (None, 1, 1.0):
+        problems.append(f"moe_router_topk_scaling_factor={a.moe_router_topk_scaling_factor}")
     if problems:
         raise ValueError(
             "the Megatron checkpoint needs what cp_infer cannot run exactly: " + "; ".join(problems)
