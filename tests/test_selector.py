@@ -61,3 +61,20 @@ def test_bad_arguments():
         _choose(0, 10)
     with pytest.raises(ValueError, match="must be > 0"):
         Hardware(flops=0, bandwidth=1)
+
+
+def test_replicated_kv_heads_count_as_sent():
+    """405B at tp=16: every rank sends one KV head for 8 query heads, so Eq. 1's threshold is
+    2*16/128 = 25%, not 12.5%; a 20% miss rate then goes pass-Q."""
+    args = dict(cp=2, bytes_per_element=2, hardware=Hardware(flops=1e15, bandwidth=1e10),
+                all2all_correction=False, **LLAMA_405B)  # fmt: skip
+    t, p = 1000, 4000  # miss rate 0.2, and Eq. 2 needs more tokens than 1000 at either tp
+    assert choose_variant(t, p, tp=8, **args) == "pass-kv"  # tp <= n_kv: 12.5%
+    assert choose_variant(t, p, tp=16, **args) == "pass-q"  # replicated: 25%
+
+
+def test_hardware_follows_the_device_not_the_machine():
+    from cp_infer.attention.selector import hardware_for
+
+    assert hardware_for("cpu") == HARDWARE["cpu-gloo"]
+    assert hardware_for("cuda:0") == HARDWARE["h100-rdma"]

@@ -9,6 +9,10 @@ element, C FLOP/s and BW bytes/s per rank):
 - Alg. 1: pass-KV if Eq. 2 holds or the miss rate is above the Eq. 1 threshold, else pass-Q.
   Appendix C charges pass-Q's All2All too, lowering the threshold by 4*T*BW / (N*C*e).
 
+Under TP every rank holds NH/tp query heads and max(1, NKV/tp) KV heads: when tp > NKV the KV
+heads are replicated, and the KV a rank sends is that of max(NKV, tp)/tp heads. The formulas
+then see NKV as max(NKV, tp) (Eq. 1 for Llama 3 405B at tp=16: 25%, not 12.5%).
+
 C and BW start from peak figures and are meant to be tuned on measurements; :data:`HARDWARE`
 holds starting points, the CPU one measured on the development machine
 (``tools/bench_attention.py``).
@@ -18,10 +22,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 __all__ = [
     "HARDWARE",
     "Hardware",
     "choose_variant",
+    "hardware_for",
     "miss_rate_threshold",
     "pass_kv_hidden_min_tokens",
     "pass_q_hidden_min_context",
@@ -73,6 +80,11 @@ def pass_q_hidden_min_context(cp: int, e: int, hw: Hardware) -> float:
     return cp * e * hw.flops / (4 * hw.bandwidth)
 
 
+def hardware_for(device: torch.device | str) -> Hardware:
+    """The built-in profile for a device: the paper's H100 over RDMA for CUDA, else this CPU."""
+    return HARDWARE["h100-rdma" if torch.device(device).type == "cuda" else "cpu-gloo"]
+
+
 def choose_variant(
     new_tokens: int,
     cached_tokens: int,
@@ -82,6 +94,7 @@ def choose_variant(
     n_kv_heads: int,
     bytes_per_element: int,
     hardware: Hardware,
+    tp: int = 1,
     all2all_correction: bool = True,
 ) -> str:
     """Alg. 1: ``"pass-kv"`` or ``"pass-q"`` for a prefill of ``new_tokens`` over ``cached_tokens``.
@@ -93,6 +106,7 @@ def choose_variant(
         n_heads, n_kv_heads: query and KV heads (the model's, before TP).
         bytes_per_element: e of the K/V/Q messages.
         hardware: C and BW.
+        tp: tensor-parallel size (KV heads replicated when ``tp > n_kv_heads`` are sent too).
         all2all_correction: apply appendix C's All2All term to the miss-rate threshold.
     """
     if new_tokens < 1 or cached_tokens < 0:
@@ -102,6 +116,7 @@ def choose_variant(
     if cp == 1:
         return "pass-kv"  # no ring: both are local attention
     t, p, e = new_tokens, cached_tokens, bytes_per_element
+    n_kv_heads = max(n_kv_heads, tp)  # as sent: replicated KV heads travel with every rank
     if t >= pass_kv_hidden_min_tokens(cp, n_heads, n_kv_heads, e, hardware):
         return "pass-kv"
     threshold = miss_rate_threshold(n_heads, n_kv_heads)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from cp_infer.attention import VARIANTS
 from cp_infer.attention.kernels import get_kernel
-from cp_infer.attention.selector import HARDWARE, choose_variant
+from cp_infer.attention.selector import Hardware, choose_variant, hardware_for
 from cp_infer.engine.attention import DecodeAttention, PrefillAttention
 from cp_infer.engine.kv_cache import KVCache, decode_owner, decode_tokens_owned
 from cp_infer.engine.sampling import SamplingConfig, sample
@@ -142,15 +142,14 @@ def _broadcast_tokens(tokens: torch.Tensor | None, b: int, pg: ParallelGroups) -
 
 
 def _choose_variant(
-    variant: str, cfg, pg: ParallelGroups, dtype: torch.dtype, new: int, cached: int
+    variant: str, cfg, pg: ParallelGroups, dtype: torch.dtype, new: int, cached: int, hardware
 ) -> str:
     """The prefill variant: as given, or by Alg. 1 for ``"auto"``; logged either way."""
     how = "given"
     if variant == "auto":
-        hardware = HARDWARE["h100-rdma" if torch.cuda.is_available() else "cpu-gloo"]
         variant = choose_variant(
             new, cached, cp=pg.cp, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-            bytes_per_element=dtype.itemsize, hardware=hardware,
+            bytes_per_element=dtype.itemsize, hardware=hardware, tp=pg.tp,
         )  # fmt: skip
         how = "Alg. 1"
     logger.info(
@@ -215,6 +214,7 @@ def generate(
     kernel: str = "auto",
     conversation: Conversation | None = None,
     progress: bool = False,
+    hardware: Hardware | None = None,
 ) -> GenerationResult:
     """Generate up to ``sampling.max_new_tokens`` tokens for every prompt.
 
@@ -231,6 +231,8 @@ def generate(
         conversation: continue these chats (updated in place); None for a fresh batch.
         progress: show a progress bar (one step per layer of this stage) on prefills that
             take more than a second.
+        hardware: the compute and link speeds Alg. 1 weighs for ``"auto"``; default: the
+            built-in profile of the model's device (:func:`hardware_for`).
     """
     if variant not in (*VARIANTS, "auto"):
         raise ValueError(f"unknown variant {variant!r}; choose one of {[*VARIANTS, 'auto']}")
@@ -257,7 +259,8 @@ def generate(
     layout = ShardLayout([len(x) for x in new], pg.cp)
     attn_kernel = get_kernel(kernel)
     n_new = sum(len(x) for x in new)
-    variant = _choose_variant(variant, cfg, pg, dtype, n_new, sum(cached))
+    hardware = hardware or hardware_for(next(model.parameters()).device)
+    variant = _choose_variant(variant, cfg, pg, dtype, n_new, sum(cached), hardware)
     extra = [
         layout.valid_kv_len(j, pg.cp_rank) + _decode_owned(j, steps0[j], max_new, pg.cp, pg.cp_rank)
         for j in range(b)

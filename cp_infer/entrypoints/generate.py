@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from cp_infer.attention import VARIANTS
 from cp_infer.attention.kernels import KERNELS, get_kernel
+from cp_infer.attention.selector import HARDWARE
 from cp_infer.checkpoint.formats import detect_format, open_source, read_config
 from cp_infer.checkpoint.manifest import verify_manifest
 from cp_infer.distributed import RankFailure, clear_failure, on_all_ranks
@@ -116,6 +117,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--variant", choices=[*VARIANTS, "auto"], default="auto",
         help="prefill ring variant; auto picks per turn by the paper's Alg. 1 (for GQA "
         "models: pass-KV unless most of the context is cached)",
+    )  # fmt: skip
+    g.add_argument(
+        "--hardware", choices=["auto", *sorted(HARDWARE)], default="auto",
+        help="the compute and link speeds --variant auto weighs (auto: by the model's device, "
+        "h100-rdma on CUDA, cpu-gloo on CPU)",
     )  # fmt: skip
     g.add_argument(
         "--kernel", choices=["auto", *sorted(KERNELS)], default="auto",
@@ -294,6 +300,7 @@ def run(args, argv: list[str]) -> int:
                     model, pg, [t[turn] for t in job.turns], job.sampling,
                     variant=args.variant, kernel=args.kernel, conversation=conversation,
                     progress=pg.rank == 0,
+                    hardware=None if args.hardware == "auto" else HARDWARE[args.hardware],
                 )
             )  # fmt: skip
             if writer:
