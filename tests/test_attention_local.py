@@ -1,5 +1,6 @@
 """Local kernels, the LSE merge and the causal block plan: single process."""
 
+import importlib.util
 import itertools
 
 import pytest
@@ -53,14 +54,15 @@ def test_custom_scale_is_honoured():
 def test_get_kernel_errors_name_the_fix():
     with pytest.raises(ValueError, match="choose one of"):
         get_kernel("nope")
-    for name, extra in [
-        ("flash_attn", "cp_infer\\[gpu\\]"),
-        ("transformer_engine", "cp_infer\\[gpu\\]"),
+    for name, module in [
+        ("flash_attn", "flash_attn"),
+        ("transformer_engine", "transformer_engine"),
     ]:
-        try:
-            get_kernel(name)
-        except ImportError as e:
-            assert extra.replace("\\", "") in str(e)
+        if importlib.util.find_spec(module) is None:  # a CPU machine: the error names the extra
+            with pytest.raises(ImportError, match=r"pip install 'cp_infer\[gpu\]'"):
+                get_kernel(name)
+        else:  # installed (a GPU machine): the backend loads
+            assert callable(get_kernel(name))
     assert get_kernel("auto", torch.device("cpu")) is torch_cpu_flash
 
 
