@@ -157,12 +157,21 @@ def test_sharded_checkpoint_and_text_prompts(dist_pool, llama, tmp_path):
     assert row["text"] == " ".join(f"w{t}" for t in ref["len5"]["tokens"])
 
 
-def test_bfloat16_runs_every_collective_and_stays_close(dist_pool, tmp_path):
-    """bf16 through TP all-reduce, CP ring, EP all-to-all and PP send/recv on gloo."""
+@pytest.mark.parametrize(
+    ("preset", "layout"),
+    [
+        ("tiny-moe", ["--tp", "2", "--cp", "2", "--ep", "2"]),
+        ("tiny-llama", ["--pp", "2", "--cp", "2"]),
+    ],
+    ids=["tp2xcp2xep2", "pp2xcp2"],
+)
+def test_bfloat16_runs_every_collective_and_stays_close(dist_pool, tmp_path, preset, layout):
+    """bf16 through the TP all-reduce, CP ring and EP all-to-all (MoE), and through the PP
+    send/recv and CP ring (dense), on gloo."""
     prompts = _write_prompts(tmp_path / "p.jsonl", [{"id": "a", "token_ids": list(range(3, 60))}])
     logits = {}
     for dtype in ("float32", "bfloat16"):
-        argv = ["generate", "--preset", "tiny-moe", "--tp", "2", "--cp", "2", "--ep", "2",
+        argv = ["generate", "--preset", preset, *layout,
                 "--input", str(prompts), "--output", str(tmp_path / f"{dtype}.jsonl"),
                 "--max-new-tokens", "2", "--dtype", dtype,
                 "--save-logits", str(tmp_path / f"{dtype}.st")]  # fmt: skip

@@ -75,6 +75,7 @@ LLAMA_LAYOUTS = {
     "cp2": dict(cp=2),
     "cp4": dict(cp=4),
     "tp2": dict(tp=2),
+    "tp4": dict(tp=4),  # 2 KV heads over 4 ranks: each KV head replicated on 2 of them
     "tp2xcp2": dict(tp=2, cp=2),
     "pp2xcp2": dict(pp=2, cp=2),
     "tp2xcp2xpp2": dict(tp=2, cp=2, pp=2),

@@ -60,6 +60,15 @@ def test_ring_matches_unsharded(dist_pool, world, variant, causal, seq_lens):
     _check(results, seq_lens, 2, causal)
 
 
+@pytest.mark.parametrize("variant", ["pass-kv", "pass-q"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_an_odd_ring(dist_pool, variant, causal):
+    """cp=3: 6 chunks per sequence, rank 1 holds chunks 1 and 4; a varlen batch and a prefix."""
+    seq_lens = [1000, 7, 257, 1]
+    results = dist_pool(3).run(_ring_rank, seq_lens, 2, variant, causal, timeout_s=TIMEOUT)
+    _check(results, seq_lens, 2, causal)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("variant", ["pass-kv", "pass-q"])
 @pytest.mark.parametrize("h_kv", [8, 2, 1], ids=lambda h: f"gqa{H // h}")
@@ -185,7 +194,7 @@ def _prefix_rank(prefix_lens, new_lens, variant, placement):
     return out, lse
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("variant", ["pass-kv", "pass-q"])
 @pytest.mark.parametrize("placement", ["balanced", "rank0"])
 def test_persistent_kv_prefill(dist_pool, world, variant, placement):
