@@ -40,9 +40,6 @@ _LAYER_MAP = {
     "feed_forward.w2": "mlp.down_proj",
     "feed_forward.w3": "mlp.up_proj",
     "feed_forward.gate": "block_sparse_moe.gate",
-    "feed_forward.shared_expert.w1": "block_sparse_moe.shared_expert.gate_proj",
-    "feed_forward.shared_expert.w2": "block_sparse_moe.shared_expert.down_proj",
-    "feed_forward.shared_expert.w3": "block_sparse_moe.shared_expert.up_proj",
 }
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,

@@ -50,7 +50,6 @@ class ModelConfig:
         tie_embeddings: LM head shares the embedding matrix.
         n_experts: experts per MoE layer; 0 for a dense model.
         top_k: experts per token.
-        shared_expert_ffn_dim: hidden size of an always-on shared expert (0: none).
         name: preset name, for logs.
     """
 
@@ -68,7 +67,6 @@ class ModelConfig:
     tie_embeddings: bool = False
     n_experts: int = 0
     top_k: int = 2
-    shared_expert_ffn_dim: int = 0
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -99,7 +97,6 @@ class ModelConfig:
         ffn = 3 * self.dim * self.ffn_dim
         if self.is_moe:
             ffn = ffn * self.n_experts + self.dim * self.n_experts
-            ffn += 3 * self.dim * self.shared_expert_ffn_dim
         per_layer = attn + ffn + 2 * self.dim
         head = 0 if self.tie_embeddings else self.vocab_size * self.dim
         return self.n_layers * per_layer + self.vocab_size * self.dim + head + self.dim

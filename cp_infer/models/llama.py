@@ -120,9 +120,6 @@ class MoE(nn.Module):
         self.experts = nn.ModuleDict(
             {str(e): FeedForward(cfg.dim, cfg.ffn_dim) for e in range(cfg.n_experts)}
         )
-        self.shared_expert = (
-            FeedForward(cfg.dim, cfg.shared_expert_ffn_dim) if cfg.shared_expert_ffn_dim else None
-        )
         self.dispatch = local_dispatch
         self.reduce: Callable[[torch.Tensor], torch.Tensor] = lambda y: y
 
@@ -136,8 +133,6 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx, weight = self.route(x)
         y = self.dispatch(x, idx, weight, self.experts)
-        if self.shared_expert is not None:
-            y = y + self.shared_expert(x)
         return self.reduce(y)
 
 

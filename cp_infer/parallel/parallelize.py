@@ -39,7 +39,7 @@ def check_model_fits_layout(cfg: ModelConfig, sizes: ParallelGroups | ParallelSi
     """
     pg = sizes
     check_head_split(cfg.n_heads, cfg.n_kv_heads, pg.tp)
-    if cfg.ffn_dim % pg.tp or cfg.shared_expert_ffn_dim % pg.tp:
+    if cfg.ffn_dim % pg.tp:
         raise ValueError(f"ffn_dim={cfg.ffn_dim} is not divisible by tp={pg.tp}")
     if pg.pp > cfg.n_layers:
         raise ValueError(f"pp={pg.pp} exceeds n_layers={cfg.n_layers}; use pp <= {cfg.n_layers}")
@@ -90,8 +90,6 @@ def _parallelize_moe(moe: MoE, cfg: ModelConfig, pg: ParallelGroups) -> None:
     # the combine, instead of once per expert.
     for expert in moe.experts.values():
         _parallelize_ffn(expert, cfg.dim, cfg.ffn_dim, pg, reduce=False)
-    if moe.shared_expert is not None:
-        _parallelize_ffn(moe.shared_expert, cfg.dim, cfg.shared_expert_ffn_dim, pg, reduce=False)
     if pg.tp > 1:
         group = pg.tp_group
 

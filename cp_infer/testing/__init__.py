@@ -4,7 +4,6 @@ from cp_infer.testing.multiprocess import (
     DistributedError,
     DistributedPool,
     free_port,
-    run_distributed,
 )
 
-__all__ = ["DistributedError", "DistributedPool", "free_port", "run_distributed"]
+__all__ = ["DistributedError", "DistributedPool", "free_port"]

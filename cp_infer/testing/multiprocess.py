@@ -30,7 +30,7 @@ from typing import Any
 
 from cp_infer.distributed import free_port
 
-__all__ = ["DistributedError", "DistributedPool", "free_port", "run_distributed"]
+__all__ = ["DistributedError", "DistributedPool", "free_port"]
 
 
 class DistributedError(RuntimeError):
@@ -204,16 +204,3 @@ class DistributedPool:
                 f"{what} failed at world_size={self.world_size}:\n" + "\n".join(parts)
             )
         return [outs[r] for r in range(self.world_size)]
-
-
-def run_distributed(
-    fn: Callable[..., Any],
-    world_size: int,
-    *args: Any,
-    timeout_s: float = 120.0,
-    threads: int = 1,
-    **kwargs: Any,
-) -> list[Any]:
-    """One-shot helper: start a pool, run ``fn`` on every rank, stop the pool."""
-    with DistributedPool(world_size, threads=threads) as pool:
-        return pool.run(fn, *args, timeout_s=timeout_s, **kwargs)
