@@ -116,19 +116,19 @@ class ShardLayout:
         parts = []
         for c in self.chunk_lens:
             for chunk in chunk_ids(cp_rank, self.cp):
-                parts.append(torch.arange(chunk * c, (chunk + 1) * c))
-        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+                parts.append(torch.arange(chunk * c, (chunk + 1) * c, device="cpu"))
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long, device="cpu")
 
     def valid_mask(self, cp_rank: int) -> torch.Tensor:
         """(t_local,) bool: True for real tokens, False for padding."""
-        lens = torch.tensor(self.local_lens)
-        seq_len_per_token = torch.repeat_interleave(torch.tensor(self.seq_lens), lens)
+        lens = torch.tensor(self.local_lens, device="cpu")
+        seq_len_per_token = torch.repeat_interleave(torch.tensor(self.seq_lens, device="cpu"), lens)
         return self.positions(cp_rank) < seq_len_per_token
 
     def gather_index(self, cp_rank: int) -> torch.Tensor:
         """Index into the unsharded packed batch for each local token; -1 for padding."""
-        lens = torch.tensor(self.local_lens)
-        starts = torch.repeat_interleave(torch.tensor(self.seq_offsets[:-1]), lens)
+        lens = torch.tensor(self.local_lens, device="cpu")
+        starts = torch.repeat_interleave(torch.tensor(self.seq_offsets[:-1], device="cpu"), lens)
         pos = self.positions(cp_rank)
         index = starts + pos
         return torch.where(self.valid_mask(cp_rank), index, torch.full_like(index, -1))

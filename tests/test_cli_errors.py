@@ -28,6 +28,7 @@ import pytest
 pytest.importorskip("transformers")
 
 import safetensors.torch
+import torch
 
 from tests.cli_runner import REPO, CliRun, run_cli, torchrun
 from tests.hf_oracle import make_checkpoint
@@ -128,6 +129,10 @@ CASES = [
          args=("--eos-id", "9999")),
     Case("timeout", "--timeout must be a number of seconds > 0", args=("--timeout", "0")),
     Case("gpu_kernel", "flash", args=("--kernel", "flash_attn")),
+    *(  # on a CPU machine
+        [Case("cuda_device", "--device cuda needs a CUDA GPU", args=("--device", "cuda"))]
+        if not torch.cuda.is_available() else []
+    ),
     # -- layout -------------------------------------------------------------------------------
     Case("world_size", "does not divide world_size", args=("--cp", "3")),
     Case("dense_ep", "needs an MoE model", args=("--cp", "1", "--ep", "2")),

@@ -80,7 +80,7 @@ class DecodeAttention:
 
     def __call__(self, q, k, v, layer_id: int) -> torch.Tensor:
         h, b, d = q.shape  # (H, B, D): token j is sequence j's new token
-        partial = torch.zeros(h, b, d + 1, dtype=torch.float32)  # output, then LSE
+        partial = torch.zeros(h, b, d + 1, dtype=torch.float32, device=q.device)  # out, LSE
         partial[..., d] = float("-inf")
         for j in range(b):
             if self.owners[j] == self.cp_rank:

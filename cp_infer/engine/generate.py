@@ -100,8 +100,8 @@ def check_prompts(
 class _Pipeline:
     """Run one forward pass through this rank's stage, passing activations along PP."""
 
-    def __init__(self, model: Transformer, pg: ParallelGroups, dim: int, dtype) -> None:
-        self.model, self.pg, self.dim, self.dtype = model, pg, dim, dtype
+    def __init__(self, model: Transformer, pg: ParallelGroups, dim: int, dtype, device) -> None:
+        self.model, self.pg, self.dim, self.dtype, self.device = model, pg, dim, dtype, device
 
     def __call__(self, tokens: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
         pg = self.pg
@@ -109,7 +109,11 @@ class _Pipeline:
             x = tokens
         else:
             x = recv_activation(
-                (tokens.shape[0], self.dim), self.dtype, pg.pp_ranks[pg.pp_rank - 1], pg.pp_group
+                (tokens.shape[0], self.dim),
+                self.dtype,
+                pg.pp_ranks[pg.pp_rank - 1],
+                pg.pp_group,
+                self.device,
             )
         h = self.model(x, ctx)
         if not pg.is_last_pp_stage:
@@ -120,23 +124,23 @@ class _Pipeline:
 
 def _last_token_hidden(h, layout: ShardLayout, pg: ParallelGroups) -> torch.Tensor:
     """(B, dim) hidden state of each sequence's last prompt token, on every CP rank."""
-    index = layout.gather_index(pg.cp_rank)
-    last = torch.tensor(layout.seq_offsets[1:]) - 1  # packed index of each last token
-    out = torch.zeros(layout.n_seqs, h.shape[-1], dtype=h.dtype)
-    for j, target in enumerate(last.tolist()):
-        hit = (index == target).nonzero()
-        if hit.numel():
-            out[j] = h[hit[0, 0]]
+    where = {t: i for i, t in enumerate(layout.gather_index(pg.cp_rank).tolist()) if t >= 0}
+    out = torch.zeros(layout.n_seqs, h.shape[-1], dtype=h.dtype, device=h.device)
+    for j, end in enumerate(layout.seq_offsets[1:]):  # packed index of each last token: end - 1
+        if end - 1 in where:
+            out[j] = h[where[end - 1]]
     if pg.cp > 1:
         dist.all_reduce(out, group=pg.cp_group)  # exactly one rank contributes each row
     return out
 
 
-def _broadcast_tokens(tokens: torch.Tensor | None, b: int, pg: ParallelGroups) -> torch.Tensor:
+def _broadcast_tokens(
+    tokens: torch.Tensor | None, b: int, pg: ParallelGroups, device: torch.device
+) -> torch.Tensor:
     """Sampled tokens from the last stage to every stage of this pipeline."""
     if pg.pp == 1:
         return tokens
-    buf = tokens if tokens is not None else torch.empty(b, dtype=torch.long)
+    buf = tokens if tokens is not None else torch.empty(b, dtype=torch.long, device=device)
     dist.broadcast(buf, src=pg.pp_ranks[-1], group=pg.pp_group)
     return buf
 
@@ -188,7 +192,7 @@ class Conversation:
 
 def _cache_lens_table(cache: KVCache, pg: ParallelGroups) -> list[list[int]]:
     """(cp, B) cached tokens per CP rank and sequence, known on every rank."""
-    mine = torch.tensor(cache.lens, dtype=torch.long)
+    mine = torch.tensor(cache.lens, dtype=torch.long, device=cache.device)
     if pg.cp == 1:
         return [mine.tolist()]
     rows = [torch.empty_like(mine) for _ in range(pg.cp)]
@@ -237,7 +241,7 @@ def generate(
     if variant not in (*VARIANTS, "auto"):
         raise ValueError(f"unknown variant {variant!r}; choose one of {[*VARIANTS, 'auto']}")
     cfg = model.cfg
-    dtype = next(model.parameters()).dtype
+    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     conv = conversation if conversation is not None else Conversation()
     if conv.history and len(conv.history) != len(prompts):
         raise ValueError(
@@ -257,9 +261,9 @@ def generate(
     check_prompts(prompts, cfg.vocab_size, max_new, cfg.max_seq_len, [len(x) for x in history])
     new = [u + p for u, p in zip(uncached, prompts, strict=True)]
     layout = ShardLayout([len(x) for x in new], pg.cp)
-    attn_kernel = get_kernel(kernel)
+    attn_kernel = get_kernel(kernel, device)
     n_new = sum(len(x) for x in new)
-    hardware = hardware or hardware_for(next(model.parameters()).device)
+    hardware = hardware or hardware_for(device)
     variant = _choose_variant(variant, cfg, pg, dtype, n_new, sum(cached), hardware)
     extra = [
         layout.valid_kv_len(j, pg.cp_rank) + _decode_owned(j, steps0[j], max_new, pg.cp, pg.cp_rank)
@@ -267,26 +271,29 @@ def generate(
     ]
     if conv.cache is None:
         n_kv = next(iter(model.layers.values())).attention.n_local_kv_heads
-        conv.cache = KVCache(list(model.layer_ids), extra, n_kv, cfg.head_dim, dtype)
+        conv.cache = KVCache(list(model.layer_ids), extra, n_kv, cfg.head_dim, dtype, device)
     else:
         for j in range(b):
             conv.cache.reserve(j, extra[j])
     cache = conv.cache
     prefix_lens = _cache_lens_table(cache, pg) if any(cached) else None
-    run = _Pipeline(model, pg, cfg.dim, dtype)
-    generator = torch.Generator().manual_seed(sampling.seed)
+    run = _Pipeline(model, pg, cfg.dim, dtype, device)
+    generator = torch.Generator(device=device).manual_seed(sampling.seed)
 
     # -- prefill (over the cached prefix, if any) -------------------------------------------
     t_start = time.perf_counter()
-    packed = torch.tensor([t for x in new for t in x], dtype=torch.long)
-    tokens = shard(packed, layout, pg.cp_rank)
-    offsets = torch.repeat_interleave(torch.tensor(cached), torch.tensor(layout.local_lens))
+    # token and position bookkeeping is host-side index math; the results go to the device
+    packed = torch.tensor([t for x in new for t in x], dtype=torch.long, device="cpu")
+    tokens = shard(packed, layout, pg.cp_rank).to(device)
+    offsets = torch.repeat_interleave(
+        torch.tensor(cached, device="cpu"), torch.tensor(layout.local_lens, device="cpu")
+    )
     bar = tqdm(
         total=len(model.layer_ids), desc=f"prefill {n_new} tokens", unit="layer",
         delay=1.0, leave=False, disable=not progress,
     )  # fmt: skip
     ctx = ForwardContext(
-        positions=layout.positions(pg.cp_rank) + offsets,
+        positions=(layout.positions(pg.cp_rank) + offsets).to(device),
         attention=PrefillAttention(
             layout, pg.cp_rank, pg.cp_group, cache, variant=variant, kernel=attn_kernel,
             prefix_lens=prefix_lens,
@@ -301,7 +308,7 @@ def generate(
     if h is not None:
         first_logits = model.logits(_last_token_hidden(h, layout, pg))
         next_tokens = sample(first_logits, sampling, generator)
-    next_tokens = _broadcast_tokens(next_tokens, b, pg)
+    next_tokens = _broadcast_tokens(next_tokens, b, pg, device)
     ttft = time.perf_counter() - t_start
 
     # -- decode -----------------------------------------------------------------------------
@@ -325,7 +332,7 @@ def generate(
         # a finished sequence still rides along in the batch, but its tokens are not cached
         owners = [decode_owner(j, steps[j], pg.cp) if live[j] else -1 for j in range(b)]
         ctx = ForwardContext(
-            positions=torch.tensor([start[j] + step for j in range(b)]),
+            positions=torch.tensor([start[j] + step for j in range(b)], device=device),
             attention=DecodeAttention(cache, owners, pg.cp_rank, pg.cp_group, attn_kernel),
         )
         h = run(next_tokens, ctx)
@@ -335,7 +342,7 @@ def generate(
                 steps[j] += 1
                 cached_last[j] = True
         next_tokens = sample(model.logits(h), sampling, generator) if h is not None else None
-        next_tokens = _broadcast_tokens(next_tokens, b, pg)
+        next_tokens = _broadcast_tokens(next_tokens, b, pg, device)
         step_times.append(time.perf_counter() - t_step)
 
     conv.history = [h + p + o for h, p, o in zip(history, prompts, out, strict=True)]

@@ -42,6 +42,7 @@ class KVCache:
         n_kv_heads: local KV heads (after TP).
         head_dim: per-head size.
         dtype: cache dtype.
+        device: where the cache lives (the model's device).
     """
 
     def __init__(
@@ -51,16 +52,22 @@ class KVCache:
         n_kv_heads: int,
         head_dim: int,
         dtype: torch.dtype,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.capacity = list(capacity)
+        self.device = torch.device(device)
         self.lens = [0] * len(capacity)
         self._pending = [0] * len(capacity)
         self.k = {
-            layer: [torch.empty(n_kv_heads, c, head_dim, dtype=dtype) for c in capacity]
+            layer: [
+                torch.empty(n_kv_heads, c, head_dim, dtype=dtype, device=device) for c in capacity
+            ]
             for layer in layer_ids
         }
         self.v = {
-            layer: [torch.empty(n_kv_heads, c, head_dim, dtype=dtype) for c in capacity]
+            layer: [
+                torch.empty(n_kv_heads, c, head_dim, dtype=dtype, device=device) for c in capacity
+            ]
             for layer in layer_ids
         }
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +115,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )  # fmt: skip
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and math")
     g.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto",
+        help="where the model runs (auto: this rank's GPU if CUDA is available, else the CPU); "
+        "process groups use NCCL on CUDA and gloo on CPU",
+    )  # fmt: skip
+    g.add_argument(
         "--variant", choices=[*VARIANTS, "auto"], default="auto",
         help="prefill ring variant; auto picks per turn by the paper's Alg. 1 (for GQA "
         "models: pass-KV unless most of the context is cached)",
@@ -163,6 +169,21 @@ def _model_config(args) -> tuple[ModelConfig, int | tuple[int, ...] | None]:
     return cfg, eos
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto``: this rank's GPU (``LOCAL_RANK``) if CUDA is available, else the CPU.
+
+    Raises:
+        ValueError: ``cuda`` asked for on a machine without it.
+    """
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            "--device cuda needs a CUDA GPU and a CUDA build of torch; use --device cpu"
+        )
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
 def load_tokenizer(checkpoint: Path | None):
     if checkpoint is None or not (checkpoint / "tokenizer.json").exists():
         raise ValueError(
@@ -183,7 +204,7 @@ def prepare(args, world_size: int) -> GenerateJob:
     Raises:
         ValueError: the first problem found, naming the fix (the same on every rank).
     """
-    get_kernel(args.kernel)  # a backend missing on this machine fails here
+    get_kernel(args.kernel, resolve_device(args.device))  # a backend missing here fails now
     if args.make_vocab_size_divisible_by < 1:
         raise ValueError(
             f"--make-vocab-size-divisible-by must be >= 1, got {args.make_vocab_size_divisible_by}"
@@ -246,8 +267,10 @@ def _build(args, cfg: ModelConfig, pg: ParallelGroups):
     from cp_infer.parallel import parallelize
 
     model = parallelize(
-        cfg, pg, DTYPES[args.dtype], make_vocab_size_divisible_by=args.make_vocab_size_divisible_by
-    )
+        cfg, pg, DTYPES[args.dtype],
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        device=resolve_device(args.device),
+    )  # fmt: skip
     where = f"random weights (seed {args.seed})" if args.preset else str(args.checkpoint)
     logger.info("loading weights: %s", where)
     if args.preset:
@@ -264,9 +287,10 @@ def run(args, argv: list[str]) -> int:
         if not 0 < args.timeout < float("inf"):
             raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
         ensure_launched(argv, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep)
+        device = resolve_device(args.device)
     except ValueError as e:
         raise RankFailure(str(e)) from e
-    init_distributed(timeout_s=args.timeout)
+    init_distributed("nccl" if device.type == "cuda" else "gloo", timeout_s=args.timeout)
     if dist.get_rank() == 0:
         clear_failure()
     job = on_all_ranks(lambda: prepare(args, dist.get_world_size()))

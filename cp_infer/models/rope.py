@@ -19,7 +19,9 @@ __all__ = ["apply_rope", "inv_frequencies", "rope_cos_sin"]
 def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
     """(head_dim / 2,) float32 inverse frequencies, Llama 3 scaled if configured."""
     hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    inv_freq = 1.0 / (
+        cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd)
+    )
     s = cfg.rope_scaling
     if s is None:
         return inv_freq

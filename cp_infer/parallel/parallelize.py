@@ -108,8 +108,9 @@ def parallelize(
     dtype: torch.dtype,
     *,
     make_vocab_size_divisible_by: int = 128,
+    device: torch.device | str = "cpu",
 ) -> Transformer:
-    """Build this rank's shard of the model (uninitialized weights, ``dtype``, on CPU).
+    """Build this rank's shard of the model (uninitialized weights, ``dtype``, on ``device``).
 
     Args:
         cfg: the model.
@@ -117,6 +118,7 @@ def parallelize(
         dtype: parameter dtype.
         make_vocab_size_divisible_by: the vocabulary is padded to a multiple of this times
             ``tp`` (Megatron's rule), so any vocabulary size splits over TP.
+        device: where the weights live; the engine puts every tensor it makes beside them.
 
     Raises:
         ValueError: the model does not fit the layout (see :func:`check_model_fits_layout`).
@@ -141,7 +143,7 @@ def parallelize(
             _parallelize_moe(block.feed_forward, cfg, pg)
         else:
             _parallelize_ffn(block.feed_forward, cfg.dim, cfg.ffn_dim, pg, reduce=True)
-    model = model.to_empty(device="cpu").to(dtype)
-    model.inv_freq = inv_frequencies(cfg)  # buffers are not kept by to_empty
+    model = model.to_empty(device=device).to(dtype)
+    model.inv_freq = inv_frequencies(cfg).to(device)  # buffers are not kept by to_empty
     model.eval()
     return model

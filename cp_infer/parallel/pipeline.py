@@ -28,7 +28,7 @@ def send_activation(h: torch.Tensor, dst: int, group) -> None:
     dist.send(h.contiguous(), dst, group=group)
 
 
-def recv_activation(shape, dtype, src: int, group) -> torch.Tensor:
-    h = torch.empty(shape, dtype=dtype)
+def recv_activation(shape, dtype, src: int, group, device: torch.device) -> torch.Tensor:
+    h = torch.empty(shape, dtype=dtype, device=device)
     dist.recv(h, src, group=group)
     return h
