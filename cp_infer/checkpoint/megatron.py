@@ -67,6 +67,13 @@ _BACKEND = {
 }
 _ATTN_NORM = ("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight")
 _FFN_NORM = ("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight")
+# per-layer keys (after "decoder.layers."), shared by the reader and the writer
+_QKV = "self_attention.linear_qkv.weight"
+_PROJ = "self_attention.linear_proj.weight"
+_FC1, _FC2 = "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"
+_ROUTER = "mlp.router.weight"
+_EXPERT_FC1 = "mlp.experts.experts.linear_fc1.weight"
+_EXPERT_FC2 = "mlp.experts.experts.linear_fc2.weight"
 
 
 def is_megatron_checkpoint(directory: Path) -> bool:
@@ -233,20 +240,19 @@ class MegatronSource:
         layer, rest = int(m[1]), m[2]
         e = re.fullmatch(r"feed_forward\.experts\.(\d+)\.(w[123])", rest)
         if e is not None:
-            fc = "linear_fc2" if e[2] == "w2" else "linear_fc1"
-            key, idx = self._key(layer, f"mlp.experts.experts.{fc}.weight")
+            key, idx = self._key(layer, _EXPERT_FC2 if e[2] == "w2" else _EXPERT_FC1)
             return key, (*idx, int(e[1])), e[2]
         table = {
             "attention_norm": (_ATTN_NORM, "plain"),
             "ffn_norm": (_FFN_NORM, "plain"),
-            "attention.wq": ("self_attention.linear_qkv.weight", "q"),
-            "attention.wk": ("self_attention.linear_qkv.weight", "k"),
-            "attention.wv": ("self_attention.linear_qkv.weight", "v"),
-            "attention.wo": ("self_attention.linear_proj.weight", "plain"),
-            "feed_forward.w1": ("mlp.linear_fc1.weight", "w1"),
-            "feed_forward.w3": ("mlp.linear_fc1.weight", "w3"),
-            "feed_forward.w2": ("mlp.linear_fc2.weight", "plain"),
-            "feed_forward.gate": ("mlp.router.weight", "plain"),
+            "attention.wq": (_QKV, "q"),
+            "attention.wk": (_QKV, "k"),
+            "attention.wv": (_QKV, "v"),
+            "attention.wo": (_PROJ, "plain"),
+            "feed_forward.w1": (_FC1, "w1"),
+            "feed_forward.w3": (_FC1, "w3"),
+            "feed_forward.w2": (_FC2, "plain"),
+            "feed_forward.gate": (_ROUTER, "plain"),
         }
         if rest not in table:
             raise KeyError(f"no Megatron name for parameter {param!r}")
@@ -397,26 +403,25 @@ def _megatron_chunks(cfg: ModelConfig, read, dtype) -> tuple[list[ChunkSpec], di
         p = f"layers.{layer}."
         at = (layer,)
         add(_LAYER + _ATTN_NORM[0], (D,), [p + "attention_norm.weight"], same, at)
-        add(_LAYER + "self_attention.linear_qkv.weight", ((cfg.n_heads + 2 * cfg.n_kv_heads) * hd, D),
+        add(_LAYER + _QKV, ((cfg.n_heads + 2 * cfg.n_kv_heads) * hd, D),
             [p + "attention.wq.weight", p + "attention.wk.weight", p + "attention.wv.weight"],
             lambda q, k, v: _fused_qkv(cfg, q, k, v), at)  # fmt: skip
-        add(_LAYER + "self_attention.linear_proj.weight", (D, cfg.n_heads * hd),
+        add(_LAYER + _PROJ, (D, cfg.n_heads * hd),
             [p + "attention.wo.weight"], same, at)  # fmt: skip
         add(_LAYER + _FFN_NORM[0], (D,), [p + "ffn_norm.weight"], same, at)
         gate_up = lambda w1, w3: torch.cat([w1, w3])  # noqa: E731
         if not cfg.is_moe:
             ffn = p + "feed_forward."
-            add(_LAYER + "mlp.linear_fc1.weight", (2 * F, D), [ffn + "w1.weight", ffn + "w3.weight"],
+            add(_LAYER + _FC1, (2 * F, D), [ffn + "w1.weight", ffn + "w3.weight"],
                 gate_up, at)  # fmt: skip
-            add(_LAYER + "mlp.linear_fc2.weight", (D, F), [ffn + "w2.weight"], same, at)
+            add(_LAYER + _FC2, (D, F), [ffn + "w2.weight"], same, at)
             continue
-        add(_LAYER + "mlp.router.weight", (E, D), [p + "feed_forward.gate.weight"], same, at)
+        add(_LAYER + _ROUTER, (E, D), [p + "feed_forward.gate.weight"], same, at)
         for e in range(E):
             ex = f"{p}feed_forward.experts.{e}."
-            key = _LAYER + "mlp.experts.experts."
-            add(key + "linear_fc1.weight", (2 * F, D), [ex + "w1.weight", ex + "w3.weight"],
+            add(_LAYER + _EXPERT_FC1, (2 * F, D), [ex + "w1.weight", ex + "w3.weight"],
                 gate_up, (layer, e))  # fmt: skip
-            add(key + "linear_fc2.weight", (D, F), [ex + "w2.weight"], same, (layer, e))
+            add(_LAYER + _EXPERT_FC2, (D, F), [ex + "w2.weight"], same, (layer, e))
     return chunks, objects
 
 

@@ -150,6 +150,7 @@ class GenerateJob:
         turns: per request, the token ids of each turn (one turn unless ``chat``).
         chat: the requests are multi-turn chats.
         tokenizer: a ``tokenizers.Tokenizer`` from the checkpoint, or None.
+        checkpoint_format: ``"hf"`` or ``"megatron"`` (None for a preset).
     """
 
     cfg: ModelConfig
@@ -158,15 +159,18 @@ class GenerateJob:
     turns: list[list[list[int]]]
     chat: bool
     tokenizer: object | None
+    checkpoint_format: str | None
 
 
-def _model_config(args) -> tuple[ModelConfig, int | tuple[int, ...] | None]:
+def _model_config(args) -> tuple[ModelConfig, int | tuple[int, ...] | None, str | None]:
+    """(config, EOS ids, checkpoint format or None for a preset)."""
     if args.preset:
-        return get_preset(args.preset), tuple(args.eos_id) if args.eos_id else None
-    cfg, hf = read_config(args.checkpoint, detect_format(args.checkpoint))
+        return get_preset(args.preset), tuple(args.eos_id) if args.eos_id else None, None
+    fmt = detect_format(args.checkpoint)
+    cfg, hf = read_config(args.checkpoint, fmt)
     eos = tuple(args.eos_id) if args.eos_id is not None else (hf or {}).get("eos_token_id")
     eos = tuple(eos) if isinstance(eos, list) else eos  # instruct models list several
-    return cfg, eos
+    return cfg, eos, fmt
 
 
 def resolve_device(name: str) -> torch.device:
@@ -198,19 +202,19 @@ def load_tokenizer(checkpoint: Path | None):
     return Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
 
 
-def prepare(args, world_size: int) -> GenerateJob:
+def prepare(args, world_size: int, device: torch.device) -> GenerateJob:
     """Check everything that needs no weights, in the order a user would fix it.
 
     Raises:
         ValueError: the first problem found, naming the fix (the same on every rank).
     """
-    get_kernel(args.kernel, resolve_device(args.device))  # a backend missing here fails now
+    get_kernel(args.kernel, device)  # a backend missing here fails now
     if args.make_vocab_size_divisible_by < 1:
         raise ValueError(
             f"--make-vocab-size-divisible-by must be >= 1, got {args.make_vocab_size_divisible_by}"
         )
     sizes = validate_parallel_sizes(world_size, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep)
-    cfg, eos = _model_config(args)
+    cfg, eos, fmt = _model_config(args)
     check_model_fits_layout(cfg, sizes)
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -244,7 +248,7 @@ def prepare(args, world_size: int) -> GenerateJob:
             b + len(p) + sampling.max_new_tokens for b, p in zip(before, prompts, strict=True)
         ]
     chat = any(r.is_chat for r in requests)
-    return GenerateJob(cfg, sampling, ids, turns, chat, tokenizer)
+    return GenerateJob(cfg, sampling, ids, turns, chat, tokenizer, fmt)
 
 
 def _is_writer(pg: ParallelGroups) -> bool:
@@ -262,14 +266,14 @@ def check_output_paths(args) -> None:
         raise ValueError("--output and --save-logits are the same file; choose two paths")
 
 
-def _build(args, cfg: ModelConfig, pg: ParallelGroups):
+def _build(args, job: GenerateJob, pg: ParallelGroups, device: torch.device):
     from cp_infer.checkpoint import RandomSource, load_weights
     from cp_infer.parallel import parallelize
 
+    cfg = job.cfg
     model = parallelize(
         cfg, pg, DTYPES[args.dtype],
-        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-        device=resolve_device(args.device),
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, device=device,
     )  # fmt: skip
     where = f"random weights (seed {args.seed})" if args.preset else str(args.checkpoint)
     logger.info("loading weights: %s", where)
@@ -277,7 +281,7 @@ def _build(args, cfg: ModelConfig, pg: ParallelGroups):
         source = RandomSource(args.seed, cfg)
     else:
         verify_manifest(args.checkpoint, part=pg.rank, parts=pg.world_size, progress=pg.rank == 0)
-        source = open_source(args.checkpoint, detect_format(args.checkpoint), cfg)
+        source = open_source(args.checkpoint, job.checkpoint_format, cfg)
     load_weights(model, source, progress=pg.rank == 0)
     return model
 
@@ -293,7 +297,7 @@ def run(args, argv: list[str]) -> int:
     init_distributed("nccl" if device.type == "cuda" else "gloo", timeout_s=args.timeout)
     if dist.get_rank() == 0:
         clear_failure()
-    job = on_all_ranks(lambda: prepare(args, dist.get_world_size()))
+    job = on_all_ranks(lambda: prepare(args, dist.get_world_size(), device))
     n_tokens = sum(len(t) for turns in job.turns for t in turns)
     logger.info(
         "checked %d requests (%d prompt tokens, %d turn%s each) for %s: ok",
@@ -315,7 +319,7 @@ def run(args, argv: list[str]) -> int:
         logger.info(
             "%s | model %s (%.1fM params)", pg.describe(), job.cfg.name, job.cfg.n_params() / 1e6
         )
-        model = on_all_ranks(lambda: _build(args, job.cfg, pg))
+        model = on_all_ranks(lambda: _build(args, job, pg, device))
         conversation = Conversation()
         results = []
         for turn in range(len(job.turns[0])):
