@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cp_infer.engine import KVCache, SamplingConfig, decode_owner, sample
+from cp_infer.engine import SamplingConfig, decode_owner, sample
 from cp_infer.engine.generate import check_prompts
 from cp_infer.engine.kv_cache import decode_tokens_owned
 from cp_infer.models import PRESETS, ModelConfig, get_preset, unsupported_hf_fields
@@ -76,18 +76,6 @@ def test_check_prompts_errors_name_the_fix():
         check_prompts([[1] * 98], 10, 4, 100)
     with pytest.raises(ValueError, match="no prompts"):
         check_prompts([], 10, 4, 100)
-
-
-def test_kv_cache_write_view_commit_and_overflow():
-    cache = KVCache([0, 1], capacity=[3, 1], n_kv_heads=2, head_dim=4, dtype=torch.float32)
-    k = torch.randn(2, 2, 4)
-    cache.write(0, 0, k, k + 1)
-    kc, vc = cache.view(0, 0)
-    assert torch.equal(kc, k) and torch.equal(vc, k + 1)
-    cache.commit()
-    assert cache.lens == [2, 0]
-    with pytest.raises(ValueError, match="lower max_new_tokens"):
-        cache.write(0, 0, k, k)
 
 
 def test_presets_and_configs():

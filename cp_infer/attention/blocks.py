@@ -14,8 +14,7 @@ the tokens the owning rank really holds.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from itertools import accumulate
+from dataclasses import dataclass
 
 import torch
 
@@ -29,37 +28,42 @@ __all__ = ["KVPrefix", "attend_step"]
 
 @dataclass(frozen=True)
 class KVPrefix:
-    """Cached keys/values that precede the new tokens, sharded over the CP ranks.
+    """Cached keys/values that precede the new tokens, sharded over the CP ranks, read in place.
 
     Which cached tokens a rank holds does not matter to attention (all of them precede every new
-    query), only how many: ``lens[r][j]`` is the number of cached tokens of sequence ``j`` held by
-    CP rank ``r``, known on every rank. Each rank packs its tokens sequence by sequence, every
-    sequence padded to ``max_r lens[r][j]`` so that all ranks' prefixes have one shape.
+    query), only how many. A rank's cached tokens of one sequence may sit in several segments of
+    its KV cache (one per turn of a conversation): they are attended segment by segment and
+    merged by LSE, so the cache is never re-packed. ``lens[r][j]`` lists the segment lengths of
+    sequence ``j`` on CP rank ``r`` and is known on every rank, so a rank can receive another's
+    segments (pass-KV) without a size exchange.
+
+    Segments are token-major, (n, H_kv, D): a cache segment's first n tokens are then one
+    contiguous block that goes on the wire as it is, and the kernels read (H_kv, n, D)
+    transposed views of it.
 
     Args:
-        k: (H_kv, P, D) this rank's cached keys, ``P = sum_j max_r lens[r][j]``.
-        v: (H_kv, P, D) values, same layout.
-        lens: (cp, n_seqs) valid cached tokens per CP rank and sequence.
+        k: per sequence, this rank's segments, each (n, H_kv, D) (views into the cache).
+        v: values, same layout.
+        lens: (cp, n_seqs, segments) tokens per CP rank, sequence and segment.
     """
 
-    k: torch.Tensor
-    v: torch.Tensor
-    lens: tuple[tuple[int, ...], ...]
-    seg_lens: tuple[int, ...] = field(init=False)
-    offsets: tuple[int, ...] = field(init=False)
+    k: tuple[tuple[torch.Tensor, ...], ...]
+    v: tuple[tuple[torch.Tensor, ...], ...]
+    lens: tuple[tuple[tuple[int, ...], ...], ...]
 
     def __post_init__(self) -> None:
-        lens = tuple(tuple(int(n) for n in row) for row in self.lens)
+        lens = tuple(tuple(tuple(int(n) for n in segs) for segs in row) for row in self.lens)
         object.__setattr__(self, "lens", lens)
+        object.__setattr__(self, "k", tuple(tuple(segs) for segs in self.k))
+        object.__setattr__(self, "v", tuple(tuple(segs) for segs in self.v))
         if len({len(row) for row in lens}) != 1:
             raise ValueError("KVPrefix.lens must have the same number of sequences for every rank")
-        seg_lens = tuple(max(col) for col in zip(*lens, strict=True))
-        object.__setattr__(self, "seg_lens", seg_lens)
-        object.__setattr__(self, "offsets", (0, *accumulate(seg_lens)))
-        if self.k.shape != self.v.shape or self.k.shape[1] != self.offsets[-1]:
+        mine = tuple(tuple(t.shape[0] for t in segs) for segs in self.k)
+        if mine != tuple(tuple(t.shape[0] for t in segs) for segs in self.v):
+            raise ValueError("KVPrefix k and v segments differ in length")
+        if mine not in lens:
             raise ValueError(
-                f"KVPrefix k/v shapes {tuple(self.k.shape)}/{tuple(self.v.shape)} do not match "
-                f"the padded prefix length {self.offsets[-1]} implied by lens"
+                f"this rank's prefix segments {mine} match no CP rank's lengths in lens {lens}"
             )
 
     @property
@@ -68,7 +72,51 @@ class KVPrefix:
 
     @property
     def n_seqs(self) -> int:
-        return len(self.seg_lens)
+        return len(self.lens[0])
+
+    def tokens(self, rank: int, seq: int) -> int:
+        """Cached tokens of ``seq`` on CP rank ``rank``."""
+        return sum(self.lens[rank][seq])
+
+    def local(self) -> list[torch.Tensor]:
+        """This rank's non-empty segments, flat (k, v per segment): what travels the ring."""
+        flat = []
+        for ks, vs in zip(self.k, self.v, strict=True):
+            for k, v in zip(ks, vs, strict=True):
+                if k.shape[0]:
+                    flat += [k, v]
+        return flat
+
+    def empty_like_rank(self, rank: int) -> list[torch.Tensor]:
+        """Receive buffers for CP rank ``rank``'s :meth:`local` list."""
+        h_kv, d, like = self._shape()
+        return [
+            torch.empty(n, h_kv, d, dtype=like.dtype, device=like.device)
+            for segs in self.lens[rank]
+            for n in segs
+            if n
+            for _ in range(2)
+        ]
+
+    def blocks(self, rank: int, flat: Sequence[torch.Tensor]) -> list[list[tuple]]:
+        """Per sequence, CP rank ``rank``'s (k, v) segments as (H_kv, n, D) views, from its
+        :meth:`local` list (its own, or received)."""
+        out, i = [], 0
+        for segs in self.lens[rank]:
+            seq = []
+            for n in segs:
+                if n:
+                    seq.append((flat[i].transpose(0, 1), flat[i + 1].transpose(0, 1)))
+                    i += 2
+            out.append(seq)
+        assert i == len(flat), "the flat list does not match the rank's segment lengths"
+        return out
+
+    def _shape(self) -> tuple[int, int, torch.Tensor]:
+        for segs in self.k:
+            for t in segs:
+                return t.shape[1], t.shape[2], t
+        raise ValueError("KVPrefix has no segment to take the head shape from")
 
     @staticmethod
     def pack(
@@ -76,17 +124,13 @@ class KVPrefix:
         v_per_seq: Sequence[torch.Tensor],
         lens: Sequence[Sequence[int]],
     ) -> KVPrefix:
-        """Build this rank's prefix from per-sequence (H_kv, p_j, D) tensors, padding each."""
-        seg = [max(col) for col in zip(*lens, strict=True)]
-
-        def packed(per_seq: Sequence[torch.Tensor]) -> torch.Tensor:
-            padded = [
-                torch.nn.functional.pad(t, (0, 0, 0, s - t.shape[1]))
-                for t, s in zip(per_seq, seg, strict=True)
-            ]
-            return torch.cat(padded, dim=1)
-
-        return KVPrefix(packed(k_per_seq), packed(v_per_seq), tuple(map(tuple, lens)))
+        """One segment per sequence from heads-first (H_kv, p_j, D) tensors (copied to token-major);
+        ``lens`` is (cp, n_seqs)."""
+        return KVPrefix(
+            tuple((t.transpose(0, 1).contiguous(),) for t in k_per_seq),
+            tuple((t.transpose(0, 1).contiguous(),) for t in v_per_seq),
+            tuple(tuple((n,) for n in row) for row in lens),
+        )
 
 
 def _call(kernel, q, k, v, causal, scale, acc_out, acc_lse, fresh: bool) -> bool:
@@ -119,9 +163,7 @@ def attend_step(
     causal: bool,
     kernel: AttentionKernel,
     scale: float | None,
-    prefix_k: torch.Tensor | None = None,
-    prefix_v: torch.Tensor | None = None,
-    prefix: KVPrefix | None = None,
+    prefix_blocks: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
     fresh: bool = False,
 ) -> None:
     """Attend the shard of ``q_rank`` to the shard (and prefix) of ``kv_rank``; merge in place.
@@ -131,8 +173,8 @@ def attend_step(
         k, v: (H_kv, t_local, D) new keys/values held by ``kv_rank``.
         layout: the batch layout (same on every rank).
         acc_out, acc_lse: (H, t_local, D) / (H, t_local) float32 accumulators for ``q``.
-        prefix_k, prefix_v: (H_kv, P, D) cached keys/values held by ``kv_rank``.
-        prefix: the prefix description (lengths per rank and sequence).
+        prefix_blocks: per sequence, the (k, v) segments of cached tokens held by ``kv_rank``
+            (:meth:`KVPrefix.blocks`), each (H_kv, n, D).
         fresh: the accumulators are uninitialized: results are written, not merged, and rows
             this step does not reach are set to out = 0, lse = -inf.
     """
@@ -160,7 +202,5 @@ def attend_step(
             if not written[a]:
                 oj[:, a * c : (a + 1) * c].zero_()
                 lj[:, a * c : (a + 1) * c].fill_(float("-inf"))
-        if prefix is not None:
-            p0, n = prefix.offsets[j], prefix.lens[kv_rank][j]
-            pk, pv = prefix_k[:, p0 : p0 + n], prefix_v[:, p0 : p0 + n]
+        for pk, pv in prefix_blocks[j] if prefix_blocks is not None else ():
             _call(kernel, qj, pk, pv, False, scale, oj, lj, fresh=False)

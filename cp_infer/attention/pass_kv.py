@@ -65,8 +65,12 @@ def check_ring_inputs(
                 f"the KV prefix describes cp={prefix.cp}, {prefix.n_seqs} sequences; "
                 f"the layout cp={layout.cp}, {layout.n_seqs} sequences"
             )
-        if prefix.k.shape[0] != h_kv or prefix.k.shape[2] != d:
-            raise ValueError(f"prefix k {tuple(prefix.k.shape)} does not match k {tuple(k.shape)}")
+        for segs in prefix.k:
+            for seg in segs:
+                if seg.shape[1] != h_kv or seg.shape[2] != d:
+                    raise ValueError(
+                        f"a prefix segment {tuple(seg.shape)} does not match k {tuple(k.shape)}"
+                    )
 
 
 def ring_attention_pass_kv(
@@ -106,25 +110,30 @@ def ring_attention_pass_kv(
     acc_out = torch.empty(h, t, d, dtype=torch.float32, device=q.device)
     acc_lse = torch.empty(h, t, dtype=torch.float32, device=q.device)
 
-    # What travels each step: the new K and V and, for persistent-KV prefill, the cached prefix,
-    # as separate tensors of one batched SendRecv (no copy of the prefix into a send buffer).
+    # What travels each step: the new K and V and, for persistent-KV prefill, the cached
+    # prefix segments as they sit in the cache, all as tensors of one batched SendRecv (the
+    # cache is never copied into a send buffer). Receive buffers are shaped for the sender:
+    # every rank knows every rank's segment lengths.
     mine = [k.contiguous(), v.contiguous()]
     if prefix is not None:
-        mine += [prefix.k.contiguous(), prefix.v.contiguous()]
-    cur, nxt = mine, None
+        mine += prefix.local()
+    cur = mine
     for step in range(n):
         kv_rank = (rank - step) % n
         if step + 1 < n:
-            nxt = comm.send_recv(cur, nxt)
-        sk, sv, *pkv = cur
-        pk, pv = pkv if prefix is not None else (None, None)
+            src = (rank - step - 1) % n
+            recv = [torch.empty_like(mine[0]), torch.empty_like(mine[1])]
+            if prefix is not None:
+                recv += prefix.empty_like_rank(src)
+            nxt = comm.send_recv(cur, recv)
+        sk, sv, *flat = cur
         attend_step(
             q, sk, sv, layout, rank, kv_rank, acc_out, acc_lse,
-            causal=causal, kernel=kernel, scale=scale, prefix_k=pk, prefix_v=pv, prefix=prefix,
+            causal=causal, kernel=kernel, scale=scale,
+            prefix_blocks=prefix.blocks(kv_rank, flat) if prefix is not None else None,
             fresh=step == 0,
         )  # fmt: skip
         if step + 1 < n:
             comm.wait()
-            # never receive into this rank's own inputs: they are the caller's (and the cache's)
-            cur, nxt = nxt, (None if cur is mine else cur)
+            cur = nxt
     return acc_out.to(q.dtype), acc_lse

@@ -79,7 +79,7 @@ def ring_attention_pass_q(
     kernel = get_kernel(kernel, q.device)
     n, rank = comm.size, comm.rank
     h, t, d = q.shape
-    pk, pv = (prefix.k, prefix.v) if prefix is not None else (None, None)
+    blocks = prefix.blocks(rank, prefix.local()) if prefix is not None else None
     send = torch.empty(n, slot_bytes(h, t, d, q.dtype), dtype=torch.uint8, device=q.device)
     acc_out = torch.empty(h, t, d, dtype=torch.float32, device=q.device)
     acc_lse = torch.empty(h, t, dtype=torch.float32, device=q.device)
@@ -91,7 +91,7 @@ def ring_attention_pass_q(
             nxt = comm.send_recv(cur, nxt)
         attend_step(
             cur, k, v, layout, q_rank, rank, acc_out, acc_lse,
-            causal=causal, kernel=kernel, scale=scale, prefix_k=pk, prefix_v=pv, prefix=prefix,
+            causal=causal, kernel=kernel, scale=scale, prefix_blocks=blocks,
             fresh=True,
         )  # fmt: skip
         _pack(acc_out.to(q.dtype), acc_lse, send[q_rank])

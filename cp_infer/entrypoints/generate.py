@@ -29,6 +29,7 @@ from cp_infer.attention.kernels import KERNELS, get_kernel
 from cp_infer.attention.selector import HARDWARE
 from cp_infer.checkpoint.formats import detect_format, open_source, read_config
 from cp_infer.checkpoint.manifest import verify_manifest
+from cp_infer.collectives import EXCHANGES
 from cp_infer.distributed import RankFailure, clear_failure, on_all_ranks
 from cp_infer.engine import Conversation, GenerationResult, SamplingConfig, generate
 from cp_infer.engine.generate import check_prompts
@@ -132,6 +133,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument(
         "--kernel", choices=["auto", *sorted(KERNELS)], default="auto",
         help="local attention kernel (flash_attn and transformer_engine need CUDA)",
+    )  # fmt: skip
+    g.add_argument(
+        "--decode-exchange", choices=list(EXCHANGES), default="auto",
+        help="how decode shares attention partials over the CP ranks every layer (auto: shared "
+        "memory among the CP ranks of one CPU host, else the process group's all_gather; "
+        "tools/bench_collectives.py measures them)",
     )  # fmt: skip
     g.add_argument("--timeout", type=float, default=300.0, help="process-group timeout, seconds")
     add_common_arguments(g)
@@ -329,6 +336,7 @@ def run(args, argv: list[str]) -> int:
                     variant=args.variant, kernel=args.kernel, conversation=conversation,
                     progress=pg.rank == 0,
                     hardware=None if args.hardware == "auto" else HARDWARE[args.hardware],
+                    exchange=args.decode_exchange, timeout_s=args.timeout,
                 )
             )  # fmt: skip
             if writer:

@@ -1,0 +1,206 @@
+"""Small, latency-bound collectives of decode: one exchange per layer, chosen by measurement.
+
+A decode step moves a few KiB per layer: KVP's (output, LSE) partials over the CP group and
+the TP all-reduce of the projections. At that size the cost is latency, not bandwidth, so the
+transport matters more than the algorithm. :func:`make_exchange` builds one of:
+
+- ``"collective"``: the process group's own ``all_gather`` (gloo, or NCCL on CUDA).
+- ``"sendrecv"``: one batched SendRecv with every peer (at cp=2, one exchange).
+- ``"shm"``: a shared-memory all-gather among ranks of one host. Each rank writes its tensor
+  into its own slot of one mapped segment and raises a sequence number; peers spin on the
+  number and copy the slot out. No system call and no helper thread on the critical path,
+  the same idea as DeepSpeed's CPU ``inference_all_reduce`` and the direct-access all-reduce of
+  Meta's inference post (both are all-reduces over the world; this is an all-gather over any
+  group of one host, which is what an exact LSE merge needs).
+
+``"auto"`` takes ``"shm"`` for CPU tensors when every rank of the group is on this host and
+the CPU orders stores (x86-64), else ``"collective"``. ``tools/bench_collectives.py`` measures
+all of them (and DeepSpeed's shared-memory all-reduce) on the decode shapes.
+
+Every exchange is exact (bytes are copied, never reduced) and returns the tensors of all ranks
+of the group in group-rank order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import time
+import uuid
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cp_infer.distributed import peer_failure
+
+__all__ = ["EXCHANGES", "Exchange", "make_exchange"]
+
+logger = logging.getLogger(__name__)
+
+EXCHANGES = ("auto", "collective", "sendrecv", "shm")
+
+
+class Exchange(Protocol):
+    """All-gather of one fixed-shape tensor per rank (the same shape and dtype on every rank)."""
+
+    size: int
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]: ...
+
+
+class CollectiveExchange:
+    """The process group's own all_gather."""
+
+    def __init__(self, group) -> None:
+        self.group, self.size = group, dist.get_world_size(group)
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return parts
+
+
+class SendRecvExchange:
+    """Every rank sends its tensor to every peer in one batched SendRecv."""
+
+    def __init__(self, group) -> None:
+        self.group, self.size = group, dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.ranks = dist.get_process_group_ranks(group)
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        t = t.contiguous()
+        parts = [t if r == self.rank else torch.empty_like(t) for r in range(self.size)]
+        ops = []
+        for r in range(self.size):
+            if r != self.rank:
+                ops.append(dist.P2POp(dist.isend, t, self.ranks[r], self.group))
+                ops.append(dist.P2POp(dist.irecv, parts[r], self.ranks[r], self.group))
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        return parts
+
+
+_HEADER = 64  # bytes before each slot's data: the sequence number, on its own cache line
+
+
+class ShmExchange:
+    """All-gather through one shared-memory segment, for the ranks of one host.
+
+    Args:
+        group: the ranks that exchange (all on this host).
+        max_bytes: the largest tensor :meth:`all_gather` will be given.
+        timeout_s: how long to wait for a peer before raising (a peer that died never posts).
+
+    Note:
+        Each rank owns one slot per parity of the sequence number::
+
+            segment: | r0: seq | even data | odd data | r1: seq | even data | odd data | ...
+
+        Exchange s writes the rank's data to parity s % 2, then publishes s; a reader waits
+        for every peer's number to reach s and copies the data out. A rank can run at most one
+        exchange ahead of the slowest peer (it waits for all of them every time), so the other
+        parity is never being read when it is overwritten. Correct on CPUs that keep stores in
+        order (x86-64); :func:`make_exchange` uses it only there.
+    """
+
+    def __init__(self, group, max_bytes: int, timeout_s: float = 60.0) -> None:
+        self.group, self.size = group, dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.max_bytes = -(-max_bytes // 64) * 64
+        self.timeout_s = timeout_s
+        self.slot = _HEADER + 2 * self.max_bytes
+        leader = dist.get_process_group_ranks(group)[0]
+        name = [f"/dev/shm/cp_infer-{uuid.uuid4().hex}"]
+        dist.broadcast_object_list(name, src=leader, group=group)
+        path = name[0]
+        if self.rank == 0:
+            with open(path, "wb") as f:
+                f.truncate(self.size * self.slot)
+        dist.barrier(group=group)
+        try:
+            buf = torch.from_file(path, shared=True, size=self.size * self.slot, dtype=torch.uint8)
+        finally:
+            dist.barrier(group=group)  # every rank has mapped it: the name can go
+            if self.rank == 0:
+                os.unlink(path)
+        self._buf = buf.view(self.size, self.slot)
+        self._seq_np = self._buf.numpy()[:, :8].view(np.int64)  # (size, 1), shared memory
+        self._seq_np[self.rank, 0] = 0
+        self.seq = 0
+        dist.barrier(group=group)
+
+    def _data(self, rank: int, parity: int, n: int) -> torch.Tensor:
+        start = _HEADER + parity * self.max_bytes
+        return self._buf[rank, start : start + n]
+
+    def _wait_for(self, rank: int, seq: int) -> None:
+        flag = self._seq_np[rank]
+        spins, start = 0, None
+        while flag[0] < seq:
+            spins += 1
+            if spins > 32:
+                os.sched_yield()  # give the core away if a peer waits for it
+            if spins % 2048 == 0:
+                start = start or time.monotonic()
+                if time.monotonic() - start > self.timeout_s:
+                    cause = peer_failure()
+                    raise TimeoutError(
+                        f"shared-memory exchange: group rank {rank} did not post exchange {seq} "
+                        f"in {self.timeout_s:.0f}s"
+                        + (f" (a rank failed: {cause})" if cause else "")
+                    )
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        t = t.contiguous()
+        raw = t.view(-1).view(torch.uint8)
+        n = raw.numel()
+        if n > self.max_bytes:
+            raise ValueError(f"a {n}-byte tensor exceeds this exchange's {self.max_bytes} bytes")
+        self.seq += 1
+        parity = self.seq % 2
+        self._data(self.rank, parity, n).copy_(raw)
+        self._seq_np[self.rank, 0] = self.seq  # publish after the data (x86 keeps store order)
+        parts = []
+        for r in range(self.size):
+            if r == self.rank:
+                parts.append(t)
+                continue
+            self._wait_for(r, self.seq)
+            parts.append(self._data(r, parity, n).clone().view(t.dtype).view(t.shape))
+        return parts
+
+
+def _one_host(group) -> bool:
+    hosts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    return len(set(hosts)) == 1
+
+
+def make_exchange(
+    kind: str, group, *, device: torch.device, max_bytes: int, timeout_s: float = 60.0
+) -> Exchange:
+    """The exchange ``kind`` over ``group`` (collective: every rank of the group calls it).
+
+    Args:
+        kind: one of :data:`EXCHANGES`.
+        device: where the exchanged tensors live (``"shm"`` is for CPU tensors only).
+        max_bytes: the largest tensor exchanged (sizes the shared-memory segment).
+        timeout_s: how long ``"shm"`` waits for a peer.
+    """
+    if kind not in EXCHANGES:
+        raise ValueError(f"unknown exchange {kind!r}; choose one of {list(EXCHANGES)}")
+    if kind == "auto":
+        cpu_x86 = device.type == "cpu" and platform.machine().lower() in ("x86_64", "amd64")
+        kind = "shm" if cpu_x86 and _one_host(group) else "collective"
+    if kind == "shm":
+        if device.type != "cpu":
+            raise ValueError(f"the shm exchange moves CPU tensors, not {device.type}; use auto")
+        return ShmExchange(group, max_bytes, timeout_s)
+    if kind == "sendrecv":
+        return SendRecvExchange(group)
+    return CollectiveExchange(group)

@@ -1,0 +1,126 @@
+"""One step of the engine, described once and read alike by every rank.
+
+A :class:`StepBatch` is what the scheduler hands the model runner: which sequences run, their new
+tokens, where those tokens sit in their sequences, how a prefill is sharded over the CP ranks
+(:class:`~cp_infer.sharding.ShardLayout`) and with which ring variant, and which CP rank stores
+each decode token. Everything a rank needs for its part of the step follows from it by pure
+functions of its CP rank (its tokens, their positions, what its KV cache keeps), so the batch is
+built the same on every rank and no rank asks another what to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from cp_infer.engine.kv_cache import StorePlan
+from cp_infer.sharding import ShardLayout, shard
+
+__all__ = ["StepBatch"]
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """The work of one forward pass over every stage and rank.
+
+    Attributes:
+        kind: ``"prefill"`` (new tokens sharded load-balanced over CP, ring attention over
+            them and the cached prefix) or ``"decode"`` (one token per sequence, on every CP
+            rank, KV-cache-parallel attention).
+        seqs: the sequences (KV cache slots), in batch order.
+        tokens: the new tokens of every sequence (one each for decode).
+        starts: the position of every sequence's first new token (its cached tokens).
+        cp: the CP size the batch is laid out for.
+        device: where the step's tensors go (the model's device).
+        layout: prefill only: the load-balanced shard layout of the new tokens.
+        variant: prefill only: the ring variant (``"pass-kv"`` or ``"pass-q"``).
+        reserve: prefill only: (cp, B) tokens each CP rank will store for each sequence by
+            the end of this turn (its shard and its decode tokens), reserved at once.
+        owners: decode only: the CP rank that stores each sequence's token, -1 for none
+            (a finished sequence that rides along in the batch).
+    """
+
+    kind: Literal["prefill", "decode"]
+    seqs: tuple[int, ...]
+    tokens: tuple[tuple[int, ...], ...]
+    starts: tuple[int, ...]
+    cp: int
+    device: torch.device
+    layout: ShardLayout | None = None
+    variant: str | None = None
+    reserve: tuple[tuple[int, ...], ...] | None = None
+    owners: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        b = len(self.seqs)
+        assert len(self.tokens) == b and len(self.starts) == b, "one entry per sequence"
+        if self.kind == "prefill":
+            assert self.layout is not None and self.variant is not None
+            assert self.layout.seq_lens == tuple(len(t) for t in self.tokens)
+        else:
+            assert self.owners is not None and len(self.owners) == b
+            assert all(len(t) == 1 for t in self.tokens), "decode runs one token per sequence"
+
+    @property
+    def n_seqs(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def n_tokens(self) -> int:
+        """New tokens of the step, over all sequences."""
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def n_cached(self) -> int:
+        """Tokens already cached (over all ranks) for the step's sequences."""
+        return sum(self.starts)
+
+    def local_tokens(self, cp_rank: int) -> torch.Tensor:
+        """(T,) the token ids this CP rank runs: its shard (prefill), or every token (decode)."""
+        flat = torch.tensor([t for seq in self.tokens for t in seq], dtype=torch.long, device="cpu")
+        if self.kind == "decode":
+            return flat.to(self.device)
+        return shard(flat, self.layout, cp_rank).to(self.device)
+
+    def positions(self, cp_rank: int) -> torch.Tensor:
+        """(T,) the position of each of this CP rank's tokens in its sequence."""
+        starts = torch.tensor(self.starts, dtype=torch.long, device="cpu")
+        if self.kind == "decode":
+            return starts.to(self.device)
+        offsets = torch.repeat_interleave(
+            starts, torch.tensor(self.layout.local_lens, device="cpu")
+        )
+        return (self.layout.positions(cp_rank) + offsets).to(self.device)
+
+    def store_plans(self, cp_rank: int) -> list[StorePlan]:
+        """What this CP rank's KV cache keeps of the step's tokens (see :class:`StorePlan`)."""
+        plans = []
+        for j, seq in enumerate(self.seqs):
+            if self.kind == "decode":
+                if self.owners[j] == cp_rank:
+                    plans.append(StorePlan(seq, j, (self.starts[j],), reserve=1))
+                continue
+            # a rank's real tokens are a prefix of its segment (ShardLayout.valid_kv_len)
+            n = self.layout.valid_kv_len(j, cp_rank)
+            local = self.layout.positions(cp_rank)[self.layout.local_slice(j)][:n]
+            plans.append(
+                StorePlan(
+                    seq,
+                    self.layout.local_offsets[j],
+                    tuple((local + self.starts[j]).tolist()),
+                    reserve=self.reserve[cp_rank][j] if self.reserve is not None else n,
+                )
+            )
+        return plans
+
+    def last_tokens(self, cp_rank: int) -> list[tuple[int, int]]:
+        """Prefill: (sequence index, local index) of every last new token this rank holds."""
+        assert self.kind == "prefill"
+        where = {t: i for i, t in enumerate(self.layout.gather_index(cp_rank).tolist()) if t >= 0}
+        return [
+            (j, where[end - 1])
+            for j, end in enumerate(self.layout.seq_offsets[1:])
+            if end - 1 in where
+        ]

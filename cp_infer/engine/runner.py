@@ -1,0 +1,192 @@
+"""The model runner: one step of this rank's pipeline stage on a :class:`StepBatch`.
+
+It owns what lives as long as the model: the KV cache, the kernel, and the CP group's decode
+exchange. :meth:`ModelRunner.step` runs one forward pass of a batch on this rank (receiving the
+previous stage's hidden states and sending its own to the next stage), lets the cache keep what
+the batch's plan says, and on the last stage returns the logits of every sequence's next token.
+Sampling is the caller's; :meth:`ModelRunner.share_tokens` hands the sampled tokens to every
+stage so that all ranks feed the same next step::
+
+    runner = ModelRunner(model, pg)
+    logits = runner.step(batch)                    # (B, V) on the last stage, else None
+    tokens = runner.share_tokens(sample(logits) if logits is not None else None, batch)
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from cp_infer.attention import VARIANTS
+from cp_infer.attention.kernels import get_kernel
+from cp_infer.attention.selector import Hardware, choose_variant, hardware_for
+from cp_infer.collectives import Exchange, make_exchange
+from cp_infer.engine.attention import DecodeAttention, PrefillAttention
+from cp_infer.engine.batch import StepBatch
+from cp_infer.engine.kv_cache import KVCache
+from cp_infer.models.llama import ForwardContext, Transformer
+from cp_infer.parallel.pipeline import recv_activation, send_activation
+from parallel_state import ParallelGroups
+
+__all__ = ["ModelRunner"]
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """Runs steps of this rank's shard of the model; owns its KV cache.
+
+    Args:
+        model: this rank's shard (:func:`cp_infer.parallel.parallelize`).
+        pg: the parallel layout.
+        kernel: local attention kernel name (``"auto"`` picks by the model's device).
+        exchange: how decode shares attention partials over CP (:data:`~cp_infer.collectives.
+            EXCHANGES`); ``"auto"`` is shared memory on one CPU host, else the group's
+            all_gather.
+        hardware: the compute and link speeds Alg. 1 weighs; default: the built-in profile of
+            the model's device (:func:`hardware_for`).
+        timeout_s: how long a shared-memory exchange waits for a peer.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        pg: ParallelGroups,
+        *,
+        kernel: str = "auto",
+        exchange: str = "auto",
+        hardware: Hardware | None = None,
+        timeout_s: float = 60.0,
+    ) -> None:
+        self.model, self.pg, self.cfg = model, pg, model.cfg
+        param = next(model.parameters())
+        self.dtype, self.device = param.dtype, param.device
+        self.kernel = get_kernel(kernel, self.device)
+        self.hardware = hardware or hardware_for(self.device)
+        n_kv = next(iter(model.layers.values())).attention.n_local_kv_heads
+        self.cache = KVCache(model.layer_ids, n_kv, self.cfg.head_dim, self.dtype, self.device)
+        self.exchange_kind, self.timeout_s = exchange, timeout_s
+        self._exchange: Exchange | None = None
+        self._exchange_bytes = 0
+
+    # -- choices ----------------------------------------------------------------------------
+    def resolve_variant(self, variant: str, new: int, cached: int) -> str:
+        """The prefill variant: as given, or by Alg. 1 for ``"auto"``; logged either way."""
+        if variant not in (*VARIANTS, "auto"):
+            raise ValueError(f"unknown variant {variant!r}; choose one of {[*VARIANTS, 'auto']}")
+        how = "given"
+        if variant == "auto":
+            variant = choose_variant(
+                new, cached, cp=self.pg.cp, n_heads=self.cfg.n_heads,
+                n_kv_heads=self.cfg.n_kv_heads, bytes_per_element=self.dtype.itemsize,
+                hardware=self.hardware, tp=self.pg.tp,
+            )  # fmt: skip
+            how = "Alg. 1"
+        logger.info(
+            "prefill of %d new tokens over %d cached (miss rate %.3f) at cp=%d: %s (%s)",
+            new, cached, new / (new + cached), self.pg.cp, variant, how,
+        )  # fmt: skip
+        return variant
+
+    def _decode_exchange(self, n_bytes: int) -> Exchange | None:
+        """The CP exchange, sized for at least ``n_bytes`` (rebuilt alike on every CP rank:
+        the batch, hence the size, is the same on all of them)."""
+        if self.pg.cp == 1:
+            return None
+        if self._exchange is None or n_bytes > self._exchange_bytes:
+            self._exchange_bytes = max(n_bytes, 2 * self._exchange_bytes)
+            self._exchange = make_exchange(
+                self.exchange_kind, self.pg.cp_group, device=self.device,
+                max_bytes=self._exchange_bytes, timeout_s=self.timeout_s,
+            )  # fmt: skip
+            logger.debug("decode exchange over CP: %s", type(self._exchange).__name__)
+        return self._exchange
+
+    # -- one step ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, batch: StepBatch, *, progress: bool = False) -> torch.Tensor | None:
+        """Run ``batch`` through this rank's stage; (B, V) float32 logits on the last stage.
+
+        Args:
+            progress: show a per-layer progress bar on a prefill that takes over a second.
+        """
+        pg = self.pg
+        self.cache.plan(batch.store_plans(pg.cp_rank))
+        if batch.kind == "prefill":
+            attention = PrefillAttention(
+                batch, pg.cp_group, self.cache, kernel=self.kernel,
+                prefix_lens=self._prefix_lens(batch) if batch.n_cached else None,
+            )  # fmt: skip
+        else:
+            n_local_heads = next(iter(self.model.layers.values())).attention.n_local_heads
+            n_bytes = 4 * n_local_heads * batch.n_seqs * (self.cfg.head_dim + 1)
+            attention = DecodeAttention(
+                batch, self.cache, self._decode_exchange(n_bytes), self.kernel
+            )
+        bar = tqdm(
+            total=len(self.model.layer_ids), desc=f"prefill {batch.n_tokens} tokens",
+            unit="layer", delay=1.0, leave=False,
+            disable=not (progress and batch.kind == "prefill"),
+        )  # fmt: skip
+        ctx = ForwardContext(
+            positions=batch.positions(pg.cp_rank), attention=attention, on_layer=bar.update
+        )
+        try:
+            with bar:
+                h = self._stage(batch.local_tokens(pg.cp_rank), ctx)
+        except BaseException:
+            self.cache.abort()  # a failed pass leaves the cache as it was
+            raise
+        self.cache.commit()
+        if h is None:
+            return None
+        if batch.kind == "prefill":
+            h = self._last_token_hidden(h, batch)
+        return self.model.logits(h)
+
+    def share_tokens(self, tokens: torch.Tensor | None, batch: StepBatch) -> torch.Tensor:
+        """The tokens sampled on the last stage, on every stage of this pipeline."""
+        if self.pg.pp == 1:
+            return tokens
+        buf = tokens
+        if buf is None:
+            buf = torch.empty(batch.n_seqs, dtype=torch.long, device=self.device)
+        dist.broadcast(buf, src=self.pg.pp_ranks[-1], group=self.pg.pp_group)
+        return buf
+
+    # -- pieces -----------------------------------------------------------------------------
+    def _stage(self, tokens: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
+        """This stage's layers, with the hand-off from the previous stage and to the next."""
+        pg = self.pg
+        x = tokens
+        if not pg.is_first_pp_stage:
+            shape = (tokens.shape[0], self.cfg.dim)
+            x = recv_activation(
+                shape, self.dtype, pg.pp_ranks[pg.pp_rank - 1], pg.pp_group, self.device
+            )
+        h = self.model(x, ctx)
+        if not pg.is_last_pp_stage:
+            send_activation(h, pg.pp_ranks[pg.pp_rank + 1], pg.pp_group)
+            return None
+        return h
+
+    def _prefix_lens(self, batch: StepBatch):
+        """(cp, B, segments) cached tokens per CP rank, sequence and segment, on every rank."""
+        mine = tuple(self.cache.segment_lens(seq) for seq in batch.seqs)
+        if self.pg.cp == 1:
+            return (mine,)
+        rows = [None] * self.pg.cp
+        dist.all_gather_object(rows, mine, group=self.pg.cp_group)
+        return tuple(rows)
+
+    def _last_token_hidden(self, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """(B, dim) hidden state of each sequence's last new token, on every CP rank."""
+        out = torch.zeros(batch.n_seqs, h.shape[-1], dtype=h.dtype, device=h.device)
+        for j, i in batch.last_tokens(self.pg.cp_rank):
+            out[j] = h[i]
+        if self.pg.cp > 1:
+            dist.all_reduce(out, group=self.pg.cp_group)  # exactly one rank contributes each row
+        return out

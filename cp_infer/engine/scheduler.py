@@ -1,0 +1,206 @@
+"""The scheduler: what every sequence has, and the batch of the next step.
+
+It is host-side bookkeeping, run alike on every rank (no communication): the tokens of every
+sequence so far, which of them the KV cache holds, the round-robin counter of its decode tokens,
+and the current turn's generations. Each step it builds one :class:`StepBatch` (a prefill of the
+turn's new tokens, then decode steps) and, once the step's tokens are sampled, records them.
+
+A turn of a batch of sequences::
+
+    sched.add_turn(prompts, max_new_tokens)          # checks, then the turn's new tokens
+    batch = sched.prefill_batch(variant)             # -> runner.step(batch) -> sample
+    sched.record(batch, tokens)
+    while not sched.turn_done:
+        batch = sched.decode_batch()
+        ...
+        sched.record(batch, tokens)
+    outputs = sched.finish_turn()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from cp_infer.engine.batch import StepBatch
+from cp_infer.engine.kv_cache import decode_owner, decode_tokens_owned
+from cp_infer.sharding import ShardLayout
+
+__all__ = ["Scheduler", "SequenceState", "check_prompts"]
+
+
+def check_prompts(
+    prompts: Sequence[Sequence[int]],
+    vocab_size: int,
+    max_new: int,
+    max_seq_len: int,
+    history_lens: Sequence[int] | None = None,
+    *,
+    ids: Sequence[int | str] | None = None,
+) -> None:
+    """ValueError naming the prompt and the fix; pure, so every rank raises alike.
+
+    Args:
+        history_lens: tokens each sequence already has from earlier turns.
+        ids: the prompts' names for messages (default: their positions).
+    """
+    if not prompts:
+        raise ValueError("no prompts given: the input file is empty")
+    history_lens = history_lens or [0] * len(prompts)
+    names = [f"prompt {i!r}" for i in (ids if ids is not None else range(len(prompts)))]
+    for name, p, before in zip(names, prompts, history_lens, strict=True):
+        if len(p) == 0:
+            raise ValueError(f"{name} is empty; every prompt needs at least one token")
+        bad = [t for t in p if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(
+                f"{name} has token ids {bad[:5]} outside the vocabulary [0, {vocab_size})"
+            )
+        total = before + len(p) + max_new
+        if total > max_seq_len:
+            earlier = f" after up to {before} tokens of earlier turns" if before else ""
+            raise ValueError(
+                f"{name} has {len(p)} tokens{earlier}; with max_new_tokens={max_new} the "
+                f"context ({total}) exceeds the model's max_seq_len={max_seq_len}: "
+                "shorten the prompt or lower --max-new-tokens"
+            )
+
+
+@dataclass
+class SequenceState:
+    """One sequence, across turns.
+
+    Attributes:
+        seq: its KV cache slot.
+        history: every token so far (prompts and generations).
+        uncached: the tail of ``history`` not in the cache (the last generated token, which
+            never went through the model); it leads the next turn's new tokens.
+        decode_steps: decode tokens cached so far (continues the round-robin placement).
+        out: this turn's generated tokens.
+        done: this turn has ended (EOS or the token budget).
+        fed_cached: whether the last generated token is in the cache.
+    """
+
+    seq: int
+    history: list[int] = field(default_factory=list)
+    uncached: list[int] = field(default_factory=list)
+    decode_steps: int = 0
+    prompt: list[int] = field(default_factory=list)
+    out: list[int] = field(default_factory=list)
+    done: bool = False
+    fed_cached: bool = False
+
+    @property
+    def cached(self) -> int:
+        """Tokens of the sequence in the cache, over all CP ranks."""
+        return len(self.history) - len(self.uncached)
+
+
+class Scheduler:
+    """Sequences and their turns; builds each step's batch.
+
+    Args:
+        cp: context-parallel size.
+        vocab_size: the model's true vocabulary (prompts are checked against it).
+        max_seq_len: the model's context limit.
+        device: where batches put their tensors.
+    """
+
+    def __init__(self, *, cp: int, vocab_size: int, max_seq_len: int, device: torch.device) -> None:
+        self.cp, self.vocab_size, self.max_seq_len = cp, vocab_size, max_seq_len
+        self.device = device
+        self.seqs: list[SequenceState] = []
+        self.max_new = 0
+        self.eos_ids: Collection[int] = ()
+
+    # -- a turn -----------------------------------------------------------------------------
+    def add_turn(
+        self, prompts: Sequence[Sequence[int]], max_new: int, eos_ids: Collection[int] = ()
+    ) -> None:
+        """Start a turn: one new prompt per sequence (the first turn creates the sequences)."""
+        if self.seqs and len(self.seqs) != len(prompts):
+            raise ValueError(
+                f"the conversation has {len(self.seqs)} sequences but {len(prompts)} prompts "
+                "were given; pass one new prompt per sequence"
+            )
+        check_prompts(
+            prompts, self.vocab_size, max_new, self.max_seq_len, [len(s.history) for s in self.seqs]
+        )
+        if not self.seqs:
+            self.seqs = [SequenceState(seq=j) for j in range(len(prompts))]
+        for s, p in zip(self.seqs, prompts, strict=True):
+            s.prompt, s.out, s.done, s.fed_cached = list(p), [], False, False
+        self.max_new, self.eos_ids = max_new, eos_ids
+
+    @property
+    def new_tokens(self) -> int:
+        """Tokens the turn's prefill computes (the uncached tails and the prompts)."""
+        return sum(len(s.uncached) + len(s.prompt) for s in self.seqs)
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(s.cached for s in self.seqs)
+
+    def prefill_batch(self, variant: str) -> StepBatch:
+        """The turn's prefill: every sequence's new tokens over its cached prefix."""
+        new = [tuple(s.uncached + s.prompt) for s in self.seqs]
+        layout = ShardLayout([len(t) for t in new], self.cp)
+        # tokens per rank this turn: its real shard, then its decode tokens (the last generated
+        # token is never fed back, so max_new - 1 of them are stored)
+        fed = max(self.max_new - 1, 0)
+        reserve = tuple(
+            tuple(
+                layout.valid_kv_len(j, r)
+                + decode_tokens_owned(j, s.decode_steps + fed, self.cp, r)
+                - decode_tokens_owned(j, s.decode_steps, self.cp, r)
+                for j, s in enumerate(self.seqs)
+            )
+            for r in range(self.cp)
+        )
+        return StepBatch(
+            kind="prefill", seqs=tuple(s.seq for s in self.seqs), tokens=tuple(new),
+            starts=tuple(s.cached for s in self.seqs), cp=self.cp, device=self.device,
+            layout=layout, variant=variant, reserve=reserve,
+        )  # fmt: skip
+
+    def decode_batch(self) -> StepBatch:
+        """One token per sequence: the last generated one. A finished sequence rides along
+        (its row keeps the batch's shape, so sampling draws alike) but is not stored."""
+        return StepBatch(
+            kind="decode",
+            seqs=tuple(s.seq for s in self.seqs),
+            tokens=tuple((s.out[-1],) for s in self.seqs),
+            starts=tuple(len(s.history) + len(s.prompt) + len(s.out) - 1 for s in self.seqs),
+            cp=self.cp,
+            device=self.device,
+            owners=tuple(
+                -1 if s.done else decode_owner(j, s.decode_steps, self.cp)
+                for j, s in enumerate(self.seqs)
+            ),
+        )
+
+    def record(self, batch: StepBatch, tokens: Sequence[int]) -> None:
+        """The step ran and sampled ``tokens`` (one per sequence): update every sequence."""
+        for s, owner, t in zip(self.seqs, batch.owners or [None] * len(self.seqs), tokens,
+                               strict=True):  # fmt: skip
+            if batch.kind == "decode" and owner >= 0:
+                s.decode_steps += 1
+                s.fed_cached = True
+            if not s.done:
+                s.out.append(t)
+                s.fed_cached = False
+                s.done = t in self.eos_ids or len(s.out) >= self.max_new
+
+    @property
+    def turn_done(self) -> bool:
+        return all(s.done for s in self.seqs)
+
+    def finish_turn(self) -> list[list[int]]:
+        """End the turn: fold it into the histories; returns every sequence's generation."""
+        for s in self.seqs:
+            s.history += s.prompt + s.out
+            s.uncached = [] if s.fed_cached else s.out[-1:]
+            s.prompt = []
+        return [s.out for s in self.seqs]
