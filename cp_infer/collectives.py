@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from cp_infer.distributed import peer_failure
 
-__all__ = ["EXCHANGES", "Exchange", "make_exchange"]
+__all__ = ["EXCHANGES", "AllReduce", "Exchange", "make_all_reduce", "make_exchange"]
 
 logger = logging.getLogger(__name__)
 
@@ -204,3 +204,43 @@ def make_exchange(
     if kind == "sendrecv":
         return SendRecvExchange(group)
     return CollectiveExchange(group)
+
+
+class AllReduce:
+    """Sum over a group: tensors up to ``small_bytes`` through an exchange (an all-gather, then
+    a sum in group-rank order, so every rank gets the same bits), larger ones through the
+    group's own all-reduce. Every rank of the group reduces tensors of the same size, so all
+    of them take the same path.
+
+    Args:
+        group: the ranks that sum (a TP group).
+        exchange: the small-tensor transport; None: always the group's all-reduce.
+        small_bytes: the largest tensor the exchange takes.
+    """
+
+    def __init__(self, group, exchange: Exchange | None = None, small_bytes: int = 0) -> None:
+        self.group, self.exchange, self.small_bytes = group, exchange, small_bytes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exchange is not None and x.numel() * x.element_size() <= self.small_bytes:
+            parts = self.exchange.all_gather(x)
+            out = parts[0].clone()
+            for p in parts[1:]:
+                out += p
+            return out
+        dist.all_reduce(x, group=self.group)
+        return x
+
+
+def make_all_reduce(
+    kind: str, group, *, device: torch.device, small_bytes: int = 1 << 20, timeout_s: float = 60.0
+) -> AllReduce:
+    """The sum over ``group`` that decode-sized tensors take (``kind`` as in
+    :func:`make_exchange`; ``"collective"`` and ``"sendrecv"`` mean the group's all-reduce)."""
+    if kind not in EXCHANGES:
+        raise ValueError(f"unknown exchange {kind!r}; choose one of {list(EXCHANGES)}")
+    if kind in ("auto", "shm"):
+        ex = make_exchange(kind, group, device=device, max_bytes=small_bytes, timeout_s=timeout_s)
+        if isinstance(ex, ShmExchange):
+            return AllReduce(group, ex, small_bytes)
+    return AllReduce(group)

@@ -27,7 +27,7 @@ from cp_infer.collectives import Exchange, make_exchange
 from cp_infer.engine.attention import DecodeAttention, PrefillAttention
 from cp_infer.engine.batch import StepBatch
 from cp_infer.engine.kv_cache import KVCache
-from cp_infer.models.llama import ForwardContext, Transformer
+from cp_infer.models.llama import ForwardContext, TokenSplit, Transformer
 from cp_infer.parallel.pipeline import recv_activation, send_activation
 from parallel_state import ParallelGroups
 
@@ -115,6 +115,7 @@ class ModelRunner:
         """
         pg = self.pg
         self.cache.plan(batch.store_plans(pg.cp_rank))
+        token_split = None
         if batch.kind == "prefill":
             attention = PrefillAttention(
                 batch, pg.cp_group, self.cache, kernel=self.kernel,
@@ -122,17 +123,23 @@ class ModelRunner:
             )  # fmt: skip
         else:
             n_local_heads = next(iter(self.model.layers.values())).attention.n_local_heads
-            n_bytes = 4 * n_local_heads * batch.n_seqs * (self.cfg.head_dim + 1)
-            attention = DecodeAttention(
-                batch, self.cache, self._decode_exchange(n_bytes), self.kernel
-            )
+            partials = 4 * n_local_heads * batch.n_seqs * (self.cfg.head_dim + 1)
+            moe_share = -(-batch.n_seqs // pg.cp) * self.cfg.dim * self.dtype.itemsize
+            exchange = self._decode_exchange(max(partials, moe_share))
+            attention = DecodeAttention(batch, self.cache, exchange, self.kernel)
+            if exchange is not None and self.cfg.is_moe and pg.ep > 1:
+                # the token is on every CP rank: route it to the experts from one of them only
+                token_split = TokenSplit(pg.cp_rank, pg.cp, exchange.all_gather)
         bar = tqdm(
             total=len(self.model.layer_ids), desc=f"prefill {batch.n_tokens} tokens",
             unit="layer", delay=1.0, leave=False,
             disable=not (progress and batch.kind == "prefill"),
         )  # fmt: skip
         ctx = ForwardContext(
-            positions=batch.positions(pg.cp_rank), attention=attention, on_layer=bar.update
+            positions=batch.positions(pg.cp_rank),
+            attention=attention,
+            on_layer=bar.update,
+            token_split=token_split,
         )
         try:
             with bar:

@@ -136,9 +136,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )  # fmt: skip
     g.add_argument(
         "--decode-exchange", choices=list(EXCHANGES), default="auto",
-        help="how decode shares attention partials over the CP ranks every layer (auto: shared "
-        "memory among the CP ranks of one CPU host, else the process group's all_gather; "
-        "tools/bench_collectives.py measures them)",
+        help="how decode's small per-layer collectives travel: the attention partials over CP "
+        "and the TP sums (auto: shared memory among the ranks of one CPU host, else the "
+        "process group's collectives; tools/bench_collectives.py measures them)",
     )  # fmt: skip
     g.add_argument("--timeout", type=float, default=300.0, help="process-group timeout, seconds")
     add_common_arguments(g)
@@ -281,6 +281,7 @@ def _build(args, job: GenerateJob, pg: ParallelGroups, device: torch.device):
     model = parallelize(
         cfg, pg, DTYPES[args.dtype],
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, device=device,
+        exchange=args.decode_exchange, timeout_s=args.timeout,
     )  # fmt: skip
     where = f"random weights (seed {args.seed})" if args.preset else str(args.checkpoint)
     logger.info("loading weights: %s", where)

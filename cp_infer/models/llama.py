@@ -22,10 +22,26 @@ from torch import nn
 from cp_infer.models.config import ModelConfig
 from cp_infer.models.rope import apply_rope, inv_frequencies, rope_cos_sin
 
-__all__ = ["ForwardContext", "MoE", "Transformer"]
+__all__ = ["ForwardContext", "MoE", "TokenSplit", "Transformer"]
 
 # (q (H, T, D), k (H_kv, T, D), v (H_kv, T, D), layer_id) -> out (H, T, D)
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TokenSplit:
+    """The pass's tokens are the same on every rank of a group (decode under CP): each rank
+    sends only its share of them through the experts, and the outputs are gathered.
+
+    Attributes:
+        rank: this rank's index in the group.
+        size: ranks in the group.
+        all_gather: same-shape tensors of every rank of the group, in rank order.
+    """
+
+    rank: int
+    size: int
+    all_gather: Callable[[torch.Tensor], list[torch.Tensor]]
 
 
 @dataclass
@@ -36,11 +52,14 @@ class ForwardContext:
         positions: (T,) position of every token within its sequence.
         attention: computes exact attention for one layer (ring attention, KV cache, ...).
         on_layer: called after each layer (progress reporting on long prefills).
+        token_split: MoE layers route only this rank's share of the tokens (see
+            :class:`TokenSplit`); None: every token.
     """
 
     positions: torch.Tensor
     attention: AttentionFn
     on_layer: Callable[[], object] | None = None
+    token_split: TokenSplit | None = None
 
 
 class RMSNorm(nn.Module):
@@ -122,6 +141,7 @@ class MoE(nn.Module):
         )
         self.dispatch = local_dispatch
         self.reduce: Callable[[torch.Tensor], torch.Tensor] = lambda y: y
+        self.tokens_routed = 0  # tokens this rank has sent through the router
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, k) expert indices and (T, k) weights in x's dtype."""
@@ -130,7 +150,20 @@ class MoE(nn.Module):
         weight = weight / weight.sum(dim=-1, keepdim=True)
         return idx, weight.to(x.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, split: TokenSplit | None = None) -> torch.Tensor:
+        if split is None or split.size == 1:
+            return self._experts(x)
+        # the same tokens on every rank of the split: route a contiguous share each, so every
+        # token meets its experts once, then gather the shares (padded to one shape)
+        t = x.shape[0]
+        per = -(-t // split.size)
+        lo, hi = min(split.rank * per, t), min((split.rank + 1) * per, t)
+        share = x.new_zeros(per, x.shape[1])
+        share[: hi - lo] = self._experts(x[lo:hi])
+        return torch.cat(split.all_gather(share))[:t]
+
+    def _experts(self, x: torch.Tensor) -> torch.Tensor:
+        self.tokens_routed += x.shape[0]
         idx, weight = self.route(x)
         y = self.dispatch(x, idx, weight, self.experts)
         return self.reduce(y)
@@ -146,6 +179,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, cos, sin, ctx: ForwardContext) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, ctx)
+        if isinstance(self.feed_forward, MoE):
+            return h + self.feed_forward(self.ffn_norm(h), ctx.token_split)
         return h + self.feed_forward(self.ffn_norm(h))
 
 

@@ -10,9 +10,9 @@ reads each parameter's :class:`~cp_infer.parallel.tensor_parallel.Shard`.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from cp_infer.collectives import make_all_reduce
 from cp_infer.models.config import ModelConfig
 from cp_infer.models.llama import Attention, FeedForward, MoE, Transformer
 from cp_infer.models.rope import inv_frequencies
@@ -54,10 +54,6 @@ def check_model_fits_layout(cfg: ModelConfig, sizes: ParallelGroups | ParallelSi
             )
 
 
-def _tp_group(pg: ParallelGroups):
-    return pg.tp_group if pg.tp > 1 else None
-
-
 def _kv_head_range(cfg: ModelConfig, tp: int, tp_rank: int) -> tuple[int, int]:
     if cfg.n_kv_heads >= tp:
         return split_range(cfg.n_kv_heads, tp, tp_rank)
@@ -65,7 +61,7 @@ def _kv_head_range(cfg: ModelConfig, tp: int, tp_rank: int) -> tuple[int, int]:
     return head, head + 1
 
 
-def _parallelize_attention(attn: Attention, cfg: ModelConfig, pg: ParallelGroups) -> None:
+def _parallelize_attention(attn: Attention, cfg: ModelConfig, pg: ParallelGroups, tp_sum) -> None:
     hd = cfg.head_dim
     h0, h1 = split_range(cfg.n_heads, pg.tp, pg.tp_rank)
     k0, k1 = _kv_head_range(cfg, pg.tp, pg.tp_rank)
@@ -73,31 +69,25 @@ def _parallelize_attention(attn: Attention, cfg: ModelConfig, pg: ParallelGroups
     attn.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * hd, h0 * hd, h1 * hd)
     attn.wk = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, k0 * hd, k1 * hd)
     attn.wv = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, k0 * hd, k1 * hd)
-    attn.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, h0 * hd, h1 * hd, _tp_group(pg))
+    attn.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, h0 * hd, h1 * hd, tp_sum)
 
 
-def _parallelize_ffn(ffn: FeedForward, dim: int, hidden: int, pg: ParallelGroups, reduce: bool):
+def _parallelize_ffn(ffn: FeedForward, dim: int, hidden: int, pg: ParallelGroups, tp_sum):
     f0, f1 = split_range(hidden, pg.tp, pg.tp_rank)
     ffn.w1 = ColumnParallelLinear(dim, hidden, f0, f1)
     ffn.w3 = ColumnParallelLinear(dim, hidden, f0, f1)
-    ffn.w2 = RowParallelLinear(hidden, dim, f0, f1, _tp_group(pg), reduce=reduce)
+    ffn.w2 = RowParallelLinear(hidden, dim, f0, f1, tp_sum)
 
 
-def _parallelize_moe(moe: MoE, cfg: ModelConfig, pg: ParallelGroups) -> None:
+def _parallelize_moe(moe: MoE, cfg: ModelConfig, pg: ParallelGroups, tp_sum) -> None:
     keep = local_experts(cfg.n_experts, pg.ep, pg.ep_rank)
     moe.experts = nn.ModuleDict({str(e): moe.experts[str(e)] for e in keep})
     # Experts are tensor-parallel too (etp = tp): partial outputs are reduced once, after
     # the combine, instead of once per expert.
     for expert in moe.experts.values():
-        _parallelize_ffn(expert, cfg.dim, cfg.ffn_dim, pg, reduce=False)
-    if pg.tp > 1:
-        group = pg.tp_group
-
-        def reduce(y: torch.Tensor) -> torch.Tensor:
-            dist.all_reduce(y, group=group)
-            return y
-
-        moe.reduce = reduce
+        _parallelize_ffn(expert, cfg.dim, cfg.ffn_dim, pg, None)
+    if tp_sum is not None:
+        moe.reduce = tp_sum
     if pg.ep > 1:
         moe.dispatch = AllToAllDispatcher(pg.ep_group, len(keep))
 
@@ -109,6 +99,8 @@ def parallelize(
     *,
     make_vocab_size_divisible_by: int = 128,
     device: torch.device | str = "cpu",
+    exchange: str = "auto",
+    timeout_s: float = 60.0,
 ) -> Transformer:
     """Build this rank's shard of the model (uninitialized weights, ``dtype``, on ``device``).
 
@@ -119,11 +111,20 @@ def parallelize(
         make_vocab_size_divisible_by: the vocabulary is padded to a multiple of this times
             ``tp`` (Megatron's rule), so any vocabulary size splits over TP.
         device: where the weights live; the engine puts every tensor it makes beside them.
+        exchange: how decode-sized TP sums travel (:func:`cp_infer.collectives.
+            make_all_reduce`): ``"auto"`` is shared memory among the TP ranks of one CPU host,
+            the group's all-reduce otherwise and for prefill-sized tensors.
+        timeout_s: how long a shared-memory sum waits for a peer.
 
     Raises:
         ValueError: the model does not fit the layout (see :func:`check_model_fits_layout`).
     """
     check_model_fits_layout(cfg, pg)
+    tp_sum = None
+    if pg.tp > 1:  # one sum for the whole stage (a collective: every TP rank builds it)
+        tp_sum = make_all_reduce(
+            exchange, pg.tp_group, device=torch.device(device), timeout_s=timeout_s
+        )
     layers = stage_layers(cfg.n_layers, pg.pp, pg.pp_rank)
     with torch.device("meta"):
         model = Transformer(
@@ -132,17 +133,16 @@ def parallelize(
     vocab = padded_vocab_size(cfg.vocab_size, pg.tp, make_vocab_size_divisible_by)
     v0, v1 = split_range(vocab, pg.tp, pg.tp_rank)
     if model.tok_embeddings is not None:
-        model.tok_embeddings = VocabParallelEmbedding(
-            cfg.vocab_size, cfg.dim, v0, v1, _tp_group(pg)
-        )
+        model.tok_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, v0, v1, tp_sum)
     if model.output is not None:
-        model.output = VocabParallelLMHead(cfg.dim, cfg.vocab_size, v0, v1, _tp_group(pg))
+        tp_group = pg.tp_group if pg.tp > 1 else None
+        model.output = VocabParallelLMHead(cfg.dim, cfg.vocab_size, v0, v1, tp_group)
     for block in model.layers.values():
-        _parallelize_attention(block.attention, cfg, pg)
+        _parallelize_attention(block.attention, cfg, pg, tp_sum)
         if isinstance(block.feed_forward, MoE):
-            _parallelize_moe(block.feed_forward, cfg, pg)
+            _parallelize_moe(block.feed_forward, cfg, pg, tp_sum)
         else:
-            _parallelize_ffn(block.feed_forward, cfg.dim, cfg.ffn_dim, pg, reduce=True)
+            _parallelize_ffn(block.feed_forward, cfg.dim, cfg.ffn_dim, pg, tp_sum)
     model = model.to_empty(device=device).to(dtype)
     model.inv_freq = inv_frequencies(cfg).to(device)  # buffers are not kept by to_empty
     model.eval()

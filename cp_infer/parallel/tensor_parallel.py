@@ -14,6 +14,7 @@ holds, so checkpoint loaders read exactly that slice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -97,12 +98,6 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(x, group=group)
-    return x
-
-
 class ColumnParallelLinear(nn.Linear):
     """``y_local = x @ W[rows].T``: holds output rows ``[start, stop)`` of the full weight."""
 
@@ -115,20 +110,25 @@ class RowParallelLinear(nn.Linear):
     """``y = sum_tp x_local @ W[:, cols].T``: holds input columns ``[start, stop)``.
 
     Args:
-        reduce: all-reduce the partial outputs over ``group`` here (False: the caller does).
+        all_reduce: sums the partial outputs over TP (:class:`~cp_infer.collectives.
+            AllReduce`); None: the caller does (MoE experts reduce once, after the combine).
     """
 
     def __init__(
-        self, full_in: int, out_features: int, start: int, stop: int, group, *, reduce: bool = True
+        self,
+        full_in: int,
+        out_features: int,
+        start: int,
+        stop: int,
+        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None,
     ) -> None:
         super().__init__(stop - start, out_features, bias=False, device="meta")
         set_shard(self, "weight", Shard(1, start, stop, (out_features, full_in)))
-        self.group = group
-        self.reduce = reduce
+        self.all_reduce = all_reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
-        return _all_reduce(y, self.group) if self.reduce else y
+        return self.all_reduce(y) if self.all_reduce is not None else y
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -137,9 +137,16 @@ class VocabParallelEmbedding(nn.Module):
     ``vocab_size`` is the checkpoint's true size; rows past it are padding.
     """
 
-    def __init__(self, vocab_size: int, dim: int, start: int, stop: int, group) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        start: int,
+        stop: int,
+        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None,
+    ) -> None:
         super().__init__()
-        self.start, self.stop, self.group = start, stop, group
+        self.start, self.stop, self.all_reduce = start, stop, all_reduce
         self.weight = nn.Parameter(torch.empty(stop - start, dim, device="meta"))
         set_shard(self, "weight", Shard(0, start, stop, (vocab_size, dim)))
 
@@ -147,7 +154,7 @@ class VocabParallelEmbedding(nn.Module):
         mine = (ids >= self.start) & (ids < self.stop)
         local = torch.where(mine, ids - self.start, torch.zeros_like(ids))
         out = F.embedding(local, self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
-        return _all_reduce(out, self.group)
+        return self.all_reduce(out) if self.all_reduce is not None else out
 
 
 class VocabParallelLMHead(nn.Module):
