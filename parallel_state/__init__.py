@@ -6,7 +6,7 @@ Typical use (every rank, same arguments)::
 
     with parallel_groups(tp=2, cp=4) as pg:
         pg.check_heads(n_heads=32, n_kv_heads=8)
-        ...  # ring attention: send to pg.cp_next_rank, receive from pg.cp_prev_rank
+        ...  # ring attention over pg.cp_group (cp_infer.attention.RingComm)
 
 :mod:`parallel_state.layout` holds the pure rules (size validation, ring neighbours);
 :mod:`parallel_state.groups` the distributed part. megatron-core itself is imported on the first

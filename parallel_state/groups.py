@@ -100,9 +100,6 @@ class ParallelGroups:
         pp_ranks: global ranks of my pipeline, stage by stage.
         ep_ranks: global ranks of my expert-parallel group.
         dp_ranks: global ranks of my data-parallel group.
-        cp_next_rank: global rank of CP rank ``(cp_rank + 1) % cp`` (where ring sends go).
-        cp_prev_rank: global rank of CP rank ``(cp_rank - 1) % cp`` (where ring receives come
-            from).
     """
 
     world_size: int
@@ -128,8 +125,6 @@ class ParallelGroups:
     pp_ranks: tuple[int, ...]
     ep_ranks: tuple[int, ...]
     dp_ranks: tuple[int, ...]
-    cp_next_rank: int
-    cp_prev_rank: int
 
     @property
     def is_first_pp_stage(self) -> bool:
@@ -143,12 +138,13 @@ class ParallelGroups:
 
     def describe(self) -> str:
         """One line for logs, e.g. ``rank 5/8 tp 1/2 cp 0/2 ... cp ring 7<-5->7 ...``."""
+        prev, nxt = ring_neighbours(self.cp_ranks, self.cp_rank)
         return (
             f"rank {self.rank}/{self.world_size}: "
             f"tp {self.tp_rank}/{self.tp} cp {self.cp_rank}/{self.cp} "
             f"pp {self.pp_rank}/{self.pp} dp {self.dp_rank}/{self.dp} "
             f"ep {self.ep_rank}/{self.ep} etp={self.etp} | "
-            f"cp ring {self.cp_prev_rank}<-{self.rank}->{self.cp_next_rank} | "
+            f"cp ring {prev}<-{self.rank}->{nxt} | "
             f"tp_ranks={list(self.tp_ranks)} cp_ranks={list(self.cp_ranks)} "
             f"pp_ranks={list(self.pp_ranks)} dp_ranks={list(self.dp_ranks)} "
             f"ep_ranks={list(self.ep_ranks)}"
@@ -311,7 +307,6 @@ def _read_groups(mpu: Any, sizes: ParallelSizes, *, world_size: int, rank: int) 
     if _ranks(cp_group) != cp_ranks:
         raise RuntimeError(f"CP group ranks {_ranks(cp_group)} != megatron's {cp_ranks}")
 
-    cp_prev, cp_next = ring_neighbours(cp_ranks, cp_rank)
     g = groups_and_ranks
     return ParallelGroups(
         world_size=world_size,
@@ -337,8 +332,6 @@ def _read_groups(mpu: Any, sizes: ParallelSizes, *, world_size: int, rank: int) 
         pp_ranks=g["pp"][1],
         ep_ranks=g["ep"][1],
         dp_ranks=g["dp"][1],
-        cp_next_rank=cp_next,
-        cp_prev_rank=cp_prev,
     )
 
 

@@ -62,14 +62,20 @@ def test_growth_opens_a_segment_and_never_moves_cached_tokens():
     assert cache.positions(0) == [0, 1, 2, 3, 4, 5]
 
 
-def test_prefix_views_are_the_cache_memory_and_travel_contiguous():
+def test_prefix_views_are_the_cache_memory_and_travel_head_by_head():
     cache = _cache()
     _pass(cache, [StorePlan(0, 0, (0, 1, 2), reserve=8)], _kv(3))
     prefix = cache.prefix(1, [0], lens=(((3,),), ((1,),)))
     (k,) = prefix.k[0]
-    assert k.is_contiguous() and k.shape == (3, 2, 4)  # token-major: a block of the buffer
+    assert k.shape == (2, 3, 4) and not k.is_contiguous()  # 3 of 8 reserved tokens used
     assert k.data_ptr() == cache.blocks(1, 0)[0][0].data_ptr()
-    assert [t.shape for t in prefix.empty_like_rank(1)] == [(1, 2, 4), (1, 2, 4)]
+    pieces = prefix.pieces()  # k then v, head by head: each contiguous, none copied
+    assert [p.shape for p in pieces] == [(3, 4)] * 4
+    assert all(p.is_contiguous() for p in pieces) and pieces[1].data_ptr() == k[1].data_ptr()
+    recv, blocks = prefix.receive(1)
+    assert [p.shape for p in recv] == [(1, 4)] * 4 and all(p.is_contiguous() for p in recv)
+    assert [(kb.shape, vb.shape) for kb, vb in blocks[0]] == [((2, 1, 4), (2, 1, 4))]
+    assert recv[1].data_ptr() == blocks[0][0][0][1].data_ptr()  # pieces fill the blocks
 
 
 def test_truncate_cuts_at_a_position_across_segments():

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from cp_infer.attention.comm import RingComm
 from parallel_state import (
     MEGATRON_ORDER,
     ParallelGroups,
@@ -46,14 +47,13 @@ def _layout_on_rank(sizes: dict) -> dict:
         total = torch.tensor([float(pg.rank)])
         dist.all_reduce(total, group=pg.cp_group)
 
-        # One step around the CP ring: send my rank to next, receive prev's rank.
-        got = torch.tensor([-1], dtype=torch.int64)
+        # One step around the CP ring as ring attention takes it: send my rank to next,
+        # receive prev's rank.
+        comm = RingComm(pg.cp_group)
+        got = torch.tensor([pg.rank], dtype=torch.int64)
         if pg.cp > 1:
-            send = dist.isend(torch.tensor([pg.rank], dtype=torch.int64), pg.cp_next_rank)
-            dist.recv(got, pg.cp_prev_rank)
-            send.wait()
-        else:
-            got[0] = pg.rank
+            got = comm.send_recv(got)
+            comm.wait()
 
         out = {
             f.name: getattr(pg, f.name)
@@ -66,6 +66,8 @@ def _layout_on_rank(sizes: dict) -> dict:
             first=pg.is_first_pp_stage,
             last=pg.is_last_pp_stage,
             describe=pg.describe(),
+            cp_next_rank=comm.next_rank,
+            cp_prev_rank=comm.prev_rank,
             megatron_cp_ranks=tuple(mpu.get_context_parallel_global_ranks()),
             megatron_ep_size=mpu.get_expert_model_parallel_world_size(),
             megatron_dp_size=mpu.get_data_parallel_world_size(),
@@ -297,8 +299,6 @@ def _fake_groups(**overrides) -> ParallelGroups:
         pp_ranks=(1, 5),
         ep_ranks=(5,),
         dp_ranks=(5,),
-        cp_next_rank=7,
-        cp_prev_rank=7,
     )
     values.update(overrides)
     return ParallelGroups(**values)

@@ -10,7 +10,7 @@ step), each the slowest rank's and the best of ``--repeats``. Prefill parallel e
 Example (the figures in docs/performance.md)::
 
     python tools/bench_model.py --presets tiny-llama small-llama --seq-lens 4096 16384 32768 \\
-        --cp 2 --json bench_out/model.json
+        --cp 2 --exchanges shm collective --json bench_out/model.json
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cp_infer.checkpoint import RandomSource, load_weights
+from cp_infer.collectives import EXCHANGES
 from cp_infer.engine import SamplingConfig, generate
 from cp_infer.models import get_preset
 from cp_infer.parallel import parallelize
@@ -37,25 +38,29 @@ from parallel_state import parallel_groups
 logger = logging.getLogger("bench_model")
 
 
-def _timed_generate(model, pg, prompt, max_new, variant) -> tuple[float, float]:
+def _timed_generate(model, pg, prompt, max_new, variant, exchange) -> tuple[float, float]:
     """(TTFT, median TTIT) of one generate call, the slowest rank's."""
     dist.barrier()
-    result = generate(model, pg, [prompt], SamplingConfig(max_new_tokens=max_new), variant=variant)
+    result = generate(
+        model, pg, [prompt], SamplingConfig(max_new_tokens=max_new), variant=variant,
+        exchange=exchange,
+    )  # fmt: skip
     steps = result.decode_step_s or [0.0]
     t = torch.tensor([result.ttft_s, statistics.median(steps)], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t[0].item(), t[1].item()
 
 
-def bench_rank(preset, seq_len, variant, decode_tokens, repeats) -> dict:
+def bench_rank(preset, seq_len, variant, decode_tokens, repeats, exchange) -> dict:
     cfg = get_preset(preset, max_seq_len=max(seq_len + decode_tokens + 1, 1024))
     with parallel_groups(cp=dist.get_world_size(), timeout_s=1800) as pg:
-        model = parallelize(cfg, pg, torch.float32)
+        model = parallelize(cfg, pg, torch.float32, exchange=exchange)
         load_weights(model, RandomSource(0, cfg))
         prompt = [(7 * i + 1) % cfg.vocab_size for i in range(seq_len)]
-        _timed_generate(model, pg, prompt[:256], 2, variant)  # warm-up
+        _timed_generate(model, pg, prompt[:256], 2, variant, exchange)  # warm-up
         runs = [
-            _timed_generate(model, pg, prompt, 1 + decode_tokens, variant) for _ in range(repeats)
+            _timed_generate(model, pg, prompt, 1 + decode_tokens, variant, exchange)
+            for _ in range(repeats)
         ]
     return {
         "preset": preset,
@@ -66,14 +71,15 @@ def bench_rank(preset, seq_len, variant, decode_tokens, repeats) -> dict:
         "ttit_s": min(r[1] for r in runs),
         "runs": runs,
         "decode_tokens": decode_tokens,
+        "exchange": exchange,
         "threads_per_rank": torch.get_num_threads(),
     }
 
 
 def _table(records) -> str:
-    cols = ["preset", "seq_len", "cp", "ttft_s", "ttit_ms", "prefill_eff"]
+    cols = ["preset", "seq_len", "cp", "exchange", "ttft_s", "ttit_ms", "prefill_eff"]
     rows = [
-        [r["preset"], str(r["seq_len"]), str(r["cp"]), f"{r['ttft_s']:.3f}",
+        [r["preset"], str(r["seq_len"]), str(r["cp"]), r["exchange"], f"{r['ttft_s']:.3f}",
          f"{1000 * r['ttit_s']:.1f}", f"{r['efficiency']:.3f}"]
         for r in records
     ]  # fmt: skip
@@ -88,26 +94,33 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--variant", default="pass-kv", choices=["pass-kv", "pass-q"])
     p.add_argument("--decode-tokens", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument(
+        "--exchanges", nargs="+", default=["auto"], choices=list(EXCHANGES),
+        help="decode transports to compare at CP > 1 (see tools/bench_collectives.py)",
+    )  # fmt: skip
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     records, baseline = [], {}
     for n in [1, *args.cp]:
         with DistributedPool(n, pg_timeout_s=1800) as pool:
-            for preset in args.presets:
-                for s in args.seq_lens:
-                    rec = pool.run(
-                        bench_rank, preset, s, args.variant, args.decode_tokens, args.repeats,
-                        timeout_s=3600,
-                    )[0]  # fmt: skip
-                    if n == 1:
-                        baseline[(preset, s)] = rec["ttft_s"]
-                    rec["efficiency"] = baseline[(preset, s)] / (n * rec["ttft_s"])
-                    records.append(rec)
-                    logger.info(
-                        "%s seq_len=%d cp=%d TTFT %.3fs TTIT %.1fms efficiency %.3f",
-                        preset, s, n, rec["ttft_s"], 1000 * rec["ttit_s"], rec["efficiency"],
-                    )  # fmt: skip
+            # at CP=1 there is nothing to exchange: one run stands for every transport
+            for exchange in args.exchanges if n > 1 else ["auto"]:
+                for preset in args.presets:
+                    for s in args.seq_lens:
+                        rec = pool.run(
+                            bench_rank, preset, s, args.variant, args.decode_tokens,
+                            args.repeats, exchange, timeout_s=3600,
+                        )[0]  # fmt: skip
+                        if n == 1:
+                            baseline[(preset, s)] = rec["ttft_s"]
+                        rec["efficiency"] = baseline[(preset, s)] / (n * rec["ttft_s"])
+                        records.append(rec)
+                        logger.info(
+                            "%s seq_len=%d cp=%d %s TTFT %.3fs TTIT %.1fms efficiency %.3f",
+                            preset, s, n, exchange, rec["ttft_s"], 1000 * rec["ttit_s"],
+                            rec["efficiency"],
+                        )  # fmt: skip
     print(_table(records))
     if args.json:
         write_json(args.json, records)

@@ -37,12 +37,12 @@ class KVPrefix:
     sequence ``j`` on CP rank ``r`` and is known on every rank, so a rank can receive another's
     segments (pass-KV) without a size exchange.
 
-    Segments are token-major, (n, H_kv, D): a cache segment's first n tokens are then one
-    contiguous block that goes on the wire as it is, and the kernels read (H_kv, n, D)
-    transposed views of it.
+    A segment is a heads-first (H_kv, n, D) view of a cache buffer with room for more tokens,
+    so it is not one contiguous block, but each head's n tokens are: on the wire a segment is
+    its H_kv per-head pieces, sent where they lie and received into one (H_kv, n, D) buffer.
 
     Args:
-        k: per sequence, this rank's segments, each (n, H_kv, D) (views into the cache).
+        k: per sequence, this rank's segments, each (H_kv, n, D) with contiguous heads.
         v: values, same layout.
         lens: (cp, n_seqs, segments) tokens per CP rank, sequence and segment.
     """
@@ -58,8 +58,8 @@ class KVPrefix:
         object.__setattr__(self, "v", tuple(tuple(segs) for segs in self.v))
         if len({len(row) for row in lens}) != 1:
             raise ValueError("KVPrefix.lens must have the same number of sequences for every rank")
-        mine = tuple(tuple(t.shape[0] for t in segs) for segs in self.k)
-        if mine != tuple(tuple(t.shape[0] for t in segs) for segs in self.v):
+        mine = tuple(tuple(t.shape[1] for t in segs) for segs in self.k)
+        if mine != tuple(tuple(t.shape[1] for t in segs) for segs in self.v):
             raise ValueError("KVPrefix k and v segments differ in length")
         if mine not in lens:
             raise ValueError(
@@ -78,44 +78,40 @@ class KVPrefix:
         """Cached tokens of ``seq`` on CP rank ``rank``."""
         return sum(self.lens[rank][seq])
 
-    def local(self) -> list[torch.Tensor]:
-        """This rank's non-empty segments, flat (k, v per segment): what travels the ring."""
-        flat = []
-        for ks, vs in zip(self.k, self.v, strict=True):
-            for k, v in zip(ks, vs, strict=True):
-                if k.shape[0]:
-                    flat += [k, v]
-        return flat
-
-    def empty_like_rank(self, rank: int) -> list[torch.Tensor]:
-        """Receive buffers for CP rank ``rank``'s :meth:`local` list."""
-        h_kv, d, like = self._shape()
+    def blocks(self) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Per sequence, this rank's non-empty (k, v) segments."""
         return [
-            torch.empty(n, h_kv, d, dtype=like.dtype, device=like.device)
-            for segs in self.lens[rank]
-            for n in segs
-            if n
-            for _ in range(2)
+            [(k, v) for k, v in zip(ks, vs, strict=True) if k.shape[1]]
+            for ks, vs in zip(self.k, self.v, strict=True)
         ]
 
-    def blocks(self, rank: int, flat: Sequence[torch.Tensor]) -> list[list[tuple]]:
-        """Per sequence, CP rank ``rank``'s (k, v) segments as (H_kv, n, D) views, from its
-        :meth:`local` list (its own, or received)."""
-        out, i = [], 0
+    def pieces(self) -> list[torch.Tensor]:
+        """What travels the ring: every head of every non-empty segment, (n, D) each, as it
+        lies in the cache (each is contiguous)."""
+        return [t[h] for seq in self.blocks() for kv in seq for t in kv for h in range(len(t))]
+
+    def receive(self, rank: int) -> tuple[list[torch.Tensor], list[list[tuple]]]:
+        """Buffers for CP rank ``rank``'s :meth:`pieces`: (the pieces to receive into, and
+        per sequence the (k, v) segments they fill)."""
+        h_kv, d, like = self._shape()
+        pieces, blocks = [], []
         for segs in self.lens[rank]:
             seq = []
             for n in segs:
                 if n:
-                    seq.append((flat[i].transpose(0, 1), flat[i + 1].transpose(0, 1)))
-                    i += 2
-            out.append(seq)
-        assert i == len(flat), "the flat list does not match the rank's segment lengths"
-        return out
+                    kv = tuple(
+                        torch.empty(h_kv, n, d, dtype=like.dtype, device=like.device)
+                        for _ in range(2)
+                    )
+                    pieces += [t[h] for t in kv for h in range(h_kv)]
+                    seq.append(kv)
+            blocks.append(seq)
+        return pieces, blocks
 
     def _shape(self) -> tuple[int, int, torch.Tensor]:
         for segs in self.k:
             for t in segs:
-                return t.shape[1], t.shape[2], t
+                return t.shape[0], t.shape[2], t
         raise ValueError("KVPrefix has no segment to take the head shape from")
 
     @staticmethod
@@ -124,11 +120,10 @@ class KVPrefix:
         v_per_seq: Sequence[torch.Tensor],
         lens: Sequence[Sequence[int]],
     ) -> KVPrefix:
-        """One segment per sequence from heads-first (H_kv, p_j, D) tensors (copied to token-major);
-        ``lens`` is (cp, n_seqs)."""
+        """One segment per sequence from (H_kv, p_j, D) tensors; ``lens`` is (cp, n_seqs)."""
         return KVPrefix(
-            tuple((t.transpose(0, 1).contiguous(),) for t in k_per_seq),
-            tuple((t.transpose(0, 1).contiguous(),) for t in v_per_seq),
+            tuple((t,) for t in k_per_seq),
+            tuple((t,) for t in v_per_seq),
             tuple(tuple((n,) for n in row) for row in lens),
         )
 
@@ -174,7 +169,7 @@ def attend_step(
         layout: the batch layout (same on every rank).
         acc_out, acc_lse: (H, t_local, D) / (H, t_local) float32 accumulators for ``q``.
         prefix_blocks: per sequence, the (k, v) segments of cached tokens held by ``kv_rank``
-            (:meth:`KVPrefix.blocks`), each (H_kv, n, D).
+            (:meth:`KVPrefix.blocks` or :meth:`KVPrefix.receive`), each (H_kv, n, D).
         fresh: the accumulators are uninitialized: results are written, not merged, and rows
             this step does not reach are set to out = 0, lse = -inf.
     """

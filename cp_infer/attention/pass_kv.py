@@ -67,7 +67,7 @@ def check_ring_inputs(
             )
         for segs in prefix.k:
             for seg in segs:
-                if seg.shape[1] != h_kv or seg.shape[2] != d:
+                if seg.shape[0] != h_kv or seg.shape[2] != d:
                     raise ValueError(
                         f"a prefix segment {tuple(seg.shape)} does not match k {tuple(k.shape)}"
                     )
@@ -111,29 +111,25 @@ def ring_attention_pass_kv(
     acc_lse = torch.empty(h, t, dtype=torch.float32, device=q.device)
 
     # What travels each step: the new K and V and, for persistent-KV prefill, the cached
-    # prefix segments as they sit in the cache, all as tensors of one batched SendRecv (the
-    # cache is never copied into a send buffer). Receive buffers are shaped for the sender:
-    # every rank knows every rank's segment lengths.
-    mine = [k.contiguous(), v.contiguous()]
-    if prefix is not None:
-        mine += prefix.local()
-    cur = mine
+    # prefix segments head by head, as they lie in the cache, all as tensors of one batched
+    # SendRecv (the cache is never copied into a send buffer). Receive buffers are shaped for
+    # the sender: every rank knows every rank's segment lengths.
+    cur = [k.contiguous(), v.contiguous()] + (prefix.pieces() if prefix is not None else [])
+    cur_blocks = prefix.blocks() if prefix is not None else None
     for step in range(n):
         kv_rank = (rank - step) % n
         if step + 1 < n:
-            src = (rank - step - 1) % n
-            recv = [torch.empty_like(mine[0]), torch.empty_like(mine[1])]
+            recv = [torch.empty_like(cur[0]), torch.empty_like(cur[1])]
             if prefix is not None:
-                recv += prefix.empty_like_rank(src)
+                pieces, recv_blocks = prefix.receive((rank - step - 1) % n)
+                recv += pieces
             nxt = comm.send_recv(cur, recv)
-        sk, sv, *flat = cur
         attend_step(
-            q, sk, sv, layout, rank, kv_rank, acc_out, acc_lse,
-            causal=causal, kernel=kernel, scale=scale,
-            prefix_blocks=prefix.blocks(kv_rank, flat) if prefix is not None else None,
-            fresh=step == 0,
+            q, cur[0], cur[1], layout, rank, kv_rank, acc_out, acc_lse,
+            causal=causal, kernel=kernel, scale=scale, prefix_blocks=cur_blocks, fresh=step == 0,
         )  # fmt: skip
         if step + 1 < n:
             comm.wait()
             cur = nxt
+            cur_blocks = recv_blocks if prefix is not None else None
     return acc_out.to(q.dtype), acc_lse

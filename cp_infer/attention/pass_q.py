@@ -79,7 +79,7 @@ def ring_attention_pass_q(
     kernel = get_kernel(kernel, q.device)
     n, rank = comm.size, comm.rank
     h, t, d = q.shape
-    blocks = prefix.blocks(rank, prefix.local()) if prefix is not None else None
+    blocks = prefix.blocks() if prefix is not None else None
     send = torch.empty(n, slot_bytes(h, t, d, q.dtype), dtype=torch.uint8, device=q.device)
     acc_out = torch.empty(h, t, d, dtype=torch.float32, device=q.device)
     acc_lse = torch.empty(h, t, dtype=torch.float32, device=q.device)

@@ -6,14 +6,15 @@ of its load-balanced shard; during decode, the new tokens placed on it round-rob
 token exactly once. The cache records the position of every token it holds, so a sequence can be
 cut at any position (a server reusing a shared prefix).
 
-Storage is a list of segments per sequence, each a preallocated token-major buffer per layer::
+Storage is a list of segments per sequence, each a preallocated heads-first buffer per layer::
 
     seq 0:  | turn 1: prefill shard + its decode tokens | turn 2: ... | (free capacity)
             '-- segment 0 (n0 of cap0 used) ------------'-- segment 1 -'
 
 A new turn reserves a new segment, so growth never copies what is cached. The ring reads the
-segments in place: a segment's used part is one contiguous block that travels as it is
-(:class:`~cp_infer.attention.blocks.KVPrefix`). On one rank the positions only grow along the
+segments in place: each head's used part is one contiguous run that travels as it is
+(:class:`~cp_infer.attention.blocks.KVPrefix`), and decode's kernel reads every head's keys
+contiguously. On one rank the positions only grow along the
 segments (a prefill shard lists its early chunk before its late one, and every turn comes after
 the last), which is what makes cutting at a position a matter of shortening segments.
 
@@ -75,7 +76,7 @@ class StorePlan:
 
 @dataclass
 class _Segment:
-    k: dict[int, torch.Tensor]  # layer -> (cap, H_kv, D)
+    k: dict[int, torch.Tensor]  # layer -> (H_kv, cap, D)
     v: dict[int, torch.Tensor]
     positions: torch.Tensor  # (cap,) int64 on the host
     n: int = 0  # committed tokens
@@ -161,8 +162,8 @@ class KVCache:
         """Keep the planned tokens of one layer's (H_kv, T, D) keys and values."""
         for p, seg in self._plan:
             n = len(p.positions)
-            seg.k[layer][seg.n : seg.n + n] = k[:, p.start : p.start + n].transpose(0, 1)
-            seg.v[layer][seg.n : seg.n + n] = v[:, p.start : p.start + n].transpose(0, 1)
+            seg.k[layer][:, seg.n : seg.n + n] = k[:, p.start : p.start + n]
+            seg.v[layer][:, seg.n : seg.n + n] = v[:, p.start : p.start + n]
 
     def commit(self) -> None:
         """Make the tokens stored by the last forward pass permanent (once per pass)."""
@@ -186,7 +187,7 @@ class KVCache:
         for s in self._seqs[seq].segments:
             n = s.n + s.staged
             if n:
-                out.append((s.k[layer][:n].transpose(0, 1), s.v[layer][:n].transpose(0, 1)))
+                out.append((s.k[layer][:, :n], s.v[layer][:, :n]))
         return out
 
     def prefix(self, layer: int, seqs: Sequence[int], lens) -> KVPrefix:
@@ -198,8 +199,8 @@ class KVCache:
         k, v = [], []
         for seq in seqs:
             segs = self._seqs[seq].segments if seq in self._seqs else []
-            k.append(tuple(s.k[layer][: s.n] for s in segs))
-            v.append(tuple(s.v[layer][: s.n] for s in segs))
+            k.append(tuple(s.k[layer][:, : s.n] for s in segs))
+            v.append(tuple(s.v[layer][:, : s.n] for s in segs))
         return KVPrefix(tuple(k), tuple(v), lens)
 
     # -- managing sequences -----------------------------------------------------------------
@@ -237,7 +238,7 @@ class KVCache:
         return seg
 
     def _new_segment(self, capacity: int) -> _Segment:
-        shape = (capacity, self.n_kv_heads, self.head_dim)
+        shape = (self.n_kv_heads, capacity, self.head_dim)
 
         def buf() -> torch.Tensor:
             return torch.empty(shape, dtype=self.dtype, device=self.device)
@@ -255,8 +256,8 @@ class KVCache:
         at = 0
         for s in state.segments:
             for layer in self.layer_ids:
-                seg.k[layer][at : at + s.n] = s.k[layer][: s.n]
-                seg.v[layer][at : at + s.n] = s.v[layer][: s.n]
+                seg.k[layer][:, at : at + s.n] = s.k[layer][:, : s.n]
+                seg.v[layer][:, at : at + s.n] = s.v[layer][:, : s.n]
             seg.positions[at : at + s.n] = s.positions[: s.n]
             at += s.n
         seg.n = n
