@@ -86,6 +86,7 @@ class SendRecvExchange:
 
 
 _HEADER = 64  # bytes before each slot's data: the sequence number, on its own cache line
+_SHM_DIR = "/dev/shm"
 
 
 class ShmExchange:
@@ -115,7 +116,7 @@ class ShmExchange:
         self.timeout_s = timeout_s
         self.slot = _HEADER + 2 * self.max_bytes
         leader = dist.get_process_group_ranks(group)[0]
-        name = [f"/dev/shm/cp_infer-{uuid.uuid4().hex}"]
+        name = [os.path.join(_SHM_DIR, f"cp_infer-{uuid.uuid4().hex}")]
         dist.broadcast_object_list(name, src=leader, group=group)
         path = name[0]
         if self.rank == 0:
@@ -195,8 +196,12 @@ def make_exchange(
     if kind not in EXCHANGES:
         raise ValueError(f"unknown exchange {kind!r}; choose one of {list(EXCHANGES)}")
     if kind == "auto":
-        cpu_x86 = device.type == "cpu" and platform.machine().lower() in ("x86_64", "amd64")
-        kind = "shm" if cpu_x86 and _one_host(group) else "collective"
+        kind = "collective"
+        # every rank of the group takes part in the host check (a collective) before any
+        # rank looks at its own machine: on one host, those local answers agree
+        if device.type == "cpu" and _one_host(group):
+            x86 = platform.machine().lower() in ("x86_64", "amd64")
+            kind = "shm" if x86 and os.path.isdir(_SHM_DIR) else "collective"
     if kind == "shm":
         if device.type != "cpu":
             raise ValueError(f"the shm exchange moves CPU tensors, not {device.type}; use auto")

@@ -68,7 +68,7 @@ def bench_rank(new, cached, heads, kv_heads, head_dim, warmup, repeats) -> list[
 
     def ring(name):
         # the engine's path: the ring reads the cache's segments where they are
-        prefix = cache.prefix(0, [0], lens)
+        prefix = cache.prefix(0, [0], lens) if cached else None  # as the engine does
         return ring_attention(q, k, v, layout, variant=name, prefix=prefix)
 
     def repack():
