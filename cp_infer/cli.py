@@ -32,7 +32,7 @@ from cp_infer.distributed import (
     error_message,
     peer_failure,
 )
-from cp_infer.entrypoints import convert, generate
+from cp_infer.entrypoints import convert, generate, serve
 from cp_infer.entrypoints.launch import HelpFormatter
 from cp_infer.log import setup_logging
 
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     generate.add_parser(sub)
+    serve.add_parser(sub)
     convert.add_parser(sub)
     return p
 

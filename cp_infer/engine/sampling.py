@@ -1,4 +1,4 @@
-"""Token sampling: greedy, or temperature with nucleus (top-p) filtering, seeded."""
+"""Token sampling: greedy, or temperature with top-k and nucleus (top-p) filtering, seeded."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ class SamplingConfig:
         max_new_tokens: tokens to generate per prompt (>= 1).
         temperature: 0 for greedy (argmax), else softmax temperature.
         top_p: nucleus sampling: keep the smallest set of tokens with probability >= top_p.
+        top_k: keep only the k most likely tokens (0: all of them).
         seed: seed of the sampling generator (the same on every rank).
         eos_id: stop a sequence when this token (or any of these tokens) is generated;
             Llama 3 instruct checkpoints list several (end of text, end of turn).
@@ -26,6 +27,7 @@ class SamplingConfig:
     max_new_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0
     seed: int = 0
     eos_id: int | tuple[int, ...] | None = None
 
@@ -46,6 +48,8 @@ class SamplingConfig:
             )
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not _is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         bad = [t for t in self.eos_ids if not _is_int(t) or t < 0]
@@ -65,6 +69,9 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
     """(B, V) float32 logits -> (B,) int64 token ids."""
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
+    if cfg.top_k and cfg.top_k < logits.shape[-1]:
+        kth = logits.topk(cfg.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits / cfg.temperature, dim=-1)
     if cfg.top_p < 1:
         sorted_p, order = probs.sort(dim=-1, descending=True)

@@ -78,9 +78,12 @@ class SequenceState:
         uncached: the tail of ``history`` not in the cache (the last generated token, which
             never went through the model); it leads the next turn's new tokens.
         decode_steps: decode tokens cached so far (continues the round-robin placement).
+        prompt: this turn's new tokens.
         out: this turn's generated tokens.
         done: this turn has ended (EOS or the token budget).
         fed_cached: whether the last generated token is in the cache.
+        max_new: this turn's token budget.
+        eos_ids: tokens that end this turn.
     """
 
     seq: int
@@ -91,6 +94,8 @@ class SequenceState:
     out: list[int] = field(default_factory=list)
     done: bool = False
     fed_cached: bool = False
+    max_new: int = 0
+    eos_ids: Collection[int] = ()
 
     @property
     def cached(self) -> int:
@@ -108,31 +113,51 @@ class Scheduler:
         device: where batches put their tensors.
     """
 
-    def __init__(self, *, cp: int, vocab_size: int, max_seq_len: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        *,
+        cp: int,
+        vocab_size: int,
+        max_seq_len: int,
+        device: torch.device,
+        seqs: Sequence[SequenceState] = (),
+    ) -> None:
         self.cp, self.vocab_size, self.max_seq_len = cp, vocab_size, max_seq_len
         self.device = device
-        self.seqs: list[SequenceState] = []
-        self.max_new = 0
-        self.eos_ids: Collection[int] = ()
+        self.seqs: list[SequenceState] = list(seqs)
 
     # -- a turn -----------------------------------------------------------------------------
     def add_turn(
-        self, prompts: Sequence[Sequence[int]], max_new: int, eos_ids: Collection[int] = ()
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new: int | Sequence[int],
+        eos_ids: Collection[int] | Sequence[Collection[int]] = (),
     ) -> None:
-        """Start a turn: one new prompt per sequence (the first turn creates the sequences)."""
+        """Start a turn: one new prompt per sequence (the first turn creates the sequences).
+
+        Args:
+            max_new: the token budget, for every sequence or one per sequence.
+            eos_ids: tokens that end a turn: one set for all, or (with per-sequence budgets)
+                one set per sequence.
+        """
         if self.seqs and len(self.seqs) != len(prompts):
             raise ValueError(
                 f"the conversation has {len(self.seqs)} sequences but {len(prompts)} prompts "
                 "were given; pass one new prompt per sequence"
             )
-        check_prompts(
-            prompts, self.vocab_size, max_new, self.max_seq_len, [len(s.history) for s in self.seqs]
-        )
+        per_seq = not isinstance(max_new, int)
+        budgets = list(max_new) if per_seq else [max_new] * len(prompts)
+        stops = list(eos_ids) if per_seq else [eos_ids] * len(prompts)
+        before = [len(s.history) for s in self.seqs] or [0] * len(prompts)
+        if not prompts:
+            check_prompts(prompts, self.vocab_size, 0, self.max_seq_len)
+        for j, (p, n, budget) in enumerate(zip(prompts, before, budgets, strict=True)):
+            check_prompts([p], self.vocab_size, budget, self.max_seq_len, [n], ids=[j])
         if not self.seqs:
             self.seqs = [SequenceState(seq=j) for j in range(len(prompts))]
-        for s, p in zip(self.seqs, prompts, strict=True):
+        for s, p, budget, stop in zip(self.seqs, prompts, budgets, stops, strict=True):
             s.prompt, s.out, s.done, s.fed_cached = list(p), [], False, False
-        self.max_new, self.eos_ids = max_new, eos_ids
+            s.max_new, s.eos_ids = budget, frozenset(stop)
 
     @property
     def new_tokens(self) -> int:
@@ -149,11 +174,10 @@ class Scheduler:
         layout = ShardLayout([len(t) for t in new], self.cp)
         # tokens per rank this turn: its real shard, then its decode tokens (the last generated
         # token is never fed back, so max_new - 1 of them are stored)
-        fed = max(self.max_new - 1, 0)
         reserve = tuple(
             tuple(
                 layout.valid_kv_len(j, r)
-                + decode_tokens_owned(j, s.decode_steps + fed, self.cp, r)
+                + decode_tokens_owned(j, s.decode_steps + max(s.max_new - 1, 0), self.cp, r)
                 - decode_tokens_owned(j, s.decode_steps, self.cp, r)
                 for j, s in enumerate(self.seqs)
             )
@@ -191,7 +215,7 @@ class Scheduler:
             if not s.done:
                 s.out.append(t)
                 s.fed_cached = False
-                s.done = t in self.eos_ids or len(s.out) >= self.max_new
+                s.done = t in s.eos_ids or len(s.out) >= s.max_new
 
     @property
     def turn_done(self) -> bool:

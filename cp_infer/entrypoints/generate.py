@@ -45,7 +45,7 @@ from parallel_state import (
     validate_parallel_sizes,
 )
 
-__all__ = ["GenerateJob", "add_parser", "prepare", "run"]
+__all__ = ["GenerateJob", "add_model_arguments", "add_parser", "build_model", "prepare", "run"]
 
 logger = logging.getLogger("cp_infer")
 
@@ -79,6 +79,28 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description=_DESCRIPTION,
         formatter_class=HelpFormatter,
     )
+    g.add_argument("--input", type=Path, required=True, metavar="JSONL", help="the requests")
+    g.add_argument("--output", type=Path, required=True, metavar="JSONL", help="the generations")
+    g.add_argument(
+        "--save-logits", type=Path, metavar="FILE",
+        help="also write each request's first-token logits (safetensors, keyed by id)",
+    )  # fmt: skip
+    g.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate per turn")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    g.add_argument(
+        "--variant", choices=[*VARIANTS, "auto"], default="auto",
+        help="prefill ring variant; auto picks per turn by the paper's Alg. 1 (for GQA "
+        "models: pass-KV unless most of the context is cached)",
+    )  # fmt: skip
+    add_model_arguments(g)
+    add_common_arguments(g)
+    g.set_defaults(run=run)
+    return g
+
+
+def add_model_arguments(g: argparse.ArgumentParser) -> None:
+    """The model, its layout and how it runs: shared by ``generate`` and ``serve``."""
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument(
         "--checkpoint", type=Path, metavar="DIR",
@@ -91,12 +113,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="a debug model with random weights (seeded by --seed); the real shapes "
         f"({', '.join(config_only)}) are for the planner only",
     )  # fmt: skip
-    g.add_argument("--input", type=Path, required=True, metavar="JSONL", help="the requests")
-    g.add_argument("--output", type=Path, required=True, metavar="JSONL", help="the generations")
-    g.add_argument(
-        "--save-logits", type=Path, metavar="FILE",
-        help="also write each request's first-token logits (safetensors, keyed by id)",
-    )  # fmt: skip
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     g.add_argument("--cp", type=int, default=1, help="context-parallel size (ring attention)")
     g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
@@ -106,9 +122,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="pad the vocabulary to a multiple of N * tp, as Megatron does (any vocabulary "
         "then splits over TP; padded ids are never sampled nor saved)",
     )  # fmt: skip
-    g.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate per turn")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
     g.add_argument("--seed", type=int, default=0, help="seed of sampling and of preset weights")
     g.add_argument(
         "--eos-id", type=int, nargs="+", metavar="ID",
@@ -119,11 +132,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--device", choices=["auto", "cpu", "cuda"], default="auto",
         help="where the model runs (auto: this rank's GPU if CUDA is available, else the CPU); "
         "process groups use NCCL on CUDA and gloo on CPU",
-    )  # fmt: skip
-    g.add_argument(
-        "--variant", choices=[*VARIANTS, "auto"], default="auto",
-        help="prefill ring variant; auto picks per turn by the paper's Alg. 1 (for GQA "
-        "models: pass-KV unless most of the context is cached)",
     )  # fmt: skip
     g.add_argument(
         "--hardware", choices=["auto", *sorted(HARDWARE)], default="auto",
@@ -141,9 +149,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "process group's collectives; tools/bench_collectives.py measures them)",
     )  # fmt: skip
     g.add_argument("--timeout", type=float, default=300.0, help="process-group timeout, seconds")
-    add_common_arguments(g)
-    g.set_defaults(run=run)
-    return g
 
 
 @dataclass(frozen=True)
@@ -273,11 +278,13 @@ def check_output_paths(args) -> None:
         raise ValueError("--output and --save-logits are the same file; choose two paths")
 
 
-def _build(args, job: GenerateJob, pg: ParallelGroups, device: torch.device):
+def build_model(
+    args, cfg: ModelConfig, checkpoint_format: str | None, pg: ParallelGroups, device: torch.device
+):
+    """This rank's shard of the model, weights loaded (``--preset`` or ``--checkpoint``)."""
     from cp_infer.checkpoint import RandomSource, load_weights
     from cp_infer.parallel import parallelize
 
-    cfg = job.cfg
     model = parallelize(
         cfg, pg, DTYPES[args.dtype],
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, device=device,
@@ -289,7 +296,7 @@ def _build(args, job: GenerateJob, pg: ParallelGroups, device: torch.device):
         source = RandomSource(args.seed, cfg)
     else:
         verify_manifest(args.checkpoint, part=pg.rank, parts=pg.world_size, progress=pg.rank == 0)
-        source = open_source(args.checkpoint, job.checkpoint_format, cfg)
+        source = open_source(args.checkpoint, checkpoint_format, cfg)
     load_weights(model, source, progress=pg.rank == 0)
     return model
 
@@ -327,7 +334,7 @@ def run(args, argv: list[str]) -> int:
         logger.info(
             "%s | model %s (%.1fM params)", pg.describe(), job.cfg.name, job.cfg.n_params() / 1e6
         )
-        model = on_all_ranks(lambda: _build(args, job, pg, device))
+        model = on_all_ranks(lambda: build_model(args, job.cfg, job.checkpoint_format, pg, device))
         conversation = Conversation()
         results = []
         for turn in range(len(job.turns[0])):

@@ -1,0 +1,161 @@
+"""``python -m cp_infer serve``: an HTTP server over the CP ranks.
+
+Every rank loads its shard of the model. Rank 0 answers HTTP (uvicorn in the main thread) and
+runs the engine loop in a second thread: each batch it takes from the queue goes to every rank,
+and all of them run it together (:class:`~cp_infer.serving.engine.ServeLoop`). The other ranks
+only follow. Stopping rank 0 (SIGINT, SIGTERM) tells them to stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+
+import torch.distributed as dist
+
+from cp_infer.distributed import RankFailure, clear_failure, on_all_ranks
+from cp_infer.engine.runner import ModelRunner
+from cp_infer.entrypoints.generate import (
+    _model_config,
+    add_model_arguments,
+    build_model,
+    resolve_device,
+)
+from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments, ensure_launched
+from cp_infer.parallel import check_model_fits_layout
+from parallel_state import init_distributed, parallel_groups, validate_parallel_sizes
+
+__all__ = ["add_parser", "run"]
+
+logger = logging.getLogger("cp_infer")
+
+_DESCRIPTION = """\
+Serve a model over HTTP, its context split over the CP ranks. Rank 0 answers:
+
+  PUT  /api                    Megatron-LM's text generation API
+  POST /v1/completions         OpenAI completions (text or token ids; stream: true for SSE)
+  POST /v1/chat/completions    OpenAI chat (the checkpoint's chat template)
+  GET  /v1/models, /health
+
+Requests that share a prefix with an earlier one (a chat resending its history) prefill only
+the rest, over the KV cache the earlier one left on the CP ranks (usage.prompt_tokens_details
+.cached_tokens says how many tokens were reused).
+
+  torchrun --standalone --nproc-per-node 2 -m cp_infer serve --preset tiny-llama --cp 2 --port 8000
+  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+      -d '{"prompt": [1, 2, 3], "max_tokens": 8, "temperature": 0}'
+
+See docs/serving.md.
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    g = sub.add_parser(
+        "serve", help="serve the model over HTTP (OpenAI and Megatron APIs)",
+        description=_DESCRIPTION, formatter_class=HelpFormatter,
+    )  # fmt: skip
+    g.add_argument("--host", default="127.0.0.1", help="address rank 0 listens on")
+    g.add_argument("--port", type=int, default=8000, help="port rank 0 listens on")
+    g.add_argument("--model-name", help="the name /v1/models lists (default: the model's)")
+    g.add_argument("--max-batch-size", type=int, default=8, help="requests per engine batch")
+    g.add_argument("--max-queue", type=int, default=64, help="waiting requests; more get a 503")
+    g.add_argument(
+        "--max-cache-tokens", type=int, default=65536, metavar="N",
+        help="tokens finished requests may keep cached over the CP ranks for reuse (least "
+        "recently used dropped first)",
+    )  # fmt: skip
+    add_model_arguments(g)
+    add_common_arguments(g)
+    g.set_defaults(run=run)
+    return g
+
+
+def _check(args, world_size: int):
+    for name in ("max_batch_size", "max_queue", "max_cache_tokens"):
+        if getattr(args, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    sizes = validate_parallel_sizes(world_size, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep)
+    cfg, eos, fmt = _model_config(args)
+    check_model_fits_layout(cfg, sizes)
+    return cfg, eos, fmt
+
+
+def _tokenizer(args):
+    if args.checkpoint is None or not (args.checkpoint / "tokenizer.json").exists():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(args.checkpoint)
+
+
+def run(args, argv: list[str]) -> int:
+    from cp_infer.serving.engine import ServeEngine, ServeLoop
+
+    try:
+        if not 0 < args.timeout < float("inf"):
+            raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
+        ensure_launched(argv, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep)
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise RankFailure(str(e)) from e
+    init_distributed("nccl" if device.type == "cuda" else "gloo", timeout_s=args.timeout)
+    if dist.get_rank() == 0:
+        clear_failure()
+    cfg, eos, fmt = on_all_ranks(lambda: _check(args, dist.get_world_size()))
+    with parallel_groups(
+        tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep, timeout_s=args.timeout
+    ) as pg:
+        logger.info("%s | model %s (%.1fM params)", pg.describe(), cfg.name, cfg.n_params() / 1e6)
+        model = on_all_ranks(lambda: build_model(args, cfg, fmt, pg, device))
+        runner = ModelRunner(
+            model, pg, kernel=args.kernel, exchange=args.decode_exchange, timeout_s=args.timeout
+        )
+        engine = ServeEngine(runner, max_cache_tokens=args.max_cache_tokens)
+        loop = ServeLoop(engine)
+        if dist.get_rank() != 0:
+            loop.follow()
+            return 0
+        tokenizer = _tokenizer(args)
+        eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or ()))
+        _serve(args, loop, tokenizer, cfg, eos_ids)
+    return 0
+
+
+def _serve(args, loop, tokenizer, cfg, eos_ids) -> None:
+    import uvicorn
+
+    from cp_infer.serving.api import Frontend, build_app
+
+    front = Frontend(
+        tokenizer=tokenizer, model_name=args.model_name or cfg.name, vocab_size=cfg.vocab_size,
+        max_seq_len=cfg.max_seq_len, max_batch=args.max_batch_size, max_queue=args.max_queue,
+        eos_ids=eos_ids,
+    )  # fmt: skip
+    errors: list[BaseException] = []
+
+    def engine() -> None:
+        try:
+            loop.lead(front.next_batch, front.emit, front.cancelled, front.done)
+        except BaseException as e:  # the ranks are gone: stop serving
+            errors.append(e)
+            logger.error("engine loop stopped: %s", e)
+            server.should_exit = True
+
+    config = uvicorn.Config(
+        build_app(front), host=args.host, port=args.port, log_level="warning", lifespan="off"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=engine, name="engine", daemon=True)
+    thread.start()
+    logger.info("serving %s on http://%s:%d", front.model_name, args.host, args.port)
+    try:
+        server.run()
+    finally:
+        front.stopping.set()
+        thread.join(timeout=60)
+    if errors:
+        raise errors[0]

@@ -1,0 +1,373 @@
+"""The HTTP front end on rank 0: OpenAI's and Megatron's APIs over one request queue.
+
+Handlers check a request (the typed models of :mod:`cp_infer.serving.protocol`, then tokens
+against the vocabulary and the context limit), turn it into engine
+:class:`~cp_infer.serving.engine.Request`\\ s and queue them. The engine thread takes up to
+``max_batch`` queued requests per batch (:meth:`Frontend.next_batch`) and hands back each token
+as it is sampled; handlers stream them as server-sent events or answer when done. A client
+that goes away cancels its requests; the engine stops them at its next check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from cp_infer.engine.sampling import SamplingConfig
+from cp_infer.serving.engine import Outcome, Request
+from cp_infer.serving.protocol import ChatRequest, CompletionRequest, MegatronRequest, first_error
+
+__all__ = ["Frontend", "build_app"]
+
+logger = logging.getLogger(__name__)
+
+
+class BadRequest(ValueError):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class Pending:
+    """A request waiting for, or getting, its tokens (lives on the event loop's side)."""
+
+    request: Request
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # token ids, then the Outcome
+
+
+class Frontend:
+    """What the HTTP handlers and the engine thread share on rank 0.
+
+    Args:
+        tokenizer: a transformers tokenizer of the checkpoint, or None (token ids only).
+        model_name: the name ``/v1/models`` lists.
+        vocab_size, max_seq_len: the model's limits, checked before a request is queued.
+        max_batch: requests per engine batch.
+        max_queue: requests waiting at most; one more gets a 503.
+        eos_ids: the checkpoint's end-of-sequence ids.
+    """
+
+    def __init__(
+        self, *, tokenizer, model_name: str, vocab_size: int, max_seq_len: int, max_batch: int,
+        max_queue: int, eos_ids: frozenset[int] = frozenset(),
+    ) -> None:  # fmt: skip
+        self.tokenizer, self.model_name = tokenizer, model_name
+        self.vocab_size, self.max_seq_len = vocab_size, max_seq_len
+        self.max_batch, self.max_queue, self.eos_ids = max_batch, max_queue, eos_ids
+        self._queue: queue.Queue[Pending] = queue.Queue()
+        self._live: dict[int, Pending] = {}
+        self._cancelled: set[int] = set()
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self.stopping = threading.Event()
+        self.created = int(time.time())
+
+    # -- the handlers' side ----------------------------------------------------------------------
+    def make_request(self, tokens: list[int], sampling: SamplingConfig) -> Request:
+        if not tokens:
+            raise BadRequest("the prompt is empty; give at least one token", "prompt")
+        bad = [t for t in tokens if not 0 <= t < self.vocab_size]
+        if bad:
+            raise BadRequest(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})", "prompt"
+            )
+        total = len(tokens) + sampling.max_new_tokens
+        if total > self.max_seq_len:
+            raise BadRequest(
+                f"the prompt has {len(tokens)} tokens; with {sampling.max_new_tokens} new "
+                f"tokens the context ({total}) exceeds the model's {self.max_seq_len}: shorten "
+                "the prompt or ask for fewer tokens",
+                "max_tokens",
+            )
+        return Request(next(self._ids), tuple(tokens), sampling)
+
+    def submit(self, requests: list[Request]) -> list[Pending]:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._queue.qsize() + len(requests) > self.max_queue:
+                raise QueueFull(f"the server's queue is full ({self.max_queue}); retry later")
+            pending = [Pending(r, loop) for r in requests]
+            for p in pending:
+                self._live[p.request.rid] = p
+                self._queue.put(p)
+        return pending
+
+    def cancel(self, rid: int) -> None:
+        with self._lock:
+            if rid in self._live:
+                self._cancelled.add(rid)
+
+    # -- the engine thread's side ----------------------------------------------------------------
+    def next_batch(self, wait_s: float) -> list[Request] | None:
+        """Up to ``max_batch`` queued requests ([] after ``wait_s`` idle; None: stop)."""
+        if self.stopping.is_set():
+            return None
+        try:
+            first = self._queue.get(timeout=wait_s)
+        except queue.Empty:
+            return None if self.stopping.is_set() else []
+        batch = [first]
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        with self._lock:  # requests cancelled while queued never run
+            gone = [p for p in batch if p.request.rid in self._cancelled]
+            for p in gone:
+                self._forget(p.request.rid)
+        return [p.request for p in batch if p not in gone]
+
+    def emit(self, rid: int, token: int) -> None:
+        p = self._live.get(rid)
+        if p is not None:
+            p.loop.call_soon_threadsafe(p.events.put_nowait, token)
+
+    def cancelled(self) -> set[int]:
+        with self._lock:
+            return set(self._cancelled)
+
+    def done(self, batch: list[Request], outcomes: dict[int, Outcome]) -> None:
+        for r in batch:
+            with self._lock:
+                p = self._live.get(r.rid)
+                self._forget(r.rid)
+            if p is not None:
+                p.loop.call_soon_threadsafe(p.events.put_nowait, outcomes[r.rid])
+
+    def _forget(self, rid: int) -> None:
+        self._live.pop(rid, None)
+        self._cancelled.discard(rid)
+
+    # -- text ------------------------------------------------------------------------------------
+    def encode(self, text: str, param: str) -> list[int]:
+        if self.tokenizer is None:
+            raise BadRequest(
+                "this server's checkpoint has no tokenizer: send token ids instead of text", param
+            )
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, tokens: list[int]) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode(tokens)
+
+    def chat_tokens(self, messages) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise BadRequest(
+                "this server's checkpoint has no tokenizer with a chat template: use "
+                "/v1/completions",
+                "messages",
+            )
+        out = self.tokenizer.apply_chat_template(
+            [m.model_dump() for m in messages], add_generation_prompt=True, tokenize=True
+        )
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+def _openai_error(status: int, message: str, param: str | None = None, kind=None) -> JSONResponse:
+    kind = kind or ("invalid_request_error" if status == 400 else "server_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status)
+
+
+def _usage(o: Outcome) -> dict:
+    return {
+        "prompt_tokens": o.prompt_tokens,
+        "completion_tokens": len(o.tokens),
+        "total_tokens": o.prompt_tokens + len(o.tokens),
+        "prompt_tokens_details": {"cached_tokens": o.cached_tokens},
+    }
+
+
+def _sse(data) -> bytes:
+    return f"data: {json.dumps(data) if not isinstance(data, str) else data}\n\n".encode()
+
+
+def build_app(front: Frontend) -> FastAPI:
+    """The FastAPI app of rank 0."""
+    app = FastAPI(title="cp_infer", description="context-parallel inference server")
+
+    async def parse(http: HttpRequest, model):
+        try:
+            body = await http.body()
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRequest(f"the body is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise BadRequest("the body must be a JSON object")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise BadRequest(*first_error(e)) from e
+
+    def sampling(req, max_new: int) -> SamplingConfig:
+        return SamplingConfig(
+            max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p,
+            seed=req.seed, eos_id=tuple(front.eos_ids) or None,
+        )  # fmt: skip
+
+    async def finish(pending: Pending) -> tuple[list[int], Outcome]:
+        tokens = []
+        try:
+            while True:
+                ev = await pending.events.get()
+                if isinstance(ev, Outcome):
+                    return tokens, ev
+                tokens.append(ev)
+        except asyncio.CancelledError:
+            front.cancel(pending.request.rid)
+            raise
+
+    def check_outcome(o: Outcome) -> None:
+        if o.error is not None:
+            raise RuntimeError(o.error)
+
+    @app.exception_handler(BadRequest)
+    async def _bad(_, e: BadRequest):
+        return _openai_error(400, str(e), e.param)
+
+    @app.exception_handler(QueueFull)
+    async def _full(_, e: QueueFull):
+        return _openai_error(503, str(e), kind="server_busy")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [
+                {"id": front.model_name, "object": "model", "created": front.created,
+                 "owned_by": "cp_infer"}
+            ],
+        }  # fmt: skip
+
+    async def run_openai(http, req, tokens, kind: str):
+        (pending,) = front.submit([front.make_request(tokens, sampling(req, req_budget(req)))])
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+        if req.stream:
+            return StreamingResponse(
+                stream(pending, rid, obj + (".chunk" if kind == "chat" else ""), kind, req),
+                media_type="text/event-stream",
+            )
+        _, o = await finish(pending)
+        if o.error is not None:
+            return _openai_error(500, f"generation failed: {o.error}")
+        text = front.decode(o.tokens)
+        if kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": o.finish_reason}  # fmt: skip
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None,
+                      "finish_reason": o.finish_reason}  # fmt: skip
+        choice["token_ids"] = o.tokens
+        return {"id": rid, "object": obj, "created": int(time.time()), "model": front.model_name,
+                "choices": [choice], "usage": _usage(o)}  # fmt: skip
+
+    def req_budget(req) -> int:
+        return req.budget if isinstance(req, ChatRequest) else req.max_tokens
+
+    async def stream(pending: Pending, rid: str, obj: str, kind: str, req):
+        created = int(time.time())
+        tokens: list[int] = []
+        sent = ""
+
+        def chunk(delta, finish=None):
+            c = {"index": 0, "finish_reason": finish}
+            if kind == "chat":
+                c["delta"] = delta
+            else:
+                c.update(text=delta.get("content", ""), logprobs=None)
+            return {"id": rid, "object": obj, "created": created, "model": front.model_name,
+                    "choices": [c]}  # fmt: skip
+
+        try:
+            if kind == "chat":
+                yield _sse(chunk({"role": "assistant", "content": ""}))
+            while True:
+                ev = await pending.events.get()
+                if isinstance(ev, Outcome):
+                    break
+                tokens.append(ev)
+                text = front.decode(tokens) or ""
+                delta, sent = text[len(sent) :], text
+                yield _sse(chunk({"content": delta}))
+            if ev.error is not None:
+                yield _sse({"error": {"message": f"generation failed: {ev.error}",
+                                      "type": "server_error"}})  # fmt: skip
+                return
+            yield _sse(chunk({}, ev.finish_reason))
+            if req.stream_options is not None and req.stream_options.include_usage:
+                yield _sse({"id": rid, "object": obj, "created": created,
+                            "model": front.model_name, "choices": [], "usage": _usage(ev)})  # fmt: skip
+            yield _sse("[DONE]")
+        except (asyncio.CancelledError, GeneratorExit):
+            front.cancel(pending.request.rid)
+            raise
+
+    @app.post("/v1/completions")
+    async def completions(http: HttpRequest):
+        req = await parse(http, CompletionRequest)
+        tokens = req.prompt if isinstance(req.prompt, list) else front.encode(req.prompt, "prompt")
+        return await run_openai(http, req, tokens, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat(http: HttpRequest):
+        req = await parse(http, ChatRequest)
+        return await run_openai(http, req, front.chat_tokens(req.messages), "chat")
+
+    @app.put("/api")
+    async def megatron(http: HttpRequest):
+        # Megatron's server answers errors with a bare message and status 400
+        try:
+            req = await parse(http, MegatronRequest)
+            bos = getattr(front.tokenizer, "bos_token_id", None) if front.tokenizer else None
+            if req.add_BOS and bos is None:
+                raise BadRequest("add_BOS: this checkpoint's tokenizer has no BOS token")
+            eos = {req.stop_token} if req.stop_token is not None else set(front.eos_ids)
+            cfg = SamplingConfig(
+                max_new_tokens=req.tokens_to_generate, temperature=req.temperature,
+                top_k=req.top_k, top_p=req.top_p if req.top_p > 0 else 1.0,
+                seed=max(req.random_seed, 0), eos_id=tuple(eos) or None,
+            )  # fmt: skip
+            prompts = [([bos] if req.add_BOS else []) + front.encode(p, "prompts")
+                       for p in req.prompts]  # fmt: skip
+            requests = [front.make_request(t, cfg) for t in prompts]
+            pending = front.submit(requests)
+        except BadRequest as e:
+            return JSONResponse(str(e), status_code=400)
+        except QueueFull as e:
+            return JSONResponse(str(e), status_code=503)
+        results = [await finish(p) for p in pending]
+        if any(o.error is not None for _, o in results):
+            err = next(o.error for _, o in results if o.error is not None)
+            return JSONResponse(f"generation failed: {err}", status_code=500)
+        full = [list(r.tokens) + o.tokens for r, (_, o) in zip(requests, results, strict=True)]
+        return {
+            "text": [front.decode(t) for t in full],
+            "segments": [[front.decode([x]) for x in t] for t in full],
+            "logprobs": None,
+            "tokens": full,
+        }
+
+    return app

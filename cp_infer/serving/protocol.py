@@ -1,0 +1,142 @@
+"""The HTTP requests the server accepts: OpenAI's completions and chat, and Megatron's ``/api``.
+
+Strict pydantic models, like the CLI's :mod:`cp_infer.schema`: unknown fields are refused by
+name, types are not coerced, and a field we cannot honour gets a message naming it instead of
+being ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = ["ChatRequest", "CompletionRequest", "MegatronRequest", "first_error"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int = 0
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] = 1
+    user: str | None = None  # the client's label for the caller: logged, not used
+
+    @field_validator("temperature", "top_p", mode="before")
+    @classmethod
+    def _numbers(cls, v):  # JSON has one number type: 1 is as good a temperature as 1.0
+        if isinstance(v, int) and not isinstance(v, bool):
+            return float(v)
+        return v
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``: a prompt as text or as token ids."""
+
+    prompt: str | list[int]
+    max_tokens: int = Field(16, ge=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, v):
+        if len(v) == 0:
+            raise ValueError("the prompt is empty; give at least one token")
+        return v
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Sampling):
+    """``POST /v1/chat/completions``: messages through the checkpoint's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    @property
+    def budget(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or 16
+
+
+_MEGATRON_UNSUPPORTED = {  # field: the value that means "off" (accepted), anything else is not
+    "beam_width": None,
+    "length_penalty": 1.0,
+    "top_p_decay": 0.0,
+    "top_p_bound": 0.0,
+    "stop_on_eol": False,
+    "stop_on_double_eol": False,
+    "prevent_newline_after_colon": False,
+}
+
+
+class MegatronRequest(BaseModel):
+    """``PUT /api``: the fields of Megatron-LM's text generation server, with its defaults."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    prompts: list[str] = Field(min_length=1, max_length=128)
+    tokens_to_generate: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0.0, le=100.0)
+    top_k: int = Field(0, ge=0, le=1000)
+    top_p: float = Field(0.0, ge=0.0, le=1.0)
+    add_BOS: bool = False
+    logprobs: bool = False
+    random_seed: int = Field(-1, ge=-1)
+    stop_token: int | None = None
+    no_log: bool = False
+    beam_width: int | None = None
+    length_penalty: float = 1.0
+    top_p_decay: float = 0.0
+    top_p_bound: float = 0.0
+    stop_on_eol: bool = False
+    stop_on_double_eol: bool = False
+    prevent_newline_after_colon: bool = False
+
+    @field_validator("temperature", "top_p", "length_penalty", "top_p_decay", "top_p_bound",
+                     mode="before")  # fmt: skip
+    @classmethod
+    def _numbers(cls, v):
+        if isinstance(v, int) and not isinstance(v, bool):
+            return float(v)
+        return v
+
+    @model_validator(mode="after")
+    def _supported(self):
+        for name, off in _MEGATRON_UNSUPPORTED.items():
+            if getattr(self, name) != off:
+                raise ValueError(f"{name} is not supported by this server; leave it out")
+        if self.logprobs:
+            raise ValueError(
+                "logprobs is not supported by this server (prefill computes the last "
+                "prompt token's logits only); leave it out or set it false"
+            )
+        if self.top_k > 0 and self.top_p > 0:
+            raise ValueError("cannot set both top_k and top_p sampling")
+        if any(len(p) == 0 for p in self.prompts) and not self.add_BOS:
+            raise ValueError("empty prompts require add_BOS=true")
+        return self
+
+
+def first_error(e) -> tuple[str, str | None]:
+    """(message, field) of a pydantic ValidationError, for a one-line 400."""
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or None
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = f"unknown field {where!r}: this server does not support it"
+    elif where:
+        msg = f"{where}: {msg}"
+    return msg, where
