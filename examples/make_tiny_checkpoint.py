@@ -6,6 +6,8 @@ For trying the checkpoint tools without a model hub::
 
 The directory holds config.json and model.safetensors (loadable by transformers'
 ``AutoModelForCausalLM.from_pretrained``); the weights are the ones ``generate --preset`` uses.
+It also gets a word-level tokenizer with a chat template (token ``i`` is the word ``w<i>``), so
+text prompts and ``serve``'s chat API work; ``--no-tokenizer`` leaves it out.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from cp_infer.checkpoint import RandomSource, hf_name
 from cp_infer.checkpoint.safetensors_writer import TensorSpec, write_safetensors_checkpoint
 from cp_infer.models import RUNNABLE_PRESETS, Transformer, get_preset
+from cp_infer.testing.tokenizer import write_word_tokenizer
 
 
 def main() -> None:
@@ -28,6 +31,7 @@ def main() -> None:
     p.add_argument("--preset", choices=RUNNABLE_PRESETS, default="tiny-llama")
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-tokenizer", dest="tokenizer", action="store_false")
     args = p.parse_args()
     cfg = get_preset(args.preset)
     with torch.device("meta"):
@@ -40,6 +44,8 @@ def main() -> None:
     write_safetensors_checkpoint(
         args.output, specs, lambda name: source.read(by_hf[name], None, params[by_hf[name]])
     )
+    if args.tokenizer:
+        write_word_tokenizer(args.output, cfg.vocab_size)
     print(f"wrote {args.preset} ({cfg.n_params() / 1e6:.1f}M parameters) to {args.output}")
 
 

@@ -76,6 +76,16 @@ class Frontend:
         self.stopping = threading.Event()
         self.created = int(time.time())
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch."""
+        return self._queue.qsize()
+
+    @property
+    def live(self) -> int:
+        """Requests queued or running."""
+        return len(self._live)
+
     # -- the handlers' side ----------------------------------------------------------------------
     def make_request(self, tokens: list[int], sampling: SamplingConfig) -> Request:
         if not tokens:
@@ -249,7 +259,7 @@ def build_app(front: Frontend) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        return {"status": "ok", "queued": front.queued, "live": front.live}
 
     @app.get("/v1/models")
     async def models():

@@ -1,0 +1,255 @@
+"""The HTTP server under torchrun: both APIs against the generate CLI, KV reuse across a chat,
+concurrency, bad requests, a client that disconnects mid-stream, and SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cp_infer.cli import main
+from cp_infer.distributed import free_port
+from cp_infer.testing.tokenizer import write_word_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_NEW = 6
+PROMPTS = [[5, 17, 3, 99, 250, 7, 1], [42, 8, 300], list(range(20, 60))]
+
+
+class Server:
+    """``torchrun ... -m cp_infer serve`` in its own session, up once /health answers."""
+
+    def __init__(self, checkpoint: Path, nproc: int, args: list[str], log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(free_port()), "-m", "cp_infer", "serve",
+               "--checkpoint", str(checkpoint), "--port", str(self.port), *args]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(
+            cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, env=env,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"the server did not come up:\n{log.read_text()[-3000:]}")
+
+    def stop(self) -> float:
+        """SIGTERM, as a scheduler sends it; seconds until every process is gone."""
+        t0 = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return time.monotonic() - t0
+
+    def post(self, path: str, body, **kw) -> httpx.Response:
+        return httpx.post(self.url + path, json=body, timeout=120, **kw)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny")
+    subprocess.run([sys.executable, "examples/make_tiny_checkpoint.py", "--preset", "tiny-llama",
+                    "--output", str(out)], check=True, cwd=REPO, capture_output=True)  # fmt: skip
+    write_word_tokenizer(out, 512)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    s = Server(checkpoint, 2, ["--cp", "2"], tmp_path_factory.mktemp("log") / "serve.log")
+    yield s
+    s.stop()
+
+
+def _cli_tokens(dist_pool, checkpoint, tmp, prompts, world=2, layout=("--cp", "2")):
+    """What ``generate`` gives for these token ids (greedy, fp32): the reference."""
+    src = tmp / "p.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "token_ids": p}) + "\n"
+                           for i, p in enumerate(prompts)))  # fmt: skip
+    out = tmp / "o.jsonl"
+    argv = ["generate", "--checkpoint", str(checkpoint), *layout, "--input", str(src),
+            "--output", str(out), "--max-new-tokens", str(MAX_NEW)]  # fmt: skip
+    assert dist_pool(world).run(main, argv, timeout_s=180) == [0] * world
+    return [json.loads(line)["token_ids"] for line in out.read_text().splitlines()]
+
+
+def _words(ids) -> str:
+    return " ".join(f"w{t}" for t in ids)
+
+
+def _ids(text: str) -> list[int]:
+    return [int(w[1:]) for w in text.split()]
+
+
+def _both_apis(server) -> list[list[int]]:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="none")
+    got = []
+    for p in PROMPTS:
+        c = client.completions.create(model="tiny-llama", prompt=p, max_tokens=MAX_NEW,
+                                      temperature=0)  # fmt: skip
+        r = httpx.put(server.url + "/api", json={"prompts": [_words(p)], "top_k": 1,
+                      "tokens_to_generate": MAX_NEW}, timeout=120)  # fmt: skip
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["tokens"][0][: len(p)] == p and body["text"][0].startswith(_words(p))
+        assert _ids(c.choices[0].text) == body["tokens"][0][len(p) :]
+        got.append(_ids(c.choices[0].text))
+    return got
+
+
+def test_both_apis_give_the_clis_tokens(server, checkpoint, dist_pool, tmp_path):
+    assert _both_apis(server) == _cli_tokens(dist_pool, checkpoint, tmp_path, PROMPTS)
+
+
+def test_tp2_cp2_and_sigterm_stops_every_rank(checkpoint, dist_pool, tmp_path):
+    s = Server(checkpoint, 4, ["--tp", "2", "--cp", "2"], tmp_path / "serve.log")
+    try:
+        got = _both_apis(s)
+    finally:
+        took = s.stop()
+    assert took < 30, f"SIGTERM took {took:.1f}s"
+    assert s.proc.returncode is not None
+    layout = ("--tp", "2", "--cp", "2")
+    assert got == _cli_tokens(dist_pool, checkpoint, tmp_path, PROMPTS, world=4, layout=layout)
+
+
+def test_chat_reuses_the_cache_and_matches_a_cold_run(server, checkpoint, dist_pool, tmp_path):
+    from openai import OpenAI
+    from transformers import AutoTokenizer
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="none")
+    messages = [{"role": "user", "content": "w11 w12 w13 w14"}]
+    first = client.chat.completions.create(model="m", messages=messages, max_tokens=MAX_NEW,
+                                           temperature=0)  # fmt: skip
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "w21 w22"}]  # fmt: skip
+    second = client.chat.completions.create(model="m", messages=messages, max_tokens=MAX_NEW,
+                                            temperature=0)  # fmt: skip
+    assert second.usage.prompt_tokens_details.cached_tokens > 0
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    assert second.usage.prompt_tokens == len(ids)
+    (cold,) = _cli_tokens(dist_pool, checkpoint, tmp_path, [ids])
+    assert _ids(second.choices[0].message.content) == cold
+
+
+def test_concurrent_requests_each_equal_their_answer_alone(server):
+    bodies = [{"prompt": [(7 * i + j) % 500 + 1 for j in range(5 + i)], "max_tokens": 5,
+               "temperature": 0.8, "seed": i} for i in range(16)]  # fmt: skip
+
+    def ask(body):
+        r = server.post("/v1/completions", body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["token_ids"]
+
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(ask, bodies))
+    alone = [ask(b) for b in bodies]
+    assert together == alone
+
+
+BAD = [
+    ("/v1/completions", b"{not json", "not valid JSON"),
+    ("/v1/completions", b"[1, 2]", "JSON object"),
+    ("/v1/completions", {"prompt": [1, 2], "max_tokens": "5"}, "max_tokens"),
+    ("/v1/completions", {"prompt": [1, 2], "best_of": 2}, "unknown field 'best_of'"),
+    ("/v1/completions", {"prompt": [], "max_tokens": 5}, "empty"),
+    ("/v1/completions", {"prompt": "", "max_tokens": 5}, "empty"),
+    ("/v1/completions", {"prompt": [1, 600]}, "outside the vocabulary"),
+    ("/v1/completions", {"prompt": [1, 2], "max_tokens": -1}, "max_tokens"),
+    ("/v1/completions", {"prompt": [1, 2], "max_tokens": 10**9}, "exceeds the model's"),
+    ("/v1/completions", {"prompt": [1, 2], "n": 2}, "n"),
+    ("/v1/completions", {"prompt": [1.5, 2]}, "prompt"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "w1"}]}, "role"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "match"), BAD, ids=[b[2] for b in BAD])
+def test_bad_requests_get_a_400_naming_the_problem(server, path, body, match):
+    if isinstance(body, bytes):
+        r = httpx.post(server.url + path, content=body, timeout=30,
+                       headers={"Content-Type": "application/json"})  # fmt: skip
+    else:
+        r = server.post(path, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert match in err["message"] and err["type"] == "invalid_request_error"
+    assert server.post("/v1/completions", {"prompt": [1], "max_tokens": 1}).status_code == 200
+
+
+MEGATRON_BAD = [
+    ({"prompts": "w1"}, "prompts"),
+    ({"prompts": []}, "prompts"),
+    ({"prompts": ["w1"], "tokens_to_generate": 0}, "tokens_to_generate"),
+    ({"prompts": ["w1"], "logprobs": True}, "logprobs is not supported"),
+    ({"prompts": ["w1"], "beam_width": 2}, "beam_width is not supported"),
+    ({"prompts": ["w1"], "top_k": 2, "top_p": 0.5}, "both top_k and top_p"),
+    ({"prompts": [""]}, "add_BOS"),
+    ({"prompts": ["w1"], "max_len": 3}, "unknown field 'max_len'"),
+]
+
+
+@pytest.mark.parametrize(("body", "match"), MEGATRON_BAD, ids=[b[1] for b in MEGATRON_BAD])
+def test_megatron_api_refuses_what_it_cannot_honour(server, body, match):
+    r = httpx.put(server.url + "/api", json=body, timeout=30)
+    assert r.status_code == 400 and match in r.json(), r.text
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
+    # 30000 tokens take a minute or more here: only a cancelled request is gone in 15 s
+    body = {"prompt": [3, 4, 5], "max_tokens": 30000, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+    deadline = time.monotonic() + 15
+    while (
+        httpx.get(server.url + "/health", timeout=5).json()["live"] and time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
+    assert httpx.get(server.url + "/health", timeout=5).json()["live"] == 0
+    r = server.post("/v1/completions", {"prompt": [9, 9], "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 2
+
+
+def test_a_full_queue_answers_503():
+    from cp_infer.engine.sampling import SamplingConfig
+    from cp_infer.serving.api import Frontend, QueueFull
+
+    front = Frontend(tokenizer=None, model_name="m", vocab_size=10, max_seq_len=100,
+                     max_batch=4, max_queue=2)  # fmt: skip
+    cfg = SamplingConfig(max_new_tokens=2)
+
+    async def fill():
+        front.submit([front.make_request([1, 2], cfg) for _ in range(2)])
+        with pytest.raises(QueueFull, match="queue is full"):
+            front.submit([front.make_request([1], cfg)])
+
+    asyncio.run(fill())
+    assert [len(front.next_batch(0.1))] == [2] and front.next_batch(0.01) == []
