@@ -28,12 +28,20 @@ PROMPTS = [[5, 17, 3, 99, 250, 7, 1], [42, 8, 300], list(range(20, 60))]
 class Server:
     """``torchrun ... -m cp_infer serve`` in its own session, up once /health answers."""
 
-    def __init__(self, checkpoint: Path, nproc: int, args: list[str], log: Path) -> None:
+    def __init__(
+        self, checkpoint: Path, nproc: int, args: list[str], log: Path, *, script: str | None = None,
+        deepspeed: bool = False,
+    ) -> None:  # fmt: skip
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(free_port()), "-m", "cp_infer", "serve",
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                    "--master-port", str(free_port())]  # fmt: skip
+        if deepspeed:
+            launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(nproc),
+                        "--master_port", str(free_port()), "--module"]  # fmt: skip
+        cmd = [*launcher, *([script] if script else ["-m", "cp_infer"] if not deepspeed else
+               ["cp_infer"]), "serve",
                "--checkpoint", str(checkpoint), "--port", str(self.port), *args]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(
@@ -253,3 +261,28 @@ def test_a_full_queue_answers_503():
 
     asyncio.run(fill())
     assert [len(front.next_batch(0.1))] == [2] and front.next_batch(0.01) == []
+
+
+def test_an_error_inside_a_batch_fails_its_requests_and_the_server_goes_on(checkpoint, tmp_path):
+    s = Server(checkpoint, 2, ["--cp", "2"], tmp_path / "serve.log",
+               script=str(Path(__file__).with_name("serve_fault.py")))  # fmt: skip
+    try:
+        bad = s.post("/v1/completions", {"prompt": [1, 2], "max_tokens": 3, "seed": 666})
+        assert bad.status_code == 500 and "injected fault" in bad.json()["error"]["message"]
+        r = httpx.put(s.url + "/api", json={"prompts": ["w1 w2"], "random_seed": 666,
+                      "tokens_to_generate": 2}, timeout=60)  # fmt: skip
+        assert r.status_code == 500 and "injected fault" in r.json()
+        good = s.post("/v1/completions", {"prompt": [1, 2], "max_tokens": 3, "seed": 1})
+        assert good.status_code == 200 and len(good.json()["choices"][0]["token_ids"]) == 3
+    finally:
+        s.stop()
+
+
+def test_the_deepspeed_launcher_serves_too(checkpoint, tmp_path):
+    s = Server(checkpoint, 2, ["--cp", "2"], tmp_path / "serve.log", deepspeed=True)
+    try:
+        r = s.post("/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 3
+    finally:
+        took = s.stop()
+    assert took < 30
