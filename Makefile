@@ -3,6 +3,8 @@
 #   make demo-attention   the ring attention alone (both variants) against unsharded attention
 #   make demo-megatron    a tiny model converted to a Megatron checkpoint, generated from under
 #                         torchrun and deepspeed
+#   make serve-demo       a tiny model (with a word-level tokenizer) served at CP=2 on
+#                         http://127.0.0.1:8000 (OpenAI and Megatron APIs); Ctrl-C stops it
 #   make test   set up .venv, run ruff and the whole test suite
 #   make lint   ruff check + format check
 #   make bench  run the attention benchmark (CP=1 vs CP=2) and write bench_out/attention.json
@@ -15,7 +17,7 @@ STAMP  := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 NPROC ?= 2
 
-.PHONY: setup demo demo-attention demo-megatron test lint format bench bench-model clean
+.PHONY: setup demo demo-attention demo-megatron serve-demo test lint format bench bench-model clean
 
 setup: $(STAMP)
 
@@ -37,6 +39,11 @@ demo-attention: $(STAMP)
 
 demo-megatron: $(STAMP)
 	PYTHON=$(PY) bash examples/megatron_checkpoint.sh demo_out/megatron
+
+serve-demo: $(STAMP)
+	$(PY) examples/make_tiny_checkpoint.py --preset tiny-llama --output demo_out/tiny-llama-hf
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) \
+		-m cp_infer serve --checkpoint demo_out/tiny-llama-hf --cp $(NPROC) --port 8000
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -40,9 +40,9 @@ class Server:
         if deepspeed:
             launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(nproc),
                         "--master_port", str(free_port()), "--module"]  # fmt: skip
-        cmd = [*launcher, *([script] if script else ["-m", "cp_infer"] if not deepspeed else
-               ["cp_infer"]), "serve",
-               "--checkpoint", str(checkpoint), "--port", str(self.port), *args]  # fmt: skip
+        target = [script] if script else ["cp_infer"] if deepspeed else ["-m", "cp_infer"]
+        cmd = [*launcher, *target, "serve", "--checkpoint", str(checkpoint),
+               "--port", str(self.port), *args]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(
             cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, env=env,

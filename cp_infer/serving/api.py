@@ -302,12 +302,14 @@ def build_app(front: Frontend) -> FastAPI:
         tokens: list[int] = []
         sent = ""
 
-        def chunk(delta, finish=None):
+        def chunk(delta, finish=None, token=None):
             c = {"index": 0, "finish_reason": finish}
             if kind == "chat":
                 c["delta"] = delta
             else:
                 c.update(text=delta.get("content", ""), logprobs=None)
+            if token is not None:  # an extension: the id, for clients without the tokenizer
+                c["token_ids"] = [token]
             return {"id": rid, "object": obj, "created": created, "model": front.model_name,
                     "choices": [c]}  # fmt: skip
 
@@ -321,7 +323,7 @@ def build_app(front: Frontend) -> FastAPI:
                 tokens.append(ev)
                 text = front.decode(tokens) or ""
                 delta, sent = text[len(sent) :], text
-                yield _sse(chunk({"content": delta}))
+                yield _sse(chunk({"content": delta}, token=ev))
             if ev.error is not None:
                 yield _sse({"error": {"message": f"generation failed: {ev.error}",
                                       "type": "server_error"}})  # fmt: skip
