@@ -14,7 +14,8 @@ BIN=$(dirname "$PY")
 export OMP_NUM_THREADS=1
 port() { "$PY" -c 'from cp_infer.distributed import free_port; print(free_port())'; }
 
-"$PY" examples/make_tiny_checkpoint.py --preset tiny-llama --output "$OUT/hf"
+# token ids only: the megatron checkpoint it converts to carries no tokenizer
+"$PY" examples/make_tiny_checkpoint.py --preset tiny-llama --output "$OUT/hf" --no-tokenizer
 "$PY" -m cp_infer convert --from hf --to megatron --input "$OUT/hf" --output "$OUT/mcore" --force
 ARGS=(generate --checkpoint "$OUT/mcore" --cp 2 --input examples/prompts.jsonl --timeout 120)
 "$BIN/torchrun" --standalone --nproc-per-node 2 -m cp_infer "${ARGS[@]}" --output "$OUT/torchrun.jsonl"
