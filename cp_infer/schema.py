@@ -1,7 +1,7 @@
 """The request schema: what one generation request may contain, checked strictly.
 
 One definition serves every front door, so they accept and refuse alike: the ``generate`` CLI
-reads it from JSONL (:func:`read_requests`), the HTTP server will read it from request bodies.
+reads it from JSONL (:func:`read_requests`), the HTTP server types its prompts with :data:`Turn`.
 
 A request is a JSON object with an optional ``id`` and exactly one of:
 
@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-__all__ = ["GenerateRequest", "RequestError", "check_unique_ids", "read_requests"]
+__all__ = ["GenerateRequest", "RequestError", "Turn", "check_unique_ids", "read_requests"]
 
 TokenId = Annotated[StrictInt, Field(ge=0)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]

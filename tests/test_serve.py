@@ -167,6 +167,19 @@ def test_chat_reuses_the_cache_and_matches_a_cold_run(server, checkpoint, dist_p
     assert _ids(second.choices[0].message.content) == cold
 
 
+def test_reuse_stops_at_the_first_differing_token(server):
+    head = [400 + i for i in range(12)]
+    first = server.post("/v1/completions", {"prompt": head, "max_tokens": 2, "temperature": 0})
+    assert first.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    # a client that re-tokenized the end differently: tokens 0-7 match, then they differ
+    again = [*head[:8], 7, 7, 7, 7, 7]
+    r = server.post("/v1/completions", {"prompt": again, "max_tokens": 2, "temperature": 0})
+    assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 8
+    cold = server.post("/v1/completions", {"prompt": [499, *again], "max_tokens": 2,
+                                           "temperature": 0})  # fmt: skip
+    assert cold.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
 def test_concurrent_requests_each_equal_their_answer_alone(server):
     bodies = [{"prompt": [(7 * i + j) % 500 + 1 for j in range(5 + i)], "max_tokens": 5,
                "temperature": 0.8, "seed": i} for i in range(16)]  # fmt: skip
@@ -187,8 +200,10 @@ BAD = [
     ("/v1/completions", b"[1, 2]", "JSON object"),
     ("/v1/completions", {"prompt": [1, 2], "max_tokens": "5"}, "max_tokens"),
     ("/v1/completions", {"prompt": [1, 2], "best_of": 2}, "unknown field 'best_of'"),
-    ("/v1/completions", {"prompt": [], "max_tokens": 5}, "empty"),
-    ("/v1/completions", {"prompt": "", "max_tokens": 5}, "empty"),
+    ("/v1/completions", {"prompt": [], "max_tokens": 5}, "at least 1 item"),
+    ("/v1/completions", {"prompt": "", "max_tokens": 5}, "at least 1 character"),
+    ("/v1/completions", {"prompt": [-1]}, "greater than or equal to 0"),
+    ("/v1/completions", {"prompt": 5}, "a turn is text or a list of token ids"),
     ("/v1/completions", {"prompt": [1, 600]}, "outside the vocabulary"),
     ("/v1/completions", {"prompt": [1, 2], "max_tokens": -1}, "max_tokens"),
     ("/v1/completions", {"prompt": [1, 2], "max_tokens": 10**9}, "exceeds the model's"),

@@ -1,8 +1,8 @@
 """The HTTP requests the server accepts: OpenAI's completions and chat, and Megatron's ``/api``.
 
-Strict pydantic models, like the CLI's :mod:`cp_infer.schema`: unknown fields are refused by
-name, types are not coerced, and a field we cannot honour gets a message naming it instead of
-being ignored.
+Strict pydantic models on the CLI's types (:mod:`cp_infer.schema`: a prompt is one of its turns,
+text or token ids): unknown fields are refused by name, types are not coerced, and a field we
+cannot honour gets a message naming it instead of being ignored.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cp_infer.schema import Turn
 
 __all__ = ["ChatRequest", "CompletionRequest", "MegatronRequest", "first_error"]
 
@@ -41,17 +43,11 @@ class _Sampling(_Strict):
 
 
 class CompletionRequest(_Sampling):
-    """``POST /v1/completions``: a prompt as text or as token ids."""
+    """``POST /v1/completions``: a prompt as text or as token ids, typed as one turn of the
+    CLI's requests (:data:`cp_infer.schema.Turn`), so both refuse alike."""
 
-    prompt: str | list[int]
+    prompt: Turn
     max_tokens: int = Field(16, ge=1)
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_empty(cls, v):
-        if len(v) == 0:
-            raise ValueError("the prompt is empty; give at least one token")
-        return v
 
 
 class ChatMessage(_Strict):
