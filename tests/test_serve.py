@@ -230,8 +230,9 @@ def test_bad_requests_get_a_400_naming_the_problem(server, path, body, match):
 MEGATRON_BAD = [
     ({"prompts": "w1"}, "prompts"),
     ({"prompts": []}, "prompts"),
-    ({"prompts": ["w1"], "tokens_to_generate": 0}, "tokens_to_generate"),
-    ({"prompts": ["w1"], "logprobs": True}, "logprobs is not supported"),
+    ({"prompts": ["w1"], "tokens_to_generate": 0}, "set logprobs=true"),
+    ({"prompts": ["w1"], "tokens_to_generate": -1}, "tokens_to_generate"),
+    ({"prompts": ["w1"], "logprobs": "yes"}, "logprobs"),
     ({"prompts": ["w1"], "beam_width": 2}, "beam_width is not supported"),
     ({"prompts": ["w1"], "top_k": 2, "top_p": 0.5}, "both top_k and top_p"),
     ({"prompts": [""]}, "add_BOS"),
@@ -301,3 +302,26 @@ def test_the_deepspeed_launcher_serves_too(checkpoint, tmp_path):
     finally:
         took = s.stop()
     assert took < 30
+
+
+def test_megatron_logprobs_match_transformers(server, checkpoint):
+    import torch
+    import transformers
+
+    body = {"prompts": [_words(PROMPTS[2])], "tokens_to_generate": 4, "top_k": 1,
+            "logprobs": True}  # fmt: skip
+    r = httpx.put(server.url + "/api", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    tokens, logprobs = r.json()["tokens"][0], r.json()["logprobs"][0]
+    assert len(tokens) == len(PROMPTS[2]) + 4 and len(logprobs) == len(tokens) - 1
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0].float()
+    ref = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(logprobs, dtype=torch.float32), ref, atol=1e-4, rtol=0)
+    # tokens_to_generate=0 scores the prompt only
+    body.update(tokens_to_generate=0)
+    r = httpx.put(server.url + "/api", json=body, timeout=120)
+    assert r.json()["tokens"][0] == PROMPTS[2]
+    torch.testing.assert_close(r.json()["logprobs"][0], logprobs[: len(PROMPTS[2]) - 1],
+                               atol=1e-5, rtol=0)  # fmt: skip

@@ -29,6 +29,7 @@ from cp_infer.engine.batch import StepBatch
 from cp_infer.engine.kv_cache import KVCache
 from cp_infer.models.llama import ForwardContext, TokenSplit, Transformer
 from cp_infer.parallel.pipeline import recv_activation, send_activation
+from cp_infer.sharding import unshard
 from parallel_state import ParallelGroups
 
 __all__ = ["ModelRunner"]
@@ -71,6 +72,7 @@ class ModelRunner:
         self.exchange_kind, self.timeout_s = exchange, timeout_s
         self._exchange: Exchange | None = None
         self._exchange_bytes = 0
+        self.prompt_logprobs: list[list[float]] | None = None
 
     # -- choices ----------------------------------------------------------------------------
     def resolve_variant(self, variant: str, new: int, cached: int) -> str:
@@ -107,11 +109,15 @@ class ModelRunner:
 
     # -- one step ---------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, batch: StepBatch, *, progress: bool = False) -> torch.Tensor | None:
+    def step(
+        self, batch: StepBatch, *, progress: bool = False, prompt_logprobs: bool = False
+    ) -> torch.Tensor | None:
         """Run ``batch`` through this rank's stage; (B, V) float32 logits on the last stage.
 
         Args:
             progress: show a per-layer progress bar on a prefill that takes over a second.
+            prompt_logprobs: a prefill also leaves, in :attr:`prompt_logprobs` on the last
+                stage, every new token's log-probability given those before it.
         """
         pg = self.pg
         self.cache.plan(batch.store_plans(pg.cp_rank))
@@ -151,18 +157,57 @@ class ModelRunner:
         if h is None:
             return None
         if batch.kind == "prefill":
+            if prompt_logprobs:
+                self.prompt_logprobs = self._prompt_logprobs(h, batch)
             h = self._last_token_hidden(h, batch)
         return self.model.logits(h)
 
+    def _prompt_logprobs(self, h: torch.Tensor, batch: StepBatch) -> list[list[float]]:
+        """Per sequence, the log-probability of each new token after the first, given the
+        ones before it (Megatron's ``logprobs``), on every rank of the last stage."""
+        pg = self.pg
+        flat = torch.tensor([t for seq in batch.tokens for t in seq], dtype=torch.long)
+        index = batch.layout.gather_index(pg.cp_rank)  # packed index of each local token
+        ends = torch.tensor(batch.layout.seq_offsets[1:])
+        # a token predicts the next one of its sequence; the last (and padding) predict nothing
+        has_next = (index >= 0) & ~torch.isin(index + 1, ends)
+        target = torch.where(has_next, flat[(index + 1).clamp(max=len(flat) - 1)], 0)
+        mine = torch.full((h.shape[0],), float("nan"), dtype=torch.float64)
+        for lo in range(0, h.shape[0], 1024):  # chunks: (T, V) logits at once can be huge
+            hi = min(lo + 1024, h.shape[0])
+            logp = torch.log_softmax(self.model.logits(h[lo:hi]), dim=-1).cpu()
+            mine[lo:hi] = logp.gather(1, target[lo:hi, None])[:, 0].double()
+        mine[~has_next] = float("nan")
+        parts = [mine]
+        if pg.cp > 1:
+            parts = [torch.empty_like(mine) for _ in range(pg.cp)]
+            dist.all_gather(parts, mine.to(self.device), group=pg.cp_group)
+            parts = [x.cpu() for x in parts]
+        packed = unshard(parts, batch.layout)
+        return [
+            packed[a : b - 1].tolist()
+            for a, b in zip(batch.layout.seq_offsets, batch.layout.seq_offsets[1:], strict=False)
+        ]
+
     def share_tokens(self, tokens: torch.Tensor | None, batch: StepBatch) -> torch.Tensor:
         """The tokens sampled on the last stage, on every stage of this pipeline."""
+        return self.share(tokens, (batch.n_seqs,), torch.long)
+
+    def share(self, values: torch.Tensor | None, shape, dtype) -> torch.Tensor:
+        """A tensor the last stage computed, on every stage of this pipeline."""
         if self.pg.pp == 1:
-            return tokens
-        buf = tokens
-        if buf is None:
-            buf = torch.empty(batch.n_seqs, dtype=torch.long, device=self.device)
+            return values
+        buf = values if values is not None else torch.empty(shape, dtype=dtype, device=self.device)
         dist.broadcast(buf, src=self.pg.pp_ranks[-1], group=self.pg.pp_group)
         return buf
+
+    def share_object(self, obj):
+        """A picklable object the last stage holds, on every stage of this pipeline."""
+        if self.pg.pp == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=self.pg.pp_ranks[-1], group=self.pg.pp_group)
+        return box[0]
 
     # -- pieces -----------------------------------------------------------------------------
     def _stage(self, tokens: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:

@@ -87,7 +87,9 @@ class Frontend:
         return len(self._live)
 
     # -- the handlers' side ----------------------------------------------------------------------
-    def make_request(self, tokens: list[int], sampling: SamplingConfig) -> Request:
+    def make_request(
+        self, tokens: list[int], sampling: SamplingConfig, *, logprobs: bool = False
+    ) -> Request:
         if not tokens:
             raise BadRequest("the prompt is empty; give at least one token", "prompt")
         bad = [t for t in tokens if not 0 <= t < self.vocab_size]
@@ -103,7 +105,7 @@ class Frontend:
                 "the prompt or ask for fewer tokens",
                 "max_tokens",
             )
-        return Request(next(self._ids), tuple(tokens), sampling)
+        return Request(next(self._ids), tuple(tokens), sampling, logprobs)
 
     def submit(self, requests: list[Request]) -> list[Pending]:
         loop = asyncio.get_running_loop()
@@ -357,14 +359,14 @@ def build_app(front: Frontend) -> FastAPI:
             if req.add_BOS and bos is None:
                 raise BadRequest("add_BOS: this checkpoint's tokenizer has no BOS token")
             eos = {req.stop_token} if req.stop_token is not None else set(front.eos_ids)
-            cfg = SamplingConfig(
-                max_new_tokens=req.tokens_to_generate, temperature=req.temperature,
+            cfg = SamplingConfig(  # 0 tokens (scoring): run 1 and drop it
+                max_new_tokens=max(req.tokens_to_generate, 1), temperature=req.temperature,
                 top_k=req.top_k, top_p=req.top_p if req.top_p > 0 else 1.0,
                 seed=max(req.random_seed, 0), eos_id=tuple(eos) or None,
             )  # fmt: skip
             prompts = [([bos] if req.add_BOS else []) + front.encode(p, "prompts")
                        for p in req.prompts]  # fmt: skip
-            requests = [front.make_request(t, cfg) for t in prompts]
+            requests = [front.make_request(t, cfg, logprobs=req.logprobs) for t in prompts]
             pending = front.submit(requests)
         except BadRequest as e:
             return JSONResponse(str(e), status_code=400)
@@ -374,11 +376,17 @@ def build_app(front: Frontend) -> FastAPI:
         if any(o.error is not None for _, o in results):
             err = next(o.error for _, o in results if o.error is not None)
             return JSONResponse(f"generation failed: {err}", status_code=500)
-        full = [list(r.tokens) + o.tokens for r, (_, o) in zip(requests, results, strict=True)]
+        keep = req.tokens_to_generate
+        full = [
+            list(r.tokens) + o.tokens[:keep] for r, (_, o) in zip(requests, results, strict=True)
+        ]
+        logprobs = None
+        if req.logprobs:  # of every token after the first, prompt and generation
+            logprobs = [o.logprobs[: len(t) - 1] for (_, o), t in zip(results, full, strict=True)]
         return {
             "text": [front.decode(t) for t in full],
             "segments": [[front.decode([x]) for x in t] for t in full],
-            "logprobs": None,
+            "logprobs": logprobs,
             "tokens": full,
         }
 

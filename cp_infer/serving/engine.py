@@ -44,11 +44,14 @@ class Request:
         rid: the request's number (unique while the server runs).
         tokens: the whole prompt (a chat's full history: the engine finds what is cached).
         sampling: budget, temperature, top-k/p, seed and EOS ids.
+        logprobs: also return every token's log-probability (prompt and generated). Such a
+            request prefills its whole prompt: cached tokens have no logits to give.
     """
 
     rid: int
     tokens: tuple[int, ...]
     sampling: SamplingConfig
+    logprobs: bool = False
 
 
 @dataclass
@@ -60,6 +63,7 @@ class Outcome:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    logprobs: list[float] | None = None  # of tokens[1:] + generated, when asked for
 
 
 class PrefixCache:
@@ -120,7 +124,7 @@ class ServeEngine:
 
     def _assign(self, req: Request) -> tuple[SequenceState, list[int]]:
         """A sequence for ``req``: a retained one cut to the shared prefix, or a new one."""
-        seq, shared = self.retained.match(req.tokens)
+        seq, shared = self.retained.match(req.tokens) if not req.logprobs else (None, 0)
         shared = min(shared, len(req.tokens) - 1)  # at least one token to compute logits from
         if seq is not None and shared > 0:
             state = self.retained.take(seq)
@@ -188,20 +192,37 @@ class ServeEngine:
             torch.Generator(device=runner.device).manual_seed(r.sampling.seed) for r in requests
         ]
 
+        want = any(r.logprobs for r in requests)
+        for r in requests:
+            if r.logprobs:
+                outcomes[r.rid].logprobs = []
+
         def step(batch) -> None:
-            logits = runner.step(batch)
-            tokens = None
+            logits = runner.step(batch, prompt_logprobs=want)
+            tokens = chosen = None
             if logits is not None:  # per-request sampling: each answer as if it ran alone
                 tokens = torch.cat([
                     sample(logits[j : j + 1], r.sampling, gens[j])
                     for j, r in enumerate(requests)
                 ])  # fmt: skip
+                if want:
+                    logp = torch.log_softmax(logits, dim=-1)
+                    chosen = logp.gather(1, tokens[:, None])[:, 0].double()
             tokens = runner.share_tokens(tokens, batch).tolist()
+            if want:
+                chosen = runner.share(chosen, (len(requests),), torch.float64).tolist()
+                if batch.kind == "prefill":
+                    prompt = runner.share_object(runner.prompt_logprobs)
+                    for r, lp in zip(requests, prompt, strict=True):
+                        if r.logprobs:
+                            outcomes[r.rid].logprobs += lp
             before = [len(s.out) for s in sched.seqs]
             sched.record(batch, tokens)
-            if emit is not None:
-                for r, s, n in zip(requests, sched.seqs, before, strict=True):
-                    if len(s.out) > n:
+            for j, (r, s, n) in enumerate(zip(requests, sched.seqs, before, strict=True)):
+                if len(s.out) > n:
+                    if r.logprobs:
+                        outcomes[r.rid].logprobs.append(chosen[j])
+                    if emit is not None:
                         emit(r.rid, s.out[-1])
 
         batch = sched.prefill_batch(

@@ -84,7 +84,7 @@ class MegatronRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     prompts: list[str] = Field(min_length=1, max_length=128)
-    tokens_to_generate: int = Field(64, ge=1)
+    tokens_to_generate: int = Field(64, ge=0)
     temperature: float = Field(1.0, gt=0.0, le=100.0)
     top_k: int = Field(0, ge=0, le=1000)
     top_p: float = Field(0.0, ge=0.0, le=1.0)
@@ -114,11 +114,8 @@ class MegatronRequest(BaseModel):
         for name, off in _MEGATRON_UNSUPPORTED.items():
             if getattr(self, name) != off:
                 raise ValueError(f"{name} is not supported by this server; leave it out")
-        if self.logprobs:
-            raise ValueError(
-                "logprobs is not supported by this server (prefill computes the last "
-                "prompt token's logits only); leave it out or set it false"
-            )
+        if self.tokens_to_generate == 0 and not self.logprobs:
+            raise ValueError("tokens_to_generate=0 only scores the prompts: set logprobs=true")
         if self.top_k > 0 and self.top_p > 0:
             raise ValueError("cannot set both top_k and top_p sampling")
         if any(len(p) == 0 for p in self.prompts) and not self.add_BOS:
