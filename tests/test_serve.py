@@ -325,3 +325,18 @@ def test_megatron_logprobs_match_transformers(server, checkpoint):
     assert r.json()["tokens"][0] == PROMPTS[2]
     torch.testing.assert_close(r.json()["logprobs"][0], logprobs[: len(PROMPTS[2]) - 1],
                                atol=1e-5, rtol=0)  # fmt: skip
+
+
+OPTION_ERRORS = [
+    (["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
+    (["--port", "70000"], "--port must be in 1..65535"),
+    (["--cp", "2"], "cp=2 does not divide world_size=1"),
+]
+
+
+@pytest.mark.parametrize(("extra", "match"), OPTION_ERRORS)
+def test_serve_checks_its_options_before_loading_anything(dist_pool, extra, match):
+    from tests.cli_runner import run_cli
+
+    (r,) = dist_pool(1).run(run_cli, ["serve", "--preset", "tiny-llama", *extra], timeout_s=60)
+    assert r.code == 1 and match in r.errors[0], r.errors

@@ -45,7 +45,15 @@ from parallel_state import (
     validate_parallel_sizes,
 )
 
-__all__ = ["GenerateJob", "add_model_arguments", "add_parser", "build_model", "prepare", "run"]
+__all__ = [
+    "GenerateJob",
+    "add_model_arguments",
+    "add_parser",
+    "build_model",
+    "prepare",
+    "run",
+    "start_ranks",
+]
 
 logger = logging.getLogger("cp_infer")
 
@@ -301,7 +309,12 @@ def build_model(
     return model
 
 
-def run(args, argv: list[str]) -> int:
+def start_ranks(args, argv: list[str]) -> torch.device:
+    """Check the launch, then join the default process group (NCCL on CUDA, else gloo).
+
+    Returns:
+        this rank's device.
+    """
     try:  # pure checks of the arguments, before any process group: every rank fails alike
         if not 0 < args.timeout < float("inf"):
             raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
@@ -312,6 +325,11 @@ def run(args, argv: list[str]) -> int:
     init_distributed("nccl" if device.type == "cuda" else "gloo", timeout_s=args.timeout)
     if dist.get_rank() == 0:
         clear_failure()
+    return device
+
+
+def run(args, argv: list[str]) -> int:
+    device = start_ranks(args, argv)
     job = on_all_ranks(lambda: prepare(args, dist.get_world_size(), device))
     n_tokens = sum(len(t) for turns in job.turns for t in turns)
     logger.info(

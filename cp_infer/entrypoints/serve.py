@@ -14,17 +14,17 @@ import threading
 
 import torch.distributed as dist
 
-from cp_infer.distributed import RankFailure, clear_failure, on_all_ranks
+from cp_infer.distributed import on_all_ranks
 from cp_infer.engine.runner import ModelRunner
 from cp_infer.entrypoints.generate import (
     _model_config,
     add_model_arguments,
     build_model,
-    resolve_device,
+    start_ranks,
 )
-from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments, ensure_launched
+from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments
 from cp_infer.parallel import check_model_fits_layout
-from parallel_state import init_distributed, parallel_groups, validate_parallel_sizes
+from parallel_state import parallel_groups, validate_parallel_sizes
 
 __all__ = ["add_parser", "run"]
 
@@ -95,16 +95,7 @@ def _tokenizer(args):
 def run(args, argv: list[str]) -> int:
     from cp_infer.serving.engine import ServeEngine, ServeLoop
 
-    try:
-        if not 0 < args.timeout < float("inf"):
-            raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
-        ensure_launched(argv, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep)
-        device = resolve_device(args.device)
-    except ValueError as e:
-        raise RankFailure(str(e)) from e
-    init_distributed("nccl" if device.type == "cuda" else "gloo", timeout_s=args.timeout)
-    if dist.get_rank() == 0:
-        clear_failure()
+    device = start_ranks(args, argv)
     cfg, eos, fmt = on_all_ranks(lambda: _check(args, dist.get_world_size()))
     with parallel_groups(
         tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep, timeout_s=args.timeout
