@@ -36,6 +36,7 @@ from cp_infer.engine.generate import check_prompts
 from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments, ensure_launched
 from cp_infer.models.config import PRESETS, RUNNABLE_PRESETS, ModelConfig, get_preset
 from cp_infer.parallel import check_model_fits_layout
+from cp_infer.quant import FP8_LAYERS, quantize_model
 from cp_infer.reporting import atomic_files, check_writable
 from cp_infer.schema import read_requests
 from parallel_state import (
@@ -155,6 +156,16 @@ def add_model_arguments(g: argparse.ArgumentParser) -> None:
         help="how decode's small per-layer collectives travel: the attention partials over CP "
         "and the TP sums (auto: shared memory among the ranks of one CPU host, else the "
         "process group's collectives; tools/bench_collectives.py measures them)",
+    )  # fmt: skip
+    g.add_argument(
+        "--quant", choices=["none", "fp8"], default="none",
+        help="fp8: the --fp8-layers linear layers in float8 e4m3, weights row-wise (one scale per "
+        "output channel) and activations per token, as the paper serves 405B; the embedding, "
+        "norms, router and LM head stay in --dtype",
+    )  # fmt: skip
+    g.add_argument(
+        "--fp8-layers", nargs="+", choices=list(FP8_LAYERS), default=["ffn"], metavar="GROUP",
+        help=f"which linear layers --quant fp8 converts: {', '.join(FP8_LAYERS)} (the paper: ffn)",
     )  # fmt: skip
     g.add_argument("--timeout", type=float, default=300.0, help="process-group timeout, seconds")
 
@@ -306,6 +317,8 @@ def build_model(
         verify_manifest(args.checkpoint, part=pg.rank, parts=pg.world_size, progress=pg.rank == 0)
         source = open_source(args.checkpoint, checkpoint_format, cfg)
     load_weights(model, source, progress=pg.rank == 0)
+    if args.quant == "fp8":
+        quantize_model(model, args.fp8_layers)
     return model
 
 

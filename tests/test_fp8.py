@@ -1,0 +1,92 @@
+"""FP8 linear layers: the quantizer, the scaled matmul and its logged fallback, and whole models
+under CP and TP x CP (dense and MoE) against the fp32 path, within stated bounds."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cp_infer.cli import main
+from cp_infer.quant import Fp8Linear, quantize_rows
+
+
+def test_row_quantization_keeps_every_row_within_its_step():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 300, generator=g) * torch.logspace(-3, 3, 64)[:, None]  # rows of all sizes
+    x[5] = 0.0  # an all-zero row must not divide by zero
+    q, scale = quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (64, 1)
+    back = q.float() * scale
+    # e4m3 keeps 3 mantissa bits: near the row's largest magnitude (scaled to 448 = 1.75 * 2^8)
+    # the step is 2^5, 1/14 of it; no value is off by more than half that step
+    step = x.abs().amax(dim=1, keepdim=True) / 14
+    assert torch.all((back - x).abs() <= step / 2 + 1e-30)
+    assert torch.equal(back[5], torch.zeros(300))
+
+
+def test_fp8_linear_is_the_scaled_matmul_of_its_quantized_operands():
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(96, 130, generator=g), torch.randn(3, 7, 130, generator=g)
+    layer = Fp8Linear(w)
+    y = layer(x)
+    xq, sx = quantize_rows(x.reshape(-1, 130))
+    ref = (xq.float() * sx) @ (layer.weight.float() * layer.weight_scale).t()
+    torch.testing.assert_close(y.reshape(-1, 96), ref, atol=1e-4, rtol=1e-5)
+    # and it is close to the unquantized product
+    assert (y - x @ w.t()).abs().max() < 0.1 * (x @ w.t()).abs().max()
+
+
+def test_a_refused_shape_falls_back_with_a_warning(monkeypatch, caplog):
+    w, x = torch.randn(8, 16), torch.randn(2, 16)
+    layer = Fp8Linear(w)
+    want = layer(x)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("shape not supported here")
+
+    monkeypatch.setattr(torch, "_scaled_mm", refuse)
+    with caplog.at_level(logging.WARNING):
+        got, again = layer(x), layer(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, want, atol=1e-5, rtol=1e-5)
+    warnings = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(warnings) == 1 and "(2, 16, 8)" in warnings[0].getMessage()  # once per shape
+
+
+# (preset, layout, world, FP8 layer groups, bound on max|logit error| / max|logit|); the
+# measured errors are in docs/performance.md
+CASES = [
+    ("tiny-llama", ["--cp", "2"], 2, ["ffn"], 0.15),
+    ("tiny-llama", ["--tp", "2", "--cp", "2"], 4, ["ffn"], 0.15),
+    ("tiny-llama", ["--cp", "2"], 2, ["ffn", "attention"], 0.25),
+    ("tiny-moe", ["--cp", "2", "--ep", "2"], 2, ["ffn"], 0.5),
+    ("tiny-moe", ["--tp", "2", "--cp", "2"], 4, ["ffn"], 0.5),
+]
+
+
+def _run(dist_pool, tmp, preset, layout, world, extra, name):
+    src = tmp / "p.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "token_ids": [(13 * i + 7 * j) % 500 + 1
+                    for j in range(40 + 17 * i)]}) + "\n" for i in range(3)))  # fmt: skip
+    out, logits = tmp / f"{name}.jsonl", tmp / f"{name}.safetensors"
+    argv = ["generate", "--preset", preset, *layout, "--input", str(src), "--output", str(out),
+            "--save-logits", str(logits), "--max-new-tokens", "8", *extra]  # fmt: skip
+    assert dist_pool(world).run(main, argv, timeout_s=180) == [0] * world
+    return load_file(logits), [json.loads(x)["token_ids"] for x in out.read_text().splitlines()]
+
+
+@pytest.mark.parametrize(("preset", "layout", "world", "groups", "bound"), CASES,
+                         ids=[f"{c[0]}-{''.join(c[1])}-{'+'.join(c[3])}" for c in CASES])  # fmt: skip
+def test_fp8_models_stay_within_their_bound_of_fp32(
+    dist_pool, tmp_path, preset, layout, world, groups, bound
+):
+    ref, _ = _run(dist_pool, tmp_path, preset, layout, world, [], "fp32")
+    got, _ = _run(dist_pool, tmp_path, preset, layout, world,
+                  ["--quant", "fp8", "--fp8-layers", *groups], "fp8")  # fmt: skip
+    for key in ref:
+        err = (got[key] - ref[key]).abs().max() / ref[key].abs().max()
+        assert 0 < err < bound, (key, err.item())
