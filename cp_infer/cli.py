@@ -32,7 +32,7 @@ from cp_infer.distributed import (
     error_message,
     peer_failure,
 )
-from cp_infer.entrypoints import convert, generate, serve
+from cp_infer.entrypoints import convert, generate, plan_memory, serve
 from cp_infer.entrypoints.launch import HelpFormatter
 from cp_infer.log import setup_logging
 
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     generate.add_parser(sub)
     serve.add_parser(sub)
+    plan_memory.add_parser(sub)
     convert.add_parser(sub)
     return p
 

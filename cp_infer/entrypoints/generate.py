@@ -36,6 +36,7 @@ from cp_infer.engine.generate import check_prompts
 from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments, ensure_launched
 from cp_infer.models.config import PRESETS, RUNNABLE_PRESETS, ModelConfig, get_preset
 from cp_infer.parallel import check_model_fits_layout
+from cp_infer.planner import check_fits, device_memory, plan_memory
 from cp_infer.quant import FP8_LAYERS, quantize_model
 from cp_infer.reporting import atomic_files, check_writable
 from cp_infer.schema import read_requests
@@ -167,6 +168,12 @@ def add_model_arguments(g: argparse.ArgumentParser) -> None:
         "--fp8-layers", nargs="+", choices=list(FP8_LAYERS), default=["ffn"], metavar="GROUP",
         help=f"which linear layers --quant fp8 converts: {', '.join(FP8_LAYERS)} (the paper: ffn)",
     )  # fmt: skip
+    g.add_argument(
+        "--device-memory", default="auto", metavar="BYTES",
+        help="memory one rank may use, e.g. 80GiB (auto: the GPU's, or this host's RAM shared "
+        "by its ranks); requests whose weights + KV cache + activations exceed it are refused "
+        "up front",
+    )  # fmt: skip
     g.add_argument("--timeout", type=float, default=300.0, help="process-group timeout, seconds")
 
 
@@ -278,6 +285,14 @@ def prepare(args, world_size: int, device: torch.device) -> GenerateJob:
         before = [
             b + len(p) + sampling.max_new_tokens for b, p in zip(before, prompts, strict=True)
         ]
+    plan = plan_memory(
+        cfg, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep, context=max(before),
+        batch=len(turns), dtype_bytes=DTYPES[args.dtype].itemsize, quant=args.quant,
+        fp8_layers=tuple(args.fp8_layers), kv_dtype=str(DTYPES[args.dtype]).split(".")[-1],
+        device_bytes=device_memory(args.device_memory, device),
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+    )  # fmt: skip
+    check_fits(plan, f"{len(turns)} requests of up to {max(before)} tokens")
     chat = any(r.is_chat for r in requests)
     return GenerateJob(cfg, sampling, ids, turns, chat, tokenizer, fmt)
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from cp_infer.distributed import on_all_ranks
 from cp_infer.engine.runner import ModelRunner
 from cp_infer.entrypoints.generate import (
+    DTYPES,
     _model_config,
     add_model_arguments,
     build_model,
@@ -24,6 +25,7 @@ from cp_infer.entrypoints.generate import (
 )
 from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments
 from cp_infer.parallel import check_model_fits_layout
+from cp_infer.planner import check_fits, device_memory, plan_memory
 from parallel_state import parallel_groups, validate_parallel_sizes
 
 __all__ = ["add_parser", "run"]
@@ -112,11 +114,28 @@ def run(args, argv: list[str]) -> int:
             return 0
         tokenizer = _tokenizer(args)
         eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or ()))
-        _serve(args, loop, tokenizer, cfg, eos_ids)
+        _serve(args, loop, tokenizer, cfg, eos_ids, device)
     return 0
 
 
-def _serve(args, loop, tokenizer, cfg, eos_ids) -> None:
+def _memory_check(args, cfg, device):
+    """A request of N tokens must fit a rank beside the cache kept for reuse."""
+    budget = device_memory(args.device_memory, device)
+
+    def check(tokens: int) -> None:
+        plan = plan_memory(
+            cfg, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep,
+            context=tokens + args.max_cache_tokens, dtype_bytes=DTYPES[args.dtype].itemsize,
+            quant=args.quant, fp8_layers=tuple(args.fp8_layers), device_bytes=budget,
+            kv_dtype=str(DTYPES[args.dtype]).split(".")[-1],
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        )  # fmt: skip
+        check_fits(plan, f"a request of {tokens} tokens (with --max-cache-tokens kept)")
+
+    return check
+
+
+def _serve(args, loop, tokenizer, cfg, eos_ids, device) -> None:
     import uvicorn
 
     from cp_infer.serving.api import Frontend, build_app
@@ -124,7 +143,7 @@ def _serve(args, loop, tokenizer, cfg, eos_ids) -> None:
     front = Frontend(
         tokenizer=tokenizer, model_name=args.model_name or cfg.name, vocab_size=cfg.vocab_size,
         max_seq_len=cfg.max_seq_len, max_batch=args.max_batch_size, max_queue=args.max_queue,
-        eos_ids=eos_ids,
+        eos_ids=eos_ids, check_memory=_memory_check(args, cfg, device),
     )  # fmt: skip
     errors: list[BaseException] = []
 

@@ -59,15 +59,17 @@ class Frontend:
         max_batch: requests per engine batch.
         max_queue: requests waiting at most; one more gets a 503.
         eos_ids: the checkpoint's end-of-sequence ids.
+        check_memory: raises ValueError when a request of that many tokens cannot fit a rank.
     """
 
     def __init__(
         self, *, tokenizer, model_name: str, vocab_size: int, max_seq_len: int, max_batch: int,
-        max_queue: int, eos_ids: frozenset[int] = frozenset(),
+        max_queue: int, eos_ids: frozenset[int] = frozenset(), check_memory=None,
     ) -> None:  # fmt: skip
         self.tokenizer, self.model_name = tokenizer, model_name
         self.vocab_size, self.max_seq_len = vocab_size, max_seq_len
         self.max_batch, self.max_queue, self.eos_ids = max_batch, max_queue, eos_ids
+        self.check_memory = check_memory  # raises ValueError for a context that cannot fit
         self._queue: queue.Queue[Pending] = queue.Queue()
         self._live: dict[int, Pending] = {}
         self._cancelled: set[int] = set()
@@ -105,6 +107,11 @@ class Frontend:
                 "the prompt or ask for fewer tokens",
                 "max_tokens",
             )
+        if self.check_memory is not None:
+            try:
+                self.check_memory(total)
+            except ValueError as e:
+                raise BadRequest(str(e), "max_tokens") from e
         return Request(next(self._ids), tuple(tokens), sampling, logprobs)
 
     def submit(self, requests: list[Request]) -> list[Pending]:

@@ -1,0 +1,94 @@
+"""``python -m cp_infer plan-memory``: does a model fit a layout at a context length?"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from cp_infer.entrypoints.launch import HelpFormatter
+from cp_infer.models.config import PRESETS, get_preset
+from cp_infer.planner import KV_DTYPES, parse_bytes, plan_memory
+from cp_infer.quant import FP8_LAYERS
+from cp_infer.reporting import format_table, write_json
+from parallel_state import check_head_split
+
+__all__ = ["add_parser", "run"]
+
+logger = logging.getLogger("cp_infer")
+
+_DESCRIPTION = """\
+Per-rank bytes of weights, KV cache and peak prefill activations for a model and a layout, and
+whether they fit the device. Pure arithmetic: it runs for the real shapes on any machine.
+
+  python -m cp_infer plan-memory --preset llama3-405b --tp 8 --cp 16 --context 1048576 \\
+      --quant fp8 --kv-dtype fp8_e4m3 --device-memory 80GiB --json plan.json
+"""
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    g = sub.add_parser(
+        "plan-memory", help="per-rank memory of a layout at a context length",
+        description=_DESCRIPTION, formatter_class=HelpFormatter,
+    )  # fmt: skip
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", choices=sorted(PRESETS), help="a model shape by name")
+    src.add_argument("--checkpoint", type=Path, metavar="DIR", help="read the shape from here")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    g.add_argument("--cp", type=int, default=1, help="context-parallel size")
+    g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    g.add_argument("--ep", type=int, default=1, help="expert-parallel size")
+    g.add_argument("--context", type=int, required=True, help="tokens per sequence")
+    g.add_argument("--batch", type=int, default=1, help="sequences")
+    g.add_argument("--dtype", choices=sorted(_DTYPE_BYTES), default="bfloat16",
+                   help="weights and activations")  # fmt: skip
+    g.add_argument("--quant", choices=["none", "fp8"], default="none", help="as generate's")
+    g.add_argument("--fp8-layers", nargs="+", choices=list(FP8_LAYERS), default=["ffn"],
+                   metavar="GROUP", help="as generate's")  # fmt: skip
+    g.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bfloat16",
+                   help="KV cache dtype")  # fmt: skip
+    g.add_argument("--device-memory", default="80GiB", help="bytes per rank (e.g. 80GiB)")
+    g.add_argument("--json", type=Path, metavar="PATH", help="also write the plan as JSON")
+    g.set_defaults(run=run)
+    return g
+
+
+def _config(args):
+    if args.preset:
+        return get_preset(args.preset)
+    from cp_infer.checkpoint.formats import detect_format, read_config
+
+    return read_config(args.checkpoint, detect_format(args.checkpoint))[0]
+
+
+def run(args, argv: list[str]) -> int:
+    cfg = _config(args)
+    for name in ("tp", "cp", "pp", "ep"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_head_split(cfg.n_heads, cfg.n_kv_heads, args.tp)
+    if cfg.is_moe and cfg.n_experts % args.ep:
+        raise ValueError(f"n_experts={cfg.n_experts} is not divisible by --ep {args.ep}")
+    plan = plan_memory(
+        cfg, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep, context=args.context,
+        batch=args.batch, dtype_bytes=_DTYPE_BYTES[args.dtype], quant=args.quant,
+        fp8_layers=tuple(args.fp8_layers), kv_dtype=args.kv_dtype,
+        device_bytes=parse_bytes(args.device_memory),
+    )  # fmt: skip
+    gib = 2**30
+    rows = [[name, f"{getattr(plan, key) / gib:.2f}"] for name, key in (
+        ("weights", "weight_bytes"), ("KV cache", "kv_cache_bytes"),
+        ("activations (peak prefill layer)", "activation_bytes"), ("total", "total_bytes"),
+        ("device", "device_bytes"))]  # fmt: skip
+    print(f"{cfg.name}: tp={args.tp} cp={args.cp} pp={args.pp} ep={args.ep}, "
+          f"{args.batch} x {args.context} tokens, weights {args.dtype}"
+          f"{' + fp8 ' + '+'.join(args.fp8_layers) if args.quant == 'fp8' else ''}, "
+          f"KV {args.kv_dtype}, per rank:")  # fmt: skip
+    print(format_table(["", "GiB"], rows))
+    print("fits" if plan.fits else "does NOT fit: raise --cp/--tp/--pp, or use --quant fp8 / "
+          "--kv-dtype fp8_e4m3")  # fmt: skip
+    if args.json:
+        write_json(args.json, plan.to_dict())
+    return 0
