@@ -90,3 +90,46 @@ def test_fp8_models_stay_within_their_bound_of_fp32(
     for key in ref:
         err = (got[key] - ref[key]).abs().max() / ref[key].abs().max()
         assert 0 < err < bound, (key, err.item())
+
+
+def _chat_run(dist_pool, tmp, preset, layout, world, extra, name):
+    src = tmp / "chat.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "turns": [
+        [(11 * i + 3 * j) % 500 + 1 for j in range(60 + 23 * i)], [7, 8, 9, 10 + i]]}) + "\n"
+        for i in range(2)))  # fmt: skip
+    out, logits = tmp / f"{name}.jsonl", tmp / f"{name}.safetensors"
+    argv = ["generate", "--preset", preset, *layout, "--input", str(src), "--output", str(out),
+            "--save-logits", str(logits), "--max-new-tokens", "6", *extra]  # fmt: skip
+    assert dist_pool(world).run(main, argv, timeout_s=180) == [0] * world
+    return load_file(logits)
+
+
+# (preset, layout, world, bound on the logit error against fp32 relative to the largest logit;
+# a random MoE is touchier: bf16 alone moves tiny-moe's logits by 0.20, docs/performance.md)
+KV_LAYOUTS = [
+    ("tiny-llama", ["--cp", "2"], 2, 0.1),
+    ("tiny-llama", ["--tp", "2", "--cp", "2"], 4, 0.1),
+    ("tiny-moe", ["--cp", "2", "--ep", "2"], 2, 0.3),
+]
+
+
+@pytest.mark.parametrize("variant", ["pass-kv", "pass-q"])
+@pytest.mark.parametrize(
+    ("preset", "layout", "world", "bound"),
+    KV_LAYOUTS,
+    ids=["llama-cp2", "llama-tp2xcp2", "moe-cp2xep2"],
+)
+def test_fp8_kv_cache_is_the_same_on_every_layout_and_close_to_fp32(
+    dist_pool, tmp_path, preset, layout, world, bound, variant
+):
+    """Scales are per (head, token), so quantization does not depend on the layout: an FP8 cache
+    gives the same logits at CP=1 and sharded (a chat: its second turn reads the FP8 prefix,
+    which pass-KV sends as FP8 bytes and scales)."""
+    fp8 = ["--kv-dtype", "fp8_e4m3", "--variant", variant]
+    alone = _chat_run(dist_pool, tmp_path, preset, [], 1, fp8, "alone")
+    sharded = _chat_run(dist_pool, tmp_path, preset, layout, world, fp8, "sharded")
+    full = _chat_run(dist_pool, tmp_path, preset, layout, world, ["--variant", variant], "fp32")
+    for key in alone:
+        torch.testing.assert_close(sharded[key], alone[key], atol=1e-4, rtol=0)
+        err = (sharded[key] - full[key]).abs().max() / full[key].abs().max()
+        assert 0 < err < bound, (key, err.item())

@@ -20,10 +20,31 @@ import torch
 
 from cp_infer.attention.causal import plan_block
 from cp_infer.attention.kernels import AttentionKernel
+from cp_infer.attention.kv_quant import dequantize_kv
 from cp_infer.attention.merge import merge_into_
 from cp_infer.sharding import ShardLayout
 
-__all__ = ["KVPrefix", "attend_step"]
+__all__ = ["DequantizedSegments", "KVPrefix", "attend_step"]
+
+
+DEQUANT_CHUNK = 4096  # tokens of an FP8 segment dequantized at a time
+
+
+class DequantizedSegments:
+    """FP8 segments of one sequence, yielded as (k, v) blocks in the compute dtype, a chunk of
+    tokens at a time (never a whole cache at once)."""
+
+    def __init__(self, segments: list[tuple], dtype: torch.dtype) -> None:
+        self.segments, self.dtype = segments, dtype
+
+    def __iter__(self):
+        for k, v, ks, vs in self.segments:
+            for lo in range(0, k.shape[1], DEQUANT_CHUNK):
+                hi = lo + DEQUANT_CHUNK
+                yield (
+                    dequantize_kv(k[:, lo:hi], ks[:, lo:hi], self.dtype),
+                    dequantize_kv(v[:, lo:hi], vs[:, lo:hi], self.dtype),
+                )
 
 
 @dataclass(frozen=True)
@@ -41,15 +62,24 @@ class KVPrefix:
     so it is not one contiguous block, but each head's n tokens are: on the wire a segment is
     its H_kv per-head pieces, sent where they lie and received into one (H_kv, n, D) buffer.
 
+    An FP8 cache (``--kv-dtype fp8_e4m3``) gives float8 segments and (H_kv, n) float32 scales:
+    they travel as they are (a quarter of fp32's bytes, half of bf16's, plus the scales) and are
+    dequantized to ``dtype`` a chunk at a time where they are attended.
+
     Args:
         k: per sequence, this rank's segments, each (H_kv, n, D) with contiguous heads.
         v: values, same layout.
         lens: (cp, n_seqs, segments) tokens per CP rank, sequence and segment.
+        k_scale, v_scale: per sequence and segment, (H_kv, n) scales of FP8 segments.
+        dtype: what FP8 segments are dequantized to (the queries' dtype).
     """
 
     k: tuple[tuple[torch.Tensor, ...], ...]
     v: tuple[tuple[torch.Tensor, ...], ...]
     lens: tuple[tuple[tuple[int, ...], ...], ...]
+    k_scale: tuple[tuple[torch.Tensor, ...], ...] | None = None
+    v_scale: tuple[tuple[torch.Tensor, ...], ...] | None = None
+    dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         lens = tuple(tuple(tuple(int(n) for n in segs) for segs in row) for row in self.lens)
@@ -65,6 +95,12 @@ class KVPrefix:
             raise ValueError(
                 f"this rank's prefix segments {mine} match no CP rank's lengths in lens {lens}"
             )
+        if self.quantized and (self.v_scale is None or self.dtype is None):
+            raise ValueError("an FP8 KVPrefix needs k_scale, v_scale and the dtype to attend in")
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
 
     @property
     def cp(self) -> int:
@@ -78,35 +114,51 @@ class KVPrefix:
         """Cached tokens of ``seq`` on CP rank ``rank``."""
         return sum(self.lens[rank][seq])
 
-    def blocks(self) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Per sequence, this rank's non-empty (k, v) segments."""
-        return [
-            [(k, v) for k, v in zip(ks, vs, strict=True) if k.shape[1]]
-            for ks, vs in zip(self.k, self.v, strict=True)
-        ]
+    def _raw(self) -> list[list[tuple]]:
+        """Per sequence, this rank's non-empty segments: (k, v) or (k, v, k_scale, v_scale)."""
+        out = []
+        for j, (ks, vs) in enumerate(zip(self.k, self.v, strict=True)):
+            seq = []
+            for i, (k, v) in enumerate(zip(ks, vs, strict=True)):
+                if k.shape[1]:
+                    scales = (self.k_scale[j][i], self.v_scale[j][i]) if self.quantized else ()
+                    seq.append((k, v, *scales))
+            out.append(seq)
+        return out
+
+    def _blocks(self, raw: list[list[tuple]]) -> list:
+        if self.quantized:
+            return [DequantizedSegments(seq, self.dtype) for seq in raw]
+        return raw
+
+    def blocks(self) -> list:
+        """Per sequence, this rank's non-empty (k, v) segments, (H_kv, n, D) in the compute
+        dtype (FP8 ones dequantized a chunk at a time as they are iterated)."""
+        return self._blocks(self._raw())
 
     def pieces(self) -> list[torch.Tensor]:
-        """What travels the ring: every head of every non-empty segment, (n, D) each, as it
-        lies in the cache (each is contiguous)."""
-        return [t[h] for seq in self.blocks() for kv in seq for t in kv for h in range(len(t))]
+        """What travels the ring: every head of every part of every non-empty segment (k, v,
+        and the scales of an FP8 cache), as it lies in the cache (each is contiguous)."""
+        return [t[h] for seq in self._raw() for seg in seq for t in seg for h in range(len(t))]
 
-    def receive(self, rank: int) -> tuple[list[torch.Tensor], list[list[tuple]]]:
+    def receive(self, rank: int) -> tuple[list[torch.Tensor], list]:
         """Buffers for CP rank ``rank``'s :meth:`pieces`: (the pieces to receive into, and
         per sequence the (k, v) segments they fill)."""
         h_kv, d, like = self._shape()
-        pieces, blocks = [], []
+        pieces, raw = [], []
         for segs in self.lens[rank]:
             seq = []
             for n in segs:
                 if n:
-                    kv = tuple(
-                        torch.empty(h_kv, n, d, dtype=like.dtype, device=like.device)
-                        for _ in range(2)
-                    )
-                    pieces += [t[h] for t in kv for h in range(h_kv)]
-                    seq.append(kv)
-            blocks.append(seq)
-        return pieces, blocks
+                    seg = [torch.empty(h_kv, n, d, dtype=like.dtype, device=like.device)
+                           for _ in range(2)]  # fmt: skip
+                    if self.quantized:
+                        seg += [torch.empty(h_kv, n, dtype=torch.float32, device=like.device)
+                                for _ in range(2)]  # fmt: skip
+                    pieces += [t[h] for t in seg for h in range(h_kv)]
+                    seq.append(tuple(seg))
+            raw.append(seq)
+        return pieces, self._blocks(raw)
 
     def _shape(self) -> tuple[int, int, torch.Tensor]:
         for segs in self.k:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from cp_infer.attention.blocks import KVPrefix, attend_step
 from cp_infer.attention.comm import RingComm
 from cp_infer.attention.kernels import AttentionKernel, get_kernel
+from cp_infer.attention.kv_quant import dequantize_kv, quantize_kv
 from cp_infer.sharding import ShardLayout
 
 __all__ = ["check_ring_inputs", "ring_attention_pass_kv"]
@@ -85,6 +86,7 @@ def ring_attention_pass_kv(
     scale: float | None = None,
     prefix: KVPrefix | None = None,
     comm: RingComm | None = None,
+    kv_dtype: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of this rank's queries over the whole (sharded) context, by pass-KV.
 
@@ -98,6 +100,8 @@ def ring_attention_pass_kv(
         scale: softmax scale; default ``1/sqrt(D)``.
         prefix: cached keys/values on this rank for persistent-KV prefill.
         comm: a :class:`RingComm` to reuse (and read statistics from).
+        kv_dtype: ``"fp8_e4m3"``: K/V are quantized per (head, token) before they travel (as an
+            FP8 KV cache holds them) and attended dequantized; ``"auto"``: as given.
 
     Returns:
         (out, lse): (H, t_local, D) in q's dtype and (H, t_local) float32.
@@ -114,18 +118,26 @@ def ring_attention_pass_kv(
     # prefix segments head by head, as they lie in the cache, all as tensors of one batched
     # SendRecv (the cache is never copied into a send buffer). Receive buffers are shaped for
     # the sender: every rank knows every rank's segment lengths.
-    cur = [k.contiguous(), v.contiguous()] + (prefix.pieces() if prefix is not None else [])
+    # With an FP8 KV cache the new K/V travel as FP8 with a scale per (head, token), the form
+    # they are cached in, and every rank attends their dequantized values (its own included).
+    fp8 = kv_dtype == "fp8_e4m3"
+    mine = [*quantize_kv(k), *quantize_kv(v)] if fp8 else [k.contiguous(), v.contiguous()]
+    n_new = len(mine)
+    cur = mine + (prefix.pieces() if prefix is not None else [])
     cur_blocks = prefix.blocks() if prefix is not None else None
     for step in range(n):
         kv_rank = (rank - step) % n
         if step + 1 < n:
-            recv = [torch.empty_like(cur[0]), torch.empty_like(cur[1])]
+            recv = [torch.empty_like(t) for t in cur[:n_new]]
             if prefix is not None:
                 pieces, recv_blocks = prefix.receive((rank - step - 1) % n)
                 recv += pieces
             nxt = comm.send_recv(cur, recv)
+        sk, sv = cur[0], cur[1]
+        if fp8:
+            sk, sv = dequantize_kv(cur[0], cur[1], q.dtype), dequantize_kv(cur[2], cur[3], q.dtype)
         attend_step(
-            q, cur[0], cur[1], layout, rank, kv_rank, acc_out, acc_lse,
+            q, sk, sv, layout, rank, kv_rank, acc_out, acc_lse,
             causal=causal, kernel=kernel, scale=scale, prefix_blocks=cur_blocks, fresh=step == 0,
         )  # fmt: skip
         if step + 1 < n:

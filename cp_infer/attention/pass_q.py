@@ -24,6 +24,7 @@ import torch.distributed as dist
 from cp_infer.attention.blocks import KVPrefix, attend_step
 from cp_infer.attention.comm import RingComm
 from cp_infer.attention.kernels import AttentionKernel, get_kernel
+from cp_infer.attention.kv_quant import dequantize_kv, quantize_kv
 from cp_infer.attention.merge import merge_into_
 from cp_infer.attention.pass_kv import check_ring_inputs
 from cp_infer.sharding import ShardLayout
@@ -68,15 +69,19 @@ def ring_attention_pass_q(
     scale: float | None = None,
     prefix: KVPrefix | None = None,
     comm: RingComm | None = None,
+    kv_dtype: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of this rank's queries over the whole (sharded) context, by pass-Q.
 
     Same arguments and result as :func:`~cp_infer.attention.pass_kv.ring_attention_pass_kv`.
-    Partial outputs travel home in q's dtype, LSE in float32.
+    Partial outputs travel home in q's dtype, LSE in float32. With ``kv_dtype="fp8_e4m3"`` the
+    local K/V are attended as their FP8 round trip (what an FP8 cache holds), like pass-KV.
     """
     comm = RingComm(group) if comm is None else comm
     check_ring_inputs(q, k, v, layout, comm, prefix)
     kernel = get_kernel(kernel, q.device)
+    if kv_dtype == "fp8_e4m3":
+        k, v = dequantize_kv(*quantize_kv(k), q.dtype), dequantize_kv(*quantize_kv(v), q.dtype)
     n, rank = comm.size, comm.rank
     h, t, d = q.shape
     blocks = prefix.blocks() if prefix is not None else None

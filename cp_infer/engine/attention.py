@@ -55,7 +55,7 @@ class PrefillAttention:
             prefix = self.cache.prefix(layer_id, self.batch.seqs, self.prefix_lens)
         out, _ = ring_attention(
             q, k, v, self.batch.layout, self.cp_group, variant=self.batch.variant,
-            kernel=self.kernel, prefix=prefix,
+            kernel=self.kernel, prefix=prefix, kv_dtype=self.cache.kv_dtype,
         )  # fmt: skip
         self.cache.store(layer_id, k, v)
         return out

@@ -86,6 +86,7 @@ def generate(
     hardware: Hardware | None = None,
     exchange: str = "auto",
     timeout_s: float = 60.0,
+    kv_dtype: str = "auto",
 ) -> GenerationResult:
     """Generate up to ``sampling.max_new_tokens`` tokens for every prompt.
 
@@ -107,13 +108,20 @@ def generate(
         exchange: how decode shares attention partials over CP (see
             :func:`cp_infer.collectives.make_exchange`).
         timeout_s: how long a shared-memory exchange waits for a peer before it raises.
+        kv_dtype: ``"fp8_e4m3"`` keeps the KV cache (and what pass-KV sends) in FP8.
     """
     if variant not in (*VARIANTS, "auto"):
         raise ValueError(f"unknown variant {variant!r}; choose one of {[*VARIANTS, 'auto']}")
     conv = conversation if conversation is not None else Conversation()
     if conv.runner is None:
         conv.runner = ModelRunner(
-            model, pg, kernel=kernel, exchange=exchange, hardware=hardware, timeout_s=timeout_s
+            model,
+            pg,
+            kernel=kernel,
+            exchange=exchange,
+            hardware=hardware,
+            timeout_s=timeout_s,
+            kv_dtype=kv_dtype,
         )
         conv.scheduler = Scheduler(
             cp=pg.cp, vocab_size=model.cfg.vocab_size, max_seq_len=model.cfg.max_seq_len,

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cp_infer.attention.blocks import KVPrefix
+from cp_infer.attention.blocks import DequantizedSegments, KVPrefix
+from cp_infer.attention.kv_quant import FP8_KV, KV_DTYPES, quantize_kv
 
 __all__ = ["KVCache", "StorePlan", "decode_owner", "decode_tokens_owned"]
 
@@ -79,6 +80,8 @@ class _Segment:
     k: dict[int, torch.Tensor]  # layer -> (H_kv, cap, D)
     v: dict[int, torch.Tensor]
     positions: torch.Tensor  # (cap,) int64 on the host
+    k_scale: dict[int, torch.Tensor] | None = None  # layer -> (H_kv, cap) float32 (FP8 cache)
+    v_scale: dict[int, torch.Tensor] | None = None
     n: int = 0  # committed tokens
     staged: int = 0  # written by the current pass, not yet committed
 
@@ -103,8 +106,11 @@ class KVCache:
         layer_ids: layers of this pipeline stage.
         n_kv_heads: local KV heads (after TP).
         head_dim: per-head size.
-        dtype: cache dtype.
+        dtype: the model's dtype (what attention computes in).
         device: where the cache lives (the model's device).
+        kv_dtype: ``"auto"`` stores K/V in ``dtype``; ``"fp8_e4m3"`` in float8 with a float32
+            scale per (head, token), quantized once when stored and dequantized a chunk at a
+            time when read.
     """
 
     def __init__(
@@ -114,9 +120,14 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        kv_dtype: str = "auto",
     ) -> None:
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"unknown kv_dtype {kv_dtype!r}; choose one of {list(KV_DTYPES)}")
         self.layer_ids = list(layer_ids)
         self.n_kv_heads, self.head_dim, self.dtype = n_kv_heads, head_dim, dtype
+        self.kv_dtype = kv_dtype
+        self.fp8 = kv_dtype == "fp8_e4m3"
         self.device = torch.device(device)
         self._seqs: dict[int, _Sequence] = {}
         self._plan: list[tuple[StorePlan, _Segment]] = []
@@ -141,7 +152,10 @@ class KVCache:
 
     def nbytes(self) -> int:
         """Bytes allocated (capacity, not use)."""
-        per_token = 2 * len(self.layer_ids) * self.n_kv_heads * self.head_dim * self.dtype.itemsize
+        item = 1 if self.fp8 else self.dtype.itemsize
+        per_token = (
+            2 * len(self.layer_ids) * self.n_kv_heads * (self.head_dim * item + 4 * self.fp8)
+        )
         return per_token * sum(s.capacity for q in self._seqs.values() for s in q.segments)
 
     # -- writing: plan, store per layer, commit ----------------------------------------------
@@ -162,8 +176,12 @@ class KVCache:
         """Keep the planned tokens of one layer's (H_kv, T, D) keys and values."""
         for p, seg in self._plan:
             n = len(p.positions)
-            seg.k[layer][:, seg.n : seg.n + n] = k[:, p.start : p.start + n]
-            seg.v[layer][:, seg.n : seg.n + n] = v[:, p.start : p.start + n]
+            new_k, new_v = k[:, p.start : p.start + n], v[:, p.start : p.start + n]
+            if self.fp8:
+                (new_k, seg.k_scale[layer][:, seg.n : seg.n + n]) = quantize_kv(new_k)
+                (new_v, seg.v_scale[layer][:, seg.n : seg.n + n]) = quantize_kv(new_v)
+            seg.k[layer][:, seg.n : seg.n + n] = new_k
+            seg.v[layer][:, seg.n : seg.n + n] = new_v
 
     def commit(self) -> None:
         """Make the tokens stored by the last forward pass permanent (once per pass)."""
@@ -180,15 +198,19 @@ class KVCache:
 
     # -- reading ----------------------------------------------------------------------------
     def blocks(self, layer: int, seq: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(H_kv, n, D) K/V views of ``seq``'s segments, tokens staged by this pass included."""
+        """(H_kv, n, D) K/V views of ``seq``'s segments, tokens staged by this pass included
+        (an FP8 cache yields them dequantized, a chunk at a time)."""
         if seq not in self._seqs:
             return []
         out = []
         for s in self._seqs[seq].segments:
             n = s.n + s.staged
             if n:
-                out.append((s.k[layer][:, :n], s.v[layer][:, :n]))
-        return out
+                seg = (s.k[layer][:, :n], s.v[layer][:, :n])
+                if self.fp8:
+                    seg += (s.k_scale[layer][:, :n], s.v_scale[layer][:, :n])
+                out.append(seg)
+        return DequantizedSegments(out, self.dtype) if self.fp8 else out
 
     def prefix(self, layer: int, seqs: Sequence[int], lens) -> KVPrefix:
         """The committed K/V of ``seqs`` at ``layer`` as the prefix of a prefill, in place.
@@ -196,12 +218,17 @@ class KVCache:
         Args:
             lens: (cp, len(seqs), segments) :meth:`segment_lens` of every CP rank.
         """
-        k, v = [], []
+        k, v, ks, vs = [], [], [], []
         for seq in seqs:
             segs = self._seqs[seq].segments if seq in self._seqs else []
             k.append(tuple(s.k[layer][:, : s.n] for s in segs))
             v.append(tuple(s.v[layer][:, : s.n] for s in segs))
-        return KVPrefix(tuple(k), tuple(v), lens)
+            if self.fp8:
+                ks.append(tuple(s.k_scale[layer][:, : s.n] for s in segs))
+                vs.append(tuple(s.v_scale[layer][:, : s.n] for s in segs))
+        if not self.fp8:
+            return KVPrefix(tuple(k), tuple(v), lens)
+        return KVPrefix(tuple(k), tuple(v), lens, tuple(ks), tuple(vs), self.dtype)
 
     # -- managing sequences -----------------------------------------------------------------
     def truncate(self, seq: int, position: int) -> None:
@@ -239,14 +266,17 @@ class KVCache:
 
     def _new_segment(self, capacity: int) -> _Segment:
         shape = (self.n_kv_heads, capacity, self.head_dim)
+        dtype = FP8_KV if self.fp8 else self.dtype
 
-        def buf() -> torch.Tensor:
-            return torch.empty(shape, dtype=self.dtype, device=self.device)
+        def buf(shape=shape, dtype=dtype) -> dict[int, torch.Tensor]:
+            return {
+                layer: torch.empty(shape, dtype=dtype, device=self.device)
+                for layer in self.layer_ids
+            }
 
+        scales = (buf(shape[:2], torch.float32), buf(shape[:2], torch.float32)) if self.fp8 else ()
         return _Segment(
-            k={layer: buf() for layer in self.layer_ids},
-            v={layer: buf() for layer in self.layer_ids},
-            positions=torch.empty(capacity, dtype=torch.long, device="cpu"),
+            buf(), buf(), torch.empty(capacity, dtype=torch.long, device="cpu"), *scales
         )
 
     def _compact(self, state: _Sequence, extra: int) -> None:
@@ -258,6 +288,9 @@ class KVCache:
             for layer in self.layer_ids:
                 seg.k[layer][:, at : at + s.n] = s.k[layer][:, : s.n]
                 seg.v[layer][:, at : at + s.n] = s.v[layer][:, : s.n]
+                if self.fp8:
+                    seg.k_scale[layer][:, at : at + s.n] = s.k_scale[layer][:, : s.n]
+                    seg.v_scale[layer][:, at : at + s.n] = s.v_scale[layer][:, : s.n]
             seg.positions[at : at + s.n] = s.positions[: s.n]
             at += s.n
         seg.n = n

@@ -50,6 +50,7 @@ class ModelRunner:
         hardware: the compute and link speeds Alg. 1 weighs; default: the built-in profile of
             the model's device (:func:`hardware_for`).
         timeout_s: how long a shared-memory exchange waits for a peer.
+        kv_dtype: ``"fp8_e4m3"``: the cache holds K/V in FP8 and pass-KV sends them so.
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class ModelRunner:
         exchange: str = "auto",
         hardware: Hardware | None = None,
         timeout_s: float = 60.0,
+        kv_dtype: str = "auto",
     ) -> None:
         self.model, self.pg, self.cfg = model, pg, model.cfg
         param = next(model.parameters())
@@ -68,7 +70,9 @@ class ModelRunner:
         self.kernel = get_kernel(kernel, self.device)
         self.hardware = hardware or hardware_for(self.device)
         n_kv = next(iter(model.layers.values())).attention.n_local_kv_heads
-        self.cache = KVCache(model.layer_ids, n_kv, self.cfg.head_dim, self.dtype, self.device)
+        self.cache = KVCache(
+            model.layer_ids, n_kv, self.cfg.head_dim, self.dtype, self.device, kv_dtype=kv_dtype
+        )
         self.exchange_kind, self.timeout_s = exchange, timeout_s
         self._exchange: Exchange | None = None
         self._exchange_bytes = 0

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from cp_infer.attention import VARIANTS
 from cp_infer.attention.kernels import KERNELS, get_kernel
+from cp_infer.attention.kv_quant import KV_DTYPES
 from cp_infer.attention.selector import HARDWARE
 from cp_infer.checkpoint.formats import detect_format, open_source, read_config
 from cp_infer.checkpoint.manifest import verify_manifest
@@ -169,6 +170,11 @@ def add_model_arguments(g: argparse.ArgumentParser) -> None:
         help=f"which linear layers --quant fp8 converts: {', '.join(FP8_LAYERS)} (the paper: ffn)",
     )  # fmt: skip
     g.add_argument(
+        "--kv-dtype", choices=list(KV_DTYPES), default="auto",
+        help="KV cache dtype: auto is --dtype; fp8_e4m3 stores K/V in float8 with a scale per "
+        "(head, token), and pass-KV sends them so (about half of bf16's bytes)",
+    )  # fmt: skip
+    g.add_argument(
         "--device-memory", default="auto", metavar="BYTES",
         help="memory one rank may use, e.g. 80GiB (auto: the GPU's, or this host's RAM shared "
         "by its ranks); requests whose weights + KV cache + activations exceed it are refused "
@@ -288,7 +294,7 @@ def prepare(args, world_size: int, device: torch.device) -> GenerateJob:
     plan = plan_memory(
         cfg, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep, context=max(before),
         batch=len(turns), dtype_bytes=DTYPES[args.dtype].itemsize, quant=args.quant,
-        fp8_layers=tuple(args.fp8_layers), kv_dtype=str(DTYPES[args.dtype]).split(".")[-1],
+        fp8_layers=tuple(args.fp8_layers), kv_dtype=plan_kv_dtype(args),
         device_bytes=device_memory(args.device_memory, device),
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
     )  # fmt: skip
@@ -310,6 +316,11 @@ def check_output_paths(args) -> None:
             raise ValueError(f"{flag} {path} is the --input file; choose another path")
     if len({p.resolve() for p in paths.values()}) < len(paths):
         raise ValueError("--output and --save-logits are the same file; choose two paths")
+
+
+def plan_kv_dtype(args) -> str:
+    """The planner's name for the KV dtype these arguments give."""
+    return "fp8_e4m3" if args.kv_dtype == "fp8_e4m3" else str(DTYPES[args.dtype]).split(".")[-1]
 
 
 def build_model(
@@ -391,6 +402,7 @@ def run(args, argv: list[str]) -> int:
                     progress=pg.rank == 0,
                     hardware=None if args.hardware == "auto" else HARDWARE[args.hardware],
                     exchange=args.decode_exchange, timeout_s=args.timeout,
+                    kv_dtype=args.kv_dtype,
                 )
             )  # fmt: skip
             if writer:

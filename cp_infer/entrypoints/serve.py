@@ -21,6 +21,7 @@ from cp_infer.entrypoints.generate import (
     _model_config,
     add_model_arguments,
     build_model,
+    plan_kv_dtype,
     start_ranks,
 )
 from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments
@@ -105,8 +106,9 @@ def run(args, argv: list[str]) -> int:
         logger.info("%s | model %s (%.1fM params)", pg.describe(), cfg.name, cfg.n_params() / 1e6)
         model = on_all_ranks(lambda: build_model(args, cfg, fmt, pg, device))
         runner = ModelRunner(
-            model, pg, kernel=args.kernel, exchange=args.decode_exchange, timeout_s=args.timeout
-        )
+            model, pg, kernel=args.kernel, exchange=args.decode_exchange, timeout_s=args.timeout,
+            kv_dtype=args.kv_dtype,
+        )  # fmt: skip
         engine = ServeEngine(runner, max_cache_tokens=args.max_cache_tokens)
         loop = ServeLoop(engine)
         if dist.get_rank() != 0:
@@ -127,7 +129,7 @@ def _memory_check(args, cfg, device):
             cfg, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep,
             context=tokens + args.max_cache_tokens, dtype_bytes=DTYPES[args.dtype].itemsize,
             quant=args.quant, fp8_layers=tuple(args.fp8_layers), device_bytes=budget,
-            kv_dtype=str(DTYPES[args.dtype]).split(".")[-1],
+            kv_dtype=plan_kv_dtype(args),
             make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         )  # fmt: skip
         check_fits(plan, f"a request of {tokens} tokens (with --max-cache-tokens kept)")
