@@ -133,3 +133,35 @@ def test_fp8_kv_cache_is_the_same_on_every_layout_and_close_to_fp32(
         torch.testing.assert_close(sharded[key], alone[key], atol=1e-4, rtol=0)
         err = (sharded[key] - full[key]).abs().max() / full[key].abs().max()
         assert 0 < err < bound, (key, err.item())
+
+
+def _ring_bytes(kv_dtype: str) -> int:
+    import torch.distributed as dist
+
+    from cp_infer.attention import RingComm, ring_attention
+    from cp_infer.sharding import ShardLayout, shard
+
+    layout = ShardLayout([512], dist.get_world_size())
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (
+        shard(torch.randn(h, 512, 128, generator=g), layout, dist.get_rank(), dim=1)
+        .to(torch.bfloat16).contiguous()
+        for h in (8, 2, 2)
+    )  # fmt: skip
+    comm = RingComm()
+    ring_attention(q, k, v, layout, variant="pass-kv", comm=comm, kv_dtype=kv_dtype)
+    return comm.stats.sendrecv_bytes
+
+
+def test_fp8_ring_and_cache_bytes_are_at_most_055_of_bf16(dist_pool):
+    from cp_infer.engine import KVCache, StorePlan
+
+    bf16, fp8 = (dist_pool(2).run(_ring_bytes, d, timeout_s=60)[0] for d in ("auto", "fp8_e4m3"))
+    assert fp8 <= 0.55 * bf16, (fp8, bf16)  # FP8 K/V plus a float32 scale per (head, token)
+    sizes = []
+    for kv_dtype in ("auto", "fp8_e4m3"):
+        cache = KVCache([0, 1], 8, 128, torch.bfloat16, kv_dtype=kv_dtype)
+        cache.plan([StorePlan(0, 0, tuple(range(100)), reserve=100)])
+        cache.commit()
+        sizes.append(cache.nbytes())
+    assert sizes[1] <= 0.55 * sizes[0], sizes

@@ -33,6 +33,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cp_infer.attention import RingComm, ring_attention
+from cp_infer.attention.kv_quant import quantize_kv
 from cp_infer.attention.pass_q import slot_bytes
 from cp_infer.reporting import format_table, time_on_all_ranks, write_json
 from cp_infer.sharding import ShardLayout, shard
@@ -50,11 +51,13 @@ def _inputs(seq_len, heads, kv_heads, head_dim, dtype, layout, rank):
     return tuple(shard(x, layout, rank, dim=1).contiguous() for x in (q, k, v))
 
 
-def _comm_alone(variant, q, k, n, repeats) -> tuple[float, float]:
+def _comm_alone(variant, q, k, n, repeats, kv_dtype) -> tuple[float, float]:
     """(SendRecv, All2All) time of the variant's messages with no attention in between."""
     if n == 1:
         return 0.0, 0.0
     buf = torch.stack([k, k]) if variant == "pass-kv" else q.clone()
+    if variant == "pass-kv" and kv_dtype == "fp8_e4m3":  # FP8 bytes and scales, as the ring
+        buf = [*quantize_kv(k), *quantize_kv(k)]
     h, t, d = q.shape
     slots = torch.empty(n, slot_bytes(h, t, d, q.dtype), dtype=torch.uint8)
     best = None
@@ -85,16 +88,16 @@ def _torch_ring(q, k, v):
     )
 
 
-def _make_fn(variant, q, k, v, layout, comm):
+def _make_fn(variant, q, k, v, layout, comm, kv_dtype):
     if variant == "local":
         op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         return lambda: op(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, True)
     if variant == "torch-ring":
         return lambda: _torch_ring(q, k, v)
-    return lambda: ring_attention(q, k, v, layout, variant=variant, comm=comm)
+    return lambda: ring_attention(q, k, v, layout, variant=variant, comm=comm, kv_dtype=kv_dtype)
 
 
-def bench_rank(seq_len, variants, heads, kv_heads, head_dim, dtype, warmup, repeats):
+def bench_rank(seq_len, variants, heads, kv_heads, head_dim, dtype, warmup, repeats, kv_dtype):
     """Runs on every rank of the pool; returns one record per variant (rank 0's view).
 
     Variants are interleaved round by round (v1 v2 v3, v1 v2 v3, ...) so that drift in the
@@ -104,7 +107,7 @@ def bench_rank(seq_len, variants, heads, kv_heads, head_dim, dtype, warmup, repe
     layout = ShardLayout([seq_len], n)
     q, k, v = _inputs(seq_len, heads, kv_heads, head_dim, dtype, layout, rank)
     comms = {name: RingComm() for name in variants}
-    fns = {name: _make_fn(name, q, k, v, layout, comms[name]) for name in variants}
+    fns = {name: _make_fn(name, q, k, v, layout, comms[name], kv_dtype) for name in variants}
     for _ in range(warmup):
         for name in variants:
             time_on_all_ranks(fns[name])
@@ -126,10 +129,13 @@ def bench_rank(seq_len, variants, heads, kv_heads, head_dim, dtype, warmup, repe
             "kv_heads": kv_heads,
             "head_dim": head_dim,
             "dtype": str(dtype).removeprefix("torch."),
+            "kv_dtype": kv_dtype if kv_dtype != "auto" else str(dtype).removeprefix("torch."),
             "threads_per_rank": torch.get_num_threads(),
         }
         if variant in OURS and n > 1:
-            record.update(_comm_record(comms[variant], variant, q, k, n, warmup + repeats))
+            record.update(
+                _comm_record(comms[variant], variant, q, k, n, warmup + repeats, kv_dtype)
+            )
         if variant == "torch-ring":
             from torch.distributed.tensor.experimental._attention import _cp_options
 
@@ -138,13 +144,13 @@ def bench_rank(seq_len, variants, heads, kv_heads, head_dim, dtype, warmup, repe
     return records
 
 
-def _comm_record(comm, variant, q, k, n, calls) -> dict:
+def _comm_record(comm, variant, q, k, n, calls, kv_dtype) -> dict:
     exposed = torch.tensor(
         [comm.stats.sendrecv_wait_s / calls, comm.stats.all2all_s / calls], dtype=torch.float64
     )
     dist.all_reduce(exposed, op=dist.ReduceOp.MAX)
     sr_exposed, a2a = exposed.tolist()
-    sr_alone, a2a_alone = _comm_alone(variant, q, k, n, 3)
+    sr_alone, a2a_alone = _comm_alone(variant, q, k, n, 3, kv_dtype)
     alone = sr_alone + a2a_alone
     return dict(
         sendrecv_alone_s=sr_alone,
@@ -188,6 +194,11 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--kv-dtype", default="auto", choices=["auto", "float32", "bfloat16", "fp8_e4m3"],
+        help="what K/V travel as: auto (or the name of --dtype) as they are, fp8_e4m3 quantized "
+        "per (head, token) as an FP8 KV cache holds them",
+    )  # fmt: skip
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
@@ -195,13 +206,19 @@ def main(argv=None) -> list[dict]:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     dtype = getattr(torch, args.dtype)
+    if args.kv_dtype in ("float32", "bfloat16"):
+        if args.kv_dtype != args.dtype:
+            p.error(f"--kv-dtype {args.kv_dtype} needs --dtype {args.kv_dtype}")
+        args.kv_dtype = "auto"
     shape = (args.heads, args.kv_heads, args.head_dim, dtype)
 
     records: list[dict] = []
     baseline: dict[int, float] = {}
     with DistributedPool(1, threads=args.threads, pg_timeout_s=1800) as pool:
         for s in args.seq_lens:
-            (rec,) = pool.run(bench_rank, s, ["local"], *shape, 0, args.repeats, timeout_s=3600)[0]
+            (rec,) = pool.run(
+                bench_rank, s, ["local"], *shape, 0, args.repeats, args.kv_dtype, timeout_s=3600
+            )[0]
             rec["efficiency"] = 1.0
             baseline[s] = rec["time_s"]
             records.append(rec)
@@ -210,8 +227,9 @@ def main(argv=None) -> list[dict]:
         with DistributedPool(n, threads=args.threads, pg_timeout_s=1800) as pool:
             for s in args.seq_lens:
                 recs = pool.run(
-                    bench_rank, s, args.variants, *shape, args.warmup, args.repeats, timeout_s=3600
-                )[0]
+                    bench_rank, s, args.variants, *shape, args.warmup, args.repeats,
+                    args.kv_dtype, timeout_s=3600,
+                )[0]  # fmt: skip
                 for rec in recs:
                     rec["efficiency"] = baseline[s] / (n * rec["time_s"])
                     records.append(rec)
