@@ -165,3 +165,52 @@ def test_fp8_ring_and_cache_bytes_are_at_most_055_of_bf16(dist_pool):
         cache.commit()
         sizes.append(cache.nbytes())
     assert sizes[1] <= 0.55 * sizes[0], sizes
+
+
+def _fp8_checkpoint(src, dst):
+    """``src`` with its MLP weights stored as Meta's FP8 Llama is: float8 e4m3 and a float32
+    scale per output row (``fbgemm_fp8``), attention left in full precision."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(src / "model.safetensors")
+    for name in [n for n in tensors if ".mlp." in n]:
+        q, scale = quantize_rows(tensors[name])
+        tensors[name], tensors[name.removesuffix(".weight") + ".weight_scale"] = q, scale
+    save_file(tensors, dst / "model.safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "fbgemm_fp8",
+        "activation_scale_ub": 1200.0,
+        "modules_to_not_convert": [f"model.layers.{i}.self_attn" for i in range(2)] + ["lm_head"],
+    }
+    (dst / "config.json").write_text(json.dumps(cfg))
+
+
+def test_an_fp8_checkpoint_loads_as_it_is(dist_pool, tmp_path):
+    import subprocess
+    import sys
+
+    src = tmp_path / "bf16"
+    subprocess.run([sys.executable, "examples/make_tiny_checkpoint.py", "--preset", "tiny-llama",
+                    "--output", str(src), "--no-tokenizer"], check=True, capture_output=True)  # fmt: skip
+    _fp8_checkpoint(src, tmp_path / "fp8")
+
+    def run(ckpt, layout, world, extra, name):
+        out, logits = tmp_path / f"{name}.jsonl", tmp_path / f"{name}.safetensors"
+        argv = ["generate", "--checkpoint", str(ckpt), *layout, "--input",
+                "examples/prompts.jsonl", "--output", str(out), "--save-logits", str(logits),
+                "--max-new-tokens", "4", *extra]  # fmt: skip
+        assert dist_pool(world).run(main, argv, timeout_s=180) == [0] * world
+        return load_file(logits)
+
+    # quantizing at load time and reading the FP8 checkpoint give the same weights, bit for bit
+    want = run(src, ["--cp", "2"], 2, ["--quant", "fp8", "--fp8-layers", "ffn"], "quantized")
+    got = run(tmp_path / "fp8", ["--cp", "2"], 2, [], "stored")
+    tp = run(tmp_path / "fp8", ["--tp", "2", "--cp", "2"], 4, [], "stored-tp")
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0)
+        torch.testing.assert_close(tp[key], want[key], atol=0.05 * want[key].abs().max().item(),
+                                   rtol=0)  # TP re-scales row-parallel shards  # fmt: skip

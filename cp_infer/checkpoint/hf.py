@@ -125,6 +125,24 @@ class SafetensorsSource:
     def __exit__(self, *exc: object) -> None:
         self._handles.clear()
 
+    def _dequantize(self, name: str, q: torch.Tensor, shard: Shard | None) -> torch.Tensor:
+        """An FP8 weight slice times its per-row (or per-tensor) scales, in float32. Re-quantizing
+        it row-wise (``--quant fp8``) gives back the checkpoint's values exactly when its scales
+        are the rows' largest magnitude over 448, as row-wise FP8 checkpoints' are."""
+        scale_name = name.removesuffix(".weight") + ".weight_scale"
+        if scale_name not in self.files:
+            raise ValueError(
+                f"{name!r} is float8 but {scale_name!r} is missing from {self.directory}: an FP8 "
+                "checkpoint needs its weight scales"
+            )
+        with safe_open(self.files[scale_name], "pt") as h:
+            scale = h.get_tensor(scale_name).float()
+        if scale.numel() > 1:
+            scale = scale.reshape(-1, 1)  # one per output row
+            if shard is not None and shard.dim == 0:
+                scale = scale[shard.slices()[0]]
+        return q.float() * scale
+
     def tensor_name(self, param: str) -> str:
         return hf_name(param, self.cfg)
 
@@ -159,6 +177,8 @@ class SafetensorsSource:
                     f"implies {tuple(expected_full)}; the checkpoint and config do not match"
                 )
             out = sl[shard.slices()] if shard is not None else sl[:]
+            if out.dtype == torch.float8_e4m3fn:  # an FP8 checkpoint: per-row scales beside
+                out = self._dequantize(name, out, shard)
             if not self.keep_open:
                 del sl
                 self._handles.pop(path)

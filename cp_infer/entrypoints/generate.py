@@ -35,7 +35,13 @@ from cp_infer.distributed import RankFailure, clear_failure, on_all_ranks
 from cp_infer.engine import Conversation, GenerationResult, SamplingConfig, generate
 from cp_infer.engine.generate import check_prompts
 from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments, ensure_launched
-from cp_infer.models.config import PRESETS, RUNNABLE_PRESETS, ModelConfig, get_preset
+from cp_infer.models.config import (
+    PRESETS,
+    RUNNABLE_PRESETS,
+    ModelConfig,
+    fp8_checkpoint_layers,
+    get_preset,
+)
 from cp_infer.parallel import check_model_fits_layout
 from cp_infer.planner import check_fits, device_memory, plan_memory
 from cp_infer.quant import FP8_LAYERS, quantize_model
@@ -343,8 +349,14 @@ def build_model(
         verify_manifest(args.checkpoint, part=pg.rank, parts=pg.world_size, progress=pg.rank == 0)
         source = open_source(args.checkpoint, checkpoint_format, cfg)
     load_weights(model, source, progress=pg.rank == 0)
-    if args.quant == "fp8":
-        quantize_model(model, args.fp8_layers)
+    groups = tuple(args.fp8_layers) if args.quant == "fp8" else ()
+    if args.checkpoint is not None and checkpoint_format == "hf":
+        stored = fp8_checkpoint_layers(json.loads((args.checkpoint / "config.json").read_text()))
+        if stored:
+            logger.info("FP8 checkpoint: its %s layers run in FP8", "+".join(stored))
+            groups = tuple(dict.fromkeys(groups + stored))
+    if groups:
+        quantize_model(model, groups)
     return model
 
 

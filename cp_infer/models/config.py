@@ -250,8 +250,27 @@ def unsupported_hf_fields(hf: dict) -> list[str]:
             out.append(f"{scale}={hf[scale]} (not implemented)")
     if hf.get("quantization_config"):
         method = hf["quantization_config"].get("quant_method", "?")
-        out.append(f"quantization_config ({method!r}; load a bf16/fp32 checkpoint)")
+        if method not in FP8_CHECKPOINT_METHODS:
+            out.append(
+                f"quantization_config ({method!r}; load a bf16/fp32 checkpoint, or an FP8 one "
+                f"with per-row weight scales: {list(FP8_CHECKPOINT_METHODS)})"
+            )
     return out
+
+
+# FP8 checkpoints read as they are: float8 e4m3 weights with one scale per output row and
+# activations quantized per token at run time (Meta's FP8 Llama 3.1 405B), the scheme of
+# ``--quant fp8``.
+FP8_CHECKPOINT_METHODS = ("fbgemm_fp8",)
+
+
+def fp8_checkpoint_layers(hf: dict | None) -> tuple[str, ...]:
+    """The layer groups an FP8 checkpoint stores in FP8 (empty for an unquantized one)."""
+    qc = (hf or {}).get("quantization_config") or {}
+    if qc.get("quant_method") not in FP8_CHECKPOINT_METHODS:
+        return ()
+    skipped = " ".join(qc.get("modules_to_not_convert") or [])
+    return ("ffn",) if "self_attn" in skipped else ("ffn", "attention")
 
 
 _LLAMA3_ROPE = RopeScaling()
