@@ -214,3 +214,54 @@ def test_an_fp8_checkpoint_loads_as_it_is(dist_pool, tmp_path):
         torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0)
         torch.testing.assert_close(tp[key], want[key], atol=0.05 * want[key].abs().max().item(),
                                    rtol=0)  # TP re-scales row-parallel shards  # fmt: skip
+
+
+def test_the_te_backend_refuses_cpu_tensors_by_name():
+    layer = Fp8Linear(torch.randn(8, 16), backend="transformer_engine")
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        layer(torch.randn(2, 16))
+    with pytest.raises(ValueError, match="unknown FP8 backend"):
+        Fp8Linear(torch.randn(8, 16), backend="cutlass")
+
+
+def _has_te() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["torch", "transformer_engine"])
+def test_fp8_linear_on_cuda_matches_the_cpu_path(backend):
+    if backend == "transformer_engine" and not _has_te():
+        pytest.skip("needs Transformer Engine (the gpu extra)")
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(256, 512, generator=g), torch.randn(32, 512, generator=g)
+    cpu = Fp8Linear(w, backend="torch")(x)
+    layer = Fp8Linear(w, backend=backend).cuda()
+    got = layer(x.cuda().to(torch.bfloat16)).float().cpu()
+    # TE scales per tensor where the CPU path scales per row: a looser, stated bound
+    assert (got - cpu).abs().max() < 0.05 * cpu.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("world", [1, 2])
+def test_fp8_generate_on_cuda_is_close_to_cpu(tmp_path, world):
+    from tests.cli_runner import torchrun
+
+    out = {}
+    for device in ("cpu", "cuda"):
+        logits = tmp_path / f"{device}.safetensors"
+        proc = torchrun(world, ["generate", "--preset", "tiny-llama", "--cp", str(world),
+                                "--device", device, "--quant", "fp8", "--kv-dtype", "fp8_e4m3",
+                                "--input", "examples/prompts.jsonl",
+                                "--output", str(tmp_path / f"{device}.jsonl"),
+                                "--save-logits", str(logits)])  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[device] = load_file(logits)
+    for key, ref in out["cpu"].items():
+        assert (out["cuda"][key] - ref).abs().max() < 0.05 * ref.abs().max()

@@ -45,6 +45,7 @@ from cp_infer.models.config import (
 from cp_infer.parallel import check_model_fits_layout
 from cp_infer.planner import check_fits, device_memory, plan_memory
 from cp_infer.quant import FP8_LAYERS, quantize_model
+from cp_infer.quant.fp8 import BACKENDS as FP8_BACKENDS
 from cp_infer.reporting import atomic_files, check_writable
 from cp_infer.schema import read_requests
 from parallel_state import (
@@ -174,6 +175,11 @@ def add_model_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--fp8-layers", nargs="+", choices=list(FP8_LAYERS), default=["ffn"], metavar="GROUP",
         help=f"which linear layers --quant fp8 converts: {', '.join(FP8_LAYERS)} (the paper: ffn)",
+    )  # fmt: skip
+    g.add_argument(
+        "--fp8-backend", choices=list(FP8_BACKENDS), default="auto",
+        help="the FP8 matmul: torch (torch._scaled_mm, CPU and CUDA), transformer_engine (TE's "
+        "FP8 GEMM, CUDA only), auto (TE on CUDA when installed, else torch)",
     )  # fmt: skip
     g.add_argument(
         "--kv-dtype", choices=list(KV_DTYPES), default="auto",
@@ -356,7 +362,7 @@ def build_model(
             logger.info("FP8 checkpoint: its %s layers run in FP8", "+".join(stored))
             groups = tuple(dict.fromkeys(groups + stored))
     if groups:
-        quantize_model(model, groups)
+        quantize_model(model, groups, backend=args.fp8_backend)
     return model
 
 
