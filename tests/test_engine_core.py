@@ -165,3 +165,25 @@ def test_scheduler_turns_reserve_what_is_stored_and_place_decode_round_robin():
     assert sched.seqs[0].history == [1, 2, 3, 10, 11, 11, 11, 5, 10, 11, 11, 11]
     with pytest.raises(ValueError, match="one new prompt per sequence"):
         sched.add_turn([[1]], max_new=2)
+
+
+def test_chunked_prefill_fills_the_first_chunks_reservation_in_one_segment():
+    cp = 2
+    sched = Scheduler(cp=cp, vocab_size=50, max_seq_len=200, device=CPU)
+    caches = [_cache(layers=(0,)) for _ in range(cp)]
+    sched.add_turn([list(range(1, 30)), [5, 6, 7]], max_new=3)
+    steps, finished = 0, []
+    while sched.prefill_pending:
+        batch = sched.prefill_batch("pass-kv", chunk=8)
+        assert all(len(t) <= 8 for t in batch.tokens)
+        for r in range(cp):
+            caches[r].plan(batch.store_plans(r))
+            n = len(batch.local_tokens(r))
+            caches[r].store(0, _kv(n), _kv(n))
+            caches[r].commit()
+        finished += sched.prefilled(batch)
+        steps += 1
+    assert steps == 4 and sorted(j for j, _ in finished) == [0, 1]  # 29 tokens: 8+8+8+5
+    for j, n in enumerate([29, 3]):
+        assert sorted(p for c in caches for p in c.positions(j)) == list(range(n))
+        assert all(len(c.segment_lens(j)) <= 1 for c in caches)  # the reservation held them all

@@ -36,7 +36,8 @@ class GenerationResult:
             only; None elsewhere).
         ttft_s: time to first token on this rank (prefill + first sampling).
         decode_step_s: wall time of every decode step on this rank (TTIT samples).
-        prefill_variant: the ring variant the prefill used (chosen by Alg. 1 for "auto").
+        prefill_variant: the ring variant the prefill used (chosen by Alg. 1 for "auto";
+            the most used one over the chunks of a chunked prefill).
         prefill_tokens: new tokens the prefill computed (all sequences).
     """
 
@@ -87,6 +88,7 @@ def generate(
     exchange: str = "auto",
     timeout_s: float = 60.0,
     kv_dtype: str = "auto",
+    prefill_chunk: int | None = None,
 ) -> GenerationResult:
     """Generate up to ``sampling.max_new_tokens`` tokens for every prompt.
 
@@ -109,6 +111,8 @@ def generate(
             :func:`cp_infer.collectives.make_exchange`).
         timeout_s: how long a shared-memory exchange waits for a peer before it raises.
         kv_dtype: ``"fp8_e4m3"`` keeps the KV cache (and what pass-KV sends) in FP8.
+        prefill_chunk: prefill at most this many new tokens per sequence per step, each chunk
+            over the cache the earlier ones left (persistent-KV prefill); None: in one step.
     """
     if variant not in (*VARIANTS, "auto"):
         raise ValueError(f"unknown variant {variant!r}; choose one of {[*VARIANTS, 'auto']}")
@@ -131,28 +135,36 @@ def generate(
     sched.add_turn(prompts, sampling.max_new_tokens, sampling.eos_ids)
     generator = torch.Generator(device=runner.device).manual_seed(sampling.seed)
 
-    def sampled(batch, logits) -> list[int]:
+    def sampled(logits) -> list[int]:
         tokens = sample(logits, sampling, generator) if logits is not None else None
-        return runner.share_tokens(tokens, batch).tolist()
+        return runner.share(tokens, (len(prompts),), torch.long).tolist()
 
     t_start = time.perf_counter()
-    batch = sched.prefill_batch(
-        runner.resolve_variant(variant, sched.new_tokens, sched.cached_tokens)
-    )
-    first_logits = runner.step(batch, progress=progress)
-    sched.record(batch, sampled(batch, first_logits))
+    n_new, variants = sched.new_tokens, []
+    rows: list[torch.Tensor | None] = [None] * len(prompts)
+    while sched.prefill_pending:  # one step, or one per chunk (chunked prefill)
+        batch = sched.prefill_batch(
+            lambda new, cached: runner.resolve_variant(variant, new, cached), chunk=prefill_chunk
+        )
+        variants.append(batch.variant)
+        logits = runner.step(batch, progress=progress)
+        for j, row in sched.prefilled(batch):  # these sequences' last prompt token was here
+            if logits is not None:
+                rows[j] = logits[row]
+    first_logits = torch.stack(rows) if rows[0] is not None else None
+    sched.record(batch, sampled(first_logits))
     ttft = time.perf_counter() - t_start
     step_times: list[float] = []
     while not sched.turn_done:
         t_step = time.perf_counter()
         step = sched.decode_batch()
-        sched.record(step, sampled(step, runner.step(step)))
+        sched.record(step, sampled(runner.step(step)))
         step_times.append(time.perf_counter() - t_step)
     return GenerationResult(
         tokens=sched.finish_turn(),
         first_logits=first_logits,
         ttft_s=ttft,
         decode_step_s=step_times,
-        prefill_variant=batch.variant,
-        prefill_tokens=batch.n_tokens,
+        prefill_variant=max(set(variants), key=variants.count),
+        prefill_tokens=n_new,
     )

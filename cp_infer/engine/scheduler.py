@@ -19,7 +19,7 @@ A turn of a batch of sequences::
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -96,6 +96,12 @@ class SequenceState:
     fed_cached: bool = False
     max_new: int = 0
     eos_ids: Collection[int] = ()
+    prefilled: int = 0  # this turn's new tokens already prefilled (chunked prefill)
+
+    @property
+    def new(self) -> list[int]:
+        """This turn's new tokens: the uncached tail, then the prompt."""
+        return self.uncached + self.prompt
 
     @property
     def cached(self) -> int:
@@ -157,7 +163,7 @@ class Scheduler:
             self.seqs = [SequenceState(seq=j) for j in range(len(prompts))]
         for s, p, budget, stop in zip(self.seqs, prompts, budgets, stops, strict=True):
             s.prompt, s.out, s.done, s.fed_cached = list(p), [], False, False
-            s.max_new, s.eos_ids = budget, frozenset(stop)
+            s.max_new, s.eos_ids, s.prefilled = budget, frozenset(stop), 0
 
     @property
     def new_tokens(self) -> int:
@@ -168,26 +174,63 @@ class Scheduler:
     def cached_tokens(self) -> int:
         return sum(s.cached for s in self.seqs)
 
-    def prefill_batch(self, variant: str) -> StepBatch:
-        """The turn's prefill: every sequence's new tokens over its cached prefix."""
-        new = [tuple(s.uncached + s.prompt) for s in self.seqs]
-        layout = ShardLayout([len(t) for t in new], self.cp)
-        # tokens per rank this turn: its real shard, then its decode tokens (the last generated
-        # token is never fed back, so max_new - 1 of them are stored)
-        reserve = tuple(
-            tuple(
-                layout.valid_kv_len(j, r)
-                + decode_tokens_owned(j, s.decode_steps + max(s.max_new - 1, 0), self.cp, r)
-                - decode_tokens_owned(j, s.decode_steps, self.cp, r)
-                for j, s in enumerate(self.seqs)
-            )
-            for r in range(self.cp)
-        )
+    @property
+    def prefill_pending(self) -> bool:
+        """Some sequence has new tokens of this turn not yet prefilled."""
+        return any(s.prefilled < len(s.new) for s in self.seqs)
+
+    def prefill_batch(
+        self, variant: str | Callable[[int, int], str], *, chunk: int | None = None
+    ) -> StepBatch:
+        """The turn's next prefill step: every sequence's next ``chunk`` new tokens (all of them
+        for ``None``) over what is cached, its earlier chunks included.
+
+        Args:
+            variant: the ring variant, or a function of (new tokens, cached tokens) choosing it
+                (Alg. 1 per chunk: later chunks see more cache).
+            chunk: tokens per sequence per step (chunked prefill); sequences with nothing left
+                sit the step out.
+        """
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"the prefill chunk must be >= 1 token, got {chunk}")
+        rows = [j for j, s in enumerate(self.seqs) if s.prefilled < len(s.new)]
+        tokens, starts, reserve = [], [], [[] for _ in range(self.cp)]
+        for j in rows:
+            s = self.seqs[j]
+            left = len(s.new) - s.prefilled
+            step = left if chunk is None else min(chunk, left)
+            tokens.append(tuple(s.new[s.prefilled : s.prefilled + step]))
+            starts.append(s.cached + s.prefilled)
+            # the first chunk reserves what each rank will store this turn: its shard of every
+            # chunk, then its decode tokens (the last generated token is never fed back, so
+            # max_new - 1 of them are stored); later chunks land in that room
+            sizes = [step] if s.prefilled else _chunks(left, chunk)
+            fed = 0 if s.prefilled else max(s.max_new - 1, 0)
+            for r in range(self.cp):
+                shards = sum(ShardLayout([n], self.cp).valid_kv_len(0, r) for n in sizes)
+                decode = decode_tokens_owned(j, s.decode_steps + fed, self.cp, r)
+                decode -= decode_tokens_owned(j, s.decode_steps, self.cp, r)
+                reserve[r].append(shards + decode)
+        if callable(variant):
+            variant = variant(sum(len(t) for t in tokens), sum(starts))
         return StepBatch(
-            kind="prefill", seqs=tuple(s.seq for s in self.seqs), tokens=tuple(new),
-            starts=tuple(s.cached for s in self.seqs), cp=self.cp, device=self.device,
-            layout=layout, variant=variant, reserve=reserve,
+            kind="prefill", seqs=tuple(self.seqs[j].seq for j in rows), tokens=tuple(tokens),
+            starts=tuple(starts), cp=self.cp, device=self.device,
+            layout=ShardLayout([len(t) for t in tokens], self.cp), variant=variant,
+            reserve=tuple(tuple(r) for r in reserve),
         )  # fmt: skip
+
+    def prefilled(self, batch: StepBatch) -> list[tuple[int, int]]:
+        """A prefill step ran: advance its sequences. Returns (sequence index, batch row) of
+        those whose turn is now wholly prefilled: their logits in this step are the turn's."""
+        rows = {s.seq: j for j, s in enumerate(self.seqs)}
+        finished = []
+        for row, (seq, tokens) in enumerate(zip(batch.seqs, batch.tokens, strict=True)):
+            s = self.seqs[rows[seq]]
+            s.prefilled += len(tokens)
+            if s.prefilled == len(s.new):
+                finished.append((rows[seq], row))
+        return finished
 
     def decode_batch(self) -> StepBatch:
         """One token per sequence: the last generated one. A finished sequence rides along
@@ -228,3 +271,10 @@ class Scheduler:
             s.uncached = [] if s.fed_cached else s.out[-1:]
             s.prompt = []
         return [s.out for s in self.seqs]
+
+
+def _chunks(n: int, chunk: int | None) -> list[int]:
+    """Sizes of ``n`` tokens cut in chunks of ``chunk`` (one piece for None)."""
+    if chunk is None or chunk >= n:
+        return [n]
+    return [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])

@@ -107,6 +107,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
     g.add_argument(
+        "--prefill-chunk", type=int, metavar="N",
+        help="prefill long prompts N tokens per sequence at a time, each chunk over the KV cache "
+        "the earlier ones left (exact; bounds a step's activations); default: in one step",
+    )  # fmt: skip
+    g.add_argument(
         "--variant", choices=[*VARIANTS, "auto"], default="auto",
         help="prefill ring variant; auto picks per turn by the paper's Alg. 1 (for GQA "
         "models: pass-KV unless most of the context is cached)",
@@ -269,6 +274,8 @@ def prepare(args, world_size: int, device: torch.device) -> GenerateJob:
         raise ValueError(
             f"--make-vocab-size-divisible-by must be >= 1, got {args.make_vocab_size_divisible_by}"
         )
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise ValueError(f"--prefill-chunk must be >= 1 token, got {args.prefill_chunk}")
     sizes = validate_parallel_sizes(world_size, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep)
     cfg, eos, fmt = _model_config(args)
     check_model_fits_layout(cfg, sizes)
@@ -420,7 +427,7 @@ def run(args, argv: list[str]) -> int:
                     progress=pg.rank == 0,
                     hardware=None if args.hardware == "auto" else HARDWARE[args.hardware],
                     exchange=args.decode_exchange, timeout_s=args.timeout,
-                    kv_dtype=args.kv_dtype,
+                    kv_dtype=args.kv_dtype, prefill_chunk=args.prefill_chunk,
                 )
             )  # fmt: skip
             if writer:

@@ -216,6 +216,8 @@ class ServeEngine:
                     for r, lp in zip(requests, prompt, strict=True):
                         if r.logprobs:
                             outcomes[r.rid].logprobs += lp
+            if batch.kind == "prefill":
+                sched.prefilled(batch)
             before = [len(s.out) for s in sched.seqs]
             sched.record(batch, tokens)
             for j, (r, s, n) in enumerate(zip(requests, sched.seqs, before, strict=True)):
@@ -225,9 +227,7 @@ class ServeEngine:
                     if emit is not None:
                         emit(r.rid, s.out[-1])
 
-        batch = sched.prefill_batch(
-            runner.resolve_variant("auto", sched.new_tokens, sched.cached_tokens)
-        )
+        batch = sched.prefill_batch(lambda new, cached: runner.resolve_variant("auto", new, cached))
         step(batch)
         n_steps = 0
         while not sched.turn_done:
