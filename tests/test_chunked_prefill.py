@@ -52,3 +52,21 @@ def test_chunked_prefill_equals_one_shot(dist_pool, tmp_path, preset, layout, wo
         assert chunked[tag][1] == one[tag][1]  # the same tokens
         for key, ref in one[tag][0].items():
             torch.testing.assert_close(chunked[tag][0][key], ref, atol=1e-5, rtol=0)
+
+
+def test_spp_chunks_are_sized_for_the_pipeline():
+    from argparse import Namespace
+
+    from cp_infer.entrypoints.generate import _prefill_chunk
+    from cp_infer.parallel.pipeline import spp_chunk
+
+    # 2 stages, a 5% bubble: (pp - 1) / (m + pp - 1) <= 0.05 needs m = 19 chunks
+    assert spp_chunk(16384, 2) == 863 and 1 / (19 + 1) <= 0.05
+    assert spp_chunk(16384, 4) == -(-16384 // 57)  # 3 / (57 + 3) = 0.05
+    assert spp_chunk(1000, 2) == 256  # never below the minimum chunk
+    assert spp_chunk(100, 2) == 100 and spp_chunk(16384, 1) == 16384
+    auto = Namespace(prefill_chunk="auto")
+    assert _prefill_chunk(auto, [[1] * 16384, [1] * 5], pp=2) == 863  # streams through stages
+    assert _prefill_chunk(auto, [[1] * 16384], pp=1) is None  # nothing to stream
+    assert _prefill_chunk(auto, [[1] * 200], pp=2) is None  # too short to cut
+    assert _prefill_chunk(Namespace(prefill_chunk="64"), [[1] * 200], pp=1) == 64

@@ -43,6 +43,7 @@ from cp_infer.models.config import (
     get_preset,
 )
 from cp_infer.parallel import check_model_fits_layout
+from cp_infer.parallel.pipeline import spp_chunk
 from cp_infer.planner import check_fits, device_memory, plan_memory
 from cp_infer.quant import FP8_LAYERS, quantize_model
 from cp_infer.quant.fp8 import BACKENDS as FP8_BACKENDS
@@ -107,9 +108,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
     g.add_argument(
-        "--prefill-chunk", type=int, metavar="N",
+        "--prefill-chunk", metavar="N|auto", default="auto",
         help="prefill long prompts N tokens per sequence at a time, each chunk over the KV cache "
-        "the earlier ones left (exact; bounds a step's activations); default: in one step",
+        "the earlier ones left (exact); with --pp > 1 the chunks stream through the stages "
+        "(sequence pipeline parallelism). auto: chunks sized for a 5%% pipeline bubble when "
+        "--pp > 1, one step otherwise",
     )  # fmt: skip
     g.add_argument(
         "--variant", choices=[*VARIANTS, "auto"], default="auto",
@@ -274,8 +277,11 @@ def prepare(args, world_size: int, device: torch.device) -> GenerateJob:
         raise ValueError(
             f"--make-vocab-size-divisible-by must be >= 1, got {args.make_vocab_size_divisible_by}"
         )
-    if args.prefill_chunk is not None and args.prefill_chunk < 1:
-        raise ValueError(f"--prefill-chunk must be >= 1 token, got {args.prefill_chunk}")
+    if args.prefill_chunk != "auto" and (
+        not args.prefill_chunk.isdigit() or int(args.prefill_chunk) < 1
+    ):
+        raise ValueError(f"--prefill-chunk must be auto or a number of tokens >= 1, got "
+                         f"{args.prefill_chunk!r}")  # fmt: skip
     sizes = validate_parallel_sizes(world_size, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep)
     cfg, eos, fmt = _model_config(args)
     check_model_fits_layout(cfg, sizes)
@@ -427,13 +433,22 @@ def run(args, argv: list[str]) -> int:
                     progress=pg.rank == 0,
                     hardware=None if args.hardware == "auto" else HARDWARE[args.hardware],
                     exchange=args.decode_exchange, timeout_s=args.timeout,
-                    kv_dtype=args.kv_dtype, prefill_chunk=args.prefill_chunk,
+                    kv_dtype=args.kv_dtype,
+                    prefill_chunk=_prefill_chunk(args, [t[turn] for t in job.turns], pg.pp),
                 )
             )  # fmt: skip
             if writer:
                 logger.info("%s", summary(results[-1], turn if job.chat else None))
         on_all_ranks(lambda: write_outputs(args, job, results) if writer else None)
     return 0
+
+
+def _prefill_chunk(args, prompts: list[list[int]], pp: int) -> int | None:
+    """--prefill-chunk as tokens (None: one step)."""
+    if args.prefill_chunk != "auto":
+        return int(args.prefill_chunk)
+    longest = max(len(p) for p in prompts)
+    return spp_chunk(longest, pp) if pp > 1 and spp_chunk(longest, pp) < longest else None
 
 
 def summary(r: GenerationResult, turn: int | None) -> str:
