@@ -32,7 +32,7 @@ from cp_infer.distributed import (
     error_message,
     peer_failure,
 )
-from cp_infer.entrypoints import convert, generate, plan, plan_memory, serve
+from cp_infer.entrypoints import calibrate, convert, generate, plan, plan_memory, serve
 from cp_infer.entrypoints.launch import HelpFormatter
 from cp_infer.log import setup_logging
 
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(sub)
     plan_memory.add_parser(sub)
     plan.add_parser(sub)
+    calibrate.add_parser(sub)
     convert.add_parser(sub)
     return p
 

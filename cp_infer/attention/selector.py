@@ -51,6 +51,21 @@ class Hardware:
         if self.flops <= 0 or self.bandwidth <= 0:
             raise ValueError(f"flops and bandwidth must be > 0, got {self.flops}, {self.bandwidth}")
 
+    @classmethod
+    def from_profile(cls, path) -> Hardware:
+        """The speeds ``python -m cp_infer calibrate`` measured (its JSON profile)."""
+        import json
+        from pathlib import Path
+
+        try:
+            profile = json.loads(Path(path).read_text())
+            return cls(flops=float(profile["attention_flops"]),
+                       bandwidth=float(profile["ring_bandwidth"]))  # fmt: skip
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"--hardware {path}: not a profile from `python -m cp_infer calibrate` ({e})"
+            ) from None
+
 
 HARDWARE: dict[str, Hardware] = {
     # The paper's hosts: power-limited H100 (BF16 peak taken as 800 TF/s), 400 Gb/s RDMA or

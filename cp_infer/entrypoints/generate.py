@@ -27,7 +27,7 @@ import torch.distributed as dist
 from cp_infer.attention import VARIANTS
 from cp_infer.attention.kernels import KERNELS, get_kernel
 from cp_infer.attention.kv_quant import KV_DTYPES
-from cp_infer.attention.selector import HARDWARE
+from cp_infer.attention.selector import HARDWARE, Hardware
 from cp_infer.checkpoint.formats import detect_format, open_source, read_config
 from cp_infer.checkpoint.manifest import verify_manifest
 from cp_infer.collectives import EXCHANGES
@@ -160,9 +160,10 @@ def add_model_arguments(g: argparse.ArgumentParser) -> None:
         "process groups use NCCL on CUDA and gloo on CPU",
     )  # fmt: skip
     g.add_argument(
-        "--hardware", choices=["auto", *sorted(HARDWARE)], default="auto",
-        help="the compute and link speeds --variant auto weighs (auto: by the model's device, "
-        "h100-rdma on CUDA, cpu-gloo on CPU)",
+        "--hardware", default="auto", metavar="NAME|PATH",
+        help="the compute and link speeds --variant auto weighs: a built-in profile "
+        f"({', '.join(sorted(HARDWARE))}), a profile measured by `python -m cp_infer "
+        "calibrate`, or auto (h100-rdma on CUDA, cpu-gloo on CPU)",
     )  # fmt: skip
     g.add_argument(
         "--kernel", choices=["auto", *sorted(KERNELS)], default="auto",
@@ -277,6 +278,7 @@ def prepare(args, world_size: int, device: torch.device) -> GenerateJob:
         raise ValueError(
             f"--make-vocab-size-divisible-by must be >= 1, got {args.make_vocab_size_divisible_by}"
         )
+    hardware_profile(args.hardware)  # a name that is no profile fails now
     if args.prefill_chunk != "auto" and (
         not args.prefill_chunk.isdigit() or int(args.prefill_chunk) < 1
     ):
@@ -341,6 +343,20 @@ def check_output_paths(args) -> None:
             raise ValueError(f"{flag} {path} is the --input file; choose another path")
     if len({p.resolve() for p in paths.values()}) < len(paths):
         raise ValueError("--output and --save-logits are the same file; choose two paths")
+
+
+def hardware_profile(spec: str) -> Hardware | None:
+    """``--hardware``: None for auto, a built-in profile by name, or a calibrated JSON file."""
+    if spec == "auto":
+        return None
+    if spec in HARDWARE:
+        return HARDWARE[spec]
+    if not Path(spec).is_file():
+        raise ValueError(
+            f"--hardware {spec!r} is neither a built-in profile ({', '.join(sorted(HARDWARE))}) "
+            "nor a file: measure one with `python -m cp_infer calibrate --output FILE`"
+        )
+    return Hardware.from_profile(spec)
 
 
 def plan_kv_dtype(args) -> str:
@@ -431,7 +447,7 @@ def run(args, argv: list[str]) -> int:
                     model, pg, [t[turn] for t in job.turns], job.sampling,
                     variant=args.variant, kernel=args.kernel, conversation=conversation,
                     progress=pg.rank == 0,
-                    hardware=None if args.hardware == "auto" else HARDWARE[args.hardware],
+                    hardware=hardware_profile(args.hardware),
                     exchange=args.decode_exchange, timeout_s=args.timeout,
                     kv_dtype=args.kv_dtype,
                     prefill_chunk=_prefill_chunk(args, [t[turn] for t in job.turns], pg.pp),

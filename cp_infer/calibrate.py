@@ -1,0 +1,75 @@
+"""Measure this machine's speeds for the selector and the planner (``python -m cp_infer calibrate``).
+
+Per rank, in a pool of ``world`` gloo ranks with one thread each (as the benchmarks run):
+
+- ``attention_flops``: the causal CPU flash kernel on one rank's shard (FLOPs as appendix A
+  counts them: ``1/2 * 4 * T^2 * H * D``);
+- ``gemm_flops``: a (T, dim) x (dim, 4 dim) matmul;
+- ``ring_bandwidth`` and ``ring_latency_s``: a SendRecv step around the ring, of one large
+  and one tiny message;
+- ``all2all_s``: one All2All of the large message.
+
+The profile (JSON) feeds ``--hardware PATH``: ``attention_flops`` is Alg. 1's C and
+``ring_bandwidth`` its BW.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["measure_rank"]
+
+
+def _best(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    t = torch.tensor([min(times)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank's best
+    return t.item()
+
+
+def measure_rank(tokens: int, message_bytes: int, repeats: int) -> dict:
+    """Runs on every rank of a pool; returns the profile (the same on every rank)."""
+    from cp_infer.attention.comm import RingComm
+    from cp_infer.attention.kernels import torch_cpu_flash
+
+    g = torch.Generator().manual_seed(0)
+    h, h_kv, d = 8, 2, 128
+    q = torch.randn(1, h, tokens, d, generator=g)
+    k, v = (torch.randn(1, h_kv, tokens, d, generator=g) for _ in range(2))
+    attn_s = _best(lambda: torch_cpu_flash(q, k, v, True), repeats)
+    dim = 1024
+    x, w = torch.randn(tokens, dim, generator=g), torch.randn(dim, 4 * dim, generator=g)
+    gemm_s = _best(lambda: x @ w, repeats)
+    big = torch.zeros(message_bytes // 4)
+    tiny = torch.zeros(2)
+
+    def ring(t):
+        comm = RingComm()
+        comm.send_recv(t)
+        comm.wait()
+
+    big_s, tiny_s = _best(lambda: ring(big), repeats), _best(lambda: ring(tiny), repeats)
+    n = dist.get_world_size()
+    slots = torch.zeros(n * (message_bytes // 4 // n))
+    out = torch.empty_like(slots)
+    a2a_s = _best(lambda: dist.all_to_all_single(out, slots), repeats)
+    return {
+        "attention_flops": 0.5 * 4 * tokens * tokens * h * d / attn_s,
+        "gemm_flops": 2 * tokens * dim * 4 * dim / gemm_s,
+        "ring_bandwidth": message_bytes / max(big_s - tiny_s, 1e-9),
+        "ring_latency_s": tiny_s,
+        "all2all_s": a2a_s,
+        "all2all_bytes": message_bytes,
+        "world": n,
+        "threads_per_rank": torch.get_num_threads(),
+        "tokens": tokens,
+    }
