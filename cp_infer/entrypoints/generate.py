@@ -464,7 +464,8 @@ def _prefill_chunk(args, prompts: list[list[int]], pp: int) -> int | None:
     if args.prefill_chunk != "auto":
         return int(args.prefill_chunk)
     longest = max(len(p) for p in prompts)
-    return spp_chunk(longest, pp) if pp > 1 and spp_chunk(longest, pp) < longest else None
+    chunk = spp_chunk(longest, pp)
+    return chunk if chunk < longest else None  # spp_chunk is the whole prompt at pp=1
 
 
 def summary(r: GenerationResult, turn: int | None) -> str:
