@@ -97,6 +97,7 @@ class StepBatch:
     def store_plans(self, cp_rank: int) -> list[StorePlan]:
         """What this CP rank's KV cache keeps of the step's tokens (see :class:`StorePlan`)."""
         plans = []
+        positions = self.layout.positions(cp_rank) if self.kind == "prefill" else None
         for j, seq in enumerate(self.seqs):
             if self.kind == "decode":
                 if self.owners[j] == cp_rank:
@@ -104,7 +105,7 @@ class StepBatch:
                 continue
             # a rank's real tokens are a prefix of its segment (ShardLayout.valid_kv_len)
             n = self.layout.valid_kv_len(j, cp_rank)
-            local = self.layout.positions(cp_rank)[self.layout.local_slice(j)][:n]
+            local = positions[self.layout.local_slice(j)][:n]
             plans.append(
                 StorePlan(
                     seq,

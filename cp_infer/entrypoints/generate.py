@@ -318,12 +318,9 @@ def prepare(args, world_size: int, device: torch.device) -> GenerateJob:
         before = [
             b + len(p) + sampling.max_new_tokens for b, p in zip(before, prompts, strict=True)
         ]
-    plan = plan_memory(
-        cfg, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep, context=max(before),
-        batch=len(turns), dtype_bytes=DTYPES[args.dtype].itemsize, quant=args.quant,
-        fp8_layers=tuple(args.fp8_layers), kv_dtype=plan_kv_dtype(args),
+    plan = memory_plan(
+        args, cfg, context=max(before), batch=len(turns),
         device_bytes=device_memory(args.device_memory, device),
-        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
     )  # fmt: skip
     check_fits(plan, f"{len(turns)} requests of up to {max(before)} tokens")
     chat = any(r.is_chat for r in requests)
@@ -359,9 +356,15 @@ def hardware_profile(spec: str) -> Hardware | None:
     return Hardware.from_profile(spec)
 
 
-def plan_kv_dtype(args) -> str:
-    """The planner's name for the KV dtype these arguments give."""
-    return "fp8_e4m3" if args.kv_dtype == "fp8_e4m3" else str(DTYPES[args.dtype]).split(".")[-1]
+def memory_plan(args, cfg: ModelConfig, *, context: int, batch: int, device_bytes: int):
+    """The planner's per-rank bytes for the layout, dtypes and quantization of these arguments."""
+    kv = "fp8_e4m3" if args.kv_dtype == "fp8_e4m3" else str(DTYPES[args.dtype]).split(".")[-1]
+    return plan_memory(
+        cfg, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep, context=context, batch=batch,
+        dtype_bytes=DTYPES[args.dtype].itemsize, quant=args.quant,
+        fp8_layers=tuple(args.fp8_layers), kv_dtype=kv, device_bytes=device_bytes,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+    )  # fmt: skip
 
 
 def build_model(

@@ -17,16 +17,15 @@ import torch.distributed as dist
 from cp_infer.distributed import on_all_ranks
 from cp_infer.engine.runner import ModelRunner
 from cp_infer.entrypoints.generate import (
-    DTYPES,
     _model_config,
     add_model_arguments,
     build_model,
-    plan_kv_dtype,
+    memory_plan,
     start_ranks,
 )
 from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments
 from cp_infer.parallel import check_model_fits_layout
-from cp_infer.planner import check_fits, device_memory, plan_memory
+from cp_infer.planner import check_fits, device_memory
 from parallel_state import parallel_groups, validate_parallel_sizes
 
 __all__ = ["add_parser", "run"]
@@ -125,13 +124,9 @@ def _memory_check(args, cfg, device):
     budget = device_memory(args.device_memory, device)
 
     def check(tokens: int) -> None:
-        plan = plan_memory(
-            cfg, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep,
-            context=tokens + args.max_cache_tokens, dtype_bytes=DTYPES[args.dtype].itemsize,
-            quant=args.quant, fp8_layers=tuple(args.fp8_layers), device_bytes=budget,
-            kv_dtype=plan_kv_dtype(args),
-            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-        )  # fmt: skip
+        plan = memory_plan(
+            args, cfg, context=tokens + args.max_cache_tokens, batch=1, device_bytes=budget
+        )
         check_fits(plan, f"a request of {tokens} tokens (with --max-cache-tokens kept)")
 
     return check
