@@ -19,7 +19,7 @@ A turn of a batch of sequences::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -180,7 +180,11 @@ class Scheduler:
         return any(s.prefilled < len(s.new) for s in self.seqs)
 
     def prefill_batch(
-        self, variant: str | Callable[[int, int], str], *, chunk: int | None = None
+        self,
+        variant: str | Callable[[int, int], str],
+        *,
+        chunk: int | None = None,
+        take: Mapping[int, int] | None = None,
     ) -> StepBatch:
         """The turn's next prefill step: every sequence's next ``chunk`` new tokens (all of them
         for ``None``) over what is cached, its earlier chunks included.
@@ -190,26 +194,32 @@ class Scheduler:
                 (Alg. 1 per chunk: later chunks see more cache).
             chunk: tokens per sequence per step (chunked prefill); sequences with nothing left
                 sit the step out.
+            take: instead of ``chunk``, the tokens each sequence (by id) prefills this step;
+                sequences not in it sit the step out (a server's per-iteration token budget).
         """
         if chunk is not None and chunk < 1:
             raise ValueError(f"the prefill chunk must be >= 1 token, got {chunk}")
         rows = [j for j, s in enumerate(self.seqs) if s.prefilled < len(s.new)]
+        if take is not None:
+            rows = [j for j in rows if take.get(self.seqs[j].seq, 0) > 0]
         tokens, starts, reserve = [], [], [[] for _ in range(self.cp)]
         for j in rows:
             s = self.seqs[j]
             left = len(s.new) - s.prefilled
-            step = left if chunk is None else min(chunk, left)
+            want = take[s.seq] if take is not None else chunk
+            step = left if want is None else min(want, left)
             tokens.append(tuple(s.new[s.prefilled : s.prefilled + step]))
             starts.append(s.cached + s.prefilled)
             # the first chunk reserves what each rank will store this turn: its shard of every
             # chunk, then its decode tokens (the last generated token is never fed back, so
             # max_new - 1 of them are stored); later chunks land in that room
-            sizes = [step] if s.prefilled else _chunks(left, chunk)
+            # (later chunks are assumed the size of this one; if they differ, the cache grows)
+            sizes = [step] if s.prefilled else _chunks(left, step)
             fed = 0 if s.prefilled else max(s.max_new - 1, 0)
             for r in range(self.cp):
                 shards = sum(ShardLayout([n], self.cp).valid_kv_len(0, r) for n in sizes)
-                decode = decode_tokens_owned(j, s.decode_steps + fed, self.cp, r)
-                decode -= decode_tokens_owned(j, s.decode_steps, self.cp, r)
+                decode = decode_tokens_owned(s.seq, s.decode_steps + fed, self.cp, r)
+                decode -= decode_tokens_owned(s.seq, s.decode_steps, self.cp, r)
                 reserve[r].append(shards + decode)
         if callable(variant):
             variant = variant(sum(len(t) for t in tokens), sum(starts))
@@ -232,33 +242,72 @@ class Scheduler:
                 finished.append((rows[seq], row))
         return finished
 
-    def decode_batch(self) -> StepBatch:
+    def decode_batch(self, *, active_only: bool = False) -> StepBatch:
         """One token per sequence: the last generated one. A finished sequence rides along
-        (its row keeps the batch's shape, so sampling draws alike) but is not stored."""
+        (its row keeps the batch's shape, so sampling draws alike) but is not stored.
+
+        Args:
+            active_only: only the sequences that are wholly prefilled and not done (a server's
+                decodes, beside requests still prefilling or just admitted).
+        """
+        seqs = self.decoding if active_only else self.seqs
         return StepBatch(
             kind="decode",
-            seqs=tuple(s.seq for s in self.seqs),
-            tokens=tuple((s.out[-1],) for s in self.seqs),
-            starts=tuple(len(s.history) + len(s.prompt) + len(s.out) - 1 for s in self.seqs),
+            seqs=tuple(s.seq for s in seqs),
+            tokens=tuple((s.out[-1],) for s in seqs),
+            starts=tuple(len(s.history) + len(s.prompt) + len(s.out) - 1 for s in seqs),
             cp=self.cp,
             device=self.device,
             owners=tuple(
-                -1 if s.done else decode_owner(j, s.decode_steps, self.cp)
-                for j, s in enumerate(self.seqs)
+                -1 if s.done else decode_owner(s.seq, s.decode_steps, self.cp) for s in seqs
             ),
         )
 
+    @property
+    def decoding(self) -> list[SequenceState]:
+        """Sequences past their prefill with tokens still to generate."""
+        return [s for s in self.seqs if s.out and not s.done]
+
     def record(self, batch: StepBatch, tokens: Sequence[int]) -> None:
         """The step ran and sampled ``tokens`` (one per sequence): update every sequence."""
-        for s, owner, t in zip(self.seqs, batch.owners or [None] * len(self.seqs), tokens,
-                               strict=True):  # fmt: skip
-            if batch.kind == "decode" and owner >= 0:
-                s.decode_steps += 1
-                s.fed_cached = True
+        self.record_rows(batch, dict(zip((s.seq for s in self.seqs), tokens, strict=True)))
+
+    def record_rows(self, batch: StepBatch, tokens: Mapping[int, int]) -> None:
+        """The step ran: its decode tokens are cached, and ``tokens`` (by sequence id) were
+        sampled for the sequences that have a next token (a prefill's finished rows)."""
+        by_seq = {s.seq: s for s in self.seqs}
+        if batch.kind == "decode":
+            for seq, owner in zip(batch.seqs, batch.owners, strict=True):
+                if owner >= 0:
+                    by_seq[seq].decode_steps += 1
+                    by_seq[seq].fed_cached = True
+        for seq, t in tokens.items():
+            s = by_seq[seq]
             if not s.done:
                 s.out.append(t)
                 s.fed_cached = False
                 s.done = t in s.eos_ids or len(s.out) >= s.max_new
+
+    # -- continuous batching: sequences join and leave one at a time -------------------------
+    def admit(
+        self, state: SequenceState, prompt: Sequence[int], max_new: int,
+        eos_ids: Collection[int] = (), *, name: int | str | None = None,
+    ) -> None:  # fmt: skip
+        """Start a turn of one more sequence (checked as :meth:`add_turn` checks prompts)."""
+        if any(s.seq == state.seq for s in self.seqs):
+            raise ValueError(f"sequence {state.seq} is already scheduled")
+        check_prompts([prompt], self.vocab_size, max_new, self.max_seq_len,
+                      [len(state.history)], ids=[state.seq if name is None else name])  # fmt: skip
+        state.prompt, state.out, state.done, state.fed_cached = list(prompt), [], False, False
+        state.max_new, state.eos_ids, state.prefilled = max_new, frozenset(eos_ids), 0
+        self.seqs.append(state)
+
+    def retire(self, seq: int) -> SequenceState:
+        """End the turn of one sequence and stop scheduling it; returns its state."""
+        j = next(j for j, s in enumerate(self.seqs) if s.seq == seq)
+        s = self.seqs.pop(j)
+        _fold(s)
+        return s
 
     @property
     def turn_done(self) -> bool:
@@ -267,10 +316,15 @@ class Scheduler:
     def finish_turn(self) -> list[list[int]]:
         """End the turn: fold it into the histories; returns every sequence's generation."""
         for s in self.seqs:
-            s.history += s.prompt + s.out
-            s.uncached = [] if s.fed_cached else s.out[-1:]
-            s.prompt = []
+            _fold(s)
         return [s.out for s in self.seqs]
+
+
+def _fold(s: SequenceState) -> None:
+    """Fold a sequence's turn into its history."""
+    s.history += s.prompt + s.out
+    s.uncached = [] if s.fed_cached else s.out[-1:]
+    s.prompt = []
 
 
 def _chunks(n: int, chunk: int | None) -> list[int]:

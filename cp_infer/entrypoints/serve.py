@@ -1,9 +1,9 @@
 """``python -m cp_infer serve``: an HTTP server over the CP ranks.
 
 Every rank loads its shard of the model. Rank 0 answers HTTP (uvicorn in the main thread) and
-runs the engine loop in a second thread: each batch it takes from the queue goes to every rank,
-and all of them run it together (:class:`~cp_infer.serving.engine.ServeLoop`). The other ranks
-only follow. Stopping rank 0 (SIGINT, SIGTERM) tells them to stop.
+runs the engine loop in a second thread: it admits queued requests as others finish
+(continuous batching) and sends every rank the same orders, and all of them run the iterations
+together (:class:`~cp_infer.serving.engine.ServeLoop`). The other ranks only follow. Stopping rank 0 (SIGINT, SIGTERM) tells them to stop.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import threading
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -20,6 +21,7 @@ from cp_infer.entrypoints.generate import (
     _model_config,
     add_model_arguments,
     build_model,
+    hardware_profile,
     memory_plan,
     start_ranks,
 )
@@ -44,6 +46,12 @@ Requests that share a prefix with an earlier one (a chat resending its history) 
 the rest, over the KV cache the earlier one left on the CP ranks (usage.prompt_tokens_details
 .cached_tokens says how many tokens were reused).
 
+Requests join and leave the running batch one at a time. Each iteration runs a decode step of
+the running requests and then a prefill step of the waiting ones; --tbt-slo-ms caps that
+prefill to the chunk that keeps the running requests' time between tokens under the target
+(sized from --hardware's profile, corrected by what the server measures), so a long prompt
+arriving does not stall the others.
+
   torchrun --standalone --nproc-per-node 2 -m cp_infer serve --preset tiny-llama --cp 2 --port 8000
   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
       -d '{"prompt": [1, 2, 3], "max_tokens": 8, "temperature": 0}'
@@ -60,7 +68,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--host", default="127.0.0.1", help="address rank 0 listens on")
     g.add_argument("--port", type=int, default=8000, help="port rank 0 listens on")
     g.add_argument("--model-name", help="the name /v1/models lists (default: the model's)")
-    g.add_argument("--max-batch-size", type=int, default=8, help="requests per engine batch")
+    g.add_argument(
+        "--max-batch-size", type=int, default=8,
+        help="requests in flight (prefilling or decoding) at most; more wait in the queue",
+    )  # fmt: skip
+    g.add_argument(
+        "--tbt-slo-ms", type=float, metavar="MS",
+        help="time-between-tokens target: while requests decode, a waiting prompt prefills in "
+        "chunks sized so that each iteration (decode step + chunk) stays under MS (default: "
+        "prompts prefill whole, stalling running decodes for that long)",
+    )  # fmt: skip
     g.add_argument("--max-queue", type=int, default=64, help="waiting requests; more get a 503")
     g.add_argument(
         "--max-cache-tokens", type=int, default=65536, metavar="N",
@@ -78,6 +95,9 @@ def _check(args, world_size: int):
         if getattr(args, name) < 1:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} must be >= 1, got {getattr(args, name)}")
+    if args.tbt_slo_ms is not None and args.tbt_slo_ms <= 0:
+        raise ValueError(f"--tbt-slo-ms must be > 0, got {args.tbt_slo_ms}")
+    hardware_profile(args.hardware)  # a name that is no profile fails now
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     sizes = validate_parallel_sizes(world_size, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep)
@@ -95,6 +115,7 @@ def _tokenizer(args):
 
 
 def run(args, argv: list[str]) -> int:
+    from cp_infer.serving.chunking import StepCosts
     from cp_infer.serving.engine import ServeEngine, ServeLoop
 
     device = start_ranks(args, argv)
@@ -106,9 +127,15 @@ def run(args, argv: list[str]) -> int:
         model = on_all_ranks(lambda: build_model(args, cfg, fmt, pg, device))
         runner = ModelRunner(
             model, pg, kernel=args.kernel, exchange=args.decode_exchange, timeout_s=args.timeout,
-            kv_dtype=args.kv_dtype,
+            kv_dtype=args.kv_dtype, hardware=hardware_profile(args.hardware),
         )  # fmt: skip
-        engine = ServeEngine(runner, max_cache_tokens=args.max_cache_tokens)
+        costs = None  # a calibrated profile has GEMM and attention FLOP/s; else the runner's
+        if Path(args.hardware).is_file():
+            costs = StepCosts.from_hardware(cfg, args.hardware, cp=pg.cp, tp=pg.tp)
+        engine = ServeEngine(
+            runner, max_cache_tokens=args.max_cache_tokens, max_batch=args.max_batch_size,
+            tbt_slo_s=None if args.tbt_slo_ms is None else args.tbt_slo_ms / 1000, costs=costs,
+        )  # fmt: skip
         loop = ServeLoop(engine)
         if dist.get_rank() != 0:
             loop.follow()

@@ -131,16 +131,20 @@ class Frontend:
                 self._cancelled.add(rid)
 
     # -- the engine thread's side ----------------------------------------------------------------
-    def next_batch(self, wait_s: float) -> list[Request] | None:
-        """Up to ``max_batch`` queued requests ([] after ``wait_s`` idle; None: stop)."""
+    def next_batch(self, wait_s: float, limit: int | None = None) -> list[Request] | None:
+        """Up to ``limit`` (default ``max_batch``) queued requests, waiting up to ``wait_s`` for
+        the first ([] if none came; None: stop)."""
         if self.stopping.is_set():
             return None
-        try:
-            first = self._queue.get(timeout=wait_s)
-        except queue.Empty:
-            return None if self.stopping.is_set() else []
-        batch = [first]
-        while len(batch) < self.max_batch:
+        limit = self.max_batch if limit is None else limit
+        batch: list[Pending] = []
+        if limit > 0:
+            try:
+                batch.append(self._queue.get(timeout=wait_s) if wait_s > 0 else
+                             self._queue.get_nowait())  # fmt: skip
+            except queue.Empty:
+                return None if self.stopping.is_set() else []
+        while len(batch) < limit:
             try:
                 batch.append(self._queue.get_nowait())
             except queue.Empty:

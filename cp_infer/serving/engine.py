@@ -1,9 +1,18 @@
-"""The serving engine: batches of independent requests, run together by every rank, with
-automatic reuse of the KV cache that earlier requests left on the CP ranks.
+"""The serving engine: continuous batching of independent requests, run together by every rank,
+with mixed prefill/decode iterations and automatic reuse of the KV cache that earlier requests
+left on the CP ranks.
 
-Rank 0 decides what runs (:class:`ServeLoop`); every rank runs the same
-:meth:`ServeEngine.run` on the same batch, so the bookkeeping (which sequences the cache keeps,
-which prefix a request reuses) is identical everywhere without being sent around.
+Rank 0 decides what runs (:class:`ServeLoop`): before each *span* of a few iterations it sends
+every rank the same :class:`Orders` (requests to admit, requests whose client left, its timing
+estimates). Every rank then runs the same :meth:`ServeEngine.run_span`, so the bookkeeping
+(which sequences run, which prefix a request reuses, how big a chunk is) is identical
+everywhere without being sent around.
+
+An iteration is one decode step of the running requests, then one prefill step of the waiting
+ones (Mnemosyne's mixed batching). Without a TBT target the waiting prompts prefill whole; with
+``tbt_slo_s`` the prefill takes the largest chunk that keeps the iteration, which is the
+running requests' time between tokens, under the target (:mod:`cp_infer.serving.chunking`).
+A request joins the decodes once its prompt is prefilled and leaves when it is done.
 
 Prefix reuse. A finished request leaves its sequence in the cache (a *retained* sequence),
 least recently used first out once the retained tokens pass ``max_cache_tokens``. A new request
@@ -28,12 +37,15 @@ from cp_infer.distributed import RankFailure, on_all_ranks
 from cp_infer.engine.runner import ModelRunner
 from cp_infer.engine.sampling import SamplingConfig, sample
 from cp_infer.engine.scheduler import Scheduler, SequenceState
+from cp_infer.serving.chunking import ChunkTimer, Estimates, StepCosts, choose_chunk
 
-__all__ = ["Outcome", "PrefixCache", "Request", "ServeEngine", "ServeLoop"]
+__all__ = ["Orders", "Outcome", "PrefixCache", "Request", "ServeEngine", "ServeLoop"]
 
 logger = logging.getLogger(__name__)
 
-CANCEL_EVERY = 4  # decode steps between checks for requests whose client went away
+SPAN = 4  # iterations between rank 0's orders (new requests, cancellations, estimates)
+
+Done = Callable[[list["Request"], dict[int, "Outcome"]], None]
 
 
 @dataclass(frozen=True)
@@ -107,21 +119,72 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     return n
 
 
+@dataclass(frozen=True)
+class Orders:
+    """What rank 0 sends every rank before a span of iterations (picklable)."""
+
+    requests: tuple[Request, ...] = ()
+    cancelled: frozenset[int] = frozenset()  # request ids whose client left
+    estimates: Estimates = field(default_factory=Estimates)
+
+
+@dataclass
+class _Live:
+    """A request in flight."""
+
+    request: Request
+    state: SequenceState
+    outcome: Outcome
+    generator: torch.Generator
+
+
 class ServeEngine:
-    """Runs batches of requests on this rank's shard (call :meth:`run` on every rank alike).
+    """Runs the requests in flight on this rank's shard (call :meth:`run_span` on every rank
+    alike).
 
     Args:
         runner: this rank's model runner (it owns the KV cache).
         max_cache_tokens: tokens that finished requests may keep cached (over all CP ranks).
+        max_batch: requests in flight at most (prefilling or decoding).
+        tbt_slo_s: the time-between-tokens target that sizes prefill chunks while requests
+            decode; None: waiting prompts prefill whole.
+        costs: the predicted step costs the chunks are sized from (default: from the
+            runner's hardware profile).
     """
 
-    def __init__(self, runner: ModelRunner, *, max_cache_tokens: int) -> None:
+    def __init__(
+        self, runner: ModelRunner, *, max_cache_tokens: int, max_batch: int = 8,
+        tbt_slo_s: float | None = None, costs: StepCosts | None = None,
+    ) -> None:  # fmt: skip
         self.runner = runner
         self.cfg = runner.cfg
         self.pg = runner.pg
         self.retained = PrefixCache(max_cache_tokens)
+        self.max_batch, self.tbt_slo_s = max_batch, tbt_slo_s
+        self.costs = costs or StepCosts.from_hardware(
+            self.cfg, runner.hardware, cp=self.pg.cp, tp=self.pg.tp
+        )
+        self.timer = ChunkTimer(self.costs)
+        self.sched = Scheduler(
+            cp=self.pg.cp, vocab_size=self.cfg.vocab_size, max_seq_len=self.cfg.max_seq_len,
+            device=runner.device,
+        )  # fmt: skip
+        self.live: dict[int, _Live] = {}  # by sequence, in order of admission
         self._next_seq = 0
 
+    @property
+    def busy(self) -> bool:
+        return bool(self.live)
+
+    @property
+    def room(self) -> int:
+        """Requests that may still be admitted."""
+        return max(self.max_batch - len(self.live), 0)
+
+    def live_requests(self) -> set[int]:
+        return {x.request.rid for x in self.live.values()}
+
+    # -- admission ----------------------------------------------------------------------------
     def _assign(self, req: Request) -> tuple[SequenceState, list[int]]:
         """A sequence for ``req``: a retained one cut to the shared prefix, or a new one."""
         seq, shared = self.retained.match(req.tokens) if not req.logprobs else (None, 0)
@@ -135,135 +198,177 @@ class ServeEngine:
         self._next_seq += 1
         return state, list(req.tokens)
 
+    def _admit(self, req: Request, done: Done | None) -> None:
+        state, new = self._assign(req)
+        outcome = Outcome(
+            prompt_tokens=len(req.tokens), cached_tokens=len(req.tokens) - len(new),
+            logprobs=[] if req.logprobs else None,
+        )  # fmt: skip
+        try:  # a pure check: every rank refuses alike
+            self.sched.admit(state, new, req.sampling.max_new_tokens, req.sampling.eos_ids,
+                             name=req.rid)  # fmt: skip
+        except ValueError as e:
+            self.runner.cache.free(state.seq)
+            outcome.finish_reason, outcome.error = "error", str(e)
+            if done is not None:
+                done([req], {req.rid: outcome})
+            return
+        gen = torch.Generator(device=self.runner.device).manual_seed(req.sampling.seed)
+        self.live[state.seq] = _Live(req, state, outcome, gen)
+
+    # -- a span of iterations -------------------------------------------------------------------
     @torch.no_grad()
-    def run(
-        self,
-        requests: Sequence[Request],
-        emit: Callable[[int, int], None] | None = None,
-        cancelled: Callable[[], set[int]] | None = None,
-    ) -> dict[int, Outcome]:
-        """Generate for every request; the same call on every rank.
+    def run_span(
+        self, orders: Orders, emit: Callable[[int, int], None] | None = None,
+        done: Done | None = None,
+    ) -> None:  # fmt: skip
+        """Admit ``orders``' requests, stop the cancelled ones, then run up to :data:`SPAN`
+        iterations; the same call on every rank.
 
         Args:
             emit: called with (rid, token) as each token is sampled (rank 0 streams them).
-            cancelled: rank 0's set of requests whose client left; they stop at the next check.
-
-        Returns:
-            Per request id, its outcome (errors are agreed by all ranks: see :func:`on_all_ranks`).
+            done: called with finished requests and their outcomes (errors are agreed by
+                all ranks: see :func:`on_all_ranks`).
         """
-        states, new = [], []
-        for req in requests:
-            s, n = self._assign(req)
-            states.append(s)
-            new.append(n)
-        outcomes = {
-            r.rid: Outcome(prompt_tokens=len(r.tokens), cached_tokens=len(r.tokens) - len(n))
-            for r, n in zip(requests, new, strict=True)
-        }
+        for req in orders.requests:
+            self._admit(req, done)
+        for x in self.live.values():
+            if x.request.rid in orders.cancelled and not x.state.done:
+                x.state.done = True
+                x.outcome.finish_reason = "cancelled"
         try:
-            on_all_ranks(lambda: self._generate(requests, states, new, outcomes, emit, cancelled))
-        except RankFailure as e:
-            for s in states:  # the batch's sequences are in an unknown state: drop them
-                self.runner.cache.free(s.seq)
-            for o in outcomes.values():
-                o.finish_reason, o.error = "error", str(e)
-            return outcomes
-        for req, s in zip(requests, states, strict=True):
-            o = outcomes[req.rid]
+            on_all_ranks(lambda: self._iterations(orders.estimates, emit, done))
+        except RankFailure as e:  # the requests in flight are in an unknown state: drop them
+            failed = list(self.live.values())
+            self.live.clear()
+            self.sched.seqs.clear()
+            for x in failed:
+                self.runner.cache.free(x.state.seq)
+                x.outcome.finish_reason, x.outcome.error = "error", str(e)
+            if done is not None and failed:
+                done([x.request for x in failed], {x.request.rid: x.outcome for x in failed})
+
+    def _iterations(self, est: Estimates, emit, done) -> None:
+        self._retire(done)  # cancelled ones leave before they cost a step
+        for _ in range(SPAN):
+            if not self.live:
+                return
+            self._iteration(est, emit)
+            self._retire(done)
+
+    def _iteration(self, est: Estimates, emit) -> None:
+        """One decode step of the running requests, then one prefill step of waiting ones."""
+        runner, sched = self.runner, self.sched
+        decoding = sched.decoding
+        if decoding:
+            batch = sched.decode_batch(active_only=True)
+            t0 = time.perf_counter()
+            logits = runner.step(batch)
+            self._sample(batch, logits, range(batch.n_seqs), emit)
+            self.timer.decode(time.perf_counter() - t0)
+        pending = [s for s in sched.seqs if s.prefilled < len(s.new) and not s.done]
+        if not pending:
+            return
+        take = self._take(pending, est, decoding)
+        batch = sched.prefill_batch(
+            lambda new, cached: runner.resolve_variant("auto", new, cached), take=take
+        )
+        lives = [self.live[seq] for seq in batch.seqs]
+        want = any(x.request.logprobs for x in lives)
+        t0 = time.perf_counter()
+        logits = runner.step(batch, prompt_logprobs=want)
+        if want:
+            for x, lp in zip(lives, runner.share_object(runner.prompt_logprobs), strict=True):
+                if x.request.logprobs:
+                    x.outcome.logprobs += lp
+        rows = [row for _, row in sched.prefilled(batch)]
+        self._sample(batch, logits, rows, emit)
+        self.timer.prefill(time.perf_counter() - t0, batch.n_tokens, batch.n_cached)
+
+    def _take(self, pending, est: Estimates, decoding) -> dict[int, int]:
+        """Tokens each waiting prompt prefills this iteration, first come first served."""
+        budget = None
+        if self.tbt_slo_s is not None and decoding:
+            head = pending[0]
+            budget = choose_chunk(
+                self.tbt_slo_s, self.costs, est, cached=head.cached + head.prefilled,
+                left=sum(len(s.new) - s.prefilled for s in pending),
+                decode_batch=len(decoding),
+                decode_context=sum(len(s.history) + len(s.prompt) + len(s.out) for s in decoding),
+            )  # fmt: skip
+        take: dict[int, int] = {}
+        for s in pending:
+            left = len(s.new) - s.prefilled
+            whole = self.live[s.seq].request.logprobs  # prompt logprobs need one pass
+            if budget is None or (whole and not take):
+                n = left
+            elif whole or budget <= 0:
+                break
+            else:
+                n = min(left, budget)
+            take[s.seq] = n
+            if budget is not None:
+                budget -= n
+        return take
+
+    def _sample(self, batch, logits, rows: Sequence[int], emit) -> None:
+        """Sample each row's next token with its request's own generator (an answer does not
+        depend on its batch), share it along the pipeline and record it."""
+        lives = [self.live[batch.seqs[r]] for r in rows]
+        if rows:
+            tokens = chosen = None
+            want = any(x.request.logprobs for x in lives)
+            if logits is not None:
+                tokens = torch.cat([
+                    sample(logits[r : r + 1], x.request.sampling, x.generator)
+                    for r, x in zip(rows, lives, strict=True)
+                ])  # fmt: skip
+                if want:
+                    logp = torch.log_softmax(logits[list(rows)], dim=-1)
+                    chosen = logp.gather(1, tokens[:, None])[:, 0].double()
+            tokens = self.runner.share(tokens, (len(rows),), torch.long).tolist()
+            if want:
+                chosen = self.runner.share(chosen, (len(rows),), torch.float64).tolist()
+        before = [len(x.state.out) for x in lives]
+        self.sched.record_rows(
+            batch, {x.state.seq: t for x, t in zip(lives, tokens, strict=True)} if rows else {}
+        )
+        for j, (x, n) in enumerate(zip(lives, before, strict=True)):
+            if len(x.state.out) > n:
+                if x.request.logprobs:
+                    x.outcome.logprobs.append(chosen[j])
+                if emit is not None:
+                    emit(x.request.rid, x.state.out[-1])
+
+    def _retire(self, done: Done | None) -> None:
+        """Requests that are done leave; their sequences stay cached for reuse (cancelled ones
+        are freed)."""
+        finished = [x for x in self.live.values() if x.state.done]
+        for x in finished:
+            del self.live[x.state.seq]
+            s = self.sched.retire(x.state.seq)
+            o = x.outcome
+            o.tokens = list(s.out)
             if o.finish_reason == "cancelled":
                 self.runner.cache.free(s.seq)
                 continue
+            o.finish_reason = "stop" if s.out and s.out[-1] in s.eos_ids else "length"
             for seq in self.retained.put(s):
                 self.runner.cache.free(seq)
-        return outcomes
-
-    def _generate(self, requests, states, new, outcomes, emit, cancelled) -> None:
-        runner = self.runner
-        sched = Scheduler(
-            cp=self.pg.cp, vocab_size=self.cfg.vocab_size, max_seq_len=self.cfg.max_seq_len,
-            device=runner.device, seqs=states,
-        )  # fmt: skip
-        sched.add_turn(
-            new,
-            [r.sampling.max_new_tokens for r in requests],
-            [r.sampling.eos_ids for r in requests],
-        )
-        gens = [
-            torch.Generator(device=runner.device).manual_seed(r.sampling.seed) for r in requests
-        ]
-
-        want = any(r.logprobs for r in requests)
-        for r in requests:
-            if r.logprobs:
-                outcomes[r.rid].logprobs = []
-
-        def step(batch) -> None:
-            logits = runner.step(batch, prompt_logprobs=want)
-            tokens = chosen = None
-            if logits is not None:  # per-request sampling: each answer as if it ran alone
-                tokens = torch.cat([
-                    sample(logits[j : j + 1], r.sampling, gens[j])
-                    for j, r in enumerate(requests)
-                ])  # fmt: skip
-                if want:
-                    logp = torch.log_softmax(logits, dim=-1)
-                    chosen = logp.gather(1, tokens[:, None])[:, 0].double()
-            tokens = runner.share_tokens(tokens, batch).tolist()
-            if want:
-                chosen = runner.share(chosen, (len(requests),), torch.float64).tolist()
-                if batch.kind == "prefill":
-                    prompt = runner.share_object(runner.prompt_logprobs)
-                    for r, lp in zip(requests, prompt, strict=True):
-                        if r.logprobs:
-                            outcomes[r.rid].logprobs += lp
-            if batch.kind == "prefill":
-                sched.prefilled(batch)
-            before = [len(s.out) for s in sched.seqs]
-            sched.record(batch, tokens)
-            for j, (r, s, n) in enumerate(zip(requests, sched.seqs, before, strict=True)):
-                if len(s.out) > n:
-                    if r.logprobs:
-                        outcomes[r.rid].logprobs.append(chosen[j])
-                    if emit is not None:
-                        emit(r.rid, s.out[-1])
-
-        batch = sched.prefill_batch(lambda new, cached: runner.resolve_variant("auto", new, cached))
-        step(batch)
-        n_steps = 0
-        while not sched.turn_done:
-            n_steps += 1
-            if n_steps % CANCEL_EVERY == 0:
-                self._apply_cancellations(requests, sched, outcomes, cancelled)
-                if sched.turn_done:
-                    break
-            step(sched.decode_batch())
-        for r, s in zip(requests, sched.seqs, strict=True):
-            o = outcomes[r.rid]
-            o.tokens = list(s.out)
-            if o.finish_reason != "cancelled":
-                o.finish_reason = "stop" if s.out and s.out[-1] in s.eos_ids else "length"
-        sched.finish_turn()
-
-    def _apply_cancellations(self, requests, sched, outcomes, cancelled) -> None:
-        """Rank 0 says which requests lost their client; every rank stops them alike."""
-        flags = torch.zeros(len(requests), dtype=torch.long)
-        if dist.get_rank() == 0 and cancelled is not None:
-            gone = cancelled()
-            for j, r in enumerate(requests):
-                flags[j] = int(r.rid in gone)
-        if dist.get_world_size() > 1:
-            dist.broadcast(flags, src=0)
-        for j, (r, s) in enumerate(zip(requests, sched.seqs, strict=True)):
-            if flags[j] and not s.done:
-                s.done = True
-                outcomes[r.rid].finish_reason = "cancelled"
+            logger.debug(
+                "request %d: %d prompt tokens (%d cached), %d generated",
+                x.request.rid, o.prompt_tokens, o.cached_tokens, len(o.tokens),
+            )  # fmt: skip
+        if done is not None and finished:
+            done([x.request for x in finished], {x.request.rid: x.outcome for x in finished})
 
 
 class ServeLoop:
-    """Rank 0 sends each batch to every rank; the others follow until told to stop.
+    """Rank 0 sends every rank its orders; the others follow until told to stop.
 
-    Messages go over the default group by ``broadcast_object_list``. An idle rank 0 sends a
-    heartbeat every ``idle_s`` so that waiting ranks never reach the process-group timeout.
+    Messages go over the default group by ``broadcast_object_list``, once per span of
+    :data:`SPAN` iterations while requests run. An idle rank 0 sends a heartbeat every
+    ``idle_s`` so that waiting ranks never reach the process-group timeout.
     """
 
     def __init__(self, engine: ServeEngine, *, idle_s: float = 2.0) -> None:
@@ -278,35 +383,35 @@ class ServeLoop:
 
     def lead(
         self,
-        next_batch: Callable[[float], list[Request] | None],
+        next_requests: Callable[[float, int], list[Request] | None],
         emit: Callable[[int, int], None],
         cancelled: Callable[[], set[int]],
-        done: Callable[[list[Request], dict[int, Outcome]], None],
+        done: Done,
     ) -> None:
-        """Rank 0: run batches from ``next_batch`` (None: stop) until it says stop."""
+        """Rank 0: admit what ``next_requests(wait_s, limit)`` gives (None: stop) and run."""
+        engine = self.engine
         while True:
-            batch = next_batch(self.idle_s)
-            if batch is None:
+            busy = engine.busy
+            requests = next_requests(0.0 if busy else self.idle_s, engine.room)
+            if requests is None:
                 self._send(("stop", None))
                 return
-            if not batch:
+            if not requests and not busy:
                 self._send(("idle", None))
                 continue
-            self._send(("batch", batch))
-            t0 = time.perf_counter()
-            outcomes = self.engine.run(batch, emit, cancelled)
-            logger.info(
-                "batch of %d: %d new tokens, %d reused from the cache, %.3fs",
-                len(batch), sum(o.prompt_tokens - o.cached_tokens for o in outcomes.values()),
-                sum(o.cached_tokens for o in outcomes.values()), time.perf_counter() - t0,
-            )  # fmt: skip
-            done(batch, outcomes)
+            orders = Orders(
+                requests=tuple(requests),
+                cancelled=frozenset(cancelled() & engine.live_requests()),
+                estimates=engine.timer.estimates,
+            )
+            self._send(("span", orders))
+            engine.run_span(orders, emit, done)
 
     def follow(self) -> None:
         """Every other rank: run what rank 0 sends until it says stop."""
         while True:
-            kind, batch = self._send(None)
+            kind, orders = self._send(None)
             if kind == "stop":
                 return
-            if kind == "batch":
-                self.engine.run(batch)
+            if kind == "span":
+                self.engine.run_span(orders)

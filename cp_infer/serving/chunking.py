@@ -1,0 +1,169 @@
+"""Adaptive prefill chunks under a time-between-tokens target (Mnemosyne's mixed batching).
+
+Every iteration of the server runs the decode step of its running requests and then one prefill
+chunk of the waiting ones. A running request's time between tokens (TBT) is therefore the
+iteration: its decode step plus the chunk. With a target ``--tbt-slo-ms``, the chunk is the
+largest that keeps the predicted iteration under it:
+
+    decode_s + scale * prefill_s(chunk, cached) <= slo
+
+- ``prefill_s`` comes from the calibrated profile (``python -m cp_infer calibrate``): the GEMMs
+  of a new token, ``2 * weights / (cp * tp)`` FLOPs at the profile's GEMM FLOP/s, and attention
+  over what is cached and the chunk itself, ``4 * H * D * (cached + chunk / 2)`` FLOPs per new
+  token and layer at its attention FLOP/s (:class:`StepCosts`).
+- ``decode_s`` (the running decodes' step) and ``scale`` (measured / predicted prefill time, for
+  what FLOPs do not count: norms, RoPE, the ring, Python) are moving averages that rank 0
+  measures (:class:`Estimates`). They reach every rank with the iteration's orders, so every rank
+  picks the same chunk from the same numbers (:func:`choose_chunk`).
+
+Without running decodes there is no TBT to keep: the waiting prompts prefill whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from cp_infer.attention.selector import Hardware
+from cp_infer.models.config import ModelConfig
+
+__all__ = ["ChunkTimer", "Estimates", "StepCosts", "choose_chunk"]
+
+logger = logging.getLogger(__name__)
+
+MIN_CHUNK = 16  # tokens: a prefill always progresses, even when the target cannot be met
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Predicted seconds of a forward pass from its FLOPs (every stage, one after another).
+
+    Attributes:
+        per_token_s: the GEMMs of one new token.
+        per_pair_s: attention of one (query, key) pair, over all layers.
+    """
+
+    per_token_s: float
+    per_pair_s: float
+
+    @classmethod
+    def for_model(
+        cls, cfg: ModelConfig, *, cp: int, tp: int, gemm_flops: float, attention_flops: float
+    ) -> StepCosts:
+        """The costs of ``cfg`` sharded ``cp`` x ``tp`` ways, at one rank's FLOP/s."""
+        d, hd = cfg.dim, cfg.head_dim
+        ffn = 3 * d * cfg.ffn_dim * (cfg.top_k if cfg.is_moe else 1)  # active experts only
+        weights = cfg.n_layers * (d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + ffn)
+        per_token = 2 * weights / (cp * tp) / gemm_flops
+        per_pair = 4 * cfg.n_heads * hd * cfg.n_layers / (cp * tp) / attention_flops
+        return cls(per_token_s=per_token, per_pair_s=per_pair)
+
+    @classmethod
+    def from_hardware(
+        cls, cfg: ModelConfig, spec: str | Path | Hardware | None, *, cp: int, tp: int
+    ) -> StepCosts:
+        """From ``--hardware``: a calibrated JSON profile (its GEMM and attention FLOP/s), a
+        built-in :class:`Hardware` (its one FLOP/s for both), or None (this CPU's default)."""
+        if isinstance(spec, (str, Path)) and Path(spec).is_file():
+            try:
+                profile = json.loads(Path(spec).read_text())
+                gemm, attn = float(profile["gemm_flops"]), float(profile["attention_flops"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ValueError(
+                    f"--hardware {spec}: not a profile from `python -m cp_infer calibrate` ({e})"
+                ) from None
+        else:
+            hw = spec if isinstance(spec, Hardware) else None
+            if hw is None:
+                from cp_infer.attention.selector import HARDWARE
+
+                hw = HARDWARE.get(str(spec), HARDWARE["cpu-gloo"])
+            gemm = attn = hw.flops
+        return cls.for_model(cfg, cp=cp, tp=tp, gemm_flops=gemm, attention_flops=attn)
+
+    def prefill_s(self, new: int, cached: int) -> float:
+        """A prefill of ``new`` tokens over ``cached`` (causal within the new ones)."""
+        return self.per_token_s * new + self.per_pair_s * new * (cached + new / 2)
+
+    def decode_s(self, batch: int, context: int) -> float:
+        """A decode step of ``batch`` sequences holding ``context`` tokens in all."""
+        return self.per_token_s * batch + self.per_pair_s * context
+
+
+@dataclass(frozen=True)
+class Estimates:
+    """What rank 0 has measured so far (sent to every rank with each iteration's orders).
+
+    Attributes:
+        decode_s: moving average of the decode step (None before the first one).
+        scale: moving average of measured / predicted prefill time (None: not yet measured,
+            the prediction is taken as it is).
+    """
+
+    decode_s: float | None = None
+    scale: float | None = None
+
+
+def choose_chunk(
+    slo_s: float, costs: StepCosts, est: Estimates, *, cached: int, left: int,
+    decode_batch: int, decode_context: int, min_chunk: int = MIN_CHUNK,
+) -> int:  # fmt: skip
+    """The largest prefill chunk (tokens, at most ``left``) that keeps an iteration under
+    ``slo_s``; at least ``min_chunk`` so that the prefill progresses.
+
+    Args:
+        cached: tokens the chunk attends to before its own (the prompt's cached prefix and
+            its earlier chunks).
+        left: tokens the waiting prompts still have to prefill.
+        decode_batch, decode_context: the running decodes (their predicted step, until one
+            was measured).
+    """
+    decode = est.decode_s if est.decode_s is not None else costs.decode_s(
+        decode_batch, decode_context
+    )  # fmt: skip
+    room = (slo_s - decode) / (est.scale or 1.0)
+
+    def fits(c: int) -> bool:
+        return costs.prefill_s(c, cached) <= room
+
+    lo = min(min_chunk, left)
+    if not fits(lo):
+        return lo
+    hi = left
+    while lo < hi:  # the largest c with fits(c): prefill_s grows with c
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class ChunkTimer:
+    """Rank 0's moving averages of step times (:class:`Estimates`), from what it measures.
+
+    Args:
+        costs: the predicted costs that measured prefill times are compared with.
+        alpha: weight of the newest measurement.
+    """
+
+    def __init__(self, costs: StepCosts, alpha: float = 0.3) -> None:
+        self.costs, self.alpha = costs, alpha
+        self.estimates = Estimates()
+
+    def _mix(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.alpha) * old + self.alpha * new
+
+    def decode(self, seconds: float) -> None:
+        e = self.estimates
+        self.estimates = Estimates(decode_s=self._mix(e.decode_s, seconds), scale=e.scale)
+
+    def prefill(self, seconds: float, new: int, cached: int) -> None:
+        predicted = self.costs.prefill_s(new, cached)
+        if predicted <= 0:
+            return
+        e = self.estimates
+        ratio = seconds / predicted
+        self.estimates = Estimates(decode_s=e.decode_s, scale=self._mix(e.scale, ratio))

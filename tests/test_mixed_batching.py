@@ -1,0 +1,134 @@
+"""Mixed batching: a long prompt arriving while other requests decode is prefilled in chunks,
+each iteration a decode step of the running requests then one chunk, and every answer equals
+the request's answer alone (cp1, cp2, pp2). The chunk is the largest the TBT target allows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cp_infer.serving.chunking import ChunkTimer, Estimates, StepCosts, choose_chunk
+
+TIMEOUT = 180
+LONG = tuple((7 * j) % 500 + 1 for j in range(230))
+SHORTS = ((1, 2, 3, 4), (5, 6, 7))
+
+
+def _mixed_rank(layout: dict, slo_s: float | None):
+    from cp_infer.checkpoint import RandomSource, load_weights
+    from cp_infer.engine import ModelRunner, SamplingConfig, generate
+    from cp_infer.models import get_preset
+    from cp_infer.parallel import parallelize
+    from cp_infer.serving.engine import Orders, Request, ServeEngine
+    from parallel_state import parallel_groups
+
+    cfg = get_preset("tiny-llama")
+    with parallel_groups(**layout, timeout_s=60) as pg:
+        model = parallelize(cfg, pg, torch.float32)
+        load_weights(model, RandomSource(0, cfg))
+        runner = ModelRunner(model, pg)
+        # 1 ms per new token, attention free: a 50 ms target leaves room for 50-token chunks
+        costs = StepCosts(per_token_s=1e-3, per_pair_s=0.0)
+        engine = ServeEngine(runner, max_cache_tokens=4096, tbt_slo_s=slo_s, costs=costs)
+        steps, first_logits = [], {}
+        step = runner.step
+
+        def spy(batch, **kw):
+            logits = step(batch, **kw)
+            steps.append((batch.kind, batch.seqs, tuple(len(t) for t in batch.tokens)))
+            if batch.kind == "prefill" and logits is not None:
+                for row, seq in enumerate(batch.seqs):
+                    first_logits[seq] = logits[row].clone()  # the last chunk's is the turn's
+            return logits
+
+        runner.step = spy
+        outcomes = {}
+        sampling = [SamplingConfig(max_new_tokens=n) for n in (30, 30, 4)]
+        requests = [Request(rid=j, tokens=t, sampling=s)
+                    for j, (t, s) in enumerate(zip((*SHORTS, LONG), sampling, strict=True))]  # fmt: skip
+        fixed = Estimates(decode_s=0.0, scale=1.0)  # rank 0's timings: made exact here
+        engine.run_span(Orders(requests=tuple(requests[:2]), estimates=fixed),
+                        done=lambda _, o: outcomes.update(o))  # fmt: skip
+        engine.run_span(Orders(requests=(requests[2],), estimates=fixed),
+                        done=lambda _, o: outcomes.update(o))  # fmt: skip
+        while engine.busy:
+            engine.run_span(Orders(estimates=fixed), done=lambda _, o: outcomes.update(o))
+        alone = [generate(model, pg, [list(r.tokens)], r.sampling) for r in requests]
+    return {
+        "tokens": [outcomes[r.rid].tokens for r in requests],
+        "alone": [a.tokens[0] for a in alone],
+        "first": first_logits.get(2),
+        "first_alone": alone[2].first_logits[0] if alone[2].first_logits is not None else None,
+        "steps": steps,
+    }
+
+
+LAYOUTS = [({}, 1), ({"cp": 2}, 2), ({"pp": 2}, 2)]
+
+
+@pytest.mark.parametrize(("layout", "world"), LAYOUTS, ids=["cp1", "cp2", "pp2"])
+def test_a_long_prompt_prefills_in_chunks_between_decode_steps(dist_pool, layout, world):
+    results = dist_pool(world).run(_mixed_rank, layout, 0.05, timeout_s=TIMEOUT)
+    r = results[-1]  # the last pipeline stage has the logits
+    assert r["tokens"] == r["alone"]  # every answer is its answer alone
+    assert all(x["tokens"] == r["tokens"] for x in results)
+    torch.testing.assert_close(r["first"], r["first_alone"], atol=1e-5, rtol=0)
+    long_seq = 2
+    chunks = [n[s.index(long_seq)] for kind, s, n in r["steps"]
+              if kind == "prefill" and long_seq in s]  # fmt: skip
+    assert chunks == [50, 50, 50, 50, 30]  # the largest chunk the 50 ms target allows
+    # between two chunks, the running requests took a decode step
+    kinds = [(kind, long_seq in s) for kind, s, _ in r["steps"]]
+    first = kinds.index(("prefill", True))
+    last = len(kinds) - 1 - kinds[::-1].index(("prefill", True))
+    between = kinds[first : last + 1]
+    assert between[1::2] == [("decode", False)] * (len(chunks) - 1)
+
+
+def test_without_a_target_the_long_prompt_prefills_whole(dist_pool):
+    r = dist_pool(2).run(_mixed_rank, {"cp": 2}, None, timeout_s=TIMEOUT)[0]
+    assert r["tokens"] == r["alone"]
+    assert [n for kind, s, n in r["steps"] if kind == "prefill" and 2 in s] == [(len(LONG),)]
+
+
+def test_choose_chunk_is_the_largest_under_the_target():
+    costs = StepCosts(per_token_s=1e-4, per_pair_s=1e-7)
+    est = Estimates(decode_s=0.01, scale=2.0)
+    kw = dict(cached=1000, left=10_000, decode_batch=4, decode_context=4000)
+    c = choose_chunk(0.05, costs, est, **kw)
+    assert 2 * costs.prefill_s(c, 1000) <= 0.04 < 2 * costs.prefill_s(c + 1, 1000)
+    assert choose_chunk(0.05, costs, est, **{**kw, "left": 7}) == 7  # what is left, at most
+    # a target the decode step alone breaks: the prefill still moves, by the minimum chunk
+    assert choose_chunk(0.005, costs, est, **kw) == 16
+    # more cache to attend to: a smaller chunk
+    assert choose_chunk(0.05, costs, est, **{**kw, "cached": 100_000}) < c
+    # before anything was measured, the decode step is predicted
+    cold = choose_chunk(0.05, costs, Estimates(), **kw)
+    assert costs.decode_s(4, 4000) + costs.prefill_s(cold, 1000) <= 0.05
+
+
+def test_the_timer_learns_the_decode_step_and_the_prefill_scale():
+    timer = ChunkTimer(StepCosts(per_token_s=1e-3, per_pair_s=0.0), alpha=0.5)
+    assert timer.estimates == Estimates()
+    timer.decode(0.02)
+    timer.prefill(0.2, new=100, cached=0)  # predicted 0.1 s: twice slower than FLOPs say
+    assert timer.estimates == Estimates(decode_s=0.02, scale=2.0)
+    timer.decode(0.04)
+    assert timer.estimates.decode_s == pytest.approx(0.03)
+
+
+def test_costs_come_from_a_calibrated_profile(tmp_path):
+    from cp_infer.models import get_preset
+
+    cfg = get_preset("small-llama")
+    path = tmp_path / "profile.json"
+    path.write_text('{"gemm_flops": 2e10, "attention_flops": 1e10}')
+    costs = StepCosts.from_hardware(cfg, str(path), cp=2, tp=1)
+    assert costs == StepCosts.for_model(cfg, cp=2, tp=1, gemm_flops=2e10, attention_flops=1e10)
+    # twice the cp, half the time per token
+    assert StepCosts.from_hardware(cfg, str(path), cp=4, tp=1).per_token_s == pytest.approx(
+        costs.per_token_s / 2
+    )
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="calibrate"):
+        StepCosts.from_hardware(cfg, str(path), cp=2, tp=1)
