@@ -7,14 +7,19 @@ Per rank, in a pool of ``world`` gloo ranks with one thread each (as the benchma
 - ``gemm_flops``: a (T, dim) x (dim, 4 dim) matmul;
 - ``ring_bandwidth`` and ``ring_latency_s``: a SendRecv step around the ring, of one large
   and one tiny message;
-- ``all2all_s``: one All2All of the large message.
+- ``all2all_s``: one All2All of the large message;
+- ``memory_bandwidth``: bytes/s of one pass reading a large fp32 tensor (a sum), every rank at
+  once, as decode reads weights and KV cache;
+- ``host_memory_bytes``: this host's RAM (not measured; shared by its ranks).
 
 The profile (JSON) feeds ``--hardware PATH``: ``attention_flops`` is Alg. 1's C and
-``ring_bandwidth`` its BW.
+``ring_bandwidth`` its BW for ``generate``, and the whole profile is the cost model's hardware
+for ``plan`` (:meth:`cp_infer.costmodel.ClusterProfile.from_calibration`).
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -36,8 +41,17 @@ def _best(fn, repeats: int) -> float:
     return t.item()
 
 
-def measure_rank(tokens: int, message_bytes: int, repeats: int) -> dict:
-    """Runs on every rank of a pool; returns the profile (the same on every rank)."""
+def measure_rank(
+    tokens: int, message_bytes: int, repeats: int, read_bytes: int = 256 * 2**20
+) -> dict:
+    """Runs on every rank of a pool; returns the profile (the same on every rank).
+
+    Args:
+        tokens: tokens per rank in the attention and GEMM kernels.
+        message_bytes: the large ring / All2All message.
+        repeats: best of this many.
+        read_bytes: the tensor the memory-bandwidth pass reads (large enough to miss caches).
+    """
     from cp_infer.attention.comm import RingComm
     from cp_infer.attention.kernels import torch_cpu_flash
 
@@ -62,6 +76,8 @@ def measure_rank(tokens: int, message_bytes: int, repeats: int) -> dict:
     slots = torch.zeros(n * (message_bytes // 4 // n))
     out = torch.empty_like(slots)
     a2a_s = _best(lambda: dist.all_to_all_single(out, slots), repeats)
+    stream = torch.ones(read_bytes // 4)
+    read_s = _best(stream.sum, repeats)
     return {
         "attention_flops": 0.5 * 4 * tokens * tokens * h * d / attn_s,
         "gemm_flops": 2 * tokens * dim * 4 * dim / gemm_s,
@@ -69,6 +85,8 @@ def measure_rank(tokens: int, message_bytes: int, repeats: int) -> dict:
         "ring_latency_s": tiny_s,
         "all2all_s": a2a_s,
         "all2all_bytes": message_bytes,
+        "memory_bandwidth": stream.numel() * 4 / read_s,
+        "host_memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
         "world": n,
         "threads_per_rank": torch.get_num_threads(),
         "tokens": tokens,

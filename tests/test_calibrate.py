@@ -1,4 +1,4 @@
-"""calibrate measures this machine into a profile that --hardware takes."""
+"""calibrate measures this machine into a profile that generate and plan --hardware take."""
 
 from __future__ import annotations
 
@@ -8,18 +8,27 @@ import pytest
 
 from cp_infer.attention.selector import Hardware
 from cp_infer.cli import main
+from cp_infer.costmodel import ClusterProfile
 
 
 def test_calibrate_writes_a_profile_that_generate_uses(tmp_path, dist_pool):
     profile = tmp_path / "profile.json"
     argv = ["calibrate", "--output", str(profile), "--tokens", "256", "--message-mib", "1",
-            "--repeats", "1"]  # fmt: skip
+            "--memory-mib", "8", "--repeats", "1"]  # fmt: skip
     assert main(argv) == 0
     p = json.loads(profile.read_text())
-    for key in ("attention_flops", "gemm_flops", "ring_bandwidth", "ring_latency_s", "all2all_s"):
+    for key in ("attention_flops", "gemm_flops", "ring_bandwidth", "ring_latency_s", "all2all_s",
+                "memory_bandwidth", "host_memory_bytes"):  # fmt: skip
         assert p[key] > 0, key
     hw = Hardware.from_profile(profile)
     assert hw.flops == p["attention_flops"] and hw.bandwidth == p["ring_bandwidth"]
+    # the same file is plan's hardware: the cost model of this machine
+    cluster = ClusterProfile.from_calibration(profile)
+    assert cluster.hbm_bytes_s == p["memory_bandwidth"] and cluster.tp == 1
+    plan = tmp_path / "plan.json"
+    assert main(["plan", "--preset", "tiny-llama", "--hardware", str(profile), "--context",
+                 "1024", "--cp", "1,2", "--json", str(plan)]) == 0  # fmt: skip
+    assert all(r["ttft_s"] > 0 and r["tp"] == 1 for r in json.loads(plan.read_text()))
     out = tmp_path / "o.jsonl"
     argv = ["generate", "--preset", "tiny-llama", "--cp", "2", "--hardware", str(profile),
             "--input", "examples/prompts.jsonl", "--output", str(out)]  # fmt: skip

@@ -46,7 +46,7 @@ def _mixed_rank(layout: dict, slo_s: float | None):
         sampling = [SamplingConfig(max_new_tokens=n) for n in (30, 30, 4)]
         requests = [Request(rid=j, tokens=t, sampling=s)
                     for j, (t, s) in enumerate(zip((*SHORTS, LONG), sampling, strict=True))]  # fmt: skip
-        fixed = Estimates(decode_s=0.0, scale=1.0)  # rank 0's timings: made exact here
+        fixed = Estimates(decode_s=0.0, scale=1.0, largest=10_000)  # rank 0's timings, made exact
         engine.run_span(Orders(requests=tuple(requests[:2]), estimates=fixed),
                         done=lambda _, o: outcomes.update(o))  # fmt: skip
         engine.run_span(Orders(requests=(requests[2],), estimates=fixed),
@@ -93,18 +93,21 @@ def test_without_a_target_the_long_prompt_prefills_whole(dist_pool):
 
 def test_choose_chunk_is_the_largest_under_the_target():
     costs = StepCosts(per_token_s=1e-4, per_pair_s=1e-7)
-    est = Estimates(decode_s=0.01, scale=2.0)
+    est = Estimates(decode_s=0.01, overhead_s=0.005, scale=2.0, largest=10_000)
     kw = dict(cached=1000, left=10_000, decode_batch=4, decode_context=4000)
     c = choose_chunk(0.05, costs, est, **kw)
-    assert 2 * costs.prefill_s(c, 1000) <= 0.04 < 2 * costs.prefill_s(c + 1, 1000)
+    assert 2 * costs.prefill_s(c, 1000) <= 0.035 < 2 * costs.prefill_s(c + 1, 1000)
+    # slow start: at most twice the largest step measured so far
+    assert choose_chunk(0.05, costs, Estimates(decode_s=0.01, scale=2.0, largest=20), **kw) == 40
     assert choose_chunk(0.05, costs, est, **{**kw, "left": 7}) == 7  # what is left, at most
     # a target the decode step alone breaks: the prefill still moves, by the minimum chunk
     assert choose_chunk(0.005, costs, est, **kw) == 16
     # more cache to attend to: a smaller chunk
     assert choose_chunk(0.05, costs, est, **{**kw, "cached": 100_000}) < c
     # before anything was measured, the decode step is predicted
-    cold = choose_chunk(0.05, costs, Estimates(), **kw)
+    cold = choose_chunk(0.05, costs, Estimates(largest=10_000), **kw)
     assert costs.decode_s(4, 4000) + costs.prefill_s(cold, 1000) <= 0.05
+    assert choose_chunk(0.05, costs, Estimates(), **kw) == 16  # nothing measured: the minimum
 
 
 def test_the_timer_learns_the_decode_step_and_the_prefill_scale():
@@ -112,9 +115,16 @@ def test_the_timer_learns_the_decode_step_and_the_prefill_scale():
     assert timer.estimates == Estimates()
     timer.decode(0.02)
     timer.prefill(0.2, new=100, cached=0)  # predicted 0.1 s: twice slower than FLOPs say
-    assert timer.estimates == Estimates(decode_s=0.02, scale=2.0)
+    assert timer.estimates == Estimates(decode_s=0.02, scale=2.0, largest=100)
     timer.decode(0.04)
     assert timer.estimates.decode_s == pytest.approx(0.03)
+    # a fixed cost per step and a slope: the line through the measurements
+    timer = ChunkTimer(StepCosts(per_token_s=1e-3, per_pair_s=0.0))
+    for n in (100, 200, 300):
+        timer.prefill(0.005 + 1.5 * n * 1e-3, new=n, cached=0)
+    assert timer.estimates.overhead_s == pytest.approx(0.005)
+    assert timer.estimates.scale == pytest.approx(1.5)
+    assert timer.estimates.largest == 300
 
 
 def test_costs_come_from_a_calibrated_profile(tmp_path):
@@ -122,9 +132,12 @@ def test_costs_come_from_a_calibrated_profile(tmp_path):
 
     cfg = get_preset("small-llama")
     path = tmp_path / "profile.json"
-    path.write_text('{"gemm_flops": 2e10, "attention_flops": 1e10}')
+    path.write_text('{"gemm_flops": 2e10, "attention_flops": 1e10, "ring_bandwidth": 1e9, '
+                    '"ring_latency_s": 1e-4, "memory_bandwidth": 1e10}')  # fmt: skip
     costs = StepCosts.from_hardware(cfg, str(path), cp=2, tp=1)
-    assert costs == StepCosts.for_model(cfg, cp=2, tp=1, gemm_flops=2e10, attention_flops=1e10)
+    want = StepCosts.for_model(cfg, cp=2, tp=1, gemm_flops=2e10, attention_flops=1e10)
+    assert costs.per_token_s == pytest.approx(want.per_token_s)
+    assert costs.per_pair_s == pytest.approx(want.per_pair_s)
     # twice the cp, half the time per token
     assert StepCosts.from_hardware(cfg, str(path), cp=4, tp=1).per_token_s == pytest.approx(
         costs.per_token_s / 2

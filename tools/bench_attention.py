@@ -43,12 +43,19 @@ logger = logging.getLogger("bench_attention")
 OURS = ("pass-kv", "pass-q")
 
 
-def _inputs(seq_len, heads, kv_heads, head_dim, dtype, layout, rank):
+def full_inputs(seq_len, heads, kv_heads, head_dim, dtype):
+    """The unsharded q (H, T, D), k, v (H_kv, T, D): the same on every rank (seed 0)."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(heads, seq_len, head_dim, generator=g, dtype=dtype)
     k = torch.randn(kv_heads, seq_len, head_dim, generator=g, dtype=dtype)
     v = torch.randn(kv_heads, seq_len, head_dim, generator=g, dtype=dtype)
-    return tuple(shard(x, layout, rank, dim=1).contiguous() for x in (q, k, v))
+    return q, k, v
+
+
+def sharded_inputs(seq_len, heads, kv_heads, head_dim, dtype, layout, rank):
+    """This rank's load-balanced shards of :func:`full_inputs`."""
+    full = full_inputs(seq_len, heads, kv_heads, head_dim, dtype)
+    return tuple(shard(x, layout, rank, dim=1).contiguous() for x in full)
 
 
 def _comm_alone(variant, q, k, n, repeats, kv_dtype) -> tuple[float, float]:
@@ -88,7 +95,8 @@ def _torch_ring(q, k, v):
     )
 
 
-def _make_fn(variant, q, k, v, layout, comm, kv_dtype):
+def attention_fn(variant, q, k, v, layout, comm, kv_dtype):
+    """A no-argument call of one variant on this rank's shards (``local``: the unsharded q, k, v)."""
     if variant == "local":
         op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         return lambda: op(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, True)
@@ -97,24 +105,33 @@ def _make_fn(variant, q, k, v, layout, comm, kv_dtype):
     return lambda: ring_attention(q, k, v, layout, variant=variant, comm=comm, kv_dtype=kv_dtype)
 
 
+def time_interleaved(fns, warmup, repeats) -> dict[str, list[float]]:
+    """Times of ``repeats`` calls of every fn (each the slowest rank's), after ``warmup`` rounds.
+
+    Calls are interleaved round by round (f1 f2 f3, f1 f2 f3, ...) so that drift in the
+    machine's speed affects all of them alike.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            time_on_all_ranks(fn)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(time_on_all_ranks(fn))
+    return times
+
+
 def bench_rank(seq_len, variants, heads, kv_heads, head_dim, dtype, warmup, repeats, kv_dtype):
     """Runs on every rank of the pool; returns one record per variant (rank 0's view).
 
-    Variants are interleaved round by round (v1 v2 v3, v1 v2 v3, ...) so that drift in the
-    machine's speed affects all of them alike.
+    Variants are interleaved (:func:`time_interleaved`).
     """
     n, rank = dist.get_world_size(), dist.get_rank()
     layout = ShardLayout([seq_len], n)
-    q, k, v = _inputs(seq_len, heads, kv_heads, head_dim, dtype, layout, rank)
+    q, k, v = sharded_inputs(seq_len, heads, kv_heads, head_dim, dtype, layout, rank)
     comms = {name: RingComm() for name in variants}
-    fns = {name: _make_fn(name, q, k, v, layout, comms[name], kv_dtype) for name in variants}
-    for _ in range(warmup):
-        for name in variants:
-            time_on_all_ranks(fns[name])
-    times = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name in variants:
-            times[name].append(time_on_all_ranks(fns[name]))
+    fns = {name: attention_fn(name, q, k, v, layout, comms[name], kv_dtype) for name in variants}
+    times = time_interleaved(fns, warmup, repeats)
     records = []
     for variant in variants:
         record = {

@@ -11,6 +11,10 @@ Example (the figures in docs/performance.md)::
 
     python tools/bench_model.py --presets tiny-llama small-llama --seq-lens 4096 16384 32768 \\
         --cp 2 --exchanges shm collective --json bench_out/model.json
+
+With ``--profile PATH`` (a profile of ``python -m cp_infer calibrate``) every record also gets
+the cost model's forecast, ``predicted_ttft_s`` and ``predicted_ttit_s``
+(:func:`cp_infer.costmodel.predict_benchmark`), printed beside the measured figures.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cp_infer.checkpoint import RandomSource, load_weights
 from cp_infer.collectives import EXCHANGES
+from cp_infer.costmodel import ClusterProfile, predict_benchmark
 from cp_infer.engine import SamplingConfig, generate
 from cp_infer.models import get_preset
 from cp_infer.parallel import parallelize
@@ -78,12 +83,27 @@ def bench_rank(preset, seq_len, variant, decode_tokens, repeats, exchange) -> di
 
 def _table(records) -> str:
     cols = ["preset", "seq_len", "cp", "exchange", "ttft_s", "ttit_ms", "prefill_eff"]
-    rows = [
-        [r["preset"], str(r["seq_len"]), str(r["cp"]), r["exchange"], f"{r['ttft_s']:.3f}",
-         f"{1000 * r['ttit_s']:.1f}", f"{r['efficiency']:.3f}"]
-        for r in records
-    ]  # fmt: skip
+    predicted = bool(records) and "predicted_ttft_s" in records[0]
+    if predicted:
+        cols[5:5] = ["predicted_ttft_s"]
+        cols[7:7] = ["predicted_ttit_ms"]
+    rows = []
+    for r in records:
+        row = [r["preset"], str(r["seq_len"]), str(r["cp"]), r["exchange"], f"{r['ttft_s']:.3f}",
+               f"{1000 * r['ttit_s']:.1f}", f"{r['efficiency']:.3f}"]  # fmt: skip
+        if predicted:
+            row[5:5] = [f"{r['predicted_ttft_s']:.3f}"]
+            row[7:7] = [f"{1000 * r['predicted_ttit_s']:.1f}"]
+        rows.append(row)
     return format_table(cols, rows)
+
+
+def _predict(rec: dict, profile: ClusterProfile) -> None:
+    """The cost model's TTFT and TTIT for this record (tp=1, fp32), beside the measured ones."""
+    forecast = predict_benchmark(
+        get_preset(rec["preset"]), profile, cp=rec["cp"], prompt_tokens=rec["seq_len"]
+    )
+    rec["predicted_ttft_s"], rec["predicted_ttit_s"] = forecast.ttft_s, forecast.ttit_s
 
 
 def main(argv=None) -> list[dict]:
@@ -99,8 +119,14 @@ def main(argv=None) -> list[dict]:
         help="decode transports to compare at CP > 1 (see tools/bench_collectives.py)",
     )  # fmt: skip
     p.add_argument("--json", type=Path)
+    p.add_argument(
+        "--profile", type=Path, metavar="PATH",
+        help="a `python -m cp_infer calibrate` profile: add the cost model's predicted TTFT/TTIT",
+    )  # fmt: skip
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # a bad profile fails before any benchmark runs
+    profile = ClusterProfile.from_calibration(args.profile) if args.profile else None
     records, baseline = [], {}
     for n in [1, *args.cp]:
         with DistributedPool(n, pg_timeout_s=1800) as pool:
@@ -115,6 +141,8 @@ def main(argv=None) -> list[dict]:
                         if n == 1:
                             baseline[(preset, s)] = rec["ttft_s"]
                         rec["efficiency"] = baseline[(preset, s)] / (n * rec["ttft_s"])
+                        if profile is not None:
+                            _predict(rec, profile)
                         records.append(rec)
                         logger.info(
                             "%s seq_len=%d cp=%d %s TTFT %.3fs TTIT %.1fms efficiency %.3f",

@@ -43,13 +43,13 @@ from cp_infer.reporting import format_table, write_json
 logger = logging.getLogger("bench_serve")
 
 
-def _start(args) -> tuple[subprocess.Popen, str]:
+def start_server(preset: str, cp: int, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
+    """``cp_infer serve`` under torchrun, one thread per rank; returns it and its URL once
+    /health answers."""
     port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.cp),
-           "--master-port", str(free_port()), "-m", "cp_infer", "serve", "--preset", args.preset,
-           "--cp", str(args.cp), "--port", str(port),
-           "--max-batch-size", str(args.max_batch_size),
-           "--max-cache-tokens", str(args.max_cache_tokens)]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cp),
+           "--master-port", str(free_port()), "-m", "cp_infer", "serve", "--preset", preset,
+           "--cp", str(cp), "--port", str(port), *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
@@ -65,6 +65,12 @@ def _start(args) -> tuple[subprocess.Popen, str]:
             time.sleep(0.5)
     proc.kill()
     raise RuntimeError("the server did not come up in 300 s")
+
+
+def stop_server(proc: subprocess.Popen | None) -> None:
+    if proc is not None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
 
 
 async def _turn(client, url, tokens, max_tokens) -> dict:
@@ -103,7 +109,7 @@ async def _client(i, url, args, results) -> None:
             history = history + r["tokens"] + fresh(args.turn_len)
 
 
-def _pct(xs, q) -> float:
+def percentile(xs, q) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
@@ -128,7 +134,9 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    proc, url = (None, args.url) if args.url else _start(args)
+    extra = ["--max-batch-size", str(args.max_batch_size),
+             "--max-cache-tokens", str(args.max_cache_tokens)]  # fmt: skip
+    proc, url = (None, args.url) if args.url else start_server(args.preset, args.cp, extra)
     try:
         results: list[dict] = []
         t0 = time.perf_counter()
@@ -139,9 +147,7 @@ def main(argv=None) -> dict:
         asyncio.run(run_all())
         wall = time.perf_counter() - t0
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+        stop_server(proc)
     ttft = [r["ttft_s"] for r in results]
     gaps = [g for r in results for g in r["gaps_s"]]
     prompt = sum(r["usage"]["prompt_tokens"] for r in results)
@@ -153,9 +159,9 @@ def main(argv=None) -> dict:
         "max_cache_tokens": args.max_cache_tokens,
         "requests": len(results), "wall_s": wall, "generated_tokens": generated,
         "throughput_tok_s": generated / wall, "cache_hit_rate": cached / prompt,
-        "ttft_p50_s": statistics.median(ttft), "ttft_p90_s": _pct(ttft, 0.9),
-        "ttft_p99_s": _pct(ttft, 0.99), "ttit_p50_s": statistics.median(gaps) if gaps else None,
-        "ttit_p90_s": _pct(gaps, 0.9), "ttit_p99_s": _pct(gaps, 0.99),
+        "ttft_p50_s": statistics.median(ttft), "ttft_p90_s": percentile(ttft, 0.9),
+        "ttft_p99_s": percentile(ttft, 0.99), "ttit_p50_s": statistics.median(gaps) if gaps else None,
+        "ttit_p90_s": percentile(gaps, 0.9), "ttit_p99_s": percentile(gaps, 0.99),
     }  # fmt: skip
     cols = ["preset", "cp", "clients", "requests", "tok/s", "hit rate", "TTFT p50/p90/p99 (ms)",
             "TTIT p50/p90/p99 (ms)"]  # fmt: skip

@@ -8,6 +8,8 @@ element, C FLOP/s and BW bytes/s per rank):
 - Eq. 3: pass-Q's SendRecv hides when T+P >= N*e*C / (4*BW).
 - Alg. 1: pass-KV if Eq. 2 holds or the miss rate is above the Eq. 1 threshold, else pass-Q.
   Appendix C charges pass-Q's All2All too, lowering the threshold by 4*T*BW / (N*C*e).
+- :func:`crossover_miss_rate` solves Alg. 1 for the miss rate at a given T+P: the predicted
+  pass-KV / pass-Q crossover (``python -m cp_infer plan`` prints it).
 
 Under TP every rank holds NH/tp query heads and max(1, NKV/tp) KV heads: when tp > NKV the KV
 heads are replicated, and the KV a rank sends is that of max(NKV, tp)/tp heads. The formulas
@@ -27,7 +29,9 @@ import torch
 __all__ = [
     "HARDWARE",
     "Hardware",
+    "all2all_correction_per_token",
     "choose_variant",
+    "crossover_miss_rate",
     "hardware_for",
     "miss_rate_threshold",
     "pass_kv_hidden_min_tokens",
@@ -95,6 +99,50 @@ def pass_q_hidden_min_context(cp: int, e: int, hw: Hardware) -> float:
     return cp * e * hw.flops / (4 * hw.bandwidth)
 
 
+def all2all_correction_per_token(cp: int, e: int, hw: Hardware) -> float:
+    """Appendix C: pass-Q's All2All lowers the Eq. 1 threshold by this much per new token."""
+    return 4 * hw.bandwidth / (cp * hw.flops * e)
+
+
+def _sent_kv_heads(n_kv_heads: int, tp: int) -> int:
+    # as sent: with tp > n_kv_heads the replicated KV heads travel with every rank
+    return max(n_kv_heads, tp)
+
+
+def crossover_miss_rate(
+    context: int,
+    *,
+    cp: int,
+    n_heads: int,
+    n_kv_heads: int,
+    bytes_per_element: int,
+    hardware: Hardware,
+    tp: int = 1,
+    all2all_correction: bool = True,
+) -> float:
+    """Alg. 1 solved for the miss rate: below it, a prefill of ``context`` = T+P tokens goes
+    pass-Q; at or above it, pass-KV (:func:`choose_variant` agrees on both sides).
+
+    With X = T+P and miss rate m = T/X, Alg. 1 keeps pass-Q while both m*X < Eq. 2's token
+    count and m < Eq. 1's threshold less appendix C's m*X*k (k from
+    :func:`all2all_correction_per_token`), i.e. m < threshold / (1 + X*k). The crossover is the
+    smaller of the two bounds, capped at 1.0 (pass-Q at every miss rate); it never grows with
+    the context. 0.0 at ``cp == 1``: without a ring Alg. 1 always answers pass-KV.
+
+    Args: as :func:`choose_variant`, with ``context`` for T+P.
+    """
+    if context < 1:
+        raise ValueError(f"need context >= 1, got {context}")
+    if cp == 1:
+        return 0.0
+    e, n_kv_heads = bytes_per_element, _sent_kv_heads(n_kv_heads, tp)
+    hidden = pass_kv_hidden_min_tokens(cp, n_heads, n_kv_heads, e, hardware) / context
+    fewer_bytes = miss_rate_threshold(n_heads, n_kv_heads)
+    if all2all_correction:
+        fewer_bytes /= 1 + context * all2all_correction_per_token(cp, e, hardware)
+    return min(1.0, hidden, fewer_bytes)
+
+
 def hardware_for(device: torch.device | str) -> Hardware:
     """The built-in profile for a device: the paper's H100 over RDMA for CUDA, else this CPU."""
     return HARDWARE["h100-rdma" if torch.device(device).type == "cuda" else "cpu-gloo"]
@@ -131,10 +179,10 @@ def choose_variant(
     if cp == 1:
         return "pass-kv"  # no ring: both are local attention
     t, p, e = new_tokens, cached_tokens, bytes_per_element
-    n_kv_heads = max(n_kv_heads, tp)  # as sent: replicated KV heads travel with every rank
+    n_kv_heads = _sent_kv_heads(n_kv_heads, tp)
     if t >= pass_kv_hidden_min_tokens(cp, n_heads, n_kv_heads, e, hardware):
         return "pass-kv"
     threshold = miss_rate_threshold(n_heads, n_kv_heads)
     if all2all_correction:
-        threshold -= 4 * t * hardware.bandwidth / (cp * hardware.flops * e)
+        threshold -= t * all2all_correction_per_token(cp, e, hardware)
     return "pass-kv" if t / (t + p) >= threshold else "pass-q"

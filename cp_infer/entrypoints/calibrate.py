@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cp_infer.entrypoints.launch import HelpFormatter
+from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments
 from cp_infer.reporting import format_table, write_json
 
 __all__ = ["add_parser", "run"]
@@ -16,9 +16,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "calibrate", help="measure attention/GEMM FLOP/s and ring speeds into a profile",
         description=(
             "Measure this machine as the engine runs on it (gloo ranks, one thread each): "
-            "attention and GEMM FLOP/s, ring bandwidth and latency, All2All. The profile is "
-            "what --hardware PATH takes (Alg. 1's C and BW).\n\n"
-            "  python -m cp_infer calibrate --output profile.json"
+            "attention and GEMM FLOP/s, ring bandwidth and latency, All2All, memory bandwidth. "
+            "The profile is what --hardware PATH takes: generate's Alg. 1 (C and BW) and plan's "
+            "cost model (TTFT / TTIT of this machine).\n\n"
+            "  python -m cp_infer calibrate --output profile.json\n"
+            "  python -m cp_infer plan --preset small-llama --hardware profile.json "
+            "--context 16384 --cp 1,2"
         ),
         formatter_class=HelpFormatter,
     )  # fmt: skip
@@ -26,7 +29,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--world", type=int, default=2, help="ranks (on this host)")
     g.add_argument("--tokens", type=int, default=4096, help="tokens per rank in the kernels")
     g.add_argument("--message-mib", type=float, default=16.0, help="size of the large message")
+    g.add_argument("--memory-mib", type=float, default=256.0,
+                   help="size of the tensor read to measure memory bandwidth")  # fmt: skip
     g.add_argument("--repeats", type=int, default=3, help="best of this many")
+    add_common_arguments(g)
     g.set_defaults(run=run)
     return g
 
@@ -35,11 +41,17 @@ def run(args, argv: list[str]) -> int:
     from cp_infer.calibrate import measure_rank
     from cp_infer.testing import DistributedPool
 
-    if args.world < 2 or args.tokens < 1 or args.repeats < 1 or args.message_mib <= 0:
-        raise ValueError("--world must be >= 2 (a ring), --tokens, --repeats, --message-mib > 0")
+    if (args.world < 2 or args.tokens < 1 or args.repeats < 1 or args.message_mib <= 0
+            or args.memory_mib <= 0):  # fmt: skip
+        raise ValueError(
+            "--world must be >= 2 (a ring), --tokens, --repeats, --message-mib, --memory-mib > 0"
+        )
     nbytes = int(args.message_mib * 2**20) // (4 * args.world) * 4 * args.world
+    read_bytes = max(4, int(args.memory_mib * 2**20) // 4 * 4)
     with DistributedPool(args.world, pg_timeout_s=600) as pool:
-        profile = pool.run(measure_rank, args.tokens, nbytes, args.repeats, timeout_s=1200)[0]
+        profile = pool.run(
+            measure_rank, args.tokens, nbytes, args.repeats, read_bytes, timeout_s=1200
+        )[0]
     rows = [[k, f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in profile.items()]
     print(format_table(["measure", "value"], rows))
     write_json(args.output, profile)

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from cp_infer.entrypoints.launch import HelpFormatter
+from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments
 from cp_infer.models.config import PRESETS, get_preset
 from cp_infer.planner import KV_DTYPES, parse_bytes, plan_memory
 from cp_infer.quant import FP8_LAYERS
@@ -51,6 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="KV cache dtype")  # fmt: skip
     g.add_argument("--device-memory", default="80GiB", help="bytes per rank (e.g. 80GiB)")
     g.add_argument("--json", type=Path, metavar="PATH", help="also write the plan as JSON")
+    add_common_arguments(g)
     g.set_defaults(run=run)
     return g
 

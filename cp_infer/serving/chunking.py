@@ -5,25 +5,28 @@ chunk of the waiting ones. A running request's time between tokens (TBT) is ther
 iteration: its decode step plus the chunk. With a target ``--tbt-slo-ms``, the chunk is the
 largest that keeps the predicted iteration under it:
 
-    decode_s + scale * prefill_s(chunk, cached) <= slo
+    decode_s + overhead_s + scale * prefill_s(chunk, cached) <= slo
 
 - ``prefill_s`` comes from the calibrated profile (``python -m cp_infer calibrate``): the GEMMs
   of a new token, ``2 * weights / (cp * tp)`` FLOPs at the profile's GEMM FLOP/s, and attention
   over what is cached and the chunk itself, ``4 * H * D * (cached + chunk / 2)`` FLOPs per new
   token and layer at its attention FLOP/s (:class:`StepCosts`).
-- ``decode_s`` (the running decodes' step) and ``scale`` (measured / predicted prefill time, for
-  what FLOPs do not count: norms, RoPE, the ring, Python) are moving averages that rank 0
-  measures (:class:`Estimates`). They reach every rank with the iteration's orders, so every rank
-  picks the same chunk from the same numbers (:func:`choose_chunk`).
+- ``decode_s`` (the running decodes' step, a moving average) and ``overhead_s`` + ``scale`` (a
+  least-squares line from predicted to measured prefill steps, for what FLOPs do not count: a
+  step's fixed cost, norms, RoPE, the ring, Python) are what rank 0 measures
+  (:class:`Estimates`). They reach every rank with the iteration's orders, so every rank picks
+  the same chunk from the same numbers (:func:`choose_chunk`).
+- Until the line is known over a range, a chunk is at most twice the largest one measured
+  (a slow start from :data:`MIN_CHUNK`): a first guess from FLOPs alone can be far off.
 
 Without running decodes there is no TBT to keep: the waiting prompts prefill whole.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cp_infer.attention.selector import Hardware
@@ -67,13 +70,11 @@ class StepCosts:
         """From ``--hardware``: a calibrated JSON profile (its GEMM and attention FLOP/s), a
         built-in :class:`Hardware` (its one FLOP/s for both), or None (this CPU's default)."""
         if isinstance(spec, (str, Path)) and Path(spec).is_file():
-            try:
-                profile = json.loads(Path(spec).read_text())
-                gemm, attn = float(profile["gemm_flops"]), float(profile["attention_flops"])
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise ValueError(
-                    f"--hardware {spec}: not a profile from `python -m cp_infer calibrate` ({e})"
-                ) from None
+            from cp_infer.costmodel import ClusterProfile
+
+            prof = ClusterProfile.from_calibration(spec)
+            gemm = prof.peak_flops * prof.gemm_utilization
+            attn = prof.peak_flops * prof.attention_utilization
         else:
             hw = spec if isinstance(spec, Hardware) else None
             if hw is None:
@@ -98,12 +99,15 @@ class Estimates:
 
     Attributes:
         decode_s: moving average of the decode step (None before the first one).
-        scale: moving average of measured / predicted prefill time (None: not yet measured,
-            the prediction is taken as it is).
+        overhead_s, scale: measured prefill step ~= ``overhead_s + scale * predicted`` (None:
+            not yet measured, the prediction is taken as it is).
+        largest: the largest prefill step measured (tokens); chunks grow to twice it at most.
     """
 
     decode_s: float | None = None
+    overhead_s: float = 0.0
     scale: float | None = None
+    largest: int = 0
 
 
 def choose_chunk(
@@ -123,7 +127,7 @@ def choose_chunk(
     decode = est.decode_s if est.decode_s is not None else costs.decode_s(
         decode_batch, decode_context
     )  # fmt: skip
-    room = (slo_s - decode) / (est.scale or 1.0)
+    room = (slo_s - decode - est.overhead_s) / (est.scale or 1.0)
 
     def fits(c: int) -> bool:
         return costs.prefill_s(c, cached) <= room
@@ -131,7 +135,7 @@ def choose_chunk(
     lo = min(min_chunk, left)
     if not fits(lo):
         return lo
-    hi = left
+    hi = min(left, max(2 * est.largest, min_chunk))
     while lo < hi:  # the largest c with fits(c): prefill_s grows with c
         mid = (lo + hi + 1) // 2
         if fits(mid):
@@ -142,28 +146,44 @@ def choose_chunk(
 
 
 class ChunkTimer:
-    """Rank 0's moving averages of step times (:class:`Estimates`), from what it measures.
+    """Rank 0's estimates (:class:`Estimates`), from the step times it measures.
 
     Args:
-        costs: the predicted costs that measured prefill times are compared with.
-        alpha: weight of the newest measurement.
+        costs: the predicted costs that measured prefill times are fitted to.
+        alpha: weight of the newest decode step in its moving average.
+        window: prefill steps the line is fitted over.
     """
 
-    def __init__(self, costs: StepCosts, alpha: float = 0.3) -> None:
+    def __init__(self, costs: StepCosts, alpha: float = 0.3, window: int = 32) -> None:
         self.costs, self.alpha = costs, alpha
         self.estimates = Estimates()
-
-    def _mix(self, old: float | None, new: float) -> float:
-        return new if old is None else (1 - self.alpha) * old + self.alpha * new
+        self._points: deque[tuple[float, float]] = deque(maxlen=window)
 
     def decode(self, seconds: float) -> None:
-        e = self.estimates
-        self.estimates = Estimates(decode_s=self._mix(e.decode_s, seconds), scale=e.scale)
+        old = self.estimates.decode_s
+        mixed = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+        self.estimates = replace(self.estimates, decode_s=mixed)
 
     def prefill(self, seconds: float, new: int, cached: int) -> None:
         predicted = self.costs.prefill_s(new, cached)
         if predicted <= 0:
             return
-        e = self.estimates
-        ratio = seconds / predicted
-        self.estimates = Estimates(decode_s=e.decode_s, scale=self._mix(e.scale, ratio))
+        self._points.append((predicted, seconds))
+        overhead, scale = _fit(self._points)
+        largest = max(self.estimates.largest, new)
+        self.estimates = replace(self.estimates, overhead_s=overhead, scale=scale, largest=largest)
+
+
+def _fit(points) -> tuple[float, float]:
+    """measured ~= a + b * predicted by least squares, with a >= 0 and b > 0."""
+    n = len(points)
+    mp = sum(p for p, _ in points) / n
+    mm = sum(m for _, m in points) / n
+    var = sum((p - mp) ** 2 for p, _ in points)
+    if n >= 3 and var > 0:
+        b = sum((p - mp) * (m - mm) for p, m in points) / var
+        a = mm - b * mp
+        if b > 0 and a >= 0:
+            return a, b
+    # too few or too alike points, or a line through negative values: through the origin
+    return 0.0, sum(p * m for p, m in points) / sum(p * p for p, _ in points)

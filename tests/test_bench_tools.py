@@ -1,0 +1,80 @@
+"""The benchmarks at a tiny size: bench_peers' approaches run, are exact and are counted, and
+bench_attention (whose pieces bench_peers reuses) still runs.
+
+Each tool runs in this process through ``main(argv)``; their worker pools are spawned as in a real
+run (tools/ is on sys.path so the workers can import them).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import sys
+
+import pytest
+import torch
+
+from tests.cli_runner import REPO
+
+sys.path.insert(0, str(REPO / "tools"))
+bench_peers = importlib.import_module("bench_peers")
+
+TINY = ["--seq-lens", "256", "--world", "2", "--heads", "4", "--head-dim", "32",
+        "--repeats", "1", "--warmup", "0"]  # fmt: skip
+
+
+@pytest.mark.timeout(120)
+def test_bench_peers_all_approaches_exact(tmp_path):
+    out = tmp_path / "peers.json"
+    assert bench_peers.main([*TINY, "--kv-heads", "2", "--json", str(out)]) == 0
+    records = {r["approach"]: r for r in json.loads(out.read_text())}
+    assert set(records) == {"local", *bench_peers.APPROACHES}
+    for name in bench_peers.APPROACHES:
+        r = records[name]
+        assert (r["seq_len"], r["world"], r["heads"], r["kv_heads"]) == (256, 2, 4, 2)
+        assert r["max_abs_err"] < 1e-5, (name, r["max_abs_err"])
+        assert r["bytes_sent_per_rank"] > 0
+        assert 0 < r["best_s"] <= r["median_s"] and r["efficiency"] > 0
+    # one rank's K/V shard (2 KV heads x 128 tokens x 32 x 4 bytes, K and V) to the other rank
+    kv_shard = 2 * 2 * 128 * 32 * 4
+    for name in ("pass-kv", "torch-ring", "allgather-kv"):
+        assert records[name]["bytes_sent_per_rank"] == kv_shard
+    # half of Q, K, V forth and of the output back
+    assert records["ulysses"]["bytes_sent_per_rank"] == (2 * 4 * 128 * 32 * 4 + kv_shard) // 2
+
+
+@pytest.mark.timeout(120)
+def test_bench_peers_skips_ulysses_and_fails_when_inexact(tmp_path, caplog):
+    out = tmp_path / "peers.json"
+    argv = [*TINY, "--kv-heads", "1", "--approaches", "pass-kv", "ulysses", "--json", str(out)]
+    with caplog.at_level(logging.INFO, logger="bench_peers"):
+        # an impossible bound: the run itself is fine, the check must fail it
+        assert bench_peers.main([*argv, "--atol", "-1"]) == 1
+    assert any("skipping ulysses" in m for m in caplog.messages)
+    assert any("pass-kv at seq_len=256 is not exact" in m for m in caplog.messages)
+    assert not any("ulysses at" in m for m in caplog.messages)
+    assert not out.exists()
+
+
+def test_sequence_order_round_trip():
+    n, c = 3, 2
+    ranks = [torch.tensor([[[float(r * 10 + i)] for i in range(2 * c)]]) for r in range(n)]
+    x = torch.stack(ranks)  # (N, 1, 2c, 1): rank r holds chunks r and 2N-1-r
+    seq = bench_peers.to_sequence_order(x, n)
+    # chunks 0..5 of 2 tokens: ranks 0 1 2 (first halves), then 2 1 0 (second halves)
+    assert seq.flatten().tolist() == [0, 1, 10, 11, 20, 21, 22, 23, 12, 13, 2, 3]
+    assert torch.equal(bench_peers.to_rank_order(seq, n), x)
+
+
+@pytest.mark.timeout(120)
+def test_bench_attention_runs(tmp_path):
+    """bench_peers reuses bench_attention's inputs, kernels and timing: it must still run."""
+    bench_attention = importlib.import_module("bench_attention")
+    out = tmp_path / "attention.json"
+    records = bench_attention.main(
+        ["--seq-lens", "256", "--cp", "2", "--heads", "4", "--kv-heads", "2", "--head-dim", "32",
+         "--repeats", "1", "--warmup", "0", "--json", str(out)]
+    )  # fmt: skip
+    assert [r["variant"] for r in records] == ["local", "pass-kv", "pass-q", "torch-ring"]
+    assert json.loads(out.read_text()) == records
