@@ -4,6 +4,8 @@ the request's answer alone (cp1, cp2, pp2). The chunk is the largest the TBT tar
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -125,6 +127,16 @@ def test_the_timer_learns_the_decode_step_and_the_prefill_scale():
     assert timer.estimates.overhead_s == pytest.approx(0.005)
     assert timer.estimates.scale == pytest.approx(1.5)
     assert timer.estimates.largest == 300
+    # iterations overrunning their prediction: the target keeps clear of the 95th percentile
+    for over in [0.001] * 19 + [0.02]:
+        timer.iteration(0.05 + over, 0.05)
+    assert timer.estimates.margin_s == pytest.approx(0.02)
+    costs = timer.costs
+    est = replace(timer.estimates, decode_s=0.01)
+    kw = dict(cached=0, decode_batch=1, decode_context=100)
+    c = choose_chunk(0.1, costs, est, left=10_000, **kw)
+    assert est.iteration_s(costs, new=c, **kw) + 0.02 <= 0.1
+    assert choose_chunk(0.1, costs, replace(est, margin_s=0.0), left=10_000, **kw) > c
 
 
 def test_costs_come_from_a_calibrated_profile(tmp_path):

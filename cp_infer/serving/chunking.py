@@ -102,12 +102,24 @@ class Estimates:
         overhead_s, scale: measured prefill step ~= ``overhead_s + scale * predicted`` (None:
             not yet measured, the prediction is taken as it is).
         largest: the largest prefill step measured (tokens); chunks grow to twice it at most.
+        margin_s: how much mixed iterations overran their prediction, at the 95th
+            percentile of the recent ones (the jitter the target keeps clear of).
     """
 
     decode_s: float | None = None
     overhead_s: float = 0.0
     scale: float | None = None
     largest: int = 0
+    margin_s: float = 0.0
+
+    def iteration_s(
+        self, costs: StepCosts, *, new: int, cached: int, decode_batch: int, decode_context: int
+    ) -> float:
+        """Predicted mixed iteration: the decode step, then a prefill of ``new`` tokens."""
+        decode = self.decode_s
+        if decode is None:
+            decode = costs.decode_s(decode_batch, decode_context)
+        return decode + self.overhead_s + (self.scale or 1.0) * costs.prefill_s(new, cached)
 
 
 def choose_chunk(
@@ -124,13 +136,11 @@ def choose_chunk(
         decode_batch, decode_context: the running decodes (their predicted step, until one
             was measured).
     """
-    decode = est.decode_s if est.decode_s is not None else costs.decode_s(
-        decode_batch, decode_context
-    )  # fmt: skip
-    room = (slo_s - decode - est.overhead_s) / (est.scale or 1.0)
 
     def fits(c: int) -> bool:
-        return costs.prefill_s(c, cached) <= room
+        predicted = est.iteration_s(costs, new=c, cached=cached, decode_batch=decode_batch,
+                                    decode_context=decode_context)  # fmt: skip
+        return predicted + est.margin_s <= slo_s
 
     lo = min(min_chunk, left)
     if not fits(lo):
@@ -158,6 +168,15 @@ class ChunkTimer:
         self.costs, self.alpha = costs, alpha
         self.estimates = Estimates()
         self._points: deque[tuple[float, float]] = deque(maxlen=window)
+        self._overruns: deque[float] = deque(maxlen=2 * window)
+
+    def iteration(self, seconds: float, predicted: float) -> None:
+        """A mixed iteration took ``seconds`` against ``predicted`` (what its chunk was sized
+        from): the margin is the 95th percentile of the recent overruns, at least 0."""
+        self._overruns.append(seconds - predicted)
+        ranked = sorted(self._overruns)
+        tail = ranked[min(len(ranked) - 1, int(0.95 * len(ranked)))]
+        self.estimates = replace(self.estimates, margin_s=max(tail, 0.0))
 
     def decode(self, seconds: float) -> None:
         old = self.estimates.decode_s

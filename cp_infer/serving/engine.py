@@ -170,6 +170,7 @@ class ServeEngine:
             device=runner.device,
         )  # fmt: skip
         self.live: dict[int, _Live] = {}  # by sequence, in order of admission
+        self._mixed: tuple[float, float] | None = None  # the last mixed iteration's start, sizing
         self._next_seq = 0
 
     @property
@@ -252,12 +253,19 @@ class ServeEngine:
         self._retire(done)  # cancelled ones leave before they cost a step
         for _ in range(SPAN):
             if not self.live:
+                self._mixed = None
                 return
-            self._iteration(est, emit)
+            t0 = time.perf_counter()
+            if self._mixed is not None:  # how far off the last mixed iteration's sizing was,
+                start, predicted = self._mixed  # start to start: what the decodes' TBT is
+                self.timer.iteration(t0 - start, predicted)
+            predicted = self._iteration(est, emit)
+            self._mixed = None if predicted is None else (t0, predicted)
             self._retire(done)
 
-    def _iteration(self, est: Estimates, emit) -> None:
-        """One decode step of the running requests, then one prefill step of waiting ones."""
+    def _iteration(self, est: Estimates, emit) -> float | None:
+        """One decode step of the running requests, then one prefill step of waiting ones.
+        Returns the predicted time of a mixed iteration whose chunk the target sized."""
         runner, sched = self.runner, self.sched
         decoding = sched.decoding
         if decoding:
@@ -268,7 +276,7 @@ class ServeEngine:
             self.timer.decode(time.perf_counter() - t0)
         pending = [s for s in sched.seqs if s.prefilled < len(s.new) and not s.done]
         if not pending:
-            return
+            return None
         take = self._take(pending, est, decoding)
         batch = sched.prefill_batch(
             lambda new, cached: runner.resolve_variant("auto", new, cached), take=take
@@ -284,6 +292,10 @@ class ServeEngine:
         rows = [row for _, row in sched.prefilled(batch)]
         self._sample(batch, logits, rows, emit)
         self.timer.prefill(time.perf_counter() - t0, batch.n_tokens, batch.n_cached)
+        if self.tbt_slo_s is None or not decoding:
+            return None
+        return est.iteration_s(self.costs, new=batch.n_tokens, cached=batch.n_cached,
+                               **_decode_load(decoding))  # fmt: skip
 
     def _take(self, pending, est: Estimates, decoding) -> dict[int, int]:
         """Tokens each waiting prompt prefills this iteration, first come first served."""
@@ -292,9 +304,7 @@ class ServeEngine:
             head = pending[0]
             budget = choose_chunk(
                 self.tbt_slo_s, self.costs, est, cached=head.cached + head.prefilled,
-                left=sum(len(s.new) - s.prefilled for s in pending),
-                decode_batch=len(decoding),
-                decode_context=sum(len(s.history) + len(s.prompt) + len(s.out) for s in decoding),
+                left=sum(len(s.new) - s.prefilled for s in pending), **_decode_load(decoding),
             )  # fmt: skip
         take: dict[int, int] = {}
         for s in pending:
@@ -361,6 +371,14 @@ class ServeEngine:
             )  # fmt: skip
         if done is not None and finished:
             done([x.request for x in finished], {x.request.rid: x.outcome for x in finished})
+
+
+def _decode_load(decoding: Sequence[SequenceState]) -> dict[str, int]:
+    """The running decodes, as the chunk sizing weighs them."""
+    return {
+        "decode_batch": len(decoding),
+        "decode_context": sum(len(s.history) + len(s.prompt) + len(s.out) for s in decoding),
+    }
 
 
 class ServeLoop:
