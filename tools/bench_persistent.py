@@ -5,8 +5,10 @@ A new turn of T tokens is prefilled over P cached tokens (spread over the CP ran
 load-balanced prefill leaves them), at a fixed context T + P and a range of miss rates T/(T+P).
 Both ring variants run on the same inputs, interleaved run by run, and the table shows which was
 faster next to the choice of the paper's Alg. 1 (``cp_infer.attention.selector``, with the
-``cpu-gloo`` hardware figures), so the selector can be checked, and its figures tuned, against
-this machine.
+``--hardware`` figures: ``cpu-gloo`` or a profile from ``python -m cp_infer calibrate``), so the
+selector can be checked, and its figures tuned, against this machine. The last lines give the
+measured crossover (the miss rates between which pass-Q stops being faster) beside the one Alg. 1
+predicts from the same figures (:func:`~cp_infer.attention.selector.crossover_miss_rate`).
 
 The cached tokens sit in a :class:`~cp_infer.engine.KVCache`, and the rings read them there, as
 the engine does. ``repack`` times what the cache used to add to every layer of every turn
@@ -16,7 +18,7 @@ the faster ring is the saving.
 Example (the figures in docs/performance.md)::
 
     python tools/bench_persistent.py --context 16384 --miss-rates 1 0.5 0.125 0.03 0.01 \\
-        --json bench_out/persistent.json
+        --hardware bench_out/profile.json --json bench_out/persistent.json
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cp_infer.attention import ring_attention
-from cp_infer.attention.selector import HARDWARE, choose_variant
+from cp_infer.attention.selector import HARDWARE, choose_variant, crossover_miss_rate
 from cp_infer.engine.kv_cache import KVCache, StorePlan
+from cp_infer.entrypoints.generate import hardware_profile
 from cp_infer.reporting import format_table, time_on_all_ranks, write_json
 from cp_infer.sharding import ShardLayout, shard
 from cp_infer.testing import DistributedPool
@@ -56,7 +59,7 @@ def _cache_with(cached, n, rank, kv_heads, head_dim, g) -> tuple[KVCache, tuple]
     return cache, lens
 
 
-def bench_rank(new, cached, heads, kv_heads, head_dim, warmup, repeats) -> list[dict]:
+def bench_rank(new, cached, heads, kv_heads, head_dim, warmup, repeats, hardware) -> list[dict]:
     n, rank = dist.get_world_size(), dist.get_rank()
     g = torch.Generator().manual_seed(0)
     layout = ShardLayout([new], n)
@@ -92,7 +95,7 @@ def bench_rank(new, cached, heads, kv_heads, head_dim, warmup, repeats) -> list[
             times[name].append(time_on_all_ranks(fn))
     choice = choose_variant(
         new, cached, cp=n, n_heads=heads, n_kv_heads=kv_heads, bytes_per_element=4,
-        hardware=HARDWARE["cpu-gloo"],
+        hardware=hardware,
     )  # fmt: skip
     return [
         {
@@ -119,8 +122,11 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--hardware", default="cpu-gloo", metavar="NAME|PATH",
+                   help="Alg. 1's figures: a built-in profile or a calibrated JSON")  # fmt: skip
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    hardware = hardware_profile(args.hardware) or HARDWARE["cpu-gloo"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     records = []
     with DistributedPool(args.cp, pg_timeout_s=1800) as pool:
@@ -128,7 +134,7 @@ def main(argv=None) -> list[dict]:
             new = max(1, round(args.context * miss))
             recs = pool.run(
                 bench_rank, new, args.context - new, args.heads, args.kv_heads, args.head_dim,
-                args.warmup, args.repeats, timeout_s=3600,
+                args.warmup, args.repeats, hardware, timeout_s=3600,
             )[0]  # fmt: skip
             records.extend(recs)
             t = {r["variant"]: r["time_s"] for r in recs}
@@ -147,9 +153,31 @@ def main(argv=None) -> list[dict]:
     cols = ["miss_rate", "new", "cached", "pass_kv_s", "pass_q_s", "faster", "alg1",
             "repack_s", "repack_vs_fastest"]  # fmt: skip
     print(format_table(cols, rows))
+    measured = measured_crossover(records)
+    predicted = crossover_miss_rate(
+        args.context, cp=args.cp, n_heads=args.heads, n_kv_heads=args.kv_heads,
+        bytes_per_element=4, hardware=hardware,
+    )  # fmt: skip
+    print(f"measured crossover: pass-Q faster below a miss rate in {measured}")
+    print(f"Alg. 1 with --hardware {args.hardware}: pass-Q below {predicted:.4f}")
     if args.json:
         write_json(args.json, records)
     return records
+
+
+def measured_crossover(records) -> str:
+    """Between which tested miss rates pass-Q stops being the faster ring ("(lo, hi]")."""
+    by_miss = {}
+    for r in records:
+        if r["variant"] in VARIANTS:
+            by_miss.setdefault(r["miss_rate"], {})[r["variant"]] = r["time_s"]
+    rates = sorted(by_miss)
+    q_faster = [m for m in rates if by_miss[m]["pass-q"] < by_miss[m]["pass-kv"]]
+    kv_faster = [m for m in rates if m not in q_faster]
+    lo = max(q_faster) if q_faster else 0.0
+    above = [m for m in kv_faster if m > lo]
+    hi = min(above) if above else 1.0
+    return f"({lo:.4f}, {hi:.4f}]"
 
 
 if __name__ == "__main__":

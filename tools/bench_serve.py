@@ -43,16 +43,19 @@ from cp_infer.reporting import format_table, write_json
 logger = logging.getLogger("bench_serve")
 
 
-def start_server(preset: str, cp: int, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
+def start_server(
+    preset: str, cp: int, extra: list[str] = (), log: Path | None = None
+) -> tuple[subprocess.Popen, str]:
     """``cp_infer serve`` under torchrun, one thread per rank; returns it and its URL once
-    /health answers."""
+    /health answers. ``log``: where its output goes (default: nowhere)."""
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cp),
            "--master-port", str(free_port()), "-m", "cp_infer", "serve", "--preset", preset,
            "--cp", str(cp), "--port", str(port), *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    out = subprocess.DEVNULL if log is None else open(log, "w")  # noqa: SIM115 (the child's)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=out,
+                            stderr=subprocess.STDOUT if log else out)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

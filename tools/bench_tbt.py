@@ -27,8 +27,10 @@ import itertools
 import json
 import logging
 import random
+import re
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -94,11 +96,14 @@ def _run_mode(mode: str, args) -> dict:
         extra += ["--hardware", str(args.hardware)]
     if mode == "adaptive":
         extra += ["--tbt-slo-ms", str(args.slo_ms)]
-    proc, url = start_server(args.preset, args.cp, extra)
-    try:
-        out = asyncio.run(_scenario(url, args))
-    finally:
-        stop_server(proc)
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "server.log"
+        proc, url = start_server(args.preset, args.cp, extra, log=log)
+        try:
+            out = asyncio.run(_scenario(url, args))
+        finally:
+            stop_server(proc)
+        chunks = _long_chunks(log.read_text(), args.long_len)
     gaps, slo = out["gaps_s"], args.slo_ms / 1000
     return {
         "mode": mode, "preset": args.preset, "cp": args.cp, "clients": args.clients,
@@ -106,7 +111,21 @@ def _run_mode(mode: str, args) -> dict:
         "gaps": len(gaps), "tbt_p50_ms": 1000 * statistics.median(gaps),
         "tbt_p99_ms": 1000 * percentile(gaps, 0.99), "tbt_max_ms": 1000 * max(gaps),
         "within_slo": sum(g <= slo for g in gaps) / len(gaps), "long_ttft_s": out["long_ttft_s"],
+        "chunks": chunks,
     }  # fmt: skip
+
+
+def _long_chunks(log: str, long_len: int) -> list[int]:
+    """The long prompt's prefill steps, from the server's log (rank 0's "prefill of N new
+    tokens" lines: the last ones, which add up to it)."""
+    steps = [int(m) for m in re.findall(r"\[rank 0/\d+\].*prefill of (\d+) new tokens", log)]
+    chunks, total = [], 0
+    for n in reversed(steps):
+        if total >= long_len:
+            break
+        chunks.append(n)
+        total += n
+    return chunks[::-1] if total == long_len else []
 
 
 def main(argv=None) -> list[dict]:
@@ -135,10 +154,13 @@ def main(argv=None) -> list[dict]:
         logger.info("mode %s", mode)
         records.append(_run_mode(mode, args))
     cols = ["mode", "target ms", "gaps", "TBT p50 ms", "TBT p99 ms", "TBT max ms", "within",
-            "long TTFT s"]  # fmt: skip
+            "long TTFT s", "chunks", "chunk min/median/max"]  # fmt: skip
     rows = [[r["mode"], f"{r['slo_ms']:.0f}" if r["mode"] == "adaptive" else "-", str(r["gaps"]),
              f"{r['tbt_p50_ms']:.1f}", f"{r['tbt_p99_ms']:.1f}", f"{r['tbt_max_ms']:.1f}",
-             f"{r['within_slo']:.2f}", f"{r['long_ttft_s']:.2f}"] for r in records]  # fmt: skip
+             f"{r['within_slo']:.2f}", f"{r['long_ttft_s']:.2f}", str(len(r["chunks"])),
+             "/".join(str(x) for x in (min(r["chunks"]), int(statistics.median(r["chunks"])),
+                                       max(r["chunks"]))) if r["chunks"] else "?"]
+            for r in records]  # fmt: skip
     print(
         f"{args.preset} cp={args.cp}: {args.clients} decoding while {args.long_len} tokens arrive"
     )
