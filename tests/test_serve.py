@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -195,6 +196,45 @@ def test_concurrent_requests_each_equal_their_answer_alone(server):
     assert together == alone
 
 
+def test_a_long_prompt_among_decodes_prefills_in_chunks_and_answers_stay_exact(
+    checkpoint, tmp_path
+):
+    # a target no iteration can meet: while others decode, prefill moves 16 tokens at a time
+    s = Server(checkpoint, 2, ["--cp", "2", "--tbt-slo-ms", "0.001"], tmp_path / "serve.log")
+    try:
+        bodies = [{"prompt": [(3 * i + j) % 500 + 1 for j in range(4)], "max_tokens": 200,
+                   "temperature": 0} for i in range(3)]  # fmt: skip
+        long = {"prompt": [(7 * j) % 500 + 1 for j in range(200)], "max_tokens": 4,
+                "temperature": 0}  # fmt: skip
+        started = [threading.Event() for _ in bodies]
+
+        def stream(i):
+            out = []
+            with httpx.stream("POST", s.url + "/v1/completions", timeout=120,
+                              json={**bodies[i], "stream": True}) as r:  # fmt: skip
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        out += json.loads(line[6:])["choices"][0].get("token_ids") or []
+                        started[i].set()
+            return out
+
+        def ask(body):
+            r = s.post("/v1/completions", body)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["token_ids"]
+
+        with ThreadPoolExecutor(3) as pool:  # the long one arrives while the others decode
+            decoding = [pool.submit(stream, i) for i in range(3)]
+            assert all(e.wait(60) for e in started)
+            together = [ask(long)] + [f.result() for f in decoding]
+        log = s.log.read_text()
+        alone = [ask(b) for b in [long, *bodies]]
+    finally:
+        s.stop()
+    assert together == alone
+    assert "prefill of 16 new tokens" in log  # chunks at the minimum: the target drove them
+
+
 BAD = [
     ("/v1/completions", b"{not json", "not valid JSON"),
     ("/v1/completions", b"[1, 2]", "JSON object"),
@@ -331,6 +371,8 @@ OPTION_ERRORS = [
     (["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
     (["--port", "70000"], "--port must be in 1..65535"),
     (["--cp", "2"], "cp=2 does not divide world_size=1"),
+    (["--tbt-slo-ms", "0"], "--tbt-slo-ms must be > 0"),
+    (["--hardware", "nope.json"], "calibrate --output FILE"),
 ]
 
 
