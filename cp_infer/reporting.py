@@ -18,6 +18,7 @@ __all__ = [
     "atomic_write",
     "check_writable",
     "format_table",
+    "time_interleaved",
     "time_on_all_ranks",
     "write_json",
 ]
@@ -34,6 +35,24 @@ def time_on_all_ranks(fn: Callable[[], object]) -> float:
     dt = torch.tensor(time.perf_counter() - t0, dtype=torch.float64)
     dist.all_reduce(dt, op=dist.ReduceOp.MAX)
     return dt.item()
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], warmup: int, repeats: int
+) -> dict[str, list[float]]:
+    """Times of ``repeats`` calls of every fn (each the slowest rank's), after ``warmup`` rounds.
+
+    Calls are interleaved round by round (f1 f2 f3, f1 f2 f3, ...) so that drift in the
+    machine's speed affects all of them alike.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            time_on_all_ranks(fn)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(time_on_all_ranks(fn))
+    return times
 
 
 def check_writable(path: Path, flag: str) -> None:

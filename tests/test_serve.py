@@ -26,52 +26,84 @@ MAX_NEW = 6
 PROMPTS = [[5, 17, 3, 99, 250, 7, 1], [42, 8, 300], list(range(20, 60))]
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 class Server:
-    """``torchrun ... -m cp_infer serve`` in its own session, up once /health answers."""
+    """``torchrun ... -m cp_infer serve`` in its own session, up once /health answers.
+
+    A port picked free can be taken before the server binds it (another process's ephemeral
+    port): then it starts again on another, up to 3 times.
+    """
 
     def __init__(
         self, checkpoint: Path, nproc: int, args: list[str], log: Path, *, script: str | None = None,
         deepspeed: bool = False,
     ) -> None:  # fmt: skip
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                    "--master-port", str(free_port())]  # fmt: skip
-        if deepspeed:
-            launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(nproc),
-                        "--master_port", str(free_port()), "--module"]  # fmt: skip
-        target = [script] if script else ["cp_infer"] if deepspeed else ["-m", "cp_infer"]
-        cmd = [*launcher, *target, "serve", "--checkpoint", str(checkpoint),
-               "--port", str(self.port), *args]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(
-            cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, env=env,
-            start_new_session=True,
-        )  # fmt: skip
+        self.log, self.deepspeed = log, deepspeed
+        for attempt in range(3):
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                        str(nproc), "--master-port", str(free_port())]  # fmt: skip
+            if deepspeed:
+                launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus",
+                            str(nproc), "--master_port", str(free_port()), "--module"]  # fmt: skip
+            target = [script] if script else ["cp_infer"] if deepspeed else ["-m", "cp_infer"]
+            cmd = [*launcher, *target, "serve", "--checkpoint", str(checkpoint),
+                   "--port", str(self.port), *args]  # fmt: skip
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            self.proc = subprocess.Popen(
+                cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                start_new_session=True,
+            )  # fmt: skip
+            if self._wait_up():
+                return
+            text = log.read_text()
+            self.stop()
+            if "address already in use" not in text or attempt == 2:
+                raise RuntimeError(f"the server did not come up:\n{text[-3000:]}")
+
+    def _wait_up(self) -> bool:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited:\n{log.read_text()[-3000:]}")
+                return False
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
+                    return True
             except httpx.HTTPError:
                 time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"the server did not come up:\n{log.read_text()[-3000:]}")
+        return False
 
     def stop(self) -> float:
-        """SIGTERM, as a scheduler sends it; seconds until every process is gone."""
+        """SIGTERM, as a scheduler sends it; seconds until every process is gone.
+
+        torchrun forwards it to the ranks. DeepSpeed's runner does not (it exits and leaves its
+        launcher and ranks running), so there, as Ctrl-C or Slurm do, the whole process group
+        gets it."""
         t0 = time.monotonic()
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return time.monotonic() - t0
+            if self.deepspeed:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            else:
+                self.proc.send_signal(signal.SIGTERM)
+        deadline = t0 + 60
+        while (self.proc.poll() is None or _group_alive(self.proc.pid)) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.1)
+        took = time.monotonic() - t0
+        if _group_alive(self.proc.pid):  # whatever is left must not outlive the test
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            took = float("inf")
+        self.proc.wait()
+        return took
 
     def post(self, path: str, body, **kw) -> httpx.Response:
         return httpx.post(self.url + path, json=body, timeout=120, **kw)

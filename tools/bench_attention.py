@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cp_infer.attention import RingComm, ring_attention
 from cp_infer.attention.kv_quant import quantize_kv
 from cp_infer.attention.pass_q import slot_bytes
-from cp_infer.reporting import format_table, time_on_all_ranks, write_json
+from cp_infer.reporting import format_table, time_interleaved, write_json
 from cp_infer.sharding import ShardLayout, shard
 from cp_infer.testing import DistributedPool
 
@@ -103,22 +103,6 @@ def attention_fn(variant, q, k, v, layout, comm, kv_dtype):
     if variant == "torch-ring":
         return lambda: _torch_ring(q, k, v)
     return lambda: ring_attention(q, k, v, layout, variant=variant, comm=comm, kv_dtype=kv_dtype)
-
-
-def time_interleaved(fns, warmup, repeats) -> dict[str, list[float]]:
-    """Times of ``repeats`` calls of every fn (each the slowest rank's), after ``warmup`` rounds.
-
-    Calls are interleaved round by round (f1 f2 f3, f1 f2 f3, ...) so that drift in the
-    machine's speed affects all of them alike.
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            time_on_all_ranks(fn)
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(time_on_all_ranks(fn))
-    return times
 
 
 def bench_rank(seq_len, variants, heads, kv_heads, head_dim, dtype, warmup, repeats, kv_dtype):

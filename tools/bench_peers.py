@@ -55,11 +55,11 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_attention import attention_fn, bench_rank, full_inputs, time_interleaved
+from bench_attention import attention_fn, bench_rank, full_inputs
 
 from cp_infer.attention import RingComm, get_kernel, merge_into_, varlen_attention
 from cp_infer.attention.pass_q import slot_bytes
-from cp_infer.reporting import format_table, write_json
+from cp_infer.reporting import format_table, time_interleaved, write_json
 from cp_infer.sharding import ShardLayout, chunk_ids, shard
 from cp_infer.testing import DistributedPool
 

@@ -37,7 +37,7 @@ from cp_infer.attention import ring_attention
 from cp_infer.attention.selector import HARDWARE, choose_variant, crossover_miss_rate
 from cp_infer.engine.kv_cache import KVCache, StorePlan
 from cp_infer.entrypoints.generate import hardware_profile
-from cp_infer.reporting import format_table, time_on_all_ranks, write_json
+from cp_infer.reporting import format_table, time_interleaved, write_json
 from cp_infer.sharding import ShardLayout, shard
 from cp_infer.testing import DistributedPool
 
@@ -86,13 +86,7 @@ def bench_rank(new, cached, heads, kv_heads, head_dim, warmup, repeats, hardware
 
     fns = {name: (lambda name=name: ring(name)) for name in VARIANTS}
     fns["repack"] = repack
-    for _ in range(warmup):
-        for fn in fns.values():
-            time_on_all_ranks(fn)
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(time_on_all_ranks(fn))
+    times = time_interleaved(fns, warmup, repeats)
     choice = choose_variant(
         new, cached, cp=n, n_heads=heads, n_kv_heads=kv_heads, bytes_per_element=4,
         hardware=hardware,
