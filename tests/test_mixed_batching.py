@@ -16,7 +16,7 @@ LONG = tuple((7 * j) % 500 + 1 for j in range(230))
 SHORTS = ((1, 2, 3, 4), (5, 6, 7))
 
 
-def _mixed_rank(layout: dict, slo_s: float | None):
+def _mixed_rank(layout: dict, slo_s: float | None, fuse: bool = True):
     from cp_infer.checkpoint import RandomSource, load_weights
     from cp_infer.engine import ModelRunner, SamplingConfig, generate
     from cp_infer.models import get_preset
@@ -31,19 +31,34 @@ def _mixed_rank(layout: dict, slo_s: float | None):
         runner = ModelRunner(model, pg)
         # 1 ms per new token, attention free: a 50 ms target leaves room for 50-token chunks
         costs = StepCosts(per_token_s=1e-3, per_pair_s=0.0)
-        engine = ServeEngine(runner, max_cache_tokens=4096, tbt_slo_s=slo_s, costs=costs)
-        steps, first_logits = [], {}
-        step = runner.step
+        engine = ServeEngine(runner, max_cache_tokens=4096, tbt_slo_s=slo_s, costs=costs,
+                             fuse=fuse)  # fmt: skip
+        steps, first_logits, fused = [], {}, []
+        step, step_mixed = runner.step, runner.step_mixed
 
-        def spy(batch, **kw):
-            logits = step(batch, **kw)
+        def seen(batch, logits):
             steps.append((batch.kind, batch.seqs, tuple(len(t) for t in batch.tokens)))
             if batch.kind == "prefill" and logits is not None:
                 for row, seq in enumerate(batch.seqs):
                     first_logits[seq] = logits[row].clone()  # the last chunk's is the turn's
+
+        def spy(batch, **kw):
+            logits = step(batch, **kw)
+            seen(batch, logits)
             return logits
 
-        runner.step = spy
+        def spy_mixed(prefill, decode, **kw):
+            runner.step = step  # a fallback to two passes is not counted twice
+            try:
+                logits, decode_logits = step_mixed(prefill, decode, **kw)
+            finally:
+                runner.step = spy
+            seen(decode, decode_logits)
+            seen(prefill, logits)
+            fused.append(prefill.n_tokens)
+            return logits, decode_logits
+
+        runner.step, runner.step_mixed = spy, spy_mixed
         outcomes = {}
         sampling = [SamplingConfig(max_new_tokens=n) for n in (30, 30, 4)]
         requests = [Request(rid=j, tokens=t, sampling=s)
@@ -62,15 +77,18 @@ def _mixed_rank(layout: dict, slo_s: float | None):
         "first": first_logits.get(2),
         "first_alone": alone[2].first_logits[0] if alone[2].first_logits is not None else None,
         "steps": steps,
+        "fused": fused,
     }
 
 
-LAYOUTS = [({}, 1), ({"cp": 2}, 2), ({"pp": 2}, 2)]
+LAYOUTS = [({}, 1, True), ({"cp": 2}, 2, True), ({"pp": 2}, 2, True), ({"cp": 2}, 2, False),
+           ({"tp": 2}, 2, True), ({"pp": 2, "cp": 2}, 4, True)]  # fmt: skip
 
 
-@pytest.mark.parametrize(("layout", "world"), LAYOUTS, ids=["cp1", "cp2", "pp2"])
-def test_a_long_prompt_prefills_in_chunks_between_decode_steps(dist_pool, layout, world):
-    results = dist_pool(world).run(_mixed_rank, layout, 0.05, timeout_s=TIMEOUT)
+@pytest.mark.parametrize(("layout", "world", "fuse"), LAYOUTS,
+                         ids=["cp1", "cp2", "pp2", "cp2-two-passes", "tp2", "pp2xcp2"])  # fmt: skip
+def test_a_long_prompt_prefills_in_chunks_between_decode_steps(dist_pool, layout, world, fuse):
+    results = dist_pool(world).run(_mixed_rank, layout, 0.05, fuse, timeout_s=TIMEOUT)
     r = results[-1]  # the last pipeline stage has the logits
     assert r["tokens"] == r["alone"]  # every answer is its answer alone
     assert all(x["tokens"] == r["tokens"] for x in results)
@@ -85,6 +103,8 @@ def test_a_long_prompt_prefills_in_chunks_between_decode_steps(dist_pool, layout
     last = len(kinds) - 1 - kinds[::-1].index(("prefill", True))
     between = kinds[first : last + 1]
     assert between[1::2] == [("decode", False)] * (len(chunks) - 1)
+    # fused: every chunk ran in one forward pass with the running decodes
+    assert r["fused"] == (chunks if fuse else [])
 
 
 def test_without_a_target_the_long_prompt_prefills_whole(dist_pool):

@@ -23,7 +23,7 @@ from cp_infer.collectives import Exchange
 from cp_infer.engine.batch import StepBatch
 from cp_infer.engine.kv_cache import KVCache
 
-__all__ = ["DecodeAttention", "PrefillAttention"]
+__all__ = ["DecodeAttention", "MixedAttention", "PrefillAttention"]
 
 
 class PrefillAttention:
@@ -35,6 +35,7 @@ class PrefillAttention:
         prefix_lens: (cp, B, segments) cached tokens per CP rank, sequence and cache segment
             (earlier turns of a conversation); None when nothing is cached. They are attended
             in place as the ring's KV prefix.
+        store: hand the layer's K/V to the cache (False: the caller does).
     """
 
     def __init__(
@@ -45,9 +46,10 @@ class PrefillAttention:
         *,
         kernel: AttentionKernel,
         prefix_lens=None,
+        store: bool = True,
     ) -> None:
         self.batch, self.cp_group, self.cache, self.kernel = batch, cp_group, cache, kernel
-        self.prefix_lens = prefix_lens
+        self.prefix_lens, self.store = prefix_lens, store
 
     def __call__(self, q, k, v, layer_id: int) -> torch.Tensor:
         prefix = None
@@ -57,7 +59,8 @@ class PrefillAttention:
             q, k, v, self.batch.layout, self.cp_group, variant=self.batch.variant,
             kernel=self.kernel, prefix=prefix, kv_dtype=self.cache.kv_dtype,
         )  # fmt: skip
-        self.cache.store(layer_id, k, v)
+        if self.store:
+            self.cache.store(layer_id, k, v)
         return out
 
 
@@ -69,16 +72,20 @@ class DecodeAttention:
 
     Args:
         exchange: the CP group's exchange; None at cp=1.
+        store: hand the layer's K/V to the cache first (False: the caller already did).
     """
 
     def __init__(
-        self, batch: StepBatch, cache: KVCache, exchange: Exchange | None, kernel: AttentionKernel
-    ) -> None:
+        self, batch: StepBatch, cache: KVCache, exchange: Exchange | None,
+        kernel: AttentionKernel, *, store: bool = True,
+    ) -> None:  # fmt: skip
         self.batch, self.cache, self.exchange, self.kernel = batch, cache, exchange, kernel
+        self.store = store
 
     def __call__(self, q, k, v, layer_id: int) -> torch.Tensor:
         h, b, d = q.shape  # (H, B, D): token j is sequence j's new token
-        self.cache.store(layer_id, k, v)  # the tokens this rank owns this step
+        if self.store:
+            self.cache.store(layer_id, k, v)  # the tokens this rank owns this step
         partial = torch.zeros(h, b, d + 1, dtype=torch.float32, device=q.device)  # out, LSE
         partial[..., d] = float("-inf")
         for j, seq in enumerate(self.batch.seqs):
@@ -95,3 +102,26 @@ class DecodeAttention:
         parts = self.exchange.all_gather(partial)
         out, _ = merge_partials([p[..., :d] for p in parts], [p[..., d] for p in parts])
         return out.to(q.dtype)
+
+
+class MixedAttention:
+    """A prefill chunk and decode tokens in one forward pass (Sarathi's and Mnemosyne's mixed
+    batch): the layers' GEMMs run once over both, and attention splits them.
+
+    The pass's tokens are this rank's prefill shard (the first ``split``) and then the decode
+    tokens. The cache keeps both as the pass's plan says (decode plans offset by ``split``),
+    stored before either attends, so each decode token sees its own K/V; the prefill reads only
+    the committed prefix, so what this pass stages does not change it.
+    """
+
+    def __init__(self, prefill: PrefillAttention, decode: DecodeAttention, split: int) -> None:
+        assert not prefill.store and not decode.store, "the mixed pass stores for both"
+        self.prefill, self.decode, self.split = prefill, decode, split
+        self.cache = decode.cache
+
+    def __call__(self, q, k, v, layer_id: int) -> torch.Tensor:
+        self.cache.store(layer_id, k, v)
+        n = self.split
+        out_p = self.prefill(q[:, :n], k[:, :n], v[:, :n], layer_id)
+        out_d = self.decode(q[:, n:], k[:, n:], v[:, n:], layer_id)
+        return torch.cat([out_p, out_d], dim=1)

@@ -15,6 +15,7 @@ stage so that all ranks feed the same next step::
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,7 @@ from cp_infer.attention import VARIANTS
 from cp_infer.attention.kernels import get_kernel
 from cp_infer.attention.selector import Hardware, choose_variant, hardware_for
 from cp_infer.collectives import Exchange, make_exchange
-from cp_infer.engine.attention import DecodeAttention, PrefillAttention
+from cp_infer.engine.attention import DecodeAttention, MixedAttention, PrefillAttention
 from cp_infer.engine.batch import StepBatch
 from cp_infer.engine.kv_cache import KVCache
 from cp_infer.models.llama import ForwardContext, TokenSplit, Transformer
@@ -165,6 +166,58 @@ class ModelRunner:
                 self.prompt_logprobs = self._prompt_logprobs(h, batch)
             h = self._last_token_hidden(h, batch)
         return self.model.logits(h)
+
+    @torch.no_grad()
+    def step_mixed(
+        self, prefill: StepBatch, decode: StepBatch, *, prompt_logprobs: bool = False
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A prefill batch and a decode batch (other sequences) in one forward pass: the layers'
+        GEMMs run once over both, attention is each batch's own (the ring, KVP).
+
+        Returns:
+            (prefill logits, decode logits) on the last stage, as :meth:`step` gives them.
+        """
+        assert prefill.kind == "prefill" and decode.kind == "decode"
+        assert not set(prefill.seqs) & set(decode.seqs), "a sequence is in one of the two"
+        pg = self.pg
+        if self.cfg.is_moe and pg.ep > 1 and pg.cp > 1:
+            # decode routes each token from one CP rank only (TokenSplit), prefill from its
+            # shard's: two passes
+            return (self.step(prefill, prompt_logprobs=prompt_logprobs), self.step(decode))
+        split = prefill.layout.t_local
+        plans = prefill.store_plans(pg.cp_rank) + [
+            replace(p, start=p.start + split) for p in decode.store_plans(pg.cp_rank)
+        ]
+        self.cache.plan(plans)
+        n_local_heads = next(iter(self.model.layers.values())).attention.n_local_heads
+        exchange = self._decode_exchange(
+            4 * n_local_heads * decode.n_seqs * (self.cfg.head_dim + 1)
+        )
+        attention = MixedAttention(
+            PrefillAttention(
+                prefill, pg.cp_group, self.cache, kernel=self.kernel, store=False,
+                prefix_lens=self._prefix_lens(prefill) if prefill.n_cached else None,
+            ),
+            DecodeAttention(decode, self.cache, exchange, self.kernel, store=False),
+            split,
+        )  # fmt: skip
+        ctx = ForwardContext(
+            positions=torch.cat([prefill.positions(pg.cp_rank), decode.positions(pg.cp_rank)]),
+            attention=attention,
+        )
+        tokens = torch.cat([prefill.local_tokens(pg.cp_rank), decode.local_tokens(pg.cp_rank)])
+        try:
+            h = self._stage(tokens, ctx)
+        except BaseException:
+            self.cache.abort()
+            raise
+        self.cache.commit()
+        if h is None:
+            return None, None
+        if prompt_logprobs:
+            self.prompt_logprobs = self._prompt_logprobs(h[:split], prefill)
+        last = self._last_token_hidden(h[:split], prefill)
+        return self.model.logits(last), self.model.logits(h[split:])
 
     def _prompt_logprobs(self, h: torch.Tensor, batch: StepBatch) -> list[list[float]]:
         """Per sequence, the log-probability of each new token after the first, given the

@@ -104,6 +104,9 @@ class Estimates:
         largest: the largest prefill step measured (tokens); chunks grow to twice it at most.
         margin_s: how much mixed iterations overran their prediction, at the 95th
             percentile of the recent ones (the jitter the target keeps clear of).
+        mixed_overhead_s, mixed_scale: a fused iteration (the decodes and a chunk in one pass)
+            ~= ``mixed_overhead_s + mixed_scale * predicted chunk`` (None: none measured yet;
+            the decode step and the chunk are then added up).
     """
 
     decode_s: float | None = None
@@ -111,11 +114,15 @@ class Estimates:
     scale: float | None = None
     largest: int = 0
     margin_s: float = 0.0
+    mixed_overhead_s: float = 0.0
+    mixed_scale: float | None = None
 
     def iteration_s(
         self, costs: StepCosts, *, new: int, cached: int, decode_batch: int, decode_context: int
     ) -> float:
-        """Predicted mixed iteration: the decode step, then a prefill of ``new`` tokens."""
+        """Predicted mixed iteration: the decode step and a prefill of ``new`` tokens."""
+        if self.mixed_scale is not None:
+            return self.mixed_overhead_s + self.mixed_scale * costs.prefill_s(new, cached)
         decode = self.decode_s
         if decode is None:
             decode = costs.decode_s(decode_batch, decode_context)
@@ -168,6 +175,7 @@ class ChunkTimer:
         self.costs, self.alpha = costs, alpha
         self.estimates = Estimates()
         self._points: deque[tuple[float, float]] = deque(maxlen=window)
+        self._mixed: deque[tuple[float, float]] = deque(maxlen=window)
         self._overruns: deque[float] = deque(maxlen=2 * window)
 
     def iteration(self, seconds: float, predicted: float) -> None:
@@ -191,6 +199,19 @@ class ChunkTimer:
         overhead, scale = _fit(self._points)
         largest = max(self.estimates.largest, new)
         self.estimates = replace(self.estimates, overhead_s=overhead, scale=scale, largest=largest)
+
+    def mixed(self, seconds: float, new: int, cached: int) -> None:
+        """A fused iteration (decodes and a chunk of ``new`` tokens in one pass) took
+        ``seconds``."""
+        predicted = self.costs.prefill_s(new, cached)
+        if predicted <= 0:
+            return
+        self._mixed.append((predicted, seconds))
+        overhead, scale = _fit(self._mixed)
+        self.estimates = replace(
+            self.estimates, mixed_overhead_s=overhead, mixed_scale=scale,
+            largest=max(self.estimates.largest, new),
+        )  # fmt: skip
 
 
 def _fit(points) -> tuple[float, float]:

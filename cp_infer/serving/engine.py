@@ -150,17 +150,19 @@ class ServeEngine:
             decode; None: waiting prompts prefill whole.
         costs: the predicted step costs the chunks are sized from (default: from the
             runner's hardware profile).
+        fuse: run an iteration's decode step and prefill chunk as one forward pass (the
+            GEMMs read the weights once for both); False: two passes.
     """
 
     def __init__(
         self, runner: ModelRunner, *, max_cache_tokens: int, max_batch: int = 8,
-        tbt_slo_s: float | None = None, costs: StepCosts | None = None,
+        tbt_slo_s: float | None = None, costs: StepCosts | None = None, fuse: bool = True,
     ) -> None:  # fmt: skip
         self.runner = runner
         self.cfg = runner.cfg
         self.pg = runner.pg
         self.retained = PrefixCache(max_cache_tokens)
-        self.max_batch, self.tbt_slo_s = max_batch, tbt_slo_s
+        self.max_batch, self.tbt_slo_s, self.fuse = max_batch, tbt_slo_s, fuse
         self.costs = costs or StepCosts.from_hardware(
             self.cfg, runner.hardware, cp=self.pg.cp, tp=self.pg.tp
         )
@@ -264,17 +266,19 @@ class ServeEngine:
             self._retire(done)
 
     def _iteration(self, est: Estimates, emit) -> float | None:
-        """One decode step of the running requests, then one prefill step of waiting ones.
-        Returns the predicted time of a mixed iteration whose chunk the target sized."""
+        """One decode step of the running requests and one prefill step of waiting ones, in
+        one forward pass when both run (``fuse``). Returns the predicted time of a mixed
+        iteration whose chunk the target sized."""
         runner, sched = self.runner, self.sched
         decoding = sched.decoding
-        if decoding:
-            batch = sched.decode_batch(active_only=True)
-            t0 = time.perf_counter()
-            logits = runner.step(batch)
-            self._sample(batch, logits, range(batch.n_seqs), emit)
-            self.timer.decode(time.perf_counter() - t0)
         pending = [s for s in sched.seqs if s.prefilled < len(s.new) and not s.done]
+        fused = self.fuse and decoding and pending
+        decode = sched.decode_batch(active_only=True) if decoding else None
+        if decoding and not fused:
+            t0 = time.perf_counter()
+            logits = runner.step(decode)
+            self._sample(decode, logits, range(decode.n_seqs), emit)
+            self.timer.decode(time.perf_counter() - t0)
         if not pending:
             return None
         take = self._take(pending, est, decoding)
@@ -284,14 +288,22 @@ class ServeEngine:
         lives = [self.live[seq] for seq in batch.seqs]
         want = any(x.request.logprobs for x in lives)
         t0 = time.perf_counter()
-        logits = runner.step(batch, prompt_logprobs=want)
+        if fused:
+            logits, decode_logits = runner.step_mixed(batch, decode, prompt_logprobs=want)
+            self._sample(decode, decode_logits, range(decode.n_seqs), emit)
+        else:
+            logits = runner.step(batch, prompt_logprobs=want)
         if want:
             for x, lp in zip(lives, runner.share_object(runner.prompt_logprobs), strict=True):
                 if x.request.logprobs:
                     x.outcome.logprobs += lp
         rows = [row for _, row in sched.prefilled(batch)]
         self._sample(batch, logits, rows, emit)
-        self.timer.prefill(time.perf_counter() - t0, batch.n_tokens, batch.n_cached)
+        seconds = time.perf_counter() - t0
+        if fused:
+            self.timer.mixed(seconds, batch.n_tokens, batch.n_cached)
+        else:
+            self.timer.prefill(seconds, batch.n_tokens, batch.n_cached)
         if self.tbt_slo_s is None or not decoding:
             return None
         return est.iteration_s(self.costs, new=batch.n_tokens, cached=batch.n_cached,
