@@ -86,6 +86,7 @@ class SendRecvExchange:
 
 
 _HEADER = 64  # bytes before each slot's data: the sequence number, on its own cache line
+SPIN_S = 200e-6  # a wait longer than this sleeps between checks instead of spinning
 _SHM_DIR = "/dev/shm"
 
 
@@ -140,21 +141,30 @@ class ShmExchange:
         return self._buf[rank, start : start + n]
 
     def _wait_for(self, rank: int, seq: int) -> None:
+        """Spin until ``rank`` posts ``seq``: yield the core after a few spins, and after
+        :data:`SPIN_S` back off to short sleeps (up to 1 ms), so that a late peer (one sharing
+        a core with a server's HTTP thread, say) gets the core rather than a spinning rank."""
         flag = self._seq_np[rank]
-        spins, start = 0, None
+        spins, start, nap = 0, None, 0.0
         while flag[0] < seq:
             spins += 1
-            if spins > 32:
-                os.sched_yield()  # give the core away if a peer waits for it
-            if spins % 2048 == 0:
-                start = start or time.monotonic()
-                if time.monotonic() - start > self.timeout_s:
+            if spins <= 32:
+                continue
+            if spins % 64 == 0:
+                now = time.monotonic()
+                start = start or now
+                if now - start > self.timeout_s:
                     cause = peer_failure()
                     raise TimeoutError(
                         f"shared-memory exchange: group rank {rank} did not post exchange {seq} "
                         f"in {self.timeout_s:.0f}s"
                         + (f" (a rank failed: {cause})" if cause else "")
                     )
+                if now - start > SPIN_S:
+                    nap = min(max(2 * nap, 20e-6), 1e-3)
+                    time.sleep(nap)
+                    continue
+            os.sched_yield()  # give the core away if a peer waits for it
 
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         t = t.contiguous()

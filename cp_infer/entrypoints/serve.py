@@ -9,6 +9,7 @@ together (:class:`~cp_infer.serving.engine.ServeLoop`). The other ranks only fol
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import threading
 from pathlib import Path
@@ -137,6 +138,10 @@ def run(args, argv: list[str]) -> int:
             tbt_slo_s=None if args.tbt_slo_ms is None else args.tbt_slo_ms / 1000, costs=costs,
         )  # fmt: skip
         loop = ServeLoop(engine)
+        # what is loaded by now lives as long as the server: keep it out of the collector's
+        # full passes, whose pauses (on any rank) would stall every rank's iteration
+        gc.collect()
+        gc.freeze()
         if dist.get_rank() != 0:
             loop.follow()
             return 0
