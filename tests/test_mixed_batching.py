@@ -16,7 +16,7 @@ LONG = tuple((7 * j) % 500 + 1 for j in range(230))
 SHORTS = ((1, 2, 3, 4), (5, 6, 7))
 
 
-def _mixed_rank(layout: dict, slo_s: float | None, fuse: bool = True):
+def _mixed_rank(layout: dict, slo_s: float | None, fuse: bool = True, preset: str = "tiny-llama"):
     from cp_infer.checkpoint import RandomSource, load_weights
     from cp_infer.engine import ModelRunner, SamplingConfig, generate
     from cp_infer.models import get_preset
@@ -24,7 +24,7 @@ def _mixed_rank(layout: dict, slo_s: float | None, fuse: bool = True):
     from cp_infer.serving.engine import Orders, Request, ServeEngine
     from parallel_state import parallel_groups
 
-    cfg = get_preset("tiny-llama")
+    cfg = get_preset(preset)
     with parallel_groups(**layout, timeout_s=60) as pg:
         model = parallelize(cfg, pg, torch.float32)
         load_weights(model, RandomSource(0, cfg))
@@ -81,14 +81,23 @@ def _mixed_rank(layout: dict, slo_s: float | None, fuse: bool = True):
     }
 
 
-LAYOUTS = [({}, 1, True), ({"cp": 2}, 2, True), ({"pp": 2}, 2, True), ({"cp": 2}, 2, False),
-           ({"tp": 2}, 2, True), ({"pp": 2, "cp": 2}, 4, True)]  # fmt: skip
+LAYOUTS = {
+    "cp1": ({}, 1, True, "tiny-llama"),
+    "cp2": ({"cp": 2}, 2, True, "tiny-llama"),
+    "pp2": ({"pp": 2}, 2, True, "tiny-llama"),
+    "cp2-two-passes": ({"cp": 2}, 2, False, "tiny-llama"),
+    "tp2": ({"tp": 2}, 2, True, "tiny-llama"),
+    "pp2xcp2": ({"pp": 2, "cp": 2}, 4, True, "tiny-llama"),
+    "moe-cp2": ({"cp": 2}, 2, True, "tiny-moe"),
+    "moe-cp2xep2": ({"cp": 2, "ep": 2}, 2, True, "tiny-moe"),  # falls back to two passes
+}
 
 
-@pytest.mark.parametrize(("layout", "world", "fuse"), LAYOUTS,
-                         ids=["cp1", "cp2", "pp2", "cp2-two-passes", "tp2", "pp2xcp2"])  # fmt: skip
-def test_a_long_prompt_prefills_in_chunks_between_decode_steps(dist_pool, layout, world, fuse):
-    results = dist_pool(world).run(_mixed_rank, layout, 0.05, fuse, timeout_s=TIMEOUT)
+@pytest.mark.parametrize(("layout", "world", "fuse", "preset"), LAYOUTS.values(), ids=LAYOUTS)
+def test_a_long_prompt_prefills_in_chunks_between_decode_steps(
+    dist_pool, layout, world, fuse, preset
+):
+    results = dist_pool(world).run(_mixed_rank, layout, 0.05, fuse, preset, timeout_s=TIMEOUT)
     r = results[-1]  # the last pipeline stage has the logits
     assert r["tokens"] == r["alone"]  # every answer is its answer alone
     assert all(x["tokens"] == r["tokens"] for x in results)
