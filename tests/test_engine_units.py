@@ -161,3 +161,38 @@ def test_forward_reports_every_layer():
     ctx = ForwardContext(torch.arange(4), attention, on_layer=lambda: calls.append(1))
     model(torch.arange(4), ctx)
     assert len(calls) == 3
+
+
+def _byte_decoder(pieces: list[bytes], strip_first_space: bool):
+    def decode(tokens: list[int]) -> str:
+        text = b"".join(pieces[t] for t in tokens).decode("utf-8", errors="replace")
+        return text[1:] if strip_first_space and text.startswith(" ") else text
+
+    return decode
+
+
+@pytest.mark.parametrize("strip_first_space", [False, True], ids=["byte-bpe", "sentencepiece"])
+def test_streamed_text_adds_up_to_the_whole_decode_without_partial_characters(strip_first_space):
+    import random
+
+    from cp_infer.serving.api import TextStream
+
+    # pieces include the halves of multi-byte characters and space-led words
+    pieces = [b" the", b" cat", b"\xc3", b"\xa9", b"\xe2\x82", b"\xac", b"!", b" caf", b"s", b"\n"]
+    decode = _byte_decoder(pieces, strip_first_space)
+    rng = random.Random(0)
+    for _ in range(200):
+        tokens = [rng.randrange(len(pieces)) for _ in range(rng.randrange(1, 30))]
+        stream = TextStream(decode)
+        deltas = [stream.push(t) for t in tokens]
+        deltas.append(stream.flush())
+        assert "".join(deltas) == decode(tokens)
+        whole = decode(tokens)
+        if "\ufffd" not in whole:  # a stream of whole characters never shows a partial one
+            assert not any("\ufffd" in d for d in deltas)
+    # the work per token does not grow with the stream: only a few tokens are decoded each time
+    seen = []
+    stream = TextStream(lambda t: (seen.append(len(t)), decode(t))[1])
+    for t in [0, 1] * 500:
+        stream.push(t)
+    assert max(seen) <= 3

@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI
@@ -200,6 +201,42 @@ class Frontend:
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
 
+class TextStream:
+    """The text of a growing list of tokens, a piece at a time, without decoding the whole list
+    for every token (which costs O(n) per token, O(n^2) over a stream).
+
+    Each new token is decoded with a few tokens before it for context (a tokenizer may drop or
+    merge spaces at a sequence's start); the piece is what that adds. A piece that ends in an
+    incomplete UTF-8 character (U+FFFD) waits for the tokens that complete it.
+
+    Args:
+        decode: token ids to text.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self.decode = decode
+        self.tokens: list[int] = []
+        self.context = 0  # tokens from here on are decoded for context
+        self.emitted = 0  # tokens before this one have been turned into text
+
+    def push(self, token: int) -> str:
+        """Add ``token``; returns the text it completes ("" while a character is partial)."""
+        self.tokens.append(token)
+        before = self.decode(self.tokens[self.context : self.emitted])
+        now = self.decode(self.tokens[self.context :])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""
+        self.context, self.emitted = self.emitted, len(self.tokens)
+        return now[len(before) :]
+
+    def flush(self) -> str:
+        """What the last tokens left pending (a partial character at the end of the stream)."""
+        before = self.decode(self.tokens[self.context : self.emitted])
+        now = self.decode(self.tokens[self.context :])
+        self.context = self.emitted = len(self.tokens)
+        return now[len(before) :]
+
+
 class QueueFull(RuntimeError):
     pass
 
@@ -312,8 +349,7 @@ def build_app(front: Frontend) -> FastAPI:
 
     async def stream(pending: Pending, rid: str, obj: str, kind: str, req):
         created = int(time.time())
-        tokens: list[int] = []
-        sent = ""
+        text = TextStream(front.decode) if front.tokenizer is not None else None
 
         def chunk(delta, finish=None, token=None):
             c = {"index": 0, "finish_reason": finish}
@@ -333,14 +369,15 @@ def build_app(front: Frontend) -> FastAPI:
                 ev = await pending.events.get()
                 if isinstance(ev, Outcome):
                     break
-                tokens.append(ev)
-                text = front.decode(tokens) or ""
-                delta, sent = text[len(sent) :], text
+                delta = text.push(ev) if text is not None else ""
                 yield _sse(chunk({"content": delta}, token=ev))
             if ev.error is not None:
                 yield _sse({"error": {"message": f"generation failed: {ev.error}",
                                       "type": "server_error"}})  # fmt: skip
                 return
+            rest = text.flush() if text is not None else ""
+            if rest:  # a character the last tokens left partial
+                yield _sse(chunk({"content": rest}))
             yield _sse(chunk({}, ev.finish_reason))
             if req.stream_options is not None and req.stream_options.include_usage:
                 yield _sse({"id": rid, "object": obj, "created": created,
