@@ -44,6 +44,33 @@ def test_kernels_agree_with_sdpa(h_kv, causal):
     torch.testing.assert_close(lse_flash, lse_ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tq", [1, 3, 16, 17])
+@pytest.mark.parametrize("h_kv", [2, 1])
+def test_few_query_blocks_fold_gqa_heads_exactly(tq, h_kv):
+    # decode's shape: a few queries against many keys, folded per KV head up to 16 queries
+    q, k, v = _qkv(h_kv=h_kv, tq=tq, tk=300, d=64)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # heads-first view of (T, H, D), as models
+
+    out, lse = torch_cpu_flash(q, k, v, False)
+    ref_out, ref_lse = reference_attention(q, k, v, False)
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    a, _ = torch_cpu_flash(q, k, v, False, scale=0.3)
+    torch.testing.assert_close(a, reference_attention(q, k, v, False, scale=0.3)[0], atol=1e-5,
+                               rtol=1e-5)  # fmt: skip
+
+
+def test_a_query_strided_in_its_last_dim_is_still_exact():
+    # the aten kernel reads the head dim as contiguous: other strides are copied first
+    for tq in (1, 17):
+        q, k, v = _qkv(tq=tq, tk=40)
+        q, k = (x.transpose(2, 3).contiguous().transpose(2, 3) for x in (q, k))
+        out, _ = torch_cpu_flash(q, k, v, False)
+        torch.testing.assert_close(out, reference_attention(q, k, v, False)[0], atol=1e-5,
+                                   rtol=1e-5)  # fmt: skip
+
+
 def test_custom_scale_is_honoured():
     q, k, v = _qkv()
     a, _ = torch_cpu_flash(q, k, v, False, scale=0.3)
