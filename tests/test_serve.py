@@ -228,6 +228,51 @@ def test_concurrent_requests_each_equal_their_answer_alone(server):
     assert together == alone
 
 
+def _scrape(server) -> dict[tuple[str, frozenset], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(server.url + "/metrics", timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
+
+
+def test_metrics_count_what_the_server_did(server):
+    def delta(name, **labels):
+        key = (f"cp_infer_{name}", frozenset(labels.items()))
+        return after.get(key, 0) - before.get(key, 0)
+
+    before = _scrape(server)
+    prompt = [300 + i for i in range(24)]
+    usage = []
+    for _ in range(2):  # the second finds the first's tokens in the prefix cache
+        r = server.post("/v1/completions", {"prompt": prompt, "max_tokens": 4, "temperature": 0})
+        usage.append(r.json()["usage"])
+    assert server.post("/v1/completions", {"prompt": [1, 600]}).status_code == 400
+    after = _scrape(server)
+
+    generated = sum(u["completion_tokens"] for u in usage)
+    cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usage)
+    assert usage[1]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert delta("generation_tokens_total") == generated
+    assert delta("prompt_tokens_total") == 2 * len(prompt)
+    assert delta("prefix_cache_hit_tokens_total") == cached
+    assert delta("prefill_tokens_total") == 2 * len(prompt) - cached  # the rest was prefilled
+    finished = sum(delta("request_success_total", finished_reason=k) for k in ("stop", "length"))
+    assert finished == 2
+    assert delta("time_to_first_token_seconds_count") == 2
+    assert delta("time_per_output_token_seconds_count") == generated - 2
+    assert delta("e2e_request_latency_seconds_count") == 2
+    assert delta("request_rejected_total", reason="bad_request") == 1
+    assert after[("cp_infer_num_requests_running", frozenset())] == 0
+    assert after[("cp_infer_prefix_cache_tokens", frozenset())] >= len(prompt)
+    info = {"model_name": "tiny-llama", "tp": "1", "cp": "2", "pp": "1", "ep": "1"}
+    assert after[("cp_infer_info", frozenset(info.items()))] == 1
+
+
 def test_a_long_prompt_among_decodes_prefills_in_chunks_and_answers_stay_exact(
     checkpoint, tmp_path
 ):

@@ -42,6 +42,7 @@ Serve a model over HTTP, its context split over the CP ranks. Rank 0 answers:
   POST /v1/completions         OpenAI completions (text or token ids; stream: true for SSE)
   POST /v1/chat/completions    OpenAI chat (the checkpoint's chat template)
   GET  /v1/models, /health
+  GET  /metrics                Prometheus: requests, tokens, TTFT, time per token, steps
 
 Requests that share a prefix with an earlier one (a chat resending its history) prefill only
 the rest, over the KV cache the earlier one left on the CP ranks (usage.prompt_tokens_details
@@ -165,15 +166,21 @@ def _memory_check(args, cfg, device):
 
 
 def _serve(args, loop, tokenizer, cfg, eos_ids, device) -> None:
+    import prometheus_client
     import uvicorn
 
     from cp_infer.serving.api import Frontend, build_app
+
+    prometheus_client.disable_created_metrics()  # no `_created` twin of every series
 
     front = Frontend(
         tokenizer=tokenizer, model_name=args.model_name or cfg.name, vocab_size=cfg.vocab_size,
         max_seq_len=cfg.max_seq_len, max_batch=args.max_batch_size, max_queue=args.max_queue,
         eos_ids=eos_ids, check_memory=_memory_check(args, cfg, device),
+        info={k: str(getattr(args, k)) for k in ("tp", "cp", "pp", "ep")},
     )  # fmt: skip
+    serving = loop.engine
+    serving.on_step = lambda s: front.metrics.step(s, cache_tokens=serving.retained.tokens)
     errors: list[BaseException] = []
 
     def engine() -> None:

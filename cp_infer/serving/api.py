@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from cp_infer.engine.sampling import SamplingConfig
 from cp_infer.serving.engine import Outcome, Request
+from cp_infer.serving.metrics import CONTENT_TYPE, ServerMetrics
 from cp_infer.serving.protocol import ChatRequest, CompletionRequest, MegatronRequest, first_error
 
 __all__ = ["Frontend", "build_app"]
@@ -61,11 +62,13 @@ class Frontend:
         max_queue: requests waiting at most; one more gets a 503.
         eos_ids: the checkpoint's end-of-sequence ids.
         check_memory: raises ValueError when a request of that many tokens cannot fit a rank.
+        info: labels of ``/metrics``' ``cp_infer_info`` (the layout, say).
     """
 
     def __init__(
         self, *, tokenizer, model_name: str, vocab_size: int, max_seq_len: int, max_batch: int,
         max_queue: int, eos_ids: frozenset[int] = frozenset(), check_memory=None,
+        info: dict[str, str] | None = None,
     ) -> None:  # fmt: skip
         self.tokenizer, self.model_name = tokenizer, model_name
         self.vocab_size, self.max_seq_len = vocab_size, max_seq_len
@@ -78,6 +81,10 @@ class Frontend:
         self._ids = itertools.count()
         self.stopping = threading.Event()
         self.created = int(time.time())
+        self.metrics = ServerMetrics(
+            waiting=lambda: self.queued, running=lambda: max(self.live - self.queued, 0),
+            info={"model_name": model_name, **(info or {})},
+        )  # fmt: skip
 
     @property
     def queued(self) -> int:
@@ -122,6 +129,7 @@ class Frontend:
                 raise QueueFull(f"the server's queue is full ({self.max_queue}); retry later")
             pending = [Pending(r, loop) for r in requests]
             for p in pending:
+                self.metrics.submitted(p.request.rid)
                 self._live[p.request.rid] = p
                 self._queue.put(p)
         return pending
@@ -137,6 +145,7 @@ class Frontend:
         the first ([] if none came; None: stop)."""
         if self.stopping.is_set():
             return None
+        self.metrics.maybe_log()
         limit = self.max_batch if limit is None else limit
         batch: list[Pending] = []
         if limit > 0:
@@ -154,11 +163,17 @@ class Frontend:
             gone = [p for p in batch if p.request.rid in self._cancelled]
             for p in gone:
                 self._forget(p.request.rid)
+        for p in batch:
+            if p in gone:
+                self.metrics.finish(p.request.rid, "cancelled")
+            else:
+                self.metrics.scheduled(p.request.rid)
         return [p.request for p in batch if p not in gone]
 
     def emit(self, rid: int, token: int) -> None:
         p = self._live.get(rid)
         if p is not None:
+            self.metrics.token(rid)
             p.loop.call_soon_threadsafe(p.events.put_nowait, token)
 
     def cancelled(self) -> set[int]:
@@ -170,6 +185,10 @@ class Frontend:
             with self._lock:
                 p = self._live.get(r.rid)
                 self._forget(r.rid)
+            o = outcomes[r.rid]
+            self.metrics.finish(
+                r.rid, o.finish_reason, prompt_tokens=o.prompt_tokens, cached_tokens=o.cached_tokens
+            )
             if p is not None:
                 p.loop.call_soon_threadsafe(p.events.put_nowait, outcomes[r.rid])
 
@@ -301,15 +320,21 @@ def build_app(front: Frontend) -> FastAPI:
 
     @app.exception_handler(BadRequest)
     async def _bad(_, e: BadRequest):
+        front.metrics.reject("bad_request")
         return _openai_error(400, str(e), e.param)
 
     @app.exception_handler(QueueFull)
     async def _full(_, e: QueueFull):
+        front.metrics.reject("queue_full")
         return _openai_error(503, str(e), kind="server_busy")
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "queued": front.queued, "live": front.live}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(front.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():
@@ -417,8 +442,10 @@ def build_app(front: Frontend) -> FastAPI:
             requests = [front.make_request(t, cfg, logprobs=req.logprobs) for t in prompts]
             pending = front.submit(requests)
         except BadRequest as e:
+            front.metrics.reject("bad_request")
             return JSONResponse(str(e), status_code=400)
         except QueueFull as e:
+            front.metrics.reject("queue_full")
             return JSONResponse(str(e), status_code=503)
         results = [await finish(p) for p in pending]
         if any(o.error is not None for _, o in results):

@@ -39,7 +39,7 @@ from cp_infer.engine.sampling import SamplingConfig, sample
 from cp_infer.engine.scheduler import Scheduler, SequenceState
 from cp_infer.serving.chunking import ChunkTimer, Estimates, StepCosts, choose_chunk
 
-__all__ = ["Orders", "Outcome", "PrefixCache", "Request", "ServeEngine", "ServeLoop"]
+__all__ = ["Orders", "Outcome", "PrefixCache", "Request", "ServeEngine", "ServeLoop", "Step"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,26 @@ class Outcome:
     cached_tokens: int = 0
     error: str | None = None
     logprobs: list[float] | None = None  # of tokens[1:] + generated, when asked for
+
+
+@dataclass(frozen=True)
+class Step:
+    """One forward pass of the engine.
+
+    Args:
+        kind: ``"decode"`` (running requests only), ``"prefill"`` (waiting prompts only) or
+            ``"mixed"`` (a prefill chunk fused with the decodes).
+        seconds: its wall time on rank 0.
+        prefill_tokens: new prompt tokens it prefilled.
+        cached_tokens: tokens already in the cache that those attended to.
+        decode_tokens: running requests it decoded a token for.
+    """
+
+    kind: str
+    seconds: float
+    prefill_tokens: int = 0
+    cached_tokens: int = 0
+    decode_tokens: int = 0
 
 
 class PrefixCache:
@@ -174,6 +194,7 @@ class ServeEngine:
         self.live: dict[int, _Live] = {}  # by sequence, in order of admission
         self._mixed: tuple[float, float] | None = None  # the last mixed iteration's start, sizing
         self._next_seq = 0
+        self.on_step: Callable[[Step], None] | None = None  # told of every forward pass
 
     @property
     def busy(self) -> bool:
@@ -278,7 +299,9 @@ class ServeEngine:
             t0 = time.perf_counter()
             logits = runner.step(decode)
             self._sample(decode, logits, range(decode.n_seqs), emit)
-            self.timer.decode(time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            self.timer.decode(seconds)
+            self._report(Step("decode", seconds, decode_tokens=decode.n_seqs))
         if not pending:
             return None
         take = self._take(pending, est, decoding)
@@ -304,10 +327,18 @@ class ServeEngine:
             self.timer.mixed(seconds, batch.n_tokens, batch.n_cached)
         else:
             self.timer.prefill(seconds, batch.n_tokens, batch.n_cached)
+        self._report(Step(
+            "mixed" if fused else "prefill", seconds, prefill_tokens=batch.n_tokens,
+            cached_tokens=batch.n_cached, decode_tokens=decode.n_seqs if fused else 0,
+        ))  # fmt: skip
         if self.tbt_slo_s is None or not decoding:
             return None
         return est.iteration_s(self.costs, new=batch.n_tokens, cached=batch.n_cached,
                                **_decode_load(decoding))  # fmt: skip
+
+    def _report(self, step: Step) -> None:
+        if self.on_step is not None:
+            self.on_step(step)
 
     def _take(self, pending, est: Estimates, decoding) -> dict[int, int]:
         """Tokens each waiting prompt prefills this iteration, first come first served."""

@@ -1,0 +1,206 @@
+"""What the server has done, for Prometheus (``GET /metrics``) and for its log.
+
+:class:`ServerMetrics` lives on rank 0. The HTTP handlers report requests as they are submitted
+or refused, the engine thread as they are scheduled, get a token and finish, and the engine as
+it runs each step (:class:`~cp_infer.serving.engine.Step`). The names follow vLLM's where they mean the same thing
+(``time_to_first_token_seconds``, ``time_per_output_token_seconds``, ...), prefixed
+``cp_infer_``, so that dashboards built for one read the other with a new prefix.
+
+Every :data:`LOG_EVERY_S` seconds in which something ran, the engine thread logs a line of
+throughput and queue depth (:meth:`ServerMetrics.maybe_log`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from cp_infer.serving.engine import Step
+
+__all__ = ["CONTENT_TYPE", "LOG_EVERY_S", "ServerMetrics"]
+
+logger = logging.getLogger(__name__)
+
+LOG_EVERY_S = 10.0
+
+# Long contexts make long prefills: the TTFT and latency buckets reach 10 minutes.
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
+_TBT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5, 10)
+_CHUNK_BUCKETS = tuple(2.0**k for k in range(4, 21))  # 16 .. 1M tokens
+
+
+@dataclass
+class _Times:
+    submitted: float
+    last: float | None = None  # the last token's time
+
+
+class ServerMetrics:
+    """Counters, gauges and histograms of one server, in their own registry.
+
+    Args:
+        waiting: the requests queued for the engine, read at each scrape.
+        running: the requests the engine holds (prefilling or decoding).
+        info: labels of the ``cp_infer_info`` gauge (model name, layout).
+        clock: seconds, monotonic (tests pass a fake one).
+    """
+
+    def __init__(
+        self, *, waiting: Callable[[], int], running: Callable[[], int],
+        info: dict[str, str] | None = None, clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
+        self.registry = r = CollectorRegistry()
+        self.clock, self._waiting, self._running = clock, waiting, running
+        self._lock = threading.Lock()
+        self._times: dict[int, _Times] = {}
+        p = "cp_infer_"
+        if info:
+            Gauge(p + "info", "The model and layout served", list(info), registry=r).labels(
+                **info
+            ).set(1)
+        Gauge(p + "num_requests_waiting", "Requests queued for the engine", registry=r
+              ).set_function(waiting)  # fmt: skip
+        Gauge(p + "num_requests_running", "Requests prefilling or decoding", registry=r
+              ).set_function(running)  # fmt: skip
+        self.cache_tokens = Gauge(
+            p + "prefix_cache_tokens", "Tokens finished requests keep cached for reuse",
+            registry=r,
+        )  # fmt: skip
+        self.prompt_tokens = Counter(
+            p + "prompt_tokens", "Prompt tokens of finished requests", registry=r
+        )
+        self.cached_tokens = Counter(
+            p + "prefix_cache_hit_tokens",
+            "Prompt tokens of finished requests found in the prefix cache (not prefilled)",
+            registry=r,
+        )  # fmt: skip
+        self.generation_tokens = Counter(p + "generation_tokens", "Tokens generated", registry=r)
+        self.prefill_tokens = Counter(
+            p + "prefill_tokens", "Prompt tokens prefilled (not found in the cache)", registry=r
+        )
+        self.finished = Counter(
+            p + "request_success", "Finished requests by reason (stop, length, cancelled, error)",
+            ["finished_reason"], registry=r,
+        )  # fmt: skip
+        self.rejected = Counter(
+            p + "request_rejected", "Requests refused (bad_request: 400, queue_full: 503)",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            p + "time_to_first_token_seconds", "From submission to the first token",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.tbt = Histogram(
+            p + "time_per_output_token_seconds", "Between two tokens of one request",
+            buckets=_TBT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_time = Histogram(
+            p + "request_queue_time_seconds", "From submission to the engine taking it",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.e2e = Histogram(
+            p + "e2e_request_latency_seconds", "From submission to the last token",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.step_seconds = Histogram(
+            p + "step_seconds", "One forward pass of the engine, by kind (decode, prefill, mixed)",
+            ["kind"], buckets=_TBT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.chunk_tokens = Histogram(
+            p + "prefill_chunk_tokens", "Prompt tokens prefilled per step",
+            buckets=_CHUNK_BUCKETS, registry=r,
+        )  # fmt: skip
+        # what the log lines report on: running totals, and those at the last line
+        self._totals = dict.fromkeys(("prefilled", "generated", "prompt", "cached"), 0)
+        self._logged = dict(self._totals)
+        self._logged_at = clock()
+        self._cache = 0
+
+    # -- requests ---------------------------------------------------------------------------------
+    def submitted(self, rid: int) -> None:
+        with self._lock:
+            self._times[rid] = _Times(self.clock())
+
+    def scheduled(self, rid: int) -> None:
+        with self._lock:
+            t = self._times.get(rid)
+        if t is not None:
+            self.queue_time.observe(self.clock() - t.submitted)
+
+    def token(self, rid: int) -> None:
+        now = self.clock()
+        with self._lock:
+            t = self._times.get(rid)
+            if t is None:
+                return
+            last, t.last = t.last, now
+            self._totals["generated"] += 1
+        if last is None:
+            self.ttft.observe(now - t.submitted)
+        else:
+            self.tbt.observe(now - last)
+        self.generation_tokens.inc()
+
+    def finish(
+        self, rid: int, reason: str, *, prompt_tokens: int = 0, cached_tokens: int = 0
+    ) -> None:
+        with self._lock:
+            t = self._times.pop(rid, None)
+            if reason in ("stop", "length"):
+                self._totals["prompt"] += prompt_tokens
+                self._totals["cached"] += cached_tokens
+        self.finished.labels(reason).inc()
+        if reason in ("stop", "length"):
+            self.prompt_tokens.inc(prompt_tokens)
+            self.cached_tokens.inc(cached_tokens)
+            if t is not None:
+                self.e2e.observe(self.clock() - t.submitted)
+
+    def reject(self, reason: str) -> None:
+        self.rejected.labels(reason).inc()
+
+    # -- the engine -------------------------------------------------------------------------------
+    def step(self, s: Step, *, cache_tokens: int | None = None) -> None:
+        """Record a step; ``cache_tokens``: what the prefix cache holds after it."""
+        self.step_seconds.labels(s.kind).observe(s.seconds)
+        if cache_tokens is not None:
+            self._cache = cache_tokens
+            self.cache_tokens.set(cache_tokens)
+        if s.prefill_tokens:
+            with self._lock:
+                self._totals["prefilled"] += s.prefill_tokens
+            self.prefill_tokens.inc(s.prefill_tokens)
+            self.chunk_tokens.observe(s.prefill_tokens)
+
+    # -- reading ----------------------------------------------------------------------------------
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+    def maybe_log(self) -> bool:
+        """Log throughput since the last line, at most every :data:`LOG_EVERY_S` seconds and
+        only if something ran; True if it logged."""
+        now = self.clock()
+        elapsed = now - self._logged_at
+        if elapsed < LOG_EVERY_S:
+            return False
+        with self._lock:
+            totals = dict(self._totals)
+        d = {k: totals[k] - self._logged[k] for k in totals}
+        self._logged_at, self._logged = now, totals
+        if not d["prefilled"] and not d["generated"]:
+            return False
+        hits = f"{d['cached'] / d['prompt']:.0%}" if d["prompt"] else "-"
+        logger.info(
+            "prefill %.1f tokens/s, generation %.1f tokens/s, running %d, waiting %d, "
+            "prefix cache %d tokens (hit rate %s)",
+            d["prefilled"] / elapsed, d["generated"] / elapsed, self._running(), self._waiting(),
+            self._cache, hits,
+        )  # fmt: skip
+        return True

@@ -1,0 +1,136 @@
+"""ServerMetrics: what a request's life and the engine's steps add to /metrics and to the log."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cp_infer.serving.engine import Step
+from cp_infer.serving.metrics import LOG_EVERY_S, ServerMetrics
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def samples(m: ServerMetrics) -> dict[tuple[str, frozenset], float]:
+    text = m.render().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(m: ServerMetrics, name: str, **labels) -> float:
+    return samples(m)[(name, frozenset(labels.items()))]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def metrics(clock) -> ServerMetrics:
+    state = {"waiting": 2, "running": 3}
+    m = ServerMetrics(waiting=lambda: state["waiting"], running=lambda: state["running"],
+                      info={"model_name": "m", "cp": "2"}, clock=clock)  # fmt: skip
+    m.state = state  # the tests change what the gauges read
+    return m
+
+
+def test_a_request_s_life_gives_its_latencies_and_tokens(metrics, clock):
+    metrics.submitted(7)
+    clock.now += 1.0
+    metrics.scheduled(7)
+    clock.now += 2.0
+    metrics.token(7)  # first token: 3 s after submission
+    for gap in (0.5, 1.0):
+        clock.now += gap
+        metrics.token(7)
+    clock.now += 0.5
+    metrics.finish(7, "length", prompt_tokens=10, cached_tokens=4)
+
+    p = "cp_infer_"
+    assert value(metrics, p + "request_queue_time_seconds_sum") == 1.0
+    assert value(metrics, p + "time_to_first_token_seconds_sum") == 3.0
+    assert value(metrics, p + "time_to_first_token_seconds_count") == 1
+    assert value(metrics, p + "time_per_output_token_seconds_sum") == 1.5
+    assert value(metrics, p + "time_per_output_token_seconds_count") == 2
+    assert value(metrics, p + "time_per_output_token_seconds_bucket", le="0.5") == 1
+    assert value(metrics, p + "e2e_request_latency_seconds_sum") == 5.0
+    assert value(metrics, p + "generation_tokens_total") == 3
+    assert value(metrics, p + "prompt_tokens_total") == 10
+    assert value(metrics, p + "prefix_cache_hit_tokens_total") == 4
+    assert value(metrics, p + "request_success_total", finished_reason="length") == 1
+
+
+def test_cancelled_and_refused_requests_are_counted_apart(metrics, clock):
+    metrics.submitted(1)
+    metrics.token(1)
+    metrics.finish(1, "cancelled", prompt_tokens=50)
+    metrics.reject("queue_full")
+    metrics.reject("bad_request")
+    metrics.reject("bad_request")
+    metrics.token(99)  # a request the metrics never saw (forgotten): ignored
+
+    p = "cp_infer_"
+    assert value(metrics, p + "request_success_total", finished_reason="cancelled") == 1
+    assert value(metrics, p + "prompt_tokens_total") == 0  # only finished requests count
+    assert value(metrics, p + "e2e_request_latency_seconds_count") == 0
+    assert value(metrics, p + "generation_tokens_total") == 1
+    assert value(metrics, p + "request_rejected_total", reason="bad_request") == 2
+    assert value(metrics, p + "request_rejected_total", reason="queue_full") == 1
+
+
+def test_gauges_read_the_server_at_each_scrape(metrics):
+    p = "cp_infer_"
+    assert value(metrics, p + "num_requests_waiting") == 2
+    assert value(metrics, p + "num_requests_running") == 3
+    metrics.state.update(waiting=0, running=1)
+    assert value(metrics, p + "num_requests_waiting") == 0
+    assert value(metrics, p + "num_requests_running") == 1
+    assert value(metrics, p + "info", model_name="m", cp="2") == 1
+
+
+def test_steps_give_prefill_tokens_chunks_and_step_times(metrics):
+    metrics.step(Step("prefill", 0.2, prefill_tokens=1000, cached_tokens=0), cache_tokens=0)
+    metrics.step(Step("mixed", 0.08, prefill_tokens=40, cached_tokens=1000, decode_tokens=3),
+                 cache_tokens=512)  # fmt: skip
+    metrics.step(Step("decode", 0.01, decode_tokens=3))
+
+    p = "cp_infer_"
+    assert value(metrics, p + "prefill_tokens_total") == 1040
+    assert value(metrics, p + "prefill_chunk_tokens_count") == 2
+    assert value(metrics, p + "prefill_chunk_tokens_bucket", le="64.0") == 1
+    assert value(metrics, p + "prefix_cache_tokens") == 512
+    for kind, seconds in (("prefill", 0.2), ("mixed", 0.08), ("decode", 0.01)):
+        assert value(metrics, p + "step_seconds_count", kind=kind) == 1
+        assert value(metrics, p + "step_seconds_sum", kind=kind) == pytest.approx(seconds)
+
+
+def test_the_log_line_reports_throughput_since_the_last_one(metrics, clock, caplog):
+    caplog.set_level(logging.INFO, logger="cp_infer.serving.metrics")
+    metrics.step(Step("prefill", 0.5, prefill_tokens=2000), cache_tokens=100)
+    metrics.submitted(1)
+    for _ in range(50):
+        metrics.token(1)
+    metrics.finish(1, "stop", prompt_tokens=2500, cached_tokens=500)
+    assert not metrics.maybe_log()  # too soon
+    clock.now += LOG_EVERY_S
+    assert metrics.maybe_log()
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line == (
+        "prefill 200.0 tokens/s, generation 5.0 tokens/s, running 3, waiting 2, "
+        "prefix cache 100 tokens (hit rate 20%)"
+    )
+    clock.now += LOG_EVERY_S
+    assert not metrics.maybe_log()  # nothing ran since: no line
+    assert len(caplog.records) == 1
