@@ -27,7 +27,7 @@ from cp_infer.attention.selector import Hardware, choose_variant, hardware_for
 from cp_infer.collectives import Exchange, make_exchange
 from cp_infer.engine.attention import DecodeAttention, MixedAttention, PrefillAttention
 from cp_infer.engine.batch import StepBatch
-from cp_infer.engine.kv_cache import KVCache
+from cp_infer.engine.kv_cache import MAX_SEGMENTS, KVCache
 from cp_infer.models.llama import ForwardContext, TokenSplit, Transformer
 from cp_infer.parallel.pipeline import recv_activation, send_activation
 from cp_infer.sharding import unshard
@@ -217,7 +217,10 @@ class ModelRunner:
         if prompt_logprobs:
             self.prompt_logprobs = self._prompt_logprobs(h[:split], prefill)
         last = self._last_token_hidden(h[:split], prefill)
-        return self.model.logits(last), self.model.logits(h[split:])
+        # one LM head pass over both: its weight is read once (it can be the largest GEMM of a
+        # step of a few rows, and CPU GEMMs of a few rows read their weight once per row)
+        logits = self.model.logits(torch.cat([last, h[split:]]))
+        return logits[: prefill.n_seqs], logits[prefill.n_seqs :]
 
     def _prompt_logprobs(self, h: torch.Tensor, batch: StepBatch) -> list[list[float]]:
         """Per sequence, the log-probability of each new token after the first, given the
@@ -287,9 +290,18 @@ class ModelRunner:
         mine = tuple(self.cache.segment_lens(seq) for seq in batch.seqs)
         if self.pg.cp == 1:
             return (mine,)
-        rows = [None] * self.pg.cp
-        dist.all_gather_object(rows, mine, group=self.pg.cp_group)
-        return tuple(rows)
+        # one gather of a fixed-size table (a sequence has at most MAX_SEGMENTS segments on a
+        # rank), -1 for no segment: a step of a few tokens pays for every collective it makes
+        assert all(len(lens) <= MAX_SEGMENTS for lens in mine)
+        table = torch.tensor(
+            [[*lens, *[-1] * (MAX_SEGMENTS - len(lens))] for lens in mine],
+            dtype=torch.long, device=self.device,
+        )  # fmt: skip
+        parts = [torch.empty_like(table) for _ in range(self.pg.cp)]
+        dist.all_gather(parts, table, group=self.pg.cp_group)
+        return tuple(
+            tuple(tuple(n for n in row if n >= 0) for row in part.tolist()) for part in parts
+        )
 
     def _last_token_hidden(self, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """(B, dim) hidden state of each sequence's last new token, on every CP rank."""
