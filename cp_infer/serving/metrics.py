@@ -59,62 +59,63 @@ class ServerMetrics:
         self.clock, self._waiting, self._running = clock, waiting, running
         self._lock = threading.Lock()
         self._times: dict[int, _Times] = {}
-        p = "cp_infer_"
+
+        def metric(kind, name, doc, labels=(), **kw):
+            return kind("cp_infer_" + name, doc, list(labels), registry=r, **kw)
+
         if info:
-            Gauge(p + "info", "The model and layout served", list(info), registry=r).labels(
-                **info
-            ).set(1)
-        Gauge(p + "num_requests_waiting", "Requests queued for the engine", registry=r
-              ).set_function(waiting)  # fmt: skip
-        Gauge(p + "num_requests_running", "Requests prefilling or decoding", registry=r
-              ).set_function(running)  # fmt: skip
-        self.cache_tokens = Gauge(
-            p + "prefix_cache_tokens", "Tokens finished requests keep cached for reuse",
-            registry=r,
-        )  # fmt: skip
-        self.prompt_tokens = Counter(
-            p + "prompt_tokens", "Prompt tokens of finished requests", registry=r
+            metric(Gauge, "info", "The model and layout served", info).labels(**info).set(1)
+        metric(Gauge, "num_requests_waiting", "Requests queued for the engine").set_function(
+            waiting
         )
-        self.cached_tokens = Counter(
-            p + "prefix_cache_hit_tokens",
+        metric(Gauge, "num_requests_running", "Requests prefilling or decoding").set_function(
+            running
+        )
+        self.cache_tokens = metric(
+            Gauge, "prefix_cache_tokens", "Tokens finished requests keep cached for reuse"
+        )
+        self.prompt_tokens = metric(Counter, "prompt_tokens", "Prompt tokens of finished requests")
+        self.cached_tokens = metric(
+            Counter, "prefix_cache_hit_tokens",
             "Prompt tokens of finished requests found in the prefix cache (not prefilled)",
-            registry=r,
         )  # fmt: skip
-        self.generation_tokens = Counter(p + "generation_tokens", "Tokens generated", registry=r)
-        self.prefill_tokens = Counter(
-            p + "prefill_tokens", "Prompt tokens prefilled (not found in the cache)", registry=r
+        self.generation_tokens = metric(Counter, "generation_tokens", "Tokens generated")
+        self.prefill_tokens = metric(
+            Counter, "prefill_tokens", "Prompt tokens prefilled (not found in the cache)"
         )
-        self.finished = Counter(
-            p + "request_success", "Finished requests by reason (stop, length, cancelled, error)",
-            ["finished_reason"], registry=r,
+        self.finished = metric(
+            Counter, "request_success",
+            "Finished requests by reason (stop, length, cancelled, error)", ["finished_reason"],
         )  # fmt: skip
-        self.rejected = Counter(
-            p + "request_rejected", "Requests refused (bad_request: 400, queue_full: 503)",
-            ["reason"], registry=r,
+        self.rejected = metric(
+            Counter, "request_rejected", "Requests refused (bad_request: 400, queue_full: 503)",
+            ["reason"],
         )  # fmt: skip
-        self.ttft = Histogram(
-            p + "time_to_first_token_seconds", "From submission to the first token",
-            buckets=_LATENCY_BUCKETS, registry=r,
+        latency = {"buckets": _LATENCY_BUCKETS}
+        self.ttft = metric(
+            Histogram, "time_to_first_token_seconds", "From submission to the first token",
+            **latency,
         )  # fmt: skip
-        self.tbt = Histogram(
-            p + "time_per_output_token_seconds", "Between two tokens of one request",
-            buckets=_TBT_BUCKETS, registry=r,
+        self.tbt = metric(
+            Histogram, "time_per_output_token_seconds", "Between two tokens of one request",
+            buckets=_TBT_BUCKETS,
         )  # fmt: skip
-        self.queue_time = Histogram(
-            p + "request_queue_time_seconds", "From submission to the engine taking it",
-            buckets=_LATENCY_BUCKETS, registry=r,
+        self.queue_time = metric(
+            Histogram, "request_queue_time_seconds", "From submission to the engine taking it",
+            **latency,
         )  # fmt: skip
-        self.e2e = Histogram(
-            p + "e2e_request_latency_seconds", "From submission to the last token",
-            buckets=_LATENCY_BUCKETS, registry=r,
+        self.e2e = metric(
+            Histogram, "e2e_request_latency_seconds", "From submission to the last token",
+            **latency,
         )  # fmt: skip
-        self.step_seconds = Histogram(
-            p + "step_seconds", "One forward pass of the engine, by kind (decode, prefill, mixed)",
-            ["kind"], buckets=_TBT_BUCKETS, registry=r,
+        self.step_seconds = metric(
+            Histogram, "step_seconds",
+            "One forward pass of the engine, by kind (decode, prefill, mixed)", ["kind"],
+            buckets=_TBT_BUCKETS,
         )  # fmt: skip
-        self.chunk_tokens = Histogram(
-            p + "prefill_chunk_tokens", "Prompt tokens prefilled per step",
-            buckets=_CHUNK_BUCKETS, registry=r,
+        self.chunk_tokens = metric(
+            Histogram, "prefill_chunk_tokens", "Prompt tokens prefilled per step",
+            buckets=_CHUNK_BUCKETS,
         )  # fmt: skip
         # what the log lines report on: running totals, and those at the last line
         self._totals = dict.fromkeys(("prefilled", "generated", "prompt", "cached"), 0)
