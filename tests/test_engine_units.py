@@ -196,3 +196,41 @@ def test_streamed_text_adds_up_to_the_whole_decode_without_partial_characters(st
     for t in [0, 1] * 500:
         stream.push(t)
     assert max(seen) <= 3
+
+
+def test_stop_strings_cut_the_text_before_the_first_and_send_nothing_of_it():
+    import random
+
+    from cp_infer.serving.api import StopStrings
+
+    rng = random.Random(0)
+    alphabet = "ab c\n"
+    for _ in range(500):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
+        stops = tuple(
+            "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 5)))
+            for _ in range(rng.randrange(1, 4))
+        )
+        cut, sent, i = StopStrings(stops), [], 0
+        while i < len(text):  # pieces of 0-3 characters, as tokens give them
+            n = rng.randrange(0, 4)
+            sent.append(cut.push(text[i : i + n]))
+            i += n
+        sent.append(cut.flush())
+        hits = [j for x in stops if (j := text.find(x)) >= 0]
+        want = text[: min(hits)] if hits else text
+        assert "".join(sent) == want, (text, stops, sent)
+        assert cut.stopped == bool(hits)
+        # nothing sent is ever part of a stop string
+        assert all(x not in "".join(sent) for x in stops)
+
+
+def test_stop_strings_hold_back_only_what_could_start_one():
+    from cp_infer.serving.api import StopStrings
+
+    cut = StopStrings(("</s>", "\n\n"))
+    assert cut.push("hello <") == "hello "  # "<" may begin "</s>"
+    assert cut.push("b>") == "<b>"  # it did not
+    assert cut.push(" end\n") == " end"
+    assert cut.push("\nmore") == ""  # "\n\n": stopped
+    assert cut.stopped and cut.push("x") == "" and cut.flush() == ""

@@ -228,6 +228,57 @@ def test_concurrent_requests_each_equal_their_answer_alone(server):
     assert together == alone
 
 
+def test_stop_strings_and_stop_token_ids_end_the_answer(server, checkpoint):
+    from openai import OpenAI
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    # sampled (seeded: the same answer each time), for a varied text
+    body = {"prompt": [31, 32, 33, 34], "max_tokens": 12, "temperature": 1.0, "seed": 7}
+    ref = server.post("/v1/completions", body).json()["choices"][0]
+    ids, text = ref["token_ids"], ref["text"]
+    assert ref["finish_reason"] == "length" and len(set(ids[:5])) >= 3
+    stop = f"w{ids[4]}"  # the fifth word (or an earlier one it begins)
+    want = text[: text.index(stop)]
+    m = next(n for n in range(1, len(ids) + 1) if stop in tok.decode(ids[:n]))
+
+    r = server.post("/v1/completions", {**body, "stop": [stop, "never"]}).json()
+    (c,) = r["choices"]
+    assert (c["text"], c["finish_reason"], c["token_ids"]) == (want, "stop", ids[:m])
+    assert r["usage"]["completion_tokens"] == m
+
+    pieces, finish, usage = [], None, None
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=120,
+                      json={**body, "stop": stop, "stream": True,
+                            "stream_options": {"include_usage": True}}) as resp:  # fmt: skip
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                if event["choices"]:
+                    pieces.append(event["choices"][0]["text"])
+                    finish = event["choices"][0]["finish_reason"] or finish
+                usage = event.get("usage") or usage
+    assert ("".join(pieces), finish, usage["completion_tokens"]) == (want, "stop", m)
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="none")
+    chat = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "w5 w6"}], max_tokens=8, seed=7
+    )
+    words = chat.choices[0].message.content.split()
+    cut = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "w5 w6"}], max_tokens=8, seed=7,
+        stop=[" " + words[2]],
+    )  # fmt: skip
+    assert cut.choices[0].finish_reason == "stop"
+    full = chat.choices[0].message.content
+    assert cut.choices[0].message.content == full[: full.index(" " + words[2])]
+
+    # a stop token ends the answer after it, as an end-of-sequence token does
+    r = server.post("/v1/completions", {**body, "stop_token_ids": [ids[3]]}).json()
+    (c,) = r["choices"]
+    assert c["finish_reason"] == "stop" and c["token_ids"] == ids[: ids.index(ids[3]) + 1]
+
+
 def _scrape(server) -> dict[tuple[str, frozenset], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -326,6 +377,9 @@ BAD = [
     ("/v1/completions", {"prompt": [1, 2], "max_tokens": 10**9}, "exceeds the model's"),
     ("/v1/completions", {"prompt": [1, 2], "n": 2}, "n"),
     ("/v1/completions", {"prompt": [1.5, 2]}, "prompt"),
+    ("/v1/completions", {"prompt": [1], "stop": ["a", "b", "c", "d", "e"]}, "at most 4 stop"),
+    ("/v1/completions", {"prompt": [1], "stop": ["a", ""]}, "must not be empty"),
+    ("/v1/completions", {"prompt": [1], "stop_token_ids": [600]}, "below the vocabulary size"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "w1"}]}, "role"),
 ]

@@ -31,7 +31,7 @@ from cp_infer.serving.engine import Outcome, Request
 from cp_infer.serving.metrics import CONTENT_TYPE, ServerMetrics
 from cp_infer.serving.protocol import ChatRequest, CompletionRequest, MegatronRequest, first_error
 
-__all__ = ["Frontend", "build_app"]
+__all__ = ["Frontend", "Reply", "StopStrings", "TextStream", "build_app"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class Frontend:
         self._queue: queue.Queue[Pending] = queue.Queue()
         self._live: dict[int, Pending] = {}
         self._cancelled: set[int] = set()
+        self._stopped: set[int] = set()  # cancelled by a stop string: they finished ("stop")
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.stopping = threading.Event()
@@ -134,10 +135,14 @@ class Frontend:
                 self._queue.put(p)
         return pending
 
-    def cancel(self, rid: int) -> None:
+    def cancel(self, rid: int, *, stopped: bool = False) -> None:
+        """Stop ``rid`` at the engine's next orders: its client left, or (``stopped``) its
+        text reached a stop string, which finishes it."""
         with self._lock:
             if rid in self._live:
                 self._cancelled.add(rid)
+                if stopped:
+                    self._stopped.add(rid)
 
     # -- the engine thread's side ----------------------------------------------------------------
     def next_batch(self, wait_s: float, limit: int | None = None) -> list[Request] | None:
@@ -184,10 +189,12 @@ class Frontend:
         for r in batch:
             with self._lock:
                 p = self._live.get(r.rid)
+                stopped = r.rid in self._stopped
                 self._forget(r.rid)
             o = outcomes[r.rid]
+            reason = "stop" if stopped and o.error is None else o.finish_reason
             self.metrics.finish(
-                r.rid, o.finish_reason, prompt_tokens=o.prompt_tokens, cached_tokens=o.cached_tokens
+                r.rid, reason, prompt_tokens=o.prompt_tokens, cached_tokens=o.cached_tokens
             )
             if p is not None:
                 p.loop.call_soon_threadsafe(p.events.put_nowait, outcomes[r.rid])
@@ -195,6 +202,7 @@ class Frontend:
     def _forget(self, rid: int) -> None:
         self._live.pop(rid, None)
         self._cancelled.discard(rid)
+        self._stopped.discard(rid)
 
     # -- text ------------------------------------------------------------------------------------
     def encode(self, text: str, param: str) -> list[int]:
@@ -256,6 +264,115 @@ class TextStream:
         return now[len(before) :]
 
 
+class StopStrings:
+    """Cuts a growing text before the first of some stop strings.
+
+    Text comes a piece at a time (:meth:`push`); what it returns is safe to send: it holds back
+    an end that could be the start of a stop string until the next pieces decide.
+
+    Args:
+        stops: the strings, none empty.
+    """
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops, self.longest = stops, max(len(x) for x in stops)
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def push(self, piece: str) -> str:
+        """Add ``piece``; returns the text now safe to send ("" once stopped)."""
+        if self.stopped:
+            return ""
+        start = max(len(self.text) - self.longest + 1, 0)  # a match ends in the new piece
+        self.text += piece
+        hits = [i for x in self.stops if (i := self.text.find(x, start)) >= 0]
+        if hits:
+            end, self.stopped = min(hits), True
+        else:
+            end = len(self.text) - self._held()
+        out, self.sent = self.text[self.sent : end], max(self.sent, end)
+        return out
+
+    def flush(self) -> str:
+        """The text held back, at the end of a stream that met no stop string."""
+        out, self.sent = ("" if self.stopped else self.text[self.sent :]), len(self.text)
+        return out
+
+    def _held(self) -> int:
+        """Length of the longest end of the text that begins a stop string."""
+        for n in range(min(self.longest - 1, len(self.text)), 0, -1):
+            tail = self.text[-n:]
+            if any(x.startswith(tail) for x in self.stops):
+                return n
+        return 0
+
+
+class Reply:
+    """One request's tokens and text as they come, the text cut at its stop strings.
+
+    Args:
+        front: the server's frontend (its tokenizer; told when a stop string ends the request).
+        pending: the request.
+        stops: its stop strings.
+    """
+
+    def __init__(self, front: Frontend, pending: Pending, stops: tuple[str, ...] = ()) -> None:
+        self.front, self.pending = front, pending
+        self.text = TextStream(front.decode) if front.tokenizer is not None else None
+        self.cut = StopStrings(stops) if stops else None
+        self.tokens: list[int] = []
+        self.outcome: Outcome | None = None
+        self.stopped = False
+
+    async def pieces(self):
+        """(token, text) for each token until the request ends or its text meets a stop string
+        (which cancels the rest: the engine stops it at its next orders)."""
+        rid = self.pending.request.rid
+        try:
+            while True:
+                ev = await self.pending.events.get()
+                if isinstance(ev, Outcome):
+                    self.outcome = ev
+                    return
+                self.tokens.append(ev)
+                piece = self.text.push(ev) if self.text is not None else ""
+                if self.cut is not None:
+                    piece = self.cut.push(piece)
+                    self.stopped = self.cut.stopped
+                yield ev, piece
+                if self.stopped:
+                    self.front.cancel(rid, stopped=True)
+                    return
+        except (asyncio.CancelledError, GeneratorExit):
+            self.front.cancel(rid)
+            raise
+
+    def rest(self) -> str:
+        """The text the last tokens held back (a partial character, a stop string's start)."""
+        if self.stopped or self.text is None:
+            return ""
+        piece = self.text.flush()
+        if self.cut is None:
+            return piece
+        piece = self.cut.push(piece)
+        self.stopped = self.cut.stopped
+        return piece + self.cut.flush()
+
+    async def finished(self) -> Outcome:
+        """The engine's outcome (after a stop string: of the cancelled rest, for its usage)."""
+        while self.outcome is None:
+            ev = await self.pending.events.get()
+            if isinstance(ev, Outcome):
+                self.outcome = ev
+        return self.outcome
+
+    @property
+    def finish_reason(self) -> str:
+        return "stop" if self.stopped else self.outcome.finish_reason
+
+    def usage(self) -> dict:
+        return _usage(self.outcome, completion_tokens=len(self.tokens))
+
+
 class QueueFull(RuntimeError):
     pass
 
@@ -266,11 +383,12 @@ def _openai_error(status: int, message: str, param: str | None = None, kind=None
     return JSONResponse(body, status_code=status)
 
 
-def _usage(o: Outcome) -> dict:
+def _usage(o: Outcome, completion_tokens: int | None = None) -> dict:
+    n = len(o.tokens) if completion_tokens is None else completion_tokens
     return {
         "prompt_tokens": o.prompt_tokens,
-        "completion_tokens": len(o.tokens),
-        "total_tokens": o.prompt_tokens + len(o.tokens),
+        "completion_tokens": n,
+        "total_tokens": o.prompt_tokens + n,
         "prompt_tokens_details": {"cached_tokens": o.cached_tokens},
     }
 
@@ -297,9 +415,20 @@ def build_app(front: Frontend) -> FastAPI:
             raise BadRequest(*first_error(e)) from e
 
     def sampling(req, max_new: int) -> SamplingConfig:
+        extra = req.stop_token_ids or []
+        if any(t >= front.vocab_size for t in extra):
+            raise BadRequest(
+                f"stop_token_ids {extra}: ids must be below the vocabulary size {front.vocab_size}",
+                "stop_token_ids",
+            )
+        if req.stops and front.tokenizer is None:
+            raise BadRequest(
+                "stop strings need the checkpoint's tokenizer: give stop_token_ids instead",
+                "stop",
+            )
         return SamplingConfig(
             max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p,
-            seed=req.seed, eos_id=tuple(front.eos_ids) or None,
+            seed=req.seed, eos_id=tuple(sorted(front.eos_ids | set(extra))) or None,
         )  # fmt: skip
 
     async def finish(pending: Pending) -> tuple[list[int], Outcome]:
@@ -313,10 +442,6 @@ def build_app(front: Frontend) -> FastAPI:
         except asyncio.CancelledError:
             front.cancel(pending.request.rid)
             raise
-
-    def check_outcome(o: Outcome) -> None:
-        if o.error is not None:
-            raise RuntimeError(o.error)
 
     @app.exception_handler(BadRequest)
     async def _bad(_, e: BadRequest):
@@ -355,26 +480,29 @@ def build_app(front: Frontend) -> FastAPI:
                 stream(pending, rid, obj + (".chunk" if kind == "chat" else ""), kind, req),
                 media_type="text/event-stream",
             )
-        _, o = await finish(pending)
-        if o.error is not None:
+        reply = Reply(front, pending, req.stops)
+        pieces = [piece async for _, piece in reply.pieces()]
+        o = await reply.finished()
+        if o.error is not None and not reply.stopped:
             return _openai_error(500, f"generation failed: {o.error}")
-        text = front.decode(o.tokens)
+        # without stop strings, the whole answer decoded at once (no piecewise approximation)
+        text = "".join(pieces) + reply.rest() if req.stops else front.decode(reply.tokens)
         if kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": o.finish_reason}  # fmt: skip
+                      "finish_reason": reply.finish_reason}  # fmt: skip
         else:
             choice = {"index": 0, "text": text, "logprobs": None,
-                      "finish_reason": o.finish_reason}  # fmt: skip
-        choice["token_ids"] = o.tokens
+                      "finish_reason": reply.finish_reason}  # fmt: skip
+        choice["token_ids"] = reply.tokens
         return {"id": rid, "object": obj, "created": int(time.time()), "model": front.model_name,
-                "choices": [choice], "usage": _usage(o)}  # fmt: skip
+                "choices": [choice], "usage": reply.usage()}  # fmt: skip
 
     def req_budget(req) -> int:
         return req.budget if isinstance(req, ChatRequest) else req.max_tokens
 
     async def stream(pending: Pending, rid: str, obj: str, kind: str, req):
         created = int(time.time())
-        text = TextStream(front.decode) if front.tokenizer is not None else None
+        reply = Reply(front, pending, req.stops)
 
         def chunk(delta, finish=None, token=None):
             c = {"index": 0, "finish_reason": finish}
@@ -390,23 +518,21 @@ def build_app(front: Frontend) -> FastAPI:
         try:
             if kind == "chat":
                 yield _sse(chunk({"role": "assistant", "content": ""}))
-            while True:
-                ev = await pending.events.get()
-                if isinstance(ev, Outcome):
-                    break
-                delta = text.push(ev) if text is not None else ""
-                yield _sse(chunk({"content": delta}, token=ev))
-            if ev.error is not None:
-                yield _sse({"error": {"message": f"generation failed: {ev.error}",
+            async for token, piece in reply.pieces():
+                yield _sse(chunk({"content": piece}, token=token))
+            if not reply.stopped and reply.outcome.error is not None:
+                yield _sse({"error": {"message": f"generation failed: {reply.outcome.error}",
                                       "type": "server_error"}})  # fmt: skip
                 return
-            rest = text.flush() if text is not None else ""
-            if rest:  # a character the last tokens left partial
+            rest = reply.rest()
+            if rest:  # a partial character, or a possible stop string's start, held back
                 yield _sse(chunk({"content": rest}))
-            yield _sse(chunk({}, ev.finish_reason))
+            yield _sse(chunk({}, reply.finish_reason))
             if req.stream_options is not None and req.stream_options.include_usage:
+                await reply.finished()
                 yield _sse({"id": rid, "object": obj, "created": created,
-                            "model": front.model_name, "choices": [], "usage": _usage(ev)})  # fmt: skip
+                            "model": front.model_name, "choices": [],
+                            "usage": reply.usage()})  # fmt: skip
             yield _sse("[DONE]")
         except (asyncio.CancelledError, GeneratorExit):
             front.cancel(pending.request.rid)

@@ -33,6 +33,31 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
     user: str | None = None  # the client's label for the caller: logged, not used
+    # up to 4 strings; the text ends before the first one generated (finish_reason "stop")
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None  # vLLM's: more end-of-sequence ids
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        strings = [v] if isinstance(v, str) else v or []
+        if len(strings) > 4:
+            raise ValueError(f"at most 4 stop sequences, got {len(strings)}")
+        if any(not s for s in strings):
+            raise ValueError("a stop sequence must not be empty")
+        return v
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_ids(cls, v):
+        if v is not None and any(t < 0 for t in v):
+            raise ValueError("token ids are >= 0")
+        return v
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        """The stop strings, as a tuple (none: empty)."""
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
     @field_validator("temperature", "top_p", mode="before")
     @classmethod
