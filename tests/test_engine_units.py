@@ -234,3 +234,21 @@ def test_stop_strings_hold_back_only_what_could_start_one():
     assert cut.push(" end\n") == " end"
     assert cut.push("\nmore") == ""  # "\n\n": stopped
     assert cut.stopped and cut.push("x") == "" and cut.flush() == ""
+
+
+def test_an_answer_is_decoded_after_its_prompt_and_keeps_its_leading_space():
+    from cp_infer.serving.api import TextStream
+
+    # a sentencepiece-like decoder: a piece's leading space shows only after other text
+    pieces = {0: " the", 1: " cat", 2: " sat", 3: "\xe2", 4: "\x82\xac"}
+
+    def decode(tokens):
+        raw = "".join(pieces[t] for t in tokens).encode("latin-1")
+        return raw.decode("utf-8", errors="replace").removeprefix(" ")
+
+    stream = TextStream(decode)
+    assert [stream.push(t) for t in (1, 2)] == ["cat", " sat"]  # the first piece lost its space
+    stream = TextStream(decode, prefix=[0])
+    assert [stream.push(t) for t in (1, 2)] == [" cat", " sat"]
+    stream = TextStream(decode, prefix=[0, 1])
+    assert [stream.push(t) for t in (3, 4, 2)] == ["", "€", " sat"]

@@ -380,6 +380,13 @@ BAD = [
     ("/v1/completions", {"prompt": [1], "stop": ["a", "b", "c", "d", "e"]}, "at most 4 stop"),
     ("/v1/completions", {"prompt": [1], "stop": ["a", ""]}, "must not be empty"),
     ("/v1/completions", {"prompt": [1], "stop_token_ids": [600]}, "below the vocabulary size"),
+    ("/v1/completions", {"prompt": [1], "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"prompt": [1], "logprobs": 1, "stream": True}, "with stream: true"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "w1"}], "top_logprobs": 2},
+        "needs logprobs: true",
+    ),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "w1"}]}, "role"),
 ]
@@ -496,6 +503,53 @@ def test_megatron_logprobs_match_transformers(server, checkpoint):
     assert r.json()["tokens"][0] == PROMPTS[2]
     torch.testing.assert_close(r.json()["logprobs"][0], logprobs[: len(PROMPTS[2]) - 1],
                                atol=1e-5, rtol=0)  # fmt: skip
+
+
+def test_openai_logprobs_and_echo_match_transformers(server, checkpoint):
+    import torch
+    import transformers
+    from openai import OpenAI
+
+    prompt = PROMPTS[2]
+    body = {"prompt": prompt, "max_tokens": 4, "temperature": 0, "logprobs": 3, "echo": True}
+    r = server.post("/v1/completions", body)
+    assert r.status_code == 200, r.text
+    (c,) = r.json()["choices"]
+    tokens = prompt + c["token_ids"]
+    lp = c["logprobs"]
+    assert c["text"] == _words(prompt) + " " + _words(c["token_ids"])  # echo: prompt first
+    # each token's text as it stands in the text, space included
+    assert lp["tokens"] == [f"w{tokens[0]}"] + [f" w{t}" for t in tokens[1:]]
+    assert lp["token_logprobs"][0] is None
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([tokens])).logits[0].float(), -1)[:-1]
+    chosen = ref.gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:]), chosen, atol=1e-4, rtol=0)
+    assert lp["top_logprobs"][0] is None
+    for row, top in zip(ref, lp["top_logprobs"][1:], strict=True):
+        values, ids = row.topk(3)
+        got = [top[f" w{i}"] for i in ids.tolist()]  # the 3 most likely (and the chosen one)
+        torch.testing.assert_close(torch.tensor(got), values, atol=1e-4, rtol=0)
+    assert lp["text_offset"][:3] == [0, 3, 7]  # "w20 w21 w22": where each token begins
+    # without echo: the generated tokens only, as the end of the echoed ones
+    r = server.post("/v1/completions", {**body, "echo": False, "logprobs": 0}).json()["choices"][0]
+    assert r["text"] == " " + _words(c["token_ids"])  # decoded after the prompt: its space
+    torch.testing.assert_close(r["logprobs"]["token_logprobs"], lp["token_logprobs"][-4:],
+                               atol=1e-5, rtol=0)  # fmt: skip
+    assert [len(t) for t in r["logprobs"]["top_logprobs"]] == [1] * 4  # the chosen one only
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="none")
+    chat = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "w5 w6"}], max_tokens=3, temperature=0,
+        logprobs=True, top_logprobs=2,
+    )  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens == 3
+    for entry in content:  # greedy: the chosen token is the most likely one
+        assert len(entry.top_logprobs) == 2 and entry.token == entry.top_logprobs[0].token
+        assert entry.logprob == entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert bytes(entry.bytes).decode() == entry.token
 
 
 OPTION_ERRORS = [

@@ -78,6 +78,8 @@ class ModelRunner:
         self._exchange: Exchange | None = None
         self._exchange_bytes = 0
         self.prompt_logprobs: list[list[float]] | None = None
+        # with prompt_top > 0: per sequence and position, the (id, logprob) most likely
+        self.prompt_top_logprobs: list[list[list[tuple[int, float]]]] | None = None
 
     # -- choices ----------------------------------------------------------------------------
     def resolve_variant(self, variant: str, new: int, cached: int) -> str:
@@ -115,14 +117,17 @@ class ModelRunner:
     # -- one step ---------------------------------------------------------------------------
     @torch.no_grad()
     def step(
-        self, batch: StepBatch, *, progress: bool = False, prompt_logprobs: bool = False
-    ) -> torch.Tensor | None:
+        self, batch: StepBatch, *, progress: bool = False, prompt_logprobs: bool = False,
+        prompt_top: int = 0,
+    ) -> torch.Tensor | None:  # fmt: skip
         """Run ``batch`` through this rank's stage; (B, V) float32 logits on the last stage.
 
         Args:
             progress: show a per-layer progress bar on a prefill that takes over a second.
             prompt_logprobs: a prefill also leaves, in :attr:`prompt_logprobs` on the last
                 stage, every new token's log-probability given those before it.
+            prompt_top: with ``prompt_logprobs``, also the ``prompt_top`` most likely tokens
+                at each position, in :attr:`prompt_top_logprobs`.
         """
         pg = self.pg
         self.cache.plan(batch.store_plans(pg.cp_rank))
@@ -163,14 +168,15 @@ class ModelRunner:
             return None
         if batch.kind == "prefill":
             if prompt_logprobs:
-                self.prompt_logprobs = self._prompt_logprobs(h, batch)
+                self._prompt_logprobs(h, batch, prompt_top)
             h = self._last_token_hidden(h, batch)
         return self.model.logits(h)
 
     @torch.no_grad()
     def step_mixed(
-        self, prefill: StepBatch, decode: StepBatch, *, prompt_logprobs: bool = False
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        self, prefill: StepBatch, decode: StepBatch, *, prompt_logprobs: bool = False,
+        prompt_top: int = 0,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
         """A prefill batch and a decode batch (other sequences) in one forward pass: the layers'
         GEMMs run once over both, attention is each batch's own (the ring, KVP).
 
@@ -183,7 +189,10 @@ class ModelRunner:
         if self.cfg.is_moe and pg.ep > 1 and pg.cp > 1:
             # decode routes each token from one CP rank only (TokenSplit), prefill from its
             # shard's: two passes
-            return (self.step(prefill, prompt_logprobs=prompt_logprobs), self.step(decode))
+            return (
+                self.step(prefill, prompt_logprobs=prompt_logprobs, prompt_top=prompt_top),
+                self.step(decode),
+            )
         split = prefill.layout.t_local
         plans = prefill.store_plans(pg.cp_rank) + [
             replace(p, start=p.start + split) for p in decode.store_plans(pg.cp_rank)
@@ -215,16 +224,18 @@ class ModelRunner:
         if h is None:
             return None, None
         if prompt_logprobs:
-            self.prompt_logprobs = self._prompt_logprobs(h[:split], prefill)
+            self._prompt_logprobs(h[:split], prefill, prompt_top)
         last = self._last_token_hidden(h[:split], prefill)
         # one LM head pass over both: its weight is read once (it can be the largest GEMM of a
         # step of a few rows, and CPU GEMMs of a few rows read their weight once per row)
         logits = self.model.logits(torch.cat([last, h[split:]]))
         return logits[: prefill.n_seqs], logits[prefill.n_seqs :]
 
-    def _prompt_logprobs(self, h: torch.Tensor, batch: StepBatch) -> list[list[float]]:
+    def _prompt_logprobs(self, h: torch.Tensor, batch: StepBatch, top: int = 0) -> None:
         """Per sequence, the log-probability of each new token after the first, given the
-        ones before it (Megatron's ``logprobs``), on every rank of the last stage."""
+        ones before it (Megatron's ``logprobs``), into :attr:`prompt_logprobs` on every rank of
+        the last stage; with ``top``, the ``top`` most likely tokens at each of those positions
+        into :attr:`prompt_top_logprobs`."""
         pg = self.pg
         flat = torch.tensor([t for seq in batch.tokens for t in seq], dtype=torch.long)
         index = batch.layout.gather_index(pg.cp_rank)  # packed index of each local token
@@ -233,21 +244,36 @@ class ModelRunner:
         has_next = (index >= 0) & ~torch.isin(index + 1, ends)
         target = torch.where(has_next, flat[(index + 1).clamp(max=len(flat) - 1)], 0)
         mine = torch.full((h.shape[0],), float("nan"), dtype=torch.float64)
+        top_lp = torch.zeros((h.shape[0], top), dtype=torch.float64)
+        top_id = torch.zeros((h.shape[0], top), dtype=torch.long)
         for lo in range(0, h.shape[0], 1024):  # chunks: (T, V) logits at once can be huge
             hi = min(lo + 1024, h.shape[0])
             logp = torch.log_softmax(self.model.logits(h[lo:hi]), dim=-1).cpu()
             mine[lo:hi] = logp.gather(1, target[lo:hi, None])[:, 0].double()
+            if top:
+                values, ids = logp.topk(top, dim=-1)
+                top_lp[lo:hi], top_id[lo:hi] = values.double(), ids
         mine[~has_next] = float("nan")
+        per_seq = list(zip(batch.layout.seq_offsets, batch.layout.seq_offsets[1:], strict=False))
+        packed = self._gather_tokens(mine, batch)
+        self.prompt_logprobs = [packed[a : b - 1].tolist() for a, b in per_seq]
+        self.prompt_top_logprobs = None
+        if top:
+            lp, ids = self._gather_tokens(top_lp, batch), self._gather_tokens(top_id, batch)
+            self.prompt_top_logprobs = [
+                [list(zip(i, v, strict=True)) for i, v in zip(ids[a : b - 1].tolist(),
+                                                              lp[a : b - 1].tolist(), strict=True)]
+                for a, b in per_seq
+            ]  # fmt: skip
+
+    def _gather_tokens(self, mine: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """Per-token values of this CP rank's shard -> the whole packed batch's, on the CPU."""
         parts = [mine]
-        if pg.cp > 1:
-            parts = [torch.empty_like(mine) for _ in range(pg.cp)]
-            dist.all_gather(parts, mine.to(self.device), group=pg.cp_group)
+        if self.pg.cp > 1:
+            parts = [torch.empty_like(mine, device=self.device) for _ in range(self.pg.cp)]
+            dist.all_gather(parts, mine.to(self.device), group=self.pg.cp_group)
             parts = [x.cpu() for x in parts]
-        packed = unshard(parts, batch.layout)
-        return [
-            packed[a : b - 1].tolist()
-            for a, b in zip(batch.layout.seq_offsets, batch.layout.seq_offsets[1:], strict=False)
-        ]
+        return unshard(parts, batch.layout)
 
     def share_tokens(self, tokens: torch.Tensor | None, batch: StepBatch) -> torch.Tensor:
         """The tokens sampled on the last stage, on every stage of this pipeline."""

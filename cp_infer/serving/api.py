@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI
@@ -34,6 +34,8 @@ from cp_infer.serving.protocol import ChatRequest, CompletionRequest, MegatronRe
 __all__ = ["Frontend", "Reply", "StopStrings", "TextStream", "build_app"]
 
 logger = logging.getLogger(__name__)
+
+CONTEXT_TOKENS = 4  # prompt tokens an answer's text is decoded after (its leading space)
 
 
 class BadRequest(ValueError):
@@ -99,8 +101,9 @@ class Frontend:
 
     # -- the handlers' side ----------------------------------------------------------------------
     def make_request(
-        self, tokens: list[int], sampling: SamplingConfig, *, logprobs: bool = False
-    ) -> Request:
+        self, tokens: list[int], sampling: SamplingConfig, *, logprobs: bool = False,
+        top_logprobs: int | None = None,
+    ) -> Request:  # fmt: skip
         if not tokens:
             raise BadRequest("the prompt is empty; give at least one token", "prompt")
         bad = [t for t in tokens if not 0 <= t < self.vocab_size]
@@ -121,7 +124,7 @@ class Frontend:
                 self.check_memory(total)
             except ValueError as e:
                 raise BadRequest(str(e), "max_tokens") from e
-        return Request(next(self._ids), tuple(tokens), sampling, logprobs)
+        return Request(next(self._ids), tuple(tokens), sampling, logprobs, top_logprobs)
 
     def submit(self, requests: list[Request]) -> list[Pending]:
         loop = asyncio.get_running_loop()
@@ -215,6 +218,29 @@ class Frontend:
     def decode(self, tokens: list[int]) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode(tokens)
 
+    def context(self, prompt: Sequence[int]) -> list[int]:
+        """The prompt's last few tokens, to decode an answer after (whole characters only)."""
+        for n in range(min(CONTEXT_TOKENS, len(prompt)), 0, -1):
+            text = self.tokenizer.decode(list(prompt[-n:]))
+            if not (text.startswith("\ufffd") or text.endswith("\ufffd")):
+                return list(prompt[-n:])
+        return []
+
+    def continuation(self, prompt: Sequence[int], tokens: list[int]) -> str | None:
+        """The text of ``tokens`` where they follow ``prompt`` (None without a tokenizer)."""
+        if self.tokenizer is None:
+            return None
+        head = self.context(prompt)
+        return self.tokenizer.decode(head + tokens)[len(self.tokenizer.decode(head)) :]
+
+    def token_text(self, seq: Sequence[int], i: int, token: int) -> str:
+        """The text ``token`` adds at position ``i`` of ``seq`` (after ``seq[:i]``), as
+        logprobs name it (``token_id:N`` without a tokenizer)."""
+        if self.tokenizer is None:
+            return f"token_id:{token}"
+        head = list(seq[max(i - CONTEXT_TOKENS, 0) : i])
+        return self.tokenizer.decode([*head, token])[len(self.tokenizer.decode(head)) :]
+
     def chat_tokens(self, messages) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise BadRequest(
@@ -238,13 +264,15 @@ class TextStream:
 
     Args:
         decode: token ids to text.
+        prefix: the tokens the text follows (the prompt's last few): its first token is
+            decoded after them, so it keeps the space a tokenizer drops at a text's start.
     """
 
-    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+    def __init__(self, decode: Callable[[list[int]], str], prefix: Sequence[int] = ()) -> None:
         self.decode = decode
-        self.tokens: list[int] = []
+        self.tokens: list[int] = list(prefix)
         self.context = 0  # tokens from here on are decoded for context
-        self.emitted = 0  # tokens before this one have been turned into text
+        self.emitted = len(self.tokens)  # tokens before this one have been turned into text
 
     def push(self, token: int) -> str:
         """Add ``token``; returns the text it completes ("" while a character is partial)."""
@@ -317,7 +345,9 @@ class Reply:
 
     def __init__(self, front: Frontend, pending: Pending, stops: tuple[str, ...] = ()) -> None:
         self.front, self.pending = front, pending
-        self.text = TextStream(front.decode) if front.tokenizer is not None else None
+        self.text = None
+        if front.tokenizer is not None:
+            self.text = TextStream(front.decode, front.context(pending.request.tokens))
         self.cut = StopStrings(stops) if stops else None
         self.tokens: list[int] = []
         self.outcome: Outcome | None = None
@@ -391,6 +421,46 @@ def _usage(o: Outcome, completion_tokens: int | None = None) -> dict:
         "total_tokens": o.prompt_tokens + n,
         "prompt_tokens_details": {"cached_tokens": o.cached_tokens},
     }
+
+
+def _completion_logprobs(
+    front: Frontend, seq: list[int], first: int, logprobs: list[float], tops
+) -> dict:
+    """OpenAI's completions ``logprobs`` of ``seq[first:]`` (the answer, or with ``echo`` the
+    prompt too, whose first token has no log-probability): each token's text, log-probability,
+    most likely alternatives (the chosen one among them) and offset in the text."""
+    texts = [front.token_text(seq, i, seq[i]) for i in range(first, len(seq))]
+    lps: list[float | None] = [None] * (first == 0) + list(logprobs)
+    top: list[dict | None] = [None] * (first == 0)
+    for i, lp, alts in zip(range(max(first, 1), len(seq)), logprobs, tops, strict=True):
+        alternatives = {front.token_text(seq, i, t): v for t, v in alts}
+        alternatives.setdefault(front.token_text(seq, i, seq[i]), lp)
+        top.append(alternatives)
+    offsets = list(itertools.accumulate((len(x) for x in texts[:-1]), initial=0))
+    return {"tokens": texts, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
+
+
+def _chat_logprobs(front: Frontend, seq: list[int], first: int, logprobs: list[float], tops):
+    """OpenAI's chat ``logprobs`` of the answer ``seq[first:]``: per token, its text, bytes,
+    log-probability and its ``top_logprobs`` most likely alternatives."""
+
+    def entry(i: int, token: int, lp: float) -> dict:
+        text = front.token_text(seq, i, token)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    return {
+        "content": [
+            {**entry(i, seq[i], lp), "top_logprobs": [entry(i, t, v) for t, v in alts]}
+            for i, lp, alts in zip(range(first, len(seq)), logprobs, tops, strict=True)
+        ]
+    }
+
+
+def _alternatives(req) -> int | None:
+    """How many most likely tokens a request wants per position (None: no logprobs)."""
+    if isinstance(req, ChatRequest):
+        return (req.top_logprobs or 0) if req.logprobs else None
+    return req.logprobs
 
 
 def _sse(data) -> bytes:
@@ -472,7 +542,12 @@ def build_app(front: Frontend) -> FastAPI:
         }  # fmt: skip
 
     async def run_openai(http, req, tokens, kind: str):
-        (pending,) = front.submit([front.make_request(tokens, sampling(req, req_budget(req)))])
+        k = _alternatives(req)
+        request = front.make_request(
+            tokens, sampling(req, req_budget(req)), logprobs=req.echo and k is not None,
+            top_logprobs=k,
+        )  # fmt: skip
+        (pending,) = front.submit([request])
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         obj = "chat.completion" if kind == "chat" else "text_completion"
         if req.stream:
@@ -486,12 +561,25 @@ def build_app(front: Frontend) -> FastAPI:
         if o.error is not None and not reply.stopped:
             return _openai_error(500, f"generation failed: {o.error}")
         # without stop strings, the whole answer decoded at once (no piecewise approximation)
-        text = "".join(pieces) + reply.rest() if req.stops else front.decode(reply.tokens)
+        text = (
+            "".join(pieces) + reply.rest()
+            if req.stops
+            else front.continuation(tokens, reply.tokens)
+        )
+        logprobs = None
+        if k is not None:  # the prompt's (echo), then those of the tokens kept
+            n = (len(tokens) - 1) * req.echo + len(reply.tokens)
+            first = 0 if req.echo else len(tokens)
+            shown = (front, tokens + reply.tokens, first, o.logprobs[:n], o.top_logprobs[:n])
+            logprobs = _chat_logprobs(*shown) if kind == "chat" else _completion_logprobs(*shown)
+        if req.echo and text is not None:
+            prompt = req.prompt if isinstance(req.prompt, str) else front.decode(tokens)
+            text = prompt + text
         if kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": reply.finish_reason}  # fmt: skip
+                      "logprobs": logprobs, "finish_reason": reply.finish_reason}  # fmt: skip
         else:
-            choice = {"index": 0, "text": text, "logprobs": None,
+            choice = {"index": 0, "text": text, "logprobs": logprobs,
                       "finish_reason": reply.finish_reason}  # fmt: skip
         choice["token_ids"] = reply.tokens
         return {"id": rid, "object": obj, "created": int(time.time()), "model": front.model_name,
@@ -518,6 +606,9 @@ def build_app(front: Frontend) -> FastAPI:
         try:
             if kind == "chat":
                 yield _sse(chunk({"role": "assistant", "content": ""}))
+            elif req.echo and front.tokenizer is not None:
+                prompt = req.prompt if isinstance(req.prompt, str) else front.decode(req.prompt)
+                yield _sse(chunk({"content": prompt}))
             async for token, piece in reply.pieces():
                 yield _sse(chunk({"content": piece}, token=token))
             if not reply.stopped and reply.outcome.error is not None:

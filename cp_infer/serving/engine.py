@@ -58,12 +58,20 @@ class Request:
         sampling: budget, temperature, top-k/p, seed and EOS ids.
         logprobs: also return every token's log-probability (prompt and generated). Such a
             request prefills its whole prompt: cached tokens have no logits to give.
+        top_logprobs: also return the generated tokens' log-probabilities, each position with
+            its ``top_logprobs`` most likely tokens (OpenAI's ``logprobs``); with ``logprobs``,
+            the prompt's positions too.
     """
 
     rid: int
     tokens: tuple[int, ...]
     sampling: SamplingConfig
     logprobs: bool = False
+    top_logprobs: int | None = None
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs or self.top_logprobs is not None
 
 
 @dataclass
@@ -75,7 +83,9 @@ class Outcome:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
-    logprobs: list[float] | None = None  # of tokens[1:] + generated, when asked for
+    logprobs: list[float] | None = None  # of tokens[1:] (with logprobs) + generated
+    # aligned with logprobs, when top_logprobs was asked for: (id, logprob), most likely first
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -226,7 +236,8 @@ class ServeEngine:
         state, new = self._assign(req)
         outcome = Outcome(
             prompt_tokens=len(req.tokens), cached_tokens=len(req.tokens) - len(new),
-            logprobs=[] if req.logprobs else None,
+            logprobs=[] if req.wants_logprobs else None,
+            top_logprobs=[] if req.top_logprobs is not None else None,
         )  # fmt: skip
         try:  # a pure check: every rank refuses alike
             self.sched.admit(state, new, req.sampling.max_new_tokens, req.sampling.eos_ids,
@@ -310,16 +321,23 @@ class ServeEngine:
         )
         lives = [self.live[seq] for seq in batch.seqs]
         want = any(x.request.logprobs for x in lives)
+        top = max((x.request.top_logprobs or 0 for x in lives if x.request.logprobs), default=0)
         t0 = time.perf_counter()
         if fused:
-            logits, decode_logits = runner.step_mixed(batch, decode, prompt_logprobs=want)
+            logits, decode_logits = runner.step_mixed(
+                batch, decode, prompt_logprobs=want, prompt_top=top
+            )
             self._sample(decode, decode_logits, range(decode.n_seqs), emit)
         else:
-            logits = runner.step(batch, prompt_logprobs=want)
+            logits = runner.step(batch, prompt_logprobs=want, prompt_top=top)
         if want:
-            for x, lp in zip(lives, runner.share_object(runner.prompt_logprobs), strict=True):
+            prompt = runner.share_object((runner.prompt_logprobs, runner.prompt_top_logprobs))
+            for j, x in enumerate(lives):
                 if x.request.logprobs:
-                    x.outcome.logprobs += lp
+                    x.outcome.logprobs += prompt[0][j]
+                    if x.outcome.top_logprobs is not None:
+                        k = x.request.top_logprobs
+                        x.outcome.top_logprobs += [alts[:k] for alts in prompt[1][j]]
         rows = [row for _, row in sched.prefilled(batch)]
         self._sample(batch, logits, rows, emit)
         seconds = time.perf_counter() - t0
@@ -369,8 +387,9 @@ class ServeEngine:
         depend on its batch), share it along the pipeline and record it."""
         lives = [self.live[batch.seqs[r]] for r in rows]
         if rows:
-            tokens = chosen = None
-            want = any(x.request.logprobs for x in lives)
+            tokens = chosen = top_lp = top_id = None
+            want = any(x.request.wants_logprobs for x in lives)
+            k = max((x.request.top_logprobs or 0 for x in lives), default=0)
             if logits is not None:
                 tokens = torch.cat([
                     sample(logits[r : r + 1], x.request.sampling, x.generator)
@@ -379,17 +398,28 @@ class ServeEngine:
                 if want:
                     logp = torch.log_softmax(logits[list(rows)], dim=-1)
                     chosen = logp.gather(1, tokens[:, None])[:, 0].double()
-            tokens = self.runner.share(tokens, (len(rows),), torch.long).tolist()
+                    top_lp, top_id = logp.topk(k, dim=-1)
+                    top_lp = top_lp.double()
+            share = self.runner.share
+            tokens = share(tokens, (len(rows),), torch.long).tolist()
             if want:
-                chosen = self.runner.share(chosen, (len(rows),), torch.float64).tolist()
+                chosen = share(chosen, (len(rows),), torch.float64).tolist()
+                if k:
+                    top_lp = share(top_lp, (len(rows), k), torch.float64).tolist()
+                    top_id = share(top_id, (len(rows), k), torch.long).tolist()
         before = [len(x.state.out) for x in lives]
         self.sched.record_rows(
             batch, {x.state.seq: t for x, t in zip(lives, tokens, strict=True)} if rows else {}
         )
         for j, (x, n) in enumerate(zip(lives, before, strict=True)):
             if len(x.state.out) > n:
-                if x.request.logprobs:
+                if x.request.wants_logprobs:
                     x.outcome.logprobs.append(chosen[j])
+                if x.outcome.top_logprobs is not None:
+                    n_top = x.request.top_logprobs
+                    x.outcome.top_logprobs.append(
+                        list(zip(top_id[j][:n_top], top_lp[j][:n_top], strict=True)) if k else []
+                    )
                 if emit is not None:
                     emit(x.request.rid, x.state.out[-1])
 

@@ -73,6 +73,14 @@ class CompletionRequest(_Sampling):
 
     prompt: Turn
     max_tokens: int = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=20)  # alternatives per position
+    echo: bool = False  # the prompt comes back before the answer (and its logprobs, if asked)
+
+    @model_validator(mode="after")
+    def _no_streamed_logprobs(self):
+        if self.stream and self.logprobs is not None:
+            raise ValueError("logprobs: not available with stream: true; ask without streaming")
+        return self
 
 
 class ChatMessage(_Strict):
@@ -86,6 +94,20 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @property
+    def echo(self) -> bool:  # chat never echoes the prompt
+        return False
+
+    @model_validator(mode="after")
+    def _logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs: true")
+        if self.stream and self.logprobs:
+            raise ValueError("logprobs: not available with stream: true; ask without streaming")
+        return self
 
     @property
     def budget(self) -> int:
