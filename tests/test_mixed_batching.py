@@ -122,6 +122,62 @@ def test_without_a_target_the_long_prompt_prefills_whole(dist_pool):
     assert [n for kind, s, n in r["steps"] if kind == "prefill" and 2 in s] == [(len(LONG),)]
 
 
+def _logprobs_rank(layout: dict):
+    """Two requests decoding while a third, which wants its prompt's logprobs with 3
+    alternatives, prefills: every request's logprobs, as the engine records them."""
+    from cp_infer.checkpoint import RandomSource, load_weights
+    from cp_infer.engine import ModelRunner, SamplingConfig
+    from cp_infer.models import get_preset
+    from cp_infer.parallel import parallelize
+    from cp_infer.serving.engine import Orders, Request, ServeEngine
+    from parallel_state import parallel_groups
+
+    cfg = get_preset("tiny-llama")
+    with parallel_groups(**layout, timeout_s=60) as pg:
+        model = parallelize(cfg, pg, torch.float32)
+        load_weights(model, RandomSource(0, cfg))
+        engine = ServeEngine(ModelRunner(model, pg), max_cache_tokens=4096, tbt_slo_s=0.05,
+                             costs=StepCosts(per_token_s=1e-3, per_pair_s=0.0))  # fmt: skip
+        fixed = Estimates(decode_s=0.0, scale=1.0, largest=10_000)
+        requests = [
+            Request(0, SHORTS[0], SamplingConfig(max_new_tokens=6), top_logprobs=2),
+            Request(1, SHORTS[1], SamplingConfig(max_new_tokens=6)),
+            Request(2, LONG[:60], SamplingConfig(max_new_tokens=3), logprobs=True,
+                    top_logprobs=3),
+        ]  # fmt: skip
+        outcomes = {}
+        engine.run_span(Orders(requests=tuple(requests[:2]), estimates=fixed),
+                        done=lambda _, o: outcomes.update(o))  # fmt: skip
+        engine.run_span(Orders(requests=(requests[2],), estimates=fixed),
+                        done=lambda _, o: outcomes.update(o))  # fmt: skip
+        while engine.busy:
+            engine.run_span(Orders(estimates=fixed), done=lambda _, o: outcomes.update(o))
+    return {rid: (o.tokens, o.logprobs, o.top_logprobs) for rid, o in outcomes.items()}
+
+
+@pytest.mark.parametrize(("layout", "world"), [({"cp": 2}, 2), ({"pp": 2}, 2), ({"tp": 2}, 2)],
+                         ids=["cp2", "pp2", "tp2"])  # fmt: skip
+def test_logprobs_and_their_alternatives_match_the_unsharded_engine(dist_pool, layout, world):
+    (ref,) = dist_pool(1).run(_logprobs_rank, {}, timeout_s=TIMEOUT)
+    tokens, lps, tops = ref[2]
+    assert len(lps) == len(tops) == len(LONG[:60]) - 1 + len(tokens)  # prompt[1:], generated
+    assert all(len(alts) == 3 for alts in tops) and ref[1][1:] == (None, None)
+    assert len(ref[0][1]) == len(ref[0][2]) == 6 and all(len(a) == 2 for a in ref[0][2])
+    for got in dist_pool(world).run(_logprobs_rank, layout, timeout_s=TIMEOUT):
+        assert got.keys() == ref.keys()
+        for rid, (tokens, lps, tops) in ref.items():
+            g_tokens, g_lps, g_tops = got[rid]
+            assert g_tokens == tokens
+            if lps is None:
+                assert g_lps is None and g_tops is None
+                continue
+            torch.testing.assert_close(torch.tensor(g_lps), torch.tensor(lps), atol=1e-5, rtol=0)
+            assert [[i for i, _ in a] for a in g_tops] == [[i for i, _ in a] for a in tops]
+            torch.testing.assert_close(torch.tensor([[v for _, v in a] for a in g_tops]),
+                                       torch.tensor([[v for _, v in a] for a in tops]),
+                                       atol=1e-5, rtol=0)  # fmt: skip
+
+
 def test_choose_chunk_is_the_largest_under_the_target():
     costs = StepCosts(per_token_s=1e-4, per_pair_s=1e-7)
     est = Estimates(decode_s=0.01, overhead_s=0.005, scale=2.0, largest=10_000)
