@@ -381,7 +381,11 @@ BAD = [
     ("/v1/completions", {"prompt": [1], "stop": ["a", ""]}, "must not be empty"),
     ("/v1/completions", {"prompt": [1], "stop_token_ids": [600]}, "below the vocabulary size"),
     ("/v1/completions", {"prompt": [1], "logprobs": 21}, "logprobs"),
-    ("/v1/completions", {"prompt": [1], "logprobs": 1, "stream": True}, "with stream: true"),
+    (
+        "/v1/completions",
+        {"prompt": [1], "logprobs": 1, "echo": True, "stream": True},
+        "are not streamed",
+    ),
     (
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "w1"}], "top_logprobs": 2},
@@ -538,6 +542,26 @@ def test_openai_logprobs_and_echo_match_transformers(server, checkpoint):
     torch.testing.assert_close(r["logprobs"]["token_logprobs"], lp["token_logprobs"][-4:],
                                atol=1e-5, rtol=0)  # fmt: skip
     assert [len(t) for t in r["logprobs"]["top_logprobs"]] == [1] * 4  # the chosen one only
+    # streamed: each chunk carries its token's, as the whole answer gives them
+    whole = server.post("/v1/completions", {**body, "echo": False}).json()["choices"][0]
+    parts = []
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=120,
+                      json={**body, "echo": False, "stream": True}) as resp:  # fmt: skip
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                if choice.get("logprobs"):
+                    parts.append(choice["logprobs"])
+    assert len(parts) == 4
+    streamed = {key: [x for part in parts for x in part[key]] for key in parts[0]}
+    assert streamed.keys() == whole["logprobs"].keys()
+    for key in ("tokens", "text_offset"):
+        assert streamed[key] == whole["logprobs"][key], key
+    # (the prompt is cached by now: a prefill over the cache rounds differently, within 1e-5)
+    torch.testing.assert_close(streamed["token_logprobs"], whole["logprobs"]["token_logprobs"],
+                               atol=1e-5, rtol=0)  # fmt: skip
+    torch.testing.assert_close(streamed["top_logprobs"], whole["logprobs"]["top_logprobs"],
+                               atol=1e-5, rtol=0)  # fmt: skip
 
     client = OpenAI(base_url=server.url + "/v1", api_key="none")
     chat = client.chat.completions.create(
@@ -546,6 +570,15 @@ def test_openai_logprobs_and_echo_match_transformers(server, checkpoint):
     )  # fmt: skip
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens == 3
+    streamed = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "w5 w6"}], max_tokens=3, temperature=0,
+        logprobs=True, top_logprobs=2, stream=True,
+    )  # fmt: skip
+    entries = [e for ch in streamed if ch.choices and ch.choices[0].logprobs
+               for e in ch.choices[0].logprobs.content]  # fmt: skip
+    assert [e.token for e in entries] == [e.token for e in content]
+    torch.testing.assert_close([e.logprob for e in entries], [e.logprob for e in content],
+                               atol=1e-5, rtol=0)  # fmt: skip
     for entry in content:  # greedy: the chosen token is the most likely one
         assert len(entry.top_logprobs) == 2 and entry.token == entry.top_logprobs[0].token
         assert entry.logprob == entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob

@@ -178,11 +178,12 @@ class Frontend:
                 self.metrics.scheduled(p.request.rid)
         return [p.request for p in batch if p not in gone]
 
-    def emit(self, rid: int, token: int) -> None:
+    def emit(self, rid: int, token: int, logprob=None) -> None:
         p = self._live.get(rid)
         if p is not None:
             self.metrics.token(rid)
-            p.loop.call_soon_threadsafe(p.events.put_nowait, token)
+            event = token if logprob is None else (token, logprob)
+            p.loop.call_soon_threadsafe(p.events.put_nowait, event)
 
     def cancelled(self) -> set[int]:
         with self._lock:
@@ -354,8 +355,9 @@ class Reply:
         self.stopped = False
 
     async def pieces(self):
-        """(token, text) for each token until the request ends or its text meets a stop string
-        (which cancels the rest: the engine stops it at its next orders)."""
+        """(token, text, logprob) for each token until the request ends or its text meets a
+        stop string (which cancels the rest: the engine stops it at its next orders). logprob
+        is (its log-probability, [(id, logprob)] of the most likely) when the request asked."""
         rid = self.pending.request.rid
         try:
             while True:
@@ -363,12 +365,13 @@ class Reply:
                 if isinstance(ev, Outcome):
                     self.outcome = ev
                     return
-                self.tokens.append(ev)
-                piece = self.text.push(ev) if self.text is not None else ""
+                token, logprob = (ev, None) if isinstance(ev, int) else ev
+                self.tokens.append(token)
+                piece = self.text.push(token) if self.text is not None else ""
                 if self.cut is not None:
                     piece = self.cut.push(piece)
                     self.stopped = self.cut.stopped
-                yield ev, piece
+                yield token, piece, logprob
                 if self.stopped:
                     self.front.cancel(rid, stopped=True)
                     return
@@ -508,7 +511,7 @@ def build_app(front: Frontend) -> FastAPI:
                 ev = await pending.events.get()
                 if isinstance(ev, Outcome):
                     return tokens, ev
-                tokens.append(ev)
+                tokens.append(ev if isinstance(ev, int) else ev[0])
         except asyncio.CancelledError:
             front.cancel(pending.request.rid)
             raise
@@ -556,7 +559,7 @@ def build_app(front: Frontend) -> FastAPI:
                 media_type="text/event-stream",
             )
         reply = Reply(front, pending, req.stops)
-        pieces = [piece async for _, piece in reply.pieces()]
+        pieces = [piece async for _, piece, _ in reply.pieces()]
         o = await reply.finished()
         if o.error is not None and not reply.stopped:
             return _openai_error(500, f"generation failed: {o.error}")
@@ -609,8 +612,20 @@ def build_app(front: Frontend) -> FastAPI:
             elif req.echo and front.tokenizer is not None:
                 prompt = req.prompt if isinstance(req.prompt, str) else front.decode(req.prompt)
                 yield _sse(chunk({"content": prompt}))
-            async for token, piece in reply.pieces():
-                yield _sse(chunk({"content": piece}, token=token))
+            prompt, offset = list(pending.request.tokens), 0
+            async for token, piece, logprob in reply.pieces():
+                c = chunk({"content": piece}, token=token)
+                if logprob is not None:  # this token's, as the whole answer would give it
+                    seq, i = prompt + reply.tokens, len(prompt) + len(reply.tokens) - 1
+                    lp = [logprob[0]], [logprob[1]]
+                    if kind == "chat":
+                        c["choices"][0]["logprobs"] = _chat_logprobs(front, seq, i, *lp)
+                    else:
+                        one = _completion_logprobs(front, seq, i, *lp)
+                        one["text_offset"] = [offset]
+                        offset += len(one["tokens"][0])
+                        c["choices"][0]["logprobs"] = one
+                yield _sse(c)
             if not reply.stopped and reply.outcome.error is not None:
                 yield _sse({"error": {"message": f"generation failed: {reply.outcome.error}",
                                       "type": "server_error"}})  # fmt: skip

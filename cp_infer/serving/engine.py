@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 SPAN = 4  # iterations between rank 0's orders (new requests, cancellations, estimates)
 
 Done = Callable[[list["Request"], dict[int, "Outcome"]], None]
+# (rid, token, its logprob and alternatives when the request asked for them)
+Emit = Callable[[int, int, "tuple[float, list[tuple[int, float]]] | None"], None]
 
 
 @dataclass(frozen=True)
@@ -254,14 +256,16 @@ class ServeEngine:
     # -- a span of iterations -------------------------------------------------------------------
     @torch.no_grad()
     def run_span(
-        self, orders: Orders, emit: Callable[[int, int], None] | None = None,
+        self, orders: Orders, emit: Emit | None = None,
         done: Done | None = None,
     ) -> None:  # fmt: skip
         """Admit ``orders``' requests, stop the cancelled ones, then run up to :data:`SPAN`
         iterations; the same call on every rank.
 
         Args:
-            emit: called with (rid, token) as each token is sampled (rank 0 streams them).
+            emit: called with (rid, token, logprob) as each token is sampled (rank 0
+                streams them); logprob is (its log-probability, [(id, logprob)] of the most
+                likely) for a request with ``top_logprobs``, else None.
             done: called with finished requests and their outcomes (errors are agreed by
                 all ranks: see :func:`on_all_ranks`).
         """
@@ -415,13 +419,14 @@ class ServeEngine:
             if len(x.state.out) > n:
                 if x.request.wants_logprobs:
                     x.outcome.logprobs.append(chosen[j])
+                logprob = None
                 if x.outcome.top_logprobs is not None:
                     n_top = x.request.top_logprobs
-                    x.outcome.top_logprobs.append(
-                        list(zip(top_id[j][:n_top], top_lp[j][:n_top], strict=True)) if k else []
-                    )
+                    alts = list(zip(top_id[j][:n_top], top_lp[j][:n_top], strict=True)) if k else []
+                    x.outcome.top_logprobs.append(alts)
+                    logprob = (chosen[j], alts)
                 if emit is not None:
-                    emit(x.request.rid, x.state.out[-1])
+                    emit(x.request.rid, x.state.out[-1], logprob)
 
     def _retire(self, done: Done | None) -> None:
         """Requests that are done leave; their sequences stay cached for reuse (cancelled ones
@@ -475,7 +480,7 @@ class ServeLoop:
     def lead(
         self,
         next_requests: Callable[[float, int], list[Request] | None],
-        emit: Callable[[int, int], None],
+        emit: Emit,
         cancelled: Callable[[], set[int]],
         done: Done,
     ) -> None:

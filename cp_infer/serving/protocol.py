@@ -77,9 +77,11 @@ class CompletionRequest(_Sampling):
     echo: bool = False  # the prompt comes back before the answer (and its logprobs, if asked)
 
     @model_validator(mode="after")
-    def _no_streamed_logprobs(self):
-        if self.stream and self.logprobs is not None:
-            raise ValueError("logprobs: not available with stream: true; ask without streaming")
+    def _no_streamed_prompt_logprobs(self):
+        if self.stream and self.echo and self.logprobs is not None:
+            raise ValueError(
+                "logprobs: the prompt's (echo: true) are not streamed; ask without streaming"
+            )
         return self
 
 
@@ -105,8 +107,6 @@ class ChatRequest(_Sampling):
     def _logprobs(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs: true")
-        if self.stream and self.logprobs:
-            raise ValueError("logprobs: not available with stream: true; ask without streaming")
         return self
 
     @property
