@@ -374,6 +374,7 @@ BAD = [
     ("/v1/completions", {"prompt": 5}, "a turn is text or a list of token ids"),
     ("/v1/completions", {"prompt": [1, 600]}, "outside the vocabulary"),
     ("/v1/completions", {"prompt": [1, 2], "max_tokens": -1}, "max_tokens"),
+    ("/v1/completions", {"prompt": [1, 2], "max_tokens": 0}, "set echo: true"),
     ("/v1/completions", {"prompt": [1, 2], "max_tokens": 10**9}, "exceeds the model's"),
     ("/v1/completions", {"prompt": [1, 2], "n": 2}, "n"),
     ("/v1/completions", {"prompt": [1.5, 2]}, "prompt"),
@@ -542,6 +543,14 @@ def test_openai_logprobs_and_echo_match_transformers(server, checkpoint):
     torch.testing.assert_close(r["logprobs"]["token_logprobs"], lp["token_logprobs"][-4:],
                                atol=1e-5, rtol=0)  # fmt: skip
     assert [len(t) for t in r["logprobs"]["top_logprobs"]] == [1] * 4  # the chosen one only
+    # max_tokens 0 scores the prompt: its logprobs, no answer
+    r = server.post("/v1/completions", {**body, "max_tokens": 0}).json()
+    assert r["choices"][0]["text"] == _words(prompt) and r["choices"][0]["token_ids"] == []
+    assert r["usage"]["completion_tokens"] == 0
+    scored = r["choices"][0]["logprobs"]
+    assert scored["tokens"] == lp["tokens"][: len(prompt)]
+    torch.testing.assert_close(scored["token_logprobs"][1:], lp["token_logprobs"][1 : len(prompt)],
+                               atol=1e-5, rtol=0)  # fmt: skip
     # streamed: each chunk carries its token's, as the whole answer gives them
     whole = server.post("/v1/completions", {**body, "echo": False}).json()["choices"][0]
     parts = []

@@ -563,17 +563,17 @@ def build_app(front: Frontend) -> FastAPI:
         o = await reply.finished()
         if o.error is not None and not reply.stopped:
             return _openai_error(500, f"generation failed: {o.error}")
-        # without stop strings, the whole answer decoded at once (no piecewise approximation)
-        text = (
-            "".join(pieces) + reply.rest()
-            if req.stops
-            else front.continuation(tokens, reply.tokens)
-        )
+        scoring = kind == "completion" and req.max_tokens == 0  # 1 token ran, dropped
+        answer = [] if scoring else reply.tokens
+        if req.stops and answer == reply.tokens:
+            text = "".join(pieces) + reply.rest()
+        else:  # the whole answer decoded at once (no piecewise approximation)
+            text = front.continuation(tokens, answer)
         logprobs = None
         if k is not None:  # the prompt's (echo), then those of the tokens kept
-            n = (len(tokens) - 1) * req.echo + len(reply.tokens)
+            n = (len(tokens) - 1) * req.echo + len(answer)
             first = 0 if req.echo else len(tokens)
-            shown = (front, tokens + reply.tokens, first, o.logprobs[:n], o.top_logprobs[:n])
+            shown = (front, tokens + answer, first, o.logprobs[:n], o.top_logprobs[:n])
             logprobs = _chat_logprobs(*shown) if kind == "chat" else _completion_logprobs(*shown)
         if req.echo and text is not None:
             prompt = req.prompt if isinstance(req.prompt, str) else front.decode(tokens)
@@ -584,12 +584,12 @@ def build_app(front: Frontend) -> FastAPI:
         else:
             choice = {"index": 0, "text": text, "logprobs": logprobs,
                       "finish_reason": reply.finish_reason}  # fmt: skip
-        choice["token_ids"] = reply.tokens
+        choice["token_ids"] = answer
         return {"id": rid, "object": obj, "created": int(time.time()), "model": front.model_name,
-                "choices": [choice], "usage": reply.usage()}  # fmt: skip
+                "choices": [choice], "usage": _usage(o, completion_tokens=len(answer))}  # fmt: skip
 
     def req_budget(req) -> int:
-        return req.budget if isinstance(req, ChatRequest) else req.max_tokens
+        return req.budget if isinstance(req, ChatRequest) else max(req.max_tokens, 1)
 
     async def stream(pending: Pending, rid: str, obj: str, kind: str, req):
         created = int(time.time())

@@ -72,12 +72,14 @@ class CompletionRequest(_Sampling):
     CLI's requests (:data:`cp_infer.schema.Turn`), so both refuse alike."""
 
     prompt: Turn
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=0)  # 0: score the prompt (with echo), generate nothing
     logprobs: int | None = Field(None, ge=0, le=20)  # alternatives per position
     echo: bool = False  # the prompt comes back before the answer (and its logprobs, if asked)
 
     @model_validator(mode="after")
     def _no_streamed_prompt_logprobs(self):
+        if self.max_tokens == 0 and not (self.echo and not self.stream):
+            raise ValueError("max_tokens: 0 only scores the prompt: set echo: true (and no stream)")
         if self.stream and self.echo and self.logprobs is not None:
             raise ValueError(
                 "logprobs: the prompt's (echo: true) are not streamed; ask without streaming"
