@@ -175,7 +175,7 @@ def _byte_decoder(pieces: list[bytes], strip_first_space: bool):
 def test_streamed_text_adds_up_to_the_whole_decode_without_partial_characters(strip_first_space):
     import random
 
-    from cp_infer.serving.api import TextStream
+    from cp_infer.serving.text import TextStream
 
     # pieces include the halves of multi-byte characters and space-led words
     pieces = [b" the", b" cat", b"\xc3", b"\xa9", b"\xe2\x82", b"\xac", b"!", b" caf", b"s", b"\n"]
@@ -201,7 +201,7 @@ def test_streamed_text_adds_up_to_the_whole_decode_without_partial_characters(st
 def test_stop_strings_cut_the_text_before_the_first_and_send_nothing_of_it():
     import random
 
-    from cp_infer.serving.api import StopStrings
+    from cp_infer.serving.text import StopStrings
 
     rng = random.Random(0)
     alphabet = "ab c\n"
@@ -226,7 +226,7 @@ def test_stop_strings_cut_the_text_before_the_first_and_send_nothing_of_it():
 
 
 def test_stop_strings_hold_back_only_what_could_start_one():
-    from cp_infer.serving.api import StopStrings
+    from cp_infer.serving.text import StopStrings
 
     cut = StopStrings(("</s>", "\n\n"))
     assert cut.push("hello <") == "hello "  # "<" may begin "</s>"
@@ -237,7 +237,7 @@ def test_stop_strings_hold_back_only_what_could_start_one():
 
 
 def test_an_answer_is_decoded_after_its_prompt_and_keeps_its_leading_space():
-    from cp_infer.serving.api import TextStream
+    from cp_infer.serving.text import TextStream
 
     # a sentencepiece-like decoder: a piece's leading space shows only after other text
     pieces = {0: " the", 1: " cat", 2: " sat", 3: "\xe2", 4: "\x82\xac"}
