@@ -594,6 +594,40 @@ def test_openai_logprobs_and_echo_match_transformers(server, checkpoint):
         assert bytes(entry.bytes).decode() == entry.token
 
 
+def test_the_scoring_example_gives_transformers_loglikelihoods(server, checkpoint, tmp_path):
+    import torch
+    import transformers
+
+    greedy = server.post("/v1/completions", {"prompt": [5, 17, 3], "max_tokens": 3,
+                                             "temperature": 0}).json()["choices"][0]  # fmt: skip
+    pairs = [
+        (PROMPTS[2][:30], PROMPTS[2][30:]),
+        ([5, 17, 3], greedy["token_ids"]),  # what greedy decoding gives: is_greedy
+        ("w20 w21 w22", " w23 w24"),  # text: the continuation found by its text_offset
+    ]
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "context": c, "continuation": x}) + "\n"
+                           for i, (c, x) in enumerate(pairs)))  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "examples/score_continuations.py", "--url", server.url, "--input", str(src)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    got = [json.loads(line) for line in proc.stdout.splitlines()]
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    for (context, cont), g in zip(pairs, got, strict=True):
+        if isinstance(context, str):
+            context, cont = _ids(context), _ids(cont)
+        ids = torch.tensor([context + cont])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+        rows = logp[len(context) - 1 : -1]
+        want = rows.gather(1, torch.tensor(cont)[:, None]).sum().item()
+        assert g["tokens"] == len(cont) and abs(g["logprob"] - want) < 1e-3
+        assert g["is_greedy"] == (rows.argmax(-1).tolist() == cont)
+    assert got[1]["is_greedy"]
+
+
 OPTION_ERRORS = [
     (["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
     (["--port", "70000"], "--port must be in 1..65535"),
