@@ -102,7 +102,9 @@ class ModelRunner:
 
     def _decode_exchange(self, n_bytes: int) -> Exchange | None:
         """The CP exchange, sized for at least ``n_bytes`` (rebuilt alike on every CP rank:
-        the batch, hence the size, is the same on all of them)."""
+        the batch, hence the size, is the same on all of them). Decode's partials go through
+        it, and a prefill's small per-step gathers (the cache's lengths, the last tokens'
+        hidden states): on one host it is shared memory, much quicker than a collective."""
         if self.pg.cp == 1:
             return None
         if self._exchange is None or n_bytes > self._exchange_bytes:
@@ -323,8 +325,7 @@ class ModelRunner:
             [[*lens, *[-1] * (MAX_SEGMENTS - len(lens))] for lens in mine],
             dtype=torch.long, device=self.device,
         )  # fmt: skip
-        parts = [torch.empty_like(table) for _ in range(self.pg.cp)]
-        dist.all_gather(parts, table, group=self.pg.cp_group)
+        parts = self._decode_exchange(table.numel() * 8).all_gather(table)
         return tuple(
             tuple(tuple(n for n in row if n >= 0) for row in part.tolist()) for part in parts
         )
@@ -334,6 +335,7 @@ class ModelRunner:
         out = torch.zeros(batch.n_seqs, h.shape[-1], dtype=h.dtype, device=h.device)
         for j, i in batch.last_tokens(self.pg.cp_rank):
             out[j] = h[i]
-        if self.pg.cp > 1:
-            dist.all_reduce(out, group=self.pg.cp_group)  # exactly one rank contributes each row
+        if self.pg.cp > 1:  # exactly one rank contributes each row: a sum of it and zeros
+            parts = self._decode_exchange(out.numel() * out.element_size()).all_gather(out)
+            out = torch.stack(parts).sum(0)
         return out
