@@ -16,12 +16,30 @@ LONG = tuple((7 * j) % 500 + 1 for j in range(230))
 SHORTS = ((1, 2, 3, 4), (5, 6, 7))
 
 
+def _run(engine, requests) -> dict:
+    """The first two requests start decoding, then the third arrives; run until all are done.
+    Returns their outcomes by rid."""
+    from cp_infer.serving.engine import Orders
+
+    fixed = Estimates(decode_s=0.0, scale=1.0, largest=10_000)  # rank 0's timings, made exact
+    outcomes = {}
+
+    def done(_, o):
+        outcomes.update(o)
+
+    engine.run_span(Orders(requests=tuple(requests[:2]), estimates=fixed), done=done)
+    engine.run_span(Orders(requests=tuple(requests[2:]), estimates=fixed), done=done)
+    while engine.busy:
+        engine.run_span(Orders(estimates=fixed), done=done)
+    return outcomes
+
+
 def _mixed_rank(layout: dict, slo_s: float | None, fuse: bool = True, preset: str = "tiny-llama"):
     from cp_infer.checkpoint import RandomSource, load_weights
     from cp_infer.engine import ModelRunner, SamplingConfig, generate
     from cp_infer.models import get_preset
     from cp_infer.parallel import parallelize
-    from cp_infer.serving.engine import Orders, Request, ServeEngine
+    from cp_infer.serving.engine import Request, ServeEngine
     from parallel_state import parallel_groups
 
     cfg = get_preset(preset)
@@ -59,17 +77,10 @@ def _mixed_rank(layout: dict, slo_s: float | None, fuse: bool = True, preset: st
             return logits, decode_logits
 
         runner.step, runner.step_mixed = spy, spy_mixed
-        outcomes = {}
         sampling = [SamplingConfig(max_new_tokens=n) for n in (30, 30, 4)]
         requests = [Request(rid=j, tokens=t, sampling=s)
                     for j, (t, s) in enumerate(zip((*SHORTS, LONG), sampling, strict=True))]  # fmt: skip
-        fixed = Estimates(decode_s=0.0, scale=1.0, largest=10_000)  # rank 0's timings, made exact
-        engine.run_span(Orders(requests=tuple(requests[:2]), estimates=fixed),
-                        done=lambda _, o: outcomes.update(o))  # fmt: skip
-        engine.run_span(Orders(requests=(requests[2],), estimates=fixed),
-                        done=lambda _, o: outcomes.update(o))  # fmt: skip
-        while engine.busy:
-            engine.run_span(Orders(estimates=fixed), done=lambda _, o: outcomes.update(o))
+        outcomes = _run(engine, requests)
         alone = [generate(model, pg, [list(r.tokens)], r.sampling) for r in requests]
     return {
         "tokens": [outcomes[r.rid].tokens for r in requests],
@@ -129,7 +140,7 @@ def _logprobs_rank(layout: dict):
     from cp_infer.engine import ModelRunner, SamplingConfig
     from cp_infer.models import get_preset
     from cp_infer.parallel import parallelize
-    from cp_infer.serving.engine import Orders, Request, ServeEngine
+    from cp_infer.serving.engine import Request, ServeEngine
     from parallel_state import parallel_groups
 
     cfg = get_preset("tiny-llama")
@@ -138,20 +149,13 @@ def _logprobs_rank(layout: dict):
         load_weights(model, RandomSource(0, cfg))
         engine = ServeEngine(ModelRunner(model, pg), max_cache_tokens=4096, tbt_slo_s=0.05,
                              costs=StepCosts(per_token_s=1e-3, per_pair_s=0.0))  # fmt: skip
-        fixed = Estimates(decode_s=0.0, scale=1.0, largest=10_000)
         requests = [
             Request(0, SHORTS[0], SamplingConfig(max_new_tokens=6), top_logprobs=2),
             Request(1, SHORTS[1], SamplingConfig(max_new_tokens=6)),
             Request(2, LONG[:60], SamplingConfig(max_new_tokens=3), logprobs=True,
                     top_logprobs=3),
         ]  # fmt: skip
-        outcomes = {}
-        engine.run_span(Orders(requests=tuple(requests[:2]), estimates=fixed),
-                        done=lambda _, o: outcomes.update(o))  # fmt: skip
-        engine.run_span(Orders(requests=(requests[2],), estimates=fixed),
-                        done=lambda _, o: outcomes.update(o))  # fmt: skip
-        while engine.busy:
-            engine.run_span(Orders(estimates=fixed), done=lambda _, o: outcomes.update(o))
+        outcomes = _run(engine, requests)
     return {rid: (o.tokens, o.logprobs, o.top_logprobs) for rid, o in outcomes.items()}
 
 
