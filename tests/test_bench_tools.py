@@ -78,3 +78,20 @@ def test_bench_attention_runs(tmp_path):
     )  # fmt: skip
     assert [r["variant"] for r in records] == ["local", "pass-kv", "pass-q", "torch-ring"]
     assert json.loads(out.read_text()) == records
+
+
+@pytest.mark.timeout(180)
+def test_bench_step_times_the_three_kinds_of_step(tmp_path):
+    bench_step = importlib.import_module("bench_step")
+    out = tmp_path / "step.json"
+    records = bench_step.main(["--preset", "tiny-llama", "--cp", "2", "--cached", "256",
+                               "--chunks", "16", "32", "--decodes", "2", "--steps", "2",
+                               "--json", str(out)])  # fmt: skip
+    assert [(r["kind"], r["chunk"]) for r in records] == [
+        (kind, chunk) for chunk in (16, 32) for kind in ("decode", "prefill", "mixed")
+    ]
+    for r in records:
+        assert r["step_s"] > 0 and r["fixed_s"] == pytest.approx(r["step_s"] - r["flops_s"])
+    chunk_16, chunk_32 = (r["flops_s"] for r in records if r["kind"] == "prefill")
+    assert chunk_32 > chunk_16  # a bigger chunk: more FLOPs
+    assert json.loads(out.read_text()) == records
