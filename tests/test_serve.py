@@ -279,6 +279,32 @@ def test_stop_strings_and_stop_token_ids_end_the_answer(server, checkpoint):
     assert c["finish_reason"] == "stop" and c["token_ids"] == ids[: ids.index(ids[3]) + 1]
 
 
+def test_n_choices_are_the_answers_of_n_seeds(server):
+    body = {"prompt": [7, 8, 9], "max_tokens": 5, "temperature": 1.0, "seed": 40}
+    r = server.post("/v1/completions", {**body, "n": 3})
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    alone = [server.post("/v1/completions", {**body, "seed": 40 + i}).json()["choices"][0]
+             for i in range(3)]  # fmt: skip
+    assert [c["token_ids"] for c in choices] == [a["token_ids"] for a in alone]
+    assert len({tuple(c["token_ids"]) for c in choices}) > 1  # sampled apart
+    assert r.json()["usage"]["completion_tokens"] == 15
+    # streamed: the choices' chunks interleave, each carries its index
+    got = {0: [], 1: [], 2: []}
+    finish = {}
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=120,
+                      json={**body, "n": 3, "stream": True}) as resp:  # fmt: skip
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                (c,) = json.loads(line[6:])["choices"]
+                got[c["index"]] += c.get("token_ids") or []
+                if c["finish_reason"]:
+                    finish[c["index"]] = c["finish_reason"]
+    assert [got[i] for i in range(3)] == [a["token_ids"] for a in alone]
+    assert finish == {0: "length", 1: "length", 2: "length"}
+
+
 def _scrape(server) -> dict[tuple[str, frozenset], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -376,7 +402,8 @@ BAD = [
     ("/v1/completions", {"prompt": [1, 2], "max_tokens": -1}, "max_tokens"),
     ("/v1/completions", {"prompt": [1, 2], "max_tokens": 0}, "set echo: true"),
     ("/v1/completions", {"prompt": [1, 2], "max_tokens": 10**9}, "exceeds the model's"),
-    ("/v1/completions", {"prompt": [1, 2], "n": 2}, "n"),
+    ("/v1/completions", {"prompt": [1, 2], "n": 0}, "n"),
+    ("/v1/completions", {"prompt": [1, 2], "n": 17}, "n"),
     ("/v1/completions", {"prompt": [1.5, 2]}, "prompt"),
     ("/v1/completions", {"prompt": [1], "stop": ["a", "b", "c", "d", "e"]}, "at most 4 stop"),
     ("/v1/completions", {"prompt": [1], "stop": ["a", ""]}, "must not be empty"),

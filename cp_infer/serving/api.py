@@ -387,6 +387,38 @@ def _alternatives(req) -> int | None:
     return req.logprobs
 
 
+async def _merged(streams: list):
+    """The items of several async generators as they come (one: just its own)."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump(gen):
+        try:
+            async for item in gen:
+                await queue.put(item)
+        finally:
+            await queue.put(end)
+
+    tasks = [asyncio.create_task(pump(g)) for g in streams]
+    try:
+        left = len(tasks)
+        while left:
+            item = await queue.get()
+            if item is end:
+                left -= 1
+            else:
+                yield item
+        for t in tasks:
+            t.result()  # a stream that failed fails the whole
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
 def _sse(data) -> bytes:
     return f"data: {json.dumps(data) if not isinstance(data, str) else data}\n\n".encode()
 
@@ -408,7 +440,7 @@ def build_app(front: Frontend) -> FastAPI:
         except ValidationError as e:
             raise BadRequest(*first_error(e)) from e
 
-    def sampling(req, max_new: int) -> SamplingConfig:
+    def sampling(req, max_new: int, seed: int) -> SamplingConfig:
         extra = req.stop_token_ids or []
         if any(t >= front.vocab_size for t in extra):
             raise BadRequest(
@@ -422,7 +454,7 @@ def build_app(front: Frontend) -> FastAPI:
             )
         return SamplingConfig(
             max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p,
-            seed=req.seed, eos_id=tuple(sorted(front.eos_ids | set(extra))) or None,
+            seed=seed, eos_id=tuple(sorted(front.eos_ids | set(extra))) or None,
         )  # fmt: skip
 
     async def finish(pending: Pending) -> tuple[list[int], Outcome]:
@@ -467,57 +499,69 @@ def build_app(front: Frontend) -> FastAPI:
 
     async def run_openai(http, req, tokens, kind: str):
         k = _alternatives(req)
-        request = front.make_request(
-            tokens, sampling(req, req_budget(req)), logprobs=req.echo and k is not None,
-            top_logprobs=k,
-        )  # fmt: skip
-        (pending,) = front.submit([request])
+        requests = [
+            front.make_request(
+                tokens, sampling(req, req_budget(req), seed=req.seed + i),
+                logprobs=req.echo and k is not None, top_logprobs=k,
+            )
+            for i in range(req.n)  # n choices: n requests, each with its own seed
+        ]  # fmt: skip
+        pendings = front.submit(requests)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         obj = "chat.completion" if kind == "chat" else "text_completion"
         if req.stream:
             return StreamingResponse(
-                stream(pending, rid, obj + (".chunk" if kind == "chat" else ""), kind, req),
+                stream(pendings, rid, obj + (".chunk" if kind == "chat" else ""), kind, req),
                 media_type="text/event-stream",
             )
-        reply = Reply(front, pending, req.stops)
-        pieces = [piece async for _, piece, _ in reply.pieces()]
-        o = await reply.finished()
-        if o.error is not None and not reply.stopped:
-            return _openai_error(500, f"generation failed: {o.error}")
-        scoring = kind == "completion" and req.max_tokens == 0  # 1 token ran, dropped
-        answer = [] if scoring else reply.tokens
-        if req.stops and answer == reply.tokens:
-            text = "".join(pieces) + reply.rest()
-        else:  # the whole answer decoded at once (no piecewise approximation)
-            text = front.continuation(tokens, answer)
-        logprobs = None
-        if k is not None:  # the prompt's (echo), then those of the tokens kept
-            n = (len(tokens) - 1) * req.echo + len(answer)
-            first = 0 if req.echo else len(tokens)
-            shown = (front, tokens + answer, first, o.logprobs[:n], o.top_logprobs[:n])
-            logprobs = _chat_logprobs(*shown) if kind == "chat" else _completion_logprobs(*shown)
-        if req.echo and text is not None:
-            prompt = req.prompt if isinstance(req.prompt, str) else front.decode(tokens)
-            text = prompt + text
-        if kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": logprobs, "finish_reason": reply.finish_reason}  # fmt: skip
-        else:
-            choice = {"index": 0, "text": text, "logprobs": logprobs,
-                      "finish_reason": reply.finish_reason}  # fmt: skip
-        choice["token_ids"] = answer
+
+        async def choice(i: int, pending: Pending) -> tuple[dict | None, Outcome, int]:
+            reply = Reply(front, pending, req.stops)
+            pieces = [piece async for _, piece, _ in reply.pieces()]
+            o = await reply.finished()
+            if o.error is not None and not reply.stopped:
+                return None, o, 0
+            scoring = kind == "completion" and req.max_tokens == 0  # 1 token ran, dropped
+            answer = [] if scoring else reply.tokens
+            if req.stops and answer == reply.tokens:
+                text = "".join(pieces) + reply.rest()
+            else:  # the whole answer decoded at once (no piecewise approximation)
+                text = front.continuation(tokens, answer)
+            logprobs = None
+            if k is not None:  # the prompt's (echo), then those of the tokens kept
+                n = (len(tokens) - 1) * req.echo + len(answer)
+                first = 0 if req.echo else len(tokens)
+                shown = (front, tokens + answer, first, o.logprobs[:n], o.top_logprobs[:n])
+                logprobs = (_chat_logprobs(*shown) if kind == "chat" else
+                            _completion_logprobs(*shown))  # fmt: skip
+            if req.echo and text is not None:
+                prompt = req.prompt if isinstance(req.prompt, str) else front.decode(tokens)
+                text = prompt + text
+            c = {"index": i, "logprobs": logprobs, "finish_reason": reply.finish_reason,
+                 "token_ids": answer}  # fmt: skip
+            if kind == "chat":
+                c["message"] = {"role": "assistant", "content": text}
+            else:
+                c["text"] = text
+            return c, o, len(answer)
+
+        results = await asyncio.gather(*(choice(i, p) for i, p in enumerate(pendings)))
+        failed = next((o.error for c, o, _ in results if c is None), None)
+        if failed is not None:
+            return _openai_error(500, f"generation failed: {failed}")
+        usage = _usage(results[0][1], completion_tokens=sum(n for _, _, n in results))
         return {"id": rid, "object": obj, "created": int(time.time()), "model": front.model_name,
-                "choices": [choice], "usage": _usage(o, completion_tokens=len(answer))}  # fmt: skip
+                "choices": [c for c, _, _ in results], "usage": usage}  # fmt: skip
 
     def req_budget(req) -> int:
         return req.budget if isinstance(req, ChatRequest) else max(req.max_tokens, 1)
 
-    async def stream(pending: Pending, rid: str, obj: str, kind: str, req):
+    async def stream(pendings: list[Pending], rid: str, obj: str, kind: str, req):
         created = int(time.time())
-        reply = Reply(front, pending, req.stops)
+        replies = [Reply(front, p, req.stops) for p in pendings]
 
-        def chunk(delta, finish=None, token=None):
-            c = {"index": 0, "finish_reason": finish}
+        def chunk(i, delta, finish=None, token=None):
+            c = {"index": i, "finish_reason": finish}
             if kind == "chat":
                 c["delta"] = delta
             else:
@@ -527,22 +571,23 @@ def build_app(front: Frontend) -> FastAPI:
             return {"id": rid, "object": obj, "created": created, "model": front.model_name,
                     "choices": [c]}  # fmt: skip
 
-        try:
+        async def events(i: int, reply: Reply):
+            """Choice ``i``'s server-sent events, up to its finish_reason."""
             if kind == "chat":
-                yield _sse(chunk({"role": "assistant", "content": ""}))
+                yield _sse(chunk(i, {"role": "assistant", "content": ""}))
             elif req.echo and front.tokenizer is not None:
                 prompt = req.prompt if isinstance(req.prompt, str) else front.decode(req.prompt)
-                yield _sse(chunk({"content": prompt}))
-            prompt, offset = list(pending.request.tokens), 0
+                yield _sse(chunk(i, {"content": prompt}))
+            prompt, offset = list(reply.pending.request.tokens), 0
             async for token, piece, logprob in reply.pieces():
-                c = chunk({"content": piece}, token=token)
+                c = chunk(i, {"content": piece}, token=token)
                 if logprob is not None:  # this token's, as the whole answer would give it
-                    seq, i = prompt + reply.tokens, len(prompt) + len(reply.tokens) - 1
+                    seq, at = prompt + reply.tokens, len(prompt) + len(reply.tokens) - 1
                     lp = [logprob[0]], [logprob[1]]
                     if kind == "chat":
-                        c["choices"][0]["logprobs"] = _chat_logprobs(front, seq, i, *lp)
+                        c["choices"][0]["logprobs"] = _chat_logprobs(front, seq, at, *lp)
                     else:
-                        one = _completion_logprobs(front, seq, i, *lp)
+                        one = _completion_logprobs(front, seq, at, *lp)
                         one["text_offset"] = [offset]
                         offset += len(one["tokens"][0])
                         c["choices"][0]["logprobs"] = one
@@ -553,16 +598,21 @@ def build_app(front: Frontend) -> FastAPI:
                 return
             rest = reply.rest()
             if rest:  # a partial character, or a possible stop string's start, held back
-                yield _sse(chunk({"content": rest}))
-            yield _sse(chunk({}, reply.finish_reason))
+                yield _sse(chunk(i, {"content": rest}))
+            yield _sse(chunk(i, {}, reply.finish_reason))
+
+        try:
+            async for data in _merged([events(i, r) for i, r in enumerate(replies)]):
+                yield data
             if req.stream_options is not None and req.stream_options.include_usage:
-                await reply.finished()
+                outcomes = [await r.finished() for r in replies]
+                usage = _usage(outcomes[0], completion_tokens=sum(len(r.tokens) for r in replies))
                 yield _sse({"id": rid, "object": obj, "created": created,
-                            "model": front.model_name, "choices": [],
-                            "usage": reply.usage()})  # fmt: skip
+                            "model": front.model_name, "choices": [], "usage": usage})  # fmt: skip
             yield _sse("[DONE]")
         except (asyncio.CancelledError, GeneratorExit):
-            front.cancel(pending.request.rid)
+            for p in pendings:
+                front.cancel(p.request.rid)
             raise
 
     @app.post("/v1/completions")

@@ -31,7 +31,7 @@ class _Sampling(_Strict):
     seed: int = 0
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
+    n: int = Field(1, ge=1, le=16)  # choices: each a request of its own (seed + i)
     user: str | None = None  # the client's label for the caller: logged, not used
     # up to 4 strings; the text ends before the first one generated (finish_reason "stop")
     stop: str | list[str] | None = None
