@@ -474,13 +474,15 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
 
 def test_a_full_queue_answers_503():
     from cp_infer.engine.sampling import SamplingConfig
-    from cp_infer.serving.api import Frontend, QueueFull
+    from cp_infer.serving.api import BadRequest, Frontend, QueueFull
 
     front = Frontend(tokenizer=None, model_name="m", vocab_size=10, max_seq_len=100,
                      max_batch=4, max_queue=2)  # fmt: skip
     cfg = SamplingConfig(max_new_tokens=2)
 
     async def fill():
+        with pytest.raises(BadRequest, match=r"exceed the server's queue \(2, --max-queue\)"):
+            front.submit([front.make_request([1], cfg) for _ in range(3)])  # never fits: 400
         front.submit([front.make_request([1, 2], cfg) for _ in range(2)])
         with pytest.raises(QueueFull, match="queue is full"):
             front.submit([front.make_request([1], cfg)])

@@ -129,6 +129,12 @@ class Frontend:
 
     def submit(self, requests: list[Request]) -> list[Pending]:
         loop = asyncio.get_running_loop()
+        if len(requests) > self.max_queue:  # would never fit: not a "retry later"
+            raise BadRequest(
+                f"{len(requests)} sequences in one request exceed the server's queue "
+                f"({self.max_queue}, --max-queue): ask for fewer choices or prompts",
+                "n",
+            )
         with self._lock:
             if self._queue.qsize() + len(requests) > self.max_queue:
                 raise QueueFull(f"the server's queue is full ({self.max_queue}); retry later")
