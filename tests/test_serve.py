@@ -305,6 +305,23 @@ def test_n_choices_are_the_answers_of_n_seeds(server):
     assert finish == {0: "length", 1: "length", 2: "length"}
 
 
+def test_tokenize_and_detokenize(server):
+    r = server.post("/tokenize", {"prompt": "w20 w21 w22"}).json()
+    assert r["tokens"] == [20, 21, 22] and r["count"] == 3 and r["max_model_len"] > 0
+    assert server.post("/detokenize", {"tokens": [20, 21]}).json() == {"prompt": "w20 w21"}
+    messages = [{"role": "user", "content": "w5 w6"}]
+    chat = server.post("/tokenize", {"messages": messages}).json()
+    done = server.post("/v1/chat/completions", {"messages": messages, "max_tokens": 1}).json()
+    assert chat["count"] == done["usage"]["prompt_tokens"]
+    for path, body, match in [
+        ("/tokenize", {"prompt": "w1", "messages": messages}, "exactly one of prompt and messages"),
+        ("/detokenize", {"tokens": [600]}, "outside the vocabulary"),
+        ("/detokenize", {"tokens": []}, "at least 1 item"),
+    ]:
+        r = server.post(path, body)
+        assert r.status_code == 400 and match in r.json()["error"]["message"], r.text
+
+
 def _scrape(server) -> dict[tuple[str, frozenset], float]:
     from prometheus_client.parser import text_string_to_metric_families
 

@@ -43,6 +43,7 @@ Serve a model over HTTP, its context split over the CP ranks. Rank 0 answers:
   POST /v1/chat/completions    OpenAI chat (the checkpoint's chat template)
   GET  /v1/models, /health
   GET  /metrics                Prometheus: requests, tokens, TTFT, time per token, steps
+  POST /tokenize, /detokenize  vLLM's: a prompt's tokens (and the context limit), or text
 
 Requests that share a prefix with an earlier one (a chat resending its history) prefill only
 the rest, over the KV cache the earlier one left on the CP ranks (usage.prompt_tokens_details

@@ -29,7 +29,14 @@ from pydantic import ValidationError
 from cp_infer.engine.sampling import SamplingConfig
 from cp_infer.serving.engine import Outcome, Request
 from cp_infer.serving.metrics import CONTENT_TYPE, ServerMetrics
-from cp_infer.serving.protocol import ChatRequest, CompletionRequest, MegatronRequest, first_error
+from cp_infer.serving.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    MegatronRequest,
+    TokenizeRequest,
+    first_error,
+)
 from cp_infer.serving.text import StopStrings, TextStream
 
 __all__ = ["Frontend", "Reply", "build_app"]
@@ -620,6 +627,25 @@ def build_app(front: Frontend) -> FastAPI:
             for p in pendings:
                 front.cancel(p.request.rid)
             raise
+
+    @app.post("/tokenize")
+    async def tokenize(http: HttpRequest):
+        req = await parse(http, TokenizeRequest)
+        ids = front.encode(req.prompt, "prompt") if req.prompt is not None else (
+            front.chat_tokens(req.messages))  # fmt: skip
+        return {"tokens": ids, "count": len(ids), "max_model_len": front.max_seq_len}
+
+    @app.post("/detokenize")
+    async def detokenize(http: HttpRequest):
+        req = await parse(http, DetokenizeRequest)
+        bad = [t for t in req.tokens if not 0 <= t < front.vocab_size]
+        if bad:
+            raise BadRequest(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {front.vocab_size})", "tokens"
+            )
+        if front.tokenizer is None:
+            raise BadRequest("this server's checkpoint has no tokenizer", "tokens")
+        return {"prompt": front.decode(req.tokens)}
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):

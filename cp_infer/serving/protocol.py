@@ -13,7 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from cp_infer.schema import Turn
 
-__all__ = ["ChatRequest", "CompletionRequest", "MegatronRequest", "first_error"]
+__all__ = [
+    "ChatRequest", "CompletionRequest", "DetokenizeRequest", "MegatronRequest", "TokenizeRequest",
+    "first_error",
+]  # fmt: skip
 
 
 class _Strict(BaseModel):
@@ -170,6 +173,27 @@ class MegatronRequest(BaseModel):
         if any(len(p) == 0 for p in self.prompts) and not self.add_BOS:
             raise ValueError("empty prompts require add_BOS=true")
         return self
+
+
+class TokenizeRequest(_Strict):
+    """``POST /tokenize`` (vLLM's): a prompt's tokens, or a chat's through its template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    """``POST /detokenize`` (vLLM's): token ids to text."""
+
+    model: str | None = None
+    tokens: list[int] = Field(min_length=1)
 
 
 def first_error(e) -> tuple[str, str | None]:
