@@ -4,8 +4,10 @@ Handlers check a request (the typed models of :mod:`cp_infer.serving.protocol`, 
 against the vocabulary and the context limit), turn it into engine
 :class:`~cp_infer.serving.engine.Request`\\ s and queue them. The engine thread takes up to
 ``max_batch`` queued requests per batch (:meth:`Frontend.next_batch`) and hands back each token
-as it is sampled; handlers stream them as server-sent events or answer when done. A client
-that goes away cancels its requests; the engine stops them at its next check.
+as it is sampled (with its logprob when asked); handlers stream them as server-sent events or
+answer when done (:class:`Reply`: the text, cut at stop strings). ``n`` choices are ``n``
+requests. A client that goes away, or a stop string met, cancels its requests; the engine
+stops them at its next check. Every request and token is counted for ``/metrics``.
 """
 
 from __future__ import annotations
