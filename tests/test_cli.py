@@ -198,3 +198,30 @@ def test_multi_turn_conversations_from_jsonl(dist_pool, llama, tmp_path):
         second = reference(path, {"t": turns[0] + first["tokens"] + turns[1]}, 5)["t"]
         assert [t["token_ids"] for t in rows[pid]["turns"]] == [first["tokens"], second["tokens"]]
         torch.testing.assert_close(logits[f"{pid}/1"], second["logits"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("layout", [["--cp", "2"], ["--pp", "2"]], ids=["cp2", "pp2"])
+def test_logprobs_are_written_and_match_transformers(dist_pool, llama, tmp_path, layout):
+    import transformers
+
+    path, _ = llama
+    prompts = _write_prompts(tmp_path / "p.jsonl", [
+        {"id": "a", "token_ids": PROMPTS["len5"]}, {"id": "b", "token_ids": PROMPTS["len300"]},
+    ])  # fmt: skip
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--checkpoint", str(path), *layout, "--input", str(prompts),
+            "--output", str(out), "--max-new-tokens", "6", "--logprobs", "3"]  # fmt: skip
+    assert dist_pool(2).run(main, argv, timeout_s=180) == [0, 0]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    for row, prompt in zip(rows, (PROMPTS["len5"], PROMPTS["len300"]), strict=True):
+        tokens = prompt + row["token_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([tokens])).logits[0].float(), -1)
+        rows_ref = logp[len(prompt) - 1 : -1]  # the positions that predicted the generated ones
+        chosen = rows_ref.gather(1, torch.tensor(row["token_ids"])[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(row["logprobs"]), chosen, atol=1e-4, rtol=0)
+        values, ids = rows_ref.topk(3)
+        assert [[i for i, _ in alts] for alts in row["top_logprobs"]] == ids.tolist()
+        torch.testing.assert_close(torch.tensor([[v for _, v in a] for a in row["top_logprobs"]]),
+                                   values, atol=1e-4, rtol=0)  # fmt: skip

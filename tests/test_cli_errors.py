@@ -128,6 +128,7 @@ CASES = [
     Case("eos_outside_vocab", "eos ids [9999] are outside the vocabulary",
          args=("--eos-id", "9999")),
     Case("timeout", "--timeout must be a number of seconds > 0", args=("--timeout", "0")),
+    Case("logprobs", "--logprobs must be in 0..20", args=("--logprobs", "21")),
     Case("gpu_kernel", "flash", args=("--kernel", "flash_attn")),
     *(  # on a CPU machine
         [Case("cuda_device", "--device cuda needs a CUDA GPU", args=("--device", "cuda"))]

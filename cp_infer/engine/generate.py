@@ -39,6 +39,10 @@ class GenerationResult:
         prefill_variant: the ring variant the prefill used (chosen by Alg. 1 for "auto";
             the most used one over the chunks of a chunked prefill).
         prefill_tokens: new tokens the prefill computed (all sequences).
+        logprobs: with ``logprobs=N``, each generated token's log-probability (under the
+            model's distribution, before temperature and top-p), per prompt.
+        top_logprobs: with ``logprobs=N``, at each generated position the N most likely
+            tokens as (id, log-probability), most likely first.
     """
 
     tokens: list[list[int]]
@@ -47,6 +51,8 @@ class GenerationResult:
     decode_step_s: list[float] = field(default_factory=list)
     prefill_variant: str = "pass-kv"
     prefill_tokens: int = 0
+    logprobs: list[list[float]] | None = None
+    top_logprobs: list[list[list[tuple[int, float]]]] | None = None
 
 
 @dataclass
@@ -89,6 +95,7 @@ def generate(
     timeout_s: float = 60.0,
     kv_dtype: str = "auto",
     prefill_chunk: int | None = None,
+    logprobs: int | None = None,
 ) -> GenerationResult:
     """Generate up to ``sampling.max_new_tokens`` tokens for every prompt.
 
@@ -113,6 +120,8 @@ def generate(
         kv_dtype: ``"fp8_e4m3"`` keeps the KV cache (and what pass-KV sends) in FP8.
         prefill_chunk: prefill at most this many new tokens per sequence per step, each chunk
             over the cache the earlier ones left (persistent-KV prefill); None: in one step.
+        logprobs: also return each generated token's log-probability and the ``logprobs``
+            most likely tokens at its position (:attr:`GenerationResult.logprobs`).
     """
     if variant not in (*VARIANTS, "auto"):
         raise ValueError(f"unknown variant {variant!r}; choose one of {[*VARIANTS, 'auto']}")
@@ -135,9 +144,33 @@ def generate(
     sched.add_turn(prompts, sampling.max_new_tokens, sampling.eos_ids)
     generator = torch.Generator(device=runner.device).manual_seed(sampling.seed)
 
-    def sampled(logits) -> list[int]:
+    b, k = len(prompts), logprobs or 0
+    lps: list[list[float]] = [[] for _ in prompts]
+    tops: list[list[list[tuple[int, float]]]] = [[] for _ in prompts]
+
+    def record(batch, logits) -> None:
+        """Sample from the last stage's logits, share along the pipeline, record."""
         tokens = sample(logits, sampling, generator) if logits is not None else None
-        return runner.share(tokens, (len(prompts),), torch.long).tolist()
+        if logprobs is not None:
+            chosen = top_lp = top_id = None
+            if logits is not None:
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                chosen = logp.gather(1, tokens[:, None])[:, 0].double()
+                top_lp, top_id = logp.topk(k, dim=-1)
+            chosen = runner.share(chosen, (b,), torch.float64).tolist()
+            alts = [[] for _ in range(b)]
+            if k:
+                top_lp = runner.share(top_lp.double() if top_lp is not None else None, (b, k),
+                                      torch.float64).tolist()  # fmt: skip
+                top_id = runner.share(top_id, (b, k), torch.long).tolist()
+                alts = [list(zip(i, v, strict=True)) for i, v in zip(top_id, top_lp, strict=True)]
+        before = [len(s.out) for s in sched.seqs]
+        sched.record(batch, runner.share(tokens, (b,), torch.long).tolist())
+        if logprobs is not None:  # the sequences that took a token (not the finished ones)
+            for j, s in enumerate(sched.seqs):
+                if len(s.out) > before[j]:
+                    lps[j].append(chosen[j])
+                    tops[j].append(alts[j])
 
     t_start = time.perf_counter()
     n_new, variants = sched.new_tokens, []
@@ -152,13 +185,13 @@ def generate(
             if logits is not None:
                 rows[j] = logits[row]
     first_logits = torch.stack(rows) if rows[0] is not None else None
-    sched.record(batch, sampled(first_logits))
+    record(batch, first_logits)
     ttft = time.perf_counter() - t_start
     step_times: list[float] = []
     while not sched.turn_done:
         t_step = time.perf_counter()
         step = sched.decode_batch()
-        sched.record(step, sampled(runner.step(step)))
+        record(step, runner.step(step))
         step_times.append(time.perf_counter() - t_step)
     return GenerationResult(
         tokens=sched.finish_turn(),
@@ -167,4 +200,6 @@ def generate(
         decode_step_s=step_times,
         prefill_variant=max(set(variants), key=variants.count),
         prefill_tokens=n_new,
+        logprobs=lps if logprobs is not None else None,
+        top_logprobs=tops if logprobs is not None else None,
     )

@@ -105,6 +105,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="also write each request's first-token logits (safetensors, keyed by id)",
     )  # fmt: skip
     g.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate per turn")
+    g.add_argument(
+        "--logprobs", type=int, metavar="N",
+        help="also write each generated token's log-probability (\"logprobs\") and the N most "
+        "likely tokens at its position (\"top_logprobs\": [id, logprob] pairs), as Megatron's "
+        "and OpenAI's APIs give them",
+    )  # fmt: skip
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
     g.add_argument(
@@ -284,6 +290,10 @@ def prepare(args, world_size: int, device: torch.device) -> GenerateJob:
     ):
         raise ValueError(f"--prefill-chunk must be auto or a number of tokens >= 1, got "
                          f"{args.prefill_chunk!r}")  # fmt: skip
+    if args.logprobs is not None and not 0 <= args.logprobs <= 20:
+        raise ValueError(
+            f"--logprobs must be in 0..20 (alternatives per token), got {args.logprobs}"
+        )
     sizes = validate_parallel_sizes(world_size, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep)
     cfg, eos, fmt = _model_config(args)
     check_model_fits_layout(cfg, sizes)
@@ -454,6 +464,7 @@ def run(args, argv: list[str]) -> int:
                     exchange=args.decode_exchange, timeout_s=args.timeout,
                     kv_dtype=args.kv_dtype,
                     prefill_chunk=_prefill_chunk(args, [t[turn] for t in job.turns], pg.pp),
+                    logprobs=args.logprobs,
                 )
             )  # fmt: skip
             if writer:
@@ -492,17 +503,22 @@ def write_outputs(args, job: GenerateJob, results: list[GenerationResult]) -> No
     """Generations (and logits) into temporary files, renamed together at the end."""
     tok = job.tokenizer
 
-    def entry(ids: list[int]) -> dict:
-        return {"token_ids": ids, "text": tok.decode(ids) if tok is not None else None}
+    def entry(r: GenerationResult, i: int) -> dict:
+        ids = r.tokens[i]
+        out = {"token_ids": ids, "text": tok.decode(ids) if tok is not None else None}
+        if r.logprobs is not None:
+            out["logprobs"] = r.logprobs[i]
+            out["top_logprobs"] = [[list(a) for a in alts] for alts in r.top_logprobs[i]]
+        return out
 
     paths = [args.output] + ([args.save_logits] if args.save_logits is not None else [])
     with atomic_files(*paths) as tmps:
         with tmps[0].open("w") as f:
             for i, rid in enumerate(job.ids):
                 if job.chat:
-                    row = {"id": rid, "turns": [entry(r.tokens[i]) for r in results]}
+                    row = {"id": rid, "turns": [entry(r, i) for r in results]}
                 else:
-                    row = {"id": rid, **entry(results[0].tokens[i])}
+                    row = {"id": rid, **entry(results[0], i)}
                 f.write(json.dumps(row) + "\n")
         if args.save_logits is not None:
             from safetensors.torch import save_file
