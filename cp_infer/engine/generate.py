@@ -18,7 +18,7 @@ import torch
 from cp_infer.attention import VARIANTS
 from cp_infer.attention.selector import Hardware
 from cp_infer.engine.runner import ModelRunner
-from cp_infer.engine.sampling import SamplingConfig, sample
+from cp_infer.engine.sampling import SamplingConfig, logprobs_of, sample
 from cp_infer.engine.scheduler import Scheduler, check_prompts
 from cp_infer.models.llama import Transformer
 from parallel_state import ParallelGroups
@@ -154,14 +154,11 @@ def generate(
         if logprobs is not None:
             chosen = top_lp = top_id = None
             if logits is not None:
-                logp = torch.log_softmax(logits.float(), dim=-1)
-                chosen = logp.gather(1, tokens[:, None])[:, 0].double()
-                top_lp, top_id = logp.topk(k, dim=-1)
+                chosen, top_lp, top_id = logprobs_of(logits, tokens, k)
             chosen = runner.share(chosen, (b,), torch.float64).tolist()
             alts = [[] for _ in range(b)]
             if k:
-                top_lp = runner.share(top_lp.double() if top_lp is not None else None, (b, k),
-                                      torch.float64).tolist()  # fmt: skip
+                top_lp = runner.share(top_lp, (b, k), torch.float64).tolist()
                 top_id = runner.share(top_id, (b, k), torch.long).tolist()
                 alts = [list(zip(i, v, strict=True)) for i, v in zip(top_id, top_lp, strict=True)]
         before = [len(s.out) for s in sched.seqs]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingConfig", "sample"]
+__all__ = ["SamplingConfig", "logprobs_of", "sample"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,3 +80,17 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def logprobs_of(
+    logits: torch.Tensor, tokens: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Under each row's distribution (``logits`` as the model gives them: before temperature
+    and top-p), the log-probability of its token and its ``k`` most likely tokens.
+
+    Returns:
+        (chosen (B,) float64, top values (B, k) float64, top ids (B, k)), most likely first.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = logp.topk(k, dim=-1)
+    return logp.gather(1, tokens[:, None])[:, 0].double(), values.double(), ids

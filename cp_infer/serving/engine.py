@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from cp_infer.distributed import RankFailure, on_all_ranks
 from cp_infer.engine.runner import ModelRunner
-from cp_infer.engine.sampling import SamplingConfig, sample
+from cp_infer.engine.sampling import SamplingConfig, logprobs_of, sample
 from cp_infer.engine.scheduler import Scheduler, SequenceState
 from cp_infer.serving.chunking import ChunkTimer, Estimates, StepCosts, choose_chunk
 
@@ -400,10 +400,7 @@ class ServeEngine:
                     for r, x in zip(rows, lives, strict=True)
                 ])  # fmt: skip
                 if want:
-                    logp = torch.log_softmax(logits[list(rows)], dim=-1)
-                    chosen = logp.gather(1, tokens[:, None])[:, 0].double()
-                    top_lp, top_id = logp.topk(k, dim=-1)
-                    top_lp = top_lp.double()
+                    chosen, top_lp, top_id = logprobs_of(logits[list(rows)], tokens, k)
             share = self.runner.share
             tokens = share(tokens, (len(rows),), torch.long).tolist()
             if want:
