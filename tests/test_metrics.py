@@ -101,9 +101,9 @@ def test_gauges_read_the_server_at_each_scrape(metrics):
 
 
 def test_steps_give_prefill_tokens_chunks_and_step_times(metrics):
-    metrics.step(Step("prefill", 0.2, prefill_tokens=1000, cached_tokens=0), cache_tokens=0)
-    metrics.step(Step("mixed", 0.08, prefill_tokens=40, cached_tokens=1000, decode_tokens=3),
-                 cache_tokens=512)  # fmt: skip
+    metrics.watch_cache(lambda: 512)
+    metrics.step(Step("prefill", 0.2, prefill_tokens=1000, cached_tokens=0))
+    metrics.step(Step("mixed", 0.08, prefill_tokens=40, cached_tokens=1000, decode_tokens=3))
     metrics.step(Step("decode", 0.01, decode_tokens=3))
 
     p = "cp_infer_"
@@ -118,7 +118,8 @@ def test_steps_give_prefill_tokens_chunks_and_step_times(metrics):
 
 def test_the_log_line_reports_throughput_since_the_last_one(metrics, clock, caplog):
     caplog.set_level(logging.INFO, logger="cp_infer.serving.metrics")
-    metrics.step(Step("prefill", 0.5, prefill_tokens=2000), cache_tokens=100)
+    metrics.watch_cache(lambda: 100)
+    metrics.step(Step("prefill", 0.5, prefill_tokens=2000))
     metrics.submitted(1)
     for _ in range(50):
         metrics.token(1)
@@ -134,3 +135,36 @@ def test_the_log_line_reports_throughput_since_the_last_one(metrics, clock, capl
     clock.now += LOG_EVERY_S
     assert not metrics.maybe_log()  # nothing ran since: no line
     assert len(caplog.records) == 1
+
+
+def test_the_chunk_sizing_estimates_are_read_at_each_scrape(metrics):
+    from cp_infer.serving.chunking import Estimates
+
+    now = {"est": Estimates()}
+    metrics.watch_chunking(lambda: now["est"], target_s=0.1)
+    p = "cp_infer_"
+    assert value(metrics, p + "tbt_target_seconds") == 0.1
+    assert value(metrics, p + "chunking_seconds", estimate="decode") == 0.0  # none measured
+    now["est"] = Estimates(decode_s=0.02, overhead_s=0.005, scale=1.5, margin_s=0.01,
+                           mixed_scale=1.2)  # fmt: skip
+    assert value(metrics, p + "chunking_seconds", estimate="decode") == 0.02
+    assert value(metrics, p + "chunking_seconds", estimate="overhead") == 0.005
+    assert value(metrics, p + "chunking_seconds", estimate="margin") == 0.01
+    assert value(metrics, p + "chunking_scale", estimate="prefill") == 1.5
+    assert value(metrics, p + "chunking_scale", estimate="mixed") == 1.2
+
+
+def test_the_prefix_cache_keeps_its_token_count_as_entries_come_and_go():
+    from cp_infer.engine.scheduler import SequenceState
+    from cp_infer.serving.engine import PrefixCache
+
+    def seq(i, n):
+        return SequenceState(seq=i, history=list(range(n)))  # all n cached
+
+    cache = PrefixCache(max_tokens=100)
+    assert cache.put(seq(0, 40)) == [] and cache.put(seq(1, 50)) == []
+    assert cache.tokens == 90
+    assert cache.put(seq(2, 30)) == [0]  # 120 > 100: the oldest goes
+    assert cache.tokens == 80
+    assert cache.take(1).seq == 1 and cache.tokens == 30
+    assert cache.tokens == sum(s.cached for s in cache.entries.values())

@@ -362,6 +362,8 @@ def test_metrics_count_what_the_server_did(server):
     assert delta("e2e_request_latency_seconds_count") == 2
     assert delta("request_rejected_total", reason="bad_request") == 1
     assert after[("cp_infer_num_requests_running", frozenset())] == 0
+    decode = ("cp_infer_chunking_seconds", frozenset({("estimate", "decode")}))
+    assert after[decode] > 0  # the decode step the chunk sizing measures
     assert after[("cp_infer_prefix_cache_tokens", frozenset())] >= len(prompt)
     info = {"model_name": "tiny-llama", "tp": "1", "cp": "2", "pp": "1", "ep": "1"}
     assert after[("cp_infer_info", frozenset(info.items()))] == 1

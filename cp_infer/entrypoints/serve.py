@@ -181,7 +181,9 @@ def _serve(args, loop, tokenizer, cfg, eos_ids, device) -> None:
         info={k: str(getattr(args, k)) for k in ("tp", "cp", "pp", "ep")},
     )  # fmt: skip
     serving = loop.engine
-    serving.on_step = lambda s: front.metrics.step(s, cache_tokens=serving.retained.tokens)
+    serving.on_step = front.metrics.step
+    front.metrics.watch_cache(lambda: serving.retained.tokens)
+    front.metrics.watch_chunking(lambda: serving.timer.estimates, serving.tbt_slo_s)
     errors: list[BaseException] = []
 
     def engine() -> None:

@@ -111,15 +111,15 @@ class Step:
 
 
 class PrefixCache:
-    """Retained sequences, least recently used first, bounded by the tokens they keep cached."""
+    """Retained sequences, least recently used first, bounded by the tokens they keep cached.
+
+    ``tokens`` (what they keep cached) is a plain int, kept up to date: another thread (the
+    server's metrics) may read it while the engine changes the entries."""
 
     def __init__(self, max_tokens: int) -> None:
         self.max_tokens = max_tokens
         self.entries: OrderedDict[int, SequenceState] = OrderedDict()
-
-    @property
-    def tokens(self) -> int:
-        return sum(s.cached for s in self.entries.values())
+        self.tokens = 0
 
     def match(self, tokens: Sequence[int]) -> tuple[int | None, int]:
         """The retained sequence sharing the longest prefix with ``tokens``, and its length."""
@@ -131,14 +131,18 @@ class PrefixCache:
         return best, best_len
 
     def take(self, seq: int) -> SequenceState:
-        return self.entries.pop(seq)
+        state = self.entries.pop(seq)
+        self.tokens -= state.cached
+        return state
 
     def put(self, state: SequenceState) -> list[int]:
         """Retain ``state`` (most recent); returns the sequences evicted to stay in bounds."""
         self.entries[state.seq] = state
+        self.tokens += state.cached
         evicted = []
         while self.entries and self.tokens > self.max_tokens:
-            seq, _ = self.entries.popitem(last=False)
+            seq, old = self.entries.popitem(last=False)
+            self.tokens -= old.cached
             evicted.append(seq)
         return evicted
 

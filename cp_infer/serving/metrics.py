@@ -121,7 +121,30 @@ class ServerMetrics:
         self._totals = dict.fromkeys(("prefilled", "generated", "prompt", "cached"), 0)
         self._logged = dict(self._totals)
         self._logged_at = clock()
-        self._cache = 0
+        self._cache: Callable[[], int] = lambda: 0
+
+    def watch_chunking(self, estimates: Callable[[], object], target_s: float | None) -> None:
+        """Export what sizes the prefill chunks under ``--tbt-slo-ms``: the target and rank 0's
+        current :class:`~cp_infer.serving.chunking.Estimates` (read at each scrape)."""
+        r = self.registry
+        fields = ("decode_s", "overhead_s", "margin_s", "mixed_overhead_s")
+        g = Gauge("cp_infer_chunking_seconds",
+                  "Chunk sizing estimates: the decode step, a prefill step's and a fused "
+                  "iteration's fixed cost, the overrun margin kept clear of", ["estimate"],
+                  registry=r)  # fmt: skip
+        for name in fields:
+            g.labels(name.removesuffix("_s")).set_function(
+                lambda name=name: getattr(estimates(), name) or 0.0
+            )
+        scale = Gauge("cp_infer_chunking_scale",
+                      "Measured over predicted time of prefill steps (prefill) and fused "
+                      "iterations (mixed)", ["estimate"], registry=r)  # fmt: skip
+        for label, name in (("prefill", "scale"), ("mixed", "mixed_scale")):
+            scale.labels(label).set_function(lambda name=name: getattr(estimates(), name) or 0.0)
+        if target_s is not None:
+            Gauge("cp_infer_tbt_target_seconds", "--tbt-slo-ms, in seconds", registry=r).set(
+                target_s
+            )
 
     # -- requests ---------------------------------------------------------------------------------
     def submitted(self, rid: int) -> None:
@@ -167,12 +190,14 @@ class ServerMetrics:
         self.rejected.labels(reason).inc()
 
     # -- the engine -------------------------------------------------------------------------------
-    def step(self, s: Step, *, cache_tokens: int | None = None) -> None:
-        """Record a step; ``cache_tokens``: what the prefix cache holds after it."""
+    def watch_cache(self, tokens: Callable[[], int]) -> None:
+        """Read what the prefix cache holds from ``tokens`` at each scrape and log line."""
+        self._cache = tokens
+        self.cache_tokens.set_function(tokens)
+
+    def step(self, s: Step) -> None:
+        """Record one forward pass of the engine."""
         self.step_seconds.labels(s.kind).observe(s.seconds)
-        if cache_tokens is not None:
-            self._cache = cache_tokens
-            self.cache_tokens.set(cache_tokens)
         if s.prefill_tokens:
             with self._lock:
                 self._totals["prefilled"] += s.prefill_tokens
@@ -202,6 +227,6 @@ class ServerMetrics:
             "prefill %.1f tokens/s, generation %.1f tokens/s, running %d, waiting %d, "
             "prefix cache %d tokens (hit rate %s)",
             d["prefilled"] / elapsed, d["generated"] / elapsed, self._running(), self._waiting(),
-            self._cache, hits,
+            self._cache(), hits,
         )  # fmt: skip
         return True
