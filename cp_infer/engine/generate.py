@@ -18,7 +18,7 @@ import torch
 from cp_infer.attention import VARIANTS
 from cp_infer.attention.selector import Hardware
 from cp_infer.engine.runner import ModelRunner
-from cp_infer.engine.sampling import SamplingConfig, logprobs_of, sample
+from cp_infer.engine.sampling import SamplingConfig, sample
 from cp_infer.engine.scheduler import Scheduler, check_prompts
 from cp_infer.models.llama import Transformer
 from parallel_state import ParallelGroups
@@ -152,15 +152,7 @@ def generate(
         """Sample from the last stage's logits, share along the pipeline, record."""
         tokens = sample(logits, sampling, generator) if logits is not None else None
         if logprobs is not None:
-            chosen = top_lp = top_id = None
-            if logits is not None:
-                chosen, top_lp, top_id = logprobs_of(logits, tokens, k)
-            chosen = runner.share(chosen, (b,), torch.float64).tolist()
-            alts = [[] for _ in range(b)]
-            if k:
-                top_lp = runner.share(top_lp, (b, k), torch.float64).tolist()
-                top_id = runner.share(top_id, (b, k), torch.long).tolist()
-                alts = [list(zip(i, v, strict=True)) for i, v in zip(top_id, top_lp, strict=True)]
+            chosen, alts = runner.share_logprobs(logits, tokens, k, b)
         before = [len(s.out) for s in sched.seqs]
         sched.record(batch, runner.share(tokens, (b,), torch.long).tolist())
         if logprobs is not None:  # the sequences that took a token (not the finished ones)

@@ -28,6 +28,7 @@ from cp_infer.collectives import Exchange, make_exchange
 from cp_infer.engine.attention import DecodeAttention, MixedAttention, PrefillAttention
 from cp_infer.engine.batch import StepBatch
 from cp_infer.engine.kv_cache import MAX_SEGMENTS, KVCache
+from cp_infer.engine.sampling import logprobs_of
 from cp_infer.models.llama import ForwardContext, TokenSplit, Transformer
 from cp_infer.parallel.pipeline import recv_activation, send_activation
 from cp_infer.sharding import unshard
@@ -250,11 +251,9 @@ class ModelRunner:
         top_id = torch.zeros((h.shape[0], top), dtype=torch.long)
         for lo in range(0, h.shape[0], 1024):  # chunks: (T, V) logits at once can be huge
             hi = min(lo + 1024, h.shape[0])
-            logp = torch.log_softmax(self.model.logits(h[lo:hi]), dim=-1).cpu()
-            mine[lo:hi] = logp.gather(1, target[lo:hi, None])[:, 0].double()
-            if top:
-                values, ids = logp.topk(top, dim=-1)
-                top_lp[lo:hi], top_id[lo:hi] = values.double(), ids
+            logits = self.model.logits(h[lo:hi])
+            chosen, values, ids = logprobs_of(logits, target[lo:hi].to(logits.device), top)
+            mine[lo:hi], top_lp[lo:hi], top_id[lo:hi] = chosen.cpu(), values.cpu(), ids.cpu()
         mine[~has_next] = float("nan")
         per_seq = list(zip(batch.layout.seq_offsets, batch.layout.seq_offsets[1:], strict=False))
         packed = self._gather_tokens(mine, batch)
@@ -288,6 +287,22 @@ class ModelRunner:
         buf = values if values is not None else torch.empty(shape, dtype=dtype, device=self.device)
         dist.broadcast(buf, src=self.pg.pp_ranks[-1], group=self.pg.pp_group)
         return buf
+
+    def share_logprobs(
+        self, logits: torch.Tensor | None, tokens: torch.Tensor | None, k: int, n: int
+    ) -> tuple[list[float], list[list[tuple[int, float]]]]:
+        """Each of the ``n`` rows' log-probability of its sampled token and its ``k`` most
+        likely tokens (:func:`~cp_infer.engine.sampling.logprobs_of`), computed from the last
+        stage's ``logits`` and shared along the pipeline: (chosen, [(id, logprob)]) per row."""
+        chosen = values = ids = None
+        if logits is not None:
+            chosen, values, ids = logprobs_of(logits, tokens, k)
+        chosen = self.share(chosen, (n,), torch.float64).tolist()
+        if not k:
+            return chosen, [[] for _ in range(n)]
+        values = self.share(values, (n, k), torch.float64).tolist()
+        ids = self.share(ids, (n, k), torch.long).tolist()
+        return chosen, [list(zip(i, v, strict=True)) for i, v in zip(ids, values, strict=True)]
 
     def share_object(self, obj):
         """A picklable object the last stage holds, on every stage of this pipeline."""

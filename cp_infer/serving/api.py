@@ -250,13 +250,14 @@ class Frontend:
         head = self.context(prompt)
         return self.tokenizer.decode(head + tokens)[len(self.tokenizer.decode(head)) :]
 
-    def token_text(self, seq: Sequence[int], i: int, token: int) -> str:
-        """The text ``token`` adds at position ``i`` of ``seq`` (after ``seq[:i]``), as
-        logprobs name it (``token_id:N`` without a tokenizer)."""
+    def token_texts(self, seq: Sequence[int], i: int, tokens: Sequence[int]) -> list[str]:
+        """The text each of ``tokens`` would add at position ``i`` of ``seq`` (after
+        ``seq[:i]``), as logprobs name them (``token_id:N`` without a tokenizer)."""
         if self.tokenizer is None:
-            return f"token_id:{token}"
+            return [f"token_id:{t}" for t in tokens]
         head = list(seq[max(i - CONTEXT_TOKENS, 0) : i])
-        return self.tokenizer.decode([*head, token])[len(self.tokenizer.decode(head)) :]
+        n = len(self.tokenizer.decode(head))  # once for all the candidates
+        return [self.tokenizer.decode([*head, t])[n:] for t in tokens]
 
     def chat_tokens(self, messages) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
@@ -368,12 +369,14 @@ def _completion_logprobs(
     """OpenAI's completions ``logprobs`` of ``seq[first:]`` (the answer, or with ``echo`` the
     prompt too, whose first token has no log-probability): each token's text, log-probability,
     most likely alternatives (the chosen one among them) and offset in the text."""
-    texts = [front.token_text(seq, i, seq[i]) for i in range(first, len(seq))]
+    texts = front.token_texts(seq, 0, seq[:1]) if first == 0 else []
     lps: list[float | None] = [None] * (first == 0) + list(logprobs)
     top: list[dict | None] = [None] * (first == 0)
     for i, lp, alts in zip(range(max(first, 1), len(seq)), logprobs, tops, strict=True):
-        alternatives = {front.token_text(seq, i, t): v for t, v in alts}
-        alternatives.setdefault(front.token_text(seq, i, seq[i]), lp)
+        chosen, *names = front.token_texts(seq, i, [seq[i], *(t for t, _ in alts)])
+        texts.append(chosen)
+        alternatives = dict(zip(names, (v for _, v in alts), strict=True))
+        alternatives.setdefault(chosen, lp)
         top.append(alternatives)
     offsets = list(itertools.accumulate((len(x) for x in texts[:-1]), initial=0))
     return {"tokens": texts, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
@@ -383,16 +386,15 @@ def _chat_logprobs(front: Frontend, seq: list[int], first: int, logprobs: list[f
     """OpenAI's chat ``logprobs`` of the answer ``seq[first:]``: per token, its text, bytes,
     log-probability and its ``top_logprobs`` most likely alternatives."""
 
-    def entry(i: int, token: int, lp: float) -> dict:
-        text = front.token_text(seq, i, token)
+    def entry(text: str, lp: float) -> dict:
         return {"token": text, "logprob": lp, "bytes": list(text.encode())}
 
-    return {
-        "content": [
-            {**entry(i, seq[i], lp), "top_logprobs": [entry(i, t, v) for t, v in alts]}
-            for i, lp, alts in zip(range(first, len(seq)), logprobs, tops, strict=True)
-        ]
-    }
+    content = []
+    for i, lp, alts in zip(range(first, len(seq)), logprobs, tops, strict=True):
+        chosen, *names = front.token_texts(seq, i, [seq[i], *(t for t, _ in alts)])
+        top = [entry(name, v) for name, (_, v) in zip(names, alts, strict=True)]
+        content.append({**entry(chosen, lp), "top_logprobs": top})
+    return {"content": content}
 
 
 def _alternatives(req) -> int | None:

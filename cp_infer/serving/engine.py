@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from cp_infer.distributed import RankFailure, on_all_ranks
 from cp_infer.engine.runner import ModelRunner
-from cp_infer.engine.sampling import SamplingConfig, logprobs_of, sample
+from cp_infer.engine.sampling import SamplingConfig, sample
 from cp_infer.engine.scheduler import Scheduler, SequenceState
 from cp_infer.serving.chunking import ChunkTimer, Estimates, StepCosts, choose_chunk
 
@@ -395,7 +395,7 @@ class ServeEngine:
         depend on its batch), share it along the pipeline and record it."""
         lives = [self.live[batch.seqs[r]] for r in rows]
         if rows:
-            tokens = chosen = top_lp = top_id = None
+            tokens = None
             want = any(x.request.wants_logprobs for x in lives)
             k = max((x.request.top_logprobs or 0 for x in lives), default=0)
             if logits is not None:
@@ -403,15 +403,11 @@ class ServeEngine:
                     sample(logits[r : r + 1], x.request.sampling, x.generator)
                     for r, x in zip(rows, lives, strict=True)
                 ])  # fmt: skip
-                if want:
-                    chosen, top_lp, top_id = logprobs_of(logits[list(rows)], tokens, k)
-            share = self.runner.share
-            tokens = share(tokens, (len(rows),), torch.long).tolist()
             if want:
-                chosen = share(chosen, (len(rows),), torch.float64).tolist()
-                if k:
-                    top_lp = share(top_lp, (len(rows), k), torch.float64).tolist()
-                    top_id = share(top_id, (len(rows), k), torch.long).tolist()
+                chosen, alternatives = self.runner.share_logprobs(
+                    None if logits is None else logits[list(rows)], tokens, k, len(rows)
+                )
+            tokens = self.runner.share(tokens, (len(rows),), torch.long).tolist()
         before = [len(x.state.out) for x in lives]
         self.sched.record_rows(
             batch, {x.state.seq: t for x, t in zip(lives, tokens, strict=True)} if rows else {}
@@ -422,8 +418,7 @@ class ServeEngine:
                     x.outcome.logprobs.append(chosen[j])
                 logprob = None
                 if x.outcome.top_logprobs is not None:
-                    n_top = x.request.top_logprobs
-                    alts = list(zip(top_id[j][:n_top], top_lp[j][:n_top], strict=True)) if k else []
+                    alts = alternatives[j][: x.request.top_logprobs]
                     x.outcome.top_logprobs.append(alts)
                     logprob = (chosen[j], alts)
                 if emit is not None:
