@@ -481,7 +481,7 @@ def build_app(front: Frontend) -> FastAPI:
                 ev = await pending.events.get()
                 if isinstance(ev, Outcome):
                     return tokens, ev
-                tokens.append(ev if isinstance(ev, int) else ev[0])
+                tokens.append(ev)  # Megatron's requests ask no alternatives: ids only
         except asyncio.CancelledError:
             front.cancel(pending.request.rid)
             raise
@@ -552,8 +552,7 @@ def build_app(front: Frontend) -> FastAPI:
                 logprobs = (_chat_logprobs(*shown) if kind == "chat" else
                             _completion_logprobs(*shown))  # fmt: skip
             if req.echo and text is not None:
-                prompt = req.prompt if isinstance(req.prompt, str) else front.decode(tokens)
-                text = prompt + text
+                text = echoed(req) + text
             c = {"index": i, "logprobs": logprobs, "finish_reason": reply.finish_reason,
                  "token_ids": answer}  # fmt: skip
             if kind == "chat":
@@ -569,6 +568,10 @@ def build_app(front: Frontend) -> FastAPI:
         usage = _usage(results[0][1], completion_tokens=sum(n for _, _, n in results))
         return {"id": rid, "object": obj, "created": int(time.time()), "model": front.model_name,
                 "choices": [c for c, _, _ in results], "usage": usage}  # fmt: skip
+
+    def echoed(req) -> str:
+        """The prompt as ``echo`` returns it: as sent, or its ids decoded."""
+        return req.prompt if isinstance(req.prompt, str) else front.decode(req.prompt)
 
     def req_budget(req) -> int:
         return req.budget if isinstance(req, ChatRequest) else max(req.max_tokens, 1)
@@ -593,8 +596,7 @@ def build_app(front: Frontend) -> FastAPI:
             if kind == "chat":
                 yield _sse(chunk(i, {"role": "assistant", "content": ""}))
             elif req.echo and front.tokenizer is not None:
-                prompt = req.prompt if isinstance(req.prompt, str) else front.decode(req.prompt)
-                yield _sse(chunk(i, {"content": prompt}))
+                yield _sse(chunk(i, {"content": echoed(req)}))
             prompt, offset = list(reply.pending.request.tokens), 0
             async for token, piece, logprob in reply.pieces():
                 c = chunk(i, {"content": piece}, token=token)
