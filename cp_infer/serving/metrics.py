@@ -55,14 +55,12 @@ class ServerMetrics:
         self, *, waiting: Callable[[], int], running: Callable[[], int],
         info: dict[str, str] | None = None, clock: Callable[[], float] = time.monotonic,
     ) -> None:  # fmt: skip
-        self.registry = r = CollectorRegistry()
+        self.registry = CollectorRegistry()
         self.clock, self._waiting, self._running = clock, waiting, running
         self._lock = threading.Lock()
         self._times: dict[int, _Times] = {}
 
-        def metric(kind, name, doc, labels=(), **kw):
-            return kind("cp_infer_" + name, doc, list(labels), registry=r, **kw)
-
+        metric = self._metric
         if info:
             metric(Gauge, "info", "The model and layout served", info).labels(**info).set(1)
         metric(Gauge, "num_requests_waiting", "Requests queued for the engine").set_function(
@@ -123,28 +121,30 @@ class ServerMetrics:
         self._logged_at = clock()
         self._cache: Callable[[], int] = lambda: 0
 
+    def _metric(self, kind, name: str, doc: str, labels=(), **kw):
+        return kind("cp_infer_" + name, doc, list(labels), registry=self.registry, **kw)
+
     def watch_chunking(self, estimates: Callable[[], object], target_s: float | None) -> None:
         """Export what sizes the prefill chunks under ``--tbt-slo-ms``: the target and rank 0's
         current :class:`~cp_infer.serving.chunking.Estimates` (read at each scrape)."""
-        r = self.registry
-        fields = ("decode_s", "overhead_s", "margin_s", "mixed_overhead_s")
-        g = Gauge("cp_infer_chunking_seconds",
-                  "Chunk sizing estimates: the decode step, a prefill step's and a fused "
-                  "iteration's fixed cost, the overrun margin kept clear of", ["estimate"],
-                  registry=r)  # fmt: skip
-        for name in fields:
-            g.labels(name.removesuffix("_s")).set_function(
-                lambda name=name: getattr(estimates(), name) or 0.0
-            )
-        scale = Gauge("cp_infer_chunking_scale",
-                      "Measured over predicted time of prefill steps (prefill) and fused "
-                      "iterations (mixed)", ["estimate"], registry=r)  # fmt: skip
-        for label, name in (("prefill", "scale"), ("mixed", "mixed_scale")):
-            scale.labels(label).set_function(lambda name=name: getattr(estimates(), name) or 0.0)
+        seconds = self._metric(
+            Gauge, "chunking_seconds", "Chunk sizing estimates: the decode step, a prefill "
+            "step's and a fused iteration's fixed cost, the overrun margin kept clear of",
+            ["estimate"],
+        )  # fmt: skip
+        scale = self._metric(
+            Gauge, "chunking_scale",
+            "Measured over predicted time of prefill steps (prefill) and fused iterations (mixed)",
+            ["estimate"],
+        )  # fmt: skip
+        for gauge, label, field in (
+            (seconds, "decode", "decode_s"), (seconds, "overhead", "overhead_s"),
+            (seconds, "margin", "margin_s"), (seconds, "mixed_overhead", "mixed_overhead_s"),
+            (scale, "prefill", "scale"), (scale, "mixed", "mixed_scale"),
+        ):  # fmt: skip
+            gauge.labels(label).set_function(lambda f=field: getattr(estimates(), f) or 0.0)
         if target_s is not None:
-            Gauge("cp_infer_tbt_target_seconds", "--tbt-slo-ms, in seconds", registry=r).set(
-                target_s
-            )
+            self._metric(Gauge, "tbt_target_seconds", "--tbt-slo-ms, in seconds").set(target_s)
 
     # -- requests ---------------------------------------------------------------------------------
     def submitted(self, rid: int) -> None:
