@@ -26,7 +26,6 @@ import argparse
 import logging
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -39,7 +38,7 @@ from cp_infer.engine import ModelRunner
 from cp_infer.engine.scheduler import Scheduler, SequenceState
 from cp_infer.models import get_preset
 from cp_infer.parallel import parallelize
-from cp_infer.reporting import format_table, write_json
+from cp_infer.reporting import format_table, time_on_all_ranks, write_json
 from cp_infer.serving.chunking import StepCosts
 from cp_infer.testing import DistributedPool
 from parallel_state import parallel_groups
@@ -47,12 +46,10 @@ from parallel_state import parallel_groups
 logger = logging.getLogger("bench_step")
 
 
-def _slowest(seconds: list[float]) -> list[float]:
-    """Per step, the slowest rank's time."""
-    t = torch.tensor(seconds, dtype=torch.float64)
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t)
-    return torch.stack(parts).amax(0).tolist()
+def _timed(fn, *args):
+    """(seconds, result) of ``fn(*args)`` on every rank, the slowest rank's seconds."""
+    out = []
+    return time_on_all_ranks(lambda: out.append(fn(*args))), out[0]
 
 
 def bench_rank(preset, cached, chunks, decodes, steps, hardware) -> list[dict]:
@@ -100,21 +97,15 @@ def bench_rank(preset, cached, chunks, decodes, steps, hardware) -> list[dict]:
             times = {"decode": [], "prefill": [], "mixed": []}
             for _ in range(steps):  # interleaved, so that drift hits the three alike
                 dec = decode_batch()
-                dist.barrier()
-                t0 = time.perf_counter()
-                record(dec, runner.step(dec))
-                times["decode"].append(time.perf_counter() - t0)
+                seconds, logits = _timed(runner.step, dec)
+                times["decode"].append(seconds)
+                record(dec, logits)
                 batch = sched.prefill_batch(variant, take={long.seq: chunk})
-                dist.barrier()
-                t0 = time.perf_counter()
-                runner.step(batch)
-                times["prefill"].append(time.perf_counter() - t0)
+                times["prefill"].append(_timed(runner.step, batch)[0])
                 sched.prefilled(batch)  # a chunk short of the end: no token
                 batch, dec = sched.prefill_batch(variant, take={long.seq: chunk}), decode_batch()
-                dist.barrier()
-                t0 = time.perf_counter()
-                _, logits = runner.step_mixed(batch, dec)
-                times["mixed"].append(time.perf_counter() - t0)
+                seconds, (_, logits) = _timed(runner.step_mixed, batch, dec)
+                times["mixed"].append(seconds)
                 sched.prefilled(batch)
                 record(dec, logits)
             context_now = context + decodes * 2 * steps * n  # the decodes' tokens grew too
@@ -125,7 +116,7 @@ def bench_rank(preset, cached, chunks, decodes, steps, hardware) -> list[dict]:
                 "mixed": costs.decode_s(decodes, context_now) + costs.prefill_s(chunk, at),
             }
             for kind, ts in times.items():
-                step_s = statistics.median(_slowest(ts))
+                step_s = statistics.median(ts)
                 records.append({
                     "preset": preset, "cp": pg.cp, "cached": cached, "chunk": chunk,
                     "decodes": decodes, "kind": kind, "step_s": step_s,
