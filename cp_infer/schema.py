@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -33,11 +34,49 @@ from pydantic import (
     model_validator,
 )
 
-__all__ = ["GenerateRequest", "RequestError", "Turn", "check_unique_ids", "read_requests"]
+__all__ = [
+    "NOT_UNICODE", "TOKEN_ID_MAX", "GenerateRequest", "RequestError", "Str", "Text", "TokenId", "TokenIds",
+    "Turn", "check_unique_ids", "encodable", "read_requests", "text_field",
+]  # fmt: skip
 
-TokenId = Annotated[StrictInt, Field(ge=0)]
+
+#: What a string that is not valid Unicode is told (pydantic's own words name no cause).
+NOT_UNICODE = (
+    "the text holds a lone UTF-16 surrogate (such as \\ud800), which is not a character: "
+    "send valid Unicode"
+)
+
+
+def encodable(text: str) -> str:
+    """``text`` if it can be written as UTF-8. JSON lets a lone surrogate such as ``\\ud800``
+    through, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start : e.end].encode("unicode_escape").decode()
+        raise ValueError(
+            f"the text holds {bad} at character {e.start}, a lone UTF-16 surrogate that is "
+            "not a character: send valid Unicode"
+        ) from None
+    return text
+
+
+def text_field(*, min_length: int = 0, max_length: int | None = None) -> Any:
+    """A string of valid Unicode, of bounded length (the bounds checked as a string's)."""
+    return Annotated[
+        StrictStr, Field(min_length=min_length, max_length=max_length), AfterValidator(encodable)
+    ]
+
+
+#: Any text a request holds: a string that is valid Unicode.
+Str = text_field()
+
+#: Token ids fit int32 (every vocabulary does); the model's own bound is checked later.
+TOKEN_ID_MAX = 2**31 - 1
+
+TokenId = Annotated[StrictInt, Field(ge=0, le=TOKEN_ID_MAX)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
-Text = Annotated[StrictStr, Field(min_length=1)]
+Text = text_field(min_length=1)
 
 
 def _turn_kind(value: Any) -> str | None:
@@ -122,7 +161,9 @@ def _describe(error: dict) -> str:
         return f"id: must be an integer or a string, {_got(error['input'])}"
     where = _where(error["loc"])
     message = error["msg"].removeprefix("Value error, ")
-    if error["type"] in ("int_type", "string_type", "list_type", "turn_type"):
+    if error["type"] == "string_unicode":
+        message = NOT_UNICODE
+    elif error["type"] in ("int_type", "string_type", "list_type", "turn_type"):
         message += f", {_got(error['input'])}"
     elif error["type"] == "extra_forbidden":
         fields = ", ".join(f'"{name}"' for name in ("id", *_SOURCES))

@@ -72,10 +72,25 @@ def test_prefix_views_are_the_cache_memory_and_travel_head_by_head():
     pieces = prefix.pieces()  # k then v, head by head: each contiguous, none copied
     assert [p.shape for p in pieces] == [(3, 4)] * 4
     assert all(p.is_contiguous() for p in pieces) and pieces[1].data_ptr() == k[1].data_ptr()
-    recv, blocks = prefix.receive(1)
+    recv, blocks = prefix.receive(1, like=k)
     assert [p.shape for p in recv] == [(1, 4)] * 4 and all(p.is_contiguous() for p in recv)
     assert [(kb.shape, vb.shape) for kb, vb in blocks[0]] == [((2, 1, 4), (2, 1, 4))]
     assert recv[1].data_ptr() == blocks[0][0][0][1].data_ptr()  # pieces fill the blocks
+
+
+def test_a_rank_whose_prefix_was_cut_away_still_receives_the_others():
+    # a prefix cut to one token lives on one CP rank: the other has no segment of its own to
+    # take the buffers' shape from (this failed on that rank alone, and the ring hung)
+    cache = _cache()
+    _pass(cache, [StorePlan(0, 0, (1,), reserve=2)], _kv(1))
+    cache.truncate(0, 1)
+    assert cache.segment_lens(0) == ()
+    prefix = cache.prefix(1, [0], lens=(((1,),), ((),)))
+    assert prefix.pieces() == []
+    like = torch.empty(2, 3, 4)
+    recv, blocks = prefix.receive(0, like=like)
+    assert [p.shape for p in recv] == [(1, 4)] * 4
+    assert [(kb.shape, vb.shape) for kb, vb in blocks[0]] == [((2, 1, 4), (2, 1, 4))]
 
 
 def test_truncate_cuts_at_a_position_across_segments():

@@ -141,10 +141,16 @@ class KVPrefix:
         and the scales of an FP8 cache), as it lies in the cache (each is contiguous)."""
         return [t[h] for seq in self._raw() for seg in seq for t in seg for h in range(len(t))]
 
-    def receive(self, rank: int) -> tuple[list[torch.Tensor], list]:
+    def receive(self, rank: int, like: torch.Tensor) -> tuple[list[torch.Tensor], list]:
         """Buffers for CP rank ``rank``'s :meth:`pieces`: (the pieces to receive into, and
-        per sequence the (k, v) segments they fill)."""
-        h_kv, d, like = self._shape()
+        per sequence the (k, v) segments they fill).
+
+        Args:
+            like: an (H_kv, t, D) tensor of the cache's dtype and device (this rank's new K
+                as it travels): the buffers' head shape, taken from it rather than from this
+                rank's own segments, of which it may have none (a prefix cut short).
+        """
+        h_kv, d = like.shape[0], like.shape[2]
         pieces, raw = [], []
         for segs in self.lens[rank]:
             seq = []
@@ -159,12 +165,6 @@ class KVPrefix:
                     seq.append(tuple(seg))
             raw.append(seq)
         return pieces, self._blocks(raw)
-
-    def _shape(self) -> tuple[int, int, torch.Tensor]:
-        for segs in self.k:
-            for t in segs:
-                return t.shape[0], t.shape[2], t
-        raise ValueError("KVPrefix has no segment to take the head shape from")
 
     @staticmethod
     def pack(

@@ -130,7 +130,7 @@ def ring_attention_pass_kv(
         if step + 1 < n:
             recv = [torch.empty_like(t) for t in cur[:n_new]]
             if prefix is not None:
-                pieces, recv_blocks = prefix.receive((rank - step - 1) % n)
+                pieces, recv_blocks = prefix.receive((rank - step - 1) % n, like=mine[0])
                 recv += pieces
             nxt = comm.send_recv(cur, recv)
         sk, sv = cur[0], cur[1]

@@ -1,4 +1,10 @@
-"""Token sampling: greedy, or temperature with top-k and nucleus (top-p) filtering, seeded."""
+"""Token sampling: greedy, or temperature with top-k and nucleus (top-p) filtering, seeded.
+
+Safe for any value the configuration accepts: a temperature below :data:`GREEDY_BELOW` samples
+greedily (as vLLM's sampler does: dividing by 1e-300 overflows float32), the logits are
+shifted to a maximum of 0 before they are divided (so the quotient is never +inf or NaN), and
+top-p always keeps the most likely token.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingConfig", "logprobs_of", "sample"]
+__all__ = ["GREEDY_BELOW", "SEED_MAX", "SEED_MIN", "SamplingConfig", "logprobs_of", "sample"]
+
+#: A temperature below this samples greedily (vLLM's ``_SAMPLING_EPS``).
+GREEDY_BELOW = 1e-5
+#: The seeds a torch generator takes: a 64-bit integer, signed or not.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -16,12 +27,13 @@ class SamplingConfig:
 
     Args:
         max_new_tokens: tokens to generate per prompt (>= 1).
-        temperature: 0 for greedy (argmax), else softmax temperature.
+        temperature: softmax temperature; below :data:`GREEDY_BELOW` (0, say): greedy (argmax).
         top_p: nucleus sampling: keep the smallest set of tokens with probability >= top_p.
         top_k: keep only the k most likely tokens (0: all of them).
-        seed: seed of the sampling generator (the same on every rank).
+        seed: seed of the sampling generator (the same on every rank), a 64-bit integer.
         eos_id: stop a sequence when this token (or any of these tokens) is generated;
             Llama 3 instruct checkpoints list several (end of text, end of turn).
+        min_tokens: the EOS ids cannot be sampled before this many tokens (vLLM's).
     """
 
     max_new_tokens: int = 16
@@ -30,6 +42,7 @@ class SamplingConfig:
     top_k: int = 0
     seed: int = 0
     eos_id: int | tuple[int, ...] | None = None
+    min_tokens: int = 0
 
     @property
     def eos_ids(self) -> frozenset[int]:
@@ -50,8 +63,13 @@ class SamplingConfig:
             raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be a 64-bit integer, got {self.seed!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"min_tokens must be an integer in [0, max_new_tokens={self.max_new_tokens}], "
+                f"got {self.min_tokens!r}"
+            )
         bad = [t for t in self.eos_ids if not _is_int(t) or t < 0]
         if bad:
             raise ValueError(f"eos ids must be integers >= 0, got {bad}")
@@ -65,18 +83,33 @@ def _is_real(x: object) -> bool:
     return _is_int(x) or isinstance(x, float)
 
 
-def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
-    """(B, V) float32 logits -> (B,) int64 token ids."""
-    if cfg.temperature == 0:
+def sample(
+    logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator, *, generated: int = 0
+) -> torch.Tensor:
+    """(B, V) float32 logits -> (B,) int64 token ids.
+
+    Args:
+        generated: tokens the rows have generated so far (for ``cfg.min_tokens``).
+    """
+    if generated < cfg.min_tokens and cfg.eos_ids:
+        ids = [t for t in cfg.eos_ids if t < logits.shape[-1]]
+        logits = logits.clone()
+        logits[..., ids] = float("-inf")
+    if cfg.temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
+    logits = logits.float()
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         kth = logits.topk(cfg.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    # <= 0 before the division: a small temperature gives -inf, never +inf or NaN
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(shifted / cfg.temperature, dim=-1)
     if cfg.top_p < 1:
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        # drop a token once the mass before it already reaches top_p (the first always stays)
+        # drop a token once the mass before it already reaches top_p; the most likely one
+        # always stays (a top_p below float32's smallest number would otherwise drop all)
         drop = sorted_p.cumsum(dim=-1) - sorted_p >= cfg.top_p
+        drop[..., 0] = False
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -3,7 +3,12 @@
 Every rank loads its shard of the model. Rank 0 answers HTTP (uvicorn in the main thread) and
 runs the engine loop in a second thread: it admits queued requests as others finish
 (continuous batching) and sends every rank the same orders, and all of them run the iterations
-together (:class:`~cp_infer.serving.engine.ServeLoop`). The other ranks only follow. Stopping rank 0 (SIGINT, SIGTERM) tells them to stop.
+together (:class:`~cp_infer.serving.engine.ServeLoop`). The other ranks only follow.
+
+Stopping (:mod:`cp_infer.serving.lifecycle`): SIGINT or SIGTERM to rank 0 ends the live
+requests (``finish_reason: "abort"``) and tells the other ranks to stop, all within a few
+seconds; a rank that dies, or a launcher that is gone, ends the live requests with an error
+event and every rank exits non-zero.
 """
 
 from __future__ import annotations
@@ -11,12 +16,15 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
+import signal
 import threading
+import uuid
 from pathlib import Path
 
 import torch.distributed as dist
 
-from cp_infer.distributed import on_all_ranks
+from cp_infer.distributed import error_message, on_all_ranks
 from cp_infer.engine.runner import ModelRunner
 from cp_infer.entrypoints.generate import (
     _model_config,
@@ -121,6 +129,7 @@ def run(args, argv: list[str]) -> int:
     from cp_infer.serving.chunking import StepCosts
     from cp_infer.serving.engine import ServeEngine, ServeLoop
 
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # else: no launcher to watch
     device = start_ranks(args, argv)
     cfg, eos, fmt = on_all_ranks(lambda: _check(args, dist.get_world_size()))
     with parallel_groups(
@@ -144,13 +153,13 @@ def run(args, argv: list[str]) -> int:
         # full passes, whose pauses (on any rank) would stall every rank's iteration
         gc.collect()
         gc.freeze()
+        run_id = [uuid.uuid4().hex]  # this run's heartbeats in the store
+        dist.broadcast_object_list(run_id, src=0)
         if dist.get_rank() != 0:
-            loop.follow()
-            return 0
+            return _follow(loop, run_id[0], launched)
         tokenizer = _tokenizer(args)
         eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or ()))
-        _serve(args, loop, tokenizer, cfg, eos_ids, device)
-    return 0
+        return _serve(args, loop, tokenizer, cfg, eos_ids, device, run_id[0], launched)
 
 
 def _memory_check(args, cfg, device):
@@ -166,11 +175,24 @@ def _memory_check(args, cfg, device):
     return check
 
 
-def _serve(args, loop, tokenizer, cfg, eos_ids, device) -> None:
+def _follow(loop, run_id: str, launched: bool) -> int:
+    """A rank other than 0: run what rank 0 sends until it says stop."""
+    from cp_infer.serving.lifecycle import Watchdog, exit_now, follower_signals
+
+    follower_signals()
+    dog = Watchdog(lambda _why: exit_now(1), run_id=run_id, watch_parent=launched).start()
+    loop.follow()
+    dog.stop()
+    return 0
+
+
+def _serve(args, loop, tokenizer, cfg, eos_ids, device, run_id: str, launched: bool) -> int:
     import prometheus_client
     import uvicorn
 
-    from cp_infer.serving.api import Frontend, build_app
+    from cp_infer.serving.api import build_app
+    from cp_infer.serving.frontend import Frontend
+    from cp_infer.serving.lifecycle import STOP_GRACE_S, Watchdog, exit_now
 
     prometheus_client.disable_created_metrics()  # no `_created` twin of every series
 
@@ -184,27 +206,65 @@ def _serve(args, loop, tokenizer, cfg, eos_ids, device) -> None:
     serving.on_step = front.metrics.step
     front.metrics.watch_cache(lambda: serving.retained.tokens)
     front.metrics.watch_chunking(lambda: serving.timer.estimates, serving.tbt_slo_s)
-    errors: list[BaseException] = []
+    failures: list[str] = []
+
+    def fail(why: str) -> None:  # a rank or the launcher is gone: end everything, exit non-zero
+        failures.append(why)
+        front.abort_all(why, finish_reason="error")
+        server.should_exit = True
 
     def engine() -> None:
         try:
             loop.lead(front.next_batch, front.emit, front.cancelled, front.done)
-        except BaseException as e:  # the ranks are gone: stop serving
-            errors.append(e)
-            logger.error("engine loop stopped: %s", e)
-            server.should_exit = True
+        except BaseException as e:  # a rank is gone (its collective broke)
+            logger.error("engine loop stopped: %s", error_message(e))
+            fail(f"the engine stopped: {error_message(e)}")
 
     config = uvicorn.Config(
-        build_app(front), host=args.host, port=args.port, log_level="warning", lifespan="off"
-    )
-    server = uvicorn.Server(config)
+        build_app(front), host=args.host, port=args.port, log_level="warning", lifespan="off",
+        timeout_graceful_shutdown=int(STOP_GRACE_S),
+    )  # fmt: skip
+    server = _make_server(config, lambda sig: front.abort_all(f"the server is stopping ({sig})"))
     thread = threading.Thread(target=engine, name="engine", daemon=True)
+    dog = Watchdog(fail, run_id=run_id, watch_parent=launched)
     thread.start()
+    dog.start()
     logger.info("serving %s on http://%s:%d", front.model_name, args.host, args.port)
     try:
         server.run()
     finally:
-        front.stopping.set()
-        thread.join(timeout=60)
-    if errors:
-        raise errors[0]
+        dog.stop()
+        front.abort_all("the server is stopping")  # no-op unless uvicorn stopped on its own
+        thread.join(timeout=STOP_GRACE_S)  # it sends the other ranks "stop"
+    if failures:
+        logger.error("stopped: %s", failures[0])
+        exit_now(1)  # the engine may be blocked in a collective with the dead rank
+    if thread.is_alive():
+        logger.error("the engine did not stop within %.0fs; exiting", STOP_GRACE_S)
+        exit_now(1)
+    logger.info("stopped")
+    return 0
+
+
+def _uvicorn_server():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, whose signal handler first ends the live requests and which
+        does not re-raise the signal once stopped (the ranks still have to say goodbye)."""
+
+        def __init__(self, config, on_signal) -> None:
+            super().__init__(config)
+            self.on_signal = on_signal
+
+        def handle_exit(self, sig: int, frame) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: stop waiting for connections
+            self.on_signal(signal.Signals(sig).name)
+            self.should_exit = True
+
+    return Server
+
+
+def _make_server(config, on_signal):
+    return _uvicorn_server()(config, on_signal)

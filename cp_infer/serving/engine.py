@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from cp_infer.distributed import RankFailure, on_all_ranks
+from cp_infer.distributed import RankFailure, error_message, on_all_ranks
 from cp_infer.engine.runner import ModelRunner
 from cp_infer.engine.sampling import SamplingConfig, sample
 from cp_infer.engine.scheduler import Scheduler, SequenceState
@@ -245,16 +245,17 @@ class ServeEngine:
             logprobs=[] if req.wants_logprobs else None,
             top_logprobs=[] if req.top_logprobs is not None else None,
         )  # fmt: skip
-        try:  # a pure check: every rank refuses alike
+        try:  # pure: every rank refuses alike, and a refusal ends this request alone
+            gen = torch.Generator(device=self.runner.device).manual_seed(req.sampling.seed)
             self.sched.admit(state, new, req.sampling.max_new_tokens, req.sampling.eos_ids,
                              name=req.rid)  # fmt: skip
-        except ValueError as e:
+        except Exception as e:
             self.runner.cache.free(state.seq)
-            outcome.finish_reason, outcome.error = "error", str(e)
+            outcome.finish_reason, outcome.error = "error", error_message(e)
+            logger.warning("request %d refused: %s", req.rid, outcome.error)
             if done is not None:
                 done([req], {req.rid: outcome})
             return
-        gen = torch.Generator(device=self.runner.device).manual_seed(req.sampling.seed)
         self.live[state.seq] = _Live(req, state, outcome, gen)
 
     # -- a span of iterations -------------------------------------------------------------------
@@ -395,23 +396,27 @@ class ServeEngine:
         depend on its batch), share it along the pipeline and record it."""
         lives = [self.live[batch.seqs[r]] for r in rows]
         if rows:
-            tokens = None
+            tokens, failed = None, {}
             want = any(x.request.wants_logprobs for x in lives)
             k = max((x.request.top_logprobs or 0 for x in lives), default=0)
             if logits is not None:
-                tokens = torch.cat([
-                    sample(logits[r : r + 1], x.request.sampling, x.generator)
-                    for r, x in zip(rows, lives, strict=True)
-                ])  # fmt: skip
+                tokens, failed = self._draw(logits, rows, lives)
             if want:
                 chosen, alternatives = self.runner.share_logprobs(
-                    None if logits is None else logits[list(rows)], tokens, k, len(rows)
-                )
+                    None if logits is None else logits[list(rows)],
+                    None if tokens is None else tokens.clamp(min=0), k, len(rows),
+                )  # fmt: skip
             tokens = self.runner.share(tokens, (len(rows),), torch.long).tolist()
+            if any(t < 0 for t in tokens):  # every stage sees it: they fetch why together
+                failed = self.runner.share_object(failed)
+                for j, x in enumerate(lives):
+                    if tokens[j] < 0:
+                        x.state.done = True
+                        x.outcome.finish_reason, x.outcome.error = "error", failed[j]
         before = [len(x.state.out) for x in lives]
-        self.sched.record_rows(
-            batch, {x.state.seq: t for x, t in zip(lives, tokens, strict=True)} if rows else {}
-        )
+        self.sched.record_rows(batch, {
+            x.state.seq: t for x, t in zip(lives, tokens, strict=True) if t >= 0
+        } if rows else {})  # fmt: skip
         for j, (x, n) in enumerate(zip(lives, before, strict=True)):
             if len(x.state.out) > n:
                 if x.request.wants_logprobs:
@@ -424,6 +429,22 @@ class ServeEngine:
                 if emit is not None:
                     emit(x.request.rid, x.state.out[-1], logprob)
 
+    @staticmethod
+    def _draw(logits, rows: Sequence[int], lives: list[_Live]) -> tuple[torch.Tensor, dict]:
+        """Each row's token by its request's sampling; a row whose sampling fails gets -1 and
+        its message (that request fails alone)."""
+        tokens, failed = [], {}
+        for j, (r, x) in enumerate(zip(rows, lives, strict=True)):
+            try:
+                t = sample(logits[r : r + 1], x.request.sampling, x.generator,
+                           generated=len(x.state.out))  # fmt: skip
+            except Exception as e:
+                logger.warning("request %d: sampling failed: %s", x.request.rid, e)
+                failed[j] = f"sampling failed: {error_message(e)}"
+                t = torch.full((1,), -1, dtype=torch.long, device=logits.device)
+            tokens.append(t)
+        return torch.cat(tokens), failed
+
     def _retire(self, done: Done | None) -> None:
         """Requests that are done leave; their sequences stay cached for reuse (cancelled ones
         are freed)."""
@@ -433,7 +454,7 @@ class ServeEngine:
             s = self.sched.retire(x.state.seq)
             o = x.outcome
             o.tokens = list(s.out)
-            if o.finish_reason == "cancelled":
+            if o.finish_reason in ("cancelled", "error"):
                 self.runner.cache.free(s.seq)
                 continue
             o.finish_reason = "stop" if s.out and s.out[-1] in s.eos_ids else "length"

@@ -1,0 +1,391 @@
+"""The bridge between the HTTP handlers (the event loop) and the engine thread, on rank 0.
+
+Handlers check a request against the model (:meth:`Frontend.make_request`), queue it
+(:meth:`Frontend.submit`) and read its tokens from a :class:`Pending`; the engine thread takes
+queued requests (:meth:`Frontend.next_batch`), hands back each token as it is sampled
+(:meth:`Frontend.emit`) and the outcome when a request ends (:meth:`Frontend.done`). A client
+that leaves, or a stop string met, cancels its request (:meth:`Frontend.cancel`); the engine
+stops it at its next orders. When the server stops or a rank fails, :meth:`Frontend.abort_all`
+ends every live request at once with an outcome that says why, and no new one is taken.
+:class:`Reply` turns one request's tokens into text, cut at its stop strings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from cp_infer.engine.sampling import SamplingConfig
+from cp_infer.serving.engine import Outcome, Request
+from cp_infer.serving.metrics import ServerMetrics
+from cp_infer.serving.text import StopStrings, TextStream
+
+__all__ = [
+    "BadRequest", "Frontend", "Pending", "QueueFull", "Reply", "ShuttingDown", "fresh_seed",
+    "usage",
+]  # fmt: skip
+
+CONTEXT_TOKENS = 4  # prompt tokens an answer's text is decoded after (its leading space)
+
+
+class BadRequest(ValueError):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class Pending:
+    """A request waiting for, or getting, its tokens (lives on the event loop's side)."""
+
+    request: Request
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # token ids, then the Outcome
+
+
+class Frontend:
+    """What the HTTP handlers and the engine thread share on rank 0.
+
+    Args:
+        tokenizer: a transformers tokenizer of the checkpoint, or None (token ids only).
+        model_name: the name ``/v1/models`` lists.
+        vocab_size, max_seq_len: the model's limits, checked before a request is queued.
+        max_batch: requests per engine batch.
+        max_queue: requests waiting at most; one more gets a 503.
+        eos_ids: the checkpoint's end-of-sequence ids.
+        check_memory: raises ValueError when a request of that many tokens cannot fit a rank.
+        info: labels of ``/metrics``' ``cp_infer_info`` (the layout, say).
+    """
+
+    def __init__(
+        self, *, tokenizer, model_name: str, vocab_size: int, max_seq_len: int, max_batch: int,
+        max_queue: int, eos_ids: frozenset[int] = frozenset(), check_memory=None,
+        info: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        self.tokenizer, self.model_name = tokenizer, model_name
+        self.vocab_size, self.max_seq_len = vocab_size, max_seq_len
+        self.max_batch, self.max_queue, self.eos_ids = max_batch, max_queue, eos_ids
+        self.check_memory = check_memory  # raises ValueError for a context that cannot fit
+        self._queue: queue.Queue[Pending] = queue.Queue()
+        self._live: dict[int, Pending] = {}
+        self._cancelled: set[int] = set()
+        self._stopped: set[int] = set()  # cancelled by a stop string: they finished ("stop")
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self.stopping = threading.Event()  # set: take no request, the engine loop stops
+        self.stop_reason: str | None = None
+        self.created = int(time.time())
+        self.metrics = ServerMetrics(
+            waiting=lambda: self.queued, running=lambda: max(self.live - self.queued, 0),
+            info={"model_name": model_name, **(info or {})},
+        )  # fmt: skip
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch."""
+        return self._queue.qsize()
+
+    @property
+    def live(self) -> int:
+        """Requests queued or running."""
+        return len(self._live)
+
+    # -- the handlers' side ----------------------------------------------------------------------
+    def make_request(
+        self, tokens: list[int], sampling: SamplingConfig, *, logprobs: bool = False,
+        top_logprobs: int | None = None,
+    ) -> Request:  # fmt: skip
+        if not tokens:
+            raise BadRequest("the prompt is empty; give at least one token", "prompt")
+        bad = [t for t in tokens if not 0 <= t < self.vocab_size]
+        if bad:
+            raise BadRequest(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})", "prompt"
+            )
+        total = len(tokens) + sampling.max_new_tokens
+        if total > self.max_seq_len:
+            raise BadRequest(
+                f"the prompt has {len(tokens)} tokens; with {sampling.max_new_tokens} new "
+                f"tokens the context ({total}) exceeds the model's {self.max_seq_len}: shorten "
+                "the prompt or ask for fewer tokens",
+                "max_tokens",
+            )
+        if self.check_memory is not None:
+            try:
+                self.check_memory(total)
+            except ValueError as e:
+                raise BadRequest(str(e), "max_tokens") from e
+        return Request(next(self._ids), tuple(tokens), sampling, logprobs, top_logprobs)
+
+    def submit(self, requests: list[Request]) -> list[Pending]:
+        loop = asyncio.get_running_loop()
+        if len(requests) > self.max_queue:  # would never fit: not a "retry later"
+            raise BadRequest(
+                f"{len(requests)} sequences in one request exceed the server's queue "
+                f"({self.max_queue}, --max-queue): ask for fewer choices or prompts",
+                "n",
+            )
+        with self._lock:
+            if self.stopping.is_set():
+                raise ShuttingDown(self.stop_reason or "the server is stopping")
+            if self._queue.qsize() + len(requests) > self.max_queue:
+                raise QueueFull(f"the server's queue is full ({self.max_queue}); retry later")
+            pending = [Pending(r, loop) for r in requests]
+            for p in pending:
+                self.metrics.submitted(p.request.rid)
+                self._live[p.request.rid] = p
+                self._queue.put(p)
+        return pending
+
+    def cancel(self, rid: int, *, stopped: bool = False) -> None:
+        """Stop ``rid`` at the engine's next orders: its client left, or (``stopped``) its
+        text reached a stop string, which finishes it."""
+        with self._lock:
+            if rid in self._live:
+                self._cancelled.add(rid)
+                if stopped:
+                    self._stopped.add(rid)
+
+    # -- the engine thread's side ----------------------------------------------------------------
+    def next_batch(self, wait_s: float, limit: int | None = None) -> list[Request] | None:
+        """Up to ``limit`` (default ``max_batch``) queued requests, waiting up to ``wait_s`` for
+        the first ([] if none came; None: stop)."""
+        if self.stopping.is_set():
+            return None
+        self.metrics.maybe_log()
+        limit = self.max_batch if limit is None else limit
+        batch: list[Pending] = []
+        if limit > 0:
+            try:
+                batch.append(self._queue.get(timeout=wait_s) if wait_s > 0 else
+                             self._queue.get_nowait())  # fmt: skip
+            except queue.Empty:
+                return None if self.stopping.is_set() else []
+        while len(batch) < limit:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        with self._lock:  # requests cancelled while queued never run
+            gone = [p for p in batch if p.request.rid in self._cancelled]
+            for p in gone:
+                self._forget(p.request.rid)
+        for p in batch:
+            if p in gone:
+                self.metrics.finish(p.request.rid, "cancelled")
+            else:
+                self.metrics.scheduled(p.request.rid)
+        return [p.request for p in batch if p not in gone]
+
+    def emit(self, rid: int, token: int, logprob=None) -> None:
+        p = self._live.get(rid)
+        if p is not None:
+            self.metrics.token(rid)
+            event = token if logprob is None else (token, logprob)
+            p.loop.call_soon_threadsafe(p.events.put_nowait, event)
+
+    def cancelled(self) -> set[int]:
+        with self._lock:
+            return set(self._cancelled)
+
+    def done(self, batch: list[Request], outcomes: dict[int, Outcome]) -> None:
+        for r in batch:
+            with self._lock:
+                p = self._live.get(r.rid)
+                stopped = r.rid in self._stopped
+                self._forget(r.rid)
+            if p is None:  # aborted already (the server is stopping)
+                continue
+            o = outcomes[r.rid]
+            reason = "stop" if stopped and o.error is None else o.finish_reason
+            self.metrics.finish(
+                r.rid, reason, prompt_tokens=o.prompt_tokens, cached_tokens=o.cached_tokens
+            )
+            if p is not None:
+                p.loop.call_soon_threadsafe(p.events.put_nowait, outcomes[r.rid])
+
+    def abort_all(self, reason: str, *, finish_reason: str = "abort") -> int:
+        """Stop taking requests and end every live one now with ``finish_reason`` and
+        ``reason`` as its error (safe from any thread); returns how many were ended.
+
+        ``"abort"``: the server is stopping (streams end with that finish reason);
+        ``"error"``: a rank failed (streams get an error event)."""
+        with self._lock:
+            if self.stop_reason is None:
+                self.stop_reason = reason
+            self.stopping.set()
+            live = list(self._live.values())
+            for p in live:
+                self._forget(p.request.rid)
+        for p in live:
+            self.metrics.finish(p.request.rid, finish_reason)
+            outcome = Outcome(finish_reason=finish_reason, error=reason,
+                              prompt_tokens=len(p.request.tokens))  # fmt: skip
+            with contextlib.suppress(RuntimeError):  # a closed event loop: nobody waits
+                p.loop.call_soon_threadsafe(p.events.put_nowait, outcome)
+        return len(live)
+
+    def _forget(self, rid: int) -> None:
+        self._live.pop(rid, None)
+        self._cancelled.discard(rid)
+        self._stopped.discard(rid)
+
+    # -- text ------------------------------------------------------------------------------------
+    def encode(self, text: str, param: str) -> list[int]:
+        if self.tokenizer is None:
+            raise BadRequest(
+                "this server's checkpoint has no tokenizer: send token ids instead of text", param
+            )
+        try:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        except Exception as e:  # a text the tokenizer cannot take: the request's fault
+            raise BadRequest(f"{param}: the tokenizer cannot encode this text ({e})", param) from e
+
+    def decode(self, tokens: list[int]) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode(tokens)
+
+    def context(self, prompt: Sequence[int]) -> list[int]:
+        """The prompt's last few tokens, to decode an answer after (whole characters only)."""
+        for n in range(min(CONTEXT_TOKENS, len(prompt)), 0, -1):
+            text = self.tokenizer.decode(list(prompt[-n:]))
+            if not (text.startswith("\ufffd") or text.endswith("\ufffd")):
+                return list(prompt[-n:])
+        return []
+
+    def continuation(self, prompt: Sequence[int], tokens: list[int]) -> str | None:
+        """The text of ``tokens`` where they follow ``prompt`` (None without a tokenizer)."""
+        if self.tokenizer is None:
+            return None
+        head = self.context(prompt)
+        return self.tokenizer.decode(head + tokens)[len(self.tokenizer.decode(head)) :]
+
+    def token_texts(self, seq: Sequence[int], i: int, tokens: Sequence[int]) -> list[str]:
+        """The text each of ``tokens`` would add at position ``i`` of ``seq`` (after
+        ``seq[:i]``), as logprobs name them (``token_id:N`` without a tokenizer)."""
+        if self.tokenizer is None:
+            return [f"token_id:{t}" for t in tokens]
+        head = list(seq[max(i - CONTEXT_TOKENS, 0) : i])
+        n = len(self.tokenizer.decode(head))  # once for all the candidates
+        return [self.tokenizer.decode([*head, t])[n:] for t in tokens]
+
+    def chat_tokens(self, messages) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise BadRequest(
+                "this server's checkpoint has no tokenizer with a chat template: use "
+                "/v1/completions",
+                "messages",
+            )
+        try:
+            out = self.tokenizer.apply_chat_template(
+                [m.model_dump() for m in messages], add_generation_prompt=True, tokenize=True
+            )
+        except Exception as e:  # the template refuses these messages (roles out of order, say)
+            raise BadRequest(
+                f"messages: the chat template cannot take them ({e})", "messages"
+            ) from e
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+
+class Reply:
+    """One request's tokens and text as they come, the text cut at its stop strings.
+
+    Args:
+        front: the server's frontend (its tokenizer; told when a stop string ends the request).
+        pending: the request.
+        stops: its stop strings.
+        min_tokens: tokens before the stop strings are looked for (vLLM's ``min_tokens``).
+    """
+
+    def __init__(
+        self, front: Frontend, pending: Pending, stops: tuple[str, ...] = (), min_tokens: int = 0
+    ) -> None:
+        self.front, self.pending, self.min_tokens = front, pending, min_tokens
+        self.text = None
+        if front.tokenizer is not None:
+            self.text = TextStream(front.decode, front.context(pending.request.tokens))
+        self.cut = StopStrings(stops) if stops else None
+        self.tokens: list[int] = []
+        self.outcome: Outcome | None = None
+        self.stopped = False
+
+    async def pieces(self):
+        """(token, text, logprob) for each token until the request ends or its text meets a
+        stop string (which cancels the rest: the engine stops it at its next orders). logprob
+        is (its log-probability, [(id, logprob)] of the most likely) when the request asked."""
+        rid = self.pending.request.rid
+        try:
+            while True:
+                ev = await self.pending.events.get()
+                if isinstance(ev, Outcome):
+                    self.outcome = ev
+                    return
+                token, logprob = (ev, None) if isinstance(ev, int) else ev
+                self.tokens.append(token)
+                piece = self.text.push(token) if self.text is not None else ""
+                if self.cut is not None and len(self.tokens) >= self.min_tokens:
+                    piece = self.cut.push(piece)
+                    self.stopped = self.cut.stopped
+                yield token, piece, logprob
+                if self.stopped:
+                    self.front.cancel(rid, stopped=True)
+                    return
+        except (asyncio.CancelledError, GeneratorExit):
+            self.front.cancel(rid)
+            raise
+
+    def rest(self) -> str:
+        """The text the last tokens held back (a partial character, a stop string's start)."""
+        if self.stopped or self.text is None:
+            return ""
+        piece = self.text.flush()
+        if self.cut is None:
+            return piece
+        piece = self.cut.push(piece)
+        self.stopped = self.cut.stopped
+        return piece + self.cut.flush()
+
+    async def finished(self) -> Outcome:
+        """The engine's outcome (after a stop string: of the cancelled rest, for its usage)."""
+        while self.outcome is None:
+            ev = await self.pending.events.get()
+            if isinstance(ev, Outcome):
+                self.outcome = ev
+        return self.outcome
+
+    @property
+    def finish_reason(self) -> str:
+        return "stop" if self.stopped else self.outcome.finish_reason
+
+    def usage(self) -> dict:
+        return usage(self.outcome, completion_tokens=len(self.tokens))
+
+
+class QueueFull(RuntimeError):
+    """The queue is full: retry later (503)."""
+
+
+class ShuttingDown(RuntimeError):
+    """The server is stopping, or a rank failed: no request is taken any more (503)."""
+
+
+def fresh_seed() -> int:
+    """A seed for a request that gave none: fresh randomness, as vLLM and OpenAI draw."""
+    return secrets.randbits(63)
+
+
+def usage(o: Outcome, completion_tokens: int | None = None) -> dict:
+    """OpenAI's ``usage`` of one request."""
+    n = len(o.tokens) if completion_tokens is None else completion_tokens
+    return {
+        "prompt_tokens": o.prompt_tokens,
+        "completion_tokens": n,
+        "total_tokens": o.prompt_tokens + n,
+        "prompt_tokens_details": {"cached_tokens": o.cached_tokens},
+    }

@@ -1,0 +1,127 @@
+"""How the server's ranks stop: on a signal, when a rank dies, and when their launcher is gone.
+
+- **A signal** (SIGINT, SIGTERM) to rank 0 ends every live request at once (streams get
+  ``finish_reason: "abort"``), closes the HTTP server and sends the other ranks ``stop``. The
+  other ranks wait for that message, and exit on their own after :data:`STOP_GRACE_S` if it
+  does not come (a signal sent to them alone, or a rank 0 that is stuck).
+- **A rank that dies** stops beating. Every rank adds to its own counter in the rendezvous
+  store every :data:`BEAT_S` and watches the others' (:class:`Watchdog`); a counter that stands
+  still for ``dead_after_s`` means that rank is gone. Rank 0 then ends the live requests with an
+  error event naming the rank and every rank exits non-zero. (A collective with the dead rank
+  usually fails sooner; the watchdog also covers ranks waiting on shared memory.)
+- **A launcher that is gone** (killed, say: torchrun starts every rank in a session of its own,
+  so nothing else would reach them) is seen as the parent process changing, or the rendezvous
+  store it hosts going away. The ranks then stop as for a dead rank.
+
+Nothing here leaves files behind: the shared-memory exchange's segment is unlinked as soon as
+every rank has mapped it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch.distributed as dist
+
+__all__ = ["BEAT_S", "STOP_GRACE_S", "Watchdog", "exit_now", "follower_signals"]
+
+logger = logging.getLogger(__name__)
+
+BEAT_S = 0.5  # seconds between heartbeats
+STOP_GRACE_S = 3.0  # a rank told to stop exits by itself after this long
+
+
+def exit_now(code: int) -> None:
+    """Leave the process at once (threads may be blocked in a collective with a dead rank)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def follower_signals() -> None:
+    """On a rank other than 0: SIGINT or SIGTERM lets rank 0 lead the stop, and exits this
+    rank after :data:`STOP_GRACE_S` if rank 0 does not."""
+
+    def handle(sig, _frame) -> None:
+        logger.info("%s: stopping when rank 0 says so", signal.Signals(sig).name)
+        timer = threading.Timer(STOP_GRACE_S, exit_now, args=(0,))
+        timer.daemon = True
+        timer.start()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handle)
+
+
+class Watchdog:
+    """A thread that beats for this rank and watches the other ranks and the launcher.
+
+    Args:
+        on_failure: called once, from the watchdog's thread, with a message naming what
+            failed (a rank, the launcher).
+        run_id: keys this run's heartbeats in the store (the same on every rank).
+        watch_parent: the launcher is this process's parent: its death stops the rank.
+        dead_after_s: a peer whose counter stands still this long is dead.
+    """
+
+    def __init__(
+        self, on_failure: Callable[[str], None], *, run_id: str, watch_parent: bool,
+        dead_after_s: float = 5.0,
+    ) -> None:  # fmt: skip
+        self.on_failure, self.dead_after_s = on_failure, dead_after_s
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.parent = os.getppid() if watch_parent else None
+        self._keys = [f"cp_infer/heartbeat/{run_id}/{r}" for r in range(self.world)]
+        self._stop = threading.Event()
+        self._store = self._connect()
+        self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+
+    @staticmethod
+    def _connect():
+        """A store client of its own (the default group's is used by the main thread)."""
+        addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        if not addr or not port:
+            return None
+        return dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(seconds=5))
+
+    def start(self) -> Watchdog:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        seen = {r: (-1, time.monotonic()) for r in range(self.world) if r != self.rank}
+        while not self._stop.wait(BEAT_S):
+            failure = self._check(seen)
+            if failure is not None and not self._stop.is_set():
+                logger.error("%s", failure)
+                self.on_failure(failure)
+                return
+
+    def _check(self, seen: dict[int, tuple[int, float]]) -> str | None:
+        if self.parent is not None and os.getppid() != self.parent:
+            return f"the launcher (pid {self.parent}) is gone"
+        if self._store is None:
+            return None
+        now = time.monotonic()
+        try:
+            self._store.add(self._keys[self.rank], 1)
+            counts = {r: self._store.add(self._keys[r], 0) for r in seen}
+        except Exception as e:  # the store lives in the launcher (torchrun) or rank 0
+            return f"lost the rendezvous store ({type(e).__name__}): the launcher or rank 0 is gone"
+        for r, count in counts.items():
+            last, since = seen[r]
+            if count != last:
+                seen[r] = (count, now)
+            elif now - since > self.dead_after_s:
+                return f"rank {r} stopped responding (no heartbeat for {self.dead_after_s:.0f}s)"
+        return None

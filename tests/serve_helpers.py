@@ -1,0 +1,140 @@
+"""What the server tests share: a server under a launcher, up once it answers, and stopped so
+that nothing it started outlives the test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from cp_infer.distributed import free_port
+from cp_infer.testing.tokenizer import write_word_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_checkpoint(out: Path) -> Path:
+    """tiny-llama with random weights and a word tokenizer (token i is the word ``w<i>``)."""
+    subprocess.run([sys.executable, "examples/make_tiny_checkpoint.py", "--preset", "tiny-llama",
+                    "--output", str(out)], check=True, cwd=REPO, capture_output=True)  # fmt: skip
+    write_word_tokenizer(out, 512)
+    return out
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class Server:
+    """``torchrun ... -m cp_infer serve`` in its own session, up once /health answers.
+
+    A port picked free can be taken before the server binds it (another process's ephemeral
+    port): then it starts again on another, up to 3 times.
+    """
+
+    def __init__(
+        self, checkpoint: Path, nproc: int, args: list[str], log: Path, *, script: str | None = None,
+        deepspeed: bool = False, by_hand: bool = False,
+    ) -> None:  # fmt: skip
+        self.log, self.deepspeed = log, deepspeed
+        for attempt in range(3):
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                        str(nproc), "--master-port", str(free_port())]  # fmt: skip
+            if deepspeed:
+                launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus",
+                            str(nproc), "--master_port", str(free_port()), "--module"]  # fmt: skip
+            if by_hand:  # one process, no launcher
+                assert nproc == 1
+                launcher = [sys.executable]
+            target = [script] if script else ["cp_infer"] if deepspeed else ["-m", "cp_infer"]
+            cmd = [*launcher, *target, "serve", "--checkpoint", str(checkpoint),
+                   "--port", str(self.port), *args]  # fmt: skip
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            self.proc = subprocess.Popen(
+                cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                start_new_session=True,
+            )  # fmt: skip
+            if self._wait_up():
+                return
+            text = log.read_text()
+            self.stop()
+            if "address already in use" not in text or attempt == 2:
+                raise RuntimeError(f"the server did not come up:\n{text[-3000:]}")
+
+    def _wait_up(self) -> bool:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> float:
+        """``sig`` (SIGTERM, as a scheduler sends it); seconds until every process is gone
+        (inf if some had to be killed).
+
+        torchrun forwards it to the ranks. DeepSpeed's runner does not (it exits and leaves its
+        launcher and ranks running), so there, as Ctrl-C or Slurm do, the whole process group
+        gets it."""
+        t0 = time.monotonic()
+        if self.proc.poll() is None:
+            if self.deepspeed:
+                os.killpg(self.proc.pid, sig)
+            else:
+                self.proc.send_signal(sig)
+        return self.wait_gone(t0)
+
+    def wait_gone(self, t0: float | None = None, timeout_s: float = 60) -> float:
+        """Seconds (since ``t0``) until no process of the server is left; inf, and they are
+        killed, if some still are after ``timeout_s``."""
+        t0 = time.monotonic() if t0 is None else t0
+        while self.alive() and time.monotonic() < t0 + timeout_s:
+            time.sleep(0.1)
+        took = time.monotonic() - t0
+        if self.alive():  # whatever is left must not outlive the test
+            took = float("inf")
+            if _group_alive(self.proc.pid):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            for pid in self.ranks():
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait()
+        return took
+
+    def post(self, path: str, body, **kw) -> httpx.Response:
+        return httpx.post(self.url + path, json=body, timeout=120, **kw)
+
+    def ranks(self) -> list[int]:
+        """The pids of the ranks (``python -m cp_infer serve``, or the script's), rank order."""
+        out = subprocess.run(["pgrep", "-f", f"serve --checkpoint .* --port {self.port}( |$)"],
+                             capture_output=True, text=True).stdout.split()  # fmt: skip
+        pids = [int(p) for p in out if int(p) != self.proc.pid]
+        ranks = {}
+        for pid in pids:
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            rank = next((e[5:] for e in env if e.startswith(b"RANK=")), None)
+            if rank is not None:
+                ranks[int(rank)] = pid
+        return [ranks[r] for r in sorted(ranks)]
+
+    def alive(self) -> bool:
+        """Whether any process of the server is left (its group, or a rank in a session of
+        its own)."""
+        return self.proc.poll() is None or _group_alive(self.proc.pid) or bool(self.ranks())
