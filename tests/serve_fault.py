@@ -1,8 +1,15 @@
-"""``python -m cp_infer serve`` whose sampling fails for requests seeded 666, on every rank (a
-deterministic fault inside a batch: that request must fail alone, the server must go on)."""
+"""``python -m cp_infer serve`` with two injected faults:
+
+- sampling fails for requests seeded 666, on every rank (a deterministic fault inside a batch:
+  that request must fail alone, the server must go on);
+- an iteration with a request seeded 777 fails on rank 1 alone, before its forward pass, while
+  the other ranks enter it (ranks out of step: rank 1 must stop, and the server with it).
+"""
 
 import importlib
 import sys
+
+import torch.distributed as dist
 
 from cp_infer.cli import main
 
@@ -17,4 +24,14 @@ def _faulty_sample(logits, cfg, generator, **kw):
 
 
 engine.sample = _faulty_sample
+_iteration = engine.ServeEngine._iteration
+
+
+def _faulty_iteration(self, est, emit):
+    if dist.get_rank() == 1 and any(x.request.sampling.seed == 777 for x in self.live.values()):
+        raise RuntimeError("injected fault on rank 1 alone")
+    return _iteration(self, est, emit)
+
+
+engine.ServeEngine._iteration = _faulty_iteration
 sys.exit(main())

@@ -175,6 +175,28 @@ def test_a_request_whose_sampling_fails_fails_alone(checkpoint, tmp_path):
         s.stop()
 
 
+def test_a_prompt_whose_cache_is_cut_to_one_token_is_answered_again(server):
+    # the kept prefix (one token) lives on one CP rank: the other had no segment to shape its
+    # receive buffers from, failed alone, and the ring hung
+    body = {"prompt": [21, 22], "max_tokens": 3, "temperature": 0}
+    first = server.post("/v1/completions", body)
+    again = server.post("/v1/completions", body)
+    assert _tokens(first) == _tokens(again)
+    assert again.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 1
+
+
+def test_echo_with_logprobs_0_scores_the_prompt(server):
+    # logprobs: 0 asks for the chosen tokens' log-probabilities and no alternative (the fuzz
+    # found that it failed the whole span)
+    body = {"prompt": [5, 6, 7], "max_tokens": 2, "temperature": 0, "echo": True}
+    zero = server.post("/v1/completions", {**body, "logprobs": 0}).json()["choices"][0]["logprobs"]
+    one = server.post("/v1/completions", {**body, "logprobs": 1}).json()["choices"][0]["logprobs"]
+    assert zero["tokens"] == one["tokens"] and zero["token_logprobs"][0] is None
+    torch.testing.assert_close(zero["token_logprobs"][1:], one["token_logprobs"][1:], atol=1e-5,
+                               rtol=0)  # fmt: skip
+    assert all(len(t) == 1 for t in zero["top_logprobs"][1:])  # the chosen token alone
+
+
 # -- 3, 4: the APIs as clients send them -----------------------------------------------------------
 def test_every_prompt_form_openai_accepts(server):
     a, b = [5, 6, 7], [8, 9]
@@ -398,3 +420,22 @@ def test_ranks_whose_launcher_is_killed_exit(checkpoint, tmp_path):
     finally:
         s.stop()
     assert took < 10, f"the ranks outlived their launcher by {took:.1f}s"
+
+
+def test_a_rank_that_fails_alone_mid_step_stops_the_server_instead_of_hanging(checkpoint, tmp_path):
+    # rank 1 leaves an iteration that rank 0 runs (blocked in its collectives until the
+    # process-group timeout, 300 s): rank 1 stops after ALONE_AFTER_S and the rest follow
+    from cp_infer.serving.engine import ALONE_AFTER_S
+
+    s = Server(checkpoint, 2, ["--cp", "2"], tmp_path / "serve.log",
+               script=str(Path(__file__).with_name("serve_fault.py")))  # fmt: skip
+    try:
+        t0 = time.monotonic()
+        r = s.post("/v1/completions", {"prompt": [1, 2], "max_tokens": 3, "seed": 777})
+        assert r.status_code == 500, r.text
+        assert time.monotonic() - t0 < ALONE_AFTER_S + 10
+        took = s.wait_gone(t0, timeout_s=ALONE_AFTER_S + 20)
+    finally:
+        s.stop()
+    assert took < ALONE_AFTER_S + 15
+    assert "failed alone" in s.log.read_text()

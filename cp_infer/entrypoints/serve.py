@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from cp_infer.distributed import error_message, on_all_ranks
+from cp_infer.distributed import error_message, on_all_ranks, peer_failure
 from cp_infer.engine.runner import ModelRunner
 from cp_infer.entrypoints.generate import (
     _model_config,
@@ -213,6 +213,8 @@ def _serve(args, loop, tokenizer, cfg, eos_ids, device, run_id: str, launched: b
         front.abort_all(why, finish_reason="error")
         server.should_exit = True
 
+    serving.on_failed_alone = fail  # this rank fell out of step with the others
+
     def engine() -> None:
         try:
             loop.lead(front.next_batch, front.emit, front.cancelled, front.done)
@@ -224,7 +226,15 @@ def _serve(args, loop, tokenizer, cfg, eos_ids, device, run_id: str, launched: b
         build_app(front), host=args.host, port=args.port, log_level="warning", lifespan="off",
         timeout_graceful_shutdown=int(STOP_GRACE_S),
     )  # fmt: skip
-    server = _make_server(config, lambda sig: front.abort_all(f"the server is stopping ({sig})"))
+
+    def on_signal(sig: str) -> None:  # a launcher also stops the ranks when one of them failed
+        cause = peer_failure()
+        if cause is not None:
+            fail(cause)
+        else:
+            front.abort_all(f"the server is stopping ({sig})")
+
+    server = _make_server(config, on_signal)
     thread = threading.Thread(target=engine, name="engine", daemon=True)
     dog = Watchdog(fail, run_id=run_id, watch_parent=launched)
     thread.start()

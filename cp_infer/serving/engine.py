@@ -25,6 +25,7 @@ whose tokens are all cached recomputes its last one, which yields the first logi
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -33,17 +34,21 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from cp_infer.distributed import RankFailure, error_message, on_all_ranks
+from cp_infer.distributed import RankFailure, announce_failure, error_message, on_all_ranks
 from cp_infer.engine.runner import ModelRunner
 from cp_infer.engine.sampling import SamplingConfig, sample
 from cp_infer.engine.scheduler import Scheduler, SequenceState
 from cp_infer.serving.chunking import ChunkTimer, Estimates, StepCosts, choose_chunk
+from cp_infer.serving.lifecycle import exit_now
 
 __all__ = ["Orders", "Outcome", "PrefixCache", "Request", "ServeEngine", "ServeLoop", "Step"]
 
 logger = logging.getLogger(__name__)
 
 SPAN = 4  # iterations between rank 0's orders (new requests, cancellations, estimates)
+#: A rank whose span failed while its peers did not report within this many seconds is out of
+#: step with them (they wait in a collective it will never join): it stops (see run_span).
+ALONE_AFTER_S = 15.0
 
 Done = Callable[[list["Request"], dict[int, "Outcome"]], None]
 # (rid, token, its logprob and alternatives when the request asked for them)
@@ -211,6 +216,8 @@ class ServeEngine:
         self._mixed: tuple[float, float] | None = None  # the last mixed iteration's start, sizing
         self._next_seq = 0
         self.on_step: Callable[[Step], None] | None = None  # told of every forward pass
+        # told when this rank failed out of step with the others (default: exit at once)
+        self.on_failed_alone: Callable[[str], None] | None = None
 
     @property
     def busy(self) -> bool:
@@ -280,8 +287,21 @@ class ServeEngine:
             if x.request.rid in orders.cancelled and not x.state.done:
                 x.state.done = True
                 x.outcome.finish_reason = "cancelled"
+        alone = None
+
+        def iterations() -> None:
+            nonlocal alone
+            try:
+                self._iterations(orders.estimates, emit, done)
+            except Exception as e:  # maybe on this rank only: the others would wait forever
+                logger.exception("a span of iterations failed")
+                alone = threading.Timer(ALONE_AFTER_S, self._failed_alone, args=(e,))
+                alone.daemon = True
+                alone.start()
+                raise
+
         try:
-            on_all_ranks(lambda: self._iterations(orders.estimates, emit, done))
+            on_all_ranks(iterations)
         except RankFailure as e:  # the requests in flight are in an unknown state: drop them
             failed = list(self.live.values())
             self.live.clear()
@@ -291,6 +311,21 @@ class ServeEngine:
                 x.outcome.finish_reason, x.outcome.error = "error", str(e)
             if done is not None and failed:
                 done([x.request for x in failed], {x.request.rid: x.outcome for x in failed})
+        finally:
+            if alone is not None:
+                alone.cancel()
+
+    def _failed_alone(self, error: BaseException) -> None:
+        """This rank's span failed and its peers did not say so: they are blocked in a step
+        this rank left. Nothing can bring them back in step; stop this rank so that they see
+        it gone (the server's watchdog does) instead of waiting for the process-group timeout."""
+        message = (
+            f"rank {dist.get_rank() if dist.is_initialized() else 0} failed alone in a step "
+            f"({error_message(error)}); its peers are blocked in that step: stopping it"
+        )
+        logger.error("%s", message)
+        announce_failure(message)
+        (self.on_failed_alone or (lambda _message: exit_now(1)))(message)
 
     def _iterations(self, est: Estimates, emit, done) -> None:
         self._retire(done)  # cancelled ones leave before they cost a step
@@ -344,9 +379,10 @@ class ServeEngine:
             for j, x in enumerate(lives):
                 if x.request.logprobs:
                     x.outcome.logprobs += prompt[0][j]
-                    if x.outcome.top_logprobs is not None:
+                    if x.outcome.top_logprobs is not None:  # none computed when no row asks
                         k = x.request.top_logprobs
-                        x.outcome.top_logprobs += [alts[:k] for alts in prompt[1][j]]
+                        tops = prompt[1][j] if prompt[1] is not None else [[]] * len(prompt[0][j])
+                        x.outcome.top_logprobs += [alts[:k] for alts in tops]
         rows = [row for _, row in sched.prefilled(batch)]
         self._sample(batch, logits, rows, emit)
         seconds = time.perf_counter() - t0

@@ -189,7 +189,8 @@ class Frontend:
         if p is not None:
             self.metrics.token(rid)
             event = token if logprob is None else (token, logprob)
-            p.loop.call_soon_threadsafe(p.events.put_nowait, event)
+            with contextlib.suppress(RuntimeError):  # a closed event loop: nobody waits
+                p.loop.call_soon_threadsafe(p.events.put_nowait, event)
 
     def cancelled(self) -> set[int]:
         with self._lock:
@@ -208,8 +209,8 @@ class Frontend:
             self.metrics.finish(
                 r.rid, reason, prompt_tokens=o.prompt_tokens, cached_tokens=o.cached_tokens
             )
-            if p is not None:
-                p.loop.call_soon_threadsafe(p.events.put_nowait, outcomes[r.rid])
+            with contextlib.suppress(RuntimeError):
+                p.loop.call_soon_threadsafe(p.events.put_nowait, o)
 
     def abort_all(self, reason: str, *, finish_reason: str = "abort") -> int:
         """Stop taking requests and end every live one now with ``finish_reason`` and
