@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from cp_infer.testing import DistributedPool
+from tests.serve_helpers import Server, make_checkpoint
 
 
 class _Pools:
@@ -27,3 +30,17 @@ def dist_pool():
     pools = _Pools()
     yield pools
     pools.close()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """tiny-llama as a Hugging Face checkpoint with a word tokenizer, for the server tests."""
+    return make_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    """A server at CP=2 on ``checkpoint``, shared by a module's tests."""
+    s = Server(checkpoint, 2, ["--cp", "2"], tmp_path_factory.mktemp("log") / "serve.log")
+    yield s
+    s.stop()

@@ -15,14 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.serve_helpers import REPO, Server, make_checkpoint
+from tests.serve_helpers import REPO, Server
 
 pytest.importorskip("lm_eval")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
 def _tasks(folder: Path) -> Path:

@@ -10,28 +10,15 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 
 from cp_infer.cli import main
-from tests.serve_helpers import REPO, Server, make_checkpoint
+from tests.serve_helpers import REPO, Server
 
 MAX_NEW = 6
 PROMPTS = [[5, 17, 3, 99, 250, 7, 1], [42, 8, 300], list(range(20, 60))]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    s = Server(checkpoint, 2, ["--cp", "2"], tmp_path_factory.mktemp("log") / "serve.log")
-    yield s
-    s.stop()
 
 
 def _cli_tokens(dist_pool, checkpoint, tmp, prompts, world=2, layout=("--cp", "2")):

@@ -18,21 +18,10 @@ import pytest
 import torch
 
 from cp_infer.engine.sampling import SamplingConfig, sample
-from tests.serve_helpers import Server, make_checkpoint
+from cp_infer.serving.lifecycle import process_running
+from tests.serve_helpers import Server
 
 STREAM = {"prompt": [3, 4, 5], "temperature": 0, "stream": True}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    s = Server(checkpoint, 2, ["--cp", "2"], tmp_path_factory.mktemp("log") / "serve.log")
-    yield s
-    s.stop()
 
 
 def _raw(server, method: str, path: str, body: bytes) -> httpx.Response:
@@ -94,14 +83,6 @@ class Stream:
 
 def _shm() -> set[str]:
     return set(glob.glob("/dev/shm/cp_infer-*"))
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie waiting for its reaper has exited)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 # -- 1, 2: every value the schema accepts is safe; what it cannot be is refused --------------------
@@ -414,7 +395,7 @@ def test_ranks_whose_launcher_is_killed_exit(checkpoint, tmp_path):
         t0 = time.monotonic()
         stream.join()
         assert stream.errors and "launcher" in stream.errors[0], stream.events[-3:]
-        while any(_running(pid) for pid in ranks) and time.monotonic() < t0 + 30:
+        while any(process_running(pid) for pid in ranks) and time.monotonic() < t0 + 30:
             time.sleep(0.1)
         took = time.monotonic() - t0
     finally:

@@ -217,7 +217,8 @@ def _serve(args, loop, tokenizer, cfg, eos_ids, device, run_id: str, launched: b
 
     def engine() -> None:
         try:
-            loop.lead(front.next_batch, front.emit, front.cancelled, front.done)
+            loop.lead(front.next_batch, front.emit, front.cancelled, front.done,
+                      waiting=lambda: front.queued)  # fmt: skip
         except BaseException as e:  # a rank is gone (its collective broke)
             logger.error("engine loop stopped: %s", error_message(e))
             fail(f"the engine stopped: {error_message(e)}")
@@ -228,7 +229,7 @@ def _serve(args, loop, tokenizer, cfg, eos_ids, device, run_id: str, launched: b
     )  # fmt: skip
 
     def on_signal(sig: str) -> None:  # a launcher also stops the ranks when one of them failed
-        cause = peer_failure()
+        cause = peer_failure() or dog.dead_peer()
         if cause is not None:
             fail(cause)
         else:

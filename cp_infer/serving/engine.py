@@ -268,8 +268,8 @@ class ServeEngine:
     # -- a span of iterations -------------------------------------------------------------------
     @torch.no_grad()
     def run_span(
-        self, orders: Orders, emit: Emit | None = None,
-        done: Done | None = None,
+        self, orders: Orders, emit: Emit | None = None, done: Done | None = None,
+        interrupt: Callable[[], bool] | None = None,
     ) -> None:  # fmt: skip
         """Admit ``orders``' requests, stop the cancelled ones, then run up to :data:`SPAN`
         iterations; the same call on every rank.
@@ -280,6 +280,8 @@ class ServeEngine:
                 likely) for a request with ``top_logprobs``, else None.
             done: called with finished requests and their outcomes (errors are agreed by
                 all ranks: see :func:`on_all_ranks`).
+            interrupt: rank 0's: true when the span should end before its next iteration
+                (new orders are waiting); every rank learns rank 0's answer.
         """
         for req in orders.requests:
             self._admit(req, done)
@@ -292,7 +294,7 @@ class ServeEngine:
         def iterations() -> None:
             nonlocal alone
             try:
-                self._iterations(orders.estimates, emit, done)
+                self._iterations(orders.estimates, emit, done, interrupt)
             except Exception as e:  # maybe on this rank only: the others would wait forever
                 logger.exception("a span of iterations failed")
                 alone = threading.Timer(ALONE_AFTER_S, self._failed_alone, args=(e,))
@@ -327,9 +329,11 @@ class ServeEngine:
         announce_failure(message)
         (self.on_failed_alone or (lambda _message: exit_now(1)))(message)
 
-    def _iterations(self, est: Estimates, emit, done) -> None:
+    def _iterations(self, est: Estimates, emit, done, interrupt) -> None:
         self._retire(done)  # cancelled ones leave before they cost a step
-        for _ in range(SPAN):
+        for i in range(SPAN):
+            if i and self._interrupted(interrupt):
+                return
             if not self.live:
                 self._mixed = None
                 return
@@ -340,6 +344,16 @@ class ServeEngine:
             predicted = self._iteration(est, emit)
             self._mixed = None if predicted is None else (t0, predicted)
             self._retire(done)
+
+    def _interrupted(self, interrupt: Callable[[], bool] | None) -> bool:
+        """Whether rank 0 ends the span now, for orders that cannot wait (a client left, a
+        request waits for a free slot): one small broadcast per iteration, so that a cancel
+        takes effect within one iteration rather than at the end of the span."""
+        flag = torch.tensor([interrupt is not None and interrupt()], dtype=torch.long,
+                            device=self.runner.device)  # fmt: skip
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(flag, src=0)
+        return bool(flag.item())
 
     def _iteration(self, est: Estimates, emit) -> float | None:
         """One decode step of the running requests and one prefill step of waiting ones, in
@@ -536,9 +550,18 @@ class ServeLoop:
         emit: Emit,
         cancelled: Callable[[], set[int]],
         done: Done,
+        waiting: Callable[[], int] = lambda: 0,
     ) -> None:
-        """Rank 0: admit what ``next_requests(wait_s, limit)`` gives (None: stop) and run."""
+        """Rank 0: admit what ``next_requests(wait_s, limit)`` gives (None: stop) and run.
+
+        A span ends early when a running request was cancelled or when ``waiting()`` requests
+        are queued while a slot is free, so that the next orders go out at once."""
         engine = self.engine
+
+        def interrupt() -> bool:
+            return bool(cancelled() & engine.live_requests()) or (
+                engine.room > 0 and waiting() > 0)  # fmt: skip
+
         while True:
             busy = engine.busy
             requests = next_requests(0.0 if busy else self.idle_s, engine.room)
@@ -554,7 +577,7 @@ class ServeLoop:
                 estimates=engine.timer.estimates,
             )
             self._send(("span", orders))
-            engine.run_span(orders, emit, done)
+            engine.run_span(orders, emit, done, interrupt)
 
     def follow(self) -> None:
         """Every other rank: run what rank 0 sends until it says stop."""

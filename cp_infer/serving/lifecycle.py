@@ -6,7 +6,8 @@
   does not come (a signal sent to them alone, or a rank 0 that is stuck).
 - **A rank that dies** stops beating. Every rank adds to its own counter in the rendezvous
   store every :data:`BEAT_S` and watches the others' (:class:`Watchdog`); a counter that stands
-  still for ``dead_after_s`` means that rank is gone. Rank 0 then ends the live requests with an
+  still for ``dead_after_s`` means that rank is gone. A rank on the same host is also looked
+  up by its process id, which tells at once (:meth:`Watchdog.dead_peer`). Rank 0 then ends the live requests with an
   error event naming the rank and every rank exits non-zero. (A collective with the dead rank
   usually fails sooner; the watchdog also covers ranks waiting on shared memory.)
 - **A launcher that is gone** (killed, say: torchrun starts every rank in a session of its own,
@@ -22,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -30,7 +32,9 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-__all__ = ["BEAT_S", "STOP_GRACE_S", "Watchdog", "exit_now", "follower_signals"]
+__all__ = [
+    "BEAT_S", "STOP_GRACE_S", "Watchdog", "exit_now", "follower_signals", "process_running",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +83,14 @@ class Watchdog:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.parent = os.getppid() if watch_parent else None
         self._keys = [f"cp_infer/heartbeat/{run_id}/{r}" for r in range(self.world)]
+        self._where = [f"cp_infer/process/{run_id}/{r}" for r in range(self.world)]
+        self._local: dict[int, int] = {}  # peers on this host: rank -> pid
         self._stop = threading.Event()
         self._store = self._connect()
+        if self._store is not None:  # where each rank runs, known before anything can fail
+            self._store.set(self._where[self.rank], f"{socket.gethostname()} {os.getpid()}")
+            self._store.wait(self._where, timedelta(seconds=60))
+            self._learn_peers()
         self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
 
     @staticmethod
@@ -107,13 +117,35 @@ class Watchdog:
                 self.on_failure(failure)
                 return
 
+    def dead_peer(self) -> str | None:
+        """A rank on this host whose process is gone, at once (no waiting for beats)."""
+        for rank, pid in self._local.items():
+            if not process_running(pid):
+                return f"rank {rank} (pid {pid}) died"
+        return None
+
+    def _learn_peers(self) -> None:
+        """Which ranks run on this host, once each has said where it runs."""
+        host = socket.gethostname()
+        for r in range(self.world):
+            if r == self.rank or r in self._local or not self._store.check([self._where[r]]):
+                continue
+            where, pid = self._store.get(self._where[r]).decode().rsplit(" ", 1)
+            if where == host:
+                self._local[r] = int(pid)
+
     def _check(self, seen: dict[int, tuple[int, float]]) -> str | None:
         if self.parent is not None and os.getppid() != self.parent:
             return f"the launcher (pid {self.parent}) is gone"
+        dead = self.dead_peer()
+        if dead is not None:
+            return dead
         if self._store is None:
             return None
         now = time.monotonic()
         try:
+            if len(self._local) < self.world - 1:
+                self._learn_peers()
             self._store.add(self._keys[self.rank], 1)
             counts = {r: self._store.add(self._keys[r], 0) for r in seen}
         except Exception as e:  # the store lives in the launcher (torchrun) or rank 0
@@ -125,3 +157,18 @@ class Watchdog:
             elif now - since > self.dead_after_s:
                 return f"rank {r} stopped responding (no heartbeat for {self.dead_after_s:.0f}s)"
         return None
+
+
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie waiting for its parent has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        try:  # no /proc: ask the kernel
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
