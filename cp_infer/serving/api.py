@@ -108,7 +108,8 @@ def build_app(front: Frontend) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
-        ids = front.encode(req.prompt, "prompt") if req.prompt is not None else (
+        ids = front.encode(req.prompt, "prompt", special=req.add_special_tokens) if (
+            req.prompt is not None) else (
             front.chat_tokens(req.messages))  # fmt: skip
         return {"tokens": ids, "count": len(ids), "max_model_len": front.max_seq_len}
 

@@ -239,13 +239,16 @@ class Frontend:
         self._stopped.discard(rid)
 
     # -- text ------------------------------------------------------------------------------------
-    def encode(self, text: str, param: str) -> list[int]:
+    def encode(self, text: str, param: str, *, special: bool = True) -> list[int]:
+        """``text``'s token ids, with the tokenizer's special tokens (a Llama 3 tokenizer puts
+        BOS first) unless ``special`` is False: what ``tokenizer(text)`` gives in transformers,
+        vLLM's completions and ``generate``'s text prompts."""
         if self.tokenizer is None:
             raise BadRequest(
                 "this server's checkpoint has no tokenizer: send token ids instead of text", param
             )
         try:
-            return list(self.tokenizer.encode(text, add_special_tokens=False))
+            return list(self.tokenizer.encode(text, add_special_tokens=special))
         except Exception as e:  # a text the tokenizer cannot take: the request's fault
             raise BadRequest(f"{param}: the tokenizer cannot encode this text ({e})", param) from e
 

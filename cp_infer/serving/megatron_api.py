@@ -43,7 +43,10 @@ class MegatronServing:
             top_k=req.top_k, top_p=req.top_p if req.top_p > 0 else 1.0, seed=seed,
             eos_id=tuple(eos) or None,
         )  # fmt: skip
-        prompts = [([bos] if req.add_BOS else []) + front.encode(p, "prompts") for p in req.prompts]
+        prompts = [  # Megatron's server: no special tokens but the BOS that add_BOS asks for
+            ([bos] if req.add_BOS else []) + front.encode(p, "prompts", special=False)
+            for p in req.prompts
+        ]
         return [front.make_request(t, cfg, logprobs=req.logprobs) for t in prompts]
 
     async def _finish(self, pending: Pending) -> tuple[list[int], Outcome]:

@@ -111,7 +111,9 @@ class OpenAIServing:
     # -- requests ---------------------------------------------------------------------------------
     def prompts(self, req: CompletionRequest) -> list[Prompt]:
         return [
-            Prompt(p) if isinstance(p, list) else Prompt(self.front.encode(p, "prompt"), p)
+            Prompt(p)
+            if isinstance(p, list)
+            else Prompt(self.front.encode(p, "prompt", special=req.add_special_tokens), p)
             for p in req.prompts
         ]
 

@@ -152,6 +152,8 @@ class CompletionRequest(_Sampling):
     max_tokens: Count = 16  # 0: score the prompt (with echo), generate nothing
     logprobs: int | None = Field(None, ge=0, le=20)  # alternatives per position
     echo: bool = False  # the prompt comes back before the answer (and its logprobs, if asked)
+    # vLLM's: a text prompt gets the tokenizer's special tokens (BOS), as tokenizer(prompt) does
+    add_special_tokens: bool = True
 
     @model_validator(mode="after")
     def _checks(self):
@@ -259,6 +261,7 @@ class TokenizeRequest(_Strict):
     model: text_field(max_length=256) | None = None
     prompt: text_field(max_length=MAX_TEXT) | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=4096)
+    add_special_tokens: bool = True  # for a prompt: as /v1/completions tokenizes it
 
     @model_validator(mode="after")
     def _one(self):
