@@ -112,6 +112,9 @@ class GenerateRequest(BaseModel):
         prompt: text, tokenized with the checkpoint's tokenizer.
         token_ids: token ids.
         turns: a multi-turn chat; each turn is prefilled over the KV cache of the earlier ones.
+        seed: this request's sampling seed (a 64-bit integer; default: ``--seed``). Each
+            request samples from a generator of its own, so its tokens do not depend on what
+            else is in the batch, and match the server's for the same seed.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -120,6 +123,7 @@ class GenerateRequest(BaseModel):
     prompt: Text | None = None
     token_ids: TokenIds | None = None
     turns: Annotated[list[Turn], Field(min_length=1)] | None = None
+    seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)] | None = None
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> GenerateRequest:
@@ -166,7 +170,7 @@ def _describe(error: dict) -> str:
     elif error["type"] in ("int_type", "string_type", "list_type", "turn_type"):
         message += f", {_got(error['input'])}"
     elif error["type"] == "extra_forbidden":
-        fields = ", ".join(f'"{name}"' for name in ("id", *_SOURCES))
+        fields = ", ".join(f'"{name}"' for name in ("id", *_SOURCES, "seed"))
         message = f"unknown field; a request has {fields}"
     return f"{where}: {message}" if where else message
 

@@ -21,14 +21,19 @@ MAX_NEW = 6
 PROMPTS = [[5, 17, 3, 99, 250, 7, 1], [42, 8, 300], list(range(20, 60))]
 
 
-def _cli_tokens(dist_pool, checkpoint, tmp, prompts, world=2, layout=("--cp", "2")):
-    """What ``generate`` gives for these token ids (greedy, fp32): the reference."""
+def _cli_tokens(dist_pool, checkpoint, tmp, prompts, world=2, layout=("--cp", "2"), *,
+                seeds=None, extra=()):  # fmt: skip
+    """What ``generate`` gives for these token ids (greedy, fp32, unless ``extra`` says how to
+    sample; ``seeds``: each line's own seed, None for --seed's): the reference."""
     src = tmp / "p.jsonl"
-    src.write_text("".join(json.dumps({"id": i, "token_ids": p}) + "\n"
-                           for i, p in enumerate(prompts)))  # fmt: skip
+    seeds = seeds or [None] * len(prompts)
+    src.write_text("".join(
+        json.dumps({"id": i, "token_ids": p} | ({"seed": s} if s is not None else {})) + "\n"
+        for i, (p, s) in enumerate(zip(prompts, seeds, strict=True))
+    ))  # fmt: skip
     out = tmp / "o.jsonl"
     argv = ["generate", "--checkpoint", str(checkpoint), *layout, "--input", str(src),
-            "--output", str(out), "--max-new-tokens", str(MAX_NEW)]  # fmt: skip
+            "--output", str(out), "--max-new-tokens", str(MAX_NEW), *extra]  # fmt: skip
     assert dist_pool(world).run(main, argv, timeout_s=180) == [0] * world
     return [json.loads(line)["token_ids"] for line in out.read_text().splitlines()]
 
@@ -67,12 +72,53 @@ def test_tp2_cp2_and_sigterm_stops_every_rank(checkpoint, dist_pool, tmp_path):
     s = Server(checkpoint, 4, ["--tp", "2", "--cp", "2"], tmp_path / "serve.log")
     try:
         got = _both_apis(s)
+        sampled = _every_door_sampled(s)
     finally:
         took = s.stop()
     assert took < 5, f"SIGTERM took {took:.1f}s"
     assert s.proc.returncode is not None
     layout = ("--tp", "2", "--cp", "2")
     assert got == _cli_tokens(dist_pool, checkpoint, tmp_path, PROMPTS, world=4, layout=layout)
+    assert sampled == _cli_sampled(dist_pool, checkpoint, tmp_path, world=4, layout=layout)
+
+
+CHAT = [{"role": "user", "content": "w41 w42"}]
+CHAT_IDS = [1, 41, 42, 2, 3]  # CHAT through the word tokenizer's template
+SAMPLED = [[5, 6], CHAT_IDS, [7, 8, 9]]
+SEEDS = [5, 9, None]  # the last line takes --seed
+
+
+def _every_door_sampled(server) -> list[list[int]]:
+    """At temperature 0.8 with a seed: the same tokens from completions, chat and Megatron's
+    API; returned per SAMPLED prompt for the CLI to match."""
+    common = {"temperature": 0.8}
+    a = server.post("/v1/completions", {**common, "prompt": SAMPLED[0], "max_tokens": MAX_NEW,
+                                        "seed": 5}).json()["choices"][0]["token_ids"]  # fmt: skip
+    r = httpx.put(server.url + "/api", json={**common, "prompts": [_words(SAMPLED[0])],
+                  "tokens_to_generate": MAX_NEW, "random_seed": 5}, timeout=60)  # fmt: skip
+    assert r.json()["tokens"][0][len(SAMPLED[0]) :] == a, r.text
+    chat_ids = server.post("/tokenize", {"messages": CHAT}).json()["tokens"]
+    assert chat_ids == CHAT_IDS
+    chat = server.post("/v1/chat/completions", {**common, "messages": CHAT, "seed": 9,
+                                                "max_tokens": MAX_NEW}).json()  # fmt: skip
+    b = chat["choices"][0]["token_ids"]
+    b_ids = server.post("/v1/completions", {**common, "prompt": chat_ids, "seed": 9,
+                        "max_tokens": MAX_NEW}).json()["choices"][0]["token_ids"]  # fmt: skip
+    assert b == b_ids
+    c = server.post("/v1/completions", {**common, "prompt": SAMPLED[2], "max_tokens": MAX_NEW,
+                                        "seed": 3}).json()["choices"][0]["token_ids"]  # fmt: skip
+    return [a, b, c]
+
+
+def _cli_sampled(dist_pool, checkpoint, tmp, **layout) -> list[list[int]]:
+    return _cli_tokens(dist_pool, checkpoint, tmp, SAMPLED, seeds=SEEDS,
+                       extra=("--temperature", "0.8", "--seed", "3"), **layout)  # fmt: skip
+
+
+def test_a_seed_gives_the_same_tokens_through_every_door(server, checkpoint, dist_pool, tmp_path):
+    # each request samples from its own generator: the CLI's batch of three, the server's
+    # requests one at a time, chat or token ids or Megatron's text, all alike
+    assert _every_door_sampled(server) == _cli_sampled(dist_pool, checkpoint, tmp_path)
 
 
 def test_chat_reuses_the_cache_and_matches_a_cold_run(server, checkpoint, dist_pool, tmp_path):

@@ -11,6 +11,7 @@ cache) between turns, so a later turn prefills only its new tokens (persistent-K
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -96,6 +97,7 @@ def generate(
     kv_dtype: str = "auto",
     prefill_chunk: int | None = None,
     logprobs: int | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> GenerationResult:
     """Generate up to ``sampling.max_new_tokens`` tokens for every prompt.
 
@@ -122,6 +124,8 @@ def generate(
             over the cache the earlier ones left (persistent-KV prefill); None: in one step.
         logprobs: also return each generated token's log-probability and the ``logprobs``
             most likely tokens at its position (:attr:`GenerationResult.logprobs`).
+        seeds: each prompt's sampling seed (default: ``sampling.seed`` for all). Every prompt
+            samples from a generator of its own: its tokens do not depend on the batch.
     """
     if variant not in (*VARIANTS, "auto"):
         raise ValueError(f"unknown variant {variant!r}; choose one of {[*VARIANTS, 'auto']}")
@@ -142,7 +146,10 @@ def generate(
         )  # fmt: skip
     runner, sched = conv.runner, conv.scheduler
     sched.add_turn(prompts, sampling.max_new_tokens, sampling.eos_ids)
-    generator = torch.Generator(device=runner.device).manual_seed(sampling.seed)
+    seeds = list(seeds) if seeds is not None else [sampling.seed] * len(prompts)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one per prompt")
+    generators = [torch.Generator(device=runner.device).manual_seed(s) for s in seeds]
 
     b, k = len(prompts), logprobs or 0
     lps: list[list[float]] = [[] for _ in prompts]
@@ -150,7 +157,12 @@ def generate(
 
     def record(batch, logits) -> None:
         """Sample from the last stage's logits, share along the pipeline, record."""
-        tokens = sample(logits, sampling, generator) if logits is not None else None
+        tokens = None
+        if logits is not None:  # each row by its own generator
+            tokens = torch.cat([
+                sample(logits[j : j + 1], sampling, g, generated=len(s.out))
+                for j, (g, s) in enumerate(zip(generators, sched.seqs, strict=True))
+            ])  # fmt: skip
         if logprobs is not None:
             chosen, alts = runner.share_logprobs(logits, tokens, k, b)
         before = [len(s.out) for s in sched.seqs]

@@ -113,6 +113,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )  # fmt: skip
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
     g.add_argument(
         "--prefill-chunk", metavar="N|auto", default="auto",
         help="prefill long prompts N tokens per sequence at a time, each chunk over the KV cache "
@@ -154,7 +155,12 @@ def add_model_arguments(g: argparse.ArgumentParser) -> None:
         help="pad the vocabulary to a multiple of N * tp, as Megatron does (any vocabulary "
         "then splits over TP; padded ids are never sampled nor saved)",
     )  # fmt: skip
-    g.add_argument("--seed", type=int, default=0, help="seed of sampling and of preset weights")
+    g.add_argument(
+        "--seed", type=int, default=0,
+        help='the sampling seed of requests without a "seed" of their own, and the seed of '
+        "preset weights. Each request samples from a generator of its own, so a request gives "
+        "the same tokens in any batch, and the same as the server's with that seed",
+    )  # fmt: skip
     g.add_argument(
         "--eos-id", type=int, nargs="+", metavar="ID",
         help="stop token(s); by default the eos_token_id of config.json (all, if a list)",
@@ -220,6 +226,7 @@ class GenerateJob:
         ids: one per request.
         turns: per request, the token ids of each turn (one turn unless ``chat``).
         chat: the requests are multi-turn chats.
+        seeds: each request's sampling seed (its own ``seed``, else ``--seed``).
         tokenizer: a ``tokenizers.Tokenizer`` from the checkpoint, or None.
         checkpoint_format: ``"hf"`` or ``"megatron"`` (None for a preset).
     """
@@ -229,6 +236,7 @@ class GenerateJob:
     ids: list[int | str]
     turns: list[list[list[int]]]
     chat: bool
+    seeds: list[int]
     tokenizer: object | None
     checkpoint_format: str | None
 
@@ -299,7 +307,7 @@ def prepare(args, world_size: int, device: torch.device) -> GenerateJob:
     check_model_fits_layout(cfg, sizes)
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        seed=args.seed, eos_id=eos,
+        top_k=args.top_k, seed=args.seed, eos_id=eos,
     )  # fmt: skip
     bad_eos = sorted(t for t in sampling.eos_ids if t >= cfg.vocab_size)
     if bad_eos:
@@ -334,7 +342,8 @@ def prepare(args, world_size: int, device: torch.device) -> GenerateJob:
     )  # fmt: skip
     check_fits(plan, f"{len(turns)} requests of up to {max(before)} tokens")
     chat = any(r.is_chat for r in requests)
-    return GenerateJob(cfg, sampling, ids, turns, chat, tokenizer, fmt)
+    seeds = [r.seed if r.seed is not None else args.seed for r in requests]
+    return GenerateJob(cfg, sampling, ids, turns, chat, seeds, tokenizer, fmt)
 
 
 def _is_writer(pg: ParallelGroups) -> bool:
@@ -457,7 +466,7 @@ def run(args, argv: list[str]) -> int:
         for turn in range(len(job.turns[0])):
             results.append(
                 generate(
-                    model, pg, [t[turn] for t in job.turns], job.sampling,
+                    model, pg, [t[turn] for t in job.turns], job.sampling, seeds=job.seeds,
                     variant=args.variant, kernel=args.kernel, conversation=conversation,
                     progress=pg.rank == 0,
                     hardware=hardware_profile(args.hardware),
