@@ -18,7 +18,8 @@ HBM once per token and pays a ring latency per layer; it is a floor, not a fit.
 
 The default utilizations come from the paper. ``attention_utilization`` = 540/800 is its
 measurement. ``gemm_utilization`` = 0.385 is chosen so that the 128K point (3.8 s on 16 hosts)
-comes out right. The 1M point (77 s) is then a prediction, and lands within 5% (tested).
+comes out right (within 5%). The 1M point (77 s) is then a prediction, and lands within 5%
+too (both tested).
 
 A profile measured by ``python -m cp_infer calibrate`` maps onto the same model
 (:meth:`ClusterProfile.from_calibration`): one CPU rank stands for one "GPU" and for one CP rank

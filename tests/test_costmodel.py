@@ -1,4 +1,4 @@
-"""The cost model reproduces the paper's published prefill times (within +-15%), maps a
+"""The cost model reproduces the paper's published prefill times (within 5%), maps a
 calibrated CPU profile, predicts Alg. 1's crossover, and plots."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from cp_infer.models import get_preset
 )
 def test_the_papers_prefill_times(context, paper_s):
     r = plan_prefill(get_preset("llama3-405b"), PROFILES["h100-rdma"], cp=16, tp=8, context=context)
-    assert abs(r.ttft_s / paper_s - 1) <= 0.15, r.ttft_s
+    assert abs(r.ttft_s / paper_s - 1) <= 0.05, r.ttft_s  # 128K is the fit, 1M a prediction
 
 
 def test_more_hosts_cut_ttft_and_the_ring_hides_at_these_sizes():
