@@ -17,6 +17,6 @@ if os.environ.get("RANK") == "1":
     def _faulty_sample(*args, **kwargs):
         raise RuntimeError("injected fault in sampling")
 
-    engine.sample = _faulty_sample
+    engine.sample_rows = _faulty_sample
 
 sys.exit(main())

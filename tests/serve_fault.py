@@ -14,16 +14,16 @@ import torch.distributed as dist
 from cp_infer.cli import main
 
 engine = importlib.import_module("cp_infer.serving.engine")
-_sample = engine.sample
+_sample_rows = engine.sample_rows
 
 
-def _faulty_sample(logits, cfg, generator, **kw):
-    if cfg.seed == 666:
+def _faulty_sample_rows(logits, configs, generators, generated):
+    if any(cfg.seed == 666 for cfg in configs):
         raise RuntimeError("injected fault in sampling")
-    return _sample(logits, cfg, generator, **kw)
+    return _sample_rows(logits, configs, generators, generated)
 
 
-engine.sample = _faulty_sample
+engine.sample_rows = _faulty_sample_rows
 _iteration = engine.ServeEngine._iteration
 
 

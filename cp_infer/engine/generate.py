@@ -19,7 +19,7 @@ import torch
 from cp_infer.attention import VARIANTS
 from cp_infer.attention.selector import Hardware
 from cp_infer.engine.runner import ModelRunner
-from cp_infer.engine.sampling import SamplingConfig, sample
+from cp_infer.engine.sampling import SamplingConfig, sample_rows
 from cp_infer.engine.scheduler import Scheduler, check_prompts
 from cp_infer.models.llama import Transformer
 from parallel_state import ParallelGroups
@@ -158,11 +158,9 @@ def generate(
     def record(batch, logits) -> None:
         """Sample from the last stage's logits, share along the pipeline, record."""
         tokens = None
-        if logits is not None:  # each row by its own generator
-            tokens = torch.cat([
-                sample(logits[j : j + 1], sampling, g, generated=len(s.out))
-                for j, (g, s) in enumerate(zip(generators, sched.seqs, strict=True))
-            ])  # fmt: skip
+        if logits is not None:  # each row by its own generator, all rows in one pass
+            tokens = sample_rows(logits, [sampling] * b, generators,
+                                 [len(s.out) for s in sched.seqs])  # fmt: skip
         if logprobs is not None:
             chosen, alts = runner.share_logprobs(logits, tokens, k, b)
         before = [len(s.out) for s in sched.seqs]

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from cp_infer.distributed import RankFailure, announce_failure, error_message, on_all_ranks
 from cp_infer.engine.runner import ModelRunner
-from cp_infer.engine.sampling import SamplingConfig, sample
+from cp_infer.engine.sampling import SamplingConfig, sample_rows
 from cp_infer.engine.scheduler import Scheduler, SequenceState
 from cp_infer.serving.chunking import ChunkTimer, Estimates, StepCosts, choose_chunk
 from cp_infer.serving.lifecycle import exit_now
@@ -481,13 +481,21 @@ class ServeEngine:
 
     @staticmethod
     def _draw(logits, rows: Sequence[int], lives: list[_Live]) -> tuple[torch.Tensor, dict]:
-        """Each row's token by its request's sampling; a row whose sampling fails gets -1 and
-        its message (that request fails alone)."""
+        """Each row's token by its request's sampling, all rows in one pass. If that fails,
+        row by row: a row whose sampling fails gets -1 and its message (that request fails
+        alone)."""
+        args = ([x.request.sampling for x in lives], [x.generator for x in lives],
+                [len(x.state.out) for x in lives])  # fmt: skip
+        states = [g.get_state() for g in args[1]]
+        try:
+            return sample_rows(logits[list(rows)], *args), {}
+        except Exception:
+            for g, state in zip(args[1], states, strict=True):  # as if nothing was drawn
+                g.set_state(state)
         tokens, failed = [], {}
         for j, (r, x) in enumerate(zip(rows, lives, strict=True)):
             try:
-                t = sample(logits[r : r + 1], x.request.sampling, x.generator,
-                           generated=len(x.state.out))  # fmt: skip
+                t = sample_rows(logits[r : r + 1], [args[0][j]], [args[1][j]], [args[2][j]])
             except Exception as e:
                 logger.warning("request %d: sampling failed: %s", x.request.rid, e)
                 failed[j] = f"sampling failed: {error_message(e)}"
