@@ -95,3 +95,18 @@ def test_bench_step_times_the_three_kinds_of_step(tmp_path):
     chunk_16, chunk_32 = (r["flops_s"] for r in records if r["kind"] == "prefill")
     assert chunk_32 > chunk_16  # a bigger chunk: more FLOPs
     assert json.loads(out.read_text()) == records
+
+
+def test_bench_sampling_times_top_p_both_ways(tmp_path):
+    bench_sampling = importlib.import_module("bench_sampling")
+    out = tmp_path / "sampling.json"
+    argv = ["--vocab", "3000", "--rows", "2", "--scales", "1", "8", "--repeats", "1",
+            "--json", str(out)]  # fmt: skip
+    assert bench_sampling.main(argv) == 0
+    records = json.loads(out.read_text())
+    assert len(records) == 6 and all(r["ms"] > 0 for r in records)
+    assert {r["sampling"] for r in records} == {
+        "temperature",
+        "top-p, full sort",
+        "top-p, top-1024 first",
+    }

@@ -278,3 +278,22 @@ def test_sample_rows_draws_each_row_from_its_own_distribution_and_generator():
     block = _sample_block(rows, cfgs, [torch.Generator().manual_seed(7 + j) for j in range(4)],
                           [0] * 4)  # fmt: skip
     assert block.tolist() == together.tolist()
+
+
+def test_top_p_among_the_candidates_is_the_full_nucleus():
+    from cp_infer.engine import sampling
+
+    torch.manual_seed(0)
+    peaked = torch.randn(3, 5000) * 8  # most mass in a few tokens: the candidates hold it
+    flat = torch.randn(2, 5000) * 0.1  # the candidates hold too little: a full sort
+    for logits in (peaked, flat):
+        cfgs = [SamplingConfig(temperature=1.0, top_p=0.9)] * len(logits)
+        draws = []
+        for k in (64, 10**6):  # candidates, and none (a full sort every time)
+            sampling.NUCLEUS_CANDIDATES = k
+            try:
+                gens = [torch.Generator().manual_seed(j) for j in range(len(logits))]
+                draws.append(sampling._sample_block(logits, cfgs, gens, [0] * len(logits)))
+            finally:
+                sampling.NUCLEUS_CANDIDATES = 1024
+        assert draws[0].tolist() == draws[1].tolist()

@@ -20,6 +20,8 @@ __all__ = [
 
 #: A temperature below this samples greedily (vLLM's ``_SAMPLING_EPS``).
 GREEDY_BELOW = 1e-5
+#: Tokens a top-p draw looks among first (all of them when these hold too little mass).
+NUCLEUS_CANDIDATES = 1024
 #: The seeds a torch generator takes: a 64-bit integer, signed or not.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
@@ -153,7 +155,7 @@ def _sample_block(logits, configs, generators, generated) -> torch.Tensor:
     probs = torch.softmax((x - x.max(dim=-1, keepdim=True).values) / temps[:, None], dim=-1)
     top_p = torch.tensor([c.top_p for c in cfgs], dtype=x.dtype, device=x.device)
     if bool((top_p < 1).any()):
-        sorted_p, order = probs.sort(dim=-1, descending=True)
+        sorted_p, order = _by_mass(probs, top_p)
         # drop a token once the mass before it already reaches top_p; the most likely one
         # always stays (a top_p below float32's smallest number would otherwise drop all)
         drop = sorted_p.cumsum(dim=-1) - sorted_p >= top_p[:, None]
@@ -168,6 +170,20 @@ def _sample_block(logits, configs, generators, generated) -> torch.Tensor:
         return picked
     tokens[rows] = picked
     return tokens
+
+
+def _by_mass(probs: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' most likely tokens, most likely first, as far as any of them can be in the
+    nucleus: (probabilities, ids). Usually the first :data:`NUCLEUS_CANDIDATES` (a partial
+    selection, far cheaper than sorting a 128K vocabulary); every token when they do not
+    hold ``top_p`` of a row's mass. Exact either way: a token past them has at least that
+    mass before it, so the nucleus drops it."""
+    k = NUCLEUS_CANDIDATES
+    if k < probs.shape[-1] and bool((top_p < 1).all()):
+        values, ids = probs.topk(k, dim=-1)
+        if bool((values.cumsum(dim=-1)[:, -1] >= top_p).all()):
+            return values, ids
+    return probs.sort(dim=-1, descending=True)
 
 
 def logprobs_of(
