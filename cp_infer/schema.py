@@ -35,8 +35,9 @@ from pydantic import (
 )
 
 __all__ = [
-    "NOT_UNICODE", "TOKEN_ID_MAX", "GenerateRequest", "RequestError", "Str", "Text", "TokenId", "TokenIds",
-    "Turn", "check_unique_ids", "encodable", "read_requests", "text_field",
+    "INT32_MAX", "INT64_MAX", "INT64_MIN", "NOT_UNICODE", "GenerateRequest", "RequestError",
+    "Seed", "Str", "Text", "TokenId", "TokenIds", "Turn", "check_unique_ids", "encodable",
+    "read_requests", "text_field",
 ]  # fmt: skip
 
 
@@ -71,10 +72,13 @@ def text_field(*, min_length: int = 0, max_length: int | None = None) -> Any:
 #: Any text a request holds: a string that is valid Unicode.
 Str = text_field()
 
-#: Token ids fit int32 (every vocabulary does); the model's own bound is checked later.
-TOKEN_ID_MAX = 2**31 - 1
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
-TokenId = Annotated[StrictInt, Field(ge=0, le=TOKEN_ID_MAX)]
+#: A sampling seed: a 64-bit integer, as OpenAI's.
+Seed = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
+#: Token ids fit int32 (every vocabulary does); the model's own bound is checked later.
+TokenId = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 Text = text_field(min_length=1)
 
@@ -123,7 +127,7 @@ class GenerateRequest(BaseModel):
     prompt: Text | None = None
     token_ids: TokenIds | None = None
     turns: Annotated[list[Turn], Field(min_length=1)] | None = None
-    seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)] | None = None
+    seed: Seed | None = None
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> GenerateRequest:

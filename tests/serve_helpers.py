@@ -18,11 +18,12 @@ from cp_infer.testing.tokenizer import write_word_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_checkpoint(out: Path) -> Path:
-    """tiny-llama with random weights and a word tokenizer (token i is the word ``w<i>``)."""
+def make_checkpoint(out: Path, *, bos_id: int | None = None) -> Path:
+    """tiny-llama with random weights and a word tokenizer (token i is the word ``w<i>``;
+    ``bos_id``: the token its post-processor puts first)."""
     subprocess.run([sys.executable, "examples/make_tiny_checkpoint.py", "--preset", "tiny-llama",
                     "--output", str(out)], check=True, cwd=REPO, capture_output=True)  # fmt: skip
-    write_word_tokenizer(out, 512)
+    write_word_tokenizer(out, 512, bos_id=bos_id)
     return out
 
 

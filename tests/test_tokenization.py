@@ -5,16 +5,13 @@ one BOS, Megatron's prompts with the BOS ``add_BOS`` asks for; the CLI and the s
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import httpx
 import pytest
 import torch
 
 from cp_infer.cli import main
-from cp_infer.testing.tokenizer import write_word_tokenizer
-from tests.serve_helpers import REPO, Server
+from tests.serve_helpers import Server, make_checkpoint
 
 BOS = 500
 PROMPT = "w5 w6 w7 w8"
@@ -22,11 +19,7 @@ PROMPT = "w5 w6 w7 w8"
 
 @pytest.fixture(scope="module")
 def bos_checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bos")
-    subprocess.run([sys.executable, "examples/make_tiny_checkpoint.py", "--preset", "tiny-llama",
-                    "--output", str(out)], check=True, cwd=REPO, capture_output=True)  # fmt: skip
-    write_word_tokenizer(out, 512, bos_id=BOS)
-    return out
+    return make_checkpoint(tmp_path_factory.mktemp("bos"), bos_id=BOS)
 
 
 def test_a_text_prompt_gets_the_special_tokens_alike_at_every_door(bos_checkpoint, tmp_path,

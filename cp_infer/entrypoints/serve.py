@@ -257,25 +257,17 @@ def _serve(args, loop, tokenizer, cfg, eos_ids, device, run_id: str, launched: b
     return 0
 
 
-def _uvicorn_server():
+def _make_server(config, on_signal):
+    """uvicorn's server, whose signal handler first calls ``on_signal`` (which ends the live
+    requests) and which does not re-raise the signal once stopped (the ranks still have to say
+    goodbye)."""
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn's server, whose signal handler first ends the live requests and which
-        does not re-raise the signal once stopped (the ranks still have to say goodbye)."""
-
-        def __init__(self, config, on_signal) -> None:
-            super().__init__(config)
-            self.on_signal = on_signal
-
         def handle_exit(self, sig: int, frame) -> None:
             if self.should_exit and sig == signal.SIGINT:
                 self.force_exit = True  # a second Ctrl-C: stop waiting for connections
-            self.on_signal(signal.Signals(sig).name)
+            on_signal(signal.Signals(sig).name)
             self.should_exit = True
 
-    return Server
-
-
-def _make_server(config, on_signal):
-    return _uvicorn_server()(config, on_signal)
+    return Server(config)

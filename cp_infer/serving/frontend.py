@@ -29,7 +29,6 @@ from cp_infer.serving.text import StopStrings, TextStream
 
 __all__ = [
     "BadRequest", "Frontend", "Pending", "QueueFull", "Reply", "ShuttingDown", "fresh_seed",
-    "usage",
 ]  # fmt: skip
 
 CONTEXT_TOKENS = 4  # prompt tokens an answer's text is decoded after (its leading space)
@@ -152,6 +151,11 @@ class Frontend:
                 self._cancelled.add(rid)
                 if stopped:
                     self._stopped.add(rid)
+
+    def cancel_all(self, pendings: list[Pending]) -> None:
+        """Cancel every request of ``pendings`` (one client's: it left, or one failed)."""
+        for p in pendings:
+            self.cancel(p.request.rid)
 
     # -- the engine thread's side ----------------------------------------------------------------
     def next_batch(self, wait_s: float, limit: int | None = None) -> list[Request] | None:
@@ -367,9 +371,6 @@ class Reply:
     def finish_reason(self) -> str:
         return "stop" if self.stopped else self.outcome.finish_reason
 
-    def usage(self) -> dict:
-        return usage(self.outcome, completion_tokens=len(self.tokens))
-
 
 class QueueFull(RuntimeError):
     """The queue is full: retry later (503)."""
@@ -382,14 +383,3 @@ class ShuttingDown(RuntimeError):
 def fresh_seed() -> int:
     """A seed for a request that gave none: fresh randomness, as vLLM and OpenAI draw."""
     return secrets.randbits(63)
-
-
-def usage(o: Outcome, completion_tokens: int | None = None) -> dict:
-    """OpenAI's ``usage`` of one request."""
-    n = len(o.tokens) if completion_tokens is None else completion_tokens
-    return {
-        "prompt_tokens": o.prompt_tokens,
-        "completion_tokens": n,
-        "total_tokens": o.prompt_tokens + n,
-        "prompt_tokens_details": {"cached_tokens": o.cached_tokens},
-    }

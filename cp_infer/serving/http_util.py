@@ -15,7 +15,10 @@ from collections.abc import Awaitable, Callable
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response
 
-__all__ = ["CLIENT_GONE", "error_response", "merged", "sse", "unless_disconnected"]
+__all__ = [
+    "CLIENT_GONE", "error_event", "error_response", "failure_response", "merged", "sse",
+    "unless_disconnected",
+]  # fmt: skip
 
 #: The status logged for a request whose client left before its answer (nginx's 499).
 CLIENT_GONE = 499
@@ -32,6 +35,19 @@ def error_response(
     kind = _KINDS.get(status, "server_error")
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return JSONResponse(body, status_code=status)
+
+
+def failure_response(http: HttpRequest, outcome) -> JSONResponse:
+    """The answer to a request whose engine outcome failed: 503 when the server aborted it
+    (it is stopping), else 500 naming the error."""
+    if outcome.finish_reason == "abort":
+        return error_response(http, 503, f"request aborted: {outcome.error}")
+    return error_response(http, 500, f"generation failed: {outcome.error}")
+
+
+def error_event(message: str) -> bytes:
+    """A streamed answer's error, as a server-sent event (OpenAI's error body)."""
+    return sse({"error": {"message": message, "type": "server_error", "code": 500}})
 
 
 def sse(data) -> bytes:

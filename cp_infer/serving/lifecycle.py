@@ -84,13 +84,9 @@ class Watchdog:
         self.parent = os.getppid() if watch_parent else None
         self._keys = [f"cp_infer/heartbeat/{run_id}/{r}" for r in range(self.world)]
         self._where = [f"cp_infer/process/{run_id}/{r}" for r in range(self.world)]
-        self._local: dict[int, int] = {}  # peers on this host: rank -> pid
         self._stop = threading.Event()
         self._store = self._connect()
-        if self._store is not None:  # where each rank runs, known before anything can fail
-            self._store.set(self._where[self.rank], f"{socket.gethostname()} {os.getpid()}")
-            self._store.wait(self._where, timedelta(seconds=60))
-            self._learn_peers()
+        self._local = self._peers_on_this_host()  # rank -> pid
         self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
 
     @staticmethod
@@ -124,15 +120,20 @@ class Watchdog:
                 return f"rank {rank} (pid {pid}) died"
         return None
 
-    def _learn_peers(self) -> None:
-        """Which ranks run on this host, once each has said where it runs."""
+    def _peers_on_this_host(self) -> dict[int, int]:
+        """The other ranks on this host and their pids, once every rank has said where it
+        runs (known before anything can fail)."""
+        if self._store is None:
+            return {}
         host = socket.gethostname()
+        self._store.set(self._where[self.rank], f"{host} {os.getpid()}")
+        self._store.wait(self._where, timedelta(seconds=60))
+        local = {}
         for r in range(self.world):
-            if r == self.rank or r in self._local or not self._store.check([self._where[r]]):
-                continue
             where, pid = self._store.get(self._where[r]).decode().rsplit(" ", 1)
-            if where == host:
-                self._local[r] = int(pid)
+            if r != self.rank and where == host:
+                local[r] = int(pid)
+        return local
 
     def _check(self, seen: dict[int, tuple[int, float]]) -> str | None:
         if self.parent is not None and os.getppid() != self.parent:
@@ -144,8 +145,6 @@ class Watchdog:
             return None
         now = time.monotonic()
         try:
-            if len(self._local) < self.world - 1:
-                self._learn_peers()
             self._store.add(self._keys[self.rank], 1)
             counts = {r: self._store.add(self._keys[r], 0) for r in seen}
         except Exception as e:  # the store lives in the launcher (torchrun) or rank 0

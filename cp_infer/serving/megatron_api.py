@@ -16,7 +16,7 @@ from fastapi import Request as HttpRequest
 from cp_infer.engine.sampling import SamplingConfig
 from cp_infer.serving.engine import Outcome
 from cp_infer.serving.frontend import BadRequest, Frontend, Pending, fresh_seed
-from cp_infer.serving.http_util import error_response, unless_disconnected
+from cp_infer.serving.http_util import failure_response, unless_disconnected
 from cp_infer.serving.openai_api import LOGPROB_FLOOR
 from cp_infer.serving.protocol import MegatronRequest
 
@@ -62,18 +62,12 @@ class MegatronServing:
         requests = self._requests(req)
         pending = front.submit(requests)
 
-        def cancel() -> None:
-            for p in pending:
-                front.cancel(p.request.rid)
-
         async def whole():
             results = await asyncio.gather(*(self._finish(p) for p in pending))
             failed = next((o for _, o in results if o.error is not None), None)
             if failed is not None:
-                cancel()
-                if failed.finish_reason == "abort":
-                    return error_response(http, 503, f"request aborted: {failed.error}")
-                return error_response(http, 500, f"generation failed: {failed.error}")
+                front.cancel_all(pending)
+                return failure_response(http, failed)
             keep = req.tokens_to_generate
             full = [
                 list(r.tokens) + o.tokens[:keep]
@@ -92,4 +86,4 @@ class MegatronServing:
                 "tokens": full,
             }
 
-        return await unless_disconnected(http, whole, cancel)
+        return await unless_disconnected(http, whole, lambda: front.cancel_all(pending))

@@ -29,7 +29,13 @@ from fastapi.responses import StreamingResponse
 from cp_infer.engine.sampling import SamplingConfig
 from cp_infer.serving.engine import Outcome
 from cp_infer.serving.frontend import BadRequest, Frontend, Pending, Reply, fresh_seed
-from cp_infer.serving.http_util import error_response, merged, sse, unless_disconnected
+from cp_infer.serving.http_util import (
+    error_event,
+    failure_response,
+    merged,
+    sse,
+    unless_disconnected,
+)
 from cp_infer.serving.protocol import ChatRequest, CompletionRequest
 
 __all__ = ["LOGPROB_FLOOR", "OpenAIServing"]
@@ -154,13 +160,9 @@ class OpenAIServing:
         obj = "chat.completion" if kind == "chat" else "text_completion"
         of = [prompts[i // req.n] for i in range(len(pendings))]  # each choice's prompt
         if req.stream:
-            events = self.stream(pendings, prompts, rid, obj + (".chunk" if kind == "chat" else ""),
-                                 kind, req)  # fmt: skip
+            events = self.stream(pendings, prompts, of, rid,
+                                 obj + (".chunk" if kind == "chat" else ""), kind, req)  # fmt: skip
             return StreamingResponse(events, media_type="text/event-stream")
-
-        def cancel() -> None:
-            for p in pendings:
-                front.cancel(p.request.rid)
 
         async def whole():
             results = await asyncio.gather(
@@ -168,11 +170,8 @@ class OpenAIServing:
             )
             failed = [o for c, o, _ in results if c is None]
             if failed:
-                cancel()  # the other choices are of no use now
-                o = failed[0]
-                if o.finish_reason == "abort":
-                    return error_response(http, 503, f"request aborted: {o.error}")
-                return error_response(http, 500, f"generation failed: {o.error}")
+                front.cancel_all(pendings)  # the other choices are of no use now
+                return failure_response(http, failed[0])
             completion = sum(n for _, _, n in results)
             return {
                 "id": rid, "object": obj, "created": int(time.time()), "model": front.model_name,
@@ -180,7 +179,7 @@ class OpenAIServing:
                 "usage": _request_usage(prompts, [o for _, o, _ in results], completion),
             }  # fmt: skip
 
-        return await unless_disconnected(http, whole, cancel)
+        return await unless_disconnected(http, whole, lambda: front.cancel_all(pendings))
 
     def echoed(self, prompt: Prompt) -> str | None:
         """The prompt as ``echo`` returns it: as sent, or its ids decoded."""
@@ -217,10 +216,10 @@ class OpenAIServing:
         return c, o, len(answer)
 
     # -- streaming ------------------------------------------------------------------------------
-    async def stream(self, pendings: list[Pending], prompts: list[Prompt], rid: str, obj: str,
-                     kind: str, req):  # fmt: skip
+    async def stream(self, pendings: list[Pending], prompts: list[Prompt], of: list[Prompt],
+                     rid: str, obj: str, kind: str, req):  # fmt: skip
+        """The server-sent events of every choice (``of[i]``: choice i's prompt)."""
         front, created = self.front, int(time.time())
-        of = [prompts[i // req.n] for i in range(len(pendings))]  # each choice's prompt
         replies = [Reply(front, p, req.stops, req.min_tokens) for p in pendings]
 
         def chunk(i, delta, finish=None, token=None):
@@ -264,8 +263,7 @@ class OpenAIServing:
                 yield sse(chunk(i, {}, "abort"))
                 return
             if not reply.stopped and o.error is not None:
-                yield sse({"error": {"message": f"generation failed: {o.error}",
-                                     "type": "server_error", "code": 500}})  # fmt: skip
+                yield error_event(f"generation failed: {o.error}")
                 return
             rest = reply.rest()
             if rest:  # a partial character, or a possible stop string's start, held back
@@ -281,15 +279,12 @@ class OpenAIServing:
                 yield sse({"id": rid, "object": obj, "created": created,
                            "model": front.model_name, "choices": [],
                            "usage": _request_usage(prompts, outcomes, completion)})  # fmt: skip
-        except Exception as e:  # formatting this answer failed: this stream ends alone
-            for p in pendings:
-                front.cancel(p.request.rid)
-            yield sse({"error": {"message": f"internal error: {type(e).__name__}: {e}",
-                                 "type": "server_error", "code": 500}})  # fmt: skip
-        except BaseException:  # cancelled: the client left
-            for p in pendings:
-                front.cancel(p.request.rid)
-            raise
+        except BaseException as e:
+            front.cancel_all(pendings)
+            if not isinstance(e, Exception):  # cancelled: the client left
+                raise
+            # formatting this answer failed: this stream ends alone
+            yield error_event(f"internal error: {type(e).__name__}: {e}")
         yield sse("[DONE]")
 
     # -- endpoints --------------------------------------------------------------------------------

@@ -26,15 +26,21 @@ from pydantic import (
     model_validator,
 )
 
-from cp_infer.schema import NOT_UNICODE, TokenId, TokenIds, text_field
+from cp_infer.schema import (
+    INT32_MAX,
+    INT64_MAX,
+    NOT_UNICODE,
+    Seed,
+    TokenId,
+    TokenIds,
+    text_field,
+)
 
 __all__ = [
     "ChatRequest", "CompletionRequest", "DetokenizeRequest", "MegatronRequest", "TokenizeRequest",
     "first_error",
 ]  # fmt: skip
 
-INT32_MAX = 2**31 - 1
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_PROMPTS = 128  # prompts in one batch request (each is a request of its own)
 MAX_TEXT = 1 << 22  # characters of one text field: far past any context this serves
 Count = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
@@ -93,7 +99,7 @@ class _Sampling(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(0, ge=-1, le=INT32_MAX)  # vLLM's: 0 or -1 keep every token
     # 64-bit, as OpenAI's; None: fresh randomness for every request
-    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=16)  # choices: each a request of its own (seed + i)
