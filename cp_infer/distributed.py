@@ -15,7 +15,10 @@ mechanisms cover the two cases:
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import socket
+import sys
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -26,6 +29,7 @@ __all__ = [
     "announce_failure",
     "clear_failure",
     "error_message",
+    "exit_now",
     "free_port",
     "on_all_ranks",
     "peer_failure",
@@ -50,6 +54,14 @@ def error_message(error: BaseException) -> str:
     else:
         text = f"{type(error).__name__}: {error}"
     return " ".join(text.split()) or type(error).__name__
+
+
+def exit_now(code: int) -> None:
+    """Leave the process at once (threads may be blocked in a collective with a dead rank)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def free_port() -> int:

@@ -10,7 +10,7 @@ import sys
 
 from cp_infer.cli import main
 
-engine = importlib.import_module("cp_infer.engine.generate")  # the module, not the function
+engine = importlib.import_module("cp_infer.engine.core")
 
 if os.environ.get("RANK") == "1":
 

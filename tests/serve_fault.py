@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from cp_infer.cli import main
 
-engine = importlib.import_module("cp_infer.serving.engine")
+engine = importlib.import_module("cp_infer.engine.core")
 _sample_rows = engine.sample_rows
 
 
@@ -24,7 +24,7 @@ def _faulty_sample_rows(logits, configs, generators, generated):
 
 
 engine.sample_rows = _faulty_sample_rows
-_iteration = engine.ServeEngine._iteration
+_iteration = engine.EngineCore._iteration
 
 
 def _faulty_iteration(self, est, emit):
@@ -33,5 +33,5 @@ def _faulty_iteration(self, est, emit):
     return _iteration(self, est, emit)
 
 
-engine.ServeEngine._iteration = _faulty_iteration
+engine.EngineCore._iteration = _faulty_iteration
 sys.exit(main())

@@ -110,7 +110,7 @@ CASES = [
     # -- requests against the model ------------------------------------------------------------
     Case("outside_vocab", "prompt 'b' has token ids [512, 600] outside the vocabulary [0, 512)",
          lines=(GOOD[0], '{"id": "b", "token_ids": [1, 512, 600]}')),
-    Case("too_long", "prompt 'a' has 3 tokens; with max_new_tokens=70000 the context (70003) "
+    Case("too_long", "prompt 'a' has 3 tokens; with --max-new-tokens=70000 the context (70003) "
          "exceeds the model's max_seq_len=65536", args=("--max-new-tokens", "70000")),
     Case("chat_too_long", "prompt 'c' has 30000 tokens after up to 40004 tokens of earlier turns",
          lines=(_turns([1] * 40000, [2] * 30000),)),

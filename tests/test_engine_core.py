@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cp_infer.engine import KVCache, Scheduler, StepBatch, StorePlan
+from cp_infer.engine import KVCache, Scheduler, SequenceState, StepBatch, StorePlan
 from cp_infer.engine.kv_cache import MAX_SEGMENTS, MIN_SEGMENT
 from cp_infer.sharding import ShardLayout
 
@@ -139,9 +139,16 @@ def test_prefill_plans_store_every_real_token_exactly_once(cp):
     assert sorted(j for r in range(cp) for j, _ in batch.last_tokens(r)) == [0, 1, 2]
 
 
+def _turns(sched, states, prompts, max_new, eos_ids=()):
+    """Admit one turn of every sequence (the engine core's admission)."""
+    for state, p in zip(states, prompts, strict=True):
+        sched.admit(state, p, max_new, eos_ids)  # new: the uncached tail, then p
+
+
 def test_scheduler_turns_reserve_what_is_stored_and_place_decode_round_robin():
     cp = 2
-    sched = Scheduler(cp=cp, vocab_size=50, max_seq_len=100, device=CPU)
+    sched = Scheduler(cp=cp, device=CPU)
+    states = [SequenceState(seq=j) for j in range(2)]
     caches = [_cache(layers=(0,)) for _ in range(cp)]
 
     def run(batch):
@@ -152,17 +159,20 @@ def test_scheduler_turns_reserve_what_is_stored_and_place_decode_round_robin():
 
     for prompts in [[[1, 2, 3], [4] * 9], [[5], [6, 7]]]:
         before = [[c.tokens(j) for j in range(2)] for c in caches]
-        sched.add_turn(prompts, max_new=4, eos_ids={49})
-        batch = sched.prefill_batch("pass-kv")
-        assert batch.starts == tuple(s.cached for s in sched.seqs)
+        _turns(sched, states, prompts, max_new=4, eos_ids={49})
+        batch = sched.prefill_batch("pass-kv", take={0: 100, 1: 100})
+        assert batch.starts == tuple(s.cached for s in states)
         run(batch)
-        sched.record(batch, [10, 49])  # sequence 1 hits EOS at once
-        while not sched.turn_done:
+        assert sched.prefilled(batch) == [0, 1]
+        sched.record_rows(batch, {0: 10, 1: 49})  # sequence 1 hits EOS at once
+        while sched.decoding:
             step = sched.decode_batch()
-            assert step.owners[1] == -1  # finished: rides along, not stored
+            assert step.seqs == (0,)  # finished: not in the batch
             run(step)
-            sched.record(step, [11, 12])
-        assert sched.finish_turn() == [[10, 11, 11, 11], [49]]
+            sched.record_rows(step, {0: 11})
+        assert [s.out for s in states] == [[10, 11, 11, 11], [49]]
+        for s in states:
+            sched.retire(s.seq)
         added = [
             [c.tokens(j) - b for j, b in enumerate(row)]
             for c, row in zip(caches, before, strict=True)
@@ -173,32 +183,34 @@ def test_scheduler_turns_reserve_what_is_stored_and_place_decode_round_robin():
             # sequence 1 stopped at once: only its prefill shard
             assert added[r][1] == batch.layout.valid_kv_len(1, r) <= batch.reserve[r][1]
         total = [sum(c.tokens(j) for c in caches) for j in range(2)]
-        assert total == [s.cached for s in sched.seqs]
+        assert total == [s.cached for s in states]
         # every cached position once, over the ranks
         for j in range(2):
             assert sorted(p for c in caches for p in c.positions(j)) == list(range(total[j]))
-    assert sched.seqs[0].history == [1, 2, 3, 10, 11, 11, 11, 5, 10, 11, 11, 11]
-    with pytest.raises(ValueError, match="one new prompt per sequence"):
-        sched.add_turn([[1]], max_new=2)
+    assert states[0].history == [1, 2, 3, 10, 11, 11, 11, 5, 10, 11, 11, 11]
+    sched.admit(states[0], [1], 2)
+    with pytest.raises(ValueError, match="already scheduled"):
+        sched.admit(states[0], [1], 2)
 
 
 def test_chunked_prefill_fills_the_first_chunks_reservation_in_one_segment():
     cp = 2
-    sched = Scheduler(cp=cp, vocab_size=50, max_seq_len=200, device=CPU)
+    sched = Scheduler(cp=cp, device=CPU)
     caches = [_cache(layers=(0,)) for _ in range(cp)]
-    sched.add_turn([list(range(1, 30)), [5, 6, 7]], max_new=3)
+    states = [SequenceState(seq=j) for j in range(2)]
+    _turns(sched, states, [list(range(1, 30)), [5, 6, 7]], max_new=3)
     steps, finished = 0, []
-    while sched.prefill_pending:
-        batch = sched.prefill_batch("pass-kv", chunk=8)
+    while any(s.prefilled < len(s.new) for s in states):
+        batch = sched.prefill_batch("pass-kv", take={0: 8, 1: 8})
         assert all(len(t) <= 8 for t in batch.tokens)
         for r in range(cp):
             caches[r].plan(batch.store_plans(r))
             n = len(batch.local_tokens(r))
             caches[r].store(0, _kv(n), _kv(n))
             caches[r].commit()
-        finished += sched.prefilled(batch)
+        finished += [batch.seqs[row] for row in sched.prefilled(batch)]
         steps += 1
-    assert steps == 4 and sorted(j for j, _ in finished) == [0, 1]  # 29 tokens: 8+8+8+5
+    assert steps == 4 and sorted(finished) == [0, 1]  # 29 tokens: 8+8+8+5
     for j, n in enumerate([29, 3]):
         assert sorted(p for c in caches for p in c.positions(j)) == list(range(n))
         assert all(len(c.segment_lens(j)) <= 1 for c in caches)  # the reservation held them all

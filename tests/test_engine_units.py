@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cp_infer.engine import SamplingConfig, decode_owner, sample
-from cp_infer.engine.generate import check_prompts
+from cp_infer.engine.core import check_request
 from cp_infer.engine.kv_cache import decode_tokens_owned
 from cp_infer.models import PRESETS, ModelConfig, get_preset, unsupported_hf_fields
 from cp_infer.models.rope import inv_frequencies
@@ -67,15 +67,19 @@ def test_sampling_config_validates(kwargs, match):
         SamplingConfig(**kwargs)
 
 
-def test_check_prompts_errors_name_the_fix():
-    with pytest.raises(ValueError, match="empty"):
-        check_prompts([[1], []], 10, 4, 100)
+def test_check_request_errors_name_the_fix_in_the_doors_words():
+    kw = dict(vocab_size=10, max_seq_len=100)
+    with pytest.raises(ValueError, match="prompt 'a' is empty"):
+        check_request([], 4, name="prompt 'a'", **kw)
     with pytest.raises(ValueError, match="outside"):
-        check_prompts([[1, 99]], 10, 4, 100)
+        check_request([1, 99], 4, **kw)
     with pytest.raises(ValueError, match="lower --max-new-tokens"):
-        check_prompts([[1] * 98], 10, 4, 100)
-    with pytest.raises(ValueError, match="no prompts"):
-        check_prompts([], 10, 4, 100)
+        check_request([1] * 98, 4, budget="--max-new-tokens", **kw)
+    with pytest.raises(
+        ValueError, match=r"after up to 90 tokens of earlier turns.*lower max_tokens"
+    ):
+        check_request([1] * 8, 4, earlier=90, **kw)
+    check_request([1] * 96, 4, **kw)  # exactly the context: fine
 
 
 def test_presets_and_configs():

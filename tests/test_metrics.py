@@ -7,7 +7,7 @@ import logging
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cp_infer.serving.engine import Step
+from cp_infer.engine.core import Step
 from cp_infer.serving.metrics import LOG_EVERY_S, ServerMetrics
 
 
@@ -138,7 +138,7 @@ def test_the_log_line_reports_throughput_since_the_last_one(metrics, clock, capl
 
 
 def test_the_chunk_sizing_estimates_are_read_at_each_scrape(metrics):
-    from cp_infer.serving.chunking import Estimates
+    from cp_infer.engine.chunking import Estimates
 
     now = {"est": Estimates()}
     metrics.watch_chunking(lambda: now["est"], target_s=0.1)
@@ -155,8 +155,8 @@ def test_the_chunk_sizing_estimates_are_read_at_each_scrape(metrics):
 
 
 def test_the_prefix_cache_keeps_its_token_count_as_entries_come_and_go():
+    from cp_infer.engine.core import PrefixCache
     from cp_infer.engine.scheduler import SequenceState
-    from cp_infer.serving.engine import PrefixCache
 
     def seq(i, n):
         return SequenceState(seq=i, history=list(range(n)))  # all n cached

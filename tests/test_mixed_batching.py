@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cp_infer.serving.chunking import ChunkTimer, Estimates, StepCosts, choose_chunk
+from cp_infer.engine.chunking import ChunkTimer, Estimates, StepCosts, choose_chunk
 
 TIMEOUT = 180
 LONG = tuple((7 * j) % 500 + 1 for j in range(230))
@@ -19,7 +19,7 @@ SHORTS = ((1, 2, 3, 4), (5, 6, 7))
 def _run(engine, requests) -> dict:
     """The first two requests start decoding, then the third arrives; run until all are done.
     Returns their outcomes by rid."""
-    from cp_infer.serving.engine import Orders
+    from cp_infer.engine.core import Orders
 
     fixed = Estimates(decode_s=0.0, scale=1.0, largest=10_000)  # rank 0's timings, made exact
     outcomes = {}
@@ -37,9 +37,9 @@ def _run(engine, requests) -> dict:
 def _mixed_rank(layout: dict, slo_s: float | None, fuse: bool = True, preset: str = "tiny-llama"):
     from cp_infer.checkpoint import RandomSource, load_weights
     from cp_infer.engine import ModelRunner, SamplingConfig, generate
+    from cp_infer.engine.core import EngineCore, Request
     from cp_infer.models import get_preset
     from cp_infer.parallel import parallelize
-    from cp_infer.serving.engine import Request, ServeEngine
     from parallel_state import parallel_groups
 
     cfg = get_preset(preset)
@@ -49,7 +49,7 @@ def _mixed_rank(layout: dict, slo_s: float | None, fuse: bool = True, preset: st
         runner = ModelRunner(model, pg)
         # 1 ms per new token, attention free: a 50 ms target leaves room for 50-token chunks
         costs = StepCosts(per_token_s=1e-3, per_pair_s=0.0)
-        engine = ServeEngine(runner, max_cache_tokens=4096, tbt_slo_s=slo_s, costs=costs,
+        engine = EngineCore(runner, max_cache_tokens=4096, tbt_slo_s=slo_s, costs=costs,
                              fuse=fuse)  # fmt: skip
         steps, first_logits, fused = [], {}, []
         step, step_mixed = runner.step, runner.step_mixed
@@ -61,20 +61,20 @@ def _mixed_rank(layout: dict, slo_s: float | None, fuse: bool = True, preset: st
                     first_logits[seq] = logits[row].clone()  # the last chunk's is the turn's
 
         def spy(batch, **kw):
-            logits = step(batch, **kw)
-            seen(batch, logits)
-            return logits
+            out = step(batch, **kw)
+            seen(batch, out.logits)
+            return out
 
         def spy_mixed(prefill, decode, **kw):
             runner.step = step  # a fallback to two passes is not counted twice
             try:
-                logits, decode_logits = step_mixed(prefill, decode, **kw)
+                out = step_mixed(prefill, decode, **kw)
             finally:
                 runner.step = spy
-            seen(decode, decode_logits)
-            seen(prefill, logits)
+            seen(decode, out.decode_logits)
+            seen(prefill, out.logits)
             fused.append(prefill.n_tokens)
-            return logits, decode_logits
+            return out
 
         runner.step, runner.step_mixed = spy, spy_mixed
         sampling = [SamplingConfig(max_new_tokens=n) for n in (30, 30, 4)]
@@ -138,16 +138,16 @@ def _logprobs_rank(layout: dict):
     alternatives, prefills: every request's logprobs, as the engine records them."""
     from cp_infer.checkpoint import RandomSource, load_weights
     from cp_infer.engine import ModelRunner, SamplingConfig
+    from cp_infer.engine.core import EngineCore, Request
     from cp_infer.models import get_preset
     from cp_infer.parallel import parallelize
-    from cp_infer.serving.engine import Request, ServeEngine
     from parallel_state import parallel_groups
 
     cfg = get_preset("tiny-llama")
     with parallel_groups(**layout, timeout_s=60) as pg:
         model = parallelize(cfg, pg, torch.float32)
         load_weights(model, RandomSource(0, cfg))
-        engine = ServeEngine(ModelRunner(model, pg), max_cache_tokens=4096, tbt_slo_s=0.05,
+        engine = EngineCore(ModelRunner(model, pg), max_cache_tokens=4096, tbt_slo_s=0.05,
                              costs=StepCosts(per_token_s=1e-3, per_pair_s=0.0))  # fmt: skip
         requests = [
             Request(0, SHORTS[0], SamplingConfig(max_new_tokens=6), top_logprobs=2),

@@ -186,8 +186,9 @@ def _conversation_rank(path, sizes, variants):
                 variant=variant, conversation=conv,
             )  # fmt: skip
             turns.append((result.tokens, result.first_logits, result.prefill_variant))
-        cache = conv.runner.cache
-        cached = [cache.positions(s.seq) for s in conv.scheduler.seqs]
+        engine = conv.engine  # each chat's sequence is retained in its cache for the next turn
+        by_history = {tuple(s.history): s.seq for s in engine.retained.entries.values()}
+        cached = [engine.runner.cache.positions(by_history[tuple(h)]) for h in conv.history]
     return turns, conv.history, cached
 
 

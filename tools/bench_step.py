@@ -11,7 +11,7 @@ thread each, the three kinds of step the server runs:
 - ``mixed``: both in one pass (``ModelRunner.step_mixed``).
 
 Each is the median of ``--steps`` steps (each the slowest rank's). ``flops_ms`` is what the
-FLOPs predict (``cp_infer.serving.chunking.StepCosts``, from ``--hardware``'s calibrated
+FLOPs predict (``cp_infer.engine.chunking.StepCosts``, from ``--hardware``'s calibrated
 profile, else the built-in CPU one); ``fixed_ms`` is the rest.
 
 Example (the figures in docs/performance.md)::
@@ -35,11 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cp_infer.checkpoint import RandomSource, load_weights
 from cp_infer.engine import ModelRunner
+from cp_infer.engine.chunking import StepCosts
 from cp_infer.engine.scheduler import Scheduler, SequenceState
 from cp_infer.models import get_preset
 from cp_infer.parallel import parallelize
 from cp_infer.reporting import format_table, time_on_all_ranks, write_json
-from cp_infer.serving.chunking import StepCosts
 from cp_infer.testing import DistributedPool
 from parallel_state import parallel_groups
 
@@ -59,22 +59,22 @@ def bench_rank(preset, cached, chunks, decodes, steps, hardware) -> list[dict]:
         load_weights(model, RandomSource(0, cfg))
         runner = ModelRunner(model, pg)
         costs = StepCosts.from_hardware(cfg, hardware or runner.hardware, cp=pg.cp, tp=pg.tp)
-        sched = Scheduler(cp=pg.cp, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len,
-                          device=runner.device)  # fmt: skip
+        sched = Scheduler(cp=pg.cp, device=runner.device)
 
         def variant(new, cached_tokens):
             return runner.resolve_variant("auto", new, cached_tokens)
 
         def prefill(take):
             batch = sched.prefill_batch(variant, take=take)
-            logits = runner.step(batch)
+            logits = runner.step(batch).logits
             done = sched.prefilled(batch)
-            sched.record_rows(batch, {seq: int(logits[row].argmax()) for seq, row in done})
+            sched.record_rows(batch, {batch.seqs[row]: int(logits[row].argmax()) for row in done})
 
         def decode_batch():
-            return sched.decode_batch(active_only=True)
+            return sched.decode_batch()
 
-        def record(batch, logits):
+        def record(batch, out):
+            logits = out.logits if out.decode_logits is None else out.decode_logits
             sched.record_rows(batch, dict(zip(batch.seqs, logits.argmax(-1).tolist(),
                                               strict=True)))  # fmt: skip
 
@@ -104,10 +104,10 @@ def bench_rank(preset, cached, chunks, decodes, steps, hardware) -> list[dict]:
                 times["prefill"].append(_timed(runner.step, batch)[0])
                 sched.prefilled(batch)  # a chunk short of the end: no token
                 batch, dec = sched.prefill_batch(variant, take={long.seq: chunk}), decode_batch()
-                seconds, (_, logits) = _timed(runner.step_mixed, batch, dec)
+                seconds, out = _timed(runner.step_mixed, batch, dec)
                 times["mixed"].append(seconds)
                 sched.prefilled(batch)
-                record(dec, logits)
+                record(dec, out)
             context_now = context + decodes * 2 * steps * n  # the decodes' tokens grew too
             at = cached + steps * chunk  # the long sequence's cache, mid-run
             predicted = {

@@ -38,8 +38,7 @@ class StepBatch:
         variant: prefill only: the ring variant (``"pass-kv"`` or ``"pass-q"``).
         reserve: prefill only: (cp, B) tokens each CP rank will store for each sequence by
             the end of this turn (its shard and its decode tokens), reserved at once.
-        owners: decode only: the CP rank that stores each sequence's token, -1 for none
-            (a finished sequence that rides along in the batch).
+        owners: decode only: the CP rank that stores each sequence's token (round robin).
     """
 
     kind: Literal["prefill", "decode"]

@@ -1,30 +1,33 @@
-"""Generation under TP x CP x PP x EP: a thin client of the scheduler and the model runner.
+"""Offline generation under TP x CP x PP x EP: the engine core with its requests submitted up
+front.
 
-Each turn: the scheduler builds the prefill batch (every sequence's new tokens, sharded
-load-balanced over the CP ranks, ring attention over the cached prefix), the runner runs it and
-returns the last stage's logits, the sampled tokens go to every stage, and decode steps follow
-(one token per sequence on every CP rank, KV-cache-parallel attention) until every sequence has
-hit EOS or its budget. :class:`Conversation` keeps the scheduler and the runner (with its KV
-cache) between turns, so a later turn prefills only its new tokens (persistent-KV prefill).
+Every prompt is one request to :class:`~cp_infer.engine.core.EngineCore` (the same core the
+server drives): its new tokens are prefilled load-balanced over the CP ranks (ring attention
+over whatever its sequence has cached), then it decodes with the others (one token per sequence
+on every CP rank, KV-cache-parallel attention) until EOS or its budget. :class:`Conversation`
+keeps the engine between calls: a chat's next turn is a request for its whole history, and the
+engine's prefix matching finds that history in the cache, so only the new turn is prefilled
+(persistent-KV prefill, paper §3.3).
 """
 
 from __future__ import annotations
 
-import time
+import itertools
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from cp_infer.attention import VARIANTS
 from cp_infer.attention.selector import Hardware
+from cp_infer.engine.core import EngineCore, Request, check_request
 from cp_infer.engine.runner import ModelRunner
-from cp_infer.engine.sampling import SamplingConfig, sample_rows
-from cp_infer.engine.scheduler import Scheduler, check_prompts
+from cp_infer.engine.sampling import SamplingConfig
 from cp_infer.models.llama import Transformer
 from parallel_state import ParallelGroups
 
-__all__ = ["Conversation", "GenerationResult", "check_prompts", "generate"]
+__all__ = ["Conversation", "GenerationResult", "generate"]
 
 
 @dataclass
@@ -35,10 +38,10 @@ class GenerationResult:
         tokens: generated ids per prompt.
         first_logits: (B, V) float32 logits of the first generated position (last PP stage
             only; None elsewhere).
-        ttft_s: time to first token on this rank (prefill + first sampling).
+        ttft_s: time to first token on this rank: until every prompt had its first token.
         decode_step_s: wall time of every decode step on this rank (TTIT samples).
         prefill_variant: the ring variant the prefill used (chosen by Alg. 1 for "auto";
-            the most used one over the chunks of a chunked prefill).
+            the most used one over the steps of a chunked prefill).
         prefill_tokens: new tokens the prefill computed (all sequences).
         logprobs: with ``logprobs=N``, each generated token's log-probability (under the
             model's distribution, before temperature and top-p), per prompt.
@@ -58,26 +61,17 @@ class GenerationResult:
 
 @dataclass
 class Conversation:
-    """What a batch of chats keeps between turns: the scheduler's sequences and the runner
-    (whose KV cache holds this rank's share of every token so far).
+    """What a batch of chats keeps between turns: the engine (whose KV cache holds this rank's
+    share of every token so far) and each chat's tokens.
 
     Pass the same object to :func:`generate` turn after turn (on every rank); each turn's
-    prompts are appended to the history and prefilled over the cached prefix (persistent-KV
-    prefill, paper §3.3), so earlier turns are never recomputed.
+    prompts are appended to the histories, and the engine finds those histories cached, so
+    earlier turns are never recomputed.
     """
 
-    scheduler: Scheduler | None = None
-    runner: ModelRunner | None = None
-
-    @property
-    def history(self) -> list[list[int]]:
-        """Every sequence's tokens so far (prompts and generations)."""
-        return [s.history for s in self.scheduler.seqs] if self.scheduler else []
-
-    @property
-    def cached_lens(self) -> list[int]:
-        """Tokens of each sequence in the cache, over all CP ranks."""
-        return [s.cached for s in self.scheduler.seqs] if self.scheduler else []
+    engine: EngineCore | None = None
+    history: list[list[int]] = field(default_factory=list)
+    _ids: itertools.count = field(default_factory=itertools.count, repr=False)
 
 
 @torch.no_grad()
@@ -98,6 +92,7 @@ def generate(
     prefill_chunk: int | None = None,
     logprobs: int | None = None,
     seeds: Sequence[int] | None = None,
+    names: Sequence[str] | None = None,
 ) -> GenerationResult:
     """Generate up to ``sampling.max_new_tokens`` tokens for every prompt.
 
@@ -126,79 +121,51 @@ def generate(
             most likely tokens at its position (:attr:`GenerationResult.logprobs`).
         seeds: each prompt's sampling seed (default: ``sampling.seed`` for all). Every prompt
             samples from a generator of its own: its tokens do not depend on the batch.
+        names: the prompts' names in error messages (a JSONL line's ``id``, say).
     """
     if variant not in (*VARIANTS, "auto"):
         raise ValueError(f"unknown variant {variant!r}; choose one of {[*VARIANTS, 'auto']}")
     conv = conversation if conversation is not None else Conversation()
-    if conv.runner is None:
-        conv.runner = ModelRunner(
-            model,
-            pg,
-            kernel=kernel,
-            exchange=exchange,
-            hardware=hardware,
-            timeout_s=timeout_s,
-            kv_dtype=kv_dtype,
+    history = conv.history or [[] for _ in prompts]
+    if len(history) != len(prompts):
+        raise ValueError(
+            f"the conversation has {len(history)} sequences but {len(prompts)} prompts were "
+            "given; pass one new prompt per sequence"
         )
-        conv.scheduler = Scheduler(
-            cp=pg.cp, vocab_size=model.cfg.vocab_size, max_seq_len=model.cfg.max_seq_len,
-            device=conv.runner.device,
-        )  # fmt: skip
-    runner, sched = conv.runner, conv.scheduler
-    sched.add_turn(prompts, sampling.max_new_tokens, sampling.eos_ids)
+    if not prompts:
+        raise ValueError("no prompts given: the input file is empty")
     seeds = list(seeds) if seeds is not None else [sampling.seed] * len(prompts)
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one per prompt")
-    generators = [torch.Generator(device=runner.device).manual_seed(s) for s in seeds]
-
-    b, k = len(prompts), logprobs or 0
-    lps: list[list[float]] = [[] for _ in prompts]
-    tops: list[list[list[tuple[int, float]]]] = [[] for _ in prompts]
-
-    def record(batch, logits) -> None:
-        """Sample from the last stage's logits, share along the pipeline, record."""
-        tokens = None
-        if logits is not None:  # each row by its own generator, all rows in one pass
-            tokens = sample_rows(logits, [sampling] * b, generators,
-                                 [len(s.out) for s in sched.seqs])  # fmt: skip
-        if logprobs is not None:
-            chosen, alts = runner.share_logprobs(logits, tokens, k, b)
-        before = [len(s.out) for s in sched.seqs]
-        sched.record(batch, runner.share(tokens, (b,), torch.long).tolist())
-        if logprobs is not None:  # the sequences that took a token (not the finished ones)
-            for j, s in enumerate(sched.seqs):
-                if len(s.out) > before[j]:
-                    lps[j].append(chosen[j])
-                    tops[j].append(alts[j])
-
-    t_start = time.perf_counter()
-    n_new, variants = sched.new_tokens, []
-    rows: list[torch.Tensor | None] = [None] * len(prompts)
-    while sched.prefill_pending:  # one step, or one per chunk (chunked prefill)
-        batch = sched.prefill_batch(
-            lambda new, cached: runner.resolve_variant(variant, new, cached), chunk=prefill_chunk
-        )
-        variants.append(batch.variant)
-        logits = runner.step(batch, progress=progress)
-        for j, row in sched.prefilled(batch):  # these sequences' last prompt token was here
-            if logits is not None:
-                rows[j] = logits[row]
-    first_logits = torch.stack(rows) if rows[0] is not None else None
-    record(batch, first_logits)
-    ttft = time.perf_counter() - t_start
-    step_times: list[float] = []
-    while not sched.turn_done:
-        t_step = time.perf_counter()
-        step = sched.decode_batch()
-        record(step, runner.step(step))
-        step_times.append(time.perf_counter() - t_step)
+    names = [f"prompt {n!r}" for n in (names if names is not None else range(len(prompts)))]
+    for p, h, name in zip(prompts, history, names, strict=True):
+        check_request(p, sampling.max_new_tokens, vocab_size=model.cfg.vocab_size,
+                      max_seq_len=model.cfg.max_seq_len, earlier=len(h), name=name,
+                      budget="max_new_tokens")  # fmt: skip
+    if conv.engine is None:
+        runner = ModelRunner(
+            model, pg, kernel=kernel, exchange=exchange, hardware=hardware, timeout_s=timeout_s,
+            kv_dtype=kv_dtype,
+        )  # fmt: skip
+        conv.engine = EngineCore(runner, max_cache_tokens=None, max_batch=len(prompts))
+    engine = conv.engine
+    engine.variant, engine.prefill_chunk, engine.progress = variant, prefill_chunk, progress
+    requests = [
+        Request(next(conv._ids), tuple(h + list(p)), replace(sampling, seed=seed),
+                top_logprobs=logprobs, first_logits=True)
+        for p, h, seed in zip(prompts, history, seeds, strict=True)
+    ]  # fmt: skip
+    outcomes, steps = engine.run(requests)
+    conv.history = [list(r.tokens) + o.tokens for r, o in zip(requests, outcomes, strict=True)]
+    prefills = [s for s in steps if s.kind != "decode"]
+    first = [o.first_logits for o in outcomes]
     return GenerationResult(
-        tokens=sched.finish_turn(),
-        first_logits=first_logits,
-        ttft_s=ttft,
-        decode_step_s=step_times,
-        prefill_variant=max(set(variants), key=variants.count),
-        prefill_tokens=n_new,
-        logprobs=lps if logprobs is not None else None,
-        top_logprobs=tops if logprobs is not None else None,
+        tokens=[o.tokens for o in outcomes],
+        first_logits=torch.stack(first) if all(f is not None for f in first) else None,
+        ttft_s=max(o.ttft_s or 0.0 for o in outcomes),
+        decode_step_s=[s.seconds for s in steps if s.kind == "decode"],
+        prefill_variant=Counter(s.variant for s in prefills).most_common(1)[0][0],
+        prefill_tokens=sum(s.prefill_tokens for s in prefills),
+        logprobs=[o.logprobs for o in outcomes] if logprobs is not None else None,
+        top_logprobs=[o.top_logprobs for o in outcomes] if logprobs is not None else None,
     )

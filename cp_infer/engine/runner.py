@@ -8,14 +8,14 @@ Sampling is the caller's; :meth:`ModelRunner.share_tokens` hands the sampled tok
 stage so that all ranks feed the same next step::
 
     runner = ModelRunner(model, pg)
-    logits = runner.step(batch)                    # (B, V) on the last stage, else None
-    tokens = runner.share_tokens(sample(logits) if logits is not None else None, batch)
+    out = runner.step(batch)                       # out.logits: (B, V) on the last stage
+    tokens = runner.share_tokens(sample(out.logits) if out.logits is not None else None, batch)
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -34,9 +34,29 @@ from cp_infer.parallel.pipeline import recv_activation, send_activation
 from cp_infer.sharding import unshard
 from parallel_state import ParallelGroups
 
-__all__ = ["ModelRunner"]
+__all__ = ["ModelRunner", "StepOutput"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    """What one step produced on this rank (everything is None off the last pipeline stage).
+
+    Attributes:
+        logits: (B, V) float32 logits of each sequence's next token (a mixed step: of its
+            prefill's sequences).
+        decode_logits: a mixed step's decode rows (:meth:`ModelRunner.step_mixed`).
+        prompt_logprobs: with ``prompt_logprobs``, per sequence, each new token's
+            log-probability given those before it.
+        prompt_top_logprobs: with ``prompt_top``, per sequence and position, the (id,
+            log-probability) of the most likely tokens.
+    """
+
+    logits: torch.Tensor | None = field(default=None, repr=False)
+    decode_logits: torch.Tensor | None = field(default=None, repr=False)
+    prompt_logprobs: list[list[float]] | None = None
+    prompt_top_logprobs: list[list[list[tuple[int, float]]]] | None = None
 
 
 class ModelRunner:
@@ -78,9 +98,6 @@ class ModelRunner:
         self.exchange_kind, self.timeout_s = exchange, timeout_s
         self._exchange: Exchange | None = None
         self._exchange_bytes = 0
-        self.prompt_logprobs: list[list[float]] | None = None
-        # with prompt_top > 0: per sequence and position, the (id, logprob) most likely
-        self.prompt_top_logprobs: list[list[list[tuple[int, float]]]] | None = None
 
     # -- choices ----------------------------------------------------------------------------
     def resolve_variant(self, variant: str, new: int, cached: int) -> str:
@@ -122,15 +139,15 @@ class ModelRunner:
     def step(
         self, batch: StepBatch, *, progress: bool = False, prompt_logprobs: bool = False,
         prompt_top: int = 0,
-    ) -> torch.Tensor | None:  # fmt: skip
+    ) -> StepOutput:  # fmt: skip
         """Run ``batch`` through this rank's stage; (B, V) float32 logits on the last stage.
 
         Args:
             progress: show a per-layer progress bar on a prefill that takes over a second.
-            prompt_logprobs: a prefill also leaves, in :attr:`prompt_logprobs` on the last
-                stage, every new token's log-probability given those before it.
+            prompt_logprobs: a prefill also returns, on the last stage, every new token's
+                log-probability given those before it.
             prompt_top: with ``prompt_logprobs``, also the ``prompt_top`` most likely tokens
-                at each position, in :attr:`prompt_top_logprobs`.
+                at each position.
         """
         pg = self.pg
         self.cache.plan(batch.store_plans(pg.cp_rank))
@@ -168,23 +185,25 @@ class ModelRunner:
             raise
         self.cache.commit()
         if h is None:
-            return None
+            return StepOutput()
+        out = StepOutput()
         if batch.kind == "prefill":
             if prompt_logprobs:
-                self._prompt_logprobs(h, batch, prompt_top)
+                out = self._prompt_logprobs(h, batch, prompt_top)
             h = self._last_token_hidden(h, batch)
-        return self.model.logits(h)
+        out.logits = self.model.logits(h)
+        return out
 
     @torch.no_grad()
     def step_mixed(
         self, prefill: StepBatch, decode: StepBatch, *, prompt_logprobs: bool = False,
         prompt_top: int = 0,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    ) -> StepOutput:  # fmt: skip
         """A prefill batch and a decode batch (other sequences) in one forward pass: the layers'
         GEMMs run once over both, attention is each batch's own (the ring, KVP).
 
         Returns:
-            (prefill logits, decode logits) on the last stage, as :meth:`step` gives them.
+            the prefill's output, with the decode rows' logits in ``decode_logits``.
         """
         assert prefill.kind == "prefill" and decode.kind == "decode"
         assert not set(prefill.seqs) & set(decode.seqs), "a sequence is in one of the two"
@@ -192,10 +211,9 @@ class ModelRunner:
         if self.cfg.is_moe and pg.ep > 1 and pg.cp > 1:
             # decode routes each token from one CP rank only (TokenSplit), prefill from its
             # shard's: two passes
-            return (
-                self.step(prefill, prompt_logprobs=prompt_logprobs, prompt_top=prompt_top),
-                self.step(decode),
-            )
+            out = self.step(prefill, prompt_logprobs=prompt_logprobs, prompt_top=prompt_top)
+            out.decode_logits = self.step(decode).logits
+            return out
         split = prefill.layout.t_local
         plans = prefill.store_plans(pg.cp_rank) + [
             replace(p, start=p.start + split) for p in decode.store_plans(pg.cp_rank)
@@ -225,20 +243,20 @@ class ModelRunner:
             raise
         self.cache.commit()
         if h is None:
-            return None, None
-        if prompt_logprobs:
-            self._prompt_logprobs(h[:split], prefill, prompt_top)
+            return StepOutput()
+        out = self._prompt_logprobs(h[:split], prefill, prompt_top) if prompt_logprobs else None
+        out = out or StepOutput()
         last = self._last_token_hidden(h[:split], prefill)
         # one LM head pass over both: its weight is read once (it can be the largest GEMM of a
         # step of a few rows, and CPU GEMMs of a few rows read their weight once per row)
         logits = self.model.logits(torch.cat([last, h[split:]]))
-        return logits[: prefill.n_seqs], logits[prefill.n_seqs :]
+        out.logits, out.decode_logits = logits[: prefill.n_seqs], logits[prefill.n_seqs :]
+        return out
 
-    def _prompt_logprobs(self, h: torch.Tensor, batch: StepBatch, top: int = 0) -> None:
+    def _prompt_logprobs(self, h: torch.Tensor, batch: StepBatch, top: int = 0) -> StepOutput:
         """Per sequence, the log-probability of each new token after the first, given the
-        ones before it (Megatron's ``logprobs``), into :attr:`prompt_logprobs` on every rank of
-        the last stage; with ``top``, the ``top`` most likely tokens at each of those positions
-        into :attr:`prompt_top_logprobs`."""
+        ones before it (Megatron's ``logprobs``), on every rank of the last stage; with
+        ``top``, the ``top`` most likely tokens at each of those positions."""
         pg = self.pg
         flat = torch.tensor([t for seq in batch.tokens for t in seq], dtype=torch.long)
         index = batch.layout.gather_index(pg.cp_rank)  # packed index of each local token
@@ -257,15 +275,15 @@ class ModelRunner:
         mine[~has_next] = float("nan")
         per_seq = list(zip(batch.layout.seq_offsets, batch.layout.seq_offsets[1:], strict=False))
         packed = self._gather_tokens(mine, batch)
-        self.prompt_logprobs = [packed[a : b - 1].tolist() for a, b in per_seq]
-        self.prompt_top_logprobs = None
+        out = StepOutput(prompt_logprobs=[packed[a : b - 1].tolist() for a, b in per_seq])
         if top:
             lp, ids = self._gather_tokens(top_lp, batch), self._gather_tokens(top_id, batch)
-            self.prompt_top_logprobs = [
+            out.prompt_top_logprobs = [
                 [list(zip(i, v, strict=True)) for i, v in zip(ids[a : b - 1].tolist(),
                                                               lp[a : b - 1].tolist(), strict=True)]
                 for a, b in per_seq
             ]  # fmt: skip
+        return out
 
     def _gather_tokens(self, mine: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """Per-token values of this CP rank's shard -> the whole packed batch's, on the CPU."""

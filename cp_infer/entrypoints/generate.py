@@ -33,7 +33,7 @@ from cp_infer.checkpoint.manifest import verify_manifest
 from cp_infer.collectives import EXCHANGES
 from cp_infer.distributed import RankFailure, clear_failure, on_all_ranks
 from cp_infer.engine import Conversation, GenerationResult, SamplingConfig, generate
-from cp_infer.engine.generate import check_prompts
+from cp_infer.engine.core import check_request
 from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments, ensure_launched
 from cp_infer.models.config import (
     PRESETS,
@@ -329,13 +329,11 @@ def prepare(args, world_size: int, device: torch.device) -> GenerateJob:
         )
     before = [0] * len(turns)
     for k in range(n_turns[0]):  # every turn fits, counting max_new_tokens per earlier turn
-        prompts = [t[k] for t in turns]
-        check_prompts(
-            prompts, cfg.vocab_size, sampling.max_new_tokens, cfg.max_seq_len, before, ids=ids
-        )
-        before = [
-            b + len(p) + sampling.max_new_tokens for b, p in zip(before, prompts, strict=True)
-        ]
+        for j, t in enumerate(turns):
+            check_request(t[k], sampling.max_new_tokens, vocab_size=cfg.vocab_size,
+                          max_seq_len=cfg.max_seq_len, earlier=before[j],
+                          name=f"prompt {ids[j]!r}", budget="--max-new-tokens")  # fmt: skip
+            before[j] += len(t[k]) + sampling.max_new_tokens
     plan = memory_plan(
         args, cfg, context=max(before), batch=len(turns),
         device_bytes=device_memory(args.device_memory, device),
@@ -473,7 +471,7 @@ def run(args, argv: list[str]) -> int:
                     exchange=args.decode_exchange, timeout_s=args.timeout,
                     kv_dtype=args.kv_dtype,
                     prefill_chunk=_prefill_chunk(args, [t[turn] for t in job.turns], pg.pp),
-                    logprobs=args.logprobs,
+                    logprobs=args.logprobs, names=job.ids,
                 )
             )  # fmt: skip
             if writer:

@@ -3,7 +3,7 @@
 Every rank loads its shard of the model. Rank 0 answers HTTP (uvicorn in the main thread) and
 runs the engine loop in a second thread: it admits queued requests as others finish
 (continuous batching) and sends every rank the same orders, and all of them run the iterations
-together (:class:`~cp_infer.serving.engine.ServeLoop`). The other ranks only follow.
+together (:class:`~cp_infer.serving.loop.ServeLoop`). The other ranks only follow.
 
 Stopping (:mod:`cp_infer.serving.lifecycle`): SIGINT or SIGTERM to rank 0 ends the live
 requests (``finish_reason: "abort"``) and tells the other ranks to stop, all within a few
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from cp_infer.distributed import error_message, on_all_ranks, peer_failure
+from cp_infer.distributed import error_message, exit_now, on_all_ranks, peer_failure
 from cp_infer.engine.runner import ModelRunner
 from cp_infer.entrypoints.generate import (
     _model_config,
@@ -126,8 +126,9 @@ def _tokenizer(args):
 
 
 def run(args, argv: list[str]) -> int:
-    from cp_infer.serving.chunking import StepCosts
-    from cp_infer.serving.engine import ServeEngine, ServeLoop
+    from cp_infer.engine.chunking import StepCosts
+    from cp_infer.engine.core import EngineCore
+    from cp_infer.serving.loop import ServeLoop
 
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # else: no launcher to watch
     device = start_ranks(args, argv)
@@ -144,7 +145,7 @@ def run(args, argv: list[str]) -> int:
         costs = None  # a calibrated profile has GEMM and attention FLOP/s; else the runner's
         if Path(args.hardware).is_file():
             costs = StepCosts.from_hardware(cfg, args.hardware, cp=pg.cp, tp=pg.tp)
-        engine = ServeEngine(
+        engine = EngineCore(
             runner, max_cache_tokens=args.max_cache_tokens, max_batch=args.max_batch_size,
             tbt_slo_s=None if args.tbt_slo_ms is None else args.tbt_slo_ms / 1000, costs=costs,
         )  # fmt: skip
@@ -177,7 +178,7 @@ def _memory_check(args, cfg, device):
 
 def _follow(loop, run_id: str, launched: bool) -> int:
     """A rank other than 0: run what rank 0 sends until it says stop."""
-    from cp_infer.serving.lifecycle import Watchdog, exit_now, follower_signals
+    from cp_infer.serving.lifecycle import Watchdog, follower_signals
 
     follower_signals()
     dog = Watchdog(lambda _why: exit_now(1), run_id=run_id, watch_parent=launched).start()
@@ -192,7 +193,7 @@ def _serve(args, loop, tokenizer, cfg, eos_ids, device, run_id: str, launched: b
 
     from cp_infer.serving.api import build_app
     from cp_infer.serving.frontend import Frontend
-    from cp_infer.serving.lifecycle import STOP_GRACE_S, Watchdog, exit_now
+    from cp_infer.serving.lifecycle import STOP_GRACE_S, Watchdog
 
     prometheus_client.disable_created_metrics()  # no `_created` twin of every series
 

@@ -1,6 +1,6 @@
-"""Serving: an HTTP front end on rank 0 (OpenAI's and Megatron's APIs) over an engine that every
-rank runs, batch by batch, reusing the KV cache earlier requests left on the CP ranks."""
+"""Serving: an HTTP front end on rank 0 (OpenAI's and Megatron's APIs) over the engine core that
+every rank runs, batch by batch, reusing the KV cache earlier requests left on the CP ranks."""
 
-from cp_infer.serving.engine import Outcome, PrefixCache, Request, ServeEngine, ServeLoop
+from cp_infer.serving.loop import ServeLoop
 
-__all__ = ["Outcome", "PrefixCache", "Request", "ServeEngine", "ServeLoop"]
+__all__ = ["ServeLoop"]

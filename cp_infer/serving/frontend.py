@@ -22,8 +22,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from cp_infer.engine.core import Outcome, Request, check_request
 from cp_infer.engine.sampling import SamplingConfig
-from cp_infer.serving.engine import Outcome, Request
 from cp_infer.serving.metrics import ServerMetrics
 from cp_infer.serving.text import StopStrings, TextStream
 
@@ -99,28 +99,20 @@ class Frontend:
     # -- the handlers' side ----------------------------------------------------------------------
     def make_request(
         self, tokens: list[int], sampling: SamplingConfig, *, logprobs: bool = False,
-        top_logprobs: int | None = None,
+        top_logprobs: int | None = None, budget: str = "max_tokens",
     ) -> Request:  # fmt: skip
-        if not tokens:
-            raise BadRequest("the prompt is empty; give at least one token", "prompt")
-        bad = [t for t in tokens if not 0 <= t < self.vocab_size]
-        if bad:
-            raise BadRequest(
-                f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})", "prompt"
-            )
-        total = len(tokens) + sampling.max_new_tokens
-        if total > self.max_seq_len:
-            raise BadRequest(
-                f"the prompt has {len(tokens)} tokens; with {sampling.max_new_tokens} new "
-                f"tokens the context ({total}) exceeds the model's {self.max_seq_len}: shorten "
-                "the prompt or ask for fewer tokens",
-                "max_tokens",
-            )
+        """The engine's request, checked against the model (:func:`check_request`) and the
+        memory; ``budget`` is how this API names the token budget."""
+        try:
+            check_request(tokens, sampling.max_new_tokens, vocab_size=self.vocab_size,
+                          max_seq_len=self.max_seq_len, budget=budget)  # fmt: skip
+        except ValueError as e:
+            raise BadRequest(str(e), "prompt" if "exceeds" not in str(e) else budget) from e
         if self.check_memory is not None:
             try:
-                self.check_memory(total)
+                self.check_memory(len(tokens) + sampling.max_new_tokens)
             except ValueError as e:
-                raise BadRequest(str(e), "max_tokens") from e
+                raise BadRequest(str(e), budget) from e
         return Request(next(self._ids), tuple(tokens), sampling, logprobs, top_logprobs)
 
     def submit(self, requests: list[Request]) -> list[Pending]:

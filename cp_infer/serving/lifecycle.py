@@ -24,7 +24,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -32,22 +31,16 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from cp_infer.distributed import exit_now
+
 __all__ = [
-    "BEAT_S", "STOP_GRACE_S", "Watchdog", "exit_now", "follower_signals", "process_running",
+    "BEAT_S", "STOP_GRACE_S", "Watchdog", "follower_signals", "process_running",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 BEAT_S = 0.5  # seconds between heartbeats
 STOP_GRACE_S = 3.0  # a rank told to stop exits by itself after this long
-
-
-def exit_now(code: int) -> None:
-    """Leave the process at once (threads may be blocked in a collective with a dead rank)."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def follower_signals() -> None:

@@ -13,8 +13,8 @@ import asyncio
 
 from fastapi import Request as HttpRequest
 
+from cp_infer.engine.core import Outcome
 from cp_infer.engine.sampling import SamplingConfig
-from cp_infer.serving.engine import Outcome
 from cp_infer.serving.frontend import BadRequest, Frontend, Pending, fresh_seed
 from cp_infer.serving.http_util import failure_response, unless_disconnected
 from cp_infer.serving.openai_api import LOGPROB_FLOOR
@@ -47,7 +47,10 @@ class MegatronServing:
             ([bos] if req.add_BOS else []) + front.encode(p, "prompts", special=False)
             for p in req.prompts
         ]
-        return [front.make_request(t, cfg, logprobs=req.logprobs) for t in prompts]
+        return [
+            front.make_request(t, cfg, logprobs=req.logprobs, budget="tokens_to_generate")
+            for t in prompts
+        ]
 
     async def _finish(self, pending: Pending) -> tuple[list[int], Outcome]:
         tokens = []

@@ -2,7 +2,7 @@
 
 :class:`ServerMetrics` lives on rank 0. The HTTP handlers report requests as they are submitted
 or refused, the engine thread as they are scheduled, get a token and finish, and the engine as
-it runs each step (:class:`~cp_infer.serving.engine.Step`). The names follow vLLM's where they mean the same thing
+it runs each step (:class:`~cp_infer.engine.core.Step`). The names follow vLLM's where they mean the same thing
 (``time_to_first_token_seconds``, ``time_per_output_token_seconds``, ...), prefixed
 ``cp_infer_``, so that dashboards built for one read the other with a new prefix.
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from cp_infer.serving.engine import Step
+from cp_infer.engine.core import Step
 
 __all__ = ["CONTENT_TYPE", "LOG_EVERY_S", "ServerMetrics"]
 
@@ -126,7 +126,7 @@ class ServerMetrics:
 
     def watch_chunking(self, estimates: Callable[[], object], target_s: float | None) -> None:
         """Export what sizes the prefill chunks under ``--tbt-slo-ms``: the target and rank 0's
-        current :class:`~cp_infer.serving.chunking.Estimates` (read at each scrape)."""
+        current :class:`~cp_infer.engine.chunking.Estimates` (read at each scrape)."""
         seconds = self._metric(
             Gauge, "chunking_seconds", "Chunk sizing estimates: the decode step, a prefill "
             "step's and a fused iteration's fixed cost, the overrun margin kept clear of",

@@ -1,30 +1,35 @@
-"""The serving engine: continuous batching of independent requests, run together by every rank,
+"""The engine core: continuous batching of independent requests, run together by every rank,
 with mixed prefill/decode iterations and automatic reuse of the KV cache that earlier requests
-left on the CP ranks.
+left on the CP ranks. Every front door drives this one class: the server (rank 0 leads, the
+other ranks follow: :class:`cp_infer.serving.loop.ServeLoop`), :func:`cp_infer.engine.generate`
+(its requests submitted up front: :meth:`EngineCore.run`), and the benchmarks.
 
-Rank 0 decides what runs (:class:`ServeLoop`): before each *span* of a few iterations it sends
-every rank the same :class:`Orders` (requests to admit, requests whose client left, its timing
-estimates). Every rank then runs the same :meth:`ServeEngine.run_span`, so the bookkeeping
-(which sequences run, which prefix a request reuses, how big a chunk is) is identical
-everywhere without being sent around.
+Before each *span* of a few iterations every rank gets the same :class:`Orders` (requests to
+admit, requests whose client left, timing estimates): from rank 0 when serving, from the caller's
+own identical arguments offline. Every rank then runs the same :meth:`EngineCore.run_span`, so
+the bookkeeping (which sequences run, which prefix a request reuses, how big a chunk is) is
+identical everywhere without being sent around.
 
 An iteration is one decode step of the running requests, then one prefill step of the waiting
-ones (Mnemosyne's mixed batching). Without a TBT target the waiting prompts prefill whole; with
-``tbt_slo_s`` the prefill takes the largest chunk that keeps the iteration, which is the
-running requests' time between tokens, under the target (:mod:`cp_infer.serving.chunking`).
-A request joins the decodes once its prompt is prefilled and leaves when it is done.
+ones (Mnemosyne's mixed batching). Without a TBT target the waiting prompts prefill whole (or in
+``prefill_chunk`` pieces); with ``tbt_slo_s`` the prefill takes the largest chunk that keeps the
+iteration, which is the running requests' time between tokens, under the target
+(:mod:`cp_infer.engine.chunking`). A request joins the decodes once its prompt is prefilled and
+leaves when it is done.
 
 Prefix reuse. A finished request leaves its sequence in the cache (a *retained* sequence),
 least recently used first out once the retained tokens pass ``max_cache_tokens``. A new request
 takes the retained sequence that shares the longest prefix with its tokens, at token
 granularity: the cache is cut at the first differing token (``KVCache.truncate``), and only the
 rest is prefilled, over the kept prefix (persistent-KV prefill, variant by Alg. 1). A request
-whose tokens are all cached recomputes its last one, which yields the first logits.
+whose tokens are all cached recomputes its last one, which yields the first logits. A chat's
+next turn is such a request: its whole history, of which only the new turn is computed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -34,14 +39,22 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from cp_infer.distributed import RankFailure, announce_failure, error_message, on_all_ranks
+from cp_infer.attention import VARIANTS
+from cp_infer.distributed import (
+    RankFailure,
+    announce_failure,
+    error_message,
+    exit_now,
+    on_all_ranks,
+)  # fmt: skip
+from cp_infer.engine.chunking import ChunkTimer, Estimates, StepCosts, choose_chunk
 from cp_infer.engine.runner import ModelRunner
 from cp_infer.engine.sampling import SamplingConfig, sample_rows
 from cp_infer.engine.scheduler import Scheduler, SequenceState
-from cp_infer.serving.chunking import ChunkTimer, Estimates, StepCosts, choose_chunk
-from cp_infer.serving.lifecycle import exit_now
 
-__all__ = ["Orders", "Outcome", "PrefixCache", "Request", "ServeEngine", "ServeLoop", "Step"]
+__all__ = [
+    "EngineCore", "Orders", "Outcome", "PrefixCache", "Request", "Step", "check_request",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +66,35 @@ ALONE_AFTER_S = 15.0
 Done = Callable[[list["Request"], dict[int, "Outcome"]], None]
 # (rid, token, its logprob and alternatives when the request asked for them)
 Emit = Callable[[int, int, "tuple[float, list[tuple[int, float]]] | None"], None]
+
+
+def check_request(
+    tokens: Sequence[int], max_new: int, *, vocab_size: int, max_seq_len: int,
+    earlier: int = 0, name: str = "the prompt", budget: str = "max_tokens",
+) -> None:  # fmt: skip
+    """The one check of a request against the model, before admission: ValueError naming the
+    fix. Pure, so every rank raises alike.
+
+    Args:
+        tokens: the request's new tokens.
+        max_new: its token budget.
+        earlier: tokens the sequence already has from earlier turns (a chat's history).
+        name: how the message names the prompt (``prompt 'a7'`` for a JSONL line).
+        budget: how the door names the token budget (``max_tokens``, ``--max-new-tokens``).
+    """
+    if len(tokens) == 0:
+        raise ValueError(f"{name} is empty: give at least one token")
+    bad = [t for t in tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"{name} has token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+    total = earlier + len(tokens) + max_new
+    if total > max_seq_len:
+        after = f" after up to {earlier} tokens of earlier turns" if earlier else ""
+        raise ValueError(
+            f"{name} has {len(tokens)} tokens{after}; with {budget}={max_new} the context "
+            f"({total}) exceeds the model's max_seq_len={max_seq_len}: shorten the prompt or "
+            f"lower {budget}"
+        )
 
 
 @dataclass(frozen=True)
@@ -68,6 +110,8 @@ class Request:
         top_logprobs: also return the generated tokens' log-probabilities, each position with
             its ``top_logprobs`` most likely tokens (OpenAI's ``logprobs``); with ``logprobs``,
             the prompt's positions too.
+        first_logits: also return the logits of the first generated position
+            (:attr:`Outcome.first_logits`; the CLI's ``--save-logits``, the tests' oracles).
     """
 
     rid: int
@@ -75,6 +119,7 @@ class Request:
     sampling: SamplingConfig
     logprobs: bool = False
     top_logprobs: int | None = None
+    first_logits: bool = False
 
     @property
     def wants_logprobs(self) -> bool:
@@ -93,6 +138,9 @@ class Outcome:
     logprobs: list[float] | None = None  # of tokens[1:] (with logprobs) + generated
     # aligned with logprobs, when top_logprobs was asked for: (id, logprob), most likely first
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    ttft_s: float | None = None  # from admission to the first token, on this rank
+    # (V,) float32, with Request.first_logits, on the last pipeline stage (None elsewhere)
+    first_logits: torch.Tensor | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -106,6 +154,7 @@ class Step:
         prefill_tokens: new prompt tokens it prefilled.
         cached_tokens: tokens already in the cache that those attended to.
         decode_tokens: running requests it decoded a token for.
+        variant: the ring variant of its prefill (None for a decode step).
     """
 
     kind: str
@@ -113,6 +162,7 @@ class Step:
     prefill_tokens: int = 0
     cached_tokens: int = 0
     decode_tokens: int = 0
+    variant: str | None = None
 
 
 class PrefixCache:
@@ -121,7 +171,7 @@ class PrefixCache:
     ``tokens`` (what they keep cached) is a plain int, kept up to date: another thread (the
     server's metrics) may read it while the engine changes the entries."""
 
-    def __init__(self, max_tokens: int) -> None:
+    def __init__(self, max_tokens: float) -> None:
         self.max_tokens = max_tokens
         self.entries: OrderedDict[int, SequenceState] = OrderedDict()
         self.tokens = 0
@@ -129,6 +179,7 @@ class PrefixCache:
     def match(self, tokens: Sequence[int]) -> tuple[int | None, int]:
         """The retained sequence sharing the longest prefix with ``tokens``, and its length."""
         best, best_len = None, 0
+        tokens = list(tokens)  # the histories are lists: compare like with like
         for seq, state in self.entries.items():
             n = _common_prefix(state.history, tokens, state.cached)
             if n > best_len:
@@ -153,11 +204,18 @@ class PrefixCache:
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    n = min(limit, len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    """Length of the common prefix of ``a`` and ``b``, at most ``limit``: slices compared in C,
+    halving the range (a chat's history of 100K tokens is matched in microseconds)."""
+    lo, hi = 0, min(limit, len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while hi - lo > 1:  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 @dataclass(frozen=True)
@@ -177,15 +235,17 @@ class _Live:
     state: SequenceState
     outcome: Outcome
     generator: torch.Generator
+    admitted: float = 0.0  # perf_counter at admission
 
 
-class ServeEngine:
-    """Runs the requests in flight on this rank's shard (call :meth:`run_span` on every rank
-    alike).
+class EngineCore:
+    """Runs the requests in flight on this rank's shard (call :meth:`run_span`, or :meth:`run`
+    offline, on every rank alike).
 
     Args:
         runner: this rank's model runner (it owns the KV cache).
-        max_cache_tokens: tokens that finished requests may keep cached (over all CP ranks).
+        max_cache_tokens: tokens that finished requests may keep cached (over all CP ranks);
+            None: no bound (an offline batch of chats keeps every turn for the next).
         max_batch: requests in flight at most (prefilling or decoding).
         tbt_slo_s: the time-between-tokens target that sizes prefill chunks while requests
             decode; None: waiting prompts prefill whole.
@@ -193,29 +253,39 @@ class ServeEngine:
             runner's hardware profile).
         fuse: run an iteration's decode step and prefill chunk as one forward pass (the
             GEMMs read the weights once for both); False: two passes.
+        variant: the prefill's ring variant: ``"pass-kv"``, ``"pass-q"``, or ``"auto"`` (the
+            paper's Alg. 1, per step, from its new and cached tokens).
+        prefill_chunk: without a TBT target, prefill at most this many tokens of each prompt
+            per iteration (sequence pipeline parallelism, say); None: whole.
+        progress: a per-layer progress bar on prefill steps that take over a second.
     """
 
     def __init__(
-        self, runner: ModelRunner, *, max_cache_tokens: int, max_batch: int = 8,
+        self, runner: ModelRunner, *, max_cache_tokens: int | None = None, max_batch: int = 8,
         tbt_slo_s: float | None = None, costs: StepCosts | None = None, fuse: bool = True,
+        variant: str = "auto", prefill_chunk: int | None = None, progress: bool = False,
     ) -> None:  # fmt: skip
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"the prefill chunk must be >= 1 token, got {prefill_chunk}")
         self.runner = runner
         self.cfg = runner.cfg
         self.pg = runner.pg
-        self.retained = PrefixCache(max_cache_tokens)
+        self.retained = PrefixCache(math.inf if max_cache_tokens is None else max_cache_tokens)
         self.max_batch, self.tbt_slo_s, self.fuse = max_batch, tbt_slo_s, fuse
+        if variant not in (*VARIANTS, "auto"):
+            raise ValueError(f"unknown variant {variant!r}; choose one of {[*VARIANTS, 'auto']}")
+        self.variant, self.prefill_chunk, self.progress = variant, prefill_chunk, progress
         self.costs = costs or StepCosts.from_hardware(
             self.cfg, runner.hardware, cp=self.pg.cp, tp=self.pg.tp
         )
         self.timer = ChunkTimer(self.costs)
-        self.sched = Scheduler(
-            cp=self.pg.cp, vocab_size=self.cfg.vocab_size, max_seq_len=self.cfg.max_seq_len,
-            device=runner.device,
-        )  # fmt: skip
+        self.sched = Scheduler(cp=self.pg.cp, device=runner.device)
         self.live: dict[int, _Live] = {}  # by sequence, in order of admission
         self._mixed: tuple[float, float] | None = None  # the last mixed iteration's start, sizing
         self._next_seq = 0
         self.on_step: Callable[[Step], None] | None = None  # told of every forward pass
+        # a request's failure ends that request alone (serving); offline it ends the run
+        self.contain = True
         # told when this rank failed out of step with the others (default: exit at once)
         self.on_failed_alone: Callable[[str], None] | None = None
 
@@ -254,8 +324,7 @@ class ServeEngine:
         )  # fmt: skip
         try:  # pure: every rank refuses alike, and a refusal ends this request alone
             gen = torch.Generator(device=self.runner.device).manual_seed(req.sampling.seed)
-            self.sched.admit(state, new, req.sampling.max_new_tokens, req.sampling.eos_ids,
-                             name=req.rid)  # fmt: skip
+            self.sched.admit(state, new, req.sampling.max_new_tokens, req.sampling.eos_ids)
         except Exception as e:
             self.runner.cache.free(state.seq)
             outcome.finish_reason, outcome.error = "error", error_message(e)
@@ -263,7 +332,42 @@ class ServeEngine:
             if done is not None:
                 done([req], {req.rid: outcome})
             return
-        self.live[state.seq] = _Live(req, state, outcome, gen)
+        self.live[state.seq] = _Live(req, state, outcome, gen, time.perf_counter())
+
+    # -- offline: every request up front ------------------------------------------------------
+    @torch.no_grad()
+    def run(self, requests: Sequence[Request]) -> tuple[list[Outcome], list[Step]]:
+        """Run ``requests`` to the end, admitting each as a slot frees; the same call on every
+        rank (generate's and the benchmarks' door). No rank leads: the arguments are the
+        orders, and no per-iteration broadcast syncs the pipeline stages.
+
+        Returns:
+            the outcomes in request order, and every step that ran.
+
+        Raises:
+            RuntimeError: a request failed (sampling, say); every rank raises alike.
+        """
+        outcomes: dict[int, Outcome] = {}
+        steps: list[Step] = []
+
+        def done(reqs: list[Request], results: dict[int, Outcome]) -> None:
+            outcomes.update(results)
+
+        waiting = list(requests)
+        on_step, self.on_step = self.on_step, steps.append
+        self.contain = False
+        try:
+            while waiting or self.live:
+                admit, waiting = waiting[: self.room], waiting[self.room :]
+                for req in admit:
+                    self._admit(req, done)
+                self._iterations(self.timer.estimates, None, done, None, sync=False)
+        finally:
+            self.on_step, self.contain = on_step, True
+        failed = [(r.rid, outcomes[r.rid].error) for r in requests if outcomes[r.rid].error]
+        if failed:
+            raise RuntimeError(f"request {failed[0][0]} failed: {failed[0][1]}")
+        return [outcomes[r.rid] for r in requests], steps
 
     # -- a span of iterations -------------------------------------------------------------------
     @torch.no_grad()
@@ -329,10 +433,12 @@ class ServeEngine:
         announce_failure(message)
         (self.on_failed_alone or (lambda _message: exit_now(1)))(message)
 
-    def _iterations(self, est: Estimates, emit, done, interrupt) -> None:
+    def _iterations(self, est: Estimates, emit, done, interrupt, *, sync: bool = True) -> None:
+        """Up to :data:`SPAN` iterations; ``sync``: rank 0 may end the span after any of them
+        (one broadcast per iteration; offline runs have no leader and skip it)."""
         self._retire(done)  # cancelled ones leave before they cost a step
         for i in range(SPAN):
-            if i and self._interrupted(interrupt):
+            if i and sync and self._interrupted(interrupt):
                 return
             if not self.live:
                 self._mixed = None
@@ -363,11 +469,11 @@ class ServeEngine:
         decoding = sched.decoding
         pending = [s for s in sched.seqs if s.prefilled < len(s.new) and not s.done]
         fused = self.fuse and decoding and pending
-        decode = sched.decode_batch(active_only=True) if decoding else None
+        decode = sched.decode_batch() if decoding else None
         if decoding and not fused:
             t0 = time.perf_counter()
-            logits = runner.step(decode)
-            self._sample(decode, logits, range(decode.n_seqs), emit)
+            out = runner.step(decode)
+            self._sample(decode, out.logits, range(decode.n_seqs), emit)
             seconds = time.perf_counter() - t0
             self.timer.decode(seconds)
             self._report(Step("decode", seconds, decode_tokens=decode.n_seqs))
@@ -375,21 +481,20 @@ class ServeEngine:
             return None
         take = self._take(pending, est, decoding)
         batch = sched.prefill_batch(
-            lambda new, cached: runner.resolve_variant("auto", new, cached), take=take
+            lambda new, cached: runner.resolve_variant(self.variant, new, cached), take=take
         )
         lives = [self.live[seq] for seq in batch.seqs]
         want = any(x.request.logprobs for x in lives)
         top = max((x.request.top_logprobs or 0 for x in lives if x.request.logprobs), default=0)
         t0 = time.perf_counter()
         if fused:
-            logits, decode_logits = runner.step_mixed(
-                batch, decode, prompt_logprobs=want, prompt_top=top
-            )
-            self._sample(decode, decode_logits, range(decode.n_seqs), emit)
+            out = runner.step_mixed(batch, decode, prompt_logprobs=want, prompt_top=top)
+            self._sample(decode, out.decode_logits, range(decode.n_seqs), emit)
         else:
-            logits = runner.step(batch, prompt_logprobs=want, prompt_top=top)
+            out = runner.step(batch, prompt_logprobs=want, prompt_top=top, progress=self.progress)
+        logits = out.logits
         if want:
-            prompt = runner.share_object((runner.prompt_logprobs, runner.prompt_top_logprobs))
+            prompt = runner.share_object((out.prompt_logprobs, out.prompt_top_logprobs))
             for j, x in enumerate(lives):
                 if x.request.logprobs:
                     x.outcome.logprobs += prompt[0][j]
@@ -397,7 +502,11 @@ class ServeEngine:
                         k = x.request.top_logprobs
                         tops = prompt[1][j] if prompt[1] is not None else [[]] * len(prompt[0][j])
                         x.outcome.top_logprobs += [alts[:k] for alts in tops]
-        rows = [row for _, row in sched.prefilled(batch)]
+        rows = sched.prefilled(batch)
+        if logits is not None:
+            for row in rows:
+                if lives[row].request.first_logits:
+                    lives[row].outcome.first_logits = logits[row].float().clone()
         self._sample(batch, logits, rows, emit)
         seconds = time.perf_counter() - t0
         if fused:
@@ -407,6 +516,7 @@ class ServeEngine:
         self._report(Step(
             "mixed" if fused else "prefill", seconds, prefill_tokens=batch.n_tokens,
             cached_tokens=batch.n_cached, decode_tokens=decode.n_seqs if fused else 0,
+            variant=batch.variant,
         ))  # fmt: skip
         if self.tbt_slo_s is None or not decoding:
             return None
@@ -431,7 +541,7 @@ class ServeEngine:
             left = len(s.new) - s.prefilled
             whole = self.live[s.seq].request.logprobs  # prompt logprobs need one pass
             if budget is None or (whole and not take):
-                n = left
+                n = left if whole or self.prefill_chunk is None else min(left, self.prefill_chunk)
             elif whole or budget <= 0:
                 break
             else:
@@ -469,6 +579,8 @@ class ServeEngine:
         } if rows else {})  # fmt: skip
         for j, (x, n) in enumerate(zip(lives, before, strict=True)):
             if len(x.state.out) > n:
+                if n == 0:
+                    x.outcome.ttft_s = time.perf_counter() - x.admitted
                 if x.request.wants_logprobs:
                     x.outcome.logprobs.append(chosen[j])
                 logprob = None
@@ -479,17 +591,18 @@ class ServeEngine:
                 if emit is not None:
                     emit(x.request.rid, x.state.out[-1], logprob)
 
-    @staticmethod
-    def _draw(logits, rows: Sequence[int], lives: list[_Live]) -> tuple[torch.Tensor, dict]:
+    def _draw(self, logits, rows: Sequence[int], lives: list[_Live]) -> tuple[torch.Tensor, dict]:
         """Each row's token by its request's sampling, all rows in one pass. If that fails,
         row by row: a row whose sampling fails gets -1 and its message (that request fails
-        alone)."""
+        alone). Offline (:meth:`run`) a failure is the run's: it propagates."""
         args = ([x.request.sampling for x in lives], [x.generator for x in lives],
                 [len(x.state.out) for x in lives])  # fmt: skip
         states = [g.get_state() for g in args[1]]
         try:
             return sample_rows(logits[list(rows)], *args), {}
         except Exception:
+            if not self.contain:
+                raise
             for g, state in zip(args[1], states, strict=True):  # as if nothing was drawn
                 g.set_state(state)
         tokens, failed = [], {}
@@ -532,66 +645,3 @@ def _decode_load(decoding: Sequence[SequenceState]) -> dict[str, int]:
         "decode_batch": len(decoding),
         "decode_context": sum(len(s.history) + len(s.prompt) + len(s.out) for s in decoding),
     }
-
-
-class ServeLoop:
-    """Rank 0 sends every rank its orders; the others follow until told to stop.
-
-    Messages go over the default group by ``broadcast_object_list``, once per span of
-    :data:`SPAN` iterations while requests run. An idle rank 0 sends a heartbeat every
-    ``idle_s`` so that waiting ranks never reach the process-group timeout.
-    """
-
-    def __init__(self, engine: ServeEngine, *, idle_s: float = 2.0) -> None:
-        self.engine, self.idle_s = engine, idle_s
-
-    @staticmethod
-    def _send(message) -> object:
-        box = [message]
-        if dist.get_world_size() > 1:
-            dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def lead(
-        self,
-        next_requests: Callable[[float, int], list[Request] | None],
-        emit: Emit,
-        cancelled: Callable[[], set[int]],
-        done: Done,
-        waiting: Callable[[], int] = lambda: 0,
-    ) -> None:
-        """Rank 0: admit what ``next_requests(wait_s, limit)`` gives (None: stop) and run.
-
-        A span ends early when a running request was cancelled or when ``waiting()`` requests
-        are queued while a slot is free, so that the next orders go out at once."""
-        engine = self.engine
-
-        def interrupt() -> bool:
-            return bool(cancelled() & engine.live_requests()) or (
-                engine.room > 0 and waiting() > 0)  # fmt: skip
-
-        while True:
-            busy = engine.busy
-            requests = next_requests(0.0 if busy else self.idle_s, engine.room)
-            if requests is None:
-                self._send(("stop", None))
-                return
-            if not requests and not busy:
-                self._send(("idle", None))
-                continue
-            orders = Orders(
-                requests=tuple(requests),
-                cancelled=frozenset(cancelled() & engine.live_requests()),
-                estimates=engine.timer.estimates,
-            )
-            self._send(("span", orders))
-            engine.run_span(orders, emit, done, interrupt)
-
-    def follow(self) -> None:
-        """Every other rank: run what rank 0 sends until it says stop."""
-        while True:
-            kind, orders = self._send(None)
-            if kind == "stop":
-                return
-            if kind == "span":
-                self.engine.run_span(orders)
