@@ -19,4 +19,5 @@ if os.environ.get("RANK") == "1":
 
     engine.sample_rows = _faulty_sample
 
-sys.exit(main())
+if __name__ == "__main__":  # not in the API process the server spawns
+    sys.exit(main())

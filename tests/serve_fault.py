@@ -34,4 +34,5 @@ def _faulty_iteration(self, est, emit):
 
 
 engine.EngineCore._iteration = _faulty_iteration
-sys.exit(main())
+if __name__ == "__main__":  # not in the API process the server spawns
+    sys.exit(main())

@@ -1,20 +1,33 @@
 #!/usr/bin/env python
-"""Benchmark the server: N concurrent chat clients against ``cp_infer serve`` under torchrun.
+"""Benchmark a server: ``cp_infer serve`` under torchrun, or any OpenAI-compatible peer.
 
-Every client holds a conversation: its first turn is a ``--prompt-len``-token prompt, each later
-turn resends the whole history (prompts and answers so far, as chat clients do) plus
-``--turn-len`` new tokens. Requests go to ``/v1/completions`` as token ids with ``stream: true``,
-so the first token's arrival (TTFT) and the gaps between tokens (TTIT) are seen as a client sees
-them. The table gives throughput (generated tokens per second over the run), TTFT and TTIT
-percentiles, and the cache hit rate: of all prompt tokens sent, the share the server did not
-prefill because the ranks still held them (``usage.prompt_tokens_details.cached_tokens``).
+Two workloads (``--workload``):
 
-The script starts the server itself (``--preset``, random weights) unless given ``--url``.
+- ``chat``: N concurrent chat clients. Every client holds a conversation: its first turn is a
+  ``--prompt-len``-token prompt, each later turn resends the whole history (prompts and answers
+  so far, as chat clients do) plus ``--turn-len`` new tokens; the cache hit rate is the share of
+  prompt tokens the server did not prefill (``usage.prompt_tokens_details.cached_tokens``).
+- ``requests``: ``--requests`` independent prompts of ``--prompt-len`` tokens, ``--clients`` at
+  a time, each asking for ``--max-tokens``: the peer comparison's loads (16 x 512 tokens, 64 out,
+  8 at a time; one 16K prompt). Every round draws fresh prompts (a peer that reuses prefixes
+  across requests gets no free hits), after one untimed warm-up round.
 
-Example (the figures in docs/performance.md)::
+Requests go to ``/v1/completions`` with ``stream: true``, so the first token's arrival (TTFT)
+and the gaps between tokens (ITL) are seen as a client sees them. With ``--text`` the prompts
+are text (what every OpenAI-compatible server takes): random token ids decoded with the
+checkpoint's tokenizer; the counts in the table are the servers' own ``usage``.
+
+The script starts the server itself: ``--server cp_infer`` (``--preset`` with random weights,
+or ``--checkpoint``) or ``--server transformers`` (``transformers serve --continuous-batching``
+on ``--checkpoint``, ``--peer-threads`` intra-op threads), unless given ``--url``.
+
+Examples (the figures in docs/performance.md)::
 
     python tools/bench_serve.py --preset tiny-llama --cp 2 --clients 8 --turns 3 \\
         --json bench_out/serve_tiny.json
+    python tools/bench_serve.py --workload requests --server transformers \\
+        --checkpoint demo_out/small-llama-hf --text --requests 16 --prompt-len 512 \\
+        --max-tokens 64 --clients 8 --json bench_out/peer_short.json
 """
 
 from __future__ import annotations
@@ -44,15 +57,32 @@ logger = logging.getLogger("bench_serve")
 
 
 def start_server(
-    preset: str, cp: int, extra: list[str] = (), log: Path | None = None
+    preset: str | None,
+    cp: int,
+    extra: list[str] = (),
+    log: Path | None = None,
+    *,
+    checkpoint: Path | None = None,
+    server: str = "cp_infer",
+    threads: int = 2,
 ) -> tuple[subprocess.Popen, str]:
-    """``cp_infer serve`` under torchrun, one thread per rank; returns it and its URL once
-    /health answers. ``log``: where its output goes (default: nowhere)."""
+    """``cp_infer serve`` under torchrun, one thread per rank (or the peer: ``transformers
+    serve --continuous-batching`` with ``threads`` threads); returns it and its URL once it
+    answers. ``log``: where its output goes (default: nowhere)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cp),
-           "--master-port", str(free_port()), "-m", "cp_infer", "serve", "--preset", preset,
-           "--cp", str(cp), "--port", str(port), *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if server == "transformers":
+        cmd = [str(Path(sys.executable).with_name("transformers")), "serve", str(checkpoint),
+               "--continuous-batching", "--device", "cpu", "--dtype", "float32",
+               "--port", str(port), "--host", "127.0.0.1"]  # fmt: skip
+        env["OMP_NUM_THREADS"] = str(threads)
+        health = "/v1/models"
+    else:
+        model = ["--preset", preset] if checkpoint is None else ["--checkpoint", str(checkpoint)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cp),
+               "--master-port", str(free_port()), "-m", "cp_infer", "serve", *model,
+               "--cp", str(cp), "--port", str(port), *extra]  # fmt: skip
+        health = "/health"
     out = subprocess.DEVNULL if log is None else open(log, "w")  # noqa: SIM115 (the child's)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=out,
                             stderr=subprocess.STDOUT if log else out)  # fmt: skip
@@ -62,7 +92,7 @@ def start_server(
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode}: {' '.join(cmd)}")
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
+            if httpx.get(url + health, timeout=1).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             time.sleep(0.5)
@@ -73,12 +103,18 @@ def start_server(
 def stop_server(proc: subprocess.Popen | None) -> None:
     if proc is not None:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
-async def _turn(client, url, tokens, max_tokens) -> dict:
-    body = {"prompt": tokens, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+async def _turn(client, url, prompt, max_tokens, model: str | None = None) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
+    if model is not None:
+        body["model"] = model
     t0 = time.perf_counter()
     arrivals, usage, out = [], None, []
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
@@ -89,9 +125,11 @@ async def _turn(client, url, tokens, max_tokens) -> dict:
             ev = json.loads(line[6:])
             if ev.get("usage"):
                 usage = ev["usage"]
-            elif ev["choices"] and ev["choices"][0].get("token_ids"):
-                arrivals.append(time.perf_counter())
-                out += ev["choices"][0]["token_ids"]
+            if ev.get("choices") and (
+                ev["choices"][0].get("token_ids") or ev["choices"][0].get("text")
+            ):
+                arrivals.append(time.perf_counter())  # a token (the peer sends its text only)
+                out += ev["choices"][0].get("token_ids") or []
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     return {"ttft_s": arrivals[0] - t0, "gaps_s": gaps, "usage": usage, "tokens": out}
 
@@ -112,68 +150,152 @@ async def _client(i, url, args, results) -> None:
             history = history + r["tokens"] + fresh(args.turn_len)
 
 
+def _prompts(args, rng: random.Random, n: int, tokenizer) -> list:
+    """``n`` fresh prompts of ``--prompt-len`` random tokens: ids, or (``--text``) their text."""
+    out = []
+    for _ in range(n):
+        ids = [rng.randrange(1, args.vocab) for _ in range(args.prompt_len)]
+        out.append(tokenizer.decode(ids) if tokenizer is not None else ids)
+    return out
+
+
+async def _requests_round(url, args, prompts, model) -> tuple[list[dict], float]:
+    """Every prompt once, ``--clients`` at a time: the results and the round's wall time."""
+    gate = asyncio.Semaphore(args.clients)
+    async with httpx.AsyncClient(timeout=3600) as client:
+
+        async def one(prompt):
+            async with gate:
+                return await _turn(client, url, prompt, args.max_tokens, model)
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one(p) for p in prompts))
+        return list(results), time.perf_counter() - t0
+
+
+def run_requests(url, args, model) -> tuple[list[dict], float]:
+    """A warm-up round, then ``--rounds`` timed rounds, each with fresh prompts."""
+    tokenizer = None
+    if args.text:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    rng = random.Random(0)
+    warm = _prompts(args, rng, min(args.clients, args.requests), tokenizer)
+    asyncio.run(_requests_round(url, args, warm, model))
+    results, wall = [], 0.0
+    for _ in range(args.rounds):
+        got, seconds = asyncio.run(
+            _requests_round(url, args, _prompts(args, rng, args.requests, tokenizer), model)
+        )
+        results += got
+        wall += seconds
+    return results, wall
+
+
+def run_chat(url, args) -> tuple[list[dict], float]:
+    results: list[dict] = []
+    t0 = time.perf_counter()
+
+    async def run_all():
+        await asyncio.gather(*(_client(i, url, args, results) for i in range(args.clients)))
+
+    asyncio.run(run_all())
+    return results, time.perf_counter() - t0
+
+
 def percentile(xs, q) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
+def summarize(args, results: list[dict], wall: float) -> dict:
+    ttft = [r["ttft_s"] for r in results]
+    gaps = [g for r in results for g in r["gaps_s"]]
+    prompt = sum(r["usage"]["prompt_tokens"] for r in results)
+    details = [(r["usage"].get("prompt_tokens_details") or {}) for r in results]
+    cached = sum(d.get("cached_tokens") or 0 for d in details)
+    generated = sum(r["usage"]["completion_tokens"] for r in results)
+    return {
+        "server": args.server if not args.url else args.url, "workload": args.workload,
+        "preset": args.preset, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+        "cp": args.cp, "clients": args.clients, "turns": args.turns,
+        "prompt_len": args.prompt_len, "turn_len": args.turn_len, "max_tokens": args.max_tokens,
+        "max_cache_tokens": args.max_cache_tokens,
+        "requests": len(results), "wall_s": wall, "prompt_tokens": prompt,
+        "generated_tokens": generated,
+        "throughput_tok_s": generated / wall, "cache_hit_rate": cached / prompt,
+        "ttft_p50_s": statistics.median(ttft), "ttft_p90_s": percentile(ttft, 0.9),
+        "ttft_p99_s": percentile(ttft, 0.99), "ttit_p50_s": statistics.median(gaps) if gaps else None,
+        "ttit_p90_s": percentile(gaps, 0.9), "ttit_p99_s": percentile(gaps, 0.99),
+    }  # fmt: skip
+
+
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--workload", choices=["chat", "requests"], default="chat")
+    p.add_argument("--server", choices=["cp_infer", "transformers"], default="cp_infer",
+                   help="the server to start (transformers: `transformers serve "
+                   "--continuous-batching` on --checkpoint)")  # fmt: skip
     p.add_argument("--preset", default="tiny-llama")
+    p.add_argument("--checkpoint", type=Path, help="an HF checkpoint to serve (and its tokenizer)")
     p.add_argument("--cp", type=int, default=2)
     p.add_argument("--url", help="an already running server (default: start one)")
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--turns", type=int, default=3)
+    p.add_argument("--model", help="the `model` field of the requests (default: none; the "
+                   "checkpoint's path for --server transformers)")  # fmt: skip
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients")
+    p.add_argument("--turns", type=int, default=3, help="chat: turns per client")
+    p.add_argument("--requests", type=int, default=16, help="requests: prompts per round")
+    p.add_argument("--rounds", type=int, default=1, help="requests: timed rounds (after a warm-up)")
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--turn-len", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument(
+        "--text",
+        action="store_true",
+        help="send text prompts (random ids decoded by --checkpoint's tokenizer)",
+    )
+    p.add_argument("--peer-threads", type=int, default=2, help="intra-op threads of the peer")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument(
         "--max-cache-tokens", type=int, default=65536,
         help="the server's reuse budget; 1 turns reuse off (a cold baseline)",
     )  # fmt: skip
     p.add_argument("--vocab", type=int, default=500, help="prompt ids are drawn below this")
+    p.add_argument("--log", type=Path, help="the started server's output")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    if (args.server == "transformers" or args.text) and args.checkpoint is None:
+        p.error("--server transformers and --text need --checkpoint (an HF checkpoint)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     extra = ["--max-batch-size", str(args.max_batch_size),
              "--max-cache-tokens", str(args.max_cache_tokens)]  # fmt: skip
-    proc, url = (None, args.url) if args.url else start_server(args.preset, args.cp, extra)
+    model = args.model
+    if model is None and args.server == "transformers":
+        model = str(args.checkpoint)
+    proc, url = (None, args.url) if args.url else start_server(
+        args.preset, args.cp, extra, args.log, checkpoint=args.checkpoint, server=args.server,
+        threads=args.peer_threads,
+    )  # fmt: skip
     try:
-        results: list[dict] = []
-        t0 = time.perf_counter()
-
-        async def run_all():
-            await asyncio.gather(*(_client(i, url, args, results) for i in range(args.clients)))
-
-        asyncio.run(run_all())
-        wall = time.perf_counter() - t0
+        if args.workload == "chat":
+            results, wall = run_chat(url, args)
+        else:
+            results, wall = run_requests(url, args, model)
     finally:
         stop_server(proc)
-    ttft = [r["ttft_s"] for r in results]
-    gaps = [g for r in results for g in r["gaps_s"]]
-    prompt = sum(r["usage"]["prompt_tokens"] for r in results)
-    cached = sum(r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in results)
-    generated = sum(r["usage"]["completion_tokens"] for r in results)
-    summary = {
-        "preset": args.preset, "cp": args.cp, "clients": args.clients, "turns": args.turns,
-        "prompt_len": args.prompt_len, "turn_len": args.turn_len, "max_tokens": args.max_tokens,
-        "max_cache_tokens": args.max_cache_tokens,
-        "requests": len(results), "wall_s": wall, "generated_tokens": generated,
-        "throughput_tok_s": generated / wall, "cache_hit_rate": cached / prompt,
-        "ttft_p50_s": statistics.median(ttft), "ttft_p90_s": percentile(ttft, 0.9),
-        "ttft_p99_s": percentile(ttft, 0.99), "ttit_p50_s": statistics.median(gaps) if gaps else None,
-        "ttit_p90_s": percentile(gaps, 0.9), "ttit_p99_s": percentile(gaps, 0.99),
-    }  # fmt: skip
-    cols = ["preset", "cp", "clients", "requests", "tok/s", "hit rate", "TTFT p50/p90/p99 (ms)",
-            "TTIT p50/p90/p99 (ms)"]  # fmt: skip
+    summary = summarize(args, results, wall)
+    cols = ["server", "workload", "requests", "prompt tok", "tok/s", "hit rate",
+            "TTFT p50/p90/p99 (ms)", "ITL p50/p90/p99 (ms)"]  # fmt: skip
     ms = 1000
-    row = [args.preset, str(args.cp), str(args.clients), str(len(results)),
+    row = [summary["server"], args.workload, str(len(results)), str(summary["prompt_tokens"]),
            f"{summary['throughput_tok_s']:.1f}", f"{summary['cache_hit_rate']:.3f}",
            f"{ms * summary['ttft_p50_s']:.0f}/{ms * summary['ttft_p90_s']:.0f}/"
            f"{ms * summary['ttft_p99_s']:.0f}",
-           f"{ms * summary['ttit_p50_s']:.1f}/{ms * summary['ttit_p90_s']:.1f}/"
+           f"{ms * (summary['ttit_p50_s'] or 0):.1f}/{ms * summary['ttit_p90_s']:.1f}/"
            f"{ms * summary['ttit_p99_s']:.1f}"]  # fmt: skip
     print(format_table(cols, [row]))
     if args.json:

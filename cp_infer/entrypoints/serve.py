@@ -1,14 +1,15 @@
 """``python -m cp_infer serve``: an HTTP server over the CP ranks.
 
-Every rank loads its shard of the model. Rank 0 answers HTTP (uvicorn in the main thread) and
-runs the engine loop in a second thread: it admits queued requests as others finish
-(continuous batching) and sends every rank the same orders, and all of them run the iterations
-together (:class:`~cp_infer.serving.loop.ServeLoop`). The other ranks only follow.
+Every rank loads its shard of the model. HTTP, validation, tokenization and streaming run in an
+API process that rank 0 starts (:mod:`cp_infer.serving.api_process`), connected to it by a pipe
+(:mod:`cp_infer.serving.ipc`). Rank 0 runs the engine loop: it admits queued requests as others
+finish (continuous batching) and sends every rank the same orders, and all of them run the
+iterations together (:class:`~cp_infer.serving.loop.ServeLoop`). The other ranks only follow.
 
-Stopping (:mod:`cp_infer.serving.lifecycle`): SIGINT or SIGTERM to rank 0 ends the live
-requests (``finish_reason: "abort"``) and tells the other ranks to stop, all within a few
-seconds; a rank that dies, or a launcher that is gone, ends the live requests with an error
-event and every rank exits non-zero.
+Stopping (:mod:`cp_infer.serving.lifecycle`): SIGINT or SIGTERM to rank 0 (or to the API
+process) ends the live requests (``finish_reason: "abort"``) and tells the other ranks to stop,
+all within a few seconds; a rank that dies, or a launcher that is gone, ends the live requests
+with an error event and every rank exits non-zero.
 """
 
 from __future__ import annotations
@@ -31,12 +32,11 @@ from cp_infer.entrypoints.generate import (
     add_model_arguments,
     build_model,
     hardware_profile,
-    memory_plan,
     start_ranks,
 )
 from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments
 from cp_infer.parallel import check_model_fits_layout
-from cp_infer.planner import check_fits, device_memory
+from cp_infer.planner import device_memory
 from parallel_state import parallel_groups, validate_parallel_sizes
 
 __all__ = ["add_parser", "run"]
@@ -117,14 +117,6 @@ def _check(args, world_size: int):
     return cfg, eos, fmt
 
 
-def _tokenizer(args):
-    if args.checkpoint is None or not (args.checkpoint / "tokenizer.json").exists():
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(args.checkpoint)
-
-
 def run(args, argv: list[str]) -> int:
     from cp_infer.engine.chunking import StepCosts
     from cp_infer.engine.core import EngineCore
@@ -158,22 +150,8 @@ def run(args, argv: list[str]) -> int:
         dist.broadcast_object_list(run_id, src=0)
         if dist.get_rank() != 0:
             return _follow(loop, run_id[0], launched)
-        tokenizer = _tokenizer(args)
         eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or ()))
-        return _serve(args, loop, tokenizer, cfg, eos_ids, device, run_id[0], launched)
-
-
-def _memory_check(args, cfg, device):
-    """A request of N tokens must fit a rank beside the cache kept for reuse."""
-    budget = device_memory(args.device_memory, device)
-
-    def check(tokens: int) -> None:
-        plan = memory_plan(
-            args, cfg, context=tokens + args.max_cache_tokens, batch=1, device_bytes=budget
-        )
-        check_fits(plan, f"a request of {tokens} tokens (with --max-cache-tokens kept)")
-
-    return check
+        return _serve(args, loop, cfg, eos_ids, device, run_id[0], launched)
 
 
 def _follow(loop, run_id: str, launched: bool) -> int:
@@ -187,88 +165,76 @@ def _follow(loop, run_id: str, launched: bool) -> int:
     return 0
 
 
-def _serve(args, loop, tokenizer, cfg, eos_ids, device, run_id: str, launched: bool) -> int:
-    import prometheus_client
-    import uvicorn
+def _serve(args, loop, cfg, eos_ids, device, run_id: str, launched: bool) -> int:
+    """Rank 0: start the API process, lead the engine, and stop everything together."""
+    import multiprocessing
 
-    from cp_infer.serving.api import build_app
-    from cp_infer.serving.frontend import Frontend
+    from cp_infer.serving.api_process import ApiSettings, run_api
+    from cp_infer.serving.ipc import EngineLink
     from cp_infer.serving.lifecycle import STOP_GRACE_S, Watchdog
 
-    prometheus_client.disable_created_metrics()  # no `_created` twin of every series
-
-    front = Frontend(
-        tokenizer=tokenizer, model_name=args.model_name or cfg.name, vocab_size=cfg.vocab_size,
-        max_seq_len=cfg.max_seq_len, max_batch=args.max_batch_size, max_queue=args.max_queue,
-        eos_ids=eos_ids, check_memory=_memory_check(args, cfg, device),
+    engine = loop.engine
+    settings = ApiSettings(
+        host=args.host, port=args.port, model_name=args.model_name or cfg.name,
+        checkpoint=None if args.checkpoint is None else str(args.checkpoint),
+        vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, max_batch=args.max_batch_size,
+        max_queue=args.max_queue, eos_ids=eos_ids,
         info={k: str(getattr(args, k)) for k in ("tp", "cp", "pp", "ep")},
+        tbt_slo_s=engine.tbt_slo_s, log_level=logging.getLogger().getEffectiveLevel(),
+        memory=(args, cfg, device_memory(args.device_memory, device)),
     )  # fmt: skip
-    serving = loop.engine
-    serving.on_step = front.metrics.step
-    front.metrics.watch_cache(lambda: serving.retained.tokens)
-    front.metrics.watch_chunking(lambda: serving.timer.estimates, serving.tbt_slo_s)
+    ctx = multiprocessing.get_context("spawn")
+    here, there = ctx.Pipe(duplex=True)
+    api = ctx.Process(target=run_api, args=(there, settings), name="cp_infer-api", daemon=True)
+    api.start()
+    there.close()
+    link = EngineLink(here, lambda: (engine.retained.tokens, engine.timer.estimates))
+    engine.on_step = link.step
     failures: list[str] = []
 
     def fail(why: str) -> None:  # a rank or the launcher is gone: end everything, exit non-zero
-        failures.append(why)
-        front.abort_all(why, finish_reason="error")
-        server.should_exit = True
+        if not failures:
+            failures.append(why)
+            link.fail(why)
 
-    serving.on_failed_alone = fail  # this rank fell out of step with the others
+    engine.on_failed_alone = fail  # this rank fell out of step with the others
 
-    def engine() -> None:
+    def lead() -> None:
         try:
-            loop.lead(front.next_batch, front.emit, front.cancelled, front.done,
-                      waiting=lambda: front.queued)  # fmt: skip
+            loop.lead(link.next_batch, link.emit, link.cancelled, link.done,
+                      waiting=lambda: link.queued)  # fmt: skip
         except BaseException as e:  # a rank is gone (its collective broke)
             logger.error("engine loop stopped: %s", error_message(e))
             fail(f"the engine stopped: {error_message(e)}")
 
-    config = uvicorn.Config(
-        build_app(front), host=args.host, port=args.port, log_level="warning", lifespan="off",
-        timeout_graceful_shutdown=int(STOP_GRACE_S),
-    )  # fmt: skip
-
-    def on_signal(sig: str) -> None:  # a launcher also stops the ranks when one of them failed
+    def on_signal(sig, _frame) -> None:  # a launcher also stops the ranks when one failed
         cause = peer_failure() or dog.dead_peer()
         if cause is not None:
             fail(cause)
         else:
-            front.abort_all(f"the server is stopping ({sig})")
+            link.stop(f"the server is stopping ({signal.Signals(sig).name})")
 
-    server = _make_server(config, on_signal)
-    thread = threading.Thread(target=engine, name="engine", daemon=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    thread = threading.Thread(target=lead, name="engine", daemon=True)
     dog = Watchdog(fail, run_id=run_id, watch_parent=launched)
     thread.start()
     dog.start()
-    logger.info("serving %s on http://%s:%d", front.model_name, args.host, args.port)
-    try:
-        server.run()
-    finally:
+    while thread.is_alive() and not failures and api.is_alive():
+        thread.join(timeout=0.2)  # short waits: signals are handled between them
+    if failures:  # the API process ends the streams with the error, then exits
+        api.join(timeout=STOP_GRACE_S)
         dog.stop()
-        front.abort_all("the server is stopping")  # no-op unless uvicorn stopped on its own
-        thread.join(timeout=STOP_GRACE_S)  # it sends the other ranks "stop"
-    if failures:
         logger.error("stopped: %s", failures[0])
         exit_now(1)  # the engine may be blocked in a collective with the dead rank
+    thread.join(timeout=STOP_GRACE_S + 1)  # the API stopped: the engine sends the ranks stop
+    api.join(timeout=STOP_GRACE_S + 1)
+    dog.stop()
     if thread.is_alive():
         logger.error("the engine did not stop within %.0fs; exiting", STOP_GRACE_S)
         exit_now(1)
+    if api.exitcode != 0:
+        logger.error("the API process exited with code %s", api.exitcode)
+        exit_now(1)
     logger.info("stopped")
     return 0
-
-
-def _make_server(config, on_signal):
-    """uvicorn's server, whose signal handler first calls ``on_signal`` (which ends the live
-    requests) and which does not re-raise the signal once stopped (the ranks still have to say
-    goodbye)."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame) -> None:
-            if self.should_exit and sig == signal.SIGINT:
-                self.force_exit = True  # a second Ctrl-C: stop waiting for connections
-            on_signal(signal.Signals(sig).name)
-            self.should_exit = True
-
-    return Server(config)

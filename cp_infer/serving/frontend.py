@@ -19,7 +19,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from cp_infer.engine.core import Outcome, Request, check_request
@@ -81,6 +81,8 @@ class Frontend:
         self.stopping = threading.Event()  # set: take no request, the engine loop stops
         self.stop_reason: str | None = None
         self.created = int(time.time())
+        # told when a request is queued or cancelled (the engine's link pushes it on)
+        self.on_change: Callable[[], None] | None = None
         self.metrics = ServerMetrics(
             waiting=lambda: self.queued, running=lambda: max(self.live - self.queued, 0),
             info={"model_name": model_name, **(info or {})},
@@ -133,16 +135,23 @@ class Frontend:
                 self.metrics.submitted(p.request.rid)
                 self._live[p.request.rid] = p
                 self._queue.put(p)
+        self._changed()
         return pending
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def cancel(self, rid: int, *, stopped: bool = False) -> None:
         """Stop ``rid`` at the engine's next orders: its client left, or (``stopped``) its
         text reached a stop string, which finishes it."""
         with self._lock:
-            if rid in self._live:
-                self._cancelled.add(rid)
-                if stopped:
-                    self._stopped.add(rid)
+            if rid not in self._live:
+                return
+            self._cancelled.add(rid)
+            if stopped:
+                self._stopped.add(rid)
+        self._changed()
 
     def cancel_all(self, pendings: list[Pending]) -> None:
         """Cancel every request of ``pendings`` (one client's: it left, or one failed)."""

@@ -1,0 +1,134 @@
+"""The API process: HTTP (uvicorn + FastAPI), validation, tokenization, detokenization and
+streaming, apart from the engine's ranks so that none of it shares their GIL.
+
+Rank 0 starts it (``spawn``: a fresh interpreter, no copy of the engine's threads) with the
+settings below and one end of a pipe (:mod:`cp_infer.serving.ipc`), in a session of its own. It stops when told (rank 0
+got a signal), when signalled itself (and then the engine stops too: the next ``next`` gets no
+requests), or when the engine is gone (every stream gets an error event); it exits non-zero when
+a rank failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+__all__ = ["ApiSettings", "run_api"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """What the API process needs to know (picklable: it crosses the spawn)."""
+
+    host: str
+    port: int
+    model_name: str
+    checkpoint: str | None  # where tokenizer.json is, if any
+    vocab_size: int
+    max_seq_len: int
+    max_batch: int
+    max_queue: int
+    eos_ids: frozenset[int]
+    info: dict[str, str]
+    tbt_slo_s: float | None
+    log_level: int
+    # a request of N tokens must fit a rank: (args, cfg, device bytes) for the memory plan
+    memory: tuple | None = None
+
+
+def _memory_check(memory):
+    if memory is None:
+        return None
+    from cp_infer.entrypoints.generate import memory_plan
+    from cp_infer.planner import check_fits
+
+    args, cfg, budget = memory
+
+    def check(tokens: int) -> None:
+        plan = memory_plan(
+            args, cfg, context=tokens + args.max_cache_tokens, batch=1, device_bytes=budget
+        )
+        check_fits(plan, f"a request of {tokens} tokens (with --max-cache-tokens kept)")
+
+    return check
+
+
+def _tokenizer(checkpoint: str | None):
+    if checkpoint is None or not os.path.exists(os.path.join(checkpoint, "tokenizer.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(checkpoint)
+
+
+def run_api(conn: Connection, settings: ApiSettings) -> None:
+    """The API process's main: serve until stopped; exit 1 if a rank failed."""
+    # a session of its own: a signal to rank 0's process group (a launcher stopping the ranks
+    # because one failed) is rank 0's to interpret, not an order to this process to abort
+    os.setsid()
+    import prometheus_client
+    import uvicorn
+
+    from cp_infer.log import setup_logging
+    from cp_infer.serving.api import build_app
+    from cp_infer.serving.frontend import Frontend
+    from cp_infer.serving.ipc import ApiLink
+    from cp_infer.serving.lifecycle import STOP_GRACE_S
+
+    setup_logging(settings.log_level)
+    prometheus_client.disable_created_metrics()  # no `_created` twin of every series
+    front = Frontend(
+        tokenizer=_tokenizer(settings.checkpoint), model_name=settings.model_name,
+        vocab_size=settings.vocab_size, max_seq_len=settings.max_seq_len,
+        max_batch=settings.max_batch, max_queue=settings.max_queue, eos_ids=settings.eos_ids,
+        check_memory=_memory_check(settings.memory), info=settings.info,
+    )  # fmt: skip
+    failed: list[str] = []
+
+    def stop(reason: str, error: bool) -> None:
+        if error:
+            failed.append(reason)
+            front.abort_all(reason, finish_reason="error")
+        else:
+            front.abort_all(reason)
+        server.should_exit = True
+
+    link = ApiLink(conn, front, stop)
+    front.metrics.watch_cache(lambda: link.stats[0])
+    front.metrics.watch_chunking(lambda: link.stats[1], settings.tbt_slo_s)
+    config = uvicorn.Config(
+        build_app(front), host=settings.host, port=settings.port, log_level="warning",
+        lifespan="off", timeout_graceful_shutdown=int(STOP_GRACE_S),
+    )  # fmt: skip
+    server = make_server(config, lambda sig: front.abort_all(f"the server is stopping ({sig})"))
+    link.start()
+    logger.info("serving %s on http://%s:%d", front.model_name, settings.host, settings.port)
+    try:
+        server.run()
+    finally:
+        front.abort_all("the server is stopping")  # no-op unless uvicorn stopped on its own
+        conn.close()  # the engine's next `next` finds the pipe closed: it stops
+    if failed:
+        logger.error("stopped: %s", failed[0])
+        os._exit(1)
+    os._exit(0 if server.started else 1)
+
+
+def make_server(config, on_signal):
+    """uvicorn's server, whose signal handler first calls ``on_signal`` (which ends the live
+    requests) and which does not re-raise the signal once stopped."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: stop waiting for connections
+            on_signal(signal.Signals(sig).name)
+            self.should_exit = True
+
+    return Server(config)

@@ -1,0 +1,188 @@
+"""The channel between the API process and the engine's rank 0.
+
+HTTP, validation, tokenization, detokenization and streaming run in an API process of their own
+(:mod:`cp_infer.serving.api_process`); the engine's ranks run only iterations. Rank 0's engine
+thread and the API process talk over one duplex ``multiprocessing`` pipe, each end read by one
+thread only:
+
+================================  ==========================================================
+engine -> API                     API -> engine
+================================  ==========================================================
+``("next", wait_s, limit, stats)``  ``("batch", requests | None)``: the answer to ``next``
+``("token", rid, token, logprob)``  ``("state", cancelled, queued)``: whenever they change
+``("done", requests, outcomes)``
+``("step", Step)``                (metrics)
+``("stop", reason)``              rank 0 got a signal: end the live requests (``abort``)
+``("failed", why)``               a rank or the launcher is gone: end them with an error
+================================  ==========================================================
+
+:class:`EngineLink` is the engine's end: it gives :meth:`ServeLoop.lead
+<cp_infer.serving.loop.ServeLoop.lead>` the same callables the in-process
+:class:`~cp_infer.serving.frontend.Frontend` gave it. :class:`ApiLink` is the API's end: a
+thread that answers the engine from the frontend. A closed pipe is a stop on either end: the API
+process gone stops the engine, and the engine gone ends the API's streams with an error event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+
+from cp_infer.engine.chunking import Estimates
+from cp_infer.engine.core import Outcome, Request, Step
+
+__all__ = ["ApiLink", "EngineLink", "EngineStats"]
+
+logger = logging.getLogger(__name__)
+
+#: (tokens the retained sequences keep cached, the chunk sizing's estimates): the engine's
+#: state that ``/metrics`` shows, sent with every ``next``.
+EngineStats = tuple[int, Estimates]
+
+
+class EngineLink:
+    """The engine's end of the pipe, on rank 0: what the engine loop calls.
+
+    Only the engine thread reads the pipe; any thread may send (a signal handler's ``stop``, the
+    watchdog's ``failed``).
+
+    Args:
+        conn: this end of the pipe.
+        stats: the engine's state for the API's metrics, read at every ``next``.
+    """
+
+    def __init__(self, conn: Connection, stats: Callable[[], EngineStats]) -> None:
+        self.conn, self.stats = conn, stats
+        self._send_lock = threading.Lock()
+        self._cancelled: frozenset[int] = frozenset()
+        self._queued = 0
+        self.closed = False  # the API process is gone
+
+    # -- sending (any thread) --------------------------------------------------------------------
+    def _send(self, message: tuple) -> None:
+        if self.closed:
+            return
+        with self._send_lock:
+            try:
+                self.conn.send(message)
+            except (OSError, EOFError, ValueError):  # the API process is gone
+                self.closed = True
+
+    def emit(self, rid: int, token: int, logprob=None) -> None:
+        self._send(("token", rid, token, logprob))
+
+    def done(self, requests: list[Request], outcomes: dict[int, Outcome]) -> None:
+        self._send(("done", requests, outcomes))
+
+    def step(self, step: Step) -> None:
+        self._send(("step", step))
+
+    def stop(self, reason: str) -> None:
+        """End the live requests (``abort``) and stop taking any: the server is stopping."""
+        self._send(("stop", reason))
+
+    def fail(self, why: str) -> None:
+        """End the live requests with an error naming ``why``: a rank or the launcher is gone."""
+        self._send(("failed", why))
+
+    # -- receiving (the engine thread only) -------------------------------------------------------
+    def _take(self, message: tuple):
+        kind = message[0]
+        if kind == "state":
+            self._cancelled, self._queued = message[1], message[2]
+            return None
+        return message
+
+    def _poll(self) -> None:
+        """Read what the API sent so far, without waiting."""
+        try:
+            while not self.closed and self.conn.poll(0):
+                self._take(self.conn.recv())
+        except (OSError, EOFError):
+            self.closed = True
+
+    def next_batch(self, wait_s: float, limit: int | None = None) -> list[Request] | None:
+        """Up to ``limit`` queued requests, the API waiting up to ``wait_s`` for the first
+        ([] if none came; None: stop, or the API process is gone)."""
+        self._send(("next", wait_s, limit, self.stats()))
+        try:
+            while not self.closed:
+                message = self._take(self.conn.recv())
+                if message is not None and message[0] == "batch":
+                    return message[1]
+        except (OSError, EOFError):
+            self.closed = True
+        logger.warning("the API process is gone: stopping")
+        return None
+
+    def cancelled(self) -> set[int]:
+        self._poll()
+        return set(self._cancelled)
+
+    @property
+    def queued(self) -> int:
+        self._poll()
+        return self._queued
+
+
+class ApiLink:
+    """The API's end of the pipe: a thread that answers the engine from the frontend and hands
+    it the engine's tokens and outcomes.
+
+    Args:
+        conn: this end of the pipe.
+        front: the API process's frontend (queue, live requests, metrics).
+        on_stop: called with the reason when the engine side says stop (a signal to rank 0),
+            fails (``error=True``: a rank is gone), or is gone itself.
+    """
+
+    def __init__(self, conn: Connection, front, on_stop: Callable[[str, bool], None]) -> None:
+        self.conn, self.front, self.on_stop = conn, front, on_stop
+        self._send_lock = threading.Lock()
+        self.stats: EngineStats = (0, Estimates())
+        self.engine_gone = False
+        self._thread = threading.Thread(target=self._serve, name="engine-link", daemon=True)
+        front.on_change = self.push_state
+
+    def start(self) -> ApiLink:
+        self._thread.start()
+        return self
+
+    def _send(self, message: tuple) -> None:
+        # the engine gone: _serve sees it
+        with self._send_lock, contextlib.suppress(OSError, EOFError, ValueError):
+            self.conn.send(message)
+
+    def push_state(self) -> None:
+        """Tell the engine which requests were cancelled and how many wait (any thread)."""
+        self._send(("state", frozenset(self.front.cancelled()), self.front.queued))
+
+    def _serve(self) -> None:
+        front = self.front
+        try:
+            while True:
+                message = self.conn.recv()
+                kind = message[0]
+                if kind == "next":
+                    _, wait_s, limit, self.stats = message
+                    # at most a quarter second: a stop from rank 0 waits behind this call
+                    batch = front.next_batch(min(wait_s, 0.25), limit)
+                    self._send(("batch", batch))
+                    self.push_state()
+                elif kind == "token":
+                    front.emit(*message[1:])
+                elif kind == "done":
+                    front.done(message[1], message[2])
+                    self.push_state()
+                elif kind == "step":
+                    front.metrics.step(message[1])
+                elif kind in ("stop", "failed"):
+                    logger.info("the engine says %s: %s", kind, message[1])
+                    self.on_stop(message[1], kind == "failed")
+        except (OSError, EOFError):
+            self.engine_gone = not front.stopping.is_set()
+            if self.engine_gone:
+                self.on_stop("the engine stopped (rank 0 is gone)", True)
