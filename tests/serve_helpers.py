@@ -135,6 +135,15 @@ class Server:
                 ranks[int(rank)] = pid
         return [ranks[r] for r in sorted(ranks)]
 
+    def api_process(self) -> int | None:
+        """The pid of the API process rank 0 started (a child of rank 0), if it runs."""
+        ranks = self.ranks()
+        if not ranks:
+            return None
+        out = subprocess.run(["pgrep", "-P", str(ranks[0]), "-f", "multiprocessing.spawn"],
+                             capture_output=True, text=True).stdout.split()  # fmt: skip
+        return int(out[0]) if out else None
+
     def alive(self) -> bool:
         """Whether any process of the server is left (its group, or a rank in a session of
         its own)."""

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -351,6 +352,41 @@ def test_sigterm_mid_stream_aborts_the_stream_and_stops_every_rank_within_5s(
     assert took < 5, f"stopping took {took:.1f}s"
     assert stream.finish_reason == "abort" and stream.events[-1] == "[DONE]", stream.events[-3:]
     assert _shm() <= before
+
+
+def test_http_runs_in_an_api_process_and_a_sigterm_to_it_stops_every_rank(checkpoint, tmp_path):
+    """The HTTP front end is a process of its own (rank 0's child, listening on the port); a
+    signal to it aborts the live stream and stops the engine's ranks too."""
+    s = Server(checkpoint, 2, ["--cp", "2"], tmp_path / "serve.log")
+    try:
+        ranks, api = s.ranks(), s.api_process()
+        assert len(ranks) == 2 and api is not None and api not in ranks
+        listening = subprocess.run(["ss", "-ltnpH", f"sport = :{s.port}"], capture_output=True,
+                                   text=True).stdout  # fmt: skip
+        assert f"pid={api}," in listening and all(f"pid={r}," not in listening for r in ranks)
+        stream = Stream(s.url, {**STREAM, "max_tokens": 30000})
+        assert stream.started.wait(60)
+        t0 = time.monotonic()
+        os.kill(api, signal.SIGTERM)
+        stream.join()
+        took = s.wait_gone(t0, timeout_s=30)
+    finally:
+        s.stop()
+    assert took < 5, f"stopping took {took:.1f}s"
+    assert stream.finish_reason == "abort" and stream.events[-1] == "[DONE]", stream.events[-3:]
+    assert s.proc.returncode == 0
+
+
+def test_a_dead_api_process_stops_the_ranks(checkpoint, tmp_path):
+    s = Server(checkpoint, 2, ["--cp", "2"], tmp_path / "serve.log")
+    try:
+        t0 = time.monotonic()
+        os.kill(s.api_process(), signal.SIGKILL)
+        took = s.wait_gone(t0, timeout_s=30)
+    finally:
+        s.stop()
+    assert took < 10, f"the ranks took {took:.1f}s to exit"
+    assert s.proc.returncode != 0  # the API process died: not a clean stop
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
