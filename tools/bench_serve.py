@@ -76,7 +76,7 @@ def start_server(
                "--continuous-batching", "--device", "cpu", "--dtype", "float32",
                "--port", str(port), "--host", "127.0.0.1"]  # fmt: skip
         env["OMP_NUM_THREADS"] = str(threads)
-        health = "/v1/models"
+        health = "/health"
     else:
         model = ["--preset", preset] if checkpoint is None else ["--checkpoint", str(checkpoint)]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cp),

@@ -98,12 +98,40 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+#: On CPU, a float32 GEMM of at most this many rows (decode, a short chunk) runs on a copy of
+#: its weight prepacked for oneDNN: MKL's few-row GEMMs reach a fraction of the memory bandwidth
+#: (``tools/bench_step.py``). The copy doubles the CPU weights' memory; larger GEMMs keep MKL.
+PACKED_MAX_ROWS = 64
+
+
+def small_linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``F.linear(x, module.weight)``; on a CPU float32 GEMM of a few rows, through a oneDNN
+    copy of the weight packed at first use (and again if the weight changed in place)."""
+    w = module.weight
+    rows = x.shape[0] if x.dim() == 2 else 0
+    if not (0 < rows <= PACKED_MAX_ROWS and x.device.type == "cpu" and w.dtype == torch.float32
+            and x.dtype == torch.float32 and _ONEDNN):  # fmt: skip
+        return F.linear(x, w)
+    packed = module.__dict__.get("_onednn_packed")
+    if packed is None or packed[0] is not w or packed[1] != w._version:
+        with torch.no_grad():
+            packed = (w, w._version, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 8))
+        module.__dict__["_onednn_packed"] = packed
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed[2], None, "none", [], "")
+
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 class ColumnParallelLinear(nn.Linear):
     """``y_local = x @ W[rows].T``: holds output rows ``[start, stop)`` of the full weight."""
 
     def __init__(self, in_features: int, full_out: int, start: int, stop: int) -> None:
         super().__init__(in_features, stop - start, bias=False, device="meta")
         set_shard(self, "weight", Shard(0, start, stop, (full_out, in_features)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return small_linear(x, self)
 
 
 class RowParallelLinear(nn.Linear):
@@ -127,7 +155,7 @@ class RowParallelLinear(nn.Linear):
         self.all_reduce = all_reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = small_linear(x, self)
         return self.all_reduce(y) if self.all_reduce is not None else y
 
 
@@ -168,7 +196,7 @@ class VocabParallelLMHead(nn.Module):
         set_shard(self, "weight", Shard(0, start, stop, (vocab_size, dim)))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        local = F.linear(h, self.weight)  # (N, V_padded / tp)
+        local = small_linear(h, self)  # (N, V_padded / tp)
         if self.group is not None and dist.get_world_size(self.group) > 1:
             parts = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
             dist.all_gather(parts, local.contiguous(), group=self.group)
