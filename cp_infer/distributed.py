@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
+import torch
 import torch.distributed as dist
 
 __all__ = [
@@ -94,6 +95,12 @@ def on_all_ranks(fn: Callable[[], T], group=None) -> T:
     if _world(group) == 1:
         messages = [mine]
     else:
+        # one small all-reduce when every rank is fine (a server's every span); the messages,
+        # pickled, only when one failed
+        flag = torch.tensor([error is not None], dtype=torch.int32, device=_device(group))
+        dist.all_reduce(flag, group=group)
+        if not flag.item():
+            return result
         messages = [None] * dist.get_world_size(group)
         dist.all_gather_object(messages, mine, group=group)
     failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
@@ -103,6 +110,13 @@ def on_all_ranks(fn: Callable[[], T], group=None) -> T:
     if len(failed) < len(messages) or len({m for _, m in failed}) > 1:
         message = f"rank {rank}: {message}"
     raise RankFailure(message) from error
+
+
+def _device(group) -> torch.device:
+    """Where the group's collectives take tensors (NCCL: this rank's GPU)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _store():

@@ -280,7 +280,6 @@ class EngineCore:
         )
         self.timer = ChunkTimer(self.costs)
         self.sched = Scheduler(cp=self.pg.cp, device=runner.device)
-        self.live: dict[int, _Live] = {}  # by sequence, in order of admission
         self._mixed: tuple[float, float] | None = None  # the last mixed iteration's start, sizing
         self._next_seq = 0
         self.on_step: Callable[[Step], None] | None = None  # told of every forward pass
@@ -290,13 +289,19 @@ class EngineCore:
         self.on_failed_alone: Callable[[str], None] | None = None
 
     @property
+    def live(self) -> dict[int, _Live]:
+        """The requests in flight by sequence, in order of admission: the scheduler's running
+        sequences are the one registry, each carrying its request's record."""
+        return {s.seq: s.owner for s in self.sched.seqs}
+
+    @property
     def busy(self) -> bool:
-        return bool(self.live)
+        return bool(self.sched.seqs)
 
     @property
     def room(self) -> int:
         """Requests that may still be admitted."""
-        return max(self.max_batch - len(self.live), 0)
+        return max(self.max_batch - len(self.sched.seqs), 0)
 
     def live_requests(self) -> set[int]:
         return {x.request.rid for x in self.live.values()}
@@ -324,6 +329,7 @@ class EngineCore:
         )  # fmt: skip
         try:  # pure: every rank refuses alike, and a refusal ends this request alone
             gen = torch.Generator(device=self.runner.device).manual_seed(req.sampling.seed)
+            state.owner = _Live(req, state, outcome, gen, time.perf_counter())
             self.sched.admit(state, new, req.sampling.max_new_tokens, req.sampling.eos_ids)
         except Exception as e:
             self.runner.cache.free(state.seq)
@@ -332,7 +338,6 @@ class EngineCore:
             if done is not None:
                 done([req], {req.rid: outcome})
             return
-        self.live[state.seq] = _Live(req, state, outcome, gen, time.perf_counter())
 
     # -- offline: every request up front ------------------------------------------------------
     @torch.no_grad()
@@ -357,7 +362,7 @@ class EngineCore:
         on_step, self.on_step = self.on_step, steps.append
         self.contain = False
         try:
-            while waiting or self.live:
+            while waiting or self.busy:
                 admit, waiting = waiting[: self.room], waiting[self.room :]
                 for req in admit:
                     self._admit(req, done)
@@ -410,7 +415,6 @@ class EngineCore:
             on_all_ranks(iterations)
         except RankFailure as e:  # the requests in flight are in an unknown state: drop them
             failed = list(self.live.values())
-            self.live.clear()
             self.sched.seqs.clear()
             for x in failed:
                 self.runner.cache.free(x.state.seq)
@@ -440,7 +444,7 @@ class EngineCore:
         for i in range(SPAN):
             if i and sync and self._interrupted(interrupt):
                 return
-            if not self.live:
+            if not self.busy:
                 self._mixed = None
                 return
             t0 = time.perf_counter()
@@ -621,8 +625,8 @@ class EngineCore:
         are freed)."""
         finished = [x for x in self.live.values() if x.state.done]
         for x in finished:
-            del self.live[x.state.seq]
             s = self.sched.retire(x.state.seq)
+            s.owner = None
             o = x.outcome
             o.tokens = list(s.out)
             if o.finish_reason in ("cancelled", "error"):

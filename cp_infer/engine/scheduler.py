@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -44,6 +45,10 @@ class SequenceState:
         fed_cached: whether the last generated token is in the cache.
         max_new: this turn's token budget.
         eos_ids: tokens that end this turn.
+        prefilled: this turn's new tokens already prefilled.
+        owner: whoever runs the turn keeps its record here (the engine core: the request, its
+            outcome and generator), so the scheduler's sequences are the one registry of what
+            runs.
     """
 
     seq: int
@@ -57,6 +62,7 @@ class SequenceState:
     max_new: int = 0
     eos_ids: Collection[int] = ()
     prefilled: int = 0  # this turn's new tokens already prefilled (chunked prefill)
+    owner: Any = field(default=None, repr=False)  # the engine core's record of this turn
 
     @property
     def new(self) -> list[int]:
