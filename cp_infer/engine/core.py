@@ -65,7 +65,9 @@ ALONE_AFTER_S = 15.0
 
 Done = Callable[[list["Request"], dict[int, "Outcome"]], None]
 # (rid, token, its logprob and alternatives when the request asked for them)
-Emit = Callable[[int, int, "tuple[float, list[tuple[int, float]]] | None"], None]
+# called once per sampling with every token it produced: [(rid, token, logprob)], the logprob
+# being (its log-probability, its alternatives) when the request asked for them
+Emit = Callable[[list[tuple[int, int, "tuple[float, list[tuple[int, float]]] | None"]]], None]
 
 
 def check_request(
@@ -384,7 +386,7 @@ class EngineCore:
         iterations; the same call on every rank.
 
         Args:
-            emit: called with (rid, token, logprob) as each token is sampled (rank 0
+            emit: called with [(rid, token, logprob)] as each step's tokens are sampled (rank 0
                 streams them); logprob is (its log-probability, [(id, logprob)] of the most
                 likely) for a request with ``top_logprobs``, else None.
             done: called with finished requests and their outcomes (errors are agreed by
@@ -581,6 +583,7 @@ class EngineCore:
         self.sched.record_rows(batch, {
             x.state.seq: t for x, t in zip(lives, tokens, strict=True) if t >= 0
         } if rows else {})  # fmt: skip
+        events = []
         for j, (x, n) in enumerate(zip(lives, before, strict=True)):
             if len(x.state.out) > n:
                 if n == 0:
@@ -592,8 +595,9 @@ class EngineCore:
                     alts = alternatives[j][: x.request.top_logprobs]
                     x.outcome.top_logprobs.append(alts)
                     logprob = (chosen[j], alts)
-                if emit is not None:
-                    emit(x.request.rid, x.state.out[-1], logprob)
+                events.append((x.request.rid, x.state.out[-1], logprob))
+        if emit is not None and events:
+            emit(events)  # one message for the step's tokens, not one per token
 
     def _draw(self, logits, rows: Sequence[int], lives: list[_Live]) -> tuple[torch.Tensor, dict]:
         """Each row's token by its request's sampling, all rows in one pass. If that fails,

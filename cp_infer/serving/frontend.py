@@ -189,13 +189,19 @@ class Frontend:
                 self.metrics.scheduled(p.request.rid)
         return [p.request for p in batch if p not in gone]
 
-    def emit(self, rid: int, token: int, logprob=None) -> None:
-        p = self._live.get(rid)
-        if p is not None:
-            self.metrics.token(rid)
-            event = token if logprob is None else (token, logprob)
+    def emit(self, events: list[tuple]) -> None:
+        """A step's tokens, (rid, token, logprob) each, to their handlers: one wake-up of each
+        event loop for all of them."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for rid, token, logprob in events:
+            p = self._live.get(rid)
+            if p is not None:
+                self.metrics.token(rid)
+                event = token if logprob is None else (token, logprob)
+                by_loop.setdefault(p.loop, []).append((p.events, event))
+        for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # a closed event loop: nobody waits
-                p.loop.call_soon_threadsafe(p.events.put_nowait, event)
+                loop.call_soon_threadsafe(_deliver, items)
 
     def cancelled(self) -> set[int]:
         with self._lock:
@@ -379,6 +385,11 @@ class QueueFull(RuntimeError):
 
 class ShuttingDown(RuntimeError):
     """The server is stopping, or a rank failed: no request is taken any more (503)."""
+
+
+def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for events, event in items:
+        events.put_nowait(event)
 
 
 def fresh_seed() -> int:

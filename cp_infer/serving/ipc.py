@@ -5,16 +5,13 @@ HTTP, validation, tokenization, detokenization and streaming run in an API proce
 thread and the API process talk over one duplex ``multiprocessing`` pipe, each end read by one
 thread only:
 
-================================  ==========================================================
-engine -> API                     API -> engine
-================================  ==========================================================
-``("next", wait_s, limit, stats)``  ``("batch", requests | None)``: the answer to ``next``
-``("token", rid, token, logprob)``  ``("state", cancelled, queued)``: whenever they change
-``("done", requests, outcomes)``
-``("step", Step)``                (metrics)
-``("stop", reason)``              rank 0 got a signal: end the live requests (``abort``)
-``("failed", why)``               a rank or the launcher is gone: end them with an error
-================================  ==========================================================
+- engine -> API: ``("next", wait_s, limit, stats, steps)`` asks for requests;
+  ``("tokens", [(rid, token, logprob)], steps)`` carries a step's sampled tokens;
+  ``("done", requests, outcomes)`` ends requests; ``("stop", reason)`` (rank 0 got a signal:
+  end the live requests as ``abort``); ``("failed", why)`` (a rank or the launcher is gone:
+  end them with an error). ``steps`` are the forward passes since the last message (metrics).
+- API -> engine: ``("batch", requests | None)`` answers ``next`` (None: stop);
+  ``("state", cancelled, queued)`` whenever a request is queued or cancelled.
 
 :class:`EngineLink` is the engine's end: it gives :meth:`ServeLoop.lead
 <cp_infer.serving.loop.ServeLoop.lead>` the same callables the in-process
@@ -59,6 +56,7 @@ class EngineLink:
         self._send_lock = threading.Lock()
         self._cancelled: frozenset[int] = frozenset()
         self._queued = 0
+        self._steps: list[Step] = []  # forward passes not yet told (metrics)
         self.closed = False  # the API process is gone
 
     # -- sending (any thread) --------------------------------------------------------------------
@@ -71,14 +69,18 @@ class EngineLink:
             except (OSError, EOFError, ValueError):  # the API process is gone
                 self.closed = True
 
-    def emit(self, rid: int, token: int, logprob=None) -> None:
-        self._send(("token", rid, token, logprob))
+    def emit(self, events: list[tuple]) -> None:
+        """A step's sampled tokens, (rid, token, logprob) each, in one message (with the steps
+        that ran since the last message, for the metrics)."""
+        steps, self._steps = self._steps, []
+        self._send(("tokens", events, steps))
 
     def done(self, requests: list[Request], outcomes: dict[int, Outcome]) -> None:
         self._send(("done", requests, outcomes))
 
     def step(self, step: Step) -> None:
-        self._send(("step", step))
+        """Kept for the next message: one wake-up of the API process per step, not two."""
+        self._steps.append(step)
 
     def stop(self, reason: str) -> None:
         """End the live requests (``abort``) and stop taking any: the server is stopping."""
@@ -107,7 +109,8 @@ class EngineLink:
     def next_batch(self, wait_s: float, limit: int | None = None) -> list[Request] | None:
         """Up to ``limit`` queued requests, the API waiting up to ``wait_s`` for the first
         ([] if none came; None: stop, or the API process is gone)."""
-        self._send(("next", wait_s, limit, self.stats()))
+        steps, self._steps = self._steps, []
+        self._send(("next", wait_s, limit, self.stats(), steps))
         try:
             while not self.closed:
                 message = self._take(self.conn.recv())
@@ -167,18 +170,20 @@ class ApiLink:
                 message = self.conn.recv()
                 kind = message[0]
                 if kind == "next":
-                    _, wait_s, limit, self.stats = message
+                    _, wait_s, limit, self.stats, steps = message
+                    for step in steps:
+                        front.metrics.step(step)
                     # at most a quarter second: a stop from rank 0 waits behind this call
                     batch = front.next_batch(min(wait_s, 0.25), limit)
                     self._send(("batch", batch))
                     self.push_state()
-                elif kind == "token":
-                    front.emit(*message[1:])
+                elif kind == "tokens":
+                    front.emit(message[1])
+                    for step in message[2]:
+                        front.metrics.step(step)
                 elif kind == "done":
                     front.done(message[1], message[2])
                     self.push_state()
-                elif kind == "step":
-                    front.metrics.step(message[1])
                 elif kind in ("stop", "failed"):
                     logger.info("the engine says %s: %s", kind, message[1])
                     self.on_stop(message[1], kind == "failed")
