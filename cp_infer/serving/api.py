@@ -1,4 +1,4 @@
-"""The HTTP front end on rank 0: the FastAPI app, its error handling and small endpoints.
+"""The HTTP front end in the API process: the FastAPI app, its error handling and small endpoints.
 
 The generation endpoints live beside it (:mod:`~cp_infer.serving.openai_api`,
 :mod:`~cp_infer.serving.megatron_api`); all of them share one

@@ -1,9 +1,10 @@
-"""The bridge between the HTTP handlers (the event loop) and the engine thread, on rank 0.
+"""The bridge between the HTTP handlers (the event loop) and the engine, in the API process.
 
 Handlers check a request against the model (:meth:`Frontend.make_request`), queue it
-(:meth:`Frontend.submit`) and read its tokens from a :class:`Pending`; the engine thread takes
-queued requests (:meth:`Frontend.next_batch`), hands back each token as it is sampled
-(:meth:`Frontend.emit`) and the outcome when a request ends (:meth:`Frontend.done`). A client
+(:meth:`Frontend.submit`) and read its tokens from a :class:`Pending`; the engine, through the
+pipe to rank 0 (:class:`~cp_infer.serving.ipc.ApiLink`), takes queued requests
+(:meth:`Frontend.next_batch`), hands back each step's tokens (:meth:`Frontend.emit`) and the
+outcome when a request ends (:meth:`Frontend.done`). A client
 that leaves, or a stop string met, cancels its request (:meth:`Frontend.cancel`); the engine
 stops it at its next orders. When the server stops or a rank fails, :meth:`Frontend.abort_all`
 ends every live request at once with an outcome that says why, and no new one is taken.
@@ -50,7 +51,7 @@ class Pending:
 
 
 class Frontend:
-    """What the HTTP handlers and the engine thread share on rank 0.
+    """What the HTTP handlers and the engine's link share in the API process.
 
     Args:
         tokenizer: a transformers tokenizer of the checkpoint, or None (token ids only).

@@ -1,8 +1,8 @@
 """What the server has done, for Prometheus (``GET /metrics``) and for its log.
 
-:class:`ServerMetrics` lives on rank 0. The HTTP handlers report requests as they are submitted
-or refused, the engine thread as they are scheduled, get a token and finish, and the engine as
-it runs each step (:class:`~cp_infer.engine.core.Step`). The names follow vLLM's where they mean the same thing
+:class:`ServerMetrics` lives in the API process. The HTTP handlers report requests as they are
+submitted or refused, the engine's link as they are scheduled, get a token and finish, and as
+the engine runs each step (:class:`~cp_infer.engine.core.Step`). The names follow vLLM's where they mean the same thing
 (``time_to_first_token_seconds``, ``time_per_output_token_seconds``, ...), prefixed
 ``cp_infer_``, so that dashboards built for one read the other with a new prefix.
 
