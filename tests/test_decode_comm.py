@@ -106,3 +106,35 @@ def test_moe_decode_routes_each_token_once_and_matches_routing_everywhere(dist_p
     assert [r[0] for r in dist_pool(2).run(_moe_decode_rank, "collective", timeout_s=TIMEOUT)] == [
         tokens
     ] * 2
+
+
+def _dense_decode_rank(cp: int):
+    """tiny-llama decode: each CP rank runs its share of the decode tokens through the FFN."""
+    from cp_infer.checkpoint import RandomSource, load_weights
+    from cp_infer.engine import SamplingConfig, generate
+    from cp_infer.models import get_preset
+    from cp_infer.parallel import parallelize
+    from cp_infer.sharding import ShardLayout
+    from parallel_state import parallel_groups
+
+    cfg = get_preset("tiny-llama")
+    prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10], [11, 12, 13, 14]]
+    max_new = 4
+    rows = []
+    with parallel_groups(cp=cp, timeout_s=60) as pg:
+        model = parallelize(cfg, pg, torch.float32)
+        load_weights(model, RandomSource(0, cfg))
+        ffn = next(iter(model.layers.values())).feed_forward
+        ffn.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
+        r = generate(model, pg, prompts, SamplingConfig(max_new_tokens=max_new))
+        prefill = ShardLayout([len(p) for p in prompts], pg.cp).t_local
+    return r.tokens, r.first_logits, sum(rows) - prefill, len(prompts) * (max_new - 1)
+
+
+def test_dense_decode_runs_each_token_through_the_ffn_once_over_the_cp_ranks(dist_pool):
+    tokens, logits, _, _ = dist_pool(1).run(_dense_decode_rank, 1, timeout_s=TIMEOUT)[0]
+    split = dist_pool(2).run(_dense_decode_rank, 2, timeout_s=TIMEOUT)
+    assert all(r[0] == tokens for r in split)  # the same generations as one rank
+    torch.testing.assert_close(split[0][1], logits, atol=1e-5, rtol=0)
+    # over the two CP ranks, every decode token went through the FFN once
+    assert sum(r[2] for r in split) == split[0][3]

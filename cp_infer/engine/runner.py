@@ -29,7 +29,7 @@ from cp_infer.engine.attention import DecodeAttention, MixedAttention, PrefillAt
 from cp_infer.engine.batch import StepBatch
 from cp_infer.engine.kv_cache import MAX_SEGMENTS, KVCache
 from cp_infer.engine.sampling import logprobs_of
-from cp_infer.models.llama import ForwardContext, TokenSplit, Transformer
+from cp_infer.models.llama import ForwardContext, TokenSplit, Transformer, split_tokens
 from cp_infer.parallel.pipeline import recv_activation, send_activation
 from cp_infer.sharding import unshard
 from parallel_state import ParallelGroups
@@ -160,11 +160,13 @@ class ModelRunner:
         else:
             n_local_heads = next(iter(self.model.layers.values())).attention.n_local_heads
             partials = 4 * n_local_heads * batch.n_seqs * (self.cfg.head_dim + 1)
-            moe_share = -(-batch.n_seqs // pg.cp) * self.cfg.dim * self.dtype.itemsize
-            exchange = self._decode_exchange(max(partials, moe_share))
+            per = -(-batch.n_seqs // pg.cp)  # tokens a CP rank runs through the FFN and head
+            shares = per * max(self.cfg.dim * self.dtype.itemsize, 4 * self.cfg.vocab_size)
+            exchange = self._decode_exchange(max(partials, shares))
             attention = DecodeAttention(batch, self.cache, exchange, self.kernel)
-            if exchange is not None and self.cfg.is_moe and pg.ep > 1:
-                # the token is on every CP rank: route it to the experts from one of them only
+            if exchange is not None and (batch.n_seqs >= pg.cp or (self.cfg.is_moe and pg.ep > 1)):
+                # the tokens are on every CP rank: each runs its share of them through the FFN
+                # (routes them to the experts) and the LM head, and the shares are gathered
                 token_split = TokenSplit(pg.cp_rank, pg.cp, exchange.all_gather)
         bar = tqdm(
             total=len(self.model.layer_ids), desc=f"prefill {batch.n_tokens} tokens",
@@ -191,7 +193,7 @@ class ModelRunner:
             if prompt_logprobs:
                 out = self._prompt_logprobs(h, batch, prompt_top)
             h = self._last_token_hidden(h, batch)
-        out.logits = self.model.logits(h)
+        out.logits = split_tokens(self.model.logits, h, token_split)
         return out
 
     @torch.no_grad()

@@ -22,7 +22,7 @@ from torch import nn
 from cp_infer.models.config import ModelConfig
 from cp_infer.models.rope import apply_rope, inv_frequencies, rope_cos_sin
 
-__all__ = ["ForwardContext", "MoE", "TokenSplit", "Transformer"]
+__all__ = ["ForwardContext", "MoE", "TokenSplit", "Transformer", "split_tokens"]
 
 # (q (H, T, D), k (H_kv, T, D), v (H_kv, T, D), layer_id) -> out (H, T, D)
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -31,7 +31,8 @@ AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Te
 @dataclass(frozen=True)
 class TokenSplit:
     """The pass's tokens are the same on every rank of a group (decode under CP): each rank
-    sends only its share of them through the experts, and the outputs are gathered.
+    sends only its share of them through the token-wise layers (the FFN or the experts, the LM
+    head), and the outputs are gathered (:func:`split_tokens`).
 
     Attributes:
         rank: this rank's index in the group.
@@ -44,6 +45,23 @@ class TokenSplit:
     all_gather: Callable[[torch.Tensor], list[torch.Tensor]]
 
 
+def split_tokens(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, split: TokenSplit | None
+) -> torch.Tensor:
+    """``fn(x)`` for a token-wise ``fn``; with ``split``, each rank computes a contiguous share
+    of the tokens and the shares are gathered (padded to one shape), so every token goes
+    through ``fn`` once over the group instead of once per rank."""
+    if split is None or split.size == 1:
+        return fn(x)
+    t = x.shape[0]
+    per = -(-t // split.size)
+    lo, hi = min(split.rank * per, t), min((split.rank + 1) * per, t)
+    y = fn(x[lo:hi])
+    share = y.new_zeros((per, *y.shape[1:]))
+    share[: hi - lo] = y
+    return torch.cat(split.all_gather(share))[:t]
+
+
 @dataclass
 class ForwardContext:
     """What a forward pass needs besides the tokens: their positions and the attention.
@@ -52,7 +70,7 @@ class ForwardContext:
         positions: (T,) position of every token within its sequence.
         attention: computes exact attention for one layer (ring attention, KV cache, ...).
         on_layer: called after each layer (progress reporting on long prefills).
-        token_split: MoE layers route only this rank's share of the tokens (see
+        token_split: the FFN (or the experts) runs only this rank's share of the tokens (see
             :class:`TokenSplit`); None: every token.
     """
 
@@ -151,16 +169,8 @@ class MoE(nn.Module):
         return idx, weight.to(x.dtype)
 
     def forward(self, x: torch.Tensor, split: TokenSplit | None = None) -> torch.Tensor:
-        if split is None or split.size == 1:
-            return self._experts(x)
-        # the same tokens on every rank of the split: route a contiguous share each, so every
-        # token meets its experts once, then gather the shares (padded to one shape)
-        t = x.shape[0]
-        per = -(-t // split.size)
-        lo, hi = min(split.rank * per, t), min((split.rank + 1) * per, t)
-        share = x.new_zeros(per, x.shape[1])
-        share[: hi - lo] = self._experts(x[lo:hi])
-        return torch.cat(split.all_gather(share))[:t]
+        # with a split, every token meets its experts once over the group
+        return split_tokens(self._experts, x, split)
 
     def _experts(self, x: torch.Tensor) -> torch.Tensor:
         self.tokens_routed += x.shape[0]
@@ -181,7 +191,7 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), cos, sin, ctx)
         if isinstance(self.feed_forward, MoE):
             return h + self.feed_forward(self.ffn_norm(h), ctx.token_split)
-        return h + self.feed_forward(self.ffn_norm(h))
+        return h + split_tokens(self.feed_forward, self.ffn_norm(h), ctx.token_split)
 
 
 class Transformer(nn.Module):
