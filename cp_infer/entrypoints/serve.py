@@ -125,6 +125,10 @@ def run(args, argv: list[str]) -> int:
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # else: no launcher to watch
     device = start_ranks(args, argv)
     cfg, eos, fmt = on_all_ranks(lambda: _check(args, dist.get_world_size()))
+    eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or ()))
+    # the API process starts while the ranks load the model (its /health says "starting" until
+    # the engine first asks for requests)
+    api = _start_api(args, cfg, eos_ids, device) if dist.get_rank() == 0 else None
     with parallel_groups(
         tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep, timeout_s=args.timeout
     ) as pg:
@@ -150,8 +154,7 @@ def run(args, argv: list[str]) -> int:
         dist.broadcast_object_list(run_id, src=0)
         if dist.get_rank() != 0:
             return _follow(loop, run_id[0], launched)
-        eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or ()))
-        return _serve(args, loop, cfg, eos_ids, device, run_id[0], launched)
+        return _serve(loop, *api, run_id[0], launched)
 
 
 def _follow(loop, run_id: str, launched: bool) -> int:
@@ -165,22 +168,20 @@ def _follow(loop, run_id: str, launched: bool) -> int:
     return 0
 
 
-def _serve(args, loop, cfg, eos_ids, device, run_id: str, launched: bool) -> int:
-    """Rank 0: start the API process, lead the engine, and stop everything together."""
+def _start_api(args, cfg, eos_ids, device):
+    """Rank 0: spawn the API process; returns it and this end of its pipe."""
     import multiprocessing
 
     from cp_infer.serving.api_process import ApiSettings, run_api
-    from cp_infer.serving.ipc import EngineLink
-    from cp_infer.serving.lifecycle import STOP_GRACE_S, Watchdog
 
-    engine = loop.engine
     settings = ApiSettings(
         host=args.host, port=args.port, model_name=args.model_name or cfg.name,
         checkpoint=None if args.checkpoint is None else str(args.checkpoint),
         vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, max_batch=args.max_batch_size,
         max_queue=args.max_queue, eos_ids=eos_ids,
         info={k: str(getattr(args, k)) for k in ("tp", "cp", "pp", "ep")},
-        tbt_slo_s=engine.tbt_slo_s, log_level=logging.getLogger().getEffectiveLevel(),
+        tbt_slo_s=None if args.tbt_slo_ms is None else args.tbt_slo_ms / 1000,
+        log_level=logging.getLogger().getEffectiveLevel(),
         memory=(args, cfg, device_memory(args.device_memory, device)),
     )  # fmt: skip
     ctx = multiprocessing.get_context("spawn")
@@ -188,7 +189,16 @@ def _serve(args, loop, cfg, eos_ids, device, run_id: str, launched: bool) -> int
     api = ctx.Process(target=run_api, args=(there, settings), name="cp_infer-api", daemon=True)
     api.start()
     there.close()
-    link = EngineLink(here, lambda: (engine.retained.tokens, engine.timer.estimates))
+    return api, here
+
+
+def _serve(loop, api, conn, run_id: str, launched: bool) -> int:
+    """Rank 0: lead the engine beside the API process, and stop everything together."""
+    from cp_infer.serving.ipc import EngineLink
+    from cp_infer.serving.lifecycle import STOP_GRACE_S, Watchdog
+
+    engine = loop.engine
+    link = EngineLink(conn, lambda: (engine.retained.tokens, engine.timer.estimates))
     engine.on_step = link.step
     failures: list[str] = []
 

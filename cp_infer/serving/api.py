@@ -20,7 +20,7 @@ import logging
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from cp_infer.serving.frontend import BadRequest, Frontend, QueueFull, ShuttingDown
 from cp_infer.serving.http_util import error_response
@@ -78,6 +78,8 @@ def build_app(front: Frontend) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if not front.ready.is_set():  # the ranks are still loading the model
+            return JSONResponse({"status": "starting"}, status_code=503)
         return {"status": "ok", "queued": front.queued, "live": front.live}
 
     @app.get("/metrics")

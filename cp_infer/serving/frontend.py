@@ -84,6 +84,7 @@ class Frontend:
         self.created = int(time.time())
         # told when a request is queued or cancelled (the engine's link pushes it on)
         self.on_change: Callable[[], None] | None = None
+        self.ready = threading.Event()  # the engine runs (set when it first asks for requests)
         self.metrics = ServerMetrics(
             waiting=lambda: self.queued, running=lambda: max(self.live - self.queued, 0),
             info={"model_name": model_name, **(info or {})},

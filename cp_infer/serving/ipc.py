@@ -170,6 +170,7 @@ class ApiLink:
                 message = self.conn.recv()
                 kind = message[0]
                 if kind == "next":
+                    front.ready.set()
                     _, wait_s, limit, self.stats, steps = message
                     for step in steps:
                         front.metrics.step(step)
