@@ -105,7 +105,15 @@ _SOURCES = ("prompt", "token_ids", "turns")
 
 
 class RequestError(ValueError):
-    """A request that does not fit the schema; the message names where and what."""
+    """A request that does not fit the schema or the model; the message names where and what.
+
+    Attributes:
+        param: the request field at fault (``prompt``, or the token budget's name), when known.
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class GenerateRequest(BaseModel):

@@ -51,6 +51,7 @@ from cp_infer.engine.chunking import ChunkTimer, Estimates, StepCosts, choose_ch
 from cp_infer.engine.runner import ModelRunner
 from cp_infer.engine.sampling import SamplingConfig, sample_rows
 from cp_infer.engine.scheduler import Scheduler, SequenceState
+from cp_infer.schema import RequestError
 
 __all__ = [
     "EngineCore", "Orders", "Outcome", "PrefixCache", "Request", "Step", "check_request",
@@ -74,8 +75,9 @@ def check_request(
     tokens: Sequence[int], max_new: int, *, vocab_size: int, max_seq_len: int,
     earlier: int = 0, name: str = "the prompt", budget: str = "max_tokens",
 ) -> None:  # fmt: skip
-    """The one check of a request against the model, before admission: ValueError naming the
-    fix. Pure, so every rank raises alike.
+    """The one check of a request against the model, before admission: a
+    :class:`~cp_infer.schema.RequestError` naming the fix and the field at fault (``prompt`` or
+    ``budget``). Pure, so every rank raises alike.
 
     Args:
         tokens: the request's new tokens.
@@ -85,17 +87,20 @@ def check_request(
         budget: how the door names the token budget (``max_tokens``, ``--max-new-tokens``).
     """
     if len(tokens) == 0:
-        raise ValueError(f"{name} is empty: give at least one token")
+        raise RequestError(f"{name} is empty: give at least one token", "prompt")
     bad = [t for t in tokens if not 0 <= t < vocab_size]
     if bad:
-        raise ValueError(f"{name} has token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+        raise RequestError(
+            f"{name} has token ids {bad[:5]} outside the vocabulary [0, {vocab_size})", "prompt"
+        )
     total = earlier + len(tokens) + max_new
     if total > max_seq_len:
         after = f" after up to {earlier} tokens of earlier turns" if earlier else ""
-        raise ValueError(
+        raise RequestError(
             f"{name} has {len(tokens)} tokens{after}; with {budget}={max_new} the context "
             f"({total}) exceeds the model's max_seq_len={max_seq_len}: shorten the prompt or "
-            f"lower {budget}"
+            f"lower {budget}",
+            budget,
         )
 
 
@@ -267,16 +272,12 @@ class EngineCore:
         tbt_slo_s: float | None = None, costs: StepCosts | None = None, fuse: bool = True,
         variant: str = "auto", prefill_chunk: int | None = None, progress: bool = False,
     ) -> None:  # fmt: skip
-        if prefill_chunk is not None and prefill_chunk < 1:
-            raise ValueError(f"the prefill chunk must be >= 1 token, got {prefill_chunk}")
+        self.configure(variant=variant, prefill_chunk=prefill_chunk, progress=progress)
         self.runner = runner
         self.cfg = runner.cfg
         self.pg = runner.pg
         self.retained = PrefixCache(math.inf if max_cache_tokens is None else max_cache_tokens)
         self.max_batch, self.tbt_slo_s, self.fuse = max_batch, tbt_slo_s, fuse
-        if variant not in (*VARIANTS, "auto"):
-            raise ValueError(f"unknown variant {variant!r}; choose one of {[*VARIANTS, 'auto']}")
-        self.variant, self.prefill_chunk, self.progress = variant, prefill_chunk, progress
         self.costs = costs or StepCosts.from_hardware(
             self.cfg, runner.hardware, cp=self.pg.cp, tp=self.pg.tp
         )
@@ -289,6 +290,14 @@ class EngineCore:
         self.contain = True
         # told when this rank failed out of step with the others (default: exit at once)
         self.on_failed_alone: Callable[[str], None] | None = None
+
+    def configure(self, *, variant: str, prefill_chunk: int | None, progress: bool) -> None:
+        """How prefills run from now on (``generate`` sets them per call); checked here."""
+        if variant not in (*VARIANTS, "auto"):
+            raise ValueError(f"unknown variant {variant!r}; choose one of {[*VARIANTS, 'auto']}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"the prefill chunk must be >= 1 token, got {prefill_chunk}")
+        self.variant, self.prefill_chunk, self.progress = variant, prefill_chunk, progress
 
     @property
     def live(self) -> dict[int, _Live]:
@@ -489,7 +498,8 @@ class EngineCore:
         batch = sched.prefill_batch(
             lambda new, cached: runner.resolve_variant(self.variant, new, cached), take=take
         )
-        lives = [self.live[seq] for seq in batch.seqs]
+        live = self.live
+        lives = [live[seq] for seq in batch.seqs]
         want = any(x.request.logprobs for x in lives)
         top = max((x.request.top_logprobs or 0 for x in lives if x.request.logprobs), default=0)
         t0 = time.perf_counter()
@@ -545,7 +555,7 @@ class EngineCore:
         take: dict[int, int] = {}
         for s in pending:
             left = len(s.new) - s.prefilled
-            whole = self.live[s.seq].request.logprobs  # prompt logprobs need one pass
+            whole = s.owner.request.logprobs  # prompt logprobs need one pass
             if budget is None or (whole and not take):
                 n = left if whole or self.prefill_chunk is None else min(left, self.prefill_chunk)
             elif whole or budget <= 0:
@@ -560,7 +570,8 @@ class EngineCore:
     def _sample(self, batch, logits, rows: Sequence[int], emit) -> None:
         """Sample each row's next token with its request's own generator (an answer does not
         depend on its batch), share it along the pipeline and record it."""
-        lives = [self.live[batch.seqs[r]] for r in rows]
+        live = self.live
+        lives = [live[batch.seqs[r]] for r in rows]
         if rows:
             tokens, failed = None, {}
             want = any(x.request.wants_logprobs for x in lives)

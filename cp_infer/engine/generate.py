@@ -19,7 +19,6 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from cp_infer.attention import VARIANTS
 from cp_infer.attention.selector import Hardware
 from cp_infer.engine.core import EngineCore, Request, check_request
 from cp_infer.engine.runner import ModelRunner
@@ -123,8 +122,6 @@ def generate(
             samples from a generator of its own: its tokens do not depend on the batch.
         names: the prompts' names in error messages (a JSONL line's ``id``, say).
     """
-    if variant not in (*VARIANTS, "auto"):
-        raise ValueError(f"unknown variant {variant!r}; choose one of {[*VARIANTS, 'auto']}")
     conv = conversation if conversation is not None else Conversation()
     history = conv.history or [[] for _ in prompts]
     if len(history) != len(prompts):
@@ -149,7 +146,7 @@ def generate(
         )  # fmt: skip
         conv.engine = EngineCore(runner, max_cache_tokens=None, max_batch=len(prompts))
     engine = conv.engine
-    engine.variant, engine.prefill_chunk, engine.progress = variant, prefill_chunk, progress
+    engine.configure(variant=variant, prefill_chunk=prefill_chunk, progress=progress)
     requests = [
         Request(next(conv._ids), tuple(h + list(p)), replace(sampling, seed=seed),
                 top_logprobs=logprobs, first_logits=True)

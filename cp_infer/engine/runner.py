@@ -4,12 +4,13 @@ It owns what lives as long as the model: the KV cache, the kernel, and the CP gr
 exchange. :meth:`ModelRunner.step` runs one forward pass of a batch on this rank (receiving the
 previous stage's hidden states and sending its own to the next stage), lets the cache keep what
 the batch's plan says, and on the last stage returns the logits of every sequence's next token.
-Sampling is the caller's; :meth:`ModelRunner.share_tokens` hands the sampled tokens to every
-stage so that all ranks feed the same next step::
+Sampling is the caller's; :meth:`ModelRunner.share` hands the sampled tokens to every stage so
+that all ranks feed the same next step::
 
     runner = ModelRunner(model, pg)
     out = runner.step(batch)                       # out.logits: (B, V) on the last stage
-    tokens = runner.share_tokens(sample(out.logits) if out.logits is not None else None, batch)
+    tokens = sample(out.logits) if out.logits is not None else None
+    tokens = runner.share(tokens, (batch.n_seqs,), torch.long)
 """
 
 from __future__ import annotations
@@ -246,8 +247,9 @@ class ModelRunner:
         self.cache.commit()
         if h is None:
             return StepOutput()
-        out = self._prompt_logprobs(h[:split], prefill, prompt_top) if prompt_logprobs else None
-        out = out or StepOutput()
+        out = StepOutput()
+        if prompt_logprobs:
+            out = self._prompt_logprobs(h[:split], prefill, prompt_top)
         last = self._last_token_hidden(h[:split], prefill)
         # one LM head pass over both: its weight is read once (it can be the largest GEMM of a
         # step of a few rows, and CPU GEMMs of a few rows read their weight once per row)
@@ -295,10 +297,6 @@ class ModelRunner:
             dist.all_gather(parts, mine.to(self.device), group=self.pg.cp_group)
             parts = [x.cpu() for x in parts]
         return unshard(parts, batch.layout)
-
-    def share_tokens(self, tokens: torch.Tensor | None, batch: StepBatch) -> torch.Tensor:
-        """The tokens sampled on the last stage, on every stage of this pipeline."""
-        return self.share(tokens, (batch.n_seqs,), torch.long)
 
     def share(self, values: torch.Tensor | None, shape, dtype) -> torch.Tensor:
         """A tensor the last stage computed, on every stage of this pipeline."""

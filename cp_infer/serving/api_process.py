@@ -93,9 +93,7 @@ def run_api(conn: Connection, settings: ApiSettings) -> None:
     def stop(reason: str, error: bool) -> None:
         if error:
             failed.append(reason)
-            front.abort_all(reason, finish_reason="error")
-        else:
-            front.abort_all(reason)
+        front.abort_all(reason, finish_reason="error" if error else "abort")
         server.should_exit = True
 
     link = ApiLink(conn, front, stop)

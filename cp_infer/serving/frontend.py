@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from cp_infer.engine.core import Outcome, Request, check_request
 from cp_infer.engine.sampling import SamplingConfig
+from cp_infer.schema import RequestError
 from cp_infer.serving.metrics import ServerMetrics
 from cp_infer.serving.text import StopStrings, TextStream
 
@@ -110,8 +111,8 @@ class Frontend:
         try:
             check_request(tokens, sampling.max_new_tokens, vocab_size=self.vocab_size,
                           max_seq_len=self.max_seq_len, budget=budget)  # fmt: skip
-        except ValueError as e:
-            raise BadRequest(str(e), "prompt" if "exceeds" not in str(e) else budget) from e
+        except RequestError as e:
+            raise BadRequest(str(e), e.param) from e
         if self.check_memory is not None:
             try:
                 self.check_memory(len(tokens) + sampling.max_new_tokens)

@@ -72,8 +72,7 @@ class EngineLink:
     def emit(self, events: list[tuple]) -> None:
         """A step's sampled tokens, (rid, token, logprob) each, in one message (with the steps
         that ran since the last message, for the metrics)."""
-        steps, self._steps = self._steps, []
-        self._send(("tokens", events, steps))
+        self._send(("tokens", events, self._untold_steps()))
 
     def done(self, requests: list[Request], outcomes: dict[int, Outcome]) -> None:
         self._send(("done", requests, outcomes))
@@ -81,6 +80,10 @@ class EngineLink:
     def step(self, step: Step) -> None:
         """Kept for the next message: one wake-up of the API process per step, not two."""
         self._steps.append(step)
+
+    def _untold_steps(self) -> list[Step]:
+        steps, self._steps = self._steps, []
+        return steps
 
     def stop(self, reason: str) -> None:
         """End the live requests (``abort``) and stop taking any: the server is stopping."""
@@ -109,8 +112,7 @@ class EngineLink:
     def next_batch(self, wait_s: float, limit: int | None = None) -> list[Request] | None:
         """Up to ``limit`` queued requests, the API waiting up to ``wait_s`` for the first
         ([] if none came; None: stop, or the API process is gone)."""
-        steps, self._steps = self._steps, []
-        self._send(("next", wait_s, limit, self.stats(), steps))
+        self._send(("next", wait_s, limit, self.stats(), self._untold_steps()))
         try:
             while not self.closed:
                 message = self._take(self.conn.recv())
@@ -146,7 +148,6 @@ class ApiLink:
         self.conn, self.front, self.on_stop = conn, front, on_stop
         self._send_lock = threading.Lock()
         self.stats: EngineStats = (0, Estimates())
-        self.engine_gone = False
         self._thread = threading.Thread(target=self._serve, name="engine-link", daemon=True)
         front.on_change = self.push_state
 
@@ -189,6 +190,5 @@ class ApiLink:
                     logger.info("the engine says %s: %s", kind, message[1])
                     self.on_stop(message[1], kind == "failed")
         except (OSError, EOFError):
-            self.engine_gone = not front.stopping.is_set()
-            if self.engine_gone:
+            if not front.stopping.is_set():  # not a stop this process asked for
                 self.on_stop("the engine stopped (rank 0 is gone)", True)
