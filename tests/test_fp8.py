@@ -161,7 +161,7 @@ def test_fp8_ring_and_cache_bytes_are_at_most_055_of_bf16(dist_pool):
     sizes = []
     for kv_dtype in ("auto", "fp8_e4m3"):
         cache = KVCache([0, 1], 8, 128, torch.bfloat16, kv_dtype=kv_dtype)
-        cache.plan([StorePlan(0, 0, tuple(range(100)), reserve=100)])
+        cache.plan([[StorePlan(0, 0, tuple(range(100)))]])
         cache.commit()
         sizes.append(cache.nbytes())
     assert sizes[1] <= 0.55 * sizes[0], sizes

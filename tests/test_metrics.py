@@ -7,7 +7,7 @@ import logging
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cp_infer.engine.core import Step
+from cp_infer.engine.core import PoolStats, Step
 from cp_infer.serving.metrics import LOG_EVERY_S, ServerMetrics
 
 
@@ -101,7 +101,6 @@ def test_gauges_read_the_server_at_each_scrape(metrics):
 
 
 def test_steps_give_prefill_tokens_chunks_and_step_times(metrics):
-    metrics.watch_cache(lambda: 512)
     metrics.step(Step("prefill", 0.2, prefill_tokens=1000, cached_tokens=0))
     metrics.step(Step("mixed", 0.08, prefill_tokens=40, cached_tokens=1000, decode_tokens=3))
     metrics.step(Step("decode", 0.01, decode_tokens=3))
@@ -110,7 +109,6 @@ def test_steps_give_prefill_tokens_chunks_and_step_times(metrics):
     assert value(metrics, p + "prefill_tokens_total") == 1040
     assert value(metrics, p + "prefill_chunk_tokens_count") == 2
     assert value(metrics, p + "prefill_chunk_tokens_bucket", le="64.0") == 1
-    assert value(metrics, p + "prefix_cache_tokens") == 512
     for kind, seconds in (("prefill", 0.2), ("mixed", 0.08), ("decode", 0.01)):
         assert value(metrics, p + "step_seconds_count", kind=kind) == 1
         assert value(metrics, p + "step_seconds_sum", kind=kind) == pytest.approx(seconds)
@@ -118,7 +116,7 @@ def test_steps_give_prefill_tokens_chunks_and_step_times(metrics):
 
 def test_the_log_line_reports_throughput_since_the_last_one(metrics, clock, caplog):
     caplog.set_level(logging.INFO, logger="cp_infer.serving.metrics")
-    metrics.watch_cache(lambda: 100)
+    metrics.pool(PoolStats(usage=0.25, retained_tokens=100, preemptions=2))
     metrics.step(Step("prefill", 0.5, prefill_tokens=2000))
     metrics.submitted(1)
     for _ in range(50):
@@ -130,7 +128,7 @@ def test_the_log_line_reports_throughput_since_the_last_one(metrics, clock, capl
     (line,) = [r.getMessage() for r in caplog.records]
     assert line == (
         "prefill 200.0 tokens/s, generation 5.0 tokens/s, running 3, waiting 2, "
-        "prefix cache 100 tokens (hit rate 20%)"
+        "KV pool 25% used, prefix cache 100 tokens (hit rate 20%), 2 preempted"
     )
     clock.now += LOG_EVERY_S
     assert not metrics.maybe_log()  # nothing ran since: no line
@@ -154,17 +152,33 @@ def test_the_chunk_sizing_estimates_are_read_at_each_scrape(metrics):
     assert value(metrics, p + "chunking_scale", estimate="mixed") == 1.2
 
 
-def test_the_prefix_cache_keeps_its_token_count_as_entries_come_and_go():
-    from cp_infer.engine.core import PrefixCache
-    from cp_infer.engine.scheduler import SequenceState
+def test_the_pool_stats_set_the_gauges_and_move_the_counters_by_their_difference(metrics):
+    p = "cp_infer_"
+    metrics.pool(PoolStats(usage=0.5, free_blocks=10, total_blocks=20, retained_tokens=64,
+                           preemptions=1, prefix_queries=300, prefix_hits=200))  # fmt: skip
+    metrics.pool(PoolStats(usage=0.75, free_blocks=5, total_blocks=20, retained_tokens=32,
+                           preemptions=3, prefix_queries=400, prefix_hits=250))  # fmt: skip
+    assert value(metrics, p + "kv_cache_usage_perc") == 0.75
+    assert value(metrics, p + "kv_cache_free_blocks") == 5
+    assert value(metrics, p + "kv_cache_total_blocks") == 20
+    assert value(metrics, p + "prefix_cache_tokens") == 32
+    assert value(metrics, p + "num_preemptions_total") == 3
+    assert value(metrics, p + "prefix_cache_queries_total") == 400
+    assert value(metrics, p + "prefix_cache_hits_total") == 250
 
-    def seq(i, n):
-        return SequenceState(seq=i, history=list(range(n)))  # all n cached
 
-    cache = PrefixCache(max_tokens=100)
-    assert cache.put(seq(0, 40)) == [] and cache.put(seq(1, 50)) == []
-    assert cache.tokens == 90
-    assert cache.put(seq(2, 30)) == [0]  # 120 > 100: the oldest goes
-    assert cache.tokens == 80
-    assert cache.take(1).seq == 1 and cache.tokens == 30
-    assert cache.tokens == sum(s.cached for s in cache.entries.values())
+def test_the_prefix_index_finds_the_longest_cached_prefix_exactly():
+    from cp_infer.engine.core import PrefixIndex
+
+    index = PrefixIndex(block=4)
+    index.add(0, list(range(10)))  # two whole blocks and two tokens
+    index.add(1, [*range(6), 99, 98, 97])
+    assert index.match(list(range(12))) == (0, 10)
+    assert index.match([*range(6), 99, 98, 50]) == (1, 8)  # ends mid-block: token exact
+    assert index.match([0, 1, 7])[1] == 2  # no whole block shared: compared with all
+    assert index.match([5, 5]) == (None, 0)
+    index.remove(0)
+    assert index.match(list(range(12))) == (1, 6)
+    index.add(1, [1, 2])  # re-indexed with other tokens
+    assert index.match(list(range(12))) == (None, 0)
+    assert not index._holders  # no key is left with no holder

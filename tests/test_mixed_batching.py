@@ -12,7 +12,7 @@ import torch
 from cp_infer.engine.chunking import ChunkTimer, Estimates, StepCosts, choose_chunk
 
 TIMEOUT = 180
-LONG = tuple((7 * j) % 500 + 1 for j in range(230))
+LONG = tuple((7 * j) % 500 + 11 for j in range(230))  # shares no prefix with SHORTS
 SHORTS = ((1, 2, 3, 4), (5, 6, 7))
 
 
@@ -49,7 +49,7 @@ def _mixed_rank(layout: dict, slo_s: float | None, fuse: bool = True, preset: st
         runner = ModelRunner(model, pg)
         # 1 ms per new token, attention free: a 50 ms target leaves room for 50-token chunks
         costs = StepCosts(per_token_s=1e-3, per_pair_s=0.0)
-        engine = EngineCore(runner, max_cache_tokens=4096, tbt_slo_s=slo_s, costs=costs,
+        engine = EngineCore(runner, tbt_slo_s=slo_s, costs=costs,
                              fuse=fuse)  # fmt: skip
         steps, first_logits, fused = [], {}, []
         step, step_mixed = runner.step, runner.step_mixed
@@ -147,7 +147,7 @@ def _logprobs_rank(layout: dict):
     with parallel_groups(**layout, timeout_s=60) as pg:
         model = parallelize(cfg, pg, torch.float32)
         load_weights(model, RandomSource(0, cfg))
-        engine = EngineCore(ModelRunner(model, pg), max_cache_tokens=4096, tbt_slo_s=0.05,
+        engine = EngineCore(ModelRunner(model, pg), tbt_slo_s=0.05,
                              costs=StepCosts(per_token_s=1e-3, per_pair_s=0.0))  # fmt: skip
         requests = [
             Request(0, SHORTS[0], SamplingConfig(max_new_tokens=6), top_logprobs=2),

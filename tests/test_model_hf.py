@@ -187,7 +187,7 @@ def _conversation_rank(path, sizes, variants):
             )  # fmt: skip
             turns.append((result.tokens, result.first_logits, result.prefill_variant))
         engine = conv.engine  # each chat's sequence is retained in its cache for the next turn
-        by_history = {tuple(s.history): s.seq for s in engine.retained.entries.values()}
+        by_history = {tuple(s.history): s.seq for s in engine.retained.values()}
         cached = [engine.runner.cache.positions(by_history[tuple(h)]) for h in conv.history]
     return turns, conv.history, cached
 

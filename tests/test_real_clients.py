@@ -97,7 +97,7 @@ def test_a_fuzz_of_the_openapi_schema_gets_no_server_error(checkpoint, tmp_path)
         (small / f.name).symlink_to(f)
     (small / "config.json").unlink()
     (small / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 96}))
-    s = Server(small, 2, ["--cp", "2", "--max-cache-tokens", "256"], tmp_path / "serve.log")
+    s = Server(small, 2, ["--cp", "2", "--kv-cache-memory", "2MiB"], tmp_path / "serve.log")
     try:
         cmd = [str(Path(sys.executable).with_name("schemathesis")), "run", f"{s.url}/openapi.json",
                "--checks", "not_a_server_error", "--max-examples", os.environ.get(

@@ -53,7 +53,7 @@ def _cache_with(cached, n, rank, kv_heads, head_dim, g) -> tuple[KVCache, tuple]
     cache = KVCache([0], kv_heads, head_dim, torch.float32)
     mine = lens[rank][0][0]
     kv = torch.randn(kv_heads, mine, head_dim, generator=g)
-    cache.plan([StorePlan(0, 0, tuple(range(mine)), reserve=mine)])
+    cache.plan([[StorePlan(0, 0, tuple(range(mine)))]])
     cache.store(0, kv, kv.flip(-1))
     cache.commit()
     return cache, lens

@@ -221,7 +221,7 @@ def summarize(args, results: list[dict], wall: float) -> dict:
         "preset": args.preset, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
         "cp": args.cp, "clients": args.clients, "turns": args.turns,
         "prompt_len": args.prompt_len, "turn_len": args.turn_len, "max_tokens": args.max_tokens,
-        "max_cache_tokens": args.max_cache_tokens,
+        "kv_cache_memory": args.kv_cache_memory,
         "requests": len(results), "wall_s": wall, "prompt_tokens": prompt,
         "generated_tokens": generated,
         "throughput_tok_s": generated / wall, "cache_hit_rate": cached / prompt,
@@ -260,8 +260,8 @@ def main(argv=None) -> dict:
     p.add_argument("--peer-threads", type=int, default=2, help="intra-op threads of the peer")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument(
-        "--max-cache-tokens", type=int, default=65536,
-        help="the server's reuse budget; 1 turns reuse off (a cold baseline)",
+        "--kv-cache-memory", default="1GiB",
+        help="the server's KV pool per rank (--kv-cache-memory of serve)",
     )  # fmt: skip
     p.add_argument("--vocab", type=int, default=500, help="prompt ids are drawn below this")
     p.add_argument("--log", type=Path, help="the started server's output")
@@ -272,7 +272,7 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     extra = ["--max-batch-size", str(args.max_batch_size),
-             "--max-cache-tokens", str(args.max_cache_tokens)]  # fmt: skip
+             "--kv-cache-memory", args.kv_cache_memory]  # fmt: skip
     model = args.model
     if model is None and args.server == "transformers":
         model = str(args.checkpoint)

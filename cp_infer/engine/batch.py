@@ -36,8 +36,6 @@ class StepBatch:
         device: where the step's tensors go (the model's device).
         layout: prefill only: the load-balanced shard layout of the new tokens.
         variant: prefill only: the ring variant (``"pass-kv"`` or ``"pass-q"``).
-        reserve: prefill only: (cp, B) tokens each CP rank will store for each sequence by
-            the end of this turn (its shard and its decode tokens), reserved at once.
         owners: decode only: the CP rank that stores each sequence's token (round robin).
     """
 
@@ -49,7 +47,6 @@ class StepBatch:
     device: torch.device
     layout: ShardLayout | None = None
     variant: str | None = None
-    reserve: tuple[tuple[int, ...], ...] | None = None
     owners: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -100,20 +97,21 @@ class StepBatch:
         for j, seq in enumerate(self.seqs):
             if self.kind == "decode":
                 if self.owners[j] == cp_rank:
-                    plans.append(StorePlan(seq, j, (self.starts[j],), reserve=1))
+                    plans.append(StorePlan(seq, j, (self.starts[j],)))
                 continue
             # a rank's real tokens are a prefix of its segment (ShardLayout.valid_kv_len)
             n = self.layout.valid_kv_len(j, cp_rank)
             local = positions[self.layout.local_slice(j)][:n]
             plans.append(
                 StorePlan(
-                    seq,
-                    self.layout.local_offsets[j],
-                    tuple((local + self.starts[j]).tolist()),
-                    reserve=self.reserve[cp_rank][j] if self.reserve is not None else n,
+                    seq, self.layout.local_offsets[j], tuple((local + self.starts[j]).tolist())
                 )
             )
         return plans
+
+    def all_store_plans(self) -> list[list[StorePlan]]:
+        """:meth:`store_plans` of every CP rank (each rank keeps the books of all)."""
+        return [self.store_plans(r) for r in range(self.cp)]
 
     def last_tokens(self, cp_rank: int) -> list[tuple[int, int]]:
         """Prefill: (sequence index, local index) of every last new token this rank holds."""

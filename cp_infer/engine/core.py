@@ -17,22 +17,33 @@ iteration, which is the running requests' time between tokens, under the target
 (:mod:`cp_infer.engine.chunking`). A request joins the decodes once its prompt is prefilled and
 leaves when it is done.
 
-Prefix reuse. A finished request leaves its sequence in the cache (a *retained* sequence),
-least recently used first out once the retained tokens pass ``max_cache_tokens``. A new request
-takes the retained sequence that shares the longest prefix with its tokens, at token
-granularity: the cache is cut at the first differing token (``KVCache.truncate``), and only the
-rest is prefilled, over the kept prefix (persistent-KV prefill, variant by Alg. 1). A request
-whose tokens are all cached recomputes its last one, which yields the first logits. A chat's
-next turn is such a request: its whole history, of which only the new turn is computed.
+KV memory. The KV cache is a pool of blocks per rank, allocated once
+(:mod:`cp_infer.engine.kv_pool`); every rank keeps the books of every CP rank's pool, so the
+decisions below are taken alike everywhere with no exchange. A request waits until the pool can
+hold its prompt besides what the running requests still have to prefill (first come, first
+served). When a step's tokens do not fit, the core first evicts retained sequences (least
+recently used first; only blocks no running request holds are freed), then preempts the most
+recently admitted request: its blocks are freed and it waits at the head of the queue to be
+recomputed (its prompt and what it generated so far, prefilled again), as vLLM does. A request
+that cannot fit even alone is refused.
+
+Prefix sharing. Every sequence whose tokens are cached, running (once its prompt is prefilled)
+or finished (*retained*), is in a :class:`PrefixIndex`, found by its tokens. A new request starts
+from the sequence sharing the longest prefix with it, at token granularity: the whole blocks of
+that prefix are shared (reference counts), the tokens of a partly shared block are copied, and
+only the rest is prefilled, over the shared prefix (persistent-KV prefill, variant by Alg. 1).
+Any number of requests share a prefix's blocks; a request whose prompt starts like one being
+prefilled now waits for that prefill instead of repeating it (``n`` choices prefill once). A
+request whose tokens are all cached recomputes its last one, which yields the first logits. A
+chat's next turn is such a request: its whole history, of which only the new turn is computed.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -48,13 +59,15 @@ from cp_infer.distributed import (
     on_all_ranks,
 )  # fmt: skip
 from cp_infer.engine.chunking import ChunkTimer, Estimates, StepCosts, choose_chunk
+from cp_infer.engine.kv_pool import PoolFull, blocks_for_tokens
 from cp_infer.engine.runner import ModelRunner
 from cp_infer.engine.sampling import SamplingConfig, sample_rows
 from cp_infer.engine.scheduler import Scheduler, SequenceState
 from cp_infer.schema import RequestError
 
 __all__ = [
-    "EngineCore", "Orders", "Outcome", "PrefixCache", "Request", "Step", "check_request",
+    "EngineCore", "Orders", "Outcome", "PoolStats", "PrefixIndex", "Request", "Step",
+    "check_pool", "check_request",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -100,6 +113,23 @@ def check_request(
             f"{name} has {len(tokens)} tokens{after}; with {budget}={max_new} the context "
             f"({total}) exceeds the model's max_seq_len={max_seq_len}: shorten the prompt or "
             f"lower {budget}",
+            budget,
+        )
+
+
+def check_pool(
+    n_tokens: int, max_new: int, *, n_blocks: int, block_size: int, cp: int,
+    budget: str = "max_tokens",
+) -> None:  # fmt: skip
+    """A :class:`~cp_infer.schema.RequestError` naming the sizes when a request of ``n_tokens``
+    and a budget of ``max_new`` could not fit the KV pool even alone. Pure."""
+    need = blocks_for_tokens(n_tokens + max_new, cp, block_size)
+    if need > n_blocks:
+        raise RequestError(
+            f"the prompt ({n_tokens} tokens) with {budget}={max_new} needs {need} KV blocks of "
+            f"{block_size} tokens per CP rank, more than the pool's {n_blocks} "
+            f"(--kv-cache-memory): shorten the prompt, lower {budget}, or raise "
+            "--kv-cache-memory or --cp",
             budget,
         )
 
@@ -172,42 +202,96 @@ class Step:
     variant: str | None = None
 
 
-class PrefixCache:
-    """Retained sequences, least recently used first, bounded by the tokens they keep cached.
+class PrefixIndex:
+    """The sequences whose tokens are cached, found by their tokens: a hash chain over blocks.
 
-    ``tokens`` (what they keep cached) is a plain int, kept up to date: another thread (the
-    server's metrics) may read it while the engine changes the entries."""
+    Block ``i`` of a sequence's tokens is keyed by a hash of itself and of block ``i - 1``'s key,
+    so one key stands for a whole prefix. Matching walks a request's blocks down the chain to
+    the deepest one some sequence holds, then compares tokens with those holders for the exact
+    length (token granularity; a hash collision costs nothing but a comparison). A request that
+    shares no whole block is compared with every sequence (short prompts). The keys are Python
+    hashes of int tuples: the same in every process, so every rank matches alike.
 
-    def __init__(self, max_tokens: float) -> None:
-        self.max_tokens = max_tokens
-        self.entries: OrderedDict[int, SequenceState] = OrderedDict()
-        self.tokens = 0
+    Args:
+        block: tokens per key (the pool's block size).
+    """
+
+    MAX_CANDIDATES = 16  # holders of the deepest block compared token by token, newest first
+
+    def __init__(self, block: int) -> None:
+        self.block = block
+        self.tokens: dict[int, list[int]] = {}  # seq -> its cached tokens
+        self._chains: dict[int, list[int]] = {}  # seq -> its blocks' keys
+        self._holders: dict[int, set[int]] = {}  # key -> seqs
+
+    def _keys(self, tokens: Sequence[int]):
+        key = 0
+        for i in range(len(tokens) // self.block):
+            key = hash((key, tuple(tokens[i * self.block : (i + 1) * self.block])))
+            yield key
+
+    def add(self, seq: int, tokens: Sequence[int]) -> None:
+        """Index (or re-index) ``seq`` as holding ``tokens`` in the cache."""
+        self.remove(seq)
+        self.tokens[seq] = list(tokens)
+        self._chains[seq] = list(self._keys(tokens))
+        for key in self._chains[seq]:
+            self._holders.setdefault(key, set()).add(seq)
+
+    def remove(self, seq: int) -> None:
+        self.tokens.pop(seq, None)
+        for key in self._chains.pop(seq, ()):
+            holders = self._holders[key]
+            holders.discard(seq)
+            if not holders:
+                del self._holders[key]
 
     def match(self, tokens: Sequence[int]) -> tuple[int | None, int]:
-        """The retained sequence sharing the longest prefix with ``tokens``, and its length."""
+        """The indexed sequence sharing the longest prefix with ``tokens``, and its length."""
+        tokens = list(tokens)  # the indexed tokens are lists: compare like with like
+        holders = None
+        for key in self._keys(tokens):
+            found = self._holders.get(key)
+            if not found:
+                break
+            holders = found
+        pool = sorted(holders or self.tokens, reverse=True)
+        if holders:
+            pool = pool[: self.MAX_CANDIDATES]
         best, best_len = None, 0
-        tokens = list(tokens)  # the histories are lists: compare like with like
-        for seq, state in self.entries.items():
-            n = _common_prefix(state.history, tokens, state.cached)
+        for seq in pool:
+            mine = self.tokens[seq]
+            n = _common_prefix(mine, tokens, len(mine))
             if n > best_len:
                 best, best_len = seq, n
         return best, best_len
 
-    def take(self, seq: int) -> SequenceState:
-        state = self.entries.pop(seq)
-        self.tokens -= state.cached
-        return state
 
-    def put(self, state: SequenceState) -> list[int]:
-        """Retain ``state`` (most recent); returns the sequences evicted to stay in bounds."""
-        self.entries[state.seq] = state
-        self.tokens += state.cached
-        evicted = []
-        while self.entries and self.tokens > self.max_tokens:
-            seq, old = self.entries.popitem(last=False)
-            self.tokens -= old.cached
-            evicted.append(seq)
-        return evicted
+@dataclass
+class PoolStats:
+    """The KV pool and prefix reuse as ``/metrics`` shows them (picklable; counts since start).
+
+    Attributes:
+        usage: fraction of the fullest rank's blocks held.
+        free_blocks: free blocks on the fullest rank.
+        total_blocks: blocks per rank.
+        block_size: tokens per block.
+        cp: CP ranks the pool spans.
+        retained_tokens: tokens finished requests keep cached over the CP ranks.
+        preemptions: requests preempted (freed, recomputed later).
+        prefix_queries: prompt tokens looked up in the cache.
+        prefix_hits: of those, tokens found cached (not prefilled).
+    """
+
+    usage: float = 0.0
+    free_blocks: int = 0
+    total_blocks: int = 0
+    block_size: int = 0
+    cp: int = 1
+    retained_tokens: int = 0
+    preemptions: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
@@ -236,13 +320,25 @@ class Orders:
 
 @dataclass
 class _Live:
-    """A request in flight."""
+    """A request in flight: waiting for admission, or running (``state`` set)."""
 
     request: Request
-    state: SequenceState
     outcome: Outcome
     generator: torch.Generator
-    admitted: float = 0.0  # perf_counter at admission
+    state: SequenceState | None = None
+    admitted: float = 0.0  # perf_counter when it arrived
+    before: list[int] = field(default_factory=list)  # generated before it was preempted
+
+    @property
+    def tokens(self) -> list[int]:
+        """What its sequence must hold before the next token: the prompt, and what was
+        generated before a preemption (recomputed)."""
+        return [*self.request.tokens, *self.before]
+
+    @property
+    def prompt_logprobs(self) -> bool:
+        """Its prefill returns the prompt's log-probabilities (once: not when recomputed)."""
+        return self.request.logprobs and not self.before
 
 
 class EngineCore:
@@ -250,9 +346,7 @@ class EngineCore:
     offline, on every rank alike).
 
     Args:
-        runner: this rank's model runner (it owns the KV cache).
-        max_cache_tokens: tokens that finished requests may keep cached (over all CP ranks);
-            None: no bound (an offline batch of chats keeps every turn for the next).
+        runner: this rank's model runner (it owns the KV cache and its pool).
         max_batch: requests in flight at most (prefilling or decoding).
         tbt_slo_s: the time-between-tokens target that sizes prefill chunks while requests
             decode; None: waiting prompts prefill whole.
@@ -265,19 +359,29 @@ class EngineCore:
         prefill_chunk: without a TBT target, prefill at most this many tokens of each prompt
             per iteration (sequence pipeline parallelism, say); None: whole.
         progress: a per-layer progress bar on prefill steps that take over a second.
+        share_prefixes: start requests from the cached sequence they share a prefix with;
+            False: every request prefills its whole prompt (a cold baseline).
     """
 
     def __init__(
-        self, runner: ModelRunner, *, max_cache_tokens: int | None = None, max_batch: int = 8,
-        tbt_slo_s: float | None = None, costs: StepCosts | None = None, fuse: bool = True,
-        variant: str = "auto", prefill_chunk: int | None = None, progress: bool = False,
+        self, runner: ModelRunner, *, max_batch: int = 8, tbt_slo_s: float | None = None,
+        costs: StepCosts | None = None, fuse: bool = True, variant: str = "auto",
+        prefill_chunk: int | None = None, progress: bool = False, share_prefixes: bool = True,
     ) -> None:  # fmt: skip
         self.configure(variant=variant, prefill_chunk=prefill_chunk, progress=progress)
         self.runner = runner
         self.cfg = runner.cfg
         self.pg = runner.pg
-        self.retained = PrefixCache(math.inf if max_cache_tokens is None else max_cache_tokens)
+        self.cache = runner.cache
+        self.pool = runner.cache.pool
+        self.index = PrefixIndex(self.pool.block_size)
+        self.retained: OrderedDict[int, SequenceState] = OrderedDict()  # least recent first
+        self.waiting: deque[_Live] = deque()  # arrived, not admitted (preempted ones first)
+        self.stats = PoolStats(
+            total_blocks=self.pool.n_blocks, block_size=self.pool.block_size, cp=self.pool.cp
+        )
         self.max_batch, self.tbt_slo_s, self.fuse = max_batch, tbt_slo_s, fuse
+        self.share_prefixes = share_prefixes
         self.costs = costs or StepCosts.from_hardware(
             self.cfg, runner.hardware, cp=self.pg.cp, tp=self.pg.tp
         )
@@ -301,54 +405,179 @@ class EngineCore:
 
     @property
     def live(self) -> dict[int, _Live]:
-        """The requests in flight by sequence, in order of admission: the scheduler's running
+        """The running requests by sequence, in order of admission: the scheduler's running
         sequences are the one registry, each carrying its request's record."""
         return {s.seq: s.owner for s in self.sched.seqs}
 
     @property
     def busy(self) -> bool:
-        return bool(self.sched.seqs)
+        return bool(self.sched.seqs or self.waiting)
 
     @property
     def room(self) -> int:
-        """Requests that may still be admitted."""
-        return max(self.max_batch - len(self.sched.seqs), 0)
+        """Requests that may still be handed in (the waiting ones count)."""
+        return max(self.max_batch - len(self.sched.seqs) - len(self.waiting), 0)
 
     def live_requests(self) -> set[int]:
-        return {x.request.rid for x in self.live.values()}
+        return {x.request.rid for x in self.live.values()} | {x.request.rid for x in self.waiting}
+
+    def pool_stats(self) -> PoolStats:
+        """The pool and prefix reuse now (rank 0 sends them to the API's metrics)."""
+        s = self.stats
+        s.usage, s.free_blocks = self.pool.usage(), min(self.pool.free_blocks())
+        s.retained_tokens = sum(x.cached for x in self.retained.values())
+        return PoolStats(**vars(s))
 
     # -- admission ----------------------------------------------------------------------------
-    def _assign(self, req: Request) -> tuple[SequenceState, list[int]]:
-        """A sequence for ``req``: a retained one cut to the shared prefix, or a new one."""
-        seq, shared = self.retained.match(req.tokens) if not req.logprobs else (None, 0)
-        shared = min(shared, len(req.tokens) - 1)  # at least one token to compute logits from
-        if seq is not None and shared > 0:
-            state = self.retained.take(seq)
-            self.runner.cache.truncate(seq, shared)
-            state.history, state.uncached = list(req.tokens[:shared]), []
-            return state, list(req.tokens[shared:])
-        state = SequenceState(seq=self._next_seq)
-        self._next_seq += 1
-        return state, list(req.tokens)
-
-    def _admit(self, req: Request, done: Done | None) -> None:
-        state, new = self._assign(req)
+    def _arrive(self, req: Request, done: Done | None) -> None:
+        """A request joins the queue, or is refused now if the pool cannot hold it even alone
+        (pure: every rank refuses alike, and a refusal ends this request alone)."""
         outcome = Outcome(
-            prompt_tokens=len(req.tokens), cached_tokens=len(req.tokens) - len(new),
-            logprobs=[] if req.wants_logprobs else None,
+            prompt_tokens=len(req.tokens), logprobs=[] if req.wants_logprobs else None,
             top_logprobs=[] if req.top_logprobs is not None else None,
         )  # fmt: skip
-        try:  # pure: every rank refuses alike, and a refusal ends this request alone
+        try:
+            check_pool(len(req.tokens), req.sampling.max_new_tokens, n_blocks=self.pool.n_blocks,
+                       block_size=self.pool.block_size, cp=self.pool.cp)  # fmt: skip
             gen = torch.Generator(device=self.runner.device).manual_seed(req.sampling.seed)
-            state.owner = _Live(req, state, outcome, gen, time.perf_counter())
-            self.sched.admit(state, new, req.sampling.max_new_tokens, req.sampling.eos_ids)
         except Exception as e:
-            self.runner.cache.free(state.seq)
-            outcome.finish_reason, outcome.error = "error", error_message(e)
-            logger.warning("request %d refused: %s", req.rid, outcome.error)
-            if done is not None:
-                done([req], {req.rid: outcome})
+            self._refuse(req, outcome, e, done)
             return
+        self.waiting.append(_Live(req, outcome, gen, admitted=time.perf_counter()))
+
+    def _refuse(self, req: Request, outcome: Outcome, e: BaseException, done) -> None:
+        outcome.finish_reason, outcome.error = "error", error_message(e)
+        logger.warning("request %d refused: %s", req.rid, outcome.error)
+        if done is not None:
+            done([req], {req.rid: outcome})
+
+    def _admit_waiting(self, done: Done | None) -> None:
+        """Start waiting requests while slots and memory last, first come first served (one
+        whose prompt starts like one being prefilled waits for that prefill, and is passed)."""
+        i = 0
+        while i < len(self.waiting) and len(self.sched.seqs) < self.max_batch:
+            x = self.waiting[i]
+            holder, shared = self._match(x)
+            if self._joins_a_prefill(x.tokens, shared):
+                i += 1
+                continue
+            if not self._start(x, holder, shared, done):
+                return
+            del self.waiting[i]
+
+    def _match(self, x: _Live) -> tuple[int | None, int]:
+        """The cached sequence ``x`` starts from, and how many of its tokens are shared (at
+        least one token is left to compute: it yields the first logits)."""
+        if x.prompt_logprobs or not self.share_prefixes:  # every prompt token needs its logits
+            return None, 0
+        holder, shared = self.index.match(x.tokens)
+        return holder, min(shared, len(x.tokens) - 1)
+
+    def _joins_a_prefill(self, tokens: list[int], shared: int) -> bool:
+        """Whether a running request is prefilling a longer prefix of ``tokens`` (by a block at
+        least) than the cache holds: starting after it shares that prefill."""
+        if not self.share_prefixes:
+            return False
+        for s in self.sched.seqs:
+            if s.prefilled < len(s.new):
+                theirs = s.history + s.prompt
+                if _common_prefix(theirs, tokens, len(theirs)) >= shared + self.pool.block_size:
+                    return True
+        return False
+
+    def _promised(self) -> int:
+        """Blocks the running requests' prefills still take (on the fullest rank, roughly)."""
+        return sum(self.pool.blocks_for_tokens(len(s.new) - s.prefilled)
+                   for s in self.sched.seqs if s.prefilled < len(s.new))  # fmt: skip
+
+    def _start(self, x: _Live, holder: int | None, shared: int, done: Done | None) -> bool:
+        """Admit ``x`` if the pool can hold its prompt; False: it waits."""
+        tokens = x.tokens
+        need = self.pool.blocks_for_tokens(len(tokens) - shared)
+        if need + self._promised() > self.pool.available():
+            if self.sched.seqs:
+                return False  # the running requests free blocks as they finish
+            self._refuse(x.request, x.outcome, RuntimeError(
+                f"the KV pool cannot hold the request's {len(tokens)} tokens ({need} blocks of "
+                f"{self.pool.block_size} per CP rank, {self.pool.available()} available): raise "
+                "--kv-cache-memory or --cp"), done)  # fmt: skip
+            return True
+        seq = self._next_seq
+        if holder is None or shared == 0:
+            shared = 0
+        else:
+            try:  # a partly shared block's tokens are copied into a block of the new sequence
+                self._reclaim([1] * self.pool.cp, keep=holder)
+                self.cache.fork(holder, seq, shared)
+            except PoolFull:
+                shared = 0
+            else:
+                if holder in self.retained:
+                    self.retained.move_to_end(holder)
+                    if shared == len(self.index.tokens[holder]):  # superseded: all it had
+                        self._evict(holder)
+        self._next_seq += 1
+        state = SequenceState(seq=seq, history=tokens[:shared], owner=x)
+        x.state = state
+        x.outcome.cached_tokens = shared if not x.before else x.outcome.cached_tokens
+        self.stats.prefix_queries += len(tokens)
+        self.stats.prefix_hits += shared
+        budget = x.request.sampling.max_new_tokens - len(x.before)
+        self.sched.admit(state, tokens[shared:], budget, x.request.sampling.eos_ids)
+        return True
+
+    # -- memory -------------------------------------------------------------------------------
+    def _evict(self, seq: int) -> None:
+        """Drop a retained sequence (its blocks no one else holds return to the pool)."""
+        del self.retained[seq]
+        self.index.remove(seq)
+        self.cache.free(seq)
+
+    def _reclaim(self, needs: Sequence[int], keep: int | None = None) -> bool:
+        """Evict retained sequences, least recently used first, until every rank ``r`` has
+        ``needs[r]`` free blocks; False if it cannot."""
+        for seq in list(self.retained):
+            if self.pool.deficit(needs) <= 0:
+                break
+            if seq != keep:
+                self._evict(seq)
+        return self.pool.deficit(needs) <= 0
+
+    def _needs(self, *batches) -> list[int]:
+        """New blocks each CP rank's pool needs to store the tokens of ``batches``."""
+        needs = [0] * self.pool.cp
+        for batch in batches:
+            for r, plans in enumerate(batch.all_store_plans()):
+                ledger = self.pool.ledgers[r]
+                needs[r] += sum(ledger.blocks_for(p.seq, len(p.positions)) for p in plans)
+        return needs
+
+    def _preempt(self, done: Done | None) -> bool:
+        """Free the most recently admitted request's blocks and queue it to be recomputed;
+        False when it is the only one running (it cannot fit alone: it fails instead)."""
+        running = [s for s in self.sched.seqs if not s.done]
+        if not running:
+            return False
+        x = running[-1].owner
+        if len(running) == 1:
+            x.state.done = True
+            x.outcome.finish_reason = "error"
+            x.outcome.error = (
+                f"the KV pool ({self.pool.n_blocks} blocks of {self.pool.block_size} tokens per "
+                "CP rank) cannot hold this request alone: raise --kv-cache-memory or --cp"
+            )
+            logger.warning("request %d failed: %s", x.request.rid, x.outcome.error)
+            return False
+        state = self.sched.drop(x.state.seq)
+        self.index.remove(state.seq)
+        self.cache.free(state.seq)
+        x.before += state.out
+        x.state = None
+        self.waiting.appendleft(x)
+        self.stats.preemptions += 1
+        logger.info("request %d preempted (KV pool full): %d tokens to recompute",
+                    x.request.rid, len(x.tokens))  # fmt: skip
+        return True
 
     # -- offline: every request up front ------------------------------------------------------
     @torch.no_grad()
@@ -376,7 +605,7 @@ class EngineCore:
             while waiting or self.busy:
                 admit, waiting = waiting[: self.room], waiting[self.room :]
                 for req in admit:
-                    self._admit(req, done)
+                    self._arrive(req, done)
                 self._iterations(self.timer.estimates, None, done, None, sync=False)
         finally:
             self.on_step, self.contain = on_step, True
@@ -404,11 +633,17 @@ class EngineCore:
                 (new orders are waiting); every rank learns rank 0's answer.
         """
         for req in orders.requests:
-            self._admit(req, done)
+            self._arrive(req, done)
         for x in self.live.values():
             if x.request.rid in orders.cancelled and not x.state.done:
                 x.state.done = True
                 x.outcome.finish_reason = "cancelled"
+        gone = [x for x in self.waiting if x.request.rid in orders.cancelled]
+        for x in gone:
+            self.waiting.remove(x)
+            x.outcome.finish_reason, x.outcome.tokens = "cancelled", list(x.before)
+        if done is not None and gone:
+            done([x.request for x in gone], {x.request.rid: x.outcome for x in gone})
         alone = None
 
         def iterations() -> None:
@@ -425,10 +660,13 @@ class EngineCore:
         try:
             on_all_ranks(iterations)
         except RankFailure as e:  # the requests in flight are in an unknown state: drop them
-            failed = list(self.live.values())
+            failed = [*self.live.values(), *self.waiting]
+            for s in self.sched.seqs:
+                self.index.remove(s.seq)
+                self.cache.free(s.seq)
             self.sched.seqs.clear()
+            self.waiting.clear()
             for x in failed:
-                self.runner.cache.free(x.state.seq)
                 x.outcome.finish_reason, x.outcome.error = "error", str(e)
             if done is not None and failed:
                 done([x.request for x in failed], {x.request.rid: x.outcome for x in failed})
@@ -455,14 +693,15 @@ class EngineCore:
         for i in range(SPAN):
             if i and sync and self._interrupted(interrupt):
                 return
-            if not self.busy:
+            self._admit_waiting(done)
+            if not self.sched.seqs:
                 self._mixed = None
                 return
             t0 = time.perf_counter()
             if self._mixed is not None:  # how far off the last mixed iteration's sizing was,
                 start, predicted = self._mixed  # start to start: what the decodes' TBT is
                 self.timer.iteration(t0 - start, predicted)
-            predicted = self._iteration(est, emit)
+            predicted = self._iteration(est, emit, done)
             self._mixed = None if predicted is None else (t0, predicted)
             self._retire(done)
 
@@ -476,32 +715,32 @@ class EngineCore:
             dist.broadcast(flag, src=0)
         return bool(flag.item())
 
-    def _iteration(self, est: Estimates, emit) -> float | None:
+    def _iteration(self, est: Estimates, emit, done: Done | None) -> float | None:
         """One decode step of the running requests and one prefill step of waiting ones, in
-        one forward pass when both run (``fuse``). Returns the predicted time of a mixed
-        iteration whose chunk the target sized."""
+        one forward pass when both run (``fuse``), each made to fit the pool first. Returns
+        the predicted time of a mixed iteration whose chunk the target sized."""
         runner, sched = self.runner, self.sched
-        decoding = sched.decoding
+        decode = self._fit_decode(done)
+        decoding = sched.decoding if decode is not None else []
         pending = [s for s in sched.seqs if s.prefilled < len(s.new) and not s.done]
-        fused = self.fuse and decoding and pending
-        decode = sched.decode_batch() if decoding else None
-        if decoding and not fused:
+        batch = None
+        if pending:
+            take = self._take(pending, est, decoding)
+            batch = self._fit_prefill(take, decode if self.fuse else None, done)
+        fused = self.fuse and decode is not None and batch is not None
+        if decode is not None and not fused:
             t0 = time.perf_counter()
             out = runner.step(decode)
             self._sample(decode, out.logits, range(decode.n_seqs), emit)
             seconds = time.perf_counter() - t0
             self.timer.decode(seconds)
             self._report(Step("decode", seconds, decode_tokens=decode.n_seqs))
-        if not pending:
+        if batch is None:
             return None
-        take = self._take(pending, est, decoding)
-        batch = sched.prefill_batch(
-            lambda new, cached: runner.resolve_variant(self.variant, new, cached), take=take
-        )
         live = self.live
         lives = [live[seq] for seq in batch.seqs]
-        want = any(x.request.logprobs for x in lives)
-        top = max((x.request.top_logprobs or 0 for x in lives if x.request.logprobs), default=0)
+        want = any(x.prompt_logprobs for x in lives)
+        top = max((x.request.top_logprobs or 0 for x in lives if x.prompt_logprobs), default=0)
         t0 = time.perf_counter()
         if fused:
             out = runner.step_mixed(batch, decode, prompt_logprobs=want, prompt_top=top)
@@ -512,13 +751,16 @@ class EngineCore:
         if want:
             prompt = runner.share_object((out.prompt_logprobs, out.prompt_top_logprobs))
             for j, x in enumerate(lives):
-                if x.request.logprobs:
+                if x.prompt_logprobs:
                     x.outcome.logprobs += prompt[0][j]
                     if x.outcome.top_logprobs is not None:  # none computed when no row asks
                         k = x.request.top_logprobs
                         tops = prompt[1][j] if prompt[1] is not None else [[]] * len(prompt[0][j])
                         x.outcome.top_logprobs += [alts[:k] for alts in tops]
         rows = sched.prefilled(batch)
+        for row in rows:  # its prompt is cached: later requests may share it
+            state = lives[row].state
+            self.index.add(state.seq, state.history + state.prompt)
         if logits is not None:
             for row in rows:
                 if lives[row].request.first_logits:
@@ -538,6 +780,40 @@ class EngineCore:
             return None
         return est.iteration_s(self.costs, new=batch.n_tokens, cached=batch.n_cached,
                                **_decode_load(decoding))  # fmt: skip
+
+    def _fit_decode(self, done: Done | None):
+        """The decode step of the running requests, once every rank's pool has room for its
+        tokens (retained sequences evicted, else the latest requests preempted); None if none
+        decodes."""
+        while self.sched.decoding:
+            batch = self.sched.decode_batch()
+            if self._reclaim(self._needs(batch)):
+                return batch
+            self._preempt(done)
+        return None
+
+    def _fit_prefill(self, take: dict[int, int], decode, done: Done | None):
+        """The prefill step of ``take``, trimmed to what the pools hold (with ``decode``'s
+        tokens when the two run as one pass). While requests decode, the prompts that do not
+        fit wait for them; when none decode, the latest requests are preempted. None: no
+        prefill this iteration."""
+        take = dict(take)
+        extra = [] if decode is None else [decode]
+        while take:
+            batch = self.sched.prefill_batch(
+                lambda new, cached: self.runner.resolve_variant(self.variant, new, cached),
+                take=take,
+            )
+            if self._reclaim(self._needs(batch, *extra)):
+                return batch
+            if decode is not None:
+                take.popitem()  # the latest prompt waits
+                continue
+            if not self._preempt(done):
+                return None
+            running = {s.seq for s in self.sched.seqs}
+            take = {seq: n for seq, n in take.items() if seq in running}
+        return None
 
     def _report(self, step: Step) -> None:
         if self.on_step is not None:
@@ -597,7 +873,7 @@ class EngineCore:
         events = []
         for j, (x, n) in enumerate(zip(lives, before, strict=True)):
             if len(x.state.out) > n:
-                if n == 0:
+                if x.outcome.ttft_s is None:
                     x.outcome.ttft_s = time.perf_counter() - x.admitted
                 if x.request.wants_logprobs:
                     x.outcome.logprobs.append(chosen[j])
@@ -615,7 +891,7 @@ class EngineCore:
         row by row: a row whose sampling fails gets -1 and its message (that request fails
         alone). Offline (:meth:`run`) a failure is the run's: it propagates."""
         args = ([x.request.sampling for x in lives], [x.generator for x in lives],
-                [len(x.state.out) for x in lives])  # fmt: skip
+                [len(x.before) + len(x.state.out) for x in lives])  # fmt: skip
         states = [g.get_state() for g in args[1]]
         try:
             return sample_rows(logits[list(rows)], *args), {}
@@ -636,20 +912,22 @@ class EngineCore:
         return torch.cat(tokens), failed
 
     def _retire(self, done: Done | None) -> None:
-        """Requests that are done leave; their sequences stay cached for reuse (cancelled ones
-        are freed)."""
+        """Requests that are done leave; their sequences stay cached for reuse, retained until
+        the pool needs their blocks (cancelled and failed ones are freed)."""
         finished = [x for x in self.live.values() if x.state.done]
         for x in finished:
             s = self.sched.retire(x.state.seq)
             s.owner = None
             o = x.outcome
-            o.tokens = list(s.out)
+            o.tokens = x.before + s.out
             if o.finish_reason in ("cancelled", "error"):
-                self.runner.cache.free(s.seq)
+                self.index.remove(s.seq)
+                self.cache.free(s.seq)
                 continue
-            o.finish_reason = "stop" if s.out and s.out[-1] in s.eos_ids else "length"
-            for seq in self.retained.put(s):
-                self.runner.cache.free(seq)
+            o.finish_reason = "stop" if o.tokens and o.tokens[-1] in s.eos_ids else "length"
+            self.retained[s.seq] = s
+            self.pool.set_live(s.seq, False)
+            self.index.add(s.seq, s.history[: s.cached])
             logger.debug(
                 "request %d: %d prompt tokens (%d cached), %d generated",
                 x.request.rid, o.prompt_tokens, o.cached_tokens, len(o.tokens),

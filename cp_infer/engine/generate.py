@@ -21,6 +21,7 @@ import torch
 
 from cp_infer.attention.selector import Hardware
 from cp_infer.engine.core import EngineCore, Request, check_request
+from cp_infer.engine.kv_cache import DEFAULT_BLOCK_SIZE
 from cp_infer.engine.runner import ModelRunner
 from cp_infer.engine.sampling import SamplingConfig
 from cp_infer.models.llama import Transformer
@@ -92,6 +93,7 @@ def generate(
     logprobs: int | None = None,
     seeds: Sequence[int] | None = None,
     names: Sequence[str] | None = None,
+    kv_tokens: int | None = None,
 ) -> GenerationResult:
     """Generate up to ``sampling.max_new_tokens`` tokens for every prompt.
 
@@ -121,6 +123,10 @@ def generate(
         seeds: each prompt's sampling seed (default: ``sampling.seed`` for all). Every prompt
             samples from a generator of its own: its tokens do not depend on the batch.
         names: the prompts' names in error messages (a JSONL line's ``id``, say).
+        kv_tokens: token slots of each rank's KV pool (allocated on the first call). Default:
+            what these requests need at most; with a ``conversation``, room for every chat to
+            reach the model's ``max_seq_len``. A smaller pool makes requests wait or be
+            preempted (recomputed) when it is full; the answers stay the same.
     """
     conv = conversation if conversation is not None else Conversation()
     history = conv.history or [[] for _ in prompts]
@@ -140,11 +146,16 @@ def generate(
                       max_seq_len=model.cfg.max_seq_len, earlier=len(h), name=name,
                       budget="max_new_tokens")  # fmt: skip
     if conv.engine is None:
+        if kv_tokens is None:  # each sequence's share on the rank that gets the most, in blocks
+            lengths = ([model.cfg.max_seq_len] * len(prompts) if conversation is not None
+                       else [len(h) + len(p) + sampling.max_new_tokens
+                             for p, h in zip(prompts, history, strict=True)])  # fmt: skip
+            kv_tokens = sum(-(-n // pg.cp) + 3 * DEFAULT_BLOCK_SIZE for n in lengths)
         runner = ModelRunner(
             model, pg, kernel=kernel, exchange=exchange, hardware=hardware, timeout_s=timeout_s,
-            kv_dtype=kv_dtype,
+            kv_dtype=kv_dtype, kv_tokens=kv_tokens,
         )  # fmt: skip
-        conv.engine = EngineCore(runner, max_cache_tokens=None, max_batch=len(prompts))
+        conv.engine = EngineCore(runner, max_batch=len(prompts))
     engine = conv.engine
     engine.configure(variant=variant, prefill_chunk=prefill_chunk, progress=progress)
     requests = [

@@ -3,43 +3,49 @@
 Each CP rank keeps, per sequence, the K/V of the tokens it owns: after a prefill, the real tokens
 of its load-balanced shard; during decode, the new tokens placed on it round-robin
 (:func:`decode_owner`). No rank ever holds the whole context, and together the ranks hold every
-token exactly once. The cache records the position of every token it holds, so a sequence can be
-cut at any position (a server reusing a shared prefix).
+token exactly once. The cache records the position of every token it holds, so a sequence can
+start from any prefix of another (a server reusing a shared prefix).
 
-Storage is a list of segments per sequence, each a preallocated heads-first buffer per layer::
+Storage is one pool per rank, allocated once and cut into blocks of token slots
+(:mod:`cp_infer.engine.kv_pool` keeps the books)::
 
-    seq 0:  | turn 1: prefill shard + its decode tokens | turn 2: ... | (free capacity)
-            '-- segment 0 (n0 of cap0 used) ------------'-- segment 1 -'
+    K (and V), per layer:  (H_kv, n_blocks * block_size, D)
+                            | b0 | b1 | b2 | b3 | b4 | b5 | ...
+    seq 7's table [1, 2, 3]:    '--------------'           one run: each head's tokens contiguous
+    seq 9's table [1, 2, 5]:    '---------'   '--'         shares b1, b2 with seq 7; b5 its own
 
-A new turn reserves a new segment, so growth never copies what is cached. The ring reads the
-segments in place: each head's used part is one contiguous run that travels as it is
-(:class:`~cp_infer.attention.blocks.KVPrefix`), and decode's kernel reads every head's keys
-contiguously. On one rank the positions only grow along the
-segments (a prefill shard lists its early chunk before its late one, and every turn comes after
-the last), which is what makes cutting at a position a matter of shortening segments.
+A sequence's tokens fill its blocks in token order. The ring and decode read them in place, a
+*run* of consecutive blocks at a time: each head's part of a run is one contiguous piece that
+travels as it is (:class:`~cp_infer.attention.blocks.KVPrefix`), and decode's kernel reads every
+head's keys contiguously. On one rank the positions only grow along a table (a prefill shard
+lists its early chunk before its late one, and every turn comes after the last), which is what
+makes sharing a prefix a matter of sharing the first blocks of a table.
 
 A forward pass writes through a plan: the runner says, before the pass, which of the step's
-local tokens each sequence keeps (:meth:`KVCache.plan`); every layer then hands over the K/V of
-all its local tokens (:meth:`KVCache.store`), and :meth:`KVCache.commit` makes them permanent.
+local tokens each sequence keeps on every CP rank (:meth:`KVCache.plan`: the books of every rank
+are kept alike everywhere); every layer then hands over the K/V of all its local tokens
+(:meth:`KVCache.store`), and :meth:`KVCache.commit` makes them permanent.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from cp_infer.attention.blocks import DequantizedSegments, KVPrefix
 from cp_infer.attention.kv_quant import FP8_KV, KV_DTYPES, quantize_kv
+from cp_infer.engine.kv_pool import KVPool, PoolFull
 
-__all__ = ["KVCache", "StorePlan", "decode_owner", "decode_tokens_owned"]
+__all__ = [
+    "DEFAULT_BLOCK_SIZE", "KVCache", "StorePlan", "decode_owner", "decode_tokens_owned",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
-MIN_SEGMENT = 256  # tokens; growth beyond a reservation comes in segments of at least this
-MAX_SEGMENTS = 16  # a sequence with more segments is compacted into one (one copy, amortized)
+DEFAULT_BLOCK_SIZE = 64  # token slots per block
 
 
 def decode_owner(seq: int, step: int, cp: int) -> int:
@@ -59,44 +65,25 @@ def decode_tokens_owned(seq: int, n_steps: int, cp: int, cp_rank: int) -> int:
 
 @dataclass(frozen=True)
 class StorePlan:
-    """Which local tokens of one forward pass a sequence keeps on this rank.
+    """Which local tokens of one forward pass a sequence keeps on one rank.
 
     Attributes:
-        seq: the sequence (cache slot).
+        seq: the sequence.
         start: first kept token in the pass's local (T) dimension; they are contiguous.
         positions: position of every kept token in its sequence (host ints, increasing).
-        reserve: tokens to make room for when a new segment is opened (at least the kept ones);
-            a prefill reserves its decode tokens too, so decode never allocates.
     """
 
     seq: int
     start: int
     positions: tuple[int, ...]
-    reserve: int = 0
 
 
-@dataclass
-class _Segment:
-    k: dict[int, torch.Tensor]  # layer -> (H_kv, cap, D)
-    v: dict[int, torch.Tensor]
-    positions: torch.Tensor  # (cap,) int64 on the host
-    k_scale: dict[int, torch.Tensor] | None = None  # layer -> (H_kv, cap) float32 (FP8 cache)
-    v_scale: dict[int, torch.Tensor] | None = None
-    n: int = 0  # committed tokens
-    staged: int = 0  # written by the current pass, not yet committed
-
-    @property
-    def capacity(self) -> int:
-        return self.positions.shape[0]
-
-
-@dataclass
-class _Sequence:
-    segments: list[_Segment] = field(default_factory=list)
-
-    @property
-    def n(self) -> int:
-        return sum(s.n for s in self.segments)
+def token_bytes(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                kv_dtype: str = "auto") -> int:  # fmt: skip
+    """Bytes of one token's K and V over ``n_layers`` layers (FP8: with its scales)."""
+    if kv_dtype == "fp8_e4m3":
+        return 2 * n_layers * n_kv_heads * (head_dim + 4)
+    return 2 * n_layers * n_kv_heads * head_dim * dtype.itemsize
 
 
 class KVCache:
@@ -111,188 +98,168 @@ class KVCache:
         kv_dtype: ``"auto"`` stores K/V in ``dtype``; ``"fp8_e4m3"`` in float8 with a float32
             scale per (head, token), quantized once when stored and dequantized a chunk at a
             time when read.
+        pool: the books of every CP rank's pool (:class:`~cp_infer.engine.kv_pool.KVPool`);
+            default: a pool of its own for one rank, of ``tokens`` slots.
+        cp_rank: which of the pool's ranks this cache stores.
+        tokens: slots of the default pool (rounded up to whole blocks).
+        block_size: slots per block of the default pool.
     """
 
     def __init__(
-        self,
-        layer_ids: Sequence[int],
-        n_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str = "cpu",
-        kv_dtype: str = "auto",
-    ) -> None:
+        self, layer_ids: Sequence[int], n_kv_heads: int, head_dim: int, dtype: torch.dtype,
+        device: torch.device | str = "cpu", kv_dtype: str = "auto", *,
+        pool: KVPool | None = None, cp_rank: int = 0, tokens: int = 65536,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> None:  # fmt: skip
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"unknown kv_dtype {kv_dtype!r}; choose one of {list(KV_DTYPES)}")
         self.layer_ids = list(layer_ids)
+        self._layer = {layer: i for i, layer in enumerate(self.layer_ids)}
         self.n_kv_heads, self.head_dim, self.dtype = n_kv_heads, head_dim, dtype
         self.kv_dtype = kv_dtype
         self.fp8 = kv_dtype == "fp8_e4m3"
         self.device = torch.device(device)
-        self._seqs: dict[int, _Sequence] = {}
-        self._plan: list[tuple[StorePlan, _Segment]] = []
+        self.pool = pool or KVPool(-(-tokens // block_size), block_size)
+        self.cp_rank = cp_rank
+        self.ledger = self.pool.ledgers[cp_rank]
+        shape = (len(self.layer_ids), n_kv_heads, self.pool.tokens, head_dim)
+        kind = FP8_KV if self.fp8 else dtype
+        # allocated once: the pool is the limit (on a CPU host the pages are taken as written)
+        self.k = torch.empty(shape, dtype=kind, device=self.device)
+        self.v = torch.empty(shape, dtype=kind, device=self.device)
+        self.k_scale = self.v_scale = None
+        if self.fp8:
+            self.k_scale = torch.empty(shape[:3], dtype=torch.float32, device=self.device)
+            self.v_scale = torch.empty(shape[:3], dtype=torch.float32, device=self.device)
+        self._plan: list[tuple[StorePlan, list[tuple[int, int]]]] = []
+        logger.debug(
+            "KV pool: %d blocks of %d tokens, %.1f MiB", self.pool.n_blocks,
+            self.pool.block_size, self.nbytes() / 2**20,
+        )  # fmt: skip
 
     # -- what is cached ---------------------------------------------------------------------
     def __contains__(self, seq: int) -> bool:
-        return seq in self._seqs
+        return seq in self.ledger.tables
 
     def tokens(self, seq: int) -> int:
         """Committed tokens of ``seq`` on this rank (0 for an unknown sequence)."""
-        return self._seqs[seq].n if seq in self._seqs else 0
+        return self.ledger.tokens(seq)
 
     def segment_lens(self, seq: int) -> tuple[int, ...]:
-        """Committed tokens of ``seq`` per segment, on this rank."""
-        return tuple(s.n for s in self._seqs[seq].segments) if seq in self._seqs else ()
+        """Committed tokens of ``seq`` per run of consecutive slots, on this rank."""
+        return tuple(n for _, n in self.ledger.runs(seq))
 
     def positions(self, seq: int) -> list[int]:
         """Positions of the tokens of ``seq`` this rank holds, in storage order."""
-        if seq not in self._seqs:
-            return []
-        return [p for s in self._seqs[seq].segments for p in s.positions[: s.n].tolist()]
+        return self.ledger.positions_of(seq)
 
     def nbytes(self) -> int:
-        """Bytes allocated (capacity, not use)."""
-        item = 1 if self.fp8 else self.dtype.itemsize
-        per_token = (
-            2 * len(self.layer_ids) * self.n_kv_heads * (self.head_dim * item + 4 * self.fp8)
-        )
-        return per_token * sum(s.capacity for q in self._seqs.values() for s in q.segments)
+        """Bytes of the pool (allocated once: capacity, not use)."""
+        scales = (self.k_scale.nbytes + self.v_scale.nbytes) if self.fp8 else 0
+        return self.k.nbytes + self.v.nbytes + scales
 
     # -- writing: plan, store per layer, commit ----------------------------------------------
-    def plan(self, plans: Sequence[StorePlan]) -> None:
-        """Say which local tokens the next forward pass keeps (call before the pass)."""
+    def plan(self, by_rank: Sequence[Sequence[StorePlan]]) -> None:
+        """Say which local tokens the next forward pass keeps on every CP rank (call before
+        the pass, on every rank alike: ``by_rank[r]`` are rank r's plans).
+
+        Raises:
+            PoolFull: a rank has no room (nothing is kept); the engine makes room first.
+        """
         assert not self._plan, "commit() the previous pass first"
-        for p in plans:
-            if not p.positions:
-                continue
-            seg = self._room(p.seq, len(p.positions), max(p.reserve, len(p.positions)))
-            seg.positions[seg.n : seg.n + len(p.positions)] = torch.tensor(
-                p.positions, device="cpu"
-            )
-            seg.staged = len(p.positions)
-            self._plan.append((p, seg))
+        assert len(by_rank) == self.pool.cp, "one list of plans per CP rank"
+        try:
+            for r, plans in enumerate(by_rank):
+                for p in plans:
+                    if p.positions:
+                        runs = self.pool.ledgers[r].append(p.seq, p.positions)
+                        if r == self.cp_rank:
+                            self._plan.append((p, runs))
+        except PoolFull:
+            self.abort()
+            raise
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keep the planned tokens of one layer's (H_kv, T, D) keys and values."""
-        for p, seg in self._plan:
+        li = self._layer[layer]
+        for p, runs in self._plan:
             n = len(p.positions)
             new_k, new_v = k[:, p.start : p.start + n], v[:, p.start : p.start + n]
             if self.fp8:
-                (new_k, seg.k_scale[layer][:, seg.n : seg.n + n]) = quantize_kv(new_k)
-                (new_v, seg.v_scale[layer][:, seg.n : seg.n + n]) = quantize_kv(new_v)
-            seg.k[layer][:, seg.n : seg.n + n] = new_k
-            seg.v[layer][:, seg.n : seg.n + n] = new_v
+                new_k, k_scale = quantize_kv(new_k)
+                new_v, v_scale = quantize_kv(new_v)
+            at = 0
+            for slot, m in runs:
+                self.k[li, :, slot : slot + m] = new_k[:, at : at + m]
+                self.v[li, :, slot : slot + m] = new_v[:, at : at + m]
+                if self.fp8:
+                    self.k_scale[li, :, slot : slot + m] = k_scale[:, at : at + m]
+                    self.v_scale[li, :, slot : slot + m] = v_scale[:, at : at + m]
+                at += m
 
     def commit(self) -> None:
         """Make the tokens stored by the last forward pass permanent (once per pass)."""
-        for _, seg in self._plan:
-            seg.n += seg.staged
-            seg.staged = 0
+        self.pool.commit()
         self._plan = []
 
     def abort(self) -> None:
         """Forget the tokens stored by an unfinished pass."""
-        for _, seg in self._plan:
-            seg.staged = 0
+        self.pool.abort()
         self._plan = []
 
     # -- reading ----------------------------------------------------------------------------
-    def blocks(self, layer: int, seq: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(H_kv, n, D) K/V views of ``seq``'s segments, tokens staged by this pass included
-        (an FP8 cache yields them dequantized, a chunk at a time)."""
-        if seq not in self._seqs:
-            return []
+    def _views(self, li: int, runs: list[tuple[int, int]]) -> list[tuple]:
         out = []
-        for s in self._seqs[seq].segments:
-            n = s.n + s.staged
-            if n:
-                seg = (s.k[layer][:, :n], s.v[layer][:, :n])
-                if self.fp8:
-                    seg += (s.k_scale[layer][:, :n], s.v_scale[layer][:, :n])
-                out.append(seg)
+        for s, n in runs:
+            seg = (self.k[li, :, s : s + n], self.v[li, :, s : s + n])
+            if self.fp8:
+                seg += (self.k_scale[li, :, s : s + n], self.v_scale[li, :, s : s + n])
+            out.append(seg)
+        return out
+
+    def blocks(self, layer: int, seq: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(H_kv, n, D) K/V views of ``seq``'s runs, tokens staged by this pass included (an
+        FP8 cache yields them dequantized, a chunk at a time)."""
+        out = self._views(self._layer[layer], self.ledger.runs(seq, staged=True))
         return DequantizedSegments(out, self.dtype) if self.fp8 else out
 
     def prefix(self, layer: int, seqs: Sequence[int], lens) -> KVPrefix:
         """The committed K/V of ``seqs`` at ``layer`` as the prefix of a prefill, in place.
 
         Args:
-            lens: (cp, len(seqs), segments) :meth:`segment_lens` of every CP rank.
+            lens: (cp, len(seqs), runs) :meth:`lens` of the sequences.
         """
-        k, v, ks, vs = [], [], [], []
-        for seq in seqs:
-            segs = self._seqs[seq].segments if seq in self._seqs else []
-            k.append(tuple(s.k[layer][:, : s.n] for s in segs))
-            v.append(tuple(s.v[layer][:, : s.n] for s in segs))
-            if self.fp8:
-                ks.append(tuple(s.k_scale[layer][:, : s.n] for s in segs))
-                vs.append(tuple(s.v_scale[layer][:, : s.n] for s in segs))
+        li = self._layer[layer]
+        views = [self._views(li, self.ledger.runs(seq)) for seq in seqs]
+        k = tuple(tuple(s[0] for s in segs) for segs in views)
+        v = tuple(tuple(s[1] for s in segs) for segs in views)
         if not self.fp8:
-            return KVPrefix(tuple(k), tuple(v), lens)
-        return KVPrefix(tuple(k), tuple(v), lens, tuple(ks), tuple(vs), self.dtype)
+            return KVPrefix(k, v, lens)
+        ks = tuple(tuple(s[2] for s in segs) for segs in views)
+        vs = tuple(tuple(s[3] for s in segs) for segs in views)
+        return KVPrefix(k, v, lens, ks, vs, self.dtype)
+
+    def lens(self, seqs: Sequence[int]):
+        """(cp, len(seqs), runs) committed tokens of ``seqs`` per CP rank and run: known on
+        every rank from the books, with no exchange."""
+        return self.pool.lens(seqs)
 
     # -- managing sequences -----------------------------------------------------------------
-    def truncate(self, seq: int, position: int) -> None:
-        """Forget every token of ``seq`` at ``position`` or later (keep the shared prefix)."""
-        assert not self._plan, "truncate between passes, not during one"
-        if seq not in self._seqs:
-            return
-        kept = []
-        for s in self._seqs[seq].segments:
-            n = int(torch.searchsorted(s.positions[: s.n], position))
-            cut = n < s.n
-            if n:
-                s.n = n
-                kept.append(s)
-            if cut:
-                break  # positions grow along the segments: nothing later survives
-        self._seqs[seq].segments = kept
+    def fork(self, src: int, dst: int, position: int) -> None:
+        """Start ``dst`` with every token of ``src`` before ``position``: whole blocks shared,
+        a partly shared block's tokens copied (on every rank's books; this rank copies its own).
+
+        Raises:
+            PoolFull: no block for the copy on some rank (nothing changed).
+        """
+        assert not self._plan, "fork between passes, not during one"
+        copy = self.pool.fork(src, dst, position)[self.cp_rank]
+        if copy is not None:
+            s, d, n = copy
+            for t in (self.k, self.v, self.k_scale, self.v_scale):
+                if t is not None:
+                    t[:, :, d : d + n] = t[:, :, s : s + n]
 
     def free(self, seq: int) -> None:
-        """Drop ``seq`` and its memory."""
-        self._seqs.pop(seq, None)
-
-    def _room(self, seq: int, n: int, reserve: int) -> _Segment:
-        """The segment that takes ``n`` more tokens of ``seq``: the last one, or a new one."""
-        state = self._seqs.setdefault(seq, _Sequence())
-        last = state.segments[-1] if state.segments else None
-        if last is not None and last.capacity - last.n >= max(n, reserve):
-            return last
-        if len(state.segments) >= MAX_SEGMENTS:
-            self._compact(state, extra=reserve)
-            return state.segments[-1]
-        seg = self._new_segment(max(reserve, MIN_SEGMENT) if state.segments else reserve)
-        state.segments.append(seg)
-        return seg
-
-    def _new_segment(self, capacity: int) -> _Segment:
-        shape = (self.n_kv_heads, capacity, self.head_dim)
-        dtype = FP8_KV if self.fp8 else self.dtype
-
-        def buf(shape=shape, dtype=dtype) -> dict[int, torch.Tensor]:
-            return {
-                layer: torch.empty(shape, dtype=dtype, device=self.device)
-                for layer in self.layer_ids
-            }
-
-        scales = (buf(shape[:2], torch.float32), buf(shape[:2], torch.float32)) if self.fp8 else ()
-        return _Segment(
-            buf(), buf(), torch.empty(capacity, dtype=torch.long, device="cpu"), *scales
-        )
-
-    def _compact(self, state: _Sequence, extra: int) -> None:
-        """Copy every segment of a sequence into one with room for ``extra`` more tokens."""
-        n = state.n
-        seg = self._new_segment(n + extra)
-        at = 0
-        for s in state.segments:
-            for layer in self.layer_ids:
-                seg.k[layer][:, at : at + s.n] = s.k[layer][:, : s.n]
-                seg.v[layer][:, at : at + s.n] = s.v[layer][:, : s.n]
-                if self.fp8:
-                    seg.k_scale[layer][:, at : at + s.n] = s.k_scale[layer][:, : s.n]
-                    seg.v_scale[layer][:, at : at + s.n] = s.v_scale[layer][:, : s.n]
-            seg.positions[at : at + s.n] = s.positions[: s.n]
-            at += s.n
-        seg.n = n
-        logger.debug("compacted %d segments (%d tokens) into one", len(state.segments), n)
-        state.segments = [seg]
+        """Let go of ``seq``'s blocks (on every rank's books)."""
+        self.pool.free(seq)

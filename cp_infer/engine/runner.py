@@ -28,7 +28,8 @@ from cp_infer.attention.selector import Hardware, choose_variant, hardware_for
 from cp_infer.collectives import Exchange, make_exchange
 from cp_infer.engine.attention import DecodeAttention, MixedAttention, PrefillAttention
 from cp_infer.engine.batch import StepBatch
-from cp_infer.engine.kv_cache import MAX_SEGMENTS, KVCache
+from cp_infer.engine.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, token_bytes
+from cp_infer.engine.kv_pool import KVPool
 from cp_infer.engine.sampling import logprobs_of
 from cp_infer.models.llama import ForwardContext, TokenSplit, Transformer, split_tokens
 from cp_infer.parallel.pipeline import recv_activation, send_activation
@@ -74,6 +75,12 @@ class ModelRunner:
             the model's device (:func:`hardware_for`).
         timeout_s: how long a shared-memory exchange waits for a peer.
         kv_dtype: ``"fp8_e4m3"``: the cache holds K/V in FP8 and pass-KV sends them so.
+        kv_memory: bytes of this rank's KV pool (blocks of every layer of its stage, FP8
+            scales included), allocated once; the ranks agree on the smallest block count any
+            of them gets.
+        kv_tokens: instead of ``kv_memory``, the pool's token slots per rank. Default (neither
+            given): room for one sequence of the model's ``max_seq_len``.
+        kv_block_size: token slots per block of the pool.
     """
 
     def __init__(
@@ -86,6 +93,9 @@ class ModelRunner:
         hardware: Hardware | None = None,
         timeout_s: float = 60.0,
         kv_dtype: str = "auto",
+        kv_memory: int | None = None,
+        kv_tokens: int | None = None,
+        kv_block_size: int = DEFAULT_BLOCK_SIZE,
     ) -> None:
         self.model, self.pg, self.cfg = model, pg, model.cfg
         param = next(model.parameters())
@@ -93,12 +103,42 @@ class ModelRunner:
         self.kernel = get_kernel(kernel, self.device)
         self.hardware = hardware or hardware_for(self.device)
         n_kv = next(iter(model.layers.values())).attention.n_local_kv_heads
+        n_blocks = self._pool_blocks(kv_memory, kv_tokens, kv_block_size, n_kv, kv_dtype)
         self.cache = KVCache(
-            model.layer_ids, n_kv, self.cfg.head_dim, self.dtype, self.device, kv_dtype=kv_dtype
-        )
+            model.layer_ids, n_kv, self.cfg.head_dim, self.dtype, self.device, kv_dtype=kv_dtype,
+            pool=KVPool(n_blocks, kv_block_size, pg.cp), cp_rank=pg.cp_rank,
+        )  # fmt: skip
         self.exchange_kind, self.timeout_s = exchange, timeout_s
         self._exchange: Exchange | None = None
         self._exchange_bytes = 0
+
+    def _pool_blocks(
+        self, kv_memory: int | None, kv_tokens: int | None, block_size: int, n_kv: int,
+        kv_dtype: str,
+    ) -> int:  # fmt: skip
+        """Blocks of this rank's pool: what ``kv_memory`` holds, the smallest over all ranks
+        (pipeline stages hold different numbers of layers; the books assume one count)."""
+        if block_size < 1:
+            raise ValueError(f"the KV block size must be >= 1 token, got {block_size}")
+        if kv_memory is None:
+            if kv_tokens is None:
+                kv_tokens = -(-self.cfg.max_seq_len // self.pg.cp) + 2 * block_size
+            n_blocks = -(-kv_tokens // block_size)
+        else:
+            per_block = block_size * token_bytes(
+                len(self.model.layer_ids), n_kv, self.cfg.head_dim, self.dtype, kv_dtype
+            )
+            n_blocks = kv_memory // per_block
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                t = torch.tensor([n_blocks], dtype=torch.long, device=self.device)
+                dist.all_reduce(t, op=dist.ReduceOp.MIN)
+                n_blocks = int(t.item())
+        if n_blocks < 1:
+            raise ValueError(
+                f"--kv-cache-memory {kv_memory} B holds no block of {block_size} tokens on some "
+                "rank: raise --kv-cache-memory or lower --kv-block-size"
+            )
+        return n_blocks
 
     # -- choices ----------------------------------------------------------------------------
     def resolve_variant(self, variant: str, new: int, cached: int) -> str:
@@ -151,7 +191,7 @@ class ModelRunner:
                 at each position.
         """
         pg = self.pg
-        self.cache.plan(batch.store_plans(pg.cp_rank))
+        self.cache.plan(batch.all_store_plans())
         token_split = None
         if batch.kind == "prefill":
             attention = PrefillAttention(
@@ -218,10 +258,10 @@ class ModelRunner:
             out.decode_logits = self.step(decode).logits
             return out
         split = prefill.layout.t_local
-        plans = prefill.store_plans(pg.cp_rank) + [
-            replace(p, start=p.start + split) for p in decode.store_plans(pg.cp_rank)
-        ]
-        self.cache.plan(plans)
+        self.cache.plan([
+            p + [replace(d, start=d.start + split) for d in dp]
+            for p, dp in zip(prefill.all_store_plans(), decode.all_store_plans(), strict=True)
+        ])  # fmt: skip
         n_local_heads = next(iter(self.model.layers.values())).attention.n_local_heads
         exchange = self._decode_exchange(
             4 * n_local_heads * decode.n_seqs * (self.cfg.head_dim + 1)
@@ -347,21 +387,9 @@ class ModelRunner:
         return h
 
     def _prefix_lens(self, batch: StepBatch):
-        """(cp, B, segments) cached tokens per CP rank, sequence and segment, on every rank."""
-        mine = tuple(self.cache.segment_lens(seq) for seq in batch.seqs)
-        if self.pg.cp == 1:
-            return (mine,)
-        # one gather of a fixed-size table (a sequence has at most MAX_SEGMENTS segments on a
-        # rank), -1 for no segment: a step of a few tokens pays for every collective it makes
-        assert all(len(lens) <= MAX_SEGMENTS for lens in mine)
-        table = torch.tensor(
-            [[*lens, *[-1] * (MAX_SEGMENTS - len(lens))] for lens in mine],
-            dtype=torch.long, device=self.device,
-        )  # fmt: skip
-        parts = self._decode_exchange(table.numel() * 8).all_gather(table)
-        return tuple(
-            tuple(tuple(n for n in row if n >= 0) for row in part.tolist()) for part in parts
-        )
+        """(cp, B, runs) cached tokens per CP rank, sequence and run (from the books every
+        rank keeps: no exchange)."""
+        return self.cache.lens(batch.seqs)
 
     def _last_token_hidden(self, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """(B, dim) hidden state of each sequence's last new token, on every CP rank."""

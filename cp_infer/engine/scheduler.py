@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from cp_infer.engine.batch import StepBatch
-from cp_infer.engine.kv_cache import decode_owner, decode_tokens_owned
+from cp_infer.engine.kv_cache import decode_owner
 from cp_infer.sharding import ShardLayout
 
 __all__ = ["Scheduler", "SequenceState"]
@@ -111,31 +111,18 @@ class Scheduler:
         """
         rows = [j for j, s in enumerate(self.seqs)
                 if s.prefilled < len(s.new) and take.get(s.seq, 0) > 0]  # fmt: skip
-        tokens, starts, reserve = [], [], [[] for _ in range(self.cp)]
+        tokens, starts = [], []
         for j in rows:
             s = self.seqs[j]
-            left = len(s.new) - s.prefilled
-            step = min(take[s.seq], left)
+            step = min(take[s.seq], len(s.new) - s.prefilled)
             tokens.append(tuple(s.new[s.prefilled : s.prefilled + step]))
             starts.append(s.cached + s.prefilled)
-            # the first chunk reserves what each rank will store this turn: its shard of every
-            # chunk, then its decode tokens (the last generated token is never fed back, so
-            # max_new - 1 of them are stored); later chunks land in that room
-            # (later chunks are assumed the size of this one; if they differ, the cache grows)
-            sizes = [step] if s.prefilled else _chunks(left, step)
-            fed = 0 if s.prefilled else max(s.max_new - 1, 0)
-            for r in range(self.cp):
-                shards = sum(ShardLayout([n], self.cp).valid_kv_len(0, r) for n in sizes)
-                decode = decode_tokens_owned(s.seq, s.decode_steps + fed, self.cp, r)
-                decode -= decode_tokens_owned(s.seq, s.decode_steps, self.cp, r)
-                reserve[r].append(shards + decode)
         if callable(variant):
             variant = variant(sum(len(t) for t in tokens), sum(starts))
         return StepBatch(
             kind="prefill", seqs=tuple(self.seqs[j].seq for j in rows), tokens=tuple(tokens),
             starts=tuple(starts), cp=self.cp, device=self.device,
             layout=ShardLayout([len(t) for t in tokens], self.cp), variant=variant,
-            reserve=tuple(tuple(r) for r in reserve),
         )  # fmt: skip
 
     def prefilled(self, batch: StepBatch) -> list[int]:
@@ -183,19 +170,16 @@ class Scheduler:
                 s.fed_cached = False
                 s.done = t in s.eos_ids or len(s.out) >= s.max_new
 
+    def drop(self, seq: int) -> SequenceState:
+        """Stop scheduling ``seq`` as it is (preempted: its turn will be run again)."""
+        j = next(j for j, s in enumerate(self.seqs) if s.seq == seq)
+        return self.seqs.pop(j)
+
     def retire(self, seq: int) -> SequenceState:
         """End the turn of one sequence and stop scheduling it: its turn is folded into its
         history. Returns its state."""
-        j = next(j for j, s in enumerate(self.seqs) if s.seq == seq)
-        s = self.seqs.pop(j)
+        s = self.drop(seq)
         s.history += s.prompt + s.out
         s.uncached = [] if s.fed_cached else s.out[-1:]
         s.prompt = []
         return s
-
-
-def _chunks(n: int, chunk: int) -> list[int]:
-    """Sizes of ``n`` tokens cut in chunks of ``chunk``."""
-    if chunk >= n:
-        return [n]
-    return [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from cp_infer.distributed import error_message, exit_now, on_all_ranks, peer_failure
+from cp_infer.engine.kv_cache import DEFAULT_BLOCK_SIZE
 from cp_infer.engine.runner import ModelRunner
 from cp_infer.entrypoints.generate import (
     _model_config,
@@ -36,7 +37,7 @@ from cp_infer.entrypoints.generate import (
 )
 from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments
 from cp_infer.parallel import check_model_fits_layout
-from cp_infer.planner import device_memory
+from cp_infer.planner import device_memory, human_bytes, parse_bytes
 from parallel_state import parallel_groups, validate_parallel_sizes
 
 __all__ = ["add_parser", "run"]
@@ -91,9 +92,23 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )  # fmt: skip
     g.add_argument("--max-queue", type=int, default=64, help="waiting requests; more get a 503")
     g.add_argument(
-        "--max-cache-tokens", type=int, default=65536, metavar="N",
-        help="tokens finished requests may keep cached over the CP ranks for reuse (least "
-        "recently used dropped first)",
+        "--kv-cache-memory", default="auto", metavar="SIZE",
+        help="bytes of each rank's KV pool, allocated once (e.g. 2GiB, 512MiB): the K/V of "
+        "every layer of its stage, FP8 scales included. Running requests, and finished ones "
+        "kept for prefix reuse, share it; a request waits when it is full, and the latest is "
+        "preempted (recomputed later) when running decodes outgrow it. 'auto': what "
+        "--device-memory leaves after the weights and the peak activations of a "
+        "max_seq_len prefill (see docs/serving.md)",
+    )  # fmt: skip
+    g.add_argument(
+        "--no-prefix-sharing",
+        dest="prefix_sharing",
+        action="store_false",
+        help="prefill every prompt whole, sharing no cached prefix (a cold baseline)",
+    )
+    g.add_argument(
+        "--kv-block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="N",
+        help="token slots per KV block: the unit of allocation and of prefix sharing",
     )  # fmt: skip
     add_model_arguments(g)
     add_common_arguments(g)
@@ -101,13 +116,36 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return g
 
 
+def kv_pool_bytes(args, cfg, device) -> int:
+    """``--kv-cache-memory`` in bytes; ``auto``: what ``--device-memory`` leaves after this
+    rank's weights and the peak activations of a ``max_seq_len`` prefill (the planner's
+    figures, as vLLM sizes its pool from ``gpu_memory_utilization``)."""
+    from cp_infer.entrypoints.generate import memory_plan
+
+    if args.kv_cache_memory != "auto":
+        return parse_bytes(args.kv_cache_memory)
+    budget = device_memory(args.device_memory, device)
+    plan = memory_plan(args, cfg, context=cfg.max_seq_len, batch=1, device_bytes=budget)
+    left = budget - plan.weight_bytes - plan.activation_bytes
+    if left <= 0:
+        raise ValueError(
+            f"--device-memory {human_bytes(budget)} leaves nothing for the KV cache after the "
+            f"weights ({human_bytes(plan.weight_bytes)}) and the activations "
+            f"({human_bytes(plan.activation_bytes)}): raise --device-memory, --tp or --pp, or "
+            "give --kv-cache-memory"
+        )
+    return left
+
+
 def _check(args, world_size: int):
-    for name in ("max_batch_size", "max_queue", "max_cache_tokens"):
+    for name in ("max_batch_size", "max_queue", "kv_block_size"):
         if getattr(args, name) < 1:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} must be >= 1, got {getattr(args, name)}")
     if args.tbt_slo_ms is not None and args.tbt_slo_ms <= 0:
         raise ValueError(f"--tbt-slo-ms must be > 0, got {args.tbt_slo_ms}")
+    if args.kv_cache_memory != "auto":
+        parse_bytes(args.kv_cache_memory)  # a size that does not read fails now
     hardware_profile(args.hardware)  # a name that is no profile fails now
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
@@ -134,15 +172,23 @@ def run(args, argv: list[str]) -> int:
     ) as pg:
         logger.info("%s | model %s (%.1fM params)", pg.describe(), cfg.name, cfg.n_params() / 1e6)
         model = on_all_ranks(lambda: build_model(args, cfg, fmt, pg, device))
+        kv_memory = on_all_ranks(lambda: kv_pool_bytes(args, cfg, device))
         runner = ModelRunner(
             model, pg, kernel=args.kernel, exchange=args.decode_exchange, timeout_s=args.timeout,
             kv_dtype=args.kv_dtype, hardware=hardware_profile(args.hardware),
+            kv_memory=kv_memory, kv_block_size=args.kv_block_size,
+        )  # fmt: skip
+        pool = runner.cache.pool
+        logger.info(
+            "KV pool: %d blocks of %d tokens per rank (%s, %d tokens over the CP ranks)",
+            pool.n_blocks, pool.block_size, human_bytes(runner.cache.nbytes()),
+            pool.tokens * pg.cp,
         )  # fmt: skip
         costs = None  # a calibrated profile has GEMM and attention FLOP/s; else the runner's
         if Path(args.hardware).is_file():
             costs = StepCosts.from_hardware(cfg, args.hardware, cp=pg.cp, tp=pg.tp)
         engine = EngineCore(
-            runner, max_cache_tokens=args.max_cache_tokens, max_batch=args.max_batch_size,
+            runner, max_batch=args.max_batch_size, share_prefixes=args.prefix_sharing,
             tbt_slo_s=None if args.tbt_slo_ms is None else args.tbt_slo_ms / 1000, costs=costs,
         )  # fmt: skip
         loop = ServeLoop(engine)
@@ -182,7 +228,6 @@ def _start_api(args, cfg, eos_ids, device):
         info={k: str(getattr(args, k)) for k in ("tp", "cp", "pp", "ep")},
         tbt_slo_s=None if args.tbt_slo_ms is None else args.tbt_slo_ms / 1000,
         log_level=logging.getLogger().getEffectiveLevel(),
-        memory=(args, cfg, device_memory(args.device_memory, device)),
     )  # fmt: skip
     ctx = multiprocessing.get_context("spawn")
     here, there = ctx.Pipe(duplex=True)
@@ -198,7 +243,7 @@ def _serve(loop, api, conn, run_id: str, launched: bool) -> int:
     from cp_infer.serving.lifecycle import STOP_GRACE_S, Watchdog
 
     engine = loop.engine
-    link = EngineLink(conn, lambda: (engine.retained.tokens, engine.timer.estimates))
+    link = EngineLink(conn, lambda: (engine.pool_stats(), engine.timer.estimates))
     engine.on_step = link.step
     failures: list[str] = []
 

@@ -37,25 +37,6 @@ class ApiSettings:
     info: dict[str, str]
     tbt_slo_s: float | None
     log_level: int
-    # a request of N tokens must fit a rank: (args, cfg, device bytes) for the memory plan
-    memory: tuple | None = None
-
-
-def _memory_check(memory):
-    if memory is None:
-        return None
-    from cp_infer.entrypoints.generate import memory_plan
-    from cp_infer.planner import check_fits
-
-    args, cfg, budget = memory
-
-    def check(tokens: int) -> None:
-        plan = memory_plan(
-            args, cfg, context=tokens + args.max_cache_tokens, batch=1, device_bytes=budget
-        )
-        check_fits(plan, f"a request of {tokens} tokens (with --max-cache-tokens kept)")
-
-    return check
 
 
 def _tokenizer(checkpoint: str | None):
@@ -86,7 +67,7 @@ def run_api(conn: Connection, settings: ApiSettings) -> None:
         tokenizer=_tokenizer(settings.checkpoint), model_name=settings.model_name,
         vocab_size=settings.vocab_size, max_seq_len=settings.max_seq_len,
         max_batch=settings.max_batch, max_queue=settings.max_queue, eos_ids=settings.eos_ids,
-        check_memory=_memory_check(settings.memory), info=settings.info,
+        info=settings.info,
     )  # fmt: skip
     failed: list[str] = []
 
@@ -97,7 +78,7 @@ def run_api(conn: Connection, settings: ApiSettings) -> None:
         server.should_exit = True
 
     link = ApiLink(conn, front, stop)
-    front.metrics.watch_cache(lambda: link.stats[0])
+    front.pool = lambda: link.stats[0]
     front.metrics.watch_chunking(lambda: link.stats[1], settings.tbt_slo_s)
     config = uvicorn.Config(
         build_app(front), host=settings.host, port=settings.port, log_level="warning",

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from cp_infer.engine.core import Outcome, Request, check_request
+from cp_infer.engine.core import Outcome, Request, check_pool, check_request
 from cp_infer.engine.sampling import SamplingConfig
 from cp_infer.schema import RequestError
 from cp_infer.serving.metrics import ServerMetrics
@@ -61,19 +61,20 @@ class Frontend:
         max_batch: requests per engine batch.
         max_queue: requests waiting at most; one more gets a 503.
         eos_ids: the checkpoint's end-of-sequence ids.
-        check_memory: raises ValueError when a request of that many tokens cannot fit a rank.
+        pool: the engine's latest :class:`~cp_infer.engine.core.PoolStats` (None until it
+            runs): a request that cannot fit the KV pool even alone gets a 400.
         info: labels of ``/metrics``' ``cp_infer_info`` (the layout, say).
     """
 
     def __init__(
         self, *, tokenizer, model_name: str, vocab_size: int, max_seq_len: int, max_batch: int,
-        max_queue: int, eos_ids: frozenset[int] = frozenset(), check_memory=None,
+        max_queue: int, eos_ids: frozenset[int] = frozenset(), pool=None,
         info: dict[str, str] | None = None,
     ) -> None:  # fmt: skip
         self.tokenizer, self.model_name = tokenizer, model_name
         self.vocab_size, self.max_seq_len = vocab_size, max_seq_len
         self.max_batch, self.max_queue, self.eos_ids = max_batch, max_queue, eos_ids
-        self.check_memory = check_memory  # raises ValueError for a context that cannot fit
+        self.pool = pool or (lambda: None)  # -> PoolStats | None
         self._queue: queue.Queue[Pending] = queue.Queue()
         self._live: dict[int, Pending] = {}
         self._cancelled: set[int] = set()
@@ -108,16 +109,15 @@ class Frontend:
     ) -> Request:  # fmt: skip
         """The engine's request, checked against the model (:func:`check_request`) and the
         memory; ``budget`` is how this API names the token budget."""
+        pool = self.pool()
         try:
             check_request(tokens, sampling.max_new_tokens, vocab_size=self.vocab_size,
                           max_seq_len=self.max_seq_len, budget=budget)  # fmt: skip
+            if pool is not None and pool.total_blocks:
+                check_pool(len(tokens), sampling.max_new_tokens, n_blocks=pool.total_blocks,
+                           block_size=pool.block_size, cp=pool.cp, budget=budget)  # fmt: skip
         except RequestError as e:
             raise BadRequest(str(e), e.param) from e
-        if self.check_memory is not None:
-            try:
-                self.check_memory(len(tokens) + sampling.max_new_tokens)
-            except ValueError as e:
-                raise BadRequest(str(e), budget) from e
         return Request(next(self._ids), tuple(tokens), sampling, logprobs, top_logprobs)
 
     def submit(self, requests: list[Request]) -> list[Pending]:

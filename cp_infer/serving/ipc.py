@@ -29,15 +29,15 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from cp_infer.engine.chunking import Estimates
-from cp_infer.engine.core import Outcome, Request, Step
+from cp_infer.engine.core import Outcome, PoolStats, Request, Step
 
 __all__ = ["ApiLink", "EngineLink", "EngineStats"]
 
 logger = logging.getLogger(__name__)
 
-#: (tokens the retained sequences keep cached, the chunk sizing's estimates): the engine's
-#: state that ``/metrics`` shows, sent with every ``next``.
-EngineStats = tuple[int, Estimates]
+#: (the KV pool and prefix reuse, the chunk sizing's estimates): the engine's state that
+#: ``/metrics`` shows and the API checks requests against, sent with every ``next``.
+EngineStats = tuple[PoolStats, Estimates]
 
 
 class EngineLink:
@@ -147,7 +147,7 @@ class ApiLink:
     def __init__(self, conn: Connection, front, on_stop: Callable[[str, bool], None]) -> None:
         self.conn, self.front, self.on_stop = conn, front, on_stop
         self._send_lock = threading.Lock()
-        self.stats: EngineStats = (0, Estimates())
+        self.stats: EngineStats = (PoolStats(), Estimates())
         self._thread = threading.Thread(target=self._serve, name="engine-link", daemon=True)
         front.on_change = self.push_state
 
@@ -173,6 +173,7 @@ class ApiLink:
                 if kind == "next":
                     front.ready.set()
                     _, wait_s, limit, self.stats, steps = message
+                    front.metrics.pool(self.stats[0])
                     for step in steps:
                         front.metrics.step(step)
                     # at most a quarter second: a stop from rank 0 waits behind this call

@@ -72,6 +72,22 @@ class ServerMetrics:
         self.cache_tokens = metric(
             Gauge, "prefix_cache_tokens", "Tokens finished requests keep cached for reuse"
         )
+        self.kv_usage = metric(
+            Gauge, "kv_cache_usage_perc",
+            "KV pool usage on the fullest rank (1 means every block is held)",
+        )  # fmt: skip
+        self.kv_free = metric(Gauge, "kv_cache_free_blocks", "Free KV blocks on the fullest rank")
+        self.kv_total = metric(Gauge, "kv_cache_total_blocks", "KV blocks per rank")
+        self.preemptions = metric(
+            Counter, "num_preemptions", "Requests preempted (KV pool full), recomputed later"
+        )
+        self.prefix_queries = metric(
+            Counter, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache"
+        )
+        self.prefix_hits = metric(
+            Counter, "prefix_cache_hits", "Prompt tokens found in the prefix cache (shared blocks)"
+        )
+        self._pool = None  # the last PoolStats
         self.prompt_tokens = metric(Counter, "prompt_tokens", "Prompt tokens of finished requests")
         self.cached_tokens = metric(
             Counter, "prefix_cache_hit_tokens",
@@ -119,7 +135,6 @@ class ServerMetrics:
         self._totals = dict.fromkeys(("prefilled", "generated", "prompt", "cached"), 0)
         self._logged = dict(self._totals)
         self._logged_at = clock()
-        self._cache: Callable[[], int] = lambda: 0
 
     def _metric(self, kind, name: str, doc: str, labels=(), **kw):
         return kind("cp_infer_" + name, doc, list(labels), registry=self.registry, **kw)
@@ -190,10 +205,18 @@ class ServerMetrics:
         self.rejected.labels(reason).inc()
 
     # -- the engine -------------------------------------------------------------------------------
-    def watch_cache(self, tokens: Callable[[], int]) -> None:
-        """Read what the prefix cache holds from ``tokens`` at each scrape and log line."""
-        self._cache = tokens
-        self.cache_tokens.set_function(tokens)
+    def pool(self, stats) -> None:
+        """The engine's latest :class:`~cp_infer.engine.core.PoolStats` (its counts are since
+        the start: the counters move by the difference)."""
+        last, self._pool = self._pool, stats
+        self.cache_tokens.set(stats.retained_tokens)
+        self.kv_usage.set(stats.usage)
+        self.kv_free.set(stats.free_blocks)
+        self.kv_total.set(stats.total_blocks)
+        for counter, name in ((self.preemptions, "preemptions"),
+                              (self.prefix_queries, "prefix_queries"),
+                              (self.prefix_hits, "prefix_hits")):  # fmt: skip
+            counter.inc(getattr(stats, name) - (getattr(last, name) if last else 0))
 
     def step(self, s: Step) -> None:
         """Record one forward pass of the engine."""
@@ -223,10 +246,12 @@ class ServerMetrics:
         if not d["prefilled"] and not d["generated"]:
             return False
         hits = f"{d['cached'] / d['prompt']:.0%}" if d["prompt"] else "-"
+        pool = self._pool
         logger.info(
             "prefill %.1f tokens/s, generation %.1f tokens/s, running %d, waiting %d, "
-            "prefix cache %d tokens (hit rate %s)",
+            "KV pool %.0f%% used, prefix cache %d tokens (hit rate %s), %d preempted",
             d["prefilled"] / elapsed, d["generated"] / elapsed, self._running(), self._waiting(),
-            self._cache(), hits,
+            100 * (pool.usage if pool else 0.0), pool.retained_tokens if pool else 0, hits,
+            pool.preemptions if pool else 0,
         )  # fmt: skip
         return True
