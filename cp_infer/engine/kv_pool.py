@@ -143,7 +143,7 @@ class BlockLedger:
         self._free = _Extents(n_blocks)
         # the position in its sequence of the token in every slot (host: cut points are found
         # by binary search over a table's slots)
-        self.positions = torch.empty(n_blocks * block_size, dtype=torch.long)
+        self.positions = torch.empty(n_blocks * block_size, dtype=torch.long, device="cpu")
         self.tables: dict[int, Table] = {}
         self._staged: set[int] = set()  # sequences the current pass wrote to
 
@@ -225,7 +225,7 @@ class BlockLedger:
             i += take
         at = 0
         for slot, n in out:
-            self.positions[slot : slot + n] = torch.tensor(positions[at : at + n])
+            self.positions[slot : slot + n] = torch.tensor(positions[at : at + n], device="cpu")
             at += n
         table.staged += k
         self._staged.add(seq)
@@ -292,6 +292,22 @@ class BlockLedger:
         table.live = live
         for b in table.blocks:
             self._ref(b, +1, live)
+
+    def check(self) -> None:
+        """Assert the books add up: every block is free or held, once; the reference counts
+        are the tables' (a test's and a debugger's view; O(blocks))."""
+        refs, live = [0] * self.n_blocks, [0] * self.n_blocks
+        for table in self.tables.values():
+            assert len(table.blocks) == -(-(table.n + table.staged) // self.block_size)
+            for b in table.blocks:
+                refs[b] += 1
+                live[b] += table.live
+        assert refs == self.refs and live == self.live_refs, "reference counts drifted"
+        free = {b for s, n in zip(self._free.starts, self._free.lengths, strict=True)
+                for b in range(s, s + n)}  # fmt: skip
+        assert len(free) == self.n_free, "free runs overlap"
+        assert all((refs[b] == 0) == (b in free) for b in range(self.n_blocks)), "a block leaked"
+        assert self.reclaimable == sum(r > 0 and lv == 0 for r, lv in zip(refs, live, strict=True))
 
     # -- reference counts ---------------------------------------------------------------------
     def _ref(self, b: int, d: int, live: bool) -> None:
