@@ -126,6 +126,19 @@ def test_fork_shares_whole_blocks_and_copies_a_partly_shared_one():
     assert cache.ledger.n_free == cache.pool.n_blocks
 
 
+def test_a_fork_of_a_sequence_another_rank_holds_alone_is_empty_here():
+    # a one-token prompt lives on CP rank 0 only: rank 1's books have no table for it
+    pool = KVPool(4, 4, cp=2)
+    pool.ledgers[0].append(0, (0,))
+    pool.commit()
+    copies = pool.fork(0, 1, position=1)
+    assert copies[0] == (0, 4, 1) and copies[1] is None  # rank 0 copies its token; 1 has none
+    assert pool.ledgers[0].tokens(1) == 1 and 1 not in pool.ledgers[1].tables
+    assert pool.lens([1]) == (((1,),), ((),))
+    pool.free(1)
+    pool.ledgers[0].check()
+
+
 def test_a_full_pool_refuses_and_retained_blocks_are_reclaimable():
     cache = _cache(tokens=16)  # 4 blocks of 4
     _pass(cache, [StorePlan(0, 0, tuple(range(12)))], _kv(12))
@@ -191,7 +204,7 @@ def _ranks(cp: int) -> list[KVCache]:
 
 def _run(caches, batch) -> None:
     for r, cache in enumerate(caches):
-        cache.plan(batch.all_store_plans())
+        cache.plan(batch.all_store_plans)
         n = len(batch.local_tokens(r))
         cache.store(0, _kv(n), _kv(n))
         cache.commit()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark a server: ``cp_infer serve`` under torchrun, or any OpenAI-compatible peer.
 
-Two workloads (``--workload``):
+Four workloads (``--workload``):
 
 - ``chat``: N concurrent chat clients. Every client holds a conversation: its first turn is a
   ``--prompt-len``-token prompt, each later turn resends the whole history (prompts and answers
@@ -11,6 +11,15 @@ Two workloads (``--workload``):
   a time, each asking for ``--max-tokens``: the peer comparison's loads (16 x 512 tokens, 64 out,
   8 at a time; one 16K prompt). Every round draws fresh prompts (a peer that reuses prefixes
   across requests gets no free hits), after one untimed warm-up round.
+- ``shared-prefix``: a long system prompt (``--system-len`` tokens) and many users: after one
+  untimed request has cached it, ``--requests`` users each send it with ``--prompt-len`` tokens
+  of their own, ``--clients`` at a time. Compare with ``--no-prefix-sharing``.
+- ``pressure``: ``--requests`` fresh prompts of ``--prompt-len`` tokens all at once, with a
+  ``--kv-cache-memory`` that holds a fraction of their KV: requests wait and are preempted.
+
+For ``cp_infer`` the table adds what its ``/metrics`` counted over the run: the prompt tokens
+prefilled (the rest were found cached: "saved"), requests preempted, requests that waited for
+room in the pool.
 
 Requests go to ``/v1/completions`` with ``stream: true``, so the first token's arrival (TTFT)
 and the gaps between tokens (ITL) are seen as a client sees them. With ``--text`` the prompts
@@ -28,6 +37,10 @@ Examples (the figures in docs/performance.md)::
     python tools/bench_serve.py --workload requests --server transformers \\
         --checkpoint demo_out/small-llama-hf --text --requests 16 --prompt-len 512 \\
         --max-tokens 64 --clients 8 --json bench_out/peer_short.json
+    python tools/bench_serve.py --workload shared-prefix --preset small-llama --system-len 4096 \\
+        --prompt-len 64 --requests 32 --clients 8 --json bench_out/shared.json
+    python tools/bench_serve.py --workload pressure --preset small-llama --requests 16 \\
+        --prompt-len 2048 --max-tokens 64 --kv-cache-memory 24MiB --json bench_out/pressure.json
 """
 
 from __future__ import annotations
@@ -193,6 +206,36 @@ def run_requests(url, args, model) -> tuple[list[dict], float]:
     return results, wall
 
 
+def run_shared_prefix(url, args) -> tuple[list[dict], float]:
+    """One untimed request caches the system prompt; then ``--requests`` users, each with
+    ``--prompt-len`` tokens of their own after it, ``--clients`` at a time."""
+    rng = random.Random(0)
+    system = [rng.randrange(1, args.vocab) for _ in range(args.system_len)]
+    asyncio.run(_requests_round(url, args, [[*system, args.vocab]], None))
+    users = [system + [rng.randrange(1, args.vocab) for _ in range(args.prompt_len)]
+             for _ in range(args.requests)]  # fmt: skip
+    return asyncio.run(_requests_round(url, args, users, None))
+
+
+def run_pressure(url, args) -> tuple[list[dict], float]:
+    """``--requests`` fresh prompts at once (the pool's budget decides what runs)."""
+    rng = random.Random(0)
+    args.clients = args.requests
+    return asyncio.run(_requests_round(url, args, _prompts(args, rng, args.requests, None), None))
+
+
+def scrape(url: str) -> dict[str, float]:
+    """cp_infer's unlabeled ``/metrics`` samples ({} for a server without them)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(url + "/metrics", timeout=30).text
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if not s.labels}  # fmt: skip
+    except (httpx.HTTPError, ValueError):
+        return {}
+
+
 def run_chat(url, args) -> tuple[list[dict], float]:
     results: list[dict] = []
     t0 = time.perf_counter()
@@ -209,7 +252,7 @@ def percentile(xs, q) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
-def summarize(args, results: list[dict], wall: float) -> dict:
+def summarize(args, results: list[dict], wall: float, counted: dict | None = None) -> dict:
     ttft = [r["ttft_s"] for r in results]
     gaps = [g for r in results for g in r["gaps_s"]]
     prompt = sum(r["usage"]["prompt_tokens"] for r in results)
@@ -228,6 +271,11 @@ def summarize(args, results: list[dict], wall: float) -> dict:
         "ttft_p50_s": statistics.median(ttft), "ttft_p90_s": percentile(ttft, 0.9),
         "ttft_p99_s": percentile(ttft, 0.99), "ttit_p50_s": statistics.median(gaps) if gaps else None,
         "ttit_p90_s": percentile(gaps, 0.9), "ttit_p99_s": percentile(gaps, 0.99),
+        "system_len": args.system_len, "prefix_sharing": args.prefix_sharing,
+        # what the server's /metrics counted over the timed requests (cp_infer only)
+        "prefilled_tokens": (counted or {}).get("prefill_tokens_total"),
+        "preemptions": (counted or {}).get("num_preemptions_total"),
+        "waits": (counted or {}).get("kv_admission_waits_total"),
     }  # fmt: skip
 
 
@@ -235,7 +283,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--workload", choices=["chat", "requests"], default="chat")
+    p.add_argument("--workload", choices=["chat", "requests", "shared-prefix", "pressure"],
+                   default="chat")  # fmt: skip
     p.add_argument("--server", choices=["cp_infer", "transformers"], default="cp_infer",
                    help="the server to start (transformers: `transformers serve "
                    "--continuous-batching` on --checkpoint)")  # fmt: skip
@@ -251,6 +300,18 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=1, help="requests: timed rounds (after a warm-up)")
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--turn-len", type=int, default=32)
+    p.add_argument(
+        "--system-len",
+        type=int,
+        default=4096,
+        help="shared-prefix: tokens of the system prompt every user sends first",
+    )
+    p.add_argument(
+        "--no-prefix-sharing",
+        dest="prefix_sharing",
+        action="store_false",
+        help="start cp_infer with --no-prefix-sharing (a cold baseline)",
+    )
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument(
         "--text",
@@ -273,6 +334,8 @@ def main(argv=None) -> dict:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     extra = ["--max-batch-size", str(args.max_batch_size),
              "--kv-cache-memory", args.kv_cache_memory]  # fmt: skip
+    if not args.prefix_sharing:
+        extra.append("--no-prefix-sharing")
     model = args.model
     if model is None and args.server == "transformers":
         model = str(args.checkpoint)
@@ -280,19 +343,30 @@ def main(argv=None) -> dict:
         args.preset, args.cp, extra, args.log, checkpoint=args.checkpoint, server=args.server,
         threads=args.peer_threads,
     )  # fmt: skip
+    run = {"chat": lambda: run_chat(url, args), "requests": lambda: run_requests(url, args, model),
+           "shared-prefix": lambda: run_shared_prefix(url, args),
+           "pressure": lambda: run_pressure(url, args)}[args.workload]  # fmt: skip
     try:
-        if args.workload == "chat":
-            results, wall = run_chat(url, args)
-        else:
-            results, wall = run_requests(url, args, model)
+        # the warm-up rounds count too: what the workload timed is told by the requests'
+        # own usage; the metrics add what only the server knows
+        before = scrape(url)
+        results, wall = run()
+        after = scrape(url)
     finally:
         stop_server(proc)
-    summary = summarize(args, results, wall)
-    cols = ["server", "workload", "requests", "prompt tok", "tok/s", "hit rate",
-            "TTFT p50/p90/p99 (ms)", "ITL p50/p90/p99 (ms)"]  # fmt: skip
+    counted = {k[len("cp_infer_") :]: after[k] - before.get(k, 0.0) for k in after
+               if k.startswith("cp_infer_")}  # fmt: skip
+    summary = summarize(args, results, wall, counted)
+    cols = ["server", "workload", "requests", "prompt tok", "prefilled", "tok/s", "hit rate",
+            "preempted", "waited", "TTFT p50/p90/p99 (ms)", "ITL p50/p90/p99 (ms)"]  # fmt: skip
     ms = 1000
+
+    def count(key):
+        return "-" if summary[key] is None else f"{summary[key]:.0f}"
+
     row = [summary["server"], args.workload, str(len(results)), str(summary["prompt_tokens"]),
-           f"{summary['throughput_tok_s']:.1f}", f"{summary['cache_hit_rate']:.3f}",
+           count("prefilled_tokens"), f"{summary['throughput_tok_s']:.1f}",
+           f"{summary['cache_hit_rate']:.3f}", count("preemptions"), count("waits"),
            f"{ms * summary['ttft_p50_s']:.0f}/{ms * summary['ttft_p90_s']:.0f}/"
            f"{ms * summary['ttft_p99_s']:.0f}",
            f"{ms * (summary['ttit_p50_s'] or 0):.1f}/{ms * summary['ttit_p90_s']:.1f}/"

@@ -11,6 +11,7 @@ built the same on every rank and no rank asks another what to do.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -109,8 +110,10 @@ class StepBatch:
             )
         return plans
 
+    @cached_property
     def all_store_plans(self) -> list[list[StorePlan]]:
-        """:meth:`store_plans` of every CP rank (each rank keeps the books of all)."""
+        """:meth:`store_plans` of every CP rank (each rank keeps the books of all; computed
+        once per batch: the engine counts the blocks they need, the cache then stores them)."""
         return [self.store_plans(r) for r in range(self.cp)]
 
     def last_tokens(self, cp_rank: int) -> list[tuple[int, int]]:

@@ -272,13 +272,15 @@ class PoolStats:
     """The KV pool and prefix reuse as ``/metrics`` shows them (picklable; counts since start).
 
     Attributes:
-        usage: fraction of the fullest rank's blocks held.
-        free_blocks: free blocks on the fullest rank.
+        usage: fraction of the fullest rank's blocks that running requests hold (blocks that
+            only finished requests keep, for reuse, count as free: as vLLM counts).
+        free_blocks: blocks the fullest rank can give: free, or kept only for reuse.
         total_blocks: blocks per rank.
         block_size: tokens per block.
         cp: CP ranks the pool spans.
         retained_tokens: tokens finished requests keep cached over the CP ranks.
         preemptions: requests preempted (freed, recomputed later).
+        waits: requests that waited for room in the pool before they were admitted.
         prefix_queries: prompt tokens looked up in the cache.
         prefix_hits: of those, tokens found cached (not prefilled).
     """
@@ -290,6 +292,7 @@ class PoolStats:
     cp: int = 1
     retained_tokens: int = 0
     preemptions: int = 0
+    waits: int = 0
     prefix_queries: int = 0
     prefix_hits: int = 0
 
@@ -328,6 +331,7 @@ class _Live:
     state: SequenceState | None = None
     admitted: float = 0.0  # perf_counter when it arrived
     before: list[int] = field(default_factory=list)  # generated before it was preempted
+    waited: bool = False  # it waited for room in the pool
 
     @property
     def tokens(self) -> list[int]:
@@ -424,7 +428,8 @@ class EngineCore:
     def pool_stats(self) -> PoolStats:
         """The pool and prefix reuse now (rank 0 sends them to the API's metrics)."""
         s = self.stats
-        s.usage, s.free_blocks = self.pool.usage(), min(self.pool.free_blocks())
+        s.free_blocks = self.pool.available()
+        s.usage = 1 - s.free_blocks / self.pool.n_blocks
         s.retained_tokens = sum(x.cached for x in self.retained.values())
         return PoolStats(**vars(s))
 
@@ -462,6 +467,9 @@ class EngineCore:
                 i += 1
                 continue
             if not self._start(x, holder, shared, done):
+                if not x.waited:
+                    x.waited = True
+                    self.stats.waits += 1
                 return
             del self.waiting[i]
 
@@ -497,6 +505,7 @@ class EngineCore:
         if need + self._promised() > self.pool.available():
             if self.sched.seqs:
                 return False  # the running requests free blocks as they finish
+            x.outcome.tokens = list(x.before)
             self._refuse(x.request, x.outcome, RuntimeError(
                 f"the KV pool cannot hold the request's {len(tokens)} tokens ({need} blocks of "
                 f"{self.pool.block_size} per CP rank, {self.pool.available()} available): raise "
@@ -519,7 +528,8 @@ class EngineCore:
         self._next_seq += 1
         state = SequenceState(seq=seq, history=tokens[:shared], owner=x)
         x.state = state
-        x.outcome.cached_tokens = shared if not x.before else x.outcome.cached_tokens
+        if not x.before:  # a recomputed request keeps what it reported first
+            x.outcome.cached_tokens = shared
         self.stats.prefix_queries += len(tokens)
         self.stats.prefix_hits += shared
         budget = x.request.sampling.max_new_tokens - len(x.before)
@@ -547,7 +557,7 @@ class EngineCore:
         """New blocks each CP rank's pool needs to store the tokens of ``batches``."""
         needs = [0] * self.pool.cp
         for batch in batches:
-            for r, plans in enumerate(batch.all_store_plans()):
+            for r, plans in enumerate(batch.all_store_plans):
                 ledger = self.pool.ledgers[r]
                 needs[r] += sum(ledger.blocks_for(p.seq, len(p.positions)) for p in plans)
         return needs
@@ -726,7 +736,7 @@ class EngineCore:
         batch = None
         if pending:
             take = self._take(pending, est, decoding)
-            batch = self._fit_prefill(take, decode if self.fuse else None, done)
+            batch = self._fit_prefill(take, decode, done)
         fused = self.fuse and decode is not None and batch is not None
         if decode is not None and not fused:
             t0 = time.perf_counter()
@@ -793,10 +803,10 @@ class EngineCore:
         return None
 
     def _fit_prefill(self, take: dict[int, int], decode, done: Done | None):
-        """The prefill step of ``take``, trimmed to what the pools hold (with ``decode``'s
-        tokens when the two run as one pass). While requests decode, the prompts that do not
-        fit wait for them; when none decode, the latest requests are preempted. None: no
-        prefill this iteration."""
+        """The prefill step of ``take``, trimmed to what the pools hold beside the ``decode``
+        step's tokens (one pass or two, the iteration stores both). While requests decode, the
+        prompts that do not fit wait for them; when none decode, the latest requests are
+        preempted. None: no prefill this iteration."""
         take = dict(take)
         extra = [] if decode is None else [decode]
         while take:

@@ -259,6 +259,8 @@ class BlockLedger:
         Raises :class:`PoolFull` (changing nothing) when the copy has no block to go to.
         """
         assert dst not in self.tables, f"sequence {dst} already holds blocks"
+        if n == 0:  # nothing of src on this rank below the cut (a short prefix lives on one)
+            return None
         source = self.tables[src]
         assert n <= source.n
         full, tail = divmod(n, self.block_size)

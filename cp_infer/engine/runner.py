@@ -191,7 +191,7 @@ class ModelRunner:
                 at each position.
         """
         pg = self.pg
-        self.cache.plan(batch.all_store_plans())
+        self.cache.plan(batch.all_store_plans)
         token_split = None
         if batch.kind == "prefill":
             attention = PrefillAttention(
@@ -260,7 +260,7 @@ class ModelRunner:
         split = prefill.layout.t_local
         self.cache.plan([
             p + [replace(d, start=d.start + split) for d in dp]
-            for p, dp in zip(prefill.all_store_plans(), decode.all_store_plans(), strict=True)
+            for p, dp in zip(prefill.all_store_plans, decode.all_store_plans, strict=True)
         ])  # fmt: skip
         n_local_heads = next(iter(self.model.layers.values())).attention.n_local_heads
         exchange = self._decode_exchange(

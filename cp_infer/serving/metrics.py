@@ -74,13 +74,20 @@ class ServerMetrics:
         )
         self.kv_usage = metric(
             Gauge, "kv_cache_usage_perc",
-            "KV pool usage on the fullest rank (1 means every block is held)",
+            "Share of the fullest rank's KV blocks that running requests hold (1: all)",
         )  # fmt: skip
-        self.kv_free = metric(Gauge, "kv_cache_free_blocks", "Free KV blocks on the fullest rank")
+        self.kv_free = metric(
+            Gauge, "kv_cache_free_blocks",
+            "KV blocks the fullest rank can give: free, or kept only for reuse",
+        )  # fmt: skip
         self.kv_total = metric(Gauge, "kv_cache_total_blocks", "KV blocks per rank")
         self.preemptions = metric(
             Counter, "num_preemptions", "Requests preempted (KV pool full), recomputed later"
         )
+        self.kv_waits = metric(
+            Counter, "kv_admission_waits",
+            "Requests that waited for room in the KV pool before they were admitted",
+        )  # fmt: skip
         self.prefix_queries = metric(
             Counter, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache"
         )
@@ -213,7 +220,7 @@ class ServerMetrics:
         self.kv_usage.set(stats.usage)
         self.kv_free.set(stats.free_blocks)
         self.kv_total.set(stats.total_blocks)
-        for counter, name in ((self.preemptions, "preemptions"),
+        for counter, name in ((self.preemptions, "preemptions"), (self.kv_waits, "waits"),
                               (self.prefix_queries, "prefix_queries"),
                               (self.prefix_hits, "prefix_hits")):  # fmt: skip
             counter.inc(getattr(stats, name) - (getattr(last, name) if last else 0))
