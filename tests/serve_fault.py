@@ -27,10 +27,10 @@ engine.sample_rows = _faulty_sample_rows
 _iteration = engine.EngineCore._iteration
 
 
-def _faulty_iteration(self, est, emit):
+def _faulty_iteration(self, est, emit, done):
     if dist.get_rank() == 1 and any(x.request.sampling.seed == 777 for x in self.live.values()):
         raise RuntimeError("injected fault on rank 1 alone")
-    return _iteration(self, est, emit)
+    return _iteration(self, est, emit, done)
 
 
 engine.EngineCore._iteration = _faulty_iteration
