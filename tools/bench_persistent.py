@@ -11,7 +11,9 @@ measured crossover (the miss rates between which pass-Q stops being faster) besi
 predicts from the same figures (:func:`~cp_infer.attention.selector.crossover_miss_rate`).
 
 The cached tokens sit in a :class:`~cp_infer.engine.KVCache`, and the rings read them there, as
-the engine does. ``repack`` times what the cache used to add to every layer of every turn
+the engine does: in ``--runs`` runs of consecutive pool slots per rank (1: as a prefill into a
+pool with room leaves them; more: as sequences growing between the turns of this one leave
+them). ``repack`` times what the cache used to add to every layer of every turn
 before it kept a ring-ready layout: copying the cached K/V into one packed prefix. Its share of
 the faster ring is the saving.
 
@@ -24,6 +26,7 @@ Example (the figures in docs/performance.md)::
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import sys
 from pathlib import Path
@@ -45,21 +48,36 @@ logger = logging.getLogger("bench_persistent")
 VARIANTS = ("pass-kv", "pass-q")
 
 
-def _cache_with(cached, n, rank, kv_heads, head_dim, g) -> tuple[KVCache, tuple]:
+def _cache_with(cached, n, rank, kv_heads, head_dim, g, runs=1) -> tuple[KVCache, tuple]:
     """A one-layer KV cache holding this rank's share of ``cached`` tokens, as a previous
-    load-balanced prefill leaves it; and every rank's segment lengths."""
+    load-balanced prefill leaves it, in ``runs`` runs of consecutive slots (as a pool that other
+    sequences grew into between its turns leaves it); and every rank's run lengths."""
     prev = ShardLayout([max(cached, 1)], n)
-    lens = tuple(((prev.valid_kv_len(0, r) if cached else 0,),) for r in range(n))
-    cache = KVCache([0], kv_heads, head_dim, torch.float32)
-    mine = lens[rank][0][0]
+    cache = KVCache([0], kv_heads, head_dim, torch.float32, tokens=cached + 64 * (runs + 1))
+    mine = prev.valid_kv_len(0, rank) if cached else 0
     kv = torch.randn(kv_heads, mine, head_dim, generator=g)
-    cache.plan([[StorePlan(0, 0, tuple(range(mine)))]])
-    cache.store(0, kv, kv.flip(-1))
-    cache.commit()
-    return cache, lens
+    cuts = [mine * i // runs for i in range(runs + 1)]
+    for i, (lo, hi) in enumerate(itertools.pairwise(cuts)):
+        cache.plan([[StorePlan(0, lo, tuple(range(lo, hi)))]])
+        cache.store(0, kv, kv.flip(-1))
+        cache.commit()
+        if i < runs - 1:  # another sequence takes the next free block: the next piece moves on
+            filler = 1 + i
+            cache.plan([[StorePlan(filler, 0, tuple(range(cache.pool.block_size)))]])
+            cache.store(
+                0,
+                kv[:, :0].new_zeros(kv_heads, cache.pool.block_size, head_dim),
+                kv[:, :0].new_zeros(kv_heads, cache.pool.block_size, head_dim),
+            )
+            cache.commit()
+    parts = [None] * n
+    dist.all_gather_object(parts, cache.segment_lens(0))
+    return cache, tuple((tuple(p),) for p in parts)
 
 
-def bench_rank(new, cached, heads, kv_heads, head_dim, warmup, repeats, hardware) -> list[dict]:
+def bench_rank(
+    new, cached, heads, kv_heads, head_dim, warmup, repeats, hardware, runs=1
+) -> list[dict]:
     n, rank = dist.get_world_size(), dist.get_rank()
     g = torch.Generator().manual_seed(0)
     layout = ShardLayout([new], n)
@@ -67,7 +85,7 @@ def bench_rank(new, cached, heads, kv_heads, head_dim, warmup, repeats, hardware
         shard(torch.randn(h, new, head_dim, generator=g), layout, rank, dim=1).contiguous()
         for h in (heads, kv_heads, kv_heads)
     )
-    cache, lens = _cache_with(cached, n, rank, kv_heads, head_dim, g)
+    cache, lens = _cache_with(cached, n, rank, kv_heads, head_dim, g, runs)
 
     def ring(name):
         # the engine's path: the ring reads the cache's segments where they are
@@ -77,11 +95,10 @@ def bench_rank(new, cached, heads, kv_heads, head_dim, warmup, repeats, hardware
     def repack():
         # what the cache cost before it kept a ring-ready layout: one packed copy of the
         # cached K/V per layer and turn, padded to the longest rank's share
-        longest = max(r[0][0] for r in lens)
+        longest = max(sum(r[0]) for r in lens)
         return [
             torch.nn.functional.pad(t, (0, 0, 0, longest - t.shape[1]))
-            for kv in cache.blocks(0, 0)
-            for t in kv
+            for t in (torch.cat([b[i] for b in cache.blocks(0, 0)], dim=1) for i in range(2))
         ]
 
     fns = {name: (lambda name=name: ring(name)) for name in VARIANTS}
@@ -101,6 +118,7 @@ def bench_rank(new, cached, heads, kv_heads, head_dim, warmup, repeats, hardware
             "time_s": min(times[name]),
             "times_s": times[name],
             "alg1_choice": choice,
+            "runs": runs,
         }
         for name in fns
     ]
@@ -114,6 +132,13 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="runs of consecutive KV-pool slots each rank's cached tokens lie in (a "
+        "pool fragmented by other sequences: pass-KV sends a piece per head and run)",
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--hardware", default="cpu-gloo", metavar="NAME|PATH",
@@ -128,7 +153,7 @@ def main(argv=None) -> list[dict]:
             new = max(1, round(args.context * miss))
             recs = pool.run(
                 bench_rank, new, args.context - new, args.heads, args.kv_heads, args.head_dim,
-                args.warmup, args.repeats, hardware, timeout_s=3600,
+                args.warmup, args.repeats, hardware, args.runs, timeout_s=3600,
             )[0]  # fmt: skip
             records.extend(recs)
             t = {r["variant"]: r["time_s"] for r in recs}

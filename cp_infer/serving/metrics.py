@@ -41,6 +41,25 @@ class _Times:
     last: float | None = None  # the last token's time
 
 
+# PoolStats field -> (kind, name, help): the KV pool and prefix reuse, as the engine reports them
+_POOL_METRICS = {
+    "retained_tokens": (Gauge, "prefix_cache_tokens", "Tokens finished requests keep cached for reuse"),
+    "usage": (Gauge, "kv_cache_usage_perc",
+              "Share of the fullest rank's KV blocks that running requests hold (1: all)"),
+    "free_blocks": (Gauge, "kv_cache_free_blocks",
+                    "KV blocks the fullest rank can give: free, or kept only for reuse"),
+    "total_blocks": (Gauge, "kv_cache_total_blocks", "KV blocks per rank"),
+    "preemptions": (Counter, "num_preemptions",
+                    "Requests preempted (KV pool full), recomputed later"),
+    "waits": (Counter, "kv_admission_waits",
+              "Requests that waited for room in the KV pool before they were admitted"),
+    "prefix_queries": (Counter, "prefix_cache_queries",
+                       "Prompt tokens looked up in the prefix cache"),
+    "prefix_hits": (Counter, "prefix_cache_hits",
+                    "Prompt tokens found in the prefix cache (shared blocks)"),
+}  # fmt: skip
+
+
 class ServerMetrics:
     """Counters, gauges and histograms of one server, in their own registry.
 
@@ -69,31 +88,10 @@ class ServerMetrics:
         metric(Gauge, "num_requests_running", "Requests prefilling or decoding").set_function(
             running
         )
-        self.cache_tokens = metric(
-            Gauge, "prefix_cache_tokens", "Tokens finished requests keep cached for reuse"
-        )
-        self.kv_usage = metric(
-            Gauge, "kv_cache_usage_perc",
-            "Share of the fullest rank's KV blocks that running requests hold (1: all)",
-        )  # fmt: skip
-        self.kv_free = metric(
-            Gauge, "kv_cache_free_blocks",
-            "KV blocks the fullest rank can give: free, or kept only for reuse",
-        )  # fmt: skip
-        self.kv_total = metric(Gauge, "kv_cache_total_blocks", "KV blocks per rank")
-        self.preemptions = metric(
-            Counter, "num_preemptions", "Requests preempted (KV pool full), recomputed later"
-        )
-        self.kv_waits = metric(
-            Counter, "kv_admission_waits",
-            "Requests that waited for room in the KV pool before they were admitted",
-        )  # fmt: skip
-        self.prefix_queries = metric(
-            Counter, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache"
-        )
-        self.prefix_hits = metric(
-            Counter, "prefix_cache_hits", "Prompt tokens found in the prefix cache (shared blocks)"
-        )
+        # the engine's pool and prefix reuse, by PoolStats field
+        self._pool_metrics = {
+            field: metric(kind, name, doc) for field, (kind, name, doc) in _POOL_METRICS.items()
+        }
         self._pool = None  # the last PoolStats
         self.prompt_tokens = metric(Counter, "prompt_tokens", "Prompt tokens of finished requests")
         self.cached_tokens = metric(
@@ -216,14 +214,12 @@ class ServerMetrics:
         """The engine's latest :class:`~cp_infer.engine.core.PoolStats` (its counts are since
         the start: the counters move by the difference)."""
         last, self._pool = self._pool, stats
-        self.cache_tokens.set(stats.retained_tokens)
-        self.kv_usage.set(stats.usage)
-        self.kv_free.set(stats.free_blocks)
-        self.kv_total.set(stats.total_blocks)
-        for counter, name in ((self.preemptions, "preemptions"), (self.kv_waits, "waits"),
-                              (self.prefix_queries, "prefix_queries"),
-                              (self.prefix_hits, "prefix_hits")):  # fmt: skip
-            counter.inc(getattr(stats, name) - (getattr(last, name) if last else 0))
+        for field, m in self._pool_metrics.items():
+            value = getattr(stats, field)
+            if isinstance(m, Counter):
+                m.inc(value - (getattr(last, field) if last is not None else 0))
+            else:
+                m.set(value)
 
     def step(self, s: Step) -> None:
         """Record one forward pass of the engine."""
