@@ -8,13 +8,17 @@ Per rank, in a pool of ``world`` gloo ranks with one thread each (as the benchma
 - ``ring_bandwidth`` and ``ring_latency_s``: a SendRecv step around the ring, of one large
   and one tiny message;
 - ``all2all_s``: one All2All of the large message;
+- ``overlap``: the share of a ring step's communication that hides behind attention: the large
+  SendRecv posted, the attention run, then waited for, against the two alone. On one CPU host
+  the loopback copies take the same cores as the kernel, so communication is not free even
+  when "overlapped";
 - ``memory_bandwidth``: bytes/s of one pass reading a large fp32 tensor (a sum), every rank at
   once, as decode reads weights and KV cache;
 - ``host_memory_bytes``: this host's RAM (not measured; shared by its ranks).
 
 The profile (JSON) feeds ``--hardware PATH``: ``attention_flops`` is Alg. 1's C and
 ``ring_bandwidth`` its BW for ``generate``, and the whole profile is the cost model's hardware
-for ``plan`` (:meth:`cp_infer.costmodel.ClusterProfile.from_calibration`).
+for ``plan`` and the chunk sizing (:meth:`cp_infer.hardware.Profile.from_calibration`).
 """
 
 from __future__ import annotations
@@ -72,6 +76,15 @@ def measure_rank(
         comm.wait()
 
     big_s, tiny_s = _best(lambda: ring(big), repeats), _best(lambda: ring(tiny), repeats)
+
+    def overlapped():
+        comm = RingComm()
+        comm.send_recv(big)
+        torch_cpu_flash(q, k, v, True)
+        comm.wait()
+
+    both_s = _best(overlapped, repeats)
+    hidden = (attn_s + big_s - both_s) / min(attn_s, big_s)
     n = dist.get_world_size()
     slots = torch.zeros(n * (message_bytes // 4 // n))
     out = torch.empty_like(slots)
@@ -85,6 +98,7 @@ def measure_rank(
         "ring_latency_s": tiny_s,
         "all2all_s": a2a_s,
         "all2all_bytes": message_bytes,
+        "overlap": min(1.0, max(0.0, hidden)),
         "memory_bandwidth": stream.numel() * 4 / read_s,
         "host_memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
         "world": n,

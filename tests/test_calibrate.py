@@ -6,9 +6,8 @@ import json
 
 import pytest
 
-from cp_infer.attention.selector import Hardware
 from cp_infer.cli import main
-from cp_infer.costmodel import ClusterProfile
+from cp_infer.hardware import Profile
 
 
 def test_calibrate_writes_a_profile_that_generate_uses(tmp_path, dist_pool):
@@ -20,11 +19,12 @@ def test_calibrate_writes_a_profile_that_generate_uses(tmp_path, dist_pool):
     for key in ("attention_flops", "gemm_flops", "ring_bandwidth", "ring_latency_s", "all2all_s",
                 "memory_bandwidth", "host_memory_bytes"):  # fmt: skip
         assert p[key] > 0, key
-    hw = Hardware.from_profile(profile)
-    assert hw.flops == p["attention_flops"] and hw.bandwidth == p["ring_bandwidth"]
-    # the same file is plan's hardware: the cost model of this machine
-    cluster = ClusterProfile.from_calibration(profile)
-    assert cluster.hbm_bytes_s == p["memory_bandwidth"] and cluster.tp == 1
+    assert 0 <= p["overlap"] <= 1  # how much of a ring step hides behind attention here
+    prof = Profile.from_calibration(profile)  # Alg. 1's C and BW, plan's machine, the chunks'
+    hw = prof.selector()
+    assert hw.flops == pytest.approx(p["attention_flops"]) and hw.bandwidth == p["ring_bandwidth"]
+    assert prof.hbm_bytes_s == p["memory_bandwidth"] and prof.devices_per_host == 1
+    assert prof.overlap == p["overlap"]
     plan = tmp_path / "plan.json"
     assert main(["plan", "--preset", "tiny-llama", "--hardware", str(profile), "--context",
                  "1024", "--cp", "1,2", "--json", str(plan)]) == 0  # fmt: skip
@@ -40,4 +40,4 @@ def test_a_file_that_is_no_profile_is_refused(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"flops": 1}')
     with pytest.raises(ValueError, match="not a profile from `python -m cp_infer calibrate`"):
-        Hardware.from_profile(bad)
+        Profile.from_calibration(bad)

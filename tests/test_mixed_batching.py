@@ -236,7 +236,7 @@ def test_costs_come_from_a_calibrated_profile(tmp_path):
     path.write_text('{"gemm_flops": 2e10, "attention_flops": 1e10, "ring_bandwidth": 1e9, '
                     '"ring_latency_s": 1e-4, "memory_bandwidth": 1e10}')  # fmt: skip
     costs = StepCosts.from_hardware(cfg, str(path), cp=2, tp=1)
-    want = StepCosts.for_model(cfg, cp=2, tp=1, gemm_flops=2e10, attention_flops=1e10)
+    want = StepCosts.for_model(cfg, cp=2, tp=1, gemm_flops_s=2e10, attention_flops_s=1e10)
     assert costs.per_token_s == pytest.approx(want.per_token_s)
     assert costs.per_pair_s == pytest.approx(want.per_pair_s)
     # twice the cp, half the time per token

@@ -3,13 +3,13 @@
 import pytest
 
 from cp_infer.attention.selector import (
-    HARDWARE,
     Hardware,
     choose_variant,
     miss_rate_threshold,
     pass_kv_hidden_min_tokens,
     pass_q_hidden_min_context,
 )
+from cp_infer.hardware import PROFILES
 
 LLAMA_405B = dict(n_heads=128, n_kv_heads=8)
 
@@ -28,7 +28,7 @@ def test_eq2_eq3_scale_as_the_formulas_say():
 
 def _choose(t, p, cp=4, hw="h100-rdma", **kw):
     return choose_variant(
-        t, p, cp=cp, bytes_per_element=2, hardware=HARDWARE[hw], **LLAMA_405B, **kw
+        t, p, cp=cp, bytes_per_element=2, hardware=PROFILES[hw].selector(), **LLAMA_405B, **kw
     )
 
 
@@ -40,7 +40,7 @@ def test_alg1_decisions():
     # miss rate 20% > 12.5% -> pass-KV
     assert _choose(1000, 4000, all2all_correction=False) == "pass-kv"
     # enough new tokens to hide pass-KV's SendRecv (Eq. 2) -> pass-KV at any miss rate
-    t2 = pass_kv_hidden_min_tokens(4, 128, 8, 2, HARDWARE["h100-rdma"])
+    t2 = pass_kv_hidden_min_tokens(4, 128, 8, 2, PROFILES["h100-rdma"].selector())
     assert _choose(int(t2) + 1, 10_000_000, all2all_correction=False) == "pass-kv"
     assert _choose(int(t2) - 1, 10_000_000, all2all_correction=False) == "pass-q"
     # no ring, no choice
@@ -74,7 +74,7 @@ def test_replicated_kv_heads_count_as_sent():
 
 
 def test_hardware_follows_the_device_not_the_machine():
-    from cp_infer.attention.selector import hardware_for
+    from cp_infer.hardware import hardware_for
 
-    assert hardware_for("cpu") == HARDWARE["cpu-gloo"]
-    assert hardware_for("cuda:0") == HARDWARE["h100-rdma"]
+    assert hardware_for("cpu") is PROFILES["cpu-gloo"]
+    assert hardware_for("cuda:0") is PROFILES["h100-rdma"]

@@ -32,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cp_infer.checkpoint import RandomSource, load_weights
 from cp_infer.collectives import EXCHANGES
-from cp_infer.costmodel import ClusterProfile, predict_benchmark
+from cp_infer.costmodel import predict_benchmark
 from cp_infer.engine import SamplingConfig, generate
+from cp_infer.hardware import Profile
 from cp_infer.models import get_preset
 from cp_infer.parallel import parallelize
 from cp_infer.reporting import format_table, write_json
@@ -98,7 +99,7 @@ def _table(records) -> str:
     return format_table(cols, rows)
 
 
-def _predict(rec: dict, profile: ClusterProfile) -> None:
+def _predict(rec: dict, profile: Profile) -> None:
     """The cost model's TTFT and TTIT for this record (tp=1, fp32), beside the measured ones."""
     forecast = predict_benchmark(
         get_preset(rec["preset"]), profile, cp=rec["cp"], prompt_tokens=rec["seq_len"]
@@ -126,7 +127,7 @@ def main(argv=None) -> list[dict]:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # a bad profile fails before any benchmark runs
-    profile = ClusterProfile.from_calibration(args.profile) if args.profile else None
+    profile = Profile.from_calibration(args.profile) if args.profile else None
     records, baseline = [], {}
     for n in [1, *args.cp]:
         with DistributedPool(n, pg_timeout_s=1800) as pool:

@@ -37,9 +37,10 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cp_infer.attention import ring_attention
-from cp_infer.attention.selector import HARDWARE, choose_variant, crossover_miss_rate
+from cp_infer.attention.selector import choose_variant, crossover_miss_rate
 from cp_infer.engine.kv_cache import KVCache, StorePlan
 from cp_infer.entrypoints.generate import hardware_profile
+from cp_infer.hardware import PROFILES
 from cp_infer.reporting import format_table, time_interleaved, write_json
 from cp_infer.sharding import ShardLayout, shard
 from cp_infer.testing import DistributedPool
@@ -145,7 +146,7 @@ def main(argv=None) -> list[dict]:
                    help="Alg. 1's figures: a built-in profile or a calibrated JSON")  # fmt: skip
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    hardware = hardware_profile(args.hardware) or HARDWARE["cpu-gloo"]
+    hardware = (hardware_profile(args.hardware) or PROFILES["cpu-gloo"]).selector()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     records = []
     with DistributedPool(args.cp, pg_timeout_s=1800) as pool:

@@ -15,24 +15,20 @@ Under TP every rank holds NH/tp query heads and max(1, NKV/tp) KV heads: when tp
 heads are replicated, and the KV a rank sends is that of max(NKV, tp)/tp heads. The formulas
 then see NKV as max(NKV, tp) (Eq. 1 for Llama 3 405B at tp=16: 25%, not 12.5%).
 
-C and BW start from peak figures and are meant to be tuned on measurements; :data:`HARDWARE`
-holds starting points, the CPU one measured on the development machine
-(``tools/bench_attention.py``).
+C and BW are a profile's achieved attention FLOP/s and link bandwidth
+(:meth:`cp_infer.hardware.Profile.selector`): the one hardware model the planner and the
+server's chunk sizing use too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 __all__ = [
-    "HARDWARE",
     "Hardware",
     "all2all_correction_per_token",
     "choose_variant",
     "crossover_miss_rate",
-    "hardware_for",
     "miss_rate_threshold",
     "pass_kv_hidden_min_tokens",
     "pass_q_hidden_min_context",
@@ -54,32 +50,6 @@ class Hardware:
     def __post_init__(self) -> None:
         if self.flops <= 0 or self.bandwidth <= 0:
             raise ValueError(f"flops and bandwidth must be > 0, got {self.flops}, {self.bandwidth}")
-
-    @classmethod
-    def from_profile(cls, path) -> Hardware:
-        """The speeds ``python -m cp_infer calibrate`` measured (its JSON profile)."""
-        import json
-        from pathlib import Path
-
-        try:
-            profile = json.loads(Path(path).read_text())
-            return cls(flops=float(profile["attention_flops"]),
-                       bandwidth=float(profile["ring_bandwidth"]))  # fmt: skip
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(
-                f"--hardware {path}: not a profile from `python -m cp_infer calibrate` ({e})"
-            ) from None
-
-
-HARDWARE: dict[str, Hardware] = {
-    # The paper's hosts: power-limited H100 (BF16 peak taken as 800 TF/s), 400 Gb/s RDMA or
-    # 100 Gb/s TCP per GPU between hosts.
-    "h100-rdma": Hardware(flops=800e12, bandwidth=400e9 / 8),
-    "h100-tcp": Hardware(flops=800e12, bandwidth=100e9 / 8),
-    # This project's CPU machine: ~70 GFLOP/s per core for the fp32 flash kernel, ~1.5 GiB/s
-    # over gloo loopback.
-    "cpu-gloo": Hardware(flops=70e9, bandwidth=1.5 * 2**30),
-}
 
 
 def miss_rate_threshold(n_heads: int, n_kv_heads: int) -> float:
@@ -141,11 +111,6 @@ def crossover_miss_rate(
     if all2all_correction:
         fewer_bytes /= 1 + context * all2all_correction_per_token(cp, e, hardware)
     return min(1.0, hidden, fewer_bytes)
-
-
-def hardware_for(device: torch.device | str) -> Hardware:
-    """The built-in profile for a device: the paper's H100 over RDMA for CUDA, else this CPU."""
-    return HARDWARE["h100-rdma" if torch.device(device).type == "cuda" else "cpu-gloo"]
 
 
 def choose_variant(

@@ -29,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from cp_infer.attention.selector import Hardware
+from cp_infer.hardware import Profile, gemm_flops, pair_flops, profile
 from cp_infer.models.config import ModelConfig
 
 __all__ = ["ChunkTimer", "Estimates", "StepCosts", "choose_chunk"]
@@ -53,36 +53,25 @@ class StepCosts:
 
     @classmethod
     def for_model(
-        cls, cfg: ModelConfig, *, cp: int, tp: int, gemm_flops: float, attention_flops: float
+        cls, cfg: ModelConfig, *, cp: int, tp: int, gemm_flops_s: float, attention_flops_s: float
     ) -> StepCosts:
-        """The costs of ``cfg`` sharded ``cp`` x ``tp`` ways, at one rank's FLOP/s."""
-        d, hd = cfg.dim, cfg.head_dim
-        ffn = 3 * d * cfg.ffn_dim * (cfg.top_k if cfg.is_moe else 1)  # active experts only
-        weights = cfg.n_layers * (d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + ffn)
-        per_token = 2 * weights / (cp * tp) / gemm_flops
-        per_pair = 4 * cfg.n_heads * hd * cfg.n_layers / (cp * tp) / attention_flops
+        """The costs of ``cfg`` sharded ``cp`` x ``tp`` ways, at one rank's FLOP/s (the counts
+        are the hardware model's: :func:`~cp_infer.hardware.gemm_flops`,
+        :func:`~cp_infer.hardware.pair_flops`)."""
+        per_token = cfg.n_layers * gemm_flops(cfg, 1) / (cp * tp) / gemm_flops_s
+        per_pair = cfg.n_layers * pair_flops(cfg) / (cp * tp) / attention_flops_s
         return cls(per_token_s=per_token, per_pair_s=per_pair)
 
     @classmethod
     def from_hardware(
-        cls, cfg: ModelConfig, spec: str | Path | Hardware | None, *, cp: int, tp: int
+        cls, cfg: ModelConfig, spec: str | Path | Profile | None, *, cp: int, tp: int
     ) -> StepCosts:
-        """From ``--hardware``: a calibrated JSON profile (its GEMM and attention FLOP/s), a
-        built-in :class:`Hardware` (its one FLOP/s for both), or None (this CPU's default)."""
-        if isinstance(spec, (str, Path)) and Path(spec).is_file():
-            from cp_infer.costmodel import ClusterProfile
-
-            prof = ClusterProfile.from_calibration(spec)
-            gemm = prof.peak_flops * prof.gemm_utilization
-            attn = prof.peak_flops * prof.attention_utilization
-        else:
-            hw = spec if isinstance(spec, Hardware) else None
-            if hw is None:
-                from cp_infer.attention.selector import HARDWARE
-
-                hw = HARDWARE.get(str(spec), HARDWARE["cpu-gloo"])
-            gemm = attn = hw.flops
-        return cls.for_model(cfg, cp=cp, tp=tp, gemm_flops=gemm, attention_flops=attn)
+        """From ``--hardware``: a :class:`~cp_infer.hardware.Profile`, a built-in profile's
+        name or a calibrated JSON file (its achieved GEMM and attention FLOP/s); None: this
+        CPU's built-in profile. An unknown name is an error."""
+        prof = spec if isinstance(spec, Profile) else profile(spec or "cpu-gloo")
+        return cls.for_model(cfg, cp=cp, tp=tp, gemm_flops_s=prof.gemm_flops_s,
+                             attention_flops_s=prof.attention_flops_s)  # fmt: skip
 
     def prefill_s(self, new: int, cached: int) -> float:
         """A prefill of ``new`` tokens over ``cached`` (causal within the new ones)."""

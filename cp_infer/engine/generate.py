@@ -19,11 +19,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from cp_infer.attention.selector import Hardware
 from cp_infer.engine.core import EngineCore, Request, check_request
 from cp_infer.engine.kv_cache import DEFAULT_BLOCK_SIZE
 from cp_infer.engine.runner import ModelRunner
 from cp_infer.engine.sampling import SamplingConfig
+from cp_infer.hardware import Profile
 from cp_infer.models.llama import Transformer
 from parallel_state import ParallelGroups
 
@@ -85,7 +85,7 @@ def generate(
     kernel: str = "auto",
     conversation: Conversation | None = None,
     progress: bool = False,
-    hardware: Hardware | None = None,
+    hardware: Profile | None = None,
     exchange: str = "auto",
     timeout_s: float = 60.0,
     kv_dtype: str = "auto",

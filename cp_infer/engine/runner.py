@@ -24,13 +24,14 @@ from tqdm import tqdm
 
 from cp_infer.attention import VARIANTS
 from cp_infer.attention.kernels import get_kernel
-from cp_infer.attention.selector import Hardware, choose_variant, hardware_for
+from cp_infer.attention.selector import choose_variant
 from cp_infer.collectives import Exchange, make_exchange
 from cp_infer.engine.attention import DecodeAttention, MixedAttention, PrefillAttention
 from cp_infer.engine.batch import StepBatch
 from cp_infer.engine.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, token_bytes
 from cp_infer.engine.kv_pool import KVPool
 from cp_infer.engine.sampling import logprobs_of
+from cp_infer.hardware import Profile, hardware_for
 from cp_infer.models.llama import ForwardContext, TokenSplit, Transformer, split_tokens
 from cp_infer.parallel.pipeline import recv_activation, send_activation
 from cp_infer.sharding import unshard
@@ -71,8 +72,8 @@ class ModelRunner:
         exchange: how decode shares attention partials over CP (:data:`~cp_infer.collectives.
             EXCHANGES`); ``"auto"`` is shared memory on one CPU host, else the group's
             all_gather.
-        hardware: the compute and link speeds Alg. 1 weighs; default: the built-in profile of
-            the model's device (:func:`hardware_for`).
+        hardware: the hardware model (:mod:`cp_infer.hardware`) Alg. 1 and the chunk sizing
+            weigh; default: the built-in profile of the model's device (:func:`hardware_for`).
         timeout_s: how long a shared-memory exchange waits for a peer.
         kv_dtype: ``"fp8_e4m3"``: the cache holds K/V in FP8 and pass-KV sends them so.
         kv_memory: bytes of this rank's KV pool (blocks of every layer of its stage, FP8
@@ -90,7 +91,7 @@ class ModelRunner:
         *,
         kernel: str = "auto",
         exchange: str = "auto",
-        hardware: Hardware | None = None,
+        hardware: Profile | None = None,
         timeout_s: float = 60.0,
         kv_dtype: str = "auto",
         kv_memory: int | None = None,
@@ -150,7 +151,7 @@ class ModelRunner:
             variant = choose_variant(
                 new, cached, cp=self.pg.cp, n_heads=self.cfg.n_heads,
                 n_kv_heads=self.cfg.n_kv_heads, bytes_per_element=self.dtype.itemsize,
-                hardware=self.hardware, tp=self.pg.tp,
+                hardware=self.hardware.selector(), tp=self.pg.tp,
             )  # fmt: skip
             how = "Alg. 1"
         logger.info(

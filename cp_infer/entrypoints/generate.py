@@ -27,7 +27,6 @@ import torch.distributed as dist
 from cp_infer.attention import VARIANTS
 from cp_infer.attention.kernels import KERNELS, get_kernel
 from cp_infer.attention.kv_quant import KV_DTYPES
-from cp_infer.attention.selector import HARDWARE, Hardware
 from cp_infer.checkpoint.formats import detect_format, open_source, read_config
 from cp_infer.checkpoint.manifest import verify_manifest
 from cp_infer.collectives import EXCHANGES
@@ -35,6 +34,7 @@ from cp_infer.distributed import RankFailure, clear_failure, on_all_ranks
 from cp_infer.engine import Conversation, GenerationResult, SamplingConfig, generate
 from cp_infer.engine.core import check_request
 from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments, ensure_launched
+from cp_infer.hardware import PROFILES, Profile, profile
 from cp_infer.models.config import (
     PRESETS,
     RUNNABLE_PRESETS,
@@ -173,8 +173,8 @@ def add_model_arguments(g: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument(
         "--hardware", default="auto", metavar="NAME|PATH",
-        help="the compute and link speeds --variant auto weighs: a built-in profile "
-        f"({', '.join(sorted(HARDWARE))}), a profile measured by `python -m cp_infer "
+        help="the hardware model --variant auto (and serve's chunk sizing) weighs: a built-in "
+        f"profile ({', '.join(sorted(PROFILES))}), a profile measured by `python -m cp_infer "
         "calibrate`, or auto (h100-rdma on CUDA, cpu-gloo on CPU)",
     )  # fmt: skip
     g.add_argument(
@@ -359,18 +359,10 @@ def check_output_paths(args) -> None:
         raise ValueError("--output and --save-logits are the same file; choose two paths")
 
 
-def hardware_profile(spec: str) -> Hardware | None:
-    """``--hardware``: None for auto, a built-in profile by name, or a calibrated JSON file."""
-    if spec == "auto":
-        return None
-    if spec in HARDWARE:
-        return HARDWARE[spec]
-    if not Path(spec).is_file():
-        raise ValueError(
-            f"--hardware {spec!r} is neither a built-in profile ({', '.join(sorted(HARDWARE))}) "
-            "nor a file: measure one with `python -m cp_infer calibrate --output FILE`"
-        )
-    return Hardware.from_profile(spec)
+def hardware_profile(spec: str) -> Profile | None:
+    """``--hardware``: None for auto, a built-in profile by name, or a calibrated JSON file
+    (:func:`cp_infer.hardware.profile`: any other name is an error)."""
+    return None if spec == "auto" else profile(spec)
 
 
 def memory_plan(args, cfg: ModelConfig, *, context: int, batch: int, device_bytes: int):

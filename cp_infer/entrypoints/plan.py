@@ -5,22 +5,27 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cp_infer.costmodel import PROFILES, PlanRecord, cluster_profile, plan_prefill
+from cp_infer.costmodel import PUBLISHED, PlanRecord, plan_prefill
 from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments
+from cp_infer.hardware import PROFILES, profile
 from cp_infer.models.config import PRESETS, get_preset
+from cp_infer.planner import KV_DTYPES
 from cp_infer.reporting import check_writable, format_table, write_json
 
 __all__ = ["add_parser", "run", "write_plot"]
 
 _DESCRIPTION = """\
-TTFT, TTIT and scaling of one prompt over CP sizes, from first principles: the model's FLOPs and
-bytes, a hardware profile and achieved utilizations documented in cp_infer/costmodel.py (it
-reproduces the paper's 3.8 s for a 128K prefill and 77 s for 1M of Llama 3 405B on 16 hosts).
-Each row also gives Alg. 1's predicted crossover: below that miss rate (new / (new + cached)
-tokens), a prefill of this context goes pass-Q.
+TTFT, TTIT, memory and scaling of one prompt over CP sizes, from the hardware model
+(cp_infer/hardware.py: the FLOPs and bytes of every phase, the mechanisms that cost them, and
+the figures of a profile). On the paper's hosts it reproduces its published figures for Llama
+3 405B within 15%: TTFT at 128K from 1 to 16 hosts, the 1M point, the TP16 and TP32 baselines,
+TTIT against CP, and Table 4's pass-KV / pass-Q crossover. Each row also gives the predicted
+crossover: below that miss rate (new / (new + cached) tokens), pass-Q is the faster prefill.
+A layout whose memory does not fit its devices is marked, with what would fit.
 
-  python -m cp_infer plan --preset llama3-405b --hardware h100-rdma --context 131072 \\
-      --cp 1,2,4,8,16 --json plan.json --plot plan.png
+  python -m cp_infer plan --preset llama3-405b --hardware h100-rdma --quant fp8 \\
+      --context 131072 --cp 1,2,4,8,16 --json plan.json --plot plan.png
+  python -m cp_infer plan --preset llama3-405b --quant fp8 --context 131072 --cp 1 --tp 16
 
   # this machine, from a profile of `python -m cp_infer calibrate` (tp 1, fp32)
   python -m cp_infer calibrate --output profile.json
@@ -39,15 +44,23 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument(
         "--hardware", default="h100-rdma", metavar="NAME|PATH",
         help=f"the hosts: a built-in profile ({', '.join(sorted(PROFILES))}: the paper's H100s "
-        "over RDMA or TCP), or a JSON profile written by `python -m cp_infer calibrate` "
-        "(default: h100-rdma)",
+        "over RDMA or TCP, this CPU machine), or a JSON profile written by `python -m cp_infer "
+        "calibrate` (default: h100-rdma)",
     )  # fmt: skip
     g.add_argument("--context", type=int, required=True, help="prompt tokens")
     g.add_argument("--cp", default="1,2,4,8,16", help="CP sizes (hosts), comma-separated")
     g.add_argument(
         "--tp", type=int,
-        help="devices per CP rank (TP inside a host); default: 8 for the H100 profiles, 1 for a "
-        "calibrated profile (one CPU rank per CP rank)",
+        help="devices per CP rank; beyond a host's devices TP crosses hosts (the paper's TP16 "
+        "and TP32 baselines); default: a host (8 for the H100 profiles, 1 for a CPU rank)",
+    )  # fmt: skip
+    g.add_argument(
+        "--quant", choices=["none", "fp8"], default="none",
+        help="fp8: FP8 FFN weights (the paper's 405B runs): half their bytes, twice the GEMM rate",
+    )  # fmt: skip
+    g.add_argument(
+        "--kv-dtype", choices=sorted(KV_DTYPES),
+        help="the KV cache's dtype (default: the model's, --dtype-bytes)",
     )  # fmt: skip
     g.add_argument(
         "--dtype-bytes", type=int, choices=(1, 2, 4),
@@ -77,31 +90,40 @@ def run(args, argv: list[str]) -> int:
             raise ValueError(f"--plot {args.plot}: name a .png, .svg or .pdf file")
         check_writable(args.plot, "--plot")
         _pyplot()  # a missing matplotlib fails before any work
-    cfg, prof = get_preset(args.preset), cluster_profile(args.hardware)
+    cfg, prof = get_preset(args.preset), profile(args.hardware)
     records = [
         plan_prefill(cfg, prof, cp=n, tp=args.tp, context=args.context,
-                     bytes_per_element=args.dtype_bytes)
+                     bytes_per_element=args.dtype_bytes, quant=args.quant, kv_dtype=args.kv_dtype)
         for n in cps
     ]  # fmt: skip
     rows = [[str(r.cp), str(r.tp), str(r.context), f"{r.ttft_s:.3g}", f"{1000 * r.ttit_s:.3g}",
-             r.variant, f"{r.efficiency:.3f}", f"{r.crossover_miss_rate:.4f}",
+             f"{r.efficiency:.3f}", f"{r.crossover_miss_rate:.4f}",
              f"{1000 * r.gemm_s_per_layer:.3g}", f"{1000 * r.attention_s_per_layer:.3g}",
-             f"{1000 * r.comm_s_per_layer:.3g}",
-             f"{r.memory_bytes_per_gpu / 2**30:.3g}"] for r in records]  # fmt: skip
+             f"{1000 * r.tp_comm_s_per_layer:.3g}", f"{1000 * r.comm_s_per_layer:.3g}",
+             f"{r.memory_bytes_per_gpu / 2**30:.3g}", "yes" if r.fits else "NO"]
+            for r in records]  # fmt: skip
     e = args.dtype_bytes or prof.bytes_per_element
-    print(f"{cfg.name} on {args.hardware}, {args.context} tokens, {e} bytes per element:")
-    print(format_table(["cp", "tp", "context", "ttft_s", "ttit_ms", "variant", "efficiency",
-                        "pass_q_below", "gemm_ms/layer", "attn_ms/layer", "comm_ms/layer",
-                        "GiB/GPU"], rows))  # fmt: skip
+    print(f"{cfg.name} on {prof.name}, {args.context} tokens, {e} bytes per element, "
+          f"quant {args.quant}:")  # fmt: skip
+    print(format_table(["cp", "tp", "context", "ttft_s", "ttit_ms", "efficiency",
+                        "pass_q_below", "gemm_ms/layer", "attn_ms/layer", "tp_ms/layer",
+                        "ring_ms/layer", "GiB/GPU", "fits"], rows))  # fmt: skip
     for r in records:
         if r.cp > 1:
-            print(f"cp={r.cp}: Alg. 1 predicts pass-Q below a miss rate of "
+            print(f"cp={r.cp}: pass-Q is the faster prefill below a miss rate of "
                   f"{100 * r.crossover_miss_rate:.2f}% at {r.context} tokens")  # fmt: skip
+        if not r.fits:
+            print(f"cp={r.cp} tp={r.tp}: {r.advice}")
     if args.json:
         write_json(args.json, [r.to_dict() for r in records])
     if args.plot is not None:
-        where = args.hardware if args.hardware in PROFILES else Path(args.hardware).name
-        write_plot(records, args.plot, title=f"{cfg.name} on {where}, {args.context} tokens")
+        where = prof.name if args.hardware in PROFILES else Path(args.hardware).name
+        published = []
+        if cfg.name == "llama3-405b" and args.hardware == "h100-rdma":
+            published = [p for p in PUBLISHED if p.context == args.context and p.what != "crossover"
+                         and (args.tp is None or p.tp == args.tp)]  # fmt: skip
+        write_plot(records, args.plot, title=f"{cfg.name} on {where}, {args.context} tokens",
+                   published=published)  # fmt: skip
     return 0
 
 
@@ -118,29 +140,43 @@ def _pyplot():
     return plt
 
 
-def write_plot(records: list[PlanRecord], path: Path, *, title: str) -> None:
-    """TTFT against CP (log-log, with ideal scaling from CP=1) and parallel efficiency."""
+def write_plot(
+    records: list[PlanRecord], path: Path, *, title: str, published=(),
+    measured: dict[int, tuple[float, float]] | None = None,
+) -> None:  # fmt: skip
+    """TTFT against CP (log-log, with ideal scaling from CP=1) and TTIT against CP, predicted
+    against ``published`` figures (:data:`~cp_infer.costmodel.PUBLISHED` at the same TP) and
+    ``measured`` ones ({cp: (TTFT s, TTIT s)}, a benchmark on this machine)."""
     plt = _pyplot()
     records = sorted(records, key=lambda r: r.cp)
     cps = [r.cp for r in records]
     ttft1 = records[0].efficiency * records[0].cp * records[0].ttft_s  # TTFT at CP=1
-    fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    fig, (ax_t, ax_d) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     ax_t.loglog(cps, [r.ttft_s for r in records], "o-", label="predicted")
     ax_t.loglog(cps, [ttft1 / n for n in cps], "k--", label="ideal (CP=1 / CP)")
     ax_t.set(xlabel="CP size", ylabel="TTFT (s)", title="prefill time")
-    ax_e.semilogx(cps, [r.efficiency for r in records], "o-")
-    ax_e.axhline(1.0, color="k", linestyle="--", linewidth=1)
-    ax_e.set(xlabel="CP size", ylabel="TTFT(1) / (CP x TTFT(CP))", title="parallel efficiency",
-             ylim=(0, 1.05))  # fmt: skip
+    ax_d.semilogx(cps, [1000 * r.ttit_s for r in records], "o-", label="predicted")
+    ax_d.set(xlabel="CP size", ylabel="TTIT (ms)", title="decode step", ylim=(0, None))
+    tp = records[0].tp
+    for what, ax, k in (("ttft", ax_t, 1.0), ("ttit", ax_d, 1000.0)):
+        points = [(p.cp, k * p.value) for p in published if p.what == what and p.tp == tp]
+        if points:
+            ax.plot(*zip(*points, strict=True), "s", color="tab:red", label="published")
+    if measured:
+        ax_t.plot(list(measured), [v[0] for v in measured.values()], "s", color="tab:green",
+                  label="measured")  # fmt: skip
+        ax_d.plot(list(measured), [1000 * v[1] for v in measured.values()], "s",
+                  color="tab:green", label="measured")  # fmt: skip
     for r in records:
         ax_t.annotate(f"{r.ttft_s:.3g} s", (r.cp, r.ttft_s), textcoords="offset points",
                       xytext=(4, 4), fontsize=8)  # fmt: skip
-    for ax in (ax_t, ax_e):
+    for ax in (ax_t, ax_d):
         ax.set_xticks(cps, [str(n) for n in cps])
         ax.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
         ax.grid(True, which="major", alpha=0.3)
     ax_t.margins(x=0.08, y=0.15)
     ax_t.legend()
+    ax_d.legend()
     fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format=path.suffix.lower().lstrip("."))

@@ -21,7 +21,6 @@ import os
 import signal
 import threading
 import uuid
-from pathlib import Path
 
 import torch.distributed as dist
 
@@ -156,7 +155,6 @@ def _check(args, world_size: int):
 
 
 def run(args, argv: list[str]) -> int:
-    from cp_infer.engine.chunking import StepCosts
     from cp_infer.engine.core import EngineCore
     from cp_infer.serving.loop import ServeLoop
 
@@ -184,12 +182,9 @@ def run(args, argv: list[str]) -> int:
             pool.n_blocks, pool.block_size, human_bytes(runner.cache.nbytes()),
             pool.tokens * pg.cp,
         )  # fmt: skip
-        costs = None  # a calibrated profile has GEMM and attention FLOP/s; else the runner's
-        if Path(args.hardware).is_file():
-            costs = StepCosts.from_hardware(cfg, args.hardware, cp=pg.cp, tp=pg.tp)
-        engine = EngineCore(
+        engine = EngineCore(  # the chunks are sized from the runner's hardware model
             runner, max_batch=args.max_batch_size, share_prefixes=args.prefix_sharing,
-            tbt_slo_s=None if args.tbt_slo_ms is None else args.tbt_slo_ms / 1000, costs=costs,
+            tbt_slo_s=None if args.tbt_slo_ms is None else args.tbt_slo_ms / 1000,
         )  # fmt: skip
         loop = ServeLoop(engine)
         # what is loaded by now lives as long as the server: keep it out of the collector's
