@@ -34,6 +34,7 @@ calibrate`` (:meth:`Profile.from_calibration`).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -50,6 +51,7 @@ __all__ = [
     "all_reduce_s",
     "attention_flops",
     "decode_s",
+    "faster_variant",
     "gemm_flops",
     "hardware_for",
     "layer_weights",
@@ -89,6 +91,20 @@ class Profile:
         memory_bytes: one device's memory.
         devices_per_host: devices a host holds (TP beyond it crosses hosts).
         bytes_per_element: the model's dtype there: 2 (BF16) on GPUs, 4 (fp32) on a CPU.
+        attention_rates: measured (head dim, FLOP/s) of attention, where the kernel's rate
+            depends on the head size (a CPU's: 16-dim heads run at half the rate of 128);
+            between two, interpolated in log(head dim). Empty: ``attention_flops_s``.
+        gemm_rates: measured (model dim, FLOP/s) of a layer's GEMMs, likewise.
+        gemv_bytes_s: decode's weight reads, one-row GEMMs (None: ``hbm_bytes_s``).
+        decode_kv_bytes_s: decode attention's reads of the KV cache (None: ``hbm_bytes_s``).
+        decode_layer_s, decode_step_s: the fixed cost of a decode step's layer and of the
+            step itself beyond what they read (kernel calls, the engine's bookkeeping, sampling);
+            a CPU's, measured on a small model by ``calibrate``; 0 on GPUs, whose decode runs
+            as CUDA graphs.
+        decode_cp_layer_s, decode_cp_step_s: the same under CP, the engine's exchanges among
+            the CP ranks included (its KVP exchange of attention partials and the gathers of
+            the token split), measured at the calibrated world size (None: the paper's batched
+            pass-Q, N-1 SendRecv latencies and an All2All's a layer, on top of the above).
     """
 
     name: str
@@ -107,6 +123,14 @@ class Profile:
     memory_bytes: float
     devices_per_host: int = 8
     bytes_per_element: int = 2
+    attention_rates: tuple[tuple[float, float], ...] = ()
+    gemm_rates: tuple[tuple[float, float], ...] = ()
+    gemv_bytes_s: float | None = None
+    decode_kv_bytes_s: float | None = None
+    decode_layer_s: float = 0.0
+    decode_step_s: float = 0.0
+    decode_cp_layer_s: float | None = None
+    decode_cp_step_s: float | None = None
 
     def __post_init__(self) -> None:
         for key in ("peak_flops", "gemm_utilization", "attention_utilization", "fp8_speedup",
@@ -114,7 +138,8 @@ class Profile:
                     "devices_per_host", "bytes_per_element"):  # fmt: skip
             if not getattr(self, key) > 0:
                 raise ValueError(f"Profile.{key} must be > 0, got {getattr(self, key)}")
-        for key in ("link_latency_s", "all2all_latency_s", "collective_s", "intra_latency_s"):
+        for key in ("link_latency_s", "all2all_latency_s", "collective_s", "intra_latency_s",
+                    "decode_layer_s", "decode_step_s"):  # fmt: skip
             if not getattr(self, key) >= 0:
                 raise ValueError(f"Profile.{key} must be >= 0, got {getattr(self, key)}")
         if not 0 <= self.overlap <= 1:
@@ -127,6 +152,14 @@ class Profile:
     @property
     def attention_flops_s(self) -> float:
         return self.peak_flops * self.attention_utilization
+
+    def attention_flops_s_at(self, head_dim: int) -> float:
+        """Attention's achieved FLOP/s for heads of ``head_dim``."""
+        return _interpolate(self.attention_rates, head_dim, self.attention_flops_s)
+
+    def gemm_flops_s_at(self, dim: int) -> float:
+        """A layer's GEMMs' achieved FLOP/s for a model of width ``dim``."""
+        return _interpolate(self.gemm_rates, dim, self.gemm_flops_s)
 
     def selector(self):
         """Alg. 1's C and BW for one rank: the achieved attention FLOP/s and link bandwidth."""
@@ -141,9 +174,11 @@ class Profile:
         One rank is one device, one host and one CP rank (``devices_per_host=1``), fp32. The
         GEMM rate is the peak (``gemm_utilization=1``: a measurement is already achieved);
         attention runs at the measured attention/GEMM ratio; the ring's bandwidth and latency
-        are the link (and the intra-host link: there is none); ``all2all_s`` less its share
-        of bandwidth is the All2All latency; ``overlap`` is the measured share of a ring step
-        that hides behind attention (1 for an older profile, with a warning).
+        are the link (and the intra-host link: there is none); ``all2all_s`` less the time of
+        the bytes it sends is the All2All latency (at least a SendRecv's); ``overlap`` is the measured share of a ring step
+        that hides behind attention (1 for an older profile, with a warning); the rates by
+        head and model size, the one-row GEMM and decode-attention bandwidths and a kernel
+        call's latency, when measured, are the CPU's shape and decode terms.
 
         Raises:
             ValueError: the file cannot be read, is not JSON, or lacks a positive figure; the
@@ -183,8 +218,27 @@ class Profile:
             if not ok or not math.isfinite(value) or value < 0 or (value == 0 and key in figures):
                 raise refuse(f"{key} must be a number > 0, got {value!r}")
         bw, lat = figures["ring_bandwidth"], figures["ring_latency_s"]
-        a2a = data.get("all2all_s", lat)
-        a2a_latency = max(0.0, a2a - data.get("all2all_bytes", 0) / bw) if a2a else lat
+        # an All2All of B bytes per rank sends (world - 1) / world of them: the rest is latency
+        world = data.get("world", 2)
+        sent = (world - 1) / world * data.get("all2all_bytes", 0)
+        a2a_latency = max(lat, data.get("all2all_s", lat) - sent / bw)
+
+        def table(key: str) -> tuple[tuple[float, float], ...]:
+            rows = data.get(key, {})
+            try:
+                out = tuple(sorted((float(k), float(v)) for k, v in rows.items()))
+            except (AttributeError, TypeError, ValueError):
+                raise refuse(f"{key} must map sizes to FLOP/s") from None
+            if any(not (k > 0 and v > 0) for k, v in out):
+                raise refuse(f"{key} must map sizes to FLOP/s > 0")
+            return out
+
+        def optional(key: str) -> float | None:
+            value = data.get(key)
+            if value is not None and not (isinstance(value, int | float) and value > 0):
+                raise refuse(f"{key} must be a number > 0, got {value!r}")
+            return value
+
         return cls(
             name=str(path), peak_flops=figures["gemm_flops"], gemm_utilization=1.0,
             attention_utilization=figures["attention_flops"] / figures["gemm_flops"],
@@ -192,7 +246,28 @@ class Profile:
             overlap=min(1.0, float(data.get("overlap", 1.0))), intra_bytes_s=bw,
             intra_latency_s=lat, hbm_bytes_s=figures["memory_bandwidth"],
             memory_bytes=figures["host_memory_bytes"], devices_per_host=1, bytes_per_element=4,
+            attention_rates=table("attention_flops_by_head_dim"),
+            gemm_rates=table("gemm_flops_by_dim"), gemv_bytes_s=optional("gemv_bandwidth"),
+            decode_kv_bytes_s=optional("decode_kv_bandwidth"),
+            decode_layer_s=optional("decode_layer_s") or 0.0,
+            decode_step_s=optional("decode_step_s") or 0.0,
+            decode_cp_layer_s=optional("decode_cp_layer_s"),
+            decode_cp_step_s=optional("decode_cp_step_s"),
         )  # fmt: skip
+
+
+def _interpolate(table, x: float, default: float) -> float:
+    """``table``'s (key, value) at ``x``, log-linear between keys, clamped at the ends."""
+    if not table:
+        return default
+    table = sorted(table)
+    if x <= table[0][0]:
+        return table[0][1]
+    for (x0, y0), (x1, y1) in itertools.pairwise(table):
+        if x <= x1:
+            w = math.log(x / x0) / math.log(x1 / x0)
+            return y0 + w * (y1 - y0)
+    return table[-1][1]
 
 
 # The paper's hosts (§4.1, PAPER_FACTS.md): 8 power-limited H100 each, BF16 peak taken as
@@ -322,9 +397,15 @@ def _step(prof: Profile, attention: float, comm: float) -> float:
 def prefill_layer(
     cfg: ModelConfig, prof: Profile, *, cp: int, tp: int, new: int, cached: int = 0,
     variant: str = "pass-kv", bytes_per_element: int | None = None, fp8_ffn: bool = False,
+    kv_bytes: float | None = None,
 ) -> PhaseTimes:  # fmt: skip
     """One layer of a prefill of ``new`` tokens over ``cached`` ones, on one of ``cp`` ranks
-    of ``tp`` devices each, load-balanced (see the module docstring for each term)."""
+    of ``tp`` devices each, load-balanced (see the module docstring for each term).
+
+    Args:
+        kv_bytes: bytes per element of the K/V pass-KV sends (an FP8 cache's: 1 and its scales;
+            default: the model's).
+    """
     if cp < 1 or tp < 1 or new < 1 or cached < 0:
         raise ValueError(f"need cp, tp, new >= 1 and cached >= 0, got {cp}, {tp}, {new}, {cached}")
     if variant not in ("pass-kv", "pass-q"):
@@ -332,9 +413,12 @@ def prefill_layer(
     e = bytes_per_element or prof.bytes_per_element
     t = new / cp  # this rank's new tokens
     attn_w, ffn_w = layer_weights(cfg)
-    ffn_rate = prof.gemm_flops_s * (prof.fp8_speedup if fp8_ffn else 1.0)
-    gemm = 2 * t / tp * (attn_w / prof.gemm_flops_s + ffn_w / ffn_rate)
-    attention = attention_flops(cfg, new, cached) / (cp * tp) / prof.attention_flops_s
+    gemm_rate = prof.gemm_flops_s_at(cfg.dim)
+    ffn_rate = gemm_rate * (prof.fp8_speedup if fp8_ffn else 1.0)
+    gemm = 2 * t / tp * (attn_w / gemm_rate + ffn_w / ffn_rate)
+    attention = (
+        attention_flops(cfg, new, cached) / (cp * tp) / prof.attention_flops_s_at(cfg.head_dim)
+    )
     tp_comm = 2 * all_reduce_s(prof, t * cfg.dim * e, tp)
     if cp == 1:
         return PhaseTimes(gemm=gemm, attention=attention, tp_comm=tp_comm)
@@ -342,7 +426,7 @@ def prefill_layer(
     fixed = prof.link_latency_s + prof.collective_s
     step_attention = attention / cp
     if variant == "pass-kv":  # K and V of this rank's new tokens and its share of the prefix
-        sent = 2 * (t + cached / cp) * cfg.head_dim * e * kv_heads
+        sent = 2 * (t + cached / cp) * cfg.head_dim * (kv_bytes or e) * kv_heads
         return PhaseTimes(
             gemm=gemm, attention=attention, tp_comm=tp_comm,
             ring_exposed=(cp - 1) * _step(prof, step_attention, sent / prof.link_bytes_s + fixed),
@@ -356,13 +440,30 @@ def prefill_layer(
     )  # fmt: skip
 
 
+def faster_variant(
+    cfg: ModelConfig, prof: Profile, *, cp: int, tp: int, new: int, cached: int,
+    bytes_per_element: int | None = None, kv_bytes: float | None = None,
+) -> str:  # fmt: skip
+    """The prefill variant whose modelled layer is faster (pass-KV on a tie, and without a
+    ring): Alg. 1's comparison, with every term the model has (the exposed steps, the
+    collectives' fixed costs, the All2All, the overlap the profile measured)."""
+    if cp == 1:
+        return "pass-kv"
+    times = {
+        v: prefill_layer(cfg, prof, cp=cp, tp=tp, new=new, cached=cached, variant=v,
+                         bytes_per_element=bytes_per_element, kv_bytes=kv_bytes).total
+        for v in ("pass-kv", "pass-q")
+    }  # fmt: skip
+    return "pass-q" if times["pass-q"] < times["pass-kv"] else "pass-kv"
+
+
 def weight_bytes(cfg: ModelConfig, *, tp: int, bytes_per_element: int, fp8_ffn: bool) -> float:
-    """Bytes of the weights one device reads per decode step (its TP share of every layer,
-    and of the embedding and LM head)."""
+    """Bytes of the weights one device reads per decode step: its TP share of every layer and
+    of the LM head (of the embedding, one row per token)."""
     attn_w, ffn_w = layer_weights(cfg)
     ffn_bytes = 1 if fp8_ffn else bytes_per_element
     per_layer = attn_w * bytes_per_element + ffn_w * ffn_bytes
-    ends = 2 * cfg.vocab_size * cfg.dim * bytes_per_element
+    ends = cfg.vocab_size * cfg.dim * bytes_per_element
     return (cfg.n_layers * per_layer + ends) / tp
 
 
@@ -371,9 +472,10 @@ def decode_s(
     bytes_per_element: int | None = None, fp8_ffn: bool = False, kv_bytes: float | None = None,
 ) -> PhaseTimes:  # fmt: skip
     """One decode step (TTIT) of ``batch`` sequences of ``context`` tokens, all layers: the
-    weights and this rank's share of the cache read once from memory, two all-reduces a layer,
-    and under CP (batched pass-Q, or KVP's exchange) N-1 SendRecv latencies and an All2All's
-    latency a layer.
+    weights (at the one-row GEMMs' rate) and this rank's share of the cache (at decode
+    attention's) read once, two all-reduces a layer, under CP (batched pass-Q, or KVP's
+    exchange) N-1 SendRecv latencies and an All2All's latency a layer, and the fixed costs of
+    a layer and of a step.
 
     Args:
         kv_bytes: bytes per element of the cache (default: the model's).
@@ -384,5 +486,10 @@ def decode_s(
     cache = 2 * cfg.n_layers * context / cp * cfg.head_dim * (kv_bytes or e) * kv_heads * batch
     tp_comm = cfg.n_layers * 2 * all_reduce_s(prof, batch * cfg.dim * e, tp)
     ring = cfg.n_layers * ((cp - 1) * prof.link_latency_s + prof.all2all_latency_s) * (cp > 1)
-    return PhaseTimes(memory=(weights + cache) / prof.hbm_bytes_s, tp_comm=tp_comm,
-                      ring_exposed=ring)  # fmt: skip
+    layer_s, step_s = prof.decode_layer_s, prof.decode_step_s
+    if cp > 1 and prof.decode_cp_layer_s is not None:  # measured with the exchanges in it
+        layer_s, step_s, ring = prof.decode_cp_layer_s, prof.decode_cp_step_s or 0.0, 0.0
+    memory = weights / (prof.gemv_bytes_s or prof.hbm_bytes_s)
+    memory += cache / (prof.decode_kv_bytes_s or prof.hbm_bytes_s)
+    fixed = cfg.n_layers * layer_s + step_s
+    return PhaseTimes(memory=memory + fixed, tp_comm=tp_comm, ring_exposed=ring)

@@ -70,8 +70,8 @@ class StepCosts:
         name or a calibrated JSON file (its achieved GEMM and attention FLOP/s); None: this
         CPU's built-in profile. An unknown name is an error."""
         prof = spec if isinstance(spec, Profile) else profile(spec or "cpu-gloo")
-        return cls.for_model(cfg, cp=cp, tp=tp, gemm_flops_s=prof.gemm_flops_s,
-                             attention_flops_s=prof.attention_flops_s)  # fmt: skip
+        return cls.for_model(cfg, cp=cp, tp=tp, gemm_flops_s=prof.gemm_flops_s_at(cfg.dim),
+                             attention_flops_s=prof.attention_flops_s_at(cfg.head_dim))  # fmt: skip
 
     def prefill_s(self, new: int, cached: int) -> float:
         """A prefill of ``new`` tokens over ``cached`` (causal within the new ones)."""

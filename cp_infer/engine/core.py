@@ -31,7 +31,7 @@ Prefix sharing. Every sequence whose tokens are cached, running (once its prompt
 or finished (*retained*), is in a :class:`PrefixIndex`, found by its tokens. A new request starts
 from the sequence sharing the longest prefix with it, at token granularity: the whole blocks of
 that prefix are shared (reference counts), the tokens of a partly shared block are copied, and
-only the rest is prefilled, over the shared prefix (persistent-KV prefill, variant by Alg. 1).
+only the rest is prefilled, over the shared prefix (persistent-KV prefill, variant by the hardware model).
 Any number of requests share a prefix's blocks; a request whose prompt starts like one being
 prefilled now waits for that prefill instead of repeating it (``n`` choices prefill once). A
 request whose tokens are all cached recomputes its last one, which yields the first logits. A
@@ -359,7 +359,7 @@ class EngineCore:
         fuse: run an iteration's decode step and prefill chunk as one forward pass (the
             GEMMs read the weights once for both); False: two passes.
         variant: the prefill's ring variant: ``"pass-kv"``, ``"pass-q"``, or ``"auto"`` (the
-            paper's Alg. 1, per step, from its new and cached tokens).
+            faster one by the hardware model, per step, from its new and cached tokens).
         prefill_chunk: without a TBT target, prefill at most this many tokens of each prompt
             per iteration (sequence pipeline parallelism, say); None: whole.
         progress: a per-layer progress bar on prefill steps that take over a second.

@@ -40,7 +40,7 @@ class GenerationResult:
             only; None elsewhere).
         ttft_s: time to first token on this rank: until every prompt had its first token.
         decode_step_s: wall time of every decode step on this rank (TTIT samples).
-        prefill_variant: the ring variant the prefill used (chosen by Alg. 1 for "auto";
+        prefill_variant: the ring variant the prefill used (chosen by the hardware model for "auto";
             the most used one over the steps of a chunked prefill).
         prefill_tokens: new tokens the prefill computed (all sequences).
         logprobs: with ``logprobs=N``, each generated token's log-probability (under the
@@ -105,12 +105,13 @@ def generate(
         prompts: token ids per sequence (the new turn's, when continuing a conversation).
         sampling: how to pick tokens.
         variant: ring attention variant of the prefill: ``"pass-kv"``, ``"pass-q"``, or
-            ``"auto"`` to pick by the paper's Alg. 1 from the new and cached token counts.
+            ``"auto"`` for the one the hardware model predicts faster from the new and cached
+            token counts (the paper's Alg. 1 with all of the model's costs).
         kernel: local attention kernel.
         conversation: continue these chats (updated in place); None for a fresh batch.
         progress: show a progress bar (one step per layer of this stage) on prefills that
             take more than a second.
-        hardware: the compute and link speeds Alg. 1 weighs for ``"auto"``; default: the
+        hardware: the hardware model ``"auto"`` weighs (:mod:`cp_infer.hardware`); default: the
             built-in profile of the model's device (:func:`hardware_for`).
         exchange: how decode shares attention partials over CP (see
             :func:`cp_infer.collectives.make_exchange`).

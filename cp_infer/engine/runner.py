@@ -24,14 +24,13 @@ from tqdm import tqdm
 
 from cp_infer.attention import VARIANTS
 from cp_infer.attention.kernels import get_kernel
-from cp_infer.attention.selector import choose_variant
 from cp_infer.collectives import Exchange, make_exchange
 from cp_infer.engine.attention import DecodeAttention, MixedAttention, PrefillAttention
 from cp_infer.engine.batch import StepBatch
 from cp_infer.engine.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, token_bytes
 from cp_infer.engine.kv_pool import KVPool
 from cp_infer.engine.sampling import logprobs_of
-from cp_infer.hardware import Profile, hardware_for
+from cp_infer.hardware import Profile, faster_variant, hardware_for
 from cp_infer.models.llama import ForwardContext, TokenSplit, Transformer, split_tokens
 from cp_infer.parallel.pipeline import recv_activation, send_activation
 from cp_infer.sharding import unshard
@@ -143,17 +142,19 @@ class ModelRunner:
 
     # -- choices ----------------------------------------------------------------------------
     def resolve_variant(self, variant: str, new: int, cached: int) -> str:
-        """The prefill variant: as given, or by Alg. 1 for ``"auto"``; logged either way."""
+        """The prefill variant: as given, or for ``"auto"`` the one the hardware model says is
+        faster (Alg. 1's comparison with all of the model's terms:
+        :func:`cp_infer.hardware.faster_variant`); logged either way."""
         if variant not in (*VARIANTS, "auto"):
             raise ValueError(f"unknown variant {variant!r}; choose one of {[*VARIANTS, 'auto']}")
         how = "given"
         if variant == "auto":
-            variant = choose_variant(
-                new, cached, cp=self.pg.cp, n_heads=self.cfg.n_heads,
-                n_kv_heads=self.cfg.n_kv_heads, bytes_per_element=self.dtype.itemsize,
-                hardware=self.hardware.selector(), tp=self.pg.tp,
+            kv_bytes = 1 + 4 / self.cfg.head_dim if self.cache.fp8 else None  # FP8 and scales
+            variant = faster_variant(
+                self.cfg, self.hardware, cp=self.pg.cp, tp=self.pg.tp, new=new, cached=cached,
+                bytes_per_element=self.dtype.itemsize, kv_bytes=kv_bytes,
             )  # fmt: skip
-            how = "Alg. 1"
+            how = "hardware model"
         logger.info(
             "prefill of %d new tokens over %d cached (miss rate %.3f) at cp=%d: %s (%s)",
             new, cached, new / (new + cached), self.pg.cp, variant, how,

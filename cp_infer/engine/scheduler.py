@@ -106,7 +106,7 @@ class Scheduler:
 
         Args:
             variant: the ring variant, or a function of (new tokens, cached tokens) choosing it
-                (Alg. 1 per chunk: later chunks see more cache).
+                (per chunk: later chunks see more cache).
             take: the tokens each sequence (by id) prefills this step.
         """
         rows = [j for j, s in enumerate(self.seqs)

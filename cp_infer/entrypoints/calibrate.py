@@ -16,9 +16,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "calibrate", help="measure attention/GEMM FLOP/s and ring speeds into a profile",
         description=(
             "Measure this machine as the engine runs on it (gloo ranks, one thread each): "
-            "attention and GEMM FLOP/s, ring bandwidth and latency, All2All, memory bandwidth. "
-            "The profile is what --hardware PATH takes: generate's Alg. 1 (C and BW) and plan's "
-            "cost model (TTFT / TTIT of this machine).\n\n"
+            "attention and GEMM FLOP/s, ring bandwidth and latency, All2All, how much of a ring "
+            "step hides behind attention, memory bandwidth. The profile is what --hardware PATH "
+            "takes: the hardware model of this machine that --variant auto, serve's chunk "
+            "sizing and plan (TTFT / TTIT) read.\n\n"
             "  python -m cp_infer calibrate --output profile.json\n"
             "  python -m cp_infer plan --preset small-llama --hardware profile.json "
             "--context 16384 --cp 1,2"

@@ -123,8 +123,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )  # fmt: skip
     g.add_argument(
         "--variant", choices=[*VARIANTS, "auto"], default="auto",
-        help="prefill ring variant; auto picks per turn by the paper's Alg. 1 (for GQA "
-        "models: pass-KV unless most of the context is cached)",
+        help="prefill ring variant; auto picks per step the one --hardware's model predicts "
+        "faster (the paper's Alg. 1 with every cost the model has: for GQA models pass-KV "
+        "unless most of the context is cached)",
     )  # fmt: skip
     add_model_arguments(g)
     add_common_arguments(g)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from cp_infer.costmodel import PUBLISHED, PlanRecord, plan_prefill
@@ -69,6 +70,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )  # fmt: skip
     g.add_argument("--json", type=Path, metavar="PATH", help="also write the records")
     g.add_argument(
+        "--measured", type=Path, metavar="PATH",
+        help="a tools/bench_model.py --json file: its rows of this preset and context go on the "
+        "--plot as measured (this machine, against a calibrated --hardware)",
+    )  # fmt: skip
+    g.add_argument(
         "--plot", type=Path, metavar="PATH",
         help="also draw TTFT and efficiency against CP (.png, .svg or .pdf; needs matplotlib: "
         "pip install 'cp_infer[plot]')",
@@ -123,8 +129,31 @@ def run(args, argv: list[str]) -> int:
             published = [p for p in PUBLISHED if p.context == args.context and p.what != "crossover"
                          and (args.tp is None or p.tp == args.tp)]  # fmt: skip
         write_plot(records, args.plot, title=f"{cfg.name} on {where}, {args.context} tokens",
-                   published=published)  # fmt: skip
+                   published=published, measured=_measured(args, cfg.name))  # fmt: skip
     return 0
+
+
+def _measured(args, preset: str) -> dict[int, tuple[float, float]] | None:
+    """{cp: (TTFT, TTIT)} of ``--measured``'s rows for this preset and context (the fastest
+    decode exchange of each CP size)."""
+    if args.measured is None:
+        return None
+    try:
+        rows = json.loads(args.measured.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"--measured {args.measured}: not a bench_model.py --json file ({e})"
+        ) from None
+    out: dict[int, tuple[float, float]] = {}
+    for r in rows if isinstance(rows, list) else []:
+        if r.get("preset") == preset and r.get("seq_len") == args.context:
+            best = out.get(r["cp"])
+            if best is None or r["ttit_s"] < best[1]:
+                out[r["cp"]] = (r["ttft_s"], r["ttit_s"])
+    if not out:
+        raise ValueError(f"--measured {args.measured} has no {preset} row at --context "
+                         f"{args.context}")  # fmt: skip
+    return dict(sorted(out.items()))
 
 
 def _pyplot():
@@ -156,7 +185,7 @@ def write_plot(
     ax_t.loglog(cps, [ttft1 / n for n in cps], "k--", label="ideal (CP=1 / CP)")
     ax_t.set(xlabel="CP size", ylabel="TTFT (s)", title="prefill time")
     ax_d.semilogx(cps, [1000 * r.ttit_s for r in records], "o-", label="predicted")
-    ax_d.set(xlabel="CP size", ylabel="TTIT (ms)", title="decode step", ylim=(0, None))
+    ax_d.set(xlabel="CP size", ylabel="TTIT (ms)", title="decode step")
     tp = records[0].tp
     for what, ax, k in (("ttft", ax_t, 1.0), ("ttit", ax_d, 1000.0)):
         points = [(p.cp, k * p.value) for p in published if p.what == what and p.tp == tp]
@@ -175,6 +204,7 @@ def write_plot(
         ax.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
         ax.grid(True, which="major", alpha=0.3)
     ax_t.margins(x=0.08, y=0.15)
+    ax_d.set_ylim(bottom=0)
     ax_t.legend()
     ax_d.legend()
     fig.suptitle(title)

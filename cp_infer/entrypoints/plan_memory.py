@@ -49,7 +49,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    metavar="GROUP", help="as generate's")  # fmt: skip
     g.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bfloat16",
                    help="KV cache dtype")  # fmt: skip
-    g.add_argument("--device-memory", default="80GiB", help="bytes per rank (e.g. 80GiB)")
+    g.add_argument(
+        "--device-memory", default="80GiB",
+        help="bytes per rank (e.g. 80GiB), or a --hardware profile's device: h100-rdma, "
+        "h100-tcp, cpu-gloo or a calibrated JSON (the hardware model's registry)",
+    )  # fmt: skip
     g.add_argument("--json", type=Path, metavar="PATH", help="also write the plan as JSON")
     add_common_arguments(g)
     g.set_defaults(run=run)
@@ -64,6 +68,15 @@ def _config(args):
     return read_config(args.checkpoint, detect_format(args.checkpoint))[0]
 
 
+def _device_bytes(spec: str) -> int:
+    """``--device-memory``: a size, or the memory of a hardware profile's device."""
+    from cp_infer.hardware import PROFILES, profile
+
+    if spec in PROFILES or spec.endswith(".json"):
+        return int(profile(spec).memory_bytes)
+    return parse_bytes(spec)
+
+
 def run(args, argv: list[str]) -> int:
     cfg = _config(args)
     for name in ("tp", "cp", "pp", "ep"):
@@ -76,7 +89,7 @@ def run(args, argv: list[str]) -> int:
         cfg, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep, context=args.context,
         batch=args.batch, dtype_bytes=_DTYPE_BYTES[args.dtype], quant=args.quant,
         fp8_layers=tuple(args.fp8_layers), kv_dtype=args.kv_dtype,
-        device_bytes=parse_bytes(args.device_memory),
+        device_bytes=_device_bytes(args.device_memory),
     )  # fmt: skip
     gib = 2**30
     rows = [[name, f"{getattr(plan, key) / gib:.2f}"] for name, key in (
