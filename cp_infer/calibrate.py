@@ -98,7 +98,7 @@ def _decode_rates(repeats: int, g, weight_mib: int = 64, cache_tokens: int = 163
     }
 
 
-def _engine_overheads(steps: int = 16) -> dict:
+def _engine_overheads(steps: int = 32) -> dict:
     """The engine's fixed cost per decode layer and per decode step on this rank alone: the
     median decode step of a tiny-llama with 1 and with 3 layers (their weights and cache are
     a few MB: the step is its calls and bookkeeping)."""
@@ -119,8 +119,9 @@ def _engine_overheads(steps: int = 16) -> dict:
                 cfg = replace(get_preset("tiny-llama"), n_layers=n_layers, max_seq_len=512)
                 model = parallelize(cfg, pg, torch.float32)
                 load_weights(model, RandomSource(0, cfg))
-                r = generate(model, pg, [list(range(1, 17))],
-                             SamplingConfig(max_new_tokens=steps))  # fmt: skip
+                prompt, sampling = [list(range(1, 17))], SamplingConfig(max_new_tokens=steps)
+                generate(model, pg, prompt, sampling)  # warm: weights packed, exchange built
+                r = generate(model, pg, prompt, sampling)
                 medians[n_layers] = statistics.median(r.decode_step_s)
         per_layer = max(0.0, (medians[3] - medians[1]) / 2)
         t = torch.tensor([per_layer, max(0.0, medians[1] - per_layer)], dtype=torch.float64)
@@ -161,9 +162,11 @@ def measure_rank(
 
     big_s, tiny_s = _best(lambda: ring(big), repeats), _best(lambda: ring(tiny), repeats)
 
-    # overlap: attention about as long as the large SendRecv, run while it is in flight
+    # overlap: an attention a few times longer than the large SendRecv (as a ring step's is,
+    # in a long prefill), run while the SendRecv is in flight: what it adds to the attention
+    # is the SendRecv's exposed part
     rate = 0.5 * 4 * tokens * tokens * h * d / attn_s
-    t = int(min(tokens, max(64, (big_s * rate / (0.5 * 4 * h * d)) ** 0.5)))
+    t = int(min(tokens, max(64, (4 * big_s * rate / (0.5 * 4 * h * d)) ** 0.5)))
     qo, ko, vo = q[:, :, :t].contiguous(), k[:, :, :t].contiguous(), v[:, :, :t].contiguous()
     alone_s = _best(lambda: torch_cpu_flash(qo, ko, vo, True), 3 * repeats)
 
@@ -174,7 +177,7 @@ def measure_rank(
         comm.wait()
 
     both_s = _best(overlapped, 3 * repeats)
-    hidden = (alone_s + big_s - both_s) / min(alone_s, big_s)
+    hidden = 1 - max(0.0, both_s - alone_s) / big_s
     n = dist.get_world_size()
     slots = torch.zeros(n * (message_bytes // 4 // n))
     out = torch.empty_like(slots)

@@ -233,10 +233,11 @@ class Profile:
                 raise refuse(f"{key} must map sizes to FLOP/s > 0")
             return out
 
-        def optional(key: str) -> float | None:
+        def optional(key: str, zero: bool = False) -> float | None:
             value = data.get(key)
-            if value is not None and not (isinstance(value, int | float) and value > 0):
-                raise refuse(f"{key} must be a number > 0, got {value!r}")
+            ok = isinstance(value, int | float) and (value >= 0 if zero else value > 0)
+            if value is not None and not ok:
+                raise refuse(f"{key} must be a number {'>=' if zero else '>'} 0, got {value!r}")
             return value
 
         return cls(
@@ -249,10 +250,10 @@ class Profile:
             attention_rates=table("attention_flops_by_head_dim"),
             gemm_rates=table("gemm_flops_by_dim"), gemv_bytes_s=optional("gemv_bandwidth"),
             decode_kv_bytes_s=optional("decode_kv_bandwidth"),
-            decode_layer_s=optional("decode_layer_s") or 0.0,
-            decode_step_s=optional("decode_step_s") or 0.0,
-            decode_cp_layer_s=optional("decode_cp_layer_s"),
-            decode_cp_step_s=optional("decode_cp_step_s"),
+            decode_layer_s=optional("decode_layer_s", zero=True) or 0.0,
+            decode_step_s=optional("decode_step_s", zero=True) or 0.0,
+            decode_cp_layer_s=optional("decode_cp_layer_s", zero=True),
+            decode_cp_step_s=optional("decode_cp_step_s", zero=True),
         )  # fmt: skip
 
 
