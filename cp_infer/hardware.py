@@ -381,9 +381,6 @@ class PhaseTimes:
         return (self.gemm + self.attention + self.tp_comm + self.ring_exposed + self.all2all
                 + self.memory)  # fmt: skip
 
-    def scaled(self, k: float) -> PhaseTimes:
-        return PhaseTimes(**{f: getattr(self, f) * k for f in self.__dataclass_fields__})
-
 
 def _heads(cfg: ModelConfig, tp: int) -> tuple[float, int]:
     """(query heads, KV heads) one device holds: KV heads are replicated when tp > n_kv_heads."""

@@ -462,24 +462,25 @@ class EngineCore:
         i = 0
         while i < len(self.waiting) and len(self.sched.seqs) < self.max_batch:
             x = self.waiting[i]
-            holder, shared = self._match(x)
-            if self._joins_a_prefill(x.tokens, shared):
+            tokens = x.tokens
+            holder, shared = self._match(x, tokens)
+            if self._joins_a_prefill(tokens, shared):
                 i += 1
                 continue
-            if not self._start(x, holder, shared, done):
+            if not self._start(x, tokens, holder, shared, done):
                 if not x.waited:
                     x.waited = True
                     self.stats.waits += 1
                 return
             del self.waiting[i]
 
-    def _match(self, x: _Live) -> tuple[int | None, int]:
-        """The cached sequence ``x`` starts from, and how many of its tokens are shared (at
-        least one token is left to compute: it yields the first logits)."""
+    def _match(self, x: _Live, tokens: list[int]) -> tuple[int | None, int]:
+        """The cached sequence ``x`` (whose ``tokens`` those are) starts from, and how many are
+        shared (at least one token is left to compute: it yields the first logits)."""
         if x.prompt_logprobs or not self.share_prefixes:  # every prompt token needs its logits
             return None, 0
-        holder, shared = self.index.match(x.tokens)
-        return holder, min(shared, len(x.tokens) - 1)
+        holder, shared = self.index.match(tokens)
+        return holder, min(shared, len(tokens) - 1)
 
     def _joins_a_prefill(self, tokens: list[int], shared: int) -> bool:
         """Whether a running request is prefilling a longer prefix of ``tokens`` (by a block at
@@ -498,9 +499,10 @@ class EngineCore:
         return sum(self.pool.blocks_for_tokens(len(s.new) - s.prefilled)
                    for s in self.sched.seqs if s.prefilled < len(s.new))  # fmt: skip
 
-    def _start(self, x: _Live, holder: int | None, shared: int, done: Done | None) -> bool:
-        """Admit ``x`` if the pool can hold its prompt; False: it waits."""
-        tokens = x.tokens
+    def _start(
+        self, x: _Live, tokens: list[int], holder: int | None, shared: int, done: Done | None
+    ) -> bool:
+        """Admit ``x`` (its ``tokens``) if the pool can hold its prompt; False: it waits."""
         need = self.pool.blocks_for_tokens(len(tokens) - shared)
         if need + self._promised() > self.pool.available():
             if self.sched.seqs:
@@ -537,11 +539,16 @@ class EngineCore:
         return True
 
     # -- memory -------------------------------------------------------------------------------
-    def _evict(self, seq: int) -> None:
-        """Drop a retained sequence (its blocks no one else holds return to the pool)."""
-        del self.retained[seq]
+    def _forget(self, seq: int) -> None:
+        """A sequence leaves the cache: no longer found by its tokens, its blocks let go (those
+        no one else holds return to the pool)."""
         self.index.remove(seq)
         self.cache.free(seq)
+
+    def _evict(self, seq: int) -> None:
+        """Drop a retained sequence."""
+        del self.retained[seq]
+        self._forget(seq)
 
     def _reclaim(self, needs: Sequence[int], keep: int | None = None) -> bool:
         """Evict retained sequences, least recently used first, until every rank ``r`` has
@@ -579,8 +586,7 @@ class EngineCore:
             logger.warning("request %d failed: %s", x.request.rid, x.outcome.error)
             return False
         state = self.sched.drop(x.state.seq)
-        self.index.remove(state.seq)
-        self.cache.free(state.seq)
+        self._forget(state.seq)
         x.before += state.out
         x.state = None
         self.waiting.appendleft(x)
@@ -672,8 +678,7 @@ class EngineCore:
         except RankFailure as e:  # the requests in flight are in an unknown state: drop them
             failed = [*self.live.values(), *self.waiting]
             for s in self.sched.seqs:
-                self.index.remove(s.seq)
-                self.cache.free(s.seq)
+                self._forget(s.seq)
             self.sched.seqs.clear()
             self.waiting.clear()
             for x in failed:
@@ -931,8 +936,7 @@ class EngineCore:
             o = x.outcome
             o.tokens = x.before + s.out
             if o.finish_reason in ("cancelled", "error"):
-                self.index.remove(s.seq)
-                self.cache.free(s.seq)
+                self._forget(s.seq)
                 continue
             o.finish_reason = "stop" if o.tokens and o.tokens[-1] in s.eos_ids else "length"
             self.retained[s.seq] = s

@@ -43,6 +43,15 @@ class PoolFull(RuntimeError):
     """The pool has fewer free blocks than an operation needs (the engine checks before)."""
 
 
+def _extend(runs: list[tuple[int, int]], slot: int, n: int) -> None:
+    """Add ``n`` slots from ``slot`` to ``runs`` of (first slot, count): to the last run if they
+    follow it, else as a run of their own."""
+    if runs and runs[-1][0] + runs[-1][1] == slot:
+        runs[-1] = (runs[-1][0], runs[-1][1] + n)
+    else:
+        runs.append((slot, n))
+
+
 class _Extents:
     """Free block ids as sorted, disjoint runs ``[start, start + length)``."""
 
@@ -168,11 +177,7 @@ class BlockLedger:
         out: list[tuple[int, int]] = []
         bs = self.block_size
         for i, b in enumerate(table.blocks[: -(-n // bs)]):
-            take = min(bs, n - i * bs)
-            if out and out[-1][0] + out[-1][1] == b * bs:
-                out[-1] = (out[-1][0], out[-1][1] + take)
-            else:
-                out.append((b * bs, take))
+            _extend(out, b * bs, min(bs, n - i * bs))
         return out
 
     def positions_of(self, seq: int) -> list[int]:
@@ -218,10 +223,7 @@ class BlockLedger:
         while i < k:
             slot = self.slot(table, first + i)
             take = min(k - i, self.block_size - (first + i) % self.block_size)
-            if out and out[-1][0] + out[-1][1] == slot:
-                out[-1] = (out[-1][0], out[-1][1] + take)
-            else:
-                out.append((slot, take))
+            _extend(out, slot, take)
             i += take
         at = 0
         for slot, n in out:
@@ -342,9 +344,6 @@ class KVPool:
     def __init__(self, n_blocks: int, block_size: int, cp: int = 1) -> None:
         self.n_blocks, self.block_size, self.cp = n_blocks, block_size, cp
         self.ledgers = [BlockLedger(n_blocks, block_size) for _ in range(cp)]
-
-    def __contains__(self, seq: int) -> bool:
-        return seq in self.ledgers[0].tables
 
     @property
     def tokens(self) -> int:
