@@ -9,16 +9,19 @@ Per rank, in a pool of ``world`` gloo ranks with one thread each (as the benchma
   and one tiny message;
 - ``all2all_s``: one All2All of the large message;
 - ``overlap``: the share of a ring step's communication that hides behind attention: the large
-  SendRecv posted, the attention run, then waited for, against the two alone. On one CPU host
+  SendRecv posted, the attention run, then waited for, against the attention alone (the median
+  of back-to-back pairs) and the SendRecv alone. On one CPU host
   the loopback copies take the same cores as the kernel, so communication is not free even
   when "overlapped";
 - ``memory_bandwidth``: bytes/s of one pass reading a large fp32 tensor (a sum), every rank at
   once, as decode reads weights and KV cache;
 - ``attention_flops_by_head_dim`` and ``gemm_flops_by_dim``: the same kernels at the head and
-  model sizes of the small presets (16 to 128, 128 to 1024): a CPU kernel's rate depends on
-  them;
-- ``gemv_bandwidth``: bytes/s of a one-row GEMM over a large weight (what a decode step reads
-  its weights at);
+  model sizes of the small presets (16 to 128, 128 to 1024), attention also at a quarter and
+  four times the tokens: a CPU kernel's rate depends on them;
+- ``activation_bandwidth``: bytes/s of a prefill layer's elementwise passes (norms, RoPE,
+  residual adds, SwiGLU's product), which a CPU runs one kernel at a time;
+- ``gemv_bandwidth``: bytes/s of one row through the engine's linears, layers of them larger
+  than the caches (what a decode step reads its weights at);
 - ``decode_kv_bandwidth``: bytes/s of K/V that attention of one query over a long cache reads;
 - ``decode_layer_s`` and ``decode_step_s``: what the engine's decode step costs beyond the
   bytes it reads, per layer and per step (kernel calls, bookkeeping, sampling): decode steps of
@@ -33,8 +36,10 @@ chunk sizing and ``plan`` read.
 
 from __future__ import annotations
 
+import math
 import os
 import time
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -42,10 +47,15 @@ import torch.distributed as dist
 __all__ = ["measure_rank"]
 
 
-def _best(fn, repeats: int) -> float:
+def _best(fn, repeats: int, min_s: float = 0.5) -> float:
+    """The slowest rank's best of at least ``repeats`` runs, and of as many as ``min_s``
+    seconds hold (a short kernel's best of 3 is noise on a busy machine)."""
+    t0 = time.perf_counter()
     fn()
+    warm = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    dist.all_reduce(warm, op=dist.ReduceOp.MAX)  # every rank runs as many
     times = []
-    for _ in range(repeats):
+    for _ in range(max(repeats, min(100, math.ceil(min_s / max(warm.item(), 1e-6))))):
         dist.barrier()
         t0 = time.perf_counter()
         fn()
@@ -55,24 +65,44 @@ def _best(fn, repeats: int) -> float:
     return t.item()
 
 
+def _paired_difference(alone, both, pairs: int) -> float:
+    """The median over ``pairs`` of ``both``'s time less ``alone``'s, run back to back (the
+    slowest rank's): a small difference between two long times, steadier than the difference
+    of their bests while the machine's speed drifts."""
+    import statistics
+
+    alone()
+    both()
+    diffs = []
+    for _ in range(pairs):
+        times = []
+        for fn in (alone, both):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        diffs.append(times[1] - times[0])
+    t = torch.tensor([statistics.median(diffs)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def _shape_rates(tokens: int, repeats: int, g) -> dict:
-    """Attention FLOP/s by head size and GEMM FLOP/s by model width (one rank each)."""
+    """Causal attention FLOP/s by head size and by the queries of a call (``tokens`` / 4,
+    ``tokens`` and 4 x ``tokens``: the calls of a short prompt at high CP and of a long one at
+    CP 1), and GEMM FLOP/s by model width (one rank each)."""
     from cp_infer.attention.kernels import torch_cpu_flash
 
     t = tokens
     attention = {}
     for d in (16, 64, 128):
-        q = torch.randn(1, 8, t, d, generator=g)
-        k, v = (torch.randn(1, 2, t, d, generator=g) for _ in range(2))
-        attention[str(d)] = (
-            0.5
-            * 4
-            * t
-            * t
-            * 8
-            * d
-            / _best(lambda q=q, k=k, v=v: torch_cpu_flash(q, k, v, True), repeats)
-        )
+        attention[str(d)] = {}
+        for n in (max(16, t // 4), t, 4 * t):
+            h = 8 if n <= t else 4  # GQA 4 either way; fewer heads keep the long call short
+            q = torch.randn(1, h, n, d, generator=g)
+            k, v = (torch.randn(1, h // 4, n, d, generator=g) for _ in range(2))
+            s = _best(lambda q=q, k=k, v=v: torch_cpu_flash(q, k, v, True), repeats)
+            attention[str(d)][str(n)] = 0.5 * 4 * n * n * h * d / s
     gemm = {}
     for dim in (128, 512, 1024):
         x, w = torch.randn(t, dim, generator=g), torch.randn(dim, 4 * dim, generator=g)
@@ -80,54 +110,115 @@ def _shape_rates(tokens: int, repeats: int, g) -> dict:
     return {"attention_flops_by_head_dim": attention, "gemm_flops_by_dim": gemm}
 
 
-def _decode_rates(repeats: int, g, weight_mib: int = 64, cache_tokens: int = 16384) -> dict:
-    """What a decode step runs at: a one-row GEMM over a large weight, attention of one query
-    over a long cache, and a small kernel call."""
-    from cp_infer.attention.kernels import torch_cpu_flash
+def _decode_rates(repeats: int, g, weight_bytes: int, cache_tokens: int = 16384) -> dict:
+    """What a decode step runs at: one row through the engine's linears (layers of a model
+    1024 wide, ``weight_bytes`` of them: more than the caches hold, as a model's weights are)
+    and attention of one query over a long cache."""
+    from torch import nn
 
-    dim = 2048
-    w = torch.randn(dim, weight_mib * 2**20 // (4 * dim), generator=g)
-    x = torch.randn(1, dim, generator=g)
-    gemv_s = _best(lambda: x @ w, repeats)
+    from cp_infer.attention.kernels import torch_cpu_flash
+    from cp_infer.parallel.tensor_parallel import small_linear
+
+    dim, ffn = 1024, 2816
+    shapes = [(dim, dim), (dim, dim // 4), (dim, dim // 4), (dim, dim), (dim, ffn), (dim, ffn),
+              (ffn, dim)]  # fmt: skip
+    per_layer = sum(i * o for i, o in shapes) * 4
+    linears = [nn.Linear(i, o, bias=False) for _ in range(-(-weight_bytes // per_layer))
+               for i, o in shapes]  # fmt: skip
+    rows = {n: torch.randn(1, n, generator=g) for n in (dim, ffn)}
+
+    @torch.no_grad()
+    def gemv():
+        for m in linears:
+            small_linear(rows[m.in_features], m)
+
+    gemv_s = _best(gemv, repeats)
     q = torch.randn(1, 8, 1, 128, generator=g)
     k, v = (torch.randn(1, 2, cache_tokens, 128, generator=g) for _ in range(2))
     kv_s = _best(lambda: torch_cpu_flash(q, k, v, False), repeats)
     return {
-        "gemv_bandwidth": w.numel() * 4 / gemv_s,
+        "gemv_bandwidth": len(linears) // len(shapes) * per_layer / gemv_s,
         "decode_kv_bandwidth": (k.numel() + v.numel()) * 4 / kv_s,
     }
 
 
-def _engine_overheads(steps: int = 32) -> dict:
-    """The engine's fixed cost per decode layer and per decode step on this rank alone: the
-    median decode step of a tiny-llama with 1 and with 3 layers (their weights and cache are
-    a few MB: the step is its calls and bookkeeping)."""
-    import statistics
-    from dataclasses import replace
+def _activation_rate(tokens: int, repeats: int, g) -> dict:
+    """Bytes/s of a prefill layer's elementwise passes, as the model runs them: two RMSNorms,
+    RoPE on the queries and keys, two residual adds and SwiGLU's product, on ``tokens`` tokens of
+    a model 1024 wide; bytes as :func:`cp_infer.hardware.activation_elements` counts them (the
+    cache store and layout copies by a copy of the same size)."""
+    import torch.nn.functional as F
 
-    from cp_infer.checkpoint import RandomSource, load_weights
-    from cp_infer.engine import SamplingConfig, generate
+    from cp_infer.hardware import activation_elements
     from cp_infer.models import get_preset
-    from cp_infer.parallel import parallelize
+    from cp_infer.models.llama import RMSNorm
+    from cp_infer.models.rope import apply_rope
+
+    cfg = replace(get_preset("small-llama"), dim=1024, n_heads=8, n_kv_heads=2, ffn_dim=2816)
+    norm = RMSNorm(cfg.dim, cfg.norm_eps)
+    x = torch.randn(tokens, cfg.dim, generator=g)
+    q = torch.randn(tokens, cfg.n_heads, cfg.head_dim, generator=g)
+    k = torch.randn(tokens, cfg.n_kv_heads, cfg.head_dim, generator=g)
+    cos, sin = (torch.randn(tokens, cfg.head_dim, generator=g) for _ in range(2))
+    gate, up = (torch.randn(tokens, cfg.ffn_dim, generator=g) for _ in range(2))
+    kv = torch.empty(2, tokens, cfg.n_kv_heads, cfg.head_dim)
+
+    @torch.no_grad()
+    def layer():
+        h = x + norm(x)
+        apply_rope(q, cos, sin).contiguous()
+        kv[0].copy_(apply_rope(k, cos, sin))
+        kv[1].copy_(k)
+        q.transpose(0, 1).contiguous().transpose(0, 1).reshape(tokens, -1).contiguous()
+        return h + norm(h), F.silu(gate) * up
+
+    seconds = _best(layer, repeats)
+    return {"activation_bandwidth": tokens * activation_elements(cfg) * 4 / seconds}
+
+
+def _engine_overheads(steps: int = 32) -> dict:
+    """The engine's fixed cost per decode layer and per decode step: the median decode step
+    of a tiny-llama with 1 and with 3 layers (their weights and cache are a few MB: the step is
+    its calls and bookkeeping), on rank 0 alone, then at CP over every rank."""
+
     from parallel_state import parallel_groups
 
     out = {}
     for cp, key in ((1, "decode"), (dist.get_world_size(), "decode_cp")):
-        medians = {}
-        with parallel_groups(cp=cp, timeout_s=120) as pg:  # cp=1: every rank its own engine
-            for n_layers in (1, 3):
-                cfg = replace(get_preset("tiny-llama"), n_layers=n_layers, max_seq_len=512)
-                model = parallelize(cfg, pg, torch.float32)
-                load_weights(model, RandomSource(0, cfg))
-                prompt, sampling = [list(range(1, 17))], SamplingConfig(max_new_tokens=steps)
-                generate(model, pg, prompt, sampling)  # warm: weights packed, exchange built
-                r = generate(model, pg, prompt, sampling)
-                medians[n_layers] = statistics.median(r.decode_step_s)
+        medians = {1: 0.0, 3: 0.0}
+        with parallel_groups(cp=cp, timeout_s=120) as pg:
+            # cp=1: rank 0 alone on the host (the others wait), as an engine of one rank runs
+            if cp > 1 or dist.get_rank() == 0:
+                medians = _decode_medians(pg, steps)
+        dist.barrier()
         per_layer = max(0.0, (medians[3] - medians[1]) / 2)
         t = torch.tensor([per_layer, max(0.0, medians[1] - per_layer)], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank's
         out[f"{key}_layer_s"], out[f"{key}_step_s"] = t[0].item(), t[1].item()
     return out
+
+
+def _decode_medians(pg, steps: int) -> dict[int, float]:
+    """The median decode step of a tiny-llama of 1 and of 3 layers on ``pg``."""
+    import statistics
+
+    from cp_infer.checkpoint import RandomSource, load_weights
+    from cp_infer.engine import SamplingConfig, generate
+    from cp_infer.models import get_preset
+    from cp_infer.parallel import parallelize
+
+    models = {}
+    for n_layers in (1, 3):
+        cfg = replace(get_preset("tiny-llama"), n_layers=n_layers, max_seq_len=512)
+        models[n_layers] = parallelize(cfg, pg, torch.float32)
+        load_weights(models[n_layers], RandomSource(0, cfg))
+    prompt, sampling = [list(range(1, 17))], SamplingConfig(max_new_tokens=steps)
+    medians = {n: float("inf") for n in models}
+    for _ in range(3):  # interleaved, the best median of each: the machine drifts
+        for n, model in models.items():
+            r = generate(model, pg, prompt, sampling)  # the first warms: weights packed
+            medians[n] = min(medians[n], statistics.median(r.decode_step_s))
+    return medians
 
 
 def measure_rank(
@@ -168,7 +259,6 @@ def measure_rank(
     rate = 0.5 * 4 * tokens * tokens * h * d / attn_s
     t = int(min(tokens, max(64, (4 * big_s * rate / (0.5 * 4 * h * d)) ** 0.5)))
     qo, ko, vo = q[:, :, :t].contiguous(), k[:, :, :t].contiguous(), v[:, :, :t].contiguous()
-    alone_s = _best(lambda: torch_cpu_flash(qo, ko, vo, True), 3 * repeats)
 
     def overlapped():
         comm = RingComm()
@@ -176,16 +266,17 @@ def measure_rank(
         torch_cpu_flash(qo, ko, vo, True)
         comm.wait()
 
-    both_s = _best(overlapped, 3 * repeats)
-    hidden = 1 - max(0.0, both_s - alone_s) / big_s
+    exposed_s = _paired_difference(lambda: torch_cpu_flash(qo, ko, vo, True), overlapped,
+                                   5 * repeats)  # fmt: skip
+    hidden = 1 - max(0.0, exposed_s) / big_s
     n = dist.get_world_size()
     slots = torch.zeros(n * (message_bytes // 4 // n))
     out = torch.empty_like(slots)
     a2a_s = _best(lambda: dist.all_to_all_single(out, slots), repeats)
     stream = torch.ones(read_bytes // 4)
     read_s = _best(stream.sum, repeats)
-    shapes = _shape_rates(tokens, repeats, g)
-    decode = _decode_rates(repeats, g) | _engine_overheads()
+    shapes = _shape_rates(tokens, repeats, g) | _activation_rate(tokens, repeats, g)
+    decode = _decode_rates(repeats, g, read_bytes) | _engine_overheads()
     return {
         "attention_flops": 0.5 * 4 * tokens * tokens * h * d / attn_s,
         "gemm_flops": 2 * tokens * dim * 4 * dim / gemm_s,

@@ -13,7 +13,11 @@ for T new tokens over P cached (:func:`attention_flops`: half of the new-new pai
 profile's figures:
 
 - *GEMM and attention* at an achieved share of peak (``gemm_utilization``,
-  ``attention_utilization``); FP8 FFN weights run at ``fp8_speedup`` times the BF16 rate.
+  ``attention_utilization``), or a CPU's measured rates by model width, head size and the
+  tokens of a kernel call (short calls run slower); FP8 FFN weights run at ``fp8_speedup``
+  times the BF16 rate.
+- *Elementwise passes* between the kernels (norms, RoPE, SwiGLU's product, residual adds): the
+  elements they move (:func:`activation_elements`) at a CPU's measured rate; GPUs fuse them.
 - *TP all-reduce* of the activations, twice a layer: NVLink inside a host; across hosts a ring
   over the host's rails at the link's bandwidth, and a tree's latency (:func:`all_reduce_s`).
 - *The ring*: N-1 steps, each a SendRecv (pass-KV: the K/V shard and its share of the cached
@@ -48,6 +52,7 @@ __all__ = [
     "PROFILES",
     "PhaseTimes",
     "Profile",
+    "activation_elements",
     "all_reduce_s",
     "attention_flops",
     "decode_s",
@@ -91,9 +96,11 @@ class Profile:
         memory_bytes: one device's memory.
         devices_per_host: devices a host holds (TP beyond it crosses hosts).
         bytes_per_element: the model's dtype there: 2 (BF16) on GPUs, 4 (fp32) on a CPU.
-        attention_rates: measured (head dim, FLOP/s) of attention, where the kernel's rate
-            depends on the head size (a CPU's: 16-dim heads run at half the rate of 128);
-            between two, interpolated in log(head dim). Empty: ``attention_flops_s``.
+        attention_rates: measured (head dim, tokens, FLOP/s) of attention, where the kernel's
+            rate depends on the head size (a CPU's: 16-dim heads run at half the rate of 128)
+            and on the queries of a call (short calls pay the causal diagonal's and the tiles'
+            overheads on fewer pairs); between two, interpolated in log(tokens), then in
+            log(head dim). Empty: ``attention_flops_s``.
         gemm_rates: measured (model dim, FLOP/s) of a layer's GEMMs, likewise.
         gemv_bytes_s: decode's weight reads, one-row GEMMs (None: ``hbm_bytes_s``).
         decode_kv_bytes_s: decode attention's reads of the KV cache (None: ``hbm_bytes_s``).
@@ -105,6 +112,10 @@ class Profile:
             the CP ranks included (its KVP exchange of attention partials and the gathers of
             the token split), measured at the calibrated world size (None: the paper's batched
             pass-Q, N-1 SendRecv latencies and an All2All's a layer, on top of the above).
+        activation_bytes_s: the rate at which a prefill's elementwise passes over activations
+            (norms, RoPE, SwiGLU's product, residual adds, the cache store: see
+            :func:`activation_elements`) move bytes: a CPU runs each as its own kernel over
+            fresh memory. None: not modelled (GPUs fuse them into the GEMMs and attention).
     """
 
     name: str
@@ -123,7 +134,7 @@ class Profile:
     memory_bytes: float
     devices_per_host: int = 8
     bytes_per_element: int = 2
-    attention_rates: tuple[tuple[float, float], ...] = ()
+    attention_rates: tuple[tuple[float, float, float], ...] = ()
     gemm_rates: tuple[tuple[float, float], ...] = ()
     gemv_bytes_s: float | None = None
     decode_kv_bytes_s: float | None = None
@@ -131,6 +142,7 @@ class Profile:
     decode_step_s: float = 0.0
     decode_cp_layer_s: float | None = None
     decode_cp_step_s: float | None = None
+    activation_bytes_s: float | None = None
 
     def __post_init__(self) -> None:
         for key in ("peak_flops", "gemm_utilization", "attention_utilization", "fp8_speedup",
@@ -153,9 +165,17 @@ class Profile:
     def attention_flops_s(self) -> float:
         return self.peak_flops * self.attention_utilization
 
-    def attention_flops_s_at(self, head_dim: int) -> float:
-        """Attention's achieved FLOP/s for heads of ``head_dim``."""
-        return _interpolate(self.attention_rates, head_dim, self.attention_flops_s)
+    def attention_flops_s_at(self, head_dim: int, tokens: float | None = None) -> float:
+        """Attention's achieved FLOP/s for heads of ``head_dim`` in calls of ``tokens``
+        queries (None: the longest measured)."""
+        by_dim: dict[float, list[tuple[float, float]]] = {}
+        for d, t, rate in self.attention_rates:
+            by_dim.setdefault(d, []).append((t, rate))
+        rates = [
+            (d, _interpolate(rows, tokens, max(rows)[1]) if tokens else max(rows)[1])
+            for d, rows in by_dim.items()
+        ]
+        return _interpolate(rates, head_dim, self.attention_flops_s)
 
     def gemm_flops_s_at(self, dim: int) -> float:
         """A layer's GEMMs' achieved FLOP/s for a model of width ``dim``."""
@@ -233,6 +253,25 @@ class Profile:
                 raise refuse(f"{key} must map sizes to FLOP/s > 0")
             return out
 
+        def attention_table() -> tuple[tuple[float, float, float], ...]:
+            # {head dim: {tokens: FLOP/s}}; an older calibrate wrote {head dim: FLOP/s}, at
+            # its --tokens
+            rows = data.get("attention_flops_by_head_dim", {})
+            if not isinstance(rows, dict):
+                raise refuse("attention_flops_by_head_dim must map head sizes to FLOP/s")
+            out = []
+            for d, by_tokens in rows.items():
+                if not isinstance(by_tokens, dict):
+                    by_tokens = {data.get("tokens", 4096): by_tokens}
+                out += [(d, t, rate) for t, rate in by_tokens.items()]
+            try:
+                out = sorted(tuple(float(x) for x in row) for row in out)
+            except (TypeError, ValueError):
+                raise refuse("attention_flops_by_head_dim must map sizes to FLOP/s") from None
+            if any(not (x > 0) for row in out for x in row):
+                raise refuse("attention_flops_by_head_dim must map sizes to FLOP/s > 0")
+            return tuple(out)
+
         def optional(key: str, zero: bool = False) -> float | None:
             value = data.get(key)
             ok = isinstance(value, int | float) and (value >= 0 if zero else value > 0)
@@ -247,13 +286,14 @@ class Profile:
             overlap=min(1.0, float(data.get("overlap", 1.0))), intra_bytes_s=bw,
             intra_latency_s=lat, hbm_bytes_s=figures["memory_bandwidth"],
             memory_bytes=figures["host_memory_bytes"], devices_per_host=1, bytes_per_element=4,
-            attention_rates=table("attention_flops_by_head_dim"),
+            attention_rates=attention_table(),
             gemm_rates=table("gemm_flops_by_dim"), gemv_bytes_s=optional("gemv_bandwidth"),
             decode_kv_bytes_s=optional("decode_kv_bandwidth"),
             decode_layer_s=optional("decode_layer_s", zero=True) or 0.0,
             decode_step_s=optional("decode_step_s", zero=True) or 0.0,
             decode_cp_layer_s=optional("decode_cp_layer_s", zero=True),
             decode_cp_step_s=optional("decode_cp_step_s", zero=True),
+            activation_bytes_s=optional("activation_bandwidth"),
         )  # fmt: skip
 
 
@@ -337,6 +377,19 @@ def gemm_flops(cfg: ModelConfig, tokens: float) -> float:
     return 2 * sum(layer_weights(cfg)) * tokens
 
 
+def activation_elements(cfg: ModelConfig, tp: int = 1) -> float:
+    """Elements one token's elementwise passes read and write in one layer (each op's inputs
+    and output, as the model runs them): two RMSNorms (a square, a mean, two products: 7 x dim
+    each), RoPE on the queries and keys (negation, concatenation, two products and a sum: 10
+    x their width), the cache store of K and V, the queries' and the output's layout copies, two
+    residual adds (3 x dim each), and SwiGLU's SiLU and product (5 x ffn_dim); an MoE's per
+    active expert, with its gather, weighting and scatter-add (7 x dim). Under TP the heads and
+    the FFN are split, the norms and residual adds are not."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    ffn = 5 * cfg.ffn_dim + (7 * cfg.dim if cfg.is_moe else 0)
+    return 20 * cfg.dim + (14 * q + 14 * kv + ffn * (cfg.top_k if cfg.is_moe else 1)) / tp
+
+
 def pair_flops(cfg: ModelConfig) -> float:
     """FLOPs of one (query, key) pair in one layer's attention: ``4 * H * D`` (QK^T and PV)."""
     return 4 * cfg.n_heads * cfg.head_dim
@@ -375,11 +428,12 @@ class PhaseTimes:
     ring_exposed: float = 0.0  # the ring's communication not hidden behind attention
     all2all: float = 0.0  # pass-Q's return trip (on the critical path)
     memory: float = 0.0  # decode: reading the weights and the KV cache
+    elementwise: float = 0.0  # prefill: the passes over activations between the GEMMs
 
     @property
     def total(self) -> float:
         return (self.gemm + self.attention + self.tp_comm + self.ring_exposed + self.all2all
-                + self.memory)  # fmt: skip
+                + self.memory + self.elementwise)  # fmt: skip
 
 
 def _heads(cfg: ModelConfig, tp: int) -> tuple[float, int]:
@@ -414,25 +468,30 @@ def prefill_layer(
     gemm_rate = prof.gemm_flops_s_at(cfg.dim)
     ffn_rate = gemm_rate * (prof.fp8_speedup if fp8_ffn else 1.0)
     gemm = 2 * t / tp * (attn_w / gemm_rate + ffn_w / ffn_rate)
-    attention = (
-        attention_flops(cfg, new, cached) / (cp * tp) / prof.attention_flops_s_at(cfg.head_dim)
-    )
+    # a kernel call's rate by its size: a ring step's pairs, as a causal square of as many
+    # (the full prefill's calls are this rank's t queries; a new turn's, fewer over many keys)
+    flops = attention_flops(cfg, new, cached) / (cp * tp)
+    pairs = attention_flops(cfg, new, cached) / pair_flops(cfg) / cp**2
+    attention = flops / prof.attention_flops_s_at(cfg.head_dim, math.sqrt(2 * pairs))
     tp_comm = 2 * all_reduce_s(prof, t * cfg.dim * e, tp)
+    elementwise = 0.0
+    if prof.activation_bytes_s:
+        elementwise = t * activation_elements(cfg, tp) * e / prof.activation_bytes_s
     if cp == 1:
-        return PhaseTimes(gemm=gemm, attention=attention, tp_comm=tp_comm)
+        return PhaseTimes(gemm=gemm, attention=attention, tp_comm=tp_comm, elementwise=elementwise)
     q_heads, kv_heads = _heads(cfg, tp)
     fixed = prof.link_latency_s + prof.collective_s
     step_attention = attention / cp
     if variant == "pass-kv":  # K and V of this rank's new tokens and its share of the prefix
         sent = 2 * (t + cached / cp) * cfg.head_dim * (kv_bytes or e) * kv_heads
         return PhaseTimes(
-            gemm=gemm, attention=attention, tp_comm=tp_comm,
+            gemm=gemm, attention=attention, tp_comm=tp_comm, elementwise=elementwise,
             ring_exposed=(cp - 1) * _step(prof, step_attention, sent / prof.link_bytes_s + fixed),
         )  # fmt: skip
     sent = t * cfg.head_dim * e * q_heads  # the query shard
     back = (cp - 1) / cp * t * (cfg.head_dim + 1) * q_heads * e  # outputs and LSE, home
     return PhaseTimes(
-        gemm=gemm, attention=attention, tp_comm=tp_comm,
+        gemm=gemm, attention=attention, tp_comm=tp_comm, elementwise=elementwise,
         ring_exposed=(cp - 1) * _step(prof, step_attention, sent / prof.link_bytes_s + fixed),
         all2all=back / prof.link_bytes_s + prof.all2all_latency_s + prof.collective_s,
     )  # fmt: skip

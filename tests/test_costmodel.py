@@ -134,6 +134,30 @@ def test_a_calibrated_profile_maps_onto_the_model(tmp_path):
     assert profile(path) == prof and profile("h100-tcp") is PROFILES["h100-tcp"]
 
 
+def test_a_calibrated_profile_has_rates_by_call_size_and_an_elementwise_term(tmp_path):
+    from cp_infer.hardware import activation_elements, prefill_layer
+
+    by_shape = {"16": {"1024": 2e10, "4096": 4e10}, "128": {"1024": 5e10, "4096": 8e10}}
+    prof = Profile.from_calibration(_write(tmp_path, {
+        **CPU_PROFILE, "attention_flops_by_head_dim": by_shape, "activation_bandwidth": 5e9,
+    }))  # fmt: skip
+    assert prof.attention_flops_s_at(16, 1024) == 2e10
+    assert prof.attention_flops_s_at(16, 2048) == pytest.approx(3e10)  # log-linear in tokens
+    assert prof.attention_flops_s_at(128, 100) == 5e10  # clamped at the ends
+    assert prof.attention_flops_s_at(128) == 8e10  # the longest measured
+    # an older calibrate's {head dim: rate} was measured at its --tokens
+    old = Profile.from_calibration(_write(tmp_path, {
+        **CPU_PROFILE, "attention_flops_by_head_dim": {"16": 3e10}}, "old.json"))  # fmt: skip
+    assert old.attention_rates == ((16.0, 4096.0, 3e10),) and old.activation_bytes_s is None
+    cfg = get_preset("small-llama")
+    short, long = (prefill_layer(cfg, prof, cp=1, tp=1, new=n) for n in (1024, 4096))
+    rates = [prof.attention_flops_s_at(cfg.head_dim, n) for n in (1024, 4096)]  # 64: between
+    assert long.attention / short.attention == pytest.approx(16 * rates[0] / rates[1])
+    assert rates[0] < rates[1]  # the longer call runs faster
+    assert short.elementwise == pytest.approx(1024 * activation_elements(cfg) * 4 / 5e9)
+    assert prefill_layer(cfg, old, cp=1, tp=1, new=1024).elementwise == 0.0  # not measured
+
+
 def test_an_old_profile_without_memory_bandwidth_loads_with_a_warning(tmp_path, caplog):
     old = {k: v for k, v in CPU_PROFILE.items() if k not in ("memory_bandwidth",
                                                              "host_memory_bytes")}  # fmt: skip
@@ -285,11 +309,41 @@ def test_this_machine_predicted_from_its_calibrated_profile():
     data = Path(__file__).with_name("data")
     prof = Profile.from_calibration(data / "calibrate_profile.json")
     measured = json.loads((data / "bench_model_measured.json").read_text())
-    errors = []
+    ttft, ttit = [], []
     for r in measured:
         p = predict_benchmark(get_preset(r["preset"]), prof, cp=r["cp"], prompt_tokens=r["seq_len"])
-        errors += [p.ttft_s / r["ttft_s"] - 1, p.ttit_s / r["ttit_s"] - 1]
-    assert len(errors) == 16
-    assert max(abs(e) for e in errors) <= 0.3, errors
-    assert sum(abs(e) <= 0.2 for e in errors) >= 12, errors  # 12 of 16 within 20% (the rest:
-    # the CP=2 runs at 4K, where two ranks on two cores are slower than their kernels measured)
+        ttft.append(p.ttft_s / r["ttft_s"] - 1)
+        ttit.append(p.ttit_s / r["ttit_s"] - 1)
+    assert len(ttft) == len(ttit) == 8
+    assert max(abs(e) for e in ttft) <= 0.15, ttft  # every prefill within 15%
+    # decode: 5 of 8 within 20%, all within 35% (tiny-llama's TTIT at CP 2, a few ms of
+    # calls and exchanges, varied 2.2-4.0 ms between runs of the benchmark in one hour)
+    assert max(abs(e) for e in ttit) <= 0.35, ttit
+    assert sum(abs(e) <= 0.2 for e in ttit) >= 5, ttit
+
+
+def test_this_machine_crossover_predicted_within_2x():
+    """`tools/bench_persistent.py --context 16384` (pass-KV against pass-Q, CP 2, 8 and 2
+    heads of 128) measured in the same sitting as the profile: the hardware model's crossover
+    (what --variant auto decides by) is within a factor of 2 of the measured one; Alg. 1's
+    closed forms, which take the ring as hidden, are not."""
+    from pathlib import Path
+
+    from cp_infer.models.config import ModelConfig
+
+    data = Path(__file__).with_name("data")
+    prof = Profile.from_calibration(data / "calibrate_profile.json")
+    runs = json.loads((data / "bench_persistent_measured.json").read_text())
+    by_miss = {}
+    for r in runs:
+        by_miss.setdefault(r["miss_rate"], {})[r["variant"]] = r["time_s"]
+    kv_faster = sorted(m for m, t in by_miss.items() if t["pass-kv"] <= t["pass-q"])
+    q_faster = sorted(m for m, t in by_miss.items() if t["pass-q"] < t["pass-kv"])
+    hi = min(m for m in kv_faster if m > max(q_faster))  # pass-KV faster from here up
+    shape = ModelConfig(name="bench", vocab_size=2, dim=1024, n_layers=1, n_heads=8,
+                        n_kv_heads=2, ffn_dim=1)  # fmt: skip
+    predicted = predicted_crossover(shape, prof, cp=2, tp=1, context=16384, bytes_per_element=4)
+    assert hi / 2 <= predicted <= 2 * hi, (predicted, hi)
+    alg1 = crossover_miss_rate(16384, cp=2, n_heads=8, n_kv_heads=2, bytes_per_element=4,
+                               hardware=prof.selector())  # fmt: skip
+    assert alg1 < hi / 2

@@ -53,7 +53,23 @@ def run(args, argv: list[str]) -> int:
         profile = pool.run(
             measure_rank, args.tokens, nbytes, args.repeats, read_bytes, timeout_s=1200
         )[0]
-    rows = [[k, f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in profile.items()]
+    rows = [[k, _show(v)] for k, v in profile.items() if not isinstance(v, dict)]
+    rows += [  # the rate tables, one row a size
+        [f"{k}[{size}]", _show(v)]
+        for k, table in profile.items() if isinstance(table, dict)
+        for size, v in _flat(table)
+    ]  # fmt: skip
     print(format_table(["measure", "value"], rows))
     write_json(args.output, profile)
     return 0
+
+
+def _show(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _flat(table: dict, prefix: str = ""):
+    """(``a`` or ``a][b``, value) of a table of sizes, nested or not."""
+    for k, v in table.items():
+        key = f"{prefix}][{k}" if prefix else str(k)
+        yield from _flat(v, key) if isinstance(v, dict) else [(key, v)]
