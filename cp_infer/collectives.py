@@ -186,10 +186,23 @@ class ShmExchange:
         return parts
 
 
-def _one_host(group) -> bool:
+_REPORTED: set[tuple] = set()  # (group ranks, transport) already logged
+
+
+def _hosts(group) -> list[str]:
+    """The hostname of every rank of ``group`` (a collective)."""
     hosts = [None] * dist.get_world_size(group)
     dist.all_gather_object(hosts, socket.gethostname(), group=group)
-    return len(set(hosts)) == 1
+    return hosts
+
+
+def _report(group, kind: str, hosts: list[str]) -> None:
+    """Say once per group which transport ``"auto"`` chose, and why."""
+    ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else ()
+    if (ranks, kind) not in _REPORTED:
+        _REPORTED.add((ranks, kind))
+        where = "one host" if len(set(hosts)) == 1 else f"{len(set(hosts))} hosts"
+        logger.info("exchange over ranks %s (%s): %s", list(ranks) or "all", where, kind)
 
 
 def make_exchange(
@@ -209,9 +222,12 @@ def make_exchange(
         kind = "collective"
         # every rank of the group takes part in the host check (a collective) before any
         # rank looks at its own machine: on one host, those local answers agree
-        if device.type == "cpu" and _one_host(group):
+        hosts = _hosts(group) if device.type == "cpu" else []
+        if hosts and len(set(hosts)) == 1:
             x86 = platform.machine().lower() in ("x86_64", "amd64")
             kind = "shm" if x86 and os.path.isdir(_SHM_DIR) else "collective"
+        if hosts:
+            _report(group, kind, hosts)
     if kind == "shm":
         if device.type != "cpu":
             raise ValueError(f"the shm exchange moves CPU tensors, not {device.type}; use auto")
