@@ -59,6 +59,7 @@ from cp_infer.distributed import (
     on_all_ranks,
 )  # fmt: skip
 from cp_infer.engine.chunking import ChunkTimer, Estimates, StepCosts, choose_chunk
+from cp_infer.engine.kv_cache import StorePlan
 from cp_infer.engine.kv_pool import PoolFull, blocks_for_tokens
 from cp_infer.engine.runner import ModelRunner
 from cp_infer.engine.sampling import SamplingConfig, sample_rows
@@ -178,6 +179,7 @@ class Outcome:
     ttft_s: float | None = None  # from admission to the first token, on this rank
     # (V,) float32, with Request.first_logits, on the last pipeline stage (None elsewhere)
     first_logits: torch.Tensor | None = field(default=None, repr=False)
+    seq: int | None = None  # the cached sequence it left behind (retained for reuse)
 
 
 @dataclass(frozen=True)
@@ -537,6 +539,61 @@ class EngineCore:
         budget = x.request.sampling.max_new_tokens - len(x.before)
         self.sched.admit(state, tokens[shared:], budget, x.request.sampling.eos_ids)
         return True
+
+    def adopt(self, tokens: Sequence[int], fill: Callable[[int, int], None]) -> tuple[int, int]:
+        """Cache ``tokens`` whose K/V another engine computed (a prefill tier's hand-off), as a
+        retained sequence a request for them (and more) then starts from. What this cache
+        already holds of them is shared, not received again.
+
+        Args:
+            tokens: the sequence's tokens.
+            fill: ``fill(seq, start)``, called with the pool's room planned for positions
+                ``[start, len(tokens))`` of the new sequence on every CP rank: it stores every
+                layer (:meth:`KVCache.store`) of those tokens.
+
+        Returns:
+            (the new sequence, how many of its tokens were shared rather than filled).
+
+        Raises:
+            PoolFull: the pool cannot hold them even with every retained sequence evicted.
+        """
+        if self.pg.cp != 1 or self.pg.pp != 1:
+            raise NotImplementedError("adopting a hand-off needs cp=1 and pp=1 on this tier")
+        tokens = list(tokens)
+        holder, shared = self.index.match(tokens) if self.share_prefixes else (None, 0)
+        seq, self._next_seq = self._next_seq, self._next_seq + 1
+        shared = shared if holder is not None else 0
+        if shared:
+            try:  # a partly shared block's tokens are copied into a block of the new sequence
+                self._reclaim([1], keep=holder)
+                self.cache.fork(holder, seq, shared)
+            except PoolFull:
+                shared = 0
+            else:
+                if holder in self.retained and shared == len(self.index.tokens[holder]):
+                    self._evict(holder)  # superseded: all it had
+        if not self._reclaim([self.pool.blocks_for_tokens(len(tokens) - shared)]):
+            if shared:
+                self.cache.free(seq)
+            raise PoolFull(
+                f"the KV pool cannot hold a hand-off of {len(tokens)} tokens: raise "
+                "--kv-cache-memory on the decode tier"
+            )
+        self.cache.plan([[StorePlan(seq, 0, tuple(range(shared, len(tokens))))]])
+        try:
+            fill(seq, shared)
+        except BaseException:
+            self.cache.abort()
+            if shared:
+                self.cache.free(seq)
+            raise
+        self.cache.commit()
+        self.retained[seq] = SequenceState(seq=seq, history=tokens)
+        self.pool.set_live(seq, False)
+        self.index.add(seq, tokens)
+        self.stats.prefix_queries += len(tokens)
+        self.stats.prefix_hits += shared
+        return seq, shared
 
     # -- memory -------------------------------------------------------------------------------
     def _forget(self, seq: int) -> None:
@@ -939,6 +996,7 @@ class EngineCore:
                 self._forget(s.seq)
                 continue
             o.finish_reason = "stop" if o.tokens and o.tokens[-1] in s.eos_ids else "length"
+            o.seq = s.seq
             self.retained[s.seq] = s
             self.pool.set_live(s.seq, False)
             self.index.add(s.seq, s.history[: s.cached])

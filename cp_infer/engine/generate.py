@@ -27,7 +27,7 @@ from cp_infer.hardware import Profile
 from cp_infer.models.llama import Transformer
 from parallel_state import ParallelGroups
 
-__all__ = ["Conversation", "GenerationResult", "generate"]
+__all__ = ["Conversation", "GenerationResult", "generate", "new_engine"]
 
 
 @dataclass
@@ -47,6 +47,8 @@ class GenerationResult:
             model's distribution, before temperature and top-p), per prompt.
         top_logprobs: with ``logprobs=N``, at each generated position the N most likely
             tokens as (id, log-probability), most likely first.
+        seqs: the cached sequence each prompt left in the engine (its K/V: a hand-off's
+            source).
     """
 
     tokens: list[list[int]]
@@ -57,6 +59,7 @@ class GenerationResult:
     prefill_tokens: int = 0
     logprobs: list[list[float]] | None = None
     top_logprobs: list[list[list[tuple[int, float]]]] | None = None
+    seqs: list[int | None] = field(default_factory=list)
 
 
 @dataclass
@@ -152,11 +155,10 @@ def generate(
                        else [len(h) + len(p) + sampling.max_new_tokens
                              for p, h in zip(prompts, history, strict=True)])  # fmt: skip
             kv_tokens = sum(-(-n // pg.cp) + 3 * DEFAULT_BLOCK_SIZE for n in lengths)
-        runner = ModelRunner(
+        conv.engine = new_engine(
             model, pg, kernel=kernel, exchange=exchange, hardware=hardware, timeout_s=timeout_s,
-            kv_dtype=kv_dtype, kv_tokens=kv_tokens,
+            kv_dtype=kv_dtype, kv_tokens=kv_tokens, max_batch=len(prompts),
         )  # fmt: skip
-        conv.engine = EngineCore(runner, max_batch=len(prompts))
     engine = conv.engine
     engine.configure(variant=variant, prefill_chunk=prefill_chunk, progress=progress)
     requests = [
@@ -177,4 +179,19 @@ def generate(
         prefill_tokens=sum(s.prefill_tokens for s in prefills),
         logprobs=[o.logprobs for o in outcomes] if logprobs is not None else None,
         top_logprobs=[o.top_logprobs for o in outcomes] if logprobs is not None else None,
+        seqs=[o.seq for o in outcomes],
     )
+
+
+def new_engine(
+    model: Transformer, pg: ParallelGroups, *, kv_tokens: int, max_batch: int,
+    kernel: str = "auto", exchange: str = "auto", hardware: Profile | None = None,
+    timeout_s: float = 60.0, kv_dtype: str = "auto",
+) -> EngineCore:  # fmt: skip
+    """An engine core for offline use: a runner with a KV pool of ``kv_tokens`` slots a rank
+    (the arguments are :func:`generate`'s)."""
+    runner = ModelRunner(
+        model, pg, kernel=kernel, exchange=exchange, hardware=hardware, timeout_s=timeout_s,
+        kv_dtype=kv_dtype, kv_tokens=kv_tokens,
+    )  # fmt: skip
+    return EngineCore(runner, max_batch=max_batch)

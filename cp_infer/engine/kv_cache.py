@@ -179,13 +179,25 @@ class KVCache:
             self.abort()
             raise
 
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Keep the planned tokens of one layer's (H_kv, T, D) keys and values."""
+    def store(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor,
+        scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:  # fmt: skip
+        """Keep the planned tokens of one layer's (H_kv, T, D) keys and values.
+
+        Args:
+            scales: (H_kv, T) K and V scales of FP8 ``k`` and ``v`` (another FP8 cache's, a
+                hand-off's): stored as they are, not quantized again.
+        """
         li = self._layer[layer]
+        if scales is not None and not self.fp8:
+            raise ValueError("FP8 K/V with scales go into an FP8 cache only (kv_dtype fp8_e4m3)")
         for p, runs in self._plan:
             n = len(p.positions)
             new_k, new_v = k[:, p.start : p.start + n], v[:, p.start : p.start + n]
-            if self.fp8:
+            if scales is not None:
+                k_scale, v_scale = (x[:, p.start : p.start + n] for x in scales)
+            elif self.fp8:
                 new_k, k_scale = quantize_kv(new_k)
                 new_v, v_scale = quantize_kv(new_v)
             at = 0
@@ -222,6 +234,12 @@ class KVCache:
         FP8 cache yields them dequantized, a chunk at a time)."""
         out = self._views(self._layer[layer], self.ledger.runs(seq, staged=True))
         return DequantizedSegments(out, self.dtype) if self.fp8 else out
+
+    def raw(self, layer: int, seq: int) -> tuple[torch.Tensor, ...]:
+        """The committed (H_kv, n, D) K and V of ``seq`` on this rank, as stored (FP8 with
+        their (H_kv, n) scales after them), in :meth:`positions` order: one copy."""
+        segs = self._views(self._layer[layer], self.ledger.runs(seq))
+        return tuple(torch.cat(parts, dim=1) for parts in zip(*segs, strict=True))
 
     def prefix(self, layer: int, seqs: Sequence[int], lens) -> KVPrefix:
         """The committed K/V of ``seqs`` at ``layer`` as the prefix of a prefill, in place.

@@ -15,9 +15,11 @@ same message and nobody waits in a collective:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +57,7 @@ from parallel_state import (
     parallel_groups,
     validate_parallel_sizes,
 )
+from parallel_state.tiers import init_tiers, parse_tier, tier_layout
 
 __all__ = [
     "GenerateJob",
@@ -128,6 +131,18 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "unless most of the context is cached)",
     )  # fmt: skip
     add_model_arguments(g)
+    tiers = g.add_argument_group(
+        "disaggregated prefill and decode",
+        "Run two tiers under one launcher (world size = both tiers' sizes, prefill ranks first):"
+        " the prefill tier prefills each prompt and samples its first token, its KV moves to "
+        "the decode tier resharded, and the decode tier decodes the rest. --tp/--cp/--pp/--ep "
+        "do not apply. E.g. torchrun --nproc-per-node 4 -m cp_infer generate --preset "
+        "tiny-llama --prefill tp=1,cp=2 --decode tp=2 ...",
+    )  # fmt: skip
+    tiers.add_argument("--prefill", metavar="LAYOUT",
+                       help="the prefill tier's layout: tp=N,cp=N (pp=1)")  # fmt: skip
+    tiers.add_argument("--decode", metavar="LAYOUT",
+                       help="the decode tier's layout: tp=N (cp=1, pp=1)")  # fmt: skip
     add_common_arguments(g)
     g.set_defaults(run=run)
     return g
@@ -428,6 +443,8 @@ def start_ranks(args, argv: list[str]) -> torch.device:
 
 
 def run(args, argv: list[str]) -> int:
+    if args.prefill is not None or args.decode is not None:
+        return run_tiers(args, argv)
     device = start_ranks(args, argv)
     job = on_all_ranks(lambda: prepare(args, dist.get_world_size(), device))
     n_tokens = sum(len(t) for turns in job.turns for t in turns)
@@ -535,3 +552,68 @@ def write_outputs(args, job: GenerateJob, results: list[GenerationResult]) -> No
     for i, rid in enumerate(job.ids):
         tokens = [r.tokens[i] for r in results] if job.chat else results[0].tokens[i]
         logger.info("id=%s generated %s", rid, tokens)
+
+
+def _tier_args(args) -> tuple[dict[str, int], dict[str, int]]:
+    """``--prefill`` and ``--decode``, checked (pure: every rank fails alike)."""
+    if args.prefill is None or args.decode is None:
+        raise ValueError("--prefill and --decode go together: give both tiers' layouts, e.g. "
+                         "--prefill tp=1,cp=2 --decode tp=1")  # fmt: skip
+    if (args.tp, args.cp, args.pp, args.ep) != (1, 1, 1, 1):
+        raise ValueError("--tp/--cp/--pp/--ep do not apply with --prefill/--decode: put the "
+                         "sizes in the tiers' layouts, e.g. --prefill tp=2,cp=2")  # fmt: skip
+    prefill, decode = parse_tier("--prefill", args.prefill), parse_tier("--decode", args.decode)
+    if prefill["pp"] != 1 or decode["pp"] != 1 or decode["cp"] != 1:
+        raise ValueError(f"the hand-off runs pp=1 on both tiers and cp=1 on the decode tier: "
+                         f"got --prefill {args.prefill} --decode {args.decode}")  # fmt: skip
+    return prefill, decode
+
+
+def run_tiers(args, argv: list[str]) -> int:
+    """``generate --prefill LAYOUT --decode LAYOUT``: the two tiers of
+    :mod:`cp_infer.engine.disagg`, each rank in its tier's layout."""
+    from cp_infer.engine.disagg import generate_disaggregated
+
+    try:  # pure checks, before any process group: every rank of both tiers fails alike
+        prefill, decode = _tier_args(args)
+        if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
+            n = sum(t["tp"] * t["cp"] for t in (prefill, decode))
+            raise ValueError(f"two tiers need {n} processes: launch with `torchrun "
+                             f"--standalone --nproc-per-node {n} -m cp_infer "
+                             f"{shlex.join(argv)}`")  # fmt: skip
+        tier_layout(prefill, decode, int(os.environ["WORLD_SIZE"]))
+        device = resolve_device(args.device)
+        if device.type != "cpu":
+            raise ValueError("--prefill/--decode run on CPU (gloo) here; use --device cpu")
+    except ValueError as e:
+        raise RankFailure(str(e)) from e
+    tiers = init_tiers(prefill, decode, timeout_s=args.timeout)
+    if dist.get_rank() == 0:
+        clear_failure()
+    targs = copy.copy(args)
+    targs.tp, targs.cp, targs.pp, targs.ep = (tiers.tier.tp, tiers.tier.cp, tiers.tier.pp,
+                                              tiers.tier.ep)  # fmt: skip
+    job = on_all_ranks(lambda: prepare(targs, tiers.tier.size, device))
+    if job.chat:
+        raise RankFailure("--prefill/--decode take single-turn requests; run chats colocated")
+    with parallel_groups(tp=targs.tp, cp=targs.cp, pp=1, ep=targs.ep,
+                         timeout_s=args.timeout) as pg:  # fmt: skip
+        writer = tiers.tier is tiers.decode and _is_writer(pg)
+        on_all_ranks(lambda: check_output_paths(args) if writer else None)
+        if writer:
+            logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+        logger.info("%s | %s", tiers.tier.describe(), pg.describe())
+        model = on_all_ranks(lambda: build_model(targs, job.cfg, job.checkpoint_format, pg, device))
+        prompts = [t[0] for t in job.turns]
+        out = generate_disaggregated(
+            model, pg, tiers, prompts, job.sampling, seeds=job.seeds, variant=args.variant,
+            kernel=args.kernel, hardware=hardware_profile(args.hardware),
+            exchange=args.decode_exchange, timeout_s=args.timeout, kv_dtype=args.kv_dtype,
+        )  # fmt: skip
+        moved = sum(s.token_heads for s in out.handoff)
+        logger.info("%s tier: handed %s %d (token, head) pairs of KV over %d layers",
+                    tiers.tier.name, "off" if tiers.tier is tiers.prefill else "in",
+                    moved, job.cfg.n_layers)  # fmt: skip
+        result = GenerationResult(tokens=out.tokens)
+        on_all_ranks(lambda: write_outputs(args, job, [result]) if writer else None)
+    return 0

@@ -1,0 +1,206 @@
+"""The KV hand-off between a prefill tier and a decode tier, resharded on the way.
+
+A prompt's K/V leave the prefill tier as its layout holds them: every CP rank the tokens of its
+load-balanced chunks (or wherever its cache put them), every TP rank its share of the KV heads.
+They arrive in the decode tier's layout: every TP rank its own share of the heads, all of the
+sequence's tokens (the decode tier runs ``cp=1`` here). Each (prefill rank, decode rank) pair
+whose heads overlap exchanges exactly those heads of exactly the sender's tokens, point to
+point over the job's hand-off group (:mod:`parallel_state.tiers`), one message a layer::
+
+    prefill tp=1 cp=2             decode tp=2
+    rank (cp 0): tokens 0-1, 6-7  -- heads 0 --> rank 0 (head 0, tokens 0-7)
+                                  -- heads 1 --> rank 1 (head 1, tokens 0-7)
+    rank (cp 1): tokens 2-5       -- heads 0 --> rank 0
+                                  -- heads 1 --> rank 1
+
+A head replicated over several prefill TP ranks leaves from the first of them only, so every
+token of every head travels once to each decode rank that holds it. An FP8 cache sends FP8 and
+its scales, stored as they arrive. No rank holds more than its layout's share.
+
+First each sender sends the positions of its tokens (one int64 tensor, after its length); then,
+layer by layer, K and V stacked. The receiver scatters them by position into one (heads, tokens,
+D) buffer a layer and stores it through :meth:`EngineCore.adopt`, which also shares whatever
+prefix of the sequence the decode tier's cache holds already (a chat's earlier turns): those
+positions are not sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from cp_infer.engine.core import EngineCore
+from cp_infer.models.config import ModelConfig
+from parallel_state.tiers import TierGroups
+
+__all__ = ["HandoffStats", "head_routes", "receive_kv", "send_kv"]
+
+
+def _kv_heads(cfg: ModelConfig, tp: int, tp_rank: int) -> range:
+    """The global KV heads a TP rank holds (replicated when ``tp > n_kv_heads``)."""
+    if cfg.n_kv_heads >= tp:
+        per = cfg.n_kv_heads // tp
+        return range(tp_rank * per, (tp_rank + 1) * per)
+    head = tp_rank // (tp // cfg.n_kv_heads)
+    return range(head, head + 1)
+
+
+def head_routes(cfg: ModelConfig, tp_from: int, tp_to: int) -> dict[tuple[int, int], range]:
+    """``{(prefill TP rank, decode TP rank): global KV heads it sends there}``: each head from
+    the first prefill TP rank that holds it, to every decode TP rank that holds it."""
+    source = {}
+    for i in range(tp_from):
+        for h in _kv_heads(cfg, tp_from, i):
+            source.setdefault(h, i)
+    routes = {}
+    for j in range(tp_to):
+        for h in _kv_heads(cfg, tp_to, j):
+            key = (source[h], j)
+            prev = routes.get(key)
+            routes[key] = range(prev.start if prev else h, h + 1)
+    return routes
+
+
+@dataclass
+class HandoffStats:
+    """What this rank sent or received: (head, token) pairs per layer, and bytes."""
+
+    token_heads: int = 0
+    nbytes: int = 0
+    messages: int = 0
+    per_peer: dict[int, int] = field(default_factory=dict)  # world rank -> token-heads
+
+
+def _wire(t: torch.Tensor) -> torch.Tensor:
+    """FP8 travels (and is indexed) as its bytes."""
+    return t.view(torch.uint8) if t.dtype.itemsize == 1 and t.is_floating_point() else t
+
+
+def _prefill_world_rank(tiers: TierGroups, tp_rank: int, cp_rank: int) -> int:
+    return tiers.prefill.world_rank(tp_rank + tiers.prefill.tp * cp_rank)
+
+
+def _check_tiers(tiers: TierGroups) -> None:
+    if tiers.prefill.pp != 1 or tiers.decode.pp != 1 or tiers.decode.cp != 1:
+        raise ValueError(
+            f"the hand-off runs pp=1 on both tiers and cp=1 on the decode tier, got --prefill "
+            f"{tiers.prefill.describe()} --decode {tiers.decode.describe()}"
+        )
+
+
+def send_kv(
+    engine: EngineCore, seq: int, *, tiers: TierGroups, skip: int = 0
+) -> HandoffStats:  # fmt: skip
+    """Send this prefill rank's K/V of ``seq`` (positions ``skip`` and on) to the decode ranks
+    that hold its heads (call on every prefill rank, for the sequences in the same order)."""
+    _check_tiers(tiers)
+    pg, cache, cfg = engine.pg, engine.cache, engine.cfg
+    stats = HandoffStats()
+    positions = torch.tensor(cache.positions(seq), dtype=torch.int64)
+    keep = positions >= skip
+    positions = positions[keep]
+    mine = _kv_heads(cfg, pg.tp, pg.tp_rank)
+    routes = {j: heads for (i, j), heads in head_routes(cfg, pg.tp, tiers.decode.tp).items()
+              if i == pg.tp_rank}  # fmt: skip
+    group = tiers.handoff
+    pending = []
+    for j in routes:
+        dst = tiers.decode.world_rank(j)
+        pending.append(group.send([torch.tensor([positions.numel()])], dst, 0))
+        if positions.numel():
+            pending.append(group.send([positions], dst, 0))
+    for work in pending:
+        work.wait()
+    if not positions.numel():
+        return stats
+    for layer in cache.layer_ids:
+        parts = [_wire(t) for t in cache.raw(layer, seq)]
+        pending = []
+        for j, heads in routes.items():
+            dst = tiers.decode.world_rank(j)
+            local = slice(heads.start - mine.start, heads.stop - mine.start)
+            msgs = [torch.stack([parts[0][local, keep], parts[1][local, keep]])]
+            if len(parts) == 4:  # FP8: the scales travel beside it
+                msgs.append(torch.stack([parts[2][local, keep], parts[3][local, keep]]))
+            for m in msgs:
+                pending.append(group.send([m], dst, 0))
+                stats.nbytes += m.nbytes
+                stats.messages += 1
+            n = len(heads) * positions.numel()
+            stats.token_heads += n
+            stats.per_peer[dst] = stats.per_peer.get(dst, 0) + n
+        for work in pending:
+            work.wait()
+    return stats
+
+
+def receive_kv(
+    engine: EngineCore, tokens: list[int], *, tiers: TierGroups
+) -> tuple[int, HandoffStats]:  # fmt: skip
+    """Receive the K/V of ``tokens`` from the prefill tier into this decode rank's cache, as a
+    retained sequence (:meth:`EngineCore.adopt`); returns it and what arrived. The positions
+    this cache shares already are not received (the senders were told ``skip``)."""
+    _check_tiers(tiers)
+    pg, cache, cfg = engine.pg, engine.cache, engine.cfg
+    stats = HandoffStats()
+    mine = _kv_heads(cfg, pg.tp, pg.tp_rank)
+    sources = [
+        (_prefill_world_rank(tiers, i, c), heads)
+        for (i, j), heads in head_routes(cfg, tiers.prefill.tp, pg.tp).items() if j == pg.tp_rank
+        for c in range(tiers.prefill.cp)
+    ]  # fmt: skip
+    group = tiers.handoff
+    where = []
+    for src, _ in sources:
+        n = torch.zeros(1, dtype=torch.int64)
+        group.recv([n], src, 0).wait()
+        pos = torch.empty(int(n), dtype=torch.int64)
+        if pos.numel():
+            group.recv([pos], src, 0).wait()
+        where.append(pos)
+
+    def fill(seq: int, start: int) -> None:
+        length = len(tokens)
+        covered = torch.zeros(len(mine), length, dtype=torch.int32)
+        for layer in cache.layer_ids:
+            kv = torch.zeros(2, len(mine), length, cfg.head_dim, dtype=_wire(cache.k).dtype)
+            scales = torch.ones(2, len(mine), length) if cache.fp8 else None
+            for (src, heads), pos in zip(sources, where, strict=True):
+                if not pos.numel():
+                    continue
+                local = slice(heads.start - mine.start, heads.stop - mine.start)
+                got = torch.empty(2, len(heads), pos.numel(), cfg.head_dim, dtype=kv.dtype)
+                group.recv([got], src, 0).wait()
+                kv[:, local, pos] = got
+                if scales is not None:
+                    s = torch.empty(2, len(heads), pos.numel())
+                    group.recv([s], src, 0).wait()
+                    scales[:, local, pos] = s
+                stats.nbytes += got.nbytes
+                stats.messages += 1
+                if layer == cache.layer_ids[0]:
+                    covered[local, pos] += 1
+                    stats.token_heads += len(heads) * pos.numel()
+                    stats.per_peer[src] = stats.per_peer.get(src, 0) + len(heads) * pos.numel()
+            if layer == cache.layer_ids[0] and not bool((covered[:, start:] == 1).all()):
+                raise RuntimeError(
+                    f"the hand-off of {length} tokens did not bring positions {start}-"
+                    f"{length - 1} of every head exactly once"
+                )
+            kv = kv.view(cache.k.dtype)
+            cache.store(layer, kv[0][:, start:], kv[1][:, start:],
+                        (scales[0][:, start:], scales[1][:, start:]) if scales is not None
+                        else None)  # fmt: skip
+
+    seq, _ = engine.adopt(tokens, fill)
+    stats.token_heads *= len(cache.layer_ids)
+    return seq, stats
+
+
+def shared_prefix(engine: EngineCore, tokens: list[int]) -> int:
+    """How many leading ``tokens`` the decode tier's cache holds (the senders skip them)."""
+    if not engine.share_prefixes:
+        return 0
+    _, shared = engine.index.match(tokens)
+    return shared

@@ -1,0 +1,109 @@
+"""Disaggregated prefill and decode offline (``generate --prefill LAYOUT --decode LAYOUT``): two
+tiers under one torchrun, the prompts' KV handed from the prefill tier's layout to the decode
+tier's, resharded. Greedy in fp32, the tokens are those of one colocated engine; each KV token
+of each head moves once; a bad layout fails on every rank with the fix."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from cp_infer.engine.handoff import head_routes
+from cp_infer.models import get_preset
+from parallel_state.tiers import parse_tier, tier_layout
+from tests.cli_runner import run_cli, torchrun
+
+PROMPTS = [
+    {"id": "a", "token_ids": [1, 15, 27, 99, 4]},
+    {"id": "b", "token_ids": [7]},
+    {"id": "c", "token_ids": list(range(1, 131))},  # shares its first token with "a"
+    {"id": "d", "token_ids": [3] * 70},
+]
+
+
+def _prompts(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return path
+
+
+def _tokens(path) -> list[list[int]]:
+    return [json.loads(line)["token_ids"] for line in path.read_text().splitlines()]
+
+
+def _colocated(dist_pool, tmp_path, preset: str, extra: list[str]) -> list[list[int]]:
+    out = tmp_path / f"colocated-{preset}.jsonl"
+    args = ["generate", "--preset", preset, "--max-new-tokens", "8", "--input",
+            str(_prompts(tmp_path)), "--output", str(out), *extra]  # fmt: skip
+    runs = dist_pool(2).run(run_cli, [*args, "--cp", "2"])
+    assert all(r.code == 0 for r in runs), runs[0].errors
+    return _tokens(out)
+
+
+@pytest.mark.parametrize(
+    ("preset", "prefill", "decode", "extra"),
+    [
+        ("tiny-llama", "tp=1,cp=2", "tp=1", []),
+        ("tiny-llama", "tp=1,cp=2", "tp=2", []),
+        ("tiny-moe", "tp=2,cp=1", "tp=1", []),
+        ("tiny-llama", "cp=2", "tp=2", ["--kv-dtype", "fp8_e4m3"]),
+    ],
+    ids=["cp2-tp1", "cp2-tp2", "moe-tp2-tp1", "fp8-cp2-tp2"],
+)
+def test_disaggregated_equals_colocated(dist_pool, tmp_path, preset, prefill, decode, extra):
+    expected = _colocated(dist_pool, tmp_path, preset, extra)
+    layouts = parse_tier("--prefill", prefill), parse_tier("--decode", decode)
+    world = sum(t["tp"] * t["cp"] for t in layouts)
+    tiers = tier_layout(*layouts, world)
+    out = tmp_path / "disagg.jsonl"
+    proc = torchrun(world, ["generate", "--preset", preset, "--prefill", prefill, "--decode",
+                            decode, "--max-new-tokens", "8", "--input", str(_prompts(tmp_path)),
+                            "--output", str(out), "--timeout", "60", *extra], timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert _tokens(out) == expected
+    # every (token, head) of every layer arrives once at each decode rank that holds the head:
+    # the prompts' tokens, less the first token of "c", which "a" left in the decode cache
+    cfg = get_preset(preset)
+    dec = tiers[1].tp
+    heads_held = sum(len(r) for r in head_routes(cfg, tiers[0].tp, dec).values())
+    tokens = sum(len(p["token_ids"]) for p in PROMPTS) - 1
+    handed_in = [int(n) for n in re.findall(r"decode tier: handed in (\d+)", proc.stderr)]
+    assert handed_in, proc.stderr[-2000:]  # rank 0 of the decode tier reports its own
+    per_rank = tokens * heads_held // dec * cfg.n_layers
+    assert handed_in == [per_rank]
+
+
+def test_head_routes_send_every_head_once_to_each_holder():
+    cfg = get_preset("tiny-llama")  # 2 KV heads
+    assert head_routes(cfg, 1, 2) == {(0, 0): range(0, 1), (0, 1): range(1, 2)}
+    assert head_routes(cfg, 2, 1) == {(0, 0): range(0, 1), (1, 0): range(1, 2)}
+    # 4 prefill TP ranks hold each head twice: only the first of them sends it
+    assert head_routes(cfg, 4, 1) == {(0, 0): range(0, 1), (2, 0): range(1, 2)}
+    # 4 decode TP ranks hold each head twice: each gets it
+    assert head_routes(cfg, 1, 4) == {(0, j): range(j // 2, j // 2 + 1) for j in range(4)}
+
+
+@pytest.mark.parametrize(
+    ("args", "nproc", "match"),
+    [
+        (
+            ["--prefill", "tp=1,cp=2", "--decode", "tp=1"],
+            2,
+            "--prefill needs 2 ranks and --decode 1: launch 3 processes",
+        ),
+        (["--prefill", "tp=1,cp=2"], 3, "--prefill and --decode go together"),
+        (["--prefill", "tp=1,cq=2", "--decode", "tp=1"], 3, "'cq=2' is not one of tp=N"),
+        (["--prefill", "cp=2", "--decode", "cp=2"], 4, "cp=1 on the decode tier"),
+        (["--prefill", "cp=2", "--decode", "tp=1", "--cp", "2"], 3, "do not apply"),
+    ],
+    ids=["world", "one-tier", "bad-key", "decode-cp", "both-flags"],
+)
+def test_a_bad_tier_layout_fails_on_every_rank_with_the_fix(tmp_path, args, nproc, match):
+    proc = torchrun(nproc, ["generate", "--preset", "tiny-llama", *args, "--input",
+                            str(_prompts(tmp_path)), "--output", str(tmp_path / "o.jsonl")],
+                    timeout=120)  # fmt: skip
+    assert proc.returncode != 0
+    assert proc.stderr.count(match) >= nproc, proc.stderr[-3000:]
+    assert not (tmp_path / "o.jsonl").exists()
