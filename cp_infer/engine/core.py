@@ -285,6 +285,8 @@ class PoolStats:
         waits: requests that waited for room in the pool before they were admitted.
         prefix_queries: prompt tokens looked up in the cache.
         prefix_hits: of those, tokens found cached (not prefilled).
+        remote_prefills: requests a prefill tier prefilled (disaggregated serving).
+        handoff_tokens: (token, head) pairs of K/V per layer received from it, this rank.
     """
 
     usage: float = 0.0
@@ -297,6 +299,8 @@ class PoolStats:
     waits: int = 0
     prefix_queries: int = 0
     prefix_hits: int = 0
+    remote_prefills: int = 0
+    handoff_tokens: int = 0
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
@@ -321,6 +325,7 @@ class Orders:
     requests: tuple[Request, ...] = ()
     cancelled: frozenset[int] = frozenset()  # request ids whose client left
     estimates: Estimates = field(default_factory=Estimates)
+    arrived: tuple[int, ...] = ()  # requests whose prefill tier's hand-off is here
 
 
 @dataclass
@@ -400,6 +405,12 @@ class EngineCore:
         self.contain = True
         # told when this rank failed out of step with the others (default: exit at once)
         self.on_failed_alone: Callable[[str], None] | None = None
+        # disaggregated serving (cp_infer.serving.disagg): prompts of at least
+        # ``disagg_min_tokens`` new tokens are prefilled by the prefill tier
+        self.remote = None  # RemotePrefill: every rank's receiver
+        self.dispatch: Callable | None = None  # rank 0's sender
+        self.disagg_min_tokens = 0
+        self.remote_live: dict[int, tuple[_Live, int | None]] = {}  # rid -> (it, pinned seq)
 
     def configure(self, *, variant: str, prefill_chunk: int | None, progress: bool) -> None:
         """How prefills run from now on (``generate`` sets them per call); checked here."""
@@ -417,7 +428,14 @@ class EngineCore:
 
     @property
     def busy(self) -> bool:
-        return bool(self.sched.seqs or self.waiting)
+        return bool(self.sched.seqs or self.waiting or self.remote_live)
+
+    @property
+    def runnable(self) -> bool:
+        """Something to compute now (not only prompts away at the prefill tier)."""
+        return bool(self.sched.seqs or self.waiting) or bool(
+            self.remote is not None and self.remote.arrived()
+        )
 
     @property
     def room(self) -> int:
@@ -425,11 +443,14 @@ class EngineCore:
         return max(self.max_batch - len(self.sched.seqs) - len(self.waiting), 0)
 
     def live_requests(self) -> set[int]:
-        return {x.request.rid for x in self.live.values()} | {x.request.rid for x in self.waiting}
+        return ({x.request.rid for x in self.live.values()} | {x.request.rid for x in self.waiting}
+                | set(self.remote_live))  # fmt: skip
 
     def pool_stats(self) -> PoolStats:
         """The pool and prefix reuse now (rank 0 sends them to the API's metrics)."""
         s = self.stats
+        if self.remote is not None:
+            s.handoff_tokens = self.remote.token_heads
         s.free_blocks = self.pool.available()
         s.usage = 1 - s.free_blocks / self.pool.n_blocks
         s.retained_tokens = sum(x.cached for x in self.retained.values())
@@ -469,12 +490,77 @@ class EngineCore:
             if self._joins_a_prefill(tokens, shared):
                 i += 1
                 continue
+            if self._goes_remote(x, tokens, shared):
+                del self.waiting[i]
+                self._send_remote(x, tokens, holder, shared)
+                continue
             if not self._start(x, tokens, holder, shared, done):
                 if not x.waited:
                     x.waited = True
                     self.stats.waits += 1
                 return
             del self.waiting[i]
+
+    def _pinned(self) -> set[int]:
+        """Cached sequences a job at the prefill tier skips: kept until it is back."""
+        return {p for _, p in self.remote_live.values() if p is not None}
+
+    def _goes_remote(self, x: _Live, tokens: list[int], shared: int) -> bool:
+        """Whether the prefill tier prefills ``x``: a long prompt, not a recomputed one, and
+        not one whose prompt's log-probabilities the decode tier must compute."""
+        return (self.remote is not None and not x.before and not x.request.wants_logprobs
+                and len(tokens) - shared >= self.disagg_min_tokens)  # fmt: skip
+
+    def _send_remote(self, x: _Live, tokens: list[int], holder: int | None, shared: int) -> None:
+        """Hand ``x`` to the prefill tier (every rank alike; rank 0 sends the job); the cached
+        prefix it skips stays pinned until it is back."""
+        from cp_infer.serving.disagg import PrefillJob
+
+        pinned = holder if holder is not None and shared else None
+        if pinned is not None:
+            self.pool.set_live(pinned, True)
+        job = PrefillJob(x.request.rid, tuple(tokens), x.request.sampling,
+                         skip=shared if pinned is not None else 0)  # fmt: skip
+        self.remote.submit(job)
+        if self.dispatch is not None:
+            self.dispatch(job)
+        self.remote_live[x.request.rid] = (x, pinned)
+        self.stats.remote_prefills += 1
+
+    def _adopt_arrived(self, rids: Sequence[int], emit, done: Done | None) -> None:
+        """Requests back from the prefill tier: their K/V into the cache (a retained sequence),
+        their first token out, and they queue to decode first."""
+        from cp_infer.engine.handoff import adopt_staged
+
+        for rid in rids:
+            x, pinned = self.remote_live.pop(rid)
+            first, staged, error = self.remote.take(rid)
+            try:
+                if error is None:
+                    adopt_staged(self, list(x.request.tokens), staged)
+            except Exception as e:  # the pool is full, say: this request alone fails
+                error = error_message(e)
+            finally:
+                if pinned is not None and pinned in self.pool.ledgers[0].tables:
+                    self.pool.set_live(pinned, False)
+            o = x.outcome
+            if error is not None or o.finish_reason == "cancelled":
+                if error is not None:
+                    o.finish_reason, o.error = "error", error
+                if done is not None:
+                    done([x.request], {rid: o})
+                continue
+            x.before = [first]
+            o.ttft_s = time.perf_counter() - x.admitted
+            if emit is not None:
+                emit([(rid, first, None)])
+            if first in x.request.sampling.eos_ids or x.request.sampling.max_new_tokens == 1:
+                o.tokens = [first]
+                o.finish_reason = "stop" if first in x.request.sampling.eos_ids else "length"
+                if done is not None:
+                    done([x.request], {rid: o})
+                continue
+            self.waiting.appendleft(x)
 
     def _match(self, x: _Live, tokens: list[int]) -> tuple[int | None, int]:
         """The cached sequence ``x`` (whose ``tokens`` those are) starts from, and how many are
@@ -527,8 +613,8 @@ class EngineCore:
             else:
                 if holder in self.retained:
                     self.retained.move_to_end(holder)
-                    if shared == len(self.index.tokens[holder]):  # superseded: all it had
-                        self._evict(holder)
+                    if shared == len(self.index.tokens[holder]) and holder not in self._pinned():
+                        self._evict(holder)  # superseded: all it had
         self._next_seq += 1
         state = SequenceState(seq=seq, history=tokens[:shared], owner=x)
         x.state = state
@@ -570,8 +656,9 @@ class EngineCore:
             except PoolFull:
                 shared = 0
             else:
-                if holder in self.retained and shared == len(self.index.tokens[holder]):
-                    self._evict(holder)  # superseded: all it had
+                superseded = shared == len(self.index.tokens[holder])
+                if holder in self.retained and superseded and holder not in self._pinned():
+                    self._evict(holder)  # all it had is in the new sequence
         if not self._reclaim([self.pool.blocks_for_tokens(len(tokens) - shared)]):
             if shared:
                 self.cache.free(seq)
@@ -613,7 +700,7 @@ class EngineCore:
         for seq in list(self.retained):
             if self.pool.deficit(needs) <= 0:
                 break
-            if seq != keep:
+            if seq != keep and seq not in self._pinned():
                 self._evict(seq)
         return self.pool.deficit(needs) <= 0
 
@@ -707,6 +794,10 @@ class EngineCore:
         """
         for req in orders.requests:
             self._arrive(req, done)
+        for rid in orders.cancelled & set(self.remote_live):  # ends when it is back
+            self.remote_live[rid][0].outcome.finish_reason = "cancelled"
+        if orders.arrived:
+            self._adopt_arrived(orders.arrived, emit, done)
         for x in self.live.values():
             if x.request.rid in orders.cancelled and not x.state.done:
                 x.state.done = True

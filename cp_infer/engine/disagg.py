@@ -92,7 +92,7 @@ def generate_disaggregated(
         if tiers.rank == tiers.decode.first:
             for r in range(tiers.prefill.size):
                 group.send([skip], tiers.prefill.world_rank(r), 0).wait()
-        stats.append(receive_kv(engine, list(p), tiers=tiers)[1])
+        stats.append(receive_kv(engine, list(p), tiers=tiers, skip=int(skip))[1])
     tokens = [[int(t)] for t in first]
     more = [k for k, t in enumerate(tokens) if t[0] not in eos and sampling.max_new_tokens > 1]
     decoded = None

@@ -34,7 +34,10 @@ from cp_infer.engine.core import EngineCore
 from cp_infer.models.config import ModelConfig
 from parallel_state.tiers import TierGroups
 
-__all__ = ["HandoffStats", "head_routes", "receive_kv", "send_kv"]
+__all__ = [
+    "HandoffStats", "StagedKV", "adopt_staged", "head_routes", "receive_kv", "send_kv",
+    "shared_prefix", "stage_kv",
+]  # fmt: skip
 
 
 def _kv_heads(cfg: ModelConfig, tp: int, tp_rank: int) -> range:
@@ -135,19 +138,35 @@ def send_kv(
     return stats
 
 
-def receive_kv(
-    engine: EngineCore, tokens: list[int], *, tiers: TierGroups
-) -> tuple[int, HandoffStats]:  # fmt: skip
-    """Receive the K/V of ``tokens`` from the prefill tier into this decode rank's cache, as a
-    retained sequence (:meth:`EngineCore.adopt`); returns it and what arrived. The positions
-    this cache shares already are not received (the senders were told ``skip``)."""
+@dataclass
+class StagedKV:
+    """One sequence's K/V as a decode rank received them, before its cache takes them: per
+    layer (2, heads, tokens, D) K and V of this rank's heads (FP8: as bytes, with (2, heads,
+    tokens) scales); positions below ``skip`` were not sent."""
+
+    length: int
+    skip: int
+    kv: list[torch.Tensor]
+    scales: list[torch.Tensor] | None
+    stats: HandoffStats
+
+
+def stage_kv(
+    cfg: ModelConfig, *, tp: int, tp_rank: int, layers: int, fp8: bool, dtype: torch.dtype,
+    length: int, skip: int, tiers: TierGroups,
+) -> StagedKV:  # fmt: skip
+    """Receive one sequence's K/V (positions ``skip`` to ``length``) from the prefill tier into
+    staging buffers (a decode rank's receiver, in the order the senders send).
+
+    Raises:
+        RuntimeError: some position of some head did not arrive exactly once.
+    """
     _check_tiers(tiers)
-    pg, cache, cfg = engine.pg, engine.cache, engine.cfg
     stats = HandoffStats()
-    mine = _kv_heads(cfg, pg.tp, pg.tp_rank)
+    mine = _kv_heads(cfg, tp, tp_rank)
     sources = [
         (_prefill_world_rank(tiers, i, c), heads)
-        for (i, j), heads in head_routes(cfg, tiers.prefill.tp, pg.tp).items() if j == pg.tp_rank
+        for (i, j), heads in head_routes(cfg, tiers.prefill.tp, tp).items() if j == tp_rank
         for c in range(tiers.prefill.cp)
     ]  # fmt: skip
     group = tiers.handoff
@@ -159,43 +178,73 @@ def receive_kv(
         if pos.numel():
             group.recv([pos], src, 0).wait()
         where.append(pos)
+    covered = torch.zeros(len(mine), length, dtype=torch.int32)
+    for (src, heads), pos in zip(sources, where, strict=True):
+        local = slice(heads.start - mine.start, heads.stop - mine.start)
+        covered[local, pos] += 1
+        stats.token_heads += len(heads) * pos.numel() * layers
+        stats.per_peer[src] = len(heads) * pos.numel() * layers
+    if not bool((covered[:, skip:] == 1).all()) or bool(covered[:, :skip].any()):
+        raise RuntimeError(
+            f"the hand-off of {length} tokens did not bring positions {skip}-{length - 1} of "
+            "every head exactly once"
+        )
+    wire = torch.uint8 if fp8 else dtype
+    kvs, scales = [], [] if fp8 else None
+    for _ in range(layers):
+        kv = torch.zeros(2, len(mine), length, cfg.head_dim, dtype=wire)
+        sc = torch.ones(2, len(mine), length) if fp8 else None
+        for (src, heads), pos in zip(sources, where, strict=True):
+            if not pos.numel():
+                continue
+            local = slice(heads.start - mine.start, heads.stop - mine.start)
+            got = torch.empty(2, len(heads), pos.numel(), cfg.head_dim, dtype=wire)
+            group.recv([got], src, 0).wait()
+            kv[:, local, pos] = got
+            stats.nbytes += got.nbytes
+            stats.messages += 1
+            if sc is not None:
+                s = torch.empty(2, len(heads), pos.numel())
+                group.recv([s], src, 0).wait()
+                sc[:, local, pos] = s
+                stats.nbytes += s.nbytes
+                stats.messages += 1
+        kvs.append(kv)
+        if scales is not None:
+            scales.append(sc)
+    return StagedKV(length, skip, kvs, scales, stats)
+
+
+def adopt_staged(engine: EngineCore, tokens: list[int], staged: StagedKV) -> int:
+    """Store a staged hand-off in ``engine``'s cache as a retained sequence of ``tokens``
+    (:meth:`EngineCore.adopt`: what the cache shares of them is not written); returns it."""
+    cache = engine.cache
 
     def fill(seq: int, start: int) -> None:
-        length = len(tokens)
-        covered = torch.zeros(len(mine), length, dtype=torch.int32)
-        for layer in cache.layer_ids:
-            kv = torch.zeros(2, len(mine), length, cfg.head_dim, dtype=_wire(cache.k).dtype)
-            scales = torch.ones(2, len(mine), length) if cache.fp8 else None
-            for (src, heads), pos in zip(sources, where, strict=True):
-                if not pos.numel():
-                    continue
-                local = slice(heads.start - mine.start, heads.stop - mine.start)
-                got = torch.empty(2, len(heads), pos.numel(), cfg.head_dim, dtype=kv.dtype)
-                group.recv([got], src, 0).wait()
-                kv[:, local, pos] = got
-                if scales is not None:
-                    s = torch.empty(2, len(heads), pos.numel())
-                    group.recv([s], src, 0).wait()
-                    scales[:, local, pos] = s
-                stats.nbytes += got.nbytes
-                stats.messages += 1
-                if layer == cache.layer_ids[0]:
-                    covered[local, pos] += 1
-                    stats.token_heads += len(heads) * pos.numel()
-                    stats.per_peer[src] = stats.per_peer.get(src, 0) + len(heads) * pos.numel()
-            if layer == cache.layer_ids[0] and not bool((covered[:, start:] == 1).all()):
-                raise RuntimeError(
-                    f"the hand-off of {length} tokens did not bring positions {start}-"
-                    f"{length - 1} of every head exactly once"
-                )
-            kv = kv.view(cache.k.dtype)
+        if start < staged.skip:
+            raise RuntimeError(f"the cache shares {start} tokens of the hand-off, which skipped "
+                               f"{staged.skip}: the shared prefix was evicted")  # fmt: skip
+        for li, layer in enumerate(cache.layer_ids):
+            kv = staged.kv[li].view(cache.k.dtype)
+            sc = staged.scales[li] if staged.scales is not None else None
             cache.store(layer, kv[0][:, start:], kv[1][:, start:],
-                        (scales[0][:, start:], scales[1][:, start:]) if scales is not None
-                        else None)  # fmt: skip
+                        (sc[0][:, start:], sc[1][:, start:]) if sc is not None else None)  # fmt: skip
 
     seq, _ = engine.adopt(tokens, fill)
-    stats.token_heads *= len(cache.layer_ids)
-    return seq, stats
+    return seq
+
+
+def receive_kv(
+    engine: EngineCore, tokens: list[int], *, tiers: TierGroups, skip: int = 0
+) -> tuple[int, HandoffStats]:  # fmt: skip
+    """:func:`stage_kv` then :func:`adopt_staged` (offline: the receiver is the engine's own
+    thread); returns the sequence and what arrived."""
+    pg, cache = engine.pg, engine.cache
+    staged = stage_kv(
+        engine.cfg, tp=pg.tp, tp_rank=pg.tp_rank, layers=len(cache.layer_ids), fp8=cache.fp8,
+        dtype=cache.k.dtype, length=len(tokens), skip=skip, tiers=tiers,
+    )  # fmt: skip
+    return adopt_staged(engine, list(tokens), staged), staged.stats
 
 
 def shared_prefix(engine: EngineCore, tokens: list[int]) -> int:

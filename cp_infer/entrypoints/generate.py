@@ -63,10 +63,12 @@ __all__ = [
     "GenerateJob",
     "add_model_arguments",
     "add_parser",
+    "add_tier_arguments",
     "build_model",
     "prepare",
     "run",
     "start_ranks",
+    "start_tiers",
 ]
 
 logger = logging.getLogger("cp_infer")
@@ -131,21 +133,27 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "unless most of the context is cached)",
     )  # fmt: skip
     add_model_arguments(g)
+    add_tier_arguments(g, "generate")
+    add_common_arguments(g)
+    g.set_defaults(run=run)
+    return g
+
+
+def add_tier_arguments(g: argparse.ArgumentParser, command: str):
+    """``--prefill LAYOUT --decode LAYOUT``: shared by ``generate`` and ``serve``."""
     tiers = g.add_argument_group(
         "disaggregated prefill and decode",
         "Run two tiers under one launcher (world size = both tiers' sizes, prefill ranks first):"
-        " the prefill tier prefills each prompt and samples its first token, its KV moves to "
-        "the decode tier resharded, and the decode tier decodes the rest. --tp/--cp/--pp/--ep "
-        "do not apply. E.g. torchrun --nproc-per-node 4 -m cp_infer generate --preset "
-        "tiny-llama --prefill tp=1,cp=2 --decode tp=2 ...",
+        " the prefill tier prefills a prompt and samples its first token, its KV moves to the "
+        "decode tier resharded (point to point, FP8 as FP8), and the decode tier decodes the "
+        "rest. --tp/--cp/--pp/--ep do not apply. E.g. torchrun --nproc-per-node 3 -m cp_infer "
+        f"{command} --preset tiny-llama --prefill tp=1,cp=2 --decode tp=1 ...",
     )  # fmt: skip
     tiers.add_argument("--prefill", metavar="LAYOUT",
                        help="the prefill tier's layout: tp=N,cp=N (pp=1)")  # fmt: skip
     tiers.add_argument("--decode", metavar="LAYOUT",
                        help="the decode tier's layout: tp=N (cp=1, pp=1)")  # fmt: skip
-    add_common_arguments(g)
-    g.set_defaults(run=run)
-    return g
+    return tiers
 
 
 def add_model_arguments(g: argparse.ArgumentParser) -> None:
@@ -569,12 +577,11 @@ def _tier_args(args) -> tuple[dict[str, int], dict[str, int]]:
     return prefill, decode
 
 
-def run_tiers(args, argv: list[str]) -> int:
-    """``generate --prefill LAYOUT --decode LAYOUT``: the two tiers of
-    :mod:`cp_infer.engine.disagg`, each rank in its tier's layout."""
-    from cp_infer.engine.disagg import generate_disaggregated
-
-    try:  # pure checks, before any process group: every rank of both tiers fails alike
+def start_tiers(args, argv: list[str]):
+    """Check ``--prefill``/``--decode`` and the launch (pure: every rank of both tiers fails
+    alike), then join this rank's tier. Returns the tiers, the device, and a copy of ``args``
+    whose ``--tp/--cp/--pp/--ep`` are this rank's tier's."""
+    try:
         prefill, decode = _tier_args(args)
         if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
             n = sum(t["tp"] * t["cp"] for t in (prefill, decode))
@@ -585,6 +592,8 @@ def run_tiers(args, argv: list[str]) -> int:
         device = resolve_device(args.device)
         if device.type != "cpu":
             raise ValueError("--prefill/--decode run on CPU (gloo) here; use --device cpu")
+        if not 0 < args.timeout < float("inf"):
+            raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
     except ValueError as e:
         raise RankFailure(str(e)) from e
     tiers = init_tiers(prefill, decode, timeout_s=args.timeout)
@@ -593,6 +602,15 @@ def run_tiers(args, argv: list[str]) -> int:
     targs = copy.copy(args)
     targs.tp, targs.cp, targs.pp, targs.ep = (tiers.tier.tp, tiers.tier.cp, tiers.tier.pp,
                                               tiers.tier.ep)  # fmt: skip
+    return tiers, device, targs
+
+
+def run_tiers(args, argv: list[str]) -> int:
+    """``generate --prefill LAYOUT --decode LAYOUT``: the two tiers of
+    :mod:`cp_infer.engine.disagg`, each rank in its tier's layout."""
+    from cp_infer.engine.disagg import generate_disaggregated
+
+    tiers, device, targs = start_tiers(args, argv)
     job = on_all_ranks(lambda: prepare(targs, tiers.tier.size, device))
     if job.chat:
         raise RankFailure("--prefill/--decode take single-turn requests; run chats colocated")

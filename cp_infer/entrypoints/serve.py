@@ -30,9 +30,11 @@ from cp_infer.engine.runner import ModelRunner
 from cp_infer.entrypoints.generate import (
     _model_config,
     add_model_arguments,
+    add_tier_arguments,
     build_model,
     hardware_profile,
     start_ranks,
+    start_tiers,
 )
 from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments
 from cp_infer.parallel import check_model_fits_layout
@@ -110,6 +112,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="token slots per KV block: the unit of allocation and of prefix sharing",
     )  # fmt: skip
     add_model_arguments(g)
+    tiers = add_tier_arguments(g, "serve")
+    tiers.add_argument(
+        "--disagg-min-tokens", type=int, default=1024, metavar="N",
+        help="with --prefill/--decode: a request with at least N new tokens (beyond what the "
+        "decode tier has cached) is prefilled by the prefill tier; shorter ones prefill on the "
+        "decode tier, beside its decodes",
+    )  # fmt: skip
     add_common_arguments(g)
     g.set_defaults(run=run)
     return g
@@ -155,16 +164,29 @@ def _check(args, world_size: int):
 
 
 def run(args, argv: list[str]) -> int:
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # else: no launcher to watch
+    if args.prefill is not None or args.decode is not None:
+        if args.disagg_min_tokens < 1:
+            raise ValueError(f"--disagg-min-tokens must be >= 1, got {args.disagg_min_tokens}")
+        tiers, device, args = start_tiers(args, argv)
+        return _run(args, device, launched, tiers)
+    return _run(args, start_ranks(args, argv), launched, None)
+
+
+def _run(args, device, launched: bool, tiers) -> int:
+    """This rank's part of the server: a colocated one, or a tier of a disaggregated one (the
+    decode tier serves the API; the prefill tier takes its jobs)."""
     from cp_infer.engine.core import EngineCore
+    from cp_infer.serving.disagg import Dispatcher, RemotePrefill, prefill_worker
     from cp_infer.serving.loop import ServeLoop
 
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # else: no launcher to watch
-    device = start_ranks(args, argv)
+    prefill_tier = tiers is not None and tiers.tier is tiers.prefill
     cfg, eos, fmt = on_all_ranks(lambda: _check(args, dist.get_world_size()))
     eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or ()))
     # the API process starts while the ranks load the model (its /health says "starting" until
     # the engine first asks for requests)
-    api = _start_api(args, cfg, eos_ids, device) if dist.get_rank() == 0 else None
+    leads = dist.get_rank() == 0 and not prefill_tier
+    api = _start_api(args, cfg, eos_ids, device) if leads else None
     with parallel_groups(
         tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep, timeout_s=args.timeout
     ) as pg:
@@ -186,6 +208,18 @@ def run(args, argv: list[str]) -> int:
             runner, max_batch=args.max_batch_size, share_prefixes=args.prefix_sharing,
             tbt_slo_s=None if args.tbt_slo_ms is None else args.tbt_slo_ms / 1000,
         )  # fmt: skip
+        dispatcher = None
+        if prefill_tier:
+            logger.info("prefill tier ready: taking the decode tier's long prompts")
+            prefill_worker(engine, tiers)
+            return 0
+        if tiers is not None:
+            engine.remote = RemotePrefill(engine, tiers)
+            engine.disagg_min_tokens = args.disagg_min_tokens
+            if leads:
+                engine.dispatch = dispatcher = Dispatcher(tiers)
+            logger.info("decode tier: prompts of %d new tokens or more go to the prefill tier",
+                        args.disagg_min_tokens)  # fmt: skip
         loop = ServeLoop(engine)
         # what is loaded by now lives as long as the server: keep it out of the collector's
         # full passes, whose pauses (on any rank) would stall every rank's iteration
@@ -195,7 +229,10 @@ def run(args, argv: list[str]) -> int:
         dist.broadcast_object_list(run_id, src=0)
         if dist.get_rank() != 0:
             return _follow(loop, run_id[0], launched)
-        return _serve(loop, *api, run_id[0], launched)
+        code = _serve(loop, *api, run_id[0], launched)
+        if dispatcher is not None:
+            dispatcher.stop()  # the prefill tier stops too
+        return code
 
 
 def _follow(loop, run_id: str, launched: bool) -> int:

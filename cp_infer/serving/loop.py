@@ -7,6 +7,7 @@ timing estimates), and every rank runs the same :meth:`EngineCore.run_span`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch.distributed as dist
@@ -14,6 +15,8 @@ import torch.distributed as dist
 from cp_infer.engine.core import Done, Emit, EngineCore, Orders, Request
 
 __all__ = ["ServeLoop"]
+
+REMOTE_POLL_S = 0.005  # how often an engine with only remote prefills looks for their return
 
 
 class ServeLoop:
@@ -26,9 +29,10 @@ class ServeLoop:
 
     def __init__(self, engine: EngineCore, *, idle_s: float = 2.0) -> None:
         self.engine, self.idle_s = engine, idle_s
+        self._sent = time.monotonic()
 
-    @staticmethod
-    def _send(message) -> object:
+    def _send(self, message) -> object:
+        self._sent = time.monotonic()
         box = [message]
         if dist.get_world_size() > 1:
             dist.broadcast_object_list(box, src=0)
@@ -48,23 +52,31 @@ class ServeLoop:
         are queued while a slot is free, so that the next orders go out at once."""
         engine = self.engine
 
+        def arrived() -> tuple[int, ...]:  # back from a prefill tier (disaggregated serving)
+            return tuple(engine.remote.arrived()) if engine.remote is not None else ()
+
         def interrupt() -> bool:
             return bool(cancelled() & engine.live_requests()) or (
-                engine.room > 0 and waiting() > 0)  # fmt: skip
+                engine.room > 0 and waiting() > 0) or bool(arrived())  # fmt: skip
 
         while True:
             busy = engine.busy
-            requests = next_requests(0.0 if busy else self.idle_s, engine.room)
+            # only prompts away at the prefill tier: look again soon, without spinning
+            wait_s = 0.0 if engine.runnable else (REMOTE_POLL_S if busy else self.idle_s)
+            requests = next_requests(wait_s, engine.room)
             if requests is None:
                 self._send(("stop", None))
                 return
-            if not requests and not busy:
-                self._send(("idle", None))
+            back = arrived()
+            if not requests and not back and not engine.runnable:
+                if not busy or time.monotonic() - self._sent >= self.idle_s:
+                    self._send(("idle", None))  # the followers' heartbeat
                 continue
             orders = Orders(
                 requests=tuple(requests),
                 cancelled=frozenset(cancelled() & engine.live_requests()),
                 estimates=engine.timer.estimates,
+                arrived=back,
             )
             self._send(("span", orders))
             engine.run_span(orders, emit, done, interrupt)

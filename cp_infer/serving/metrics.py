@@ -57,6 +57,11 @@ _POOL_METRICS = {
                        "Prompt tokens looked up in the prefix cache"),
     "prefix_hits": (Counter, "prefix_cache_hits",
                     "Prompt tokens found in the prefix cache (shared blocks)"),
+    "remote_prefills": (Counter, "disagg_prefills",
+                        "Requests the prefill tier prefilled (disaggregated serving)"),
+    "handoff_tokens": (Counter, "kv_handoff_token_heads",
+                       "(token, KV head) pairs per layer rank 0 of the decode tier received "
+                       "from the prefill tier"),
 }  # fmt: skip
 
 

@@ -1,0 +1,186 @@
+"""Disaggregated serving: a prefill tier beside the decode tier that serves the API.
+
+The decode tier is the server (its rank 0 runs the API process and leads its engine, as a
+colocated server does). A request whose new tokens number at least ``--disagg-min-tokens`` is
+not prefilled there: its engine core hands it to the prefill tier (:meth:`EngineCore.
+_admit_waiting`), and takes it back once its K/V and first token arrived. Shorter ones prefill
+on the decode tier, as vLLM's and Dynamo's conditional disaggregation route them::
+
+    decode rank 0 (Dispatcher)  --job: tokens, sampling, skip-->  prefill tier rank 0 -> its tier
+    prefill tier (prefill_worker): prefill, first token, then K/V   (cp_infer.engine.handoff)
+    every decode rank (RemotePrefill, a receiver thread)  <--first token, K/V, resharded
+    decode rank 0's orders: "arrived: rids"  -> every decode rank adopts them, they decode
+
+Every decode rank decides alike which requests go (the books are the same everywhere), so each
+posts its receives in the same order as the prefill tier sends. The prefill tier takes one job
+at a time; the decode tier decodes while it works. The decode tier pins the cached prefix a job
+skips until the job is back, so the skipped positions are still there.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import queue
+import threading
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+
+from cp_infer.engine.core import EngineCore, Request
+from cp_infer.engine.handoff import StagedKV, send_kv, stage_kv
+from cp_infer.engine.sampling import SamplingConfig
+from parallel_state.tiers import TierGroups
+
+__all__ = ["Dispatcher", "PrefillJob", "RemotePrefill", "prefill_worker"]
+
+logger = logging.getLogger(__name__)
+
+_JOB_TAG, _FIRST_TAG = 1, 2  # K/V travel with tag 0
+
+
+@dataclass(frozen=True)
+class PrefillJob:
+    """A prompt for the prefill tier: its tokens, sampling (for the first token), and how many
+    leading tokens the decode tier holds already (not sent back)."""
+
+    rid: int
+    tokens: tuple[int, ...]
+    sampling: SamplingConfig
+    skip: int
+
+
+def _send_object(group, obj, dst: int) -> None:
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    group.send([torch.tensor([data.numel()], dtype=torch.int64)], dst, _JOB_TAG).wait()
+    group.send([data], dst, _JOB_TAG).wait()
+
+
+def _recv_object(group, src: int):
+    n = torch.zeros(1, dtype=torch.int64)
+    group.recv([n], src, _JOB_TAG).wait()
+    data = torch.empty(int(n), dtype=torch.uint8)
+    group.recv([data], src, _JOB_TAG).wait()
+    return pickle.loads(data.numpy().tobytes())
+
+
+class Dispatcher:
+    """Decode tier rank 0: sends jobs to the prefill tier from a thread of its own, and a
+    heartbeat while there are none (the prefill tier never waits as long as its timeout)."""
+
+    def __init__(self, tiers: TierGroups, *, idle_s: float = 2.0) -> None:
+        self.tiers, self.idle_s = tiers, idle_s
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="dispatch", daemon=True)
+        self._thread.start()
+
+    def __call__(self, job: PrefillJob) -> None:
+        self._jobs.put(("job", job))
+
+    def stop(self) -> None:
+        self._jobs.put(("stop", None))
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        dst = self.tiers.prefill.first
+        while True:
+            try:
+                message = self._jobs.get(timeout=self.idle_s)
+            except queue.Empty:
+                message = ("idle", None)
+            _send_object(self.tiers.handoff, message, dst)
+            if message[0] == "stop":
+                return
+
+
+class RemotePrefill:
+    """Every decode rank: receives what the prefill tier sends for each job (its first token,
+    then its K/V into staging, :func:`~cp_infer.engine.handoff.stage_kv`), in a thread."""
+
+    def __init__(self, engine: EngineCore, tiers: TierGroups) -> None:
+        self.engine, self.tiers = engine, tiers
+        self._jobs: queue.Queue = queue.Queue()
+        self._done: dict[int, tuple[int, StagedKV | None, str | None]] = {}
+        self._order: list[int] = []  # finished, in arrival order
+        self._ready: dict[int, threading.Event] = {}
+        self._lock = threading.Lock()
+        self.token_heads = 0  # received, all jobs
+        threading.Thread(target=self._run, name="handoff", daemon=True).start()
+
+    def submit(self, job: PrefillJob) -> None:
+        self._ready[job.rid] = threading.Event()
+        self._jobs.put(job)
+
+    def arrived(self) -> list[int]:
+        """The jobs whose first token and K/V are here, in order."""
+        with self._lock:
+            return list(self._order)
+
+    def take(self, rid: int) -> tuple[int, StagedKV | None, str | None]:
+        """Job ``rid``'s (first token, staged K/V, error), once here (waits for it)."""
+        self._ready[rid].wait()
+        del self._ready[rid]
+        with self._lock:
+            self._order.remove(rid)
+            return self._done.pop(rid)
+
+    def _run(self) -> None:
+        engine, tiers = self.engine, self.tiers
+        pg, cache = engine.pg, engine.cache
+        while True:
+            job: PrefillJob = self._jobs.get()
+            first = torch.zeros(1, dtype=torch.int64)
+            staged, error = None, None
+            try:
+                tiers.handoff.recv([first], tiers.prefill.first, _FIRST_TAG).wait()
+                if int(first) >= 0:
+                    staged = stage_kv(
+                        engine.cfg, tp=pg.tp, tp_rank=pg.tp_rank, layers=len(cache.layer_ids),
+                        fp8=cache.fp8, dtype=cache.k.dtype, length=len(job.tokens),
+                        skip=job.skip, tiers=tiers,
+                    )  # fmt: skip
+                    self.token_heads += staged.stats.token_heads
+                else:
+                    error = "the prefill tier failed this request"
+            except Exception as e:  # the prefill tier is gone: every job fails
+                error = f"the hand-off failed: {e}"
+                first[0] = -1
+            with self._lock:
+                self._done[job.rid] = (int(first), staged, error)
+                self._order.append(job.rid)
+            self._ready[job.rid].set()
+
+
+def prefill_worker(engine: EngineCore, tiers: TierGroups) -> None:
+    """The prefill tier, every rank: take jobs from the decode tier until it says stop; prefill
+    each (its own cache shares what earlier ones left), sample the first token, and hand the
+    K/V to the decode tier."""
+    group = tiers.handoff
+    jobs = handed = 0
+    while True:
+        box = [None]
+        if tiers.rank == tiers.prefill.first:
+            box[0] = _recv_object(group, tiers.decode.first)
+        if tiers.prefill.size > 1:
+            dist.broadcast_object_list(box, src=0)  # the tier's own group
+        kind, job = box[0]
+        if kind == "stop":
+            logger.info("prefill tier: %d prompts prefilled, %d (token, head) pairs handed off",
+                        jobs, handed)  # fmt: skip
+            return
+        if kind != "job":
+            continue
+        request = Request(job.rid, job.tokens, replace(job.sampling, max_new_tokens=1))
+        try:
+            outcome = engine.run([request])[0][0]
+            first = outcome.tokens[0]
+        except Exception as e:  # every rank of the tier fails alike (run raises on all)
+            logger.warning("request %d: prefill failed: %s", job.rid, e)
+            outcome, first = None, -1
+        if tiers.rank == tiers.prefill.first:
+            for r in range(tiers.decode.size):
+                group.send([torch.tensor([first])], tiers.decode.world_rank(r), _FIRST_TAG).wait()
+        if outcome is not None:
+            handed += send_kv(engine, outcome.seq, tiers=tiers, skip=job.skip).token_heads
+        jobs += 1

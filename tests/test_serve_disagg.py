@@ -1,0 +1,108 @@
+"""The disaggregated server (``serve --prefill LAYOUT --decode LAYOUT``): long prompts prefill
+on the prefill tier and their KV moves to the decode tier resharded, short ones prefill on the
+decode tier. Greedy in fp32 it answers as the colocated server does, token for token, dense and
+MoE, chats and streams included; each KV token of each head is handed over once, counted."""
+
+from __future__ import annotations
+
+import json
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.hf_oracle import make_checkpoint
+from tests.serve_helpers import Server
+
+MIN = 32  # --disagg-min-tokens
+POOL = ["--kv-cache-memory", "4MiB"]
+
+
+def _metrics(server) -> dict[str, float]:
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if not s.labels}  # fmt: skip
+
+
+def _complete(server, prompt, max_tokens=6) -> list[int]:
+    r = server.post("/v1/completions", {"prompt": prompt, "max_tokens": max_tokens,
+                                        "temperature": 0})  # fmt: skip
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["token_ids"]
+
+
+def _stream(server, prompt, max_tokens=6) -> list[int]:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    tokens = []
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                tokens += json.loads(line[6:])["choices"][0].get("token_ids") or []
+    return tokens
+
+
+def _workload(seed: int) -> tuple[list[list[int]], list[int]]:
+    """Prompts long and short (some sharing a prefix), and a chat's second turn."""
+    g = random.Random(seed)
+    system = [g.randrange(1, 250) for _ in range(100)]
+    prompts = [[*system, *(g.randrange(1, 250) for _ in range(40 + 7 * j))] for j in range(4)] + [
+        [g.randrange(1, 250) for _ in range(5)],
+        [3] * 200,
+    ]
+    return prompts, [g.randrange(1, 250) for _ in range(60)]
+
+
+def _answers(server, seed: int) -> dict:
+    prompts, turn = _workload(seed)
+    with ThreadPoolExecutor(4) as pool:
+        burst = list(pool.map(lambda p: _complete(server, p), prompts))
+    first = _complete(server, prompts[0], max_tokens=5)  # a chat: its history comes back
+    second = _complete(server, [*prompts[0], *first, *turn], max_tokens=5)
+    return {"burst": burst, "chat": [first, second], "stream": _stream(server, prompts[1])}
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory):
+    return make_checkpoint("mixtral", tmp_path_factory.mktemp("moe"))
+
+
+@pytest.mark.parametrize(
+    ("model", "prefill", "decode"),
+    [("llama", "tp=1,cp=2", "tp=1"), ("llama", "tp=1,cp=2", "tp=2"),
+     ("mixtral", "tp=1,cp=2", "tp=1")],
+    ids=["cp2-tp1", "cp2-tp2", "moe-cp2-tp1"],
+)  # fmt: skip
+def test_disaggregated_server_answers_as_colocated(
+    request, tmp_path, model, prefill, decode
+):  # fmt: skip
+    ckpt = request.getfixturevalue("checkpoint" if model == "llama" else "moe_checkpoint")
+    world = 2 + (2 if decode == "tp=2" else 1)
+    colocated = Server(ckpt, 2, ["--cp", "2", *POOL], tmp_path / "colocated.log")
+    try:
+        want = _answers(colocated, 7)
+    finally:
+        colocated.stop()
+    disagg = Server(ckpt, world, ["--prefill", prefill, "--decode", decode,
+                                  "--disagg-min-tokens", str(MIN), *POOL],
+                    tmp_path / "disagg.log")  # fmt: skip
+    try:
+        got = _answers(disagg, 7)
+        m = _metrics(disagg)
+    finally:
+        disagg.stop()
+    assert got == want
+    # routed by new tokens: 4 long prompts, [3] * 200, the chat's first turn (its prompt is
+    # cached, but its last token is new: 1 < MIN: local) and second turn (60 + 5 new), the
+    # stream's prompt (cached but for its last token: local) -> 6 went to the prefill tier
+    assert m["cp_infer_disagg_prefills_total"] == 6
+    # decode rank 0 holds n_kv_heads / tp of the heads; each job's tokens, less those its cache
+    # shared already, came once a layer and head: at most every remote prompt's whole
+    config = json.loads((ckpt / "config.json").read_text())
+    heads = config["num_key_value_heads"] // int(decode[-1])
+    per_token = heads * config["num_hidden_layers"]
+    prompts, turn = _workload(7)
+    longest = sum(map(len, prompts[:4])) + 200 + len(prompts[0]) + 5 + len(turn)
+    handed = m["cp_infer_kv_handoff_token_heads_total"]
+    assert handed % per_token == 0 and 0 < handed <= longest * per_token
