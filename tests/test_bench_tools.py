@@ -110,3 +110,17 @@ def test_bench_sampling_times_top_p_both_ways(tmp_path):
         "top-p, full sort",
         "top-p, top-1024 first",
     }
+
+
+@pytest.mark.timeout(240)
+def test_bench_disagg_reports_the_three_figures(tmp_path):
+    bench_disagg = importlib.import_module("bench_disagg")
+    out = tmp_path / "disagg.json"
+    records = bench_disagg.main(["--preset", "tiny-llama", "--clients", "2", "--prompt-len", "32",
+                                 "--warm-tokens", "4", "--long-len", "2048",
+                                 "--disagg-min-tokens", "512", "--kv-memory", "16MiB",
+                                 "--modes", "disaggregated", "--json", str(out)])  # fmt: skip
+    [r] = records
+    assert r["mode"] == "disaggregated" and r["gaps"] > 0
+    assert 0 < r["tbt_p50_s"] <= r["tbt_p99_s"] and r["ttft_s"] > 0
+    assert json.loads(out.read_text()) == records

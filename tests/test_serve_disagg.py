@@ -60,7 +60,11 @@ def _answers(server, seed: int) -> dict:
         burst = list(pool.map(lambda p: _complete(server, p), prompts))
     first = _complete(server, prompts[0], max_tokens=5)  # a chat: its history comes back
     second = _complete(server, [*prompts[0], *first, *turn], max_tokens=5)
-    return {"burst": burst, "chat": [first, second], "stream": _stream(server, prompts[1])}
+    r = server.post("/v1/completions", {"prompt": [5, *prompts[2][1:]], "max_tokens": 6,
+                                        "temperature": 0.8, "seed": 5})  # fmt: skip
+    sampled = r.json()["choices"][0]["token_ids"]  # its first token drawn by the prefill tier
+    return {"burst": burst, "chat": [first, second], "stream": _stream(server, prompts[1]),
+            "sampled": sampled}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +99,15 @@ def test_disaggregated_server_answers_as_colocated(
     assert got == want
     # routed by new tokens: 4 long prompts, [3] * 200, the chat's first turn (its prompt is
     # cached, but its last token is new: 1 < MIN: local) and second turn (60 + 5 new), the
-    # stream's prompt (cached but for its last token: local) -> 6 went to the prefill tier
-    assert m["cp_infer_disagg_prefills_total"] == 6
+    # stream's prompt (cached but for its last token: local), the sampled one -> 7 went to the
+    # prefill tier
+    assert m["cp_infer_disagg_prefills_total"] == 7
     # decode rank 0 holds n_kv_heads / tp of the heads; each job's tokens, less those its cache
     # shared already, came once a layer and head: at most every remote prompt's whole
     config = json.loads((ckpt / "config.json").read_text())
     heads = config["num_key_value_heads"] // int(decode[-1])
     per_token = heads * config["num_hidden_layers"]
     prompts, turn = _workload(7)
-    longest = sum(map(len, prompts[:4])) + 200 + len(prompts[0]) + 5 + len(turn)
+    longest = sum(map(len, prompts[:4])) + 200 + len(prompts[0]) + 5 + len(turn) + len(prompts[2])
     handed = m["cp_infer_kv_handoff_token_heads_total"]
     assert handed % per_token == 0 and 0 < handed <= longest * per_token

@@ -78,10 +78,12 @@ def start_server(
     checkpoint: Path | None = None,
     server: str = "cp_infer",
     threads: int = 2,
+    layout: tuple[int, list[str]] | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """``cp_infer serve`` under torchrun, one thread per rank (or the peer: ``transformers
     serve --continuous-batching`` with ``threads`` threads); returns it and its URL once it
-    answers. ``log``: where its output goes (default: nowhere)."""
+    answers. ``log``: where its output goes (default: nowhere). ``layout``: (processes, the
+    layout's flags) in place of ``--cp cp`` (two tiers, say)."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if server == "transformers":
@@ -92,9 +94,10 @@ def start_server(
         health = "/health"
     else:
         model = ["--preset", preset] if checkpoint is None else ["--checkpoint", str(checkpoint)]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cp),
+        nproc, flags = layout or (cp, ["--cp", str(cp)])
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-port", str(free_port()), "-m", "cp_infer", "serve", *model,
-               "--cp", str(cp), "--port", str(port), *extra]  # fmt: skip
+               *flags, "--port", str(port), *extra]  # fmt: skip
         health = "/health"
     out = subprocess.DEVNULL if log is None else open(log, "w")  # noqa: SIM115 (the child's)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=out,

@@ -62,7 +62,7 @@ from cp_infer.engine.chunking import ChunkTimer, Estimates, StepCosts, choose_ch
 from cp_infer.engine.kv_cache import StorePlan
 from cp_infer.engine.kv_pool import PoolFull, blocks_for_tokens
 from cp_infer.engine.runner import ModelRunner
-from cp_infer.engine.sampling import SamplingConfig, sample_rows
+from cp_infer.engine.sampling import GREEDY_BELOW, SamplingConfig, sample_rows
 from cp_infer.engine.scheduler import Scheduler, SequenceState
 from cp_infer.schema import RequestError
 
@@ -551,6 +551,8 @@ class EngineCore:
                     done([x.request], {rid: o})
                 continue
             x.before = [first]
+            if x.request.sampling.temperature >= GREEDY_BELOW:  # the prefill tier drew one
+                torch.rand((), generator=x.generator, device=x.generator.device)
             o.ttft_s = time.perf_counter() - x.admitted
             if emit is not None:
                 emit([(rid, first, None)])
