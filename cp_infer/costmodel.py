@@ -16,6 +16,7 @@ weights; ``tests/test_costmodel.py`` pins each with its bound): TTFT at 128K for
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from cp_infer.hardware import Profile, decode_s, prefill_layer
@@ -23,8 +24,8 @@ from cp_infer.models.config import ModelConfig
 from cp_infer.planner import KV_DTYPES, plan_memory
 
 __all__ = [
-    "PUBLISHED", "PlanRecord", "Published", "plan_prefill", "predict_benchmark",
-    "predicted_crossover",
+    "PUBLISHED", "PlanRecord", "Published", "TierPlan", "plan_prefill", "plan_tiers",
+    "predict_benchmark", "predicted_crossover",
 ]  # fmt: skip
 
 
@@ -204,3 +205,149 @@ def predict_benchmark(
     every CP rank one single-threaded gloo process (``tp=1``), fp32, a pass-KV prefill of one
     prompt, then decode; the record's ``ttft_s`` and ``ttit_s`` are its TTFT and TTIT."""
     return plan_prefill(cfg, prof, cp=cp, tp=1, context=prompt_tokens, bytes_per_element=4)
+
+
+@dataclass(frozen=True)
+class TierPlan:
+    """How many hosts a disaggregated deployment needs for a workload (``plan --tiers``).
+
+    The prefill tier is ``prefill_replicas`` groups of ``prefill_cp`` hosts, each prefilling one
+    prompt at a time (CP across its hosts); a prompt waits for a free group (an M/D/1 queue
+    per group at the arrival rate's share) and its KV then moves to the decode tier. The
+    decode tier is ``decode_replicas`` groups of ``decode_hosts_per_replica`` hosts (TP across
+    their devices), each decoding ``batch`` requests at once; by Little's law the tier holds
+    ``rate x output x TTIT`` requests.
+    """
+
+    prompt: int
+    output: int
+    rate: float
+    prefill_cp: int
+    prefill_replicas: int
+    prefill_s: float  # one prefill on a group
+    queue_s: float  # mean wait for a free group
+    handoff_s: float  # the KV's move to the decode tier (after the prefill: not overlapped)
+    ttft_s: float  # prefill + queue + hand-off
+    prefill_utilization: float
+    decode_hosts_per_replica: int
+    decode_replicas: int
+    batch: int  # requests a decode group holds at once
+    ttit_s: float  # at that batch
+    concurrency: float  # requests decoding at once over the tier
+    ttft_ok: bool
+    tbt_ok: bool
+    note: str
+
+    @property
+    def prefill_hosts(self) -> int:
+        return self.prefill_cp * self.prefill_replicas
+
+    @property
+    def decode_hosts(self) -> int:
+        return self.decode_hosts_per_replica * self.decode_replicas
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"prefill_hosts": self.prefill_hosts,
+                               "decode_hosts": self.decode_hosts}  # fmt: skip
+
+
+def plan_tiers(
+    cfg: ModelConfig, prof: Profile, *, prompt: int, output: int, rate: float,
+    ttft_slo_s: float, tbt_slo_s: float, quant: str = "none", kv_dtype: str | None = None,
+    bytes_per_element: int | None = None, max_hosts: int = 64,
+) -> TierPlan:  # fmt: skip
+    """The fewest hosts of each tier that serve ``rate`` requests/s of ``prompt`` + ``output``
+    tokens within ``ttft_slo_s`` (the time to first token, queueing and the hand-off included)
+    and ``tbt_slo_s`` (the time between tokens), on ``prof``'s hosts of ``devices_per_host``.
+
+    Raises:
+        ValueError: a non-positive size, rate or target.
+    """
+    if min(prompt, output, max_hosts) < 1 or not (rate > 0 and ttft_slo_s > 0 and tbt_slo_s > 0):
+        raise ValueError(f"prompt, output, max hosts >= 1 and rate, targets > 0, got {prompt}, "
+                         f"{output}, {max_hosts}, {rate}, {ttft_slo_s}, {tbt_slo_s}")  # fmt: skip
+    e = bytes_per_element or prof.bytes_per_element
+    kv_dtype = kv_dtype or {1: "fp8_e4m3", 2: "bfloat16", 4: "float32"}[e]
+    host = prof.devices_per_host
+    kv_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * KV_DTYPES[kv_dtype]
+    # the decode tier receives a prompt's KV over its group's links (one NIC per device)
+    handoff = prompt * kv_token / (host * prof.link_bytes_s)
+
+    # prefill: the fewest hosts, over CP sizes that fit and replicas that keep up
+    best = None
+    cp = 1
+    while cp <= max_hosts:
+        rec = plan_prefill(cfg, prof, cp=cp, tp=host, context=prompt, bytes_per_element=e,
+                           quant=quant, kv_dtype=kv_dtype)  # fmt: skip
+        if rec.fits:
+            s = rec.ttft_s
+            replicas = max(1, math.floor(rate * s) + 1)  # utilization below 1
+            while cp * replicas <= max_hosts:
+                rho = rate * s / replicas
+                wait = rho * s / (2 * (1 - rho))
+                ttft = s + wait + handoff
+                if ttft <= ttft_slo_s:
+                    break
+                replicas += 1
+            option = (cp * replicas, ttft, cp, replicas, s, wait, rho)
+            if cp * replicas <= max_hosts and (best is None or option[:2] < best[:2]):
+                best = option
+        cp *= 2
+    notes = []
+    if best is None:  # nothing meets the target within max_hosts: the fastest group, alone
+        cp = max_hosts
+        s = plan_prefill(cfg, prof, cp=cp, tp=host, context=prompt, bytes_per_element=e,
+                         quant=quant, kv_dtype=kv_dtype).ttft_s  # fmt: skip
+        best = (cp, s + handoff, cp, 1, s, 0.0, min(rate * s, 1.0))
+        notes.append(f"no layout within {max_hosts} hosts meets the TTFT target")
+    _, ttft, pcp, preps, s, wait, rho = best
+
+    # decode: the smallest group that holds the weights and one request's KV (it runs no
+    # prefill: a prompt's activations are the prefill tier's), then the batch that meets the
+    # TBT target and fits
+    fp8 = _fp8_ffn(quant)
+
+    def fits(batch: int, tp: int) -> bool:
+        m = plan_memory(cfg, tp=tp, context=prompt + output, batch=batch, dtype_bytes=e,
+                        quant=quant, fp8_layers=("ffn",), kv_dtype=kv_dtype,
+                        device_bytes=int(prof.memory_bytes))  # fmt: skip
+        return m.weight_bytes + m.kv_cache_bytes <= prof.memory_bytes
+
+    hosts = 1
+    while hosts < max_hosts and not fits(1, host * hosts):
+        hosts *= 2
+    tp = host * hosts
+
+    def ttit(batch: int) -> float:
+        return decode_s(
+            cfg,
+            prof,
+            cp=1,
+            tp=tp,
+            context=prompt + output // 2,
+            batch=batch,
+            bytes_per_element=e,
+            fp8_ffn=fp8,
+            kv_bytes=KV_DTYPES[kv_dtype],
+        ).total
+
+    batch = 1
+    while batch < 4096 and ttit(2 * batch) <= tbt_slo_s and fits(2 * batch, tp):
+        batch *= 2
+    lo, hi = batch, 2 * batch  # the largest batch that still meets both, between them
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ttit(mid) <= tbt_slo_s and fits(mid, tp) else (lo, mid)
+    batch, step = lo, ttit(lo)
+    tbt_ok = step <= tbt_slo_s
+    if not tbt_ok:
+        notes.append("one request alone misses the TBT target")
+    concurrency = rate * output * step
+    replicas = max(1, math.ceil(concurrency / batch))
+    return TierPlan(
+        prompt=prompt, output=output, rate=rate, prefill_cp=pcp, prefill_replicas=preps,
+        prefill_s=s, queue_s=wait, handoff_s=handoff, ttft_s=ttft, prefill_utilization=rho,
+        decode_hosts_per_replica=hosts, decode_replicas=replicas, batch=batch, ttit_s=step,
+        concurrency=concurrency, ttft_ok=ttft <= ttft_slo_s, tbt_ok=tbt_ok,
+        note="; ".join(notes),
+    )  # fmt: skip

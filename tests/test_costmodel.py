@@ -347,3 +347,55 @@ def test_this_machine_crossover_predicted_within_2x():
     alg1 = crossover_miss_rate(16384, cp=2, n_heads=8, n_kv_heads=2, bytes_per_element=4,
                                hardware=prof.selector())  # fmt: skip
     assert alg1 < hi / 2
+
+
+# -- sizing a disaggregated deployment (plan --tiers) -----------------------------------------
+
+
+def test_plan_tiers_sizes_both_tiers_for_the_workload(tmp_path, capsys):
+    from cp_infer.cli import main
+    from cp_infer.costmodel import plan_tiers
+
+    cfg, prof = get_preset("llama3-405b"), PROFILES["h100-rdma"]
+    args = dict(prompt=131072, output=512, ttft_slo_s=10.0, tbt_slo_s=0.08, quant="fp8",
+                kv_dtype="fp8_e4m3")  # fmt: skip
+    slow, busy = (plan_tiers(cfg, prof, rate=r, **args) for r in (0.02, 0.5))
+    for t in (slow, busy):
+        assert t.ttft_ok and t.tbt_ok and t.ttft_s <= 10 and t.ttit_s <= 0.08
+        assert t.ttft_s == pytest.approx(t.prefill_s + t.queue_s + t.handoff_s)
+        # one group's prefill is the plan's TTFT at that CP size
+        assert t.prefill_s == plan_prefill(cfg, prof, cp=t.prefill_cp, context=131072,
+                                           quant="fp8", kv_dtype="fp8_e4m3").ttft_s  # fmt: skip
+        assert t.prefill_utilization < 1 and t.concurrency <= t.batch * t.decode_replicas
+    assert busy.prefill_hosts > slow.prefill_hosts and busy.decode_hosts >= slow.decode_hosts
+    # the prefill group is the smallest CP size that meets the target alone: 4 hosts miss it
+    assert plan_prefill(cfg, prof, cp=slow.prefill_cp // 2, context=131072, quant="fp8",
+                        kv_dtype="fp8_e4m3").ttft_s > 10 - slow.handoff_s  # fmt: skip
+    hopeless = plan_tiers(cfg, prof, rate=0.1, **{**args, "ttft_slo_s": 1.0, "tbt_slo_s": 0.001})
+    assert not hopeless.ttft_ok and not hopeless.tbt_ok and "no layout" in hopeless.note
+    out = tmp_path / "tiers.json"
+    assert (
+        main(
+            [
+                "plan",
+                "--preset",
+                "llama3-405b",
+                "--quant",
+                "fp8",
+                "--kv-dtype",
+                "fp8_e4m3",
+                "--context",
+                "131072",
+                "--tiers",
+                "--rate",
+                "0.5",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "prefill" in text and "decode" in text and "hand-off" in text
+    [record] = json.loads(out.read_text())
+    assert record["prefill_hosts"] == busy.prefill_hosts and record["decode_hosts"] == 2

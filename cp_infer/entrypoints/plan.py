@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cp_infer.costmodel import PUBLISHED, PlanRecord, plan_prefill
+from cp_infer.costmodel import PUBLISHED, PlanRecord, plan_prefill, plan_tiers
 from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments
 from cp_infer.hardware import PROFILES, profile
 from cp_infer.models.config import PRESETS, get_preset
@@ -79,12 +79,60 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="also draw TTFT and efficiency against CP (.png, .svg or .pdf; needs matplotlib: "
         "pip install 'cp_infer[plot]')",
     )  # fmt: skip
+    t = g.add_argument_group(
+        "disaggregated tiers (--tiers)",
+        "Size a prefill tier and a decode tier for a workload: prompts of --context tokens "
+        "arriving at --rate per second, each generating --output-len tokens, within a time to "
+        "first token (queueing and the KV hand-off included) and a time between tokens. "
+        "E.g. plan --preset llama3-405b --quant fp8 --kv-dtype fp8_e4m3 --context 131072 "
+        "--tiers --output-len 512 --rate 0.1 --ttft-slo 10 --tbt-slo 0.08",
+    )  # fmt: skip
+    t.add_argument("--tiers", action="store_true", help="size the two tiers (not --cp rows)")
+    t.add_argument("--output-len", type=int, default=512, help="tokens generated per request")
+    t.add_argument("--rate", type=float, default=0.1, help="requests arriving per second")
+    t.add_argument("--ttft-slo", type=float, default=10.0, metavar="S", help="TTFT target")
+    t.add_argument("--tbt-slo", type=float, default=0.08, metavar="S",
+                   help="time-between-tokens target")  # fmt: skip
+    t.add_argument("--max-hosts", type=int, default=64, help="hosts a tier may use at most")
     add_common_arguments(g)
     g.set_defaults(run=run)
     return g
 
 
+def run_tiers(args) -> int:
+    """``plan --tiers``: hosts per tier for the workload."""
+    cfg, prof = get_preset(args.preset), profile(args.hardware)
+    t = plan_tiers(
+        cfg, prof, prompt=args.context, output=args.output_len, rate=args.rate,
+        ttft_slo_s=args.ttft_slo, tbt_slo_s=args.tbt_slo, quant=args.quant,
+        kv_dtype=args.kv_dtype, bytes_per_element=args.dtype_bytes, max_hosts=args.max_hosts,
+    )  # fmt: skip
+    host = prof.devices_per_host
+    rows = [
+        ["prefill", str(t.prefill_hosts),
+         f"{t.prefill_replicas} x cp={t.prefill_cp} (tp={host} a host)",
+         f"TTFT {t.ttft_s:.2f} s = prefill {t.prefill_s:.2f} + queue {t.queue_s:.2f} + "
+         f"hand-off {t.handoff_s:.2f}", f"{t.prefill_utilization:.0%} busy",
+         "yes" if t.ttft_ok else "no"],
+        ["decode", str(t.decode_hosts),
+         f"{t.decode_replicas} x tp={host * t.decode_hosts_per_replica}",
+         f"TTIT {1000 * t.ttit_s:.1f} ms at batch {t.batch}",
+         f"{t.concurrency:.1f} decoding", "yes" if t.tbt_ok else "no"],
+    ]  # fmt: skip
+    print(f"{cfg.name} on {prof.name}: {args.rate:g} requests/s of {args.context} + "
+          f"{args.output_len} tokens, TTFT <= {args.ttft_slo:g} s, TBT <= "
+          f"{1000 * args.tbt_slo:g} ms, quant {args.quant}:")  # fmt: skip
+    print(format_table(["tier", "hosts", "layout", "per request", "load", "meets"], rows))
+    if t.note:
+        print(t.note)
+    if args.json:
+        write_json(args.json, [t.to_dict()])
+    return 0
+
+
 def run(args, argv: list[str]) -> int:
+    if args.tiers:
+        return run_tiers(args)
     try:
         cps = [int(x) for x in args.cp.split(",")]
     except ValueError:
