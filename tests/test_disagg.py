@@ -45,12 +45,11 @@ def _colocated(dist_pool, tmp_path, preset: str, extra: list[str]) -> list[list[
 @pytest.mark.parametrize(
     ("preset", "prefill", "decode", "extra"),
     [
-        ("tiny-llama", "tp=1,cp=2", "tp=1", []),
         ("tiny-llama", "tp=1,cp=2", "tp=2", []),
         ("tiny-moe", "tp=2,cp=1", "tp=1", []),
         ("tiny-llama", "cp=2", "tp=2", ["--kv-dtype", "fp8_e4m3"]),
     ],
-    ids=["cp2-tp1", "cp2-tp2", "moe-tp2-tp1", "fp8-cp2-tp2"],
+    ids=["cp2-tp2", "moe-tp2-tp1", "fp8-cp2-tp2"],  # cp2 -> tp1: tests/test_serve_disagg.py
 )
 def test_disaggregated_equals_colocated(dist_pool, tmp_path, preset, prefill, decode, extra):
     expected = _colocated(dist_pool, tmp_path, preset, extra)

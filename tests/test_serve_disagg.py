@@ -72,6 +72,24 @@ def moe_checkpoint(tmp_path_factory):
     return make_checkpoint("mixtral", tmp_path_factory.mktemp("moe"))
 
 
+@pytest.fixture(scope="module")
+def colocated(checkpoint, moe_checkpoint, tmp_path_factory):
+    """The colocated server's answers (cp=2), once per model."""
+    answers = {}
+
+    def get(model: str, ckpt) -> dict:
+        if model not in answers:
+            log = tmp_path_factory.mktemp("colocated") / f"{model}.log"
+            server = Server(ckpt, 2, ["--cp", "2", *POOL], log)
+            try:
+                answers[model] = _answers(server, 7)
+            finally:
+                server.stop()
+        return answers[model]
+
+    return get
+
+
 @pytest.mark.parametrize(
     ("model", "prefill", "decode"),
     [("llama", "tp=1,cp=2", "tp=1"), ("llama", "tp=1,cp=2", "tp=2"),
@@ -79,15 +97,11 @@ def moe_checkpoint(tmp_path_factory):
     ids=["cp2-tp1", "cp2-tp2", "moe-cp2-tp1"],
 )  # fmt: skip
 def test_disaggregated_server_answers_as_colocated(
-    request, tmp_path, model, prefill, decode
+    request, colocated, tmp_path, model, prefill, decode
 ):  # fmt: skip
     ckpt = request.getfixturevalue("checkpoint" if model == "llama" else "moe_checkpoint")
     world = 2 + (2 if decode == "tp=2" else 1)
-    colocated = Server(ckpt, 2, ["--cp", "2", *POOL], tmp_path / "colocated.log")
-    try:
-        want = _answers(colocated, 7)
-    finally:
-        colocated.stop()
+    want = colocated(model, ckpt)
     disagg = Server(ckpt, world, ["--prefill", prefill, "--decode", decode,
                                   "--disagg-min-tokens", str(MIN), *POOL],
                     tmp_path / "disagg.log")  # fmt: skip
