@@ -21,7 +21,6 @@ Example (the figures in docs/performance.md)::
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import statistics
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_serve import percentile, start_server, stop_server
-from bench_tbt import _scenario
+from bench_tbt import _scenario, run_modes, scenario_parser
 
 from cp_infer.reporting import format_table, write_json
 
@@ -65,30 +64,12 @@ def _run_mode(mode: str, args) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    p.add_argument("--preset", default="small-llama")
-    p.add_argument("--clients", type=int, default=4, help="requests decoding meanwhile")
-    p.add_argument("--prompt-len", type=int, default=256, help="their prompts' tokens")
-    p.add_argument("--max-tokens", type=int, default=8192, help="their budget (they are stopped)")
-    p.add_argument("--warm-tokens", type=int, default=16, help="tokens each has before")
-    p.add_argument("--long-len", type=int, default=16384, help="the arriving prompt's tokens")
-    p.add_argument("--slo-ms", type=float, default=100.0, help="colocated-slo's TBT target")
+    p = scenario_parser(__doc__, clients=4, modes=list(MODES))
     p.add_argument("--disagg-min-tokens", type=int, default=1024,
                    help="prompts the prefill tier takes (the decodes' are shorter)")  # fmt: skip
     p.add_argument("--kv-memory", default="256MiB", help="each rank's KV pool")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--vocab", type=int, default=500, help="prompt ids are drawn below this")
-    p.add_argument("--json", type=Path, metavar="PATH", help="also write the records")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    records = []
-    for mode in args.modes:
-        logger.info("mode %s", mode)
-        records.append(_run_mode(mode, args))
+    records = run_modes(args, _run_mode)
     cols = ["mode", "gaps", "TBT p50 ms", "TBT p99 ms", "long TTFT s"]
     rows = [[r["mode"], str(r["gaps"]), f"{1000 * r['tbt_p50_s']:.1f}",
              f"{1000 * r['tbt_p99_s']:.1f}", f"{r['ttft_s']:.2f}"] for r in records]  # fmt: skip

@@ -128,31 +128,42 @@ def _long_chunks(log: str, long_len: int) -> list[int]:
     return chunks[::-1] if total == long_len else []
 
 
-def main(argv=None) -> list[dict]:
+def scenario_parser(doc: str, *, clients: int, modes: list[str]) -> argparse.ArgumentParser:
+    """The arguments of the scenario (:func:`_scenario`), shared with bench_disagg."""
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("--preset", default="small-llama")
-    p.add_argument("--cp", type=int, default=2)
-    p.add_argument("--clients", type=int, default=3, help="requests decoding meanwhile")
+    p.add_argument("--clients", type=int, default=clients, help="requests decoding meanwhile")
     p.add_argument("--prompt-len", type=int, default=256, help="their prompts' tokens")
     p.add_argument("--max-tokens", type=int, default=8192, help="their budget (they are stopped)")
     p.add_argument("--warm-tokens", type=int, default=16, help="tokens each has before")
     p.add_argument("--long-len", type=int, default=16384, help="the arriving prompt's tokens")
-    p.add_argument("--slo-ms", type=float, default=100.0, help="the adaptive mode's TBT target")
-    p.add_argument("--modes", nargs="+", choices=["whole", "adaptive"],
-                   default=["whole", "adaptive"])  # fmt: skip
-    p.add_argument("--hardware", type=Path, help="a calibrated profile for the server")
+    p.add_argument("--slo-ms", type=float, default=100.0, help="the TBT target")
+    p.add_argument("--modes", nargs="+", choices=modes, default=modes)
     p.add_argument("--vocab", type=int, default=500, help="prompt ids are drawn below this")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the records")
-    args = p.parse_args(argv)
+    return p
+
+
+def run_modes(args, run_mode) -> list[dict]:
+    """``run_mode(mode, args)`` for each of ``args.modes``, logged."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     records = []
     for mode in args.modes:
         logger.info("mode %s", mode)
-        records.append(_run_mode(mode, args))
+        records.append(run_mode(mode, args))
+    return records
+
+
+def main(argv=None) -> list[dict]:
+    p = scenario_parser(__doc__, clients=3, modes=["whole", "adaptive"])
+    p.add_argument("--cp", type=int, default=2)
+    p.add_argument("--hardware", type=Path, help="a calibrated profile for the server")
+    args = p.parse_args(argv)
+    records = run_modes(args, _run_mode)
     cols = ["mode", "target ms", "gaps", "TBT p50 ms", "TBT p99 ms", "TBT max ms", "within",
             "long TTFT s", "chunks", "chunk min/median/max"]  # fmt: skip
     rows = [[r["mode"], f"{r['slo_ms']:.0f}" if r["mode"] == "adaptive" else "-", str(r["gaps"]),
