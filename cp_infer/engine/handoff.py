@@ -35,7 +35,7 @@ from cp_infer.models.config import ModelConfig
 from parallel_state.tiers import TierGroups
 
 __all__ = [
-    "HandoffStats", "StagedKV", "adopt_staged", "head_routes", "receive_kv", "send_kv",
+    "HandoffStats", "KVSender", "StagedKV", "adopt_staged", "head_routes", "receive_kv", "send_kv",
     "shared_prefix", "stage_kv",
 ]  # fmt: skip
 
@@ -92,50 +92,97 @@ def _check_tiers(tiers: TierGroups) -> None:
         )
 
 
+class KVSender:
+    """This prefill rank's K/V of one sequence on their way to the decode ranks of their heads:
+    the positions first (:meth:`start`), then one message a layer (:meth:`layer`), each sent
+    without waiting, so the transfer runs while the next layers compute; :meth:`finish` waits
+    for all of them."""
+
+    def __init__(self, engine: EngineCore, *, tiers: TierGroups, skip: int = 0) -> None:
+        _check_tiers(tiers)
+        self.engine, self.tiers, self.skip = engine, tiers, skip
+        pg, cfg = engine.pg, engine.cfg
+        self.mine = _kv_heads(cfg, pg.tp, pg.tp_rank)
+        self.routes = {j: heads for (i, j), heads in
+                       head_routes(cfg, pg.tp, tiers.decode.tp).items() if i == pg.tp_rank}  # fmt: skip
+        self.stats = HandoffStats()
+        self.seq: int | None = None
+        self.keep = torch.zeros(0, dtype=torch.bool)
+        self.sent_layers = 0
+        self._pending: list = []
+
+    def start(self, seq: int, staged: bool = False) -> None:
+        """Send where ``seq``'s tokens on this rank go (those of this pass too: ``staged``)."""
+        positions = torch.tensor(self.engine.cache.positions(seq, staged), dtype=torch.int64)
+        self.seq, self.staged = seq, staged
+        self.keep = positions >= self.skip
+        positions = positions[self.keep]
+        self.count = positions.numel()
+        for j in self.routes:
+            dst = self.tiers.decode.world_rank(j)
+            self._send(torch.tensor([self.count]), dst)
+            if self.count:
+                self._send(positions, dst)
+
+    def layer(self, layer: int) -> None:
+        """Send one layer's K/V of the sequence (its heads each decode rank holds)."""
+        self.sent_layers += 1
+        if not self.count:
+            return
+        parts = [_wire(t) for t in self.engine.cache.raw(layer, self.seq, self.staged)]
+        for j, heads in self.routes.items():
+            dst = self.tiers.decode.world_rank(j)
+            local = slice(heads.start - self.mine.start, heads.stop - self.mine.start)
+            msgs = [torch.stack([parts[0][local, self.keep], parts[1][local, self.keep]])]
+            if len(parts) == 4:  # FP8: the scales travel beside it
+                msgs.append(torch.stack([parts[2][local, self.keep], parts[3][local, self.keep]]))
+            for m in msgs:
+                self._send(m, dst)
+                self.stats.nbytes += m.nbytes
+                self.stats.messages += 1
+            n = len(heads) * self.count
+            self.stats.token_heads += n
+            self.stats.per_peer[dst] = self.stats.per_peer.get(dst, 0) + n
+
+    def abort(self) -> None:
+        """Keep the receivers in step after a failed prefill: the positions (none, if it never
+        started) and zeros for the layers it did not send; the first token then says -1."""
+        if self.seq is None:
+            self.count = 0
+            for j in self.routes:
+                self._send(torch.zeros(1, dtype=torch.int64), self.tiers.decode.world_rank(j))
+            return
+        cache, layers = self.engine.cache, len(self.engine.cache.layer_ids)
+        wire = _wire(cache.k).dtype
+        for _ in range(self.sent_layers, layers if self.count else 0):
+            for j, heads in self.routes.items():
+                dst = self.tiers.decode.world_rank(j)
+                self._send(torch.zeros(2, len(heads), self.count, cache.head_dim, dtype=wire), dst)
+                if cache.fp8:
+                    self._send(torch.zeros(2, len(heads), self.count), dst)
+        self.sent_layers = layers
+
+    def finish(self) -> HandoffStats:
+        for work in self._pending:
+            work.wait()
+        self._pending = []
+        return self.stats
+
+    def _send(self, t: torch.Tensor, dst: int) -> None:
+        self._pending.append(self.tiers.handoff.send([t], dst, 0))
+
+
 def send_kv(
     engine: EngineCore, seq: int, *, tiers: TierGroups, skip: int = 0
 ) -> HandoffStats:  # fmt: skip
     """Send this prefill rank's K/V of ``seq`` (positions ``skip`` and on) to the decode ranks
-    that hold its heads (call on every prefill rank, for the sequences in the same order)."""
-    _check_tiers(tiers)
-    pg, cache, cfg = engine.pg, engine.cache, engine.cfg
-    stats = HandoffStats()
-    positions = torch.tensor(cache.positions(seq), dtype=torch.int64)
-    keep = positions >= skip
-    positions = positions[keep]
-    mine = _kv_heads(cfg, pg.tp, pg.tp_rank)
-    routes = {j: heads for (i, j), heads in head_routes(cfg, pg.tp, tiers.decode.tp).items()
-              if i == pg.tp_rank}  # fmt: skip
-    group = tiers.handoff
-    pending = []
-    for j in routes:
-        dst = tiers.decode.world_rank(j)
-        pending.append(group.send([torch.tensor([positions.numel()])], dst, 0))
-        if positions.numel():
-            pending.append(group.send([positions], dst, 0))
-    for work in pending:
-        work.wait()
-    if not positions.numel():
-        return stats
-    for layer in cache.layer_ids:
-        parts = [_wire(t) for t in cache.raw(layer, seq)]
-        pending = []
-        for j, heads in routes.items():
-            dst = tiers.decode.world_rank(j)
-            local = slice(heads.start - mine.start, heads.stop - mine.start)
-            msgs = [torch.stack([parts[0][local, keep], parts[1][local, keep]])]
-            if len(parts) == 4:  # FP8: the scales travel beside it
-                msgs.append(torch.stack([parts[2][local, keep], parts[3][local, keep]]))
-            for m in msgs:
-                pending.append(group.send([m], dst, 0))
-                stats.nbytes += m.nbytes
-                stats.messages += 1
-            n = len(heads) * positions.numel()
-            stats.token_heads += n
-            stats.per_peer[dst] = stats.per_peer.get(dst, 0) + n
-        for work in pending:
-            work.wait()
-    return stats
+    that hold its heads, after its prefill (call on every prefill rank, for the sequences in
+    the same order)."""
+    sender = KVSender(engine, tiers=tiers, skip=skip)
+    sender.start(seq)
+    for layer in engine.cache.layer_ids:
+        sender.layer(layer)
+    return sender.finish()
 
 
 @dataclass

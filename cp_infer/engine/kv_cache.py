@@ -149,9 +149,10 @@ class KVCache:
         """Committed tokens of ``seq`` per run of consecutive slots, on this rank."""
         return tuple(n for _, n in self.ledger.runs(seq))
 
-    def positions(self, seq: int) -> list[int]:
-        """Positions of the tokens of ``seq`` this rank holds, in storage order."""
-        return self.ledger.positions_of(seq)
+    def positions(self, seq: int, staged: bool = False) -> list[int]:
+        """Positions of the tokens of ``seq`` this rank holds (and those this pass staged), in
+        storage order."""
+        return self.ledger.positions_of(seq, staged)
 
     def nbytes(self) -> int:
         """Bytes of the pool (allocated once: capacity, not use)."""
@@ -235,10 +236,11 @@ class KVCache:
         out = self._views(self._layer[layer], self.ledger.runs(seq, staged=True))
         return DequantizedSegments(out, self.dtype) if self.fp8 else out
 
-    def raw(self, layer: int, seq: int) -> tuple[torch.Tensor, ...]:
-        """The committed (H_kv, n, D) K and V of ``seq`` on this rank, as stored (FP8 with
-        their (H_kv, n) scales after them), in :meth:`positions` order: one copy."""
-        segs = self._views(self._layer[layer], self.ledger.runs(seq))
+    def raw(self, layer: int, seq: int, staged: bool = False) -> tuple[torch.Tensor, ...]:
+        """The committed (H_kv, n, D) K and V of ``seq`` on this rank (and those this pass
+        staged), as stored (FP8 with their (H_kv, n) scales after them), in :meth:`positions`
+        order: one copy."""
+        segs = self._views(self._layer[layer], self.ledger.runs(seq, staged))
         return tuple(torch.cat(parts, dim=1) for parts in zip(*segs, strict=True))
 
     def prefix(self, layer: int, seqs: Sequence[int], lens) -> KVPrefix:

@@ -180,9 +180,10 @@ class BlockLedger:
             _extend(out, b * bs, min(bs, n - i * bs))
         return out
 
-    def positions_of(self, seq: int) -> list[int]:
-        """Positions of ``seq``'s committed tokens, in storage order."""
-        return [p for s, n in self.runs(seq) for p in self.positions[s : s + n].tolist()]
+    def positions_of(self, seq: int, staged: bool = False) -> list[int]:
+        """Positions of ``seq``'s committed tokens (and the staged ones), in storage order."""
+        runs = self.runs(seq, staged)
+        return [p for s, n in runs for p in self.positions[s : s + n].tolist()]
 
     def count_below(self, seq: int, position: int) -> int:
         """How many of ``seq``'s committed tokens have a position below ``position`` (they come

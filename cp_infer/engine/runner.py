@@ -16,6 +16,7 @@ that all ranks feed the same next step::
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -109,6 +110,9 @@ class ModelRunner:
             pool=KVPool(n_blocks, kv_block_size, pg.cp), cp_rank=pg.cp_rank,
         )  # fmt: skip
         self.exchange_kind, self.timeout_s = exchange, timeout_s
+        # called after each layer of a prefill pass with (batch, layer id): its K/V are stored
+        # (staged) by then (a prefill tier streams them to the decode tier)
+        self.after_layer: Callable[[StepBatch, int], None] | None = None
         self._exchange: Exchange | None = None
         self._exchange_bytes = 0
 
@@ -216,10 +220,18 @@ class ModelRunner:
             unit="layer", delay=1.0, leave=False,
             disable=not (progress and batch.kind == "prefill"),
         )  # fmt: skip
+        on_layer = bar.update
+        if self.after_layer is not None and batch.kind == "prefill":
+            layers, hook = iter(self.model.layer_ids), self.after_layer
+
+            def on_layer() -> None:
+                bar.update()
+                hook(batch, next(layers))
+
         ctx = ForwardContext(
             positions=batch.positions(pg.cp_rank),
             attention=attention,
-            on_layer=bar.update,
+            on_layer=on_layer,
             token_split=token_split,
         )
         try:

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from cp_infer.engine.core import EngineCore, Request
-from cp_infer.engine.handoff import StagedKV, send_kv, stage_kv
+from cp_infer.engine.handoff import KVSender, StagedKV, stage_kv
 from cp_infer.engine.sampling import SamplingConfig
 from parallel_state.tiers import TierGroups
 
@@ -132,19 +132,22 @@ class RemotePrefill:
             job: PrefillJob = self._jobs.get()
             first = torch.zeros(1, dtype=torch.int64)
             staged, error = None, None
-            try:
-                tiers.handoff.recv([first], tiers.prefill.first, _FIRST_TAG).wait()
-                if int(first) >= 0:
+            try:  # the K/V stream in while the prefill tier computes; then its first token
+                try:
                     staged = stage_kv(
                         engine.cfg, tp=pg.tp, tp_rank=pg.tp_rank, layers=len(cache.layer_ids),
                         fp8=cache.fp8, dtype=cache.k.dtype, length=len(job.tokens),
                         skip=job.skip, tiers=tiers,
                     )  # fmt: skip
+                except RuntimeError as e:  # nothing came (a failed prefill): no data follows
+                    staged, error = None, str(e)
+                tiers.handoff.recv([first], tiers.prefill.first, _FIRST_TAG).wait()
+                if int(first) < 0:
+                    staged, error = None, "the prefill tier failed this request"
+                elif staged is not None:
                     self.token_heads += staged.stats.token_heads
-                else:
-                    error = "the prefill tier failed this request"
             except Exception as e:  # the prefill tier is gone: every job fails
-                error = f"the hand-off failed: {e}"
+                staged, error = None, f"the hand-off failed: {e}"
                 first[0] = -1
             with self._lock:
                 self._done[job.rid] = (int(first), staged, error)
@@ -172,15 +175,27 @@ def prefill_worker(engine: EngineCore, tiers: TierGroups) -> None:
         if kind != "job":
             continue
         request = Request(job.rid, job.tokens, replace(job.sampling, max_new_tokens=1))
+        sender = KVSender(engine, tiers=tiers, skip=job.skip)
+
+        def after_layer(batch, layer: int, sender=sender) -> None:  # stream as it computes
+            if sender.seq is None:
+                sender.start(batch.seqs[0], staged=True)  # the job's: the only one running
+            elif batch.seqs[0] != sender.seq:
+                raise RuntimeError("the prompt did not prefill in one pass (the prefill tier's "
+                                   "KV pool is too small): raise its --kv-cache-memory")  # fmt: skip
+            sender.layer(layer)
+
+        engine.runner.after_layer = after_layer
         try:
-            outcome = engine.run([request])[0][0]
-            first = outcome.tokens[0]
+            first = engine.run([request])[0][0].tokens[0]
         except Exception as e:  # every rank of the tier fails alike (run raises on all)
             logger.warning("request %d: prefill failed: %s", job.rid, e)
-            outcome, first = None, -1
+            first = -1
+            sender.abort()
+        finally:
+            engine.runner.after_layer = None
+        handed += sender.finish().token_heads
         if tiers.rank == tiers.prefill.first:
             for r in range(tiers.decode.size):
                 group.send([torch.tensor([first])], tiers.decode.world_rank(r), _FIRST_TAG).wait()
-        if outcome is not None:
-            handed += send_kv(engine, outcome.seq, tiers=tiers, skip=job.skip).token_heads
         jobs += 1
