@@ -525,6 +525,7 @@ class EngineCore:
         if self.dispatch is not None:
             self.dispatch(job)
         self.remote_live[x.request.rid] = (x, pinned)
+        x.outcome.cached_tokens = job.skip  # what this tier's cache held of it
         self.stats.remote_prefills += 1
 
     def _adopt_arrived(self, rids: Sequence[int], emit, done: Done | None) -> None:
@@ -679,9 +680,7 @@ class EngineCore:
         self.cache.commit()
         self.retained[seq] = SequenceState(seq=seq, history=tokens)
         self.pool.set_live(seq, False)
-        self.index.add(seq, tokens)
-        self.stats.prefix_queries += len(tokens)
-        self.stats.prefix_hits += shared
+        self.index.add(seq, tokens)  # (the request that starts from it counts the lookup)
         return seq, shared
 
     # -- memory -------------------------------------------------------------------------------
