@@ -47,9 +47,13 @@ import torch.distributed as dist
 __all__ = ["measure_rank"]
 
 
-def _best(fn, repeats: int, min_s: float = 0.5) -> float:
-    """The slowest rank's best of at least ``repeats`` runs, and of as many as ``min_s``
+_MIN_S = [0.5]  # this rank's measure_rank(min_s=...): seconds of runs a best is taken over
+
+
+def _best(fn, repeats: int) -> float:
+    """The slowest rank's best of at least ``repeats`` runs, and of as many as ``_MIN_S``
     seconds hold (a short kernel's best of 3 is noise on a busy machine)."""
+    min_s = _MIN_S[0]
     t0 = time.perf_counter()
     fn()
     warm = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
@@ -222,8 +226,9 @@ def _decode_medians(pg, steps: int) -> dict[int, float]:
 
 
 def measure_rank(
-    tokens: int, message_bytes: int, repeats: int, read_bytes: int = 256 * 2**20
-) -> dict:
+    tokens: int, message_bytes: int, repeats: int, read_bytes: int = 256 * 2**20,
+    min_s: float = 0.5,
+) -> dict:  # fmt: skip
     """Runs on every rank of a pool; returns the profile (the same on every rank).
 
     Args:
@@ -231,7 +236,9 @@ def measure_rank(
         message_bytes: the large ring / All2All message.
         repeats: best of this many.
         read_bytes: the tensor the memory-bandwidth pass reads (large enough to miss caches).
+        min_s: every best is over at least this many seconds of runs.
     """
+    _MIN_S[0] = min_s
     from cp_infer.attention.comm import RingComm
     from cp_infer.attention.kernels import torch_cpu_flash
 

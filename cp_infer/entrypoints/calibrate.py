@@ -32,7 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--message-mib", type=float, default=16.0, help="size of the large message")
     g.add_argument("--memory-mib", type=float, default=256.0,
                    help="size of the tensor read to measure memory bandwidth")  # fmt: skip
-    g.add_argument("--repeats", type=int, default=3, help="best of this many")
+    g.add_argument("--repeats", type=int, default=3, help="best of at least this many")
+    g.add_argument("--min-seconds", type=float, default=0.5,
+                   help="and of as many runs as fill this many seconds (short kernels)")  # fmt: skip
     add_common_arguments(g)
     g.set_defaults(run=run)
     return g
@@ -43,15 +45,21 @@ def run(args, argv: list[str]) -> int:
     from cp_infer.testing import DistributedPool
 
     if (args.world < 2 or args.tokens < 1 or args.repeats < 1 or args.message_mib <= 0
-            or args.memory_mib <= 0):  # fmt: skip
+            or args.memory_mib <= 0 or args.min_seconds < 0):  # fmt: skip
         raise ValueError(
-            "--world must be >= 2 (a ring), --tokens, --repeats, --message-mib, --memory-mib > 0"
+            "--world must be >= 2 (a ring), --tokens, --repeats, --message-mib, --memory-mib > 0, --min-seconds >= 0"
         )
     nbytes = int(args.message_mib * 2**20) // (4 * args.world) * 4 * args.world
     read_bytes = max(4, int(args.memory_mib * 2**20) // 4 * 4)
     with DistributedPool(args.world, pg_timeout_s=600) as pool:
         profile = pool.run(
-            measure_rank, args.tokens, nbytes, args.repeats, read_bytes, timeout_s=1200
+            measure_rank,
+            args.tokens,
+            nbytes,
+            args.repeats,
+            read_bytes,
+            args.min_seconds,
+            timeout_s=1200,
         )[0]
     rows = [[k, _show(v)] for k, v in profile.items() if not isinstance(v, dict)]
     rows += [  # the rate tables, one row a size
