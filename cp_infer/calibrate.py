@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -47,13 +47,18 @@ import torch.distributed as dist
 __all__ = ["measure_rank"]
 
 
-_MIN_S = [0.5]  # this rank's measure_rank(min_s=...): seconds of runs a best is taken over
+@dataclass(frozen=True)
+class Timing:
+    """How a best is taken: over at least ``repeats`` runs and ``min_s`` seconds of them (a
+    short kernel's best of 3 is noise on a busy machine)."""
+
+    repeats: int
+    min_s: float = 0.5
 
 
-def _best(fn, repeats: int) -> float:
-    """The slowest rank's best of at least ``repeats`` runs, and of as many as ``_MIN_S``
-    seconds hold (a short kernel's best of 3 is noise on a busy machine)."""
-    min_s = _MIN_S[0]
+def _best(fn, timing: Timing) -> float:
+    """The slowest rank's best of the runs ``timing`` asks for (every rank runs as many)."""
+    repeats, min_s = timing.repeats, timing.min_s
     t0 = time.perf_counter()
     fn()
     warm = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
@@ -91,7 +96,7 @@ def _paired_difference(alone, both, pairs: int) -> float:
     return t.item()
 
 
-def _shape_rates(tokens: int, repeats: int, g) -> dict:
+def _shape_rates(tokens: int, timing: Timing, g) -> dict:
     """Causal attention FLOP/s by head size and by the queries of a call (``tokens`` / 4,
     ``tokens`` and 4 x ``tokens``: the calls of a short prompt at high CP and of a long one at
     CP 1), and GEMM FLOP/s by model width (one rank each)."""
@@ -105,16 +110,16 @@ def _shape_rates(tokens: int, repeats: int, g) -> dict:
             h = 8 if n <= t else 4  # GQA 4 either way; fewer heads keep the long call short
             q = torch.randn(1, h, n, d, generator=g)
             k, v = (torch.randn(1, h // 4, n, d, generator=g) for _ in range(2))
-            s = _best(lambda q=q, k=k, v=v: torch_cpu_flash(q, k, v, True), repeats)
+            s = _best(lambda q=q, k=k, v=v: torch_cpu_flash(q, k, v, True), timing)
             attention[str(d)][str(n)] = 0.5 * 4 * n * n * h * d / s
     gemm = {}
     for dim in (128, 512, 1024):
         x, w = torch.randn(t, dim, generator=g), torch.randn(dim, 4 * dim, generator=g)
-        gemm[str(dim)] = 2 * t * dim * 4 * dim / _best(lambda x=x, w=w: x @ w, repeats)
+        gemm[str(dim)] = 2 * t * dim * 4 * dim / _best(lambda x=x, w=w: x @ w, timing)
     return {"attention_flops_by_head_dim": attention, "gemm_flops_by_dim": gemm}
 
 
-def _decode_rates(repeats: int, g, weight_bytes: int, cache_tokens: int = 16384) -> dict:
+def _decode_rates(timing: Timing, g, weight_bytes: int, cache_tokens: int = 16384) -> dict:
     """What a decode step runs at: one row through the engine's linears (layers of a model
     1024 wide, ``weight_bytes`` of them: more than the caches hold, as a model's weights are)
     and attention of one query over a long cache."""
@@ -136,17 +141,17 @@ def _decode_rates(repeats: int, g, weight_bytes: int, cache_tokens: int = 16384)
         for m in linears:
             small_linear(rows[m.in_features], m)
 
-    gemv_s = _best(gemv, repeats)
+    gemv_s = _best(gemv, timing)
     q = torch.randn(1, 8, 1, 128, generator=g)
     k, v = (torch.randn(1, 2, cache_tokens, 128, generator=g) for _ in range(2))
-    kv_s = _best(lambda: torch_cpu_flash(q, k, v, False), repeats)
+    kv_s = _best(lambda: torch_cpu_flash(q, k, v, False), timing)
     return {
         "gemv_bandwidth": len(linears) // len(shapes) * per_layer / gemv_s,
         "decode_kv_bandwidth": (k.numel() + v.numel()) * 4 / kv_s,
     }
 
 
-def _activation_rate(tokens: int, repeats: int, g) -> dict:
+def _activation_rate(tokens: int, timing: Timing, g) -> dict:
     """Bytes/s of a prefill layer's elementwise passes, as the model runs them: two RMSNorms,
     RoPE on the queries and keys, two residual adds and SwiGLU's product, on ``tokens`` tokens of
     a model 1024 wide; bytes as :func:`cp_infer.hardware.activation_elements` counts them (the
@@ -176,7 +181,7 @@ def _activation_rate(tokens: int, repeats: int, g) -> dict:
         q.transpose(0, 1).contiguous().transpose(0, 1).reshape(tokens, -1).contiguous()
         return h + norm(h), F.silu(gate) * up
 
-    seconds = _best(layer, repeats)
+    seconds = _best(layer, timing)
     return {"activation_bandwidth": tokens * activation_elements(cfg) * 4 / seconds}
 
 
@@ -238,7 +243,7 @@ def measure_rank(
         read_bytes: the tensor the memory-bandwidth pass reads (large enough to miss caches).
         min_s: every best is over at least this many seconds of runs.
     """
-    _MIN_S[0] = min_s
+    timing = Timing(repeats, min_s)
     from cp_infer.attention.comm import RingComm
     from cp_infer.attention.kernels import torch_cpu_flash
 
@@ -246,10 +251,10 @@ def measure_rank(
     h, h_kv, d = 8, 2, 128
     q = torch.randn(1, h, tokens, d, generator=g)
     k, v = (torch.randn(1, h_kv, tokens, d, generator=g) for _ in range(2))
-    attn_s = _best(lambda: torch_cpu_flash(q, k, v, True), repeats)
+    attn_s = _best(lambda: torch_cpu_flash(q, k, v, True), timing)
     dim = 1024
     x, w = torch.randn(tokens, dim, generator=g), torch.randn(dim, 4 * dim, generator=g)
-    gemm_s = _best(lambda: x @ w, repeats)
+    gemm_s = _best(lambda: x @ w, timing)
     big = torch.zeros(message_bytes // 4)
     tiny = torch.zeros(2)
 
@@ -258,7 +263,7 @@ def measure_rank(
         comm.send_recv(t)
         comm.wait()
 
-    big_s, tiny_s = _best(lambda: ring(big), repeats), _best(lambda: ring(tiny), repeats)
+    big_s, tiny_s = _best(lambda: ring(big), timing), _best(lambda: ring(tiny), timing)
 
     # overlap: an attention a few times longer than the large SendRecv (as a ring step's is,
     # in a long prefill), run while the SendRecv is in flight: what it adds to the attention
@@ -279,11 +284,11 @@ def measure_rank(
     n = dist.get_world_size()
     slots = torch.zeros(n * (message_bytes // 4 // n))
     out = torch.empty_like(slots)
-    a2a_s = _best(lambda: dist.all_to_all_single(out, slots), repeats)
+    a2a_s = _best(lambda: dist.all_to_all_single(out, slots), timing)
     stream = torch.ones(read_bytes // 4)
-    read_s = _best(stream.sum, repeats)
-    shapes = _shape_rates(tokens, repeats, g) | _activation_rate(tokens, repeats, g)
-    decode = _decode_rates(repeats, g, read_bytes) | _engine_overheads()
+    read_s = _best(stream.sum, timing)
+    shapes = _shape_rates(tokens, timing, g) | _activation_rate(tokens, timing, g)
+    decode = _decode_rates(timing, g, read_bytes) | _engine_overheads()
     return {
         "attention_flops": 0.5 * 4 * tokens * tokens * h * d / attn_s,
         "gemm_flops": 2 * tokens * dim * 4 * dim / gemm_s,

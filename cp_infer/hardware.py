@@ -470,9 +470,9 @@ def prefill_layer(
     gemm = 2 * t / tp * (attn_w / gemm_rate + ffn_w / ffn_rate)
     # a kernel call's rate by its size: a ring step's pairs, as a causal square of as many
     # (the full prefill's calls are this rank's t queries; a new turn's, fewer over many keys)
-    flops = attention_flops(cfg, new, cached) / (cp * tp)
-    pairs = attention_flops(cfg, new, cached) / pair_flops(cfg) / cp**2
-    attention = flops / prof.attention_flops_s_at(cfg.head_dim, math.sqrt(2 * pairs))
+    total = attention_flops(cfg, new, cached)
+    pairs = total / pair_flops(cfg) / cp**2  # one ring step's (query, key) pairs
+    attention = total / (cp * tp) / prof.attention_flops_s_at(cfg.head_dim, math.sqrt(2 * pairs))
     tp_comm = 2 * all_reduce_s(prof, t * cfg.dim * e, tp)
     elementwise = 0.0
     if prof.activation_bytes_s:

@@ -24,7 +24,9 @@ import torch.distributed as dist
 
 from parallel_state.layout import validate_parallel_sizes
 
-__all__ = ["TIER_KEYS", "Tier", "TierGroups", "init_tiers", "parse_tier", "tier_layout"]
+__all__ = [
+    "TIER_KEYS", "Tier", "TierGroups", "init_tiers", "parse_tier", "tier_layout", "tier_size",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,11 @@ def parse_tier(flag: str, spec: str) -> dict[str, int]:
                              f"({example})")  # fmt: skip
         sizes[key.strip()] = int(value)
     return sizes
+
+
+def tier_size(sizes: dict[str, int]) -> int:
+    """The ranks a tier's layout takes (``tp * cp * pp``; EP groups are carved out of them)."""
+    return sizes["tp"] * sizes["cp"] * sizes["pp"]
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,7 @@ def tier_layout(prefill: dict[str, int], decode: dict[str, int], world_size: int
     """
     tiers, first = [], 0
     for name, sizes in (("prefill", prefill), ("decode", decode)):
-        n = sizes["tp"] * sizes["cp"] * sizes["pp"]
+        n = tier_size(sizes)
         try:
             validate_parallel_sizes(n, **sizes)
         except ValueError as e:

@@ -12,7 +12,7 @@ import pytest
 
 from cp_infer.engine.handoff import head_routes
 from cp_infer.models import get_preset
-from parallel_state.tiers import parse_tier, tier_layout
+from parallel_state.tiers import parse_tier, tier_layout, tier_size
 from tests.cli_runner import run_cli, torchrun
 
 PROMPTS = [
@@ -54,7 +54,7 @@ def _colocated(dist_pool, tmp_path, preset: str, extra: list[str]) -> list[list[
 def test_disaggregated_equals_colocated(dist_pool, tmp_path, preset, prefill, decode, extra):
     expected = _colocated(dist_pool, tmp_path, preset, extra)
     layouts = parse_tier("--prefill", prefill), parse_tier("--decode", decode)
-    world = sum(t["tp"] * t["cp"] for t in layouts)
+    world = sum(map(tier_size, layouts))
     tiers = tier_layout(*layouts, world)
     out = tmp_path / "disagg.jsonl"
     proc = torchrun(world, ["generate", "--preset", preset, "--prefill", prefill, "--decode",

@@ -565,12 +565,17 @@ class EngineCore:
                 continue
             self.waiting.appendleft(x)
 
+    def cached_prefix(self, tokens: Sequence[int]) -> tuple[int | None, int]:
+        """The cached sequence that shares the longest prefix with ``tokens``, and how many
+        tokens it shares ((None, 0) without prefix sharing)."""
+        return self.index.match(tokens) if self.share_prefixes else (None, 0)
+
     def _match(self, x: _Live, tokens: list[int]) -> tuple[int | None, int]:
         """The cached sequence ``x`` (whose ``tokens`` those are) starts from, and how many are
         shared (at least one token is left to compute: it yields the first logits)."""
-        if x.prompt_logprobs or not self.share_prefixes:  # every prompt token needs its logits
+        if x.prompt_logprobs:  # every prompt token needs its logits
             return None, 0
-        holder, shared = self.index.match(tokens)
+        holder, shared = self.cached_prefix(tokens)
         return holder, min(shared, len(tokens) - 1)
 
     def _joins_a_prefill(self, tokens: list[int], shared: int) -> bool:
@@ -649,7 +654,7 @@ class EngineCore:
         if self.pg.cp != 1 or self.pg.pp != 1:
             raise NotImplementedError("adopting a hand-off needs cp=1 and pp=1 on this tier")
         tokens = list(tokens)
-        holder, shared = self.index.match(tokens) if self.share_prefixes else (None, 0)
+        holder, shared = self.cached_prefix(tokens)
         seq, self._next_seq = self._next_seq, self._next_seq + 1
         shared = shared if holder is not None else 0
         if shared:

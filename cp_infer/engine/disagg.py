@@ -25,9 +25,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from cp_infer.engine.generate import Conversation, GenerationResult, generate, new_engine
-from cp_infer.engine.handoff import HandoffStats, receive_kv, send_kv, shared_prefix
-from cp_infer.engine.kv_cache import DEFAULT_BLOCK_SIZE
+from cp_infer.engine.generate import Conversation, generate, new_engine, pool_tokens
+from cp_infer.engine.handoff import HandoffStats, receive_kv, send_kv
 from cp_infer.engine.sampling import SamplingConfig
 from cp_infer.models.llama import Transformer
 from parallel_state import ParallelGroups
@@ -41,12 +40,10 @@ logger = logging.getLogger(__name__)
 @dataclass
 class DisaggregatedResult:
     """What a tier did: the tokens (complete on the decode tier: the first from the prefill
-    tier, the rest decoded), the prefill's result (prefill tier), and the hand-off's counts
+    tier, the rest decoded; the first alone on the prefill tier) and the hand-off's counts
     (this rank's, one per prompt)."""
 
     tokens: list[list[int]]
-    prefill: GenerationResult | None = None
-    decode: GenerationResult | None = None
     handoff: list[HandoffStats] = field(default_factory=list)
 
 
@@ -77,25 +74,24 @@ def generate_disaggregated(
             skip = torch.zeros(1, dtype=torch.int64)
             group.recv([skip], tiers.decode.first, 0).wait()
             stats.append(send_kv(conv.engine, seq, tiers=tiers, skip=int(skip)))
-        return DisaggregatedResult(tokens=res.tokens, prefill=res, handoff=stats)
+        return DisaggregatedResult(tokens=res.tokens, handoff=stats)
 
     group.recv([first], tiers.prefill.first, 0).wait()
-    kv_tokens = sum(len(p) + sampling.max_new_tokens + 3 * DEFAULT_BLOCK_SIZE for p in prompts)
     engine = new_engine(
-        model, pg, kv_tokens=kv_tokens, max_batch=len(prompts),
+        model, pg, kv_tokens=pool_tokens([len(p) + sampling.max_new_tokens for p in prompts], pg.cp),
+        max_batch=len(prompts),
         **{k: kwargs[k] for k in ("kernel", "exchange", "hardware", "timeout_s", "kv_dtype")
            if k in kwargs},
     )  # fmt: skip
     stats = []
     for p in prompts:
-        skip = torch.tensor([shared_prefix(engine, p)], dtype=torch.int64)
+        skip = torch.tensor([engine.cached_prefix(p)[1]], dtype=torch.int64)
         if tiers.rank == tiers.decode.first:
             for r in range(tiers.prefill.size):
                 group.send([skip], tiers.prefill.world_rank(r), 0).wait()
         stats.append(receive_kv(engine, list(p), tiers=tiers, skip=int(skip))[1])
     tokens = [[int(t)] for t in first]
     more = [k for k, t in enumerate(tokens) if t[0] not in eos and sampling.max_new_tokens > 1]
-    decoded = None
     if more:
         seeds = list(seeds) if seeds is not None else [sampling.seed] * len(prompts)
         conv = Conversation(engine=engine, history=[list(prompts[k]) for k in more])
@@ -106,4 +102,4 @@ def generate_disaggregated(
         )  # fmt: skip
         for k, out in zip(more, decoded.tokens, strict=True):
             tokens[k] += out
-    return DisaggregatedResult(tokens=tokens, decode=decoded, handoff=stats)
+    return DisaggregatedResult(tokens=tokens, handoff=stats)

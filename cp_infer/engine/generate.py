@@ -27,7 +27,7 @@ from cp_infer.hardware import Profile
 from cp_infer.models.llama import Transformer
 from parallel_state import ParallelGroups
 
-__all__ = ["Conversation", "GenerationResult", "generate", "new_engine"]
+__all__ = ["Conversation", "GenerationResult", "generate", "new_engine", "pool_tokens"]
 
 
 @dataclass
@@ -154,7 +154,7 @@ def generate(
             lengths = ([model.cfg.max_seq_len] * len(prompts) if conversation is not None
                        else [len(h) + len(p) + sampling.max_new_tokens
                              for p, h in zip(prompts, history, strict=True)])  # fmt: skip
-            kv_tokens = sum(-(-n // pg.cp) + 3 * DEFAULT_BLOCK_SIZE for n in lengths)
+            kv_tokens = pool_tokens(lengths, pg.cp)
         conv.engine = new_engine(
             model, pg, kernel=kernel, exchange=exchange, hardware=hardware, timeout_s=timeout_s,
             kv_dtype=kv_dtype, kv_tokens=kv_tokens, max_batch=len(prompts),
@@ -181,6 +181,12 @@ def generate(
         top_logprobs=[o.top_logprobs for o in outcomes] if logprobs is not None else None,
         seqs=[o.seq for o in outcomes],
     )
+
+
+def pool_tokens(lengths: Sequence[int], cp: int) -> int:
+    """Slots of each rank's KV pool that sequences of ``lengths`` tokens need at most: each
+    one's share on the rank that gets the most, in blocks."""
+    return sum(-(-n // cp) + 3 * DEFAULT_BLOCK_SIZE for n in lengths)
 
 
 def new_engine(

@@ -26,27 +26,24 @@ positions are not sent.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from cp_infer.engine.core import EngineCore
 from cp_infer.models.config import ModelConfig
+from cp_infer.parallel.parallelize import kv_head_range
 from parallel_state.tiers import TierGroups
 
 __all__ = [
     "HandoffStats", "KVSender", "StagedKV", "adopt_staged", "head_routes", "receive_kv", "send_kv",
-    "shared_prefix", "stage_kv",
+    "stage_kv",
 ]  # fmt: skip
 
 
 def _kv_heads(cfg: ModelConfig, tp: int, tp_rank: int) -> range:
-    """The global KV heads a TP rank holds (replicated when ``tp > n_kv_heads``)."""
-    if cfg.n_kv_heads >= tp:
-        per = cfg.n_kv_heads // tp
-        return range(tp_rank * per, (tp_rank + 1) * per)
-    head = tp_rank // (tp // cfg.n_kv_heads)
-    return range(head, head + 1)
+    """The global KV heads a TP rank holds, as the model's layout splits them."""
+    return range(*kv_head_range(cfg, tp, tp_rank))
 
 
 def head_routes(cfg: ModelConfig, tp_from: int, tp_to: int) -> dict[tuple[int, int], range]:
@@ -67,12 +64,10 @@ def head_routes(cfg: ModelConfig, tp_from: int, tp_to: int) -> dict[tuple[int, i
 
 @dataclass
 class HandoffStats:
-    """What this rank sent or received: (head, token) pairs per layer, and bytes."""
+    """What this rank sent or received: (token, head) pairs over the layers, and bytes."""
 
     token_heads: int = 0
     nbytes: int = 0
-    messages: int = 0
-    per_peer: dict[int, int] = field(default_factory=dict)  # world rank -> token-heads
 
 
 def _wire(t: torch.Tensor) -> torch.Tensor:
@@ -139,10 +134,7 @@ class KVSender:
             for m in msgs:
                 self._send(m, dst)
                 self.stats.nbytes += m.nbytes
-                self.stats.messages += 1
-            n = len(heads) * self.count
-            self.stats.token_heads += n
-            self.stats.per_peer[dst] = self.stats.per_peer.get(dst, 0) + n
+            self.stats.token_heads += len(heads) * self.count
 
     def abort(self) -> None:
         """Keep the receivers in step after a failed prefill: the positions (none, if it never
@@ -226,11 +218,10 @@ def stage_kv(
             group.recv([pos], src, 0).wait()
         where.append(pos)
     covered = torch.zeros(len(mine), length, dtype=torch.int32)
-    for (src, heads), pos in zip(sources, where, strict=True):
+    for (_, heads), pos in zip(sources, where, strict=True):
         local = slice(heads.start - mine.start, heads.stop - mine.start)
         covered[local, pos] += 1
         stats.token_heads += len(heads) * pos.numel() * layers
-        stats.per_peer[src] = len(heads) * pos.numel() * layers
     if not bool((covered[:, skip:] == 1).all()) or bool(covered[:, :skip].any()):
         raise RuntimeError(
             f"the hand-off of {length} tokens did not bring positions {skip}-{length - 1} of "
@@ -249,13 +240,11 @@ def stage_kv(
             group.recv([got], src, 0).wait()
             kv[:, local, pos] = got
             stats.nbytes += got.nbytes
-            stats.messages += 1
             if sc is not None:
                 s = torch.empty(2, len(heads), pos.numel())
                 group.recv([s], src, 0).wait()
                 sc[:, local, pos] = s
                 stats.nbytes += s.nbytes
-                stats.messages += 1
         kvs.append(kv)
         if scales is not None:
             scales.append(sc)
@@ -292,11 +281,3 @@ def receive_kv(
         dtype=cache.k.dtype, length=len(tokens), skip=skip, tiers=tiers,
     )  # fmt: skip
     return adopt_staged(engine, list(tokens), staged), staged.stats
-
-
-def shared_prefix(engine: EngineCore, tokens: list[int]) -> int:
-    """How many leading ``tokens`` the decode tier's cache holds (the senders skip them)."""
-    if not engine.share_prefixes:
-        return 0
-    _, shared = engine.index.match(tokens)
-    return shared

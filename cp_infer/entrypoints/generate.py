@@ -46,7 +46,7 @@ from cp_infer.models.config import (
 )
 from cp_infer.parallel import check_model_fits_layout
 from cp_infer.parallel.pipeline import spp_chunk
-from cp_infer.planner import check_fits, device_memory, plan_memory
+from cp_infer.planner import check_fits, device_memory, human_bytes, plan_memory
 from cp_infer.quant import FP8_LAYERS, quantize_model
 from cp_infer.quant.fp8 import BACKENDS as FP8_BACKENDS
 from cp_infer.reporting import atomic_files, check_writable
@@ -57,7 +57,7 @@ from parallel_state import (
     parallel_groups,
     validate_parallel_sizes,
 )
-from parallel_state.tiers import init_tiers, parse_tier, tier_layout
+from parallel_state.tiers import init_tiers, parse_tier, tier_layout, tier_size
 
 __all__ = [
     "GenerateJob",
@@ -584,7 +584,7 @@ def start_tiers(args, argv: list[str]):
     try:
         prefill, decode = _tier_args(args)
         if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
-            n = sum(t["tp"] * t["cp"] for t in (prefill, decode))
+            n = tier_size(prefill) + tier_size(decode)
             raise ValueError(f"two tiers need {n} processes: launch with `torchrun "
                              f"--standalone --nproc-per-node {n} -m cp_infer "
                              f"{shlex.join(argv)}`")  # fmt: skip
@@ -629,9 +629,9 @@ def run_tiers(args, argv: list[str]) -> int:
             exchange=args.decode_exchange, timeout_s=args.timeout, kv_dtype=args.kv_dtype,
         )  # fmt: skip
         moved = sum(s.token_heads for s in out.handoff)
-        logger.info("%s tier: handed %s %d (token, head) pairs of KV over %d layers",
-                    tiers.tier.name, "off" if tiers.tier is tiers.prefill else "in",
-                    moved, job.cfg.n_layers)  # fmt: skip
+        logger.info("%s tier: handed %s %d (token, head) pairs of KV over %d layers (%s)",
+                    tiers.tier.name, "off" if tiers.tier is tiers.prefill else "in", moved,
+                    job.cfg.n_layers, human_bytes(sum(s.nbytes for s in out.handoff)))  # fmt: skip
         result = GenerationResult(tokens=out.tokens)
         on_all_ranks(lambda: write_outputs(args, job, [result]) if writer else None)
     return 0

@@ -28,7 +28,7 @@ from cp_infer.parallel.tensor_parallel import (
 )
 from parallel_state import ParallelGroups, ParallelSizes, check_head_split
 
-__all__ = ["check_model_fits_layout", "parallelize"]
+__all__ = ["check_model_fits_layout", "kv_head_range", "parallelize"]
 
 
 def check_model_fits_layout(cfg: ModelConfig, sizes: ParallelGroups | ParallelSizes) -> None:
@@ -54,7 +54,9 @@ def check_model_fits_layout(cfg: ModelConfig, sizes: ParallelGroups | ParallelSi
             )
 
 
-def _kv_head_range(cfg: ModelConfig, tp: int, tp_rank: int) -> tuple[int, int]:
+def kv_head_range(cfg: ModelConfig, tp: int, tp_rank: int) -> tuple[int, int]:
+    """[start, stop) of the global KV heads TP rank ``tp_rank`` holds (a head is replicated
+    over ``tp / n_kv_heads`` ranks when ``tp > n_kv_heads``)."""
     if cfg.n_kv_heads >= tp:
         return split_range(cfg.n_kv_heads, tp, tp_rank)
     head = tp_rank // (tp // cfg.n_kv_heads)  # KV heads replicated over tp / n_kv_heads ranks
@@ -64,7 +66,7 @@ def _kv_head_range(cfg: ModelConfig, tp: int, tp_rank: int) -> tuple[int, int]:
 def _parallelize_attention(attn: Attention, cfg: ModelConfig, pg: ParallelGroups, tp_sum) -> None:
     hd = cfg.head_dim
     h0, h1 = split_range(cfg.n_heads, pg.tp, pg.tp_rank)
-    k0, k1 = _kv_head_range(cfg, pg.tp, pg.tp_rank)
+    k0, k1 = kv_head_range(cfg, pg.tp, pg.tp_rank)
     attn.n_local_heads, attn.n_local_kv_heads = h1 - h0, k1 - k0
     attn.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * hd, h0 * hd, h1 * hd)
     attn.wk = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, k0 * hd, k1 * hd)
