@@ -89,7 +89,12 @@ class Dispatcher:
                 message = self._jobs.get(timeout=self.idle_s)
             except queue.Empty:
                 message = ("idle", None)
-            _send_object(self.tiers.handoff, message, dst)
+            try:
+                _send_object(self.tiers.handoff, message, dst)
+            except RuntimeError as e:  # the prefill tier is gone (stopping, or dead): the
+                # receivers fail the jobs away there; nothing more can be sent
+                logger.warning("the prefill tier is unreachable: %s", str(e).split(". ")[0])
+                return
             if message[0] == "stop":
                 return
 
