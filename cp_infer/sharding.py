@@ -32,6 +32,7 @@ __all__ = [
     "ShardLayout",
     "chunk_ids",
     "shard",
+    "span_positions",
     "unshard",
 ]
 
@@ -142,6 +143,17 @@ class ShardLayout:
         c, n = self.chunk_lens[seq], self.seq_lens[seq]
         early, late = chunk_ids(cp_rank, self.cp)
         return min(c, max(0, n - early * c)) + min(c, max(0, n - late * c))
+
+
+def span_positions(start: int, stop: int, cp: int, cp_rank: int) -> list[int]:
+    """The positions of ``[start, stop)`` that ``cp_rank`` keeps when those tokens are one
+    sequence's prefill (a CP engine's cache after it), increasing: what a decode tier with CP
+    holds of a hand-off (:meth:`cp_infer.engine.core.EngineCore.adopt`)."""
+    if stop <= start:
+        return []
+    layout = ShardLayout([stop - start], cp)
+    local = layout.positions(cp_rank)[: layout.valid_kv_len(0, cp_rank)]
+    return (local + start).tolist()
 
 
 def shard(x: torch.Tensor, layout: ShardLayout, cp_rank: int, dim: int = 0) -> torch.Tensor:

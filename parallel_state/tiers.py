@@ -75,6 +75,11 @@ class Tier:
     def world_rank(self, tier_rank: int) -> int:
         return self.first + tier_rank
 
+    def rank_of(self, tp_rank: int, cp_rank: int, pp_rank: int) -> int:
+        """The world rank at these coordinates (tp fastest, then cp, then pp: the order
+        ``parallel_groups`` lays a tier's ranks out in)."""
+        return self.first + tp_rank + self.tp * (cp_rank + self.cp * pp_rank)
+
     def describe(self) -> str:
         return f"{self.name} tp={self.tp} cp={self.cp} pp={self.pp} ep={self.ep}"
 

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 
 import pytest
 
-from cp_infer.engine.handoff import head_routes
+from cp_infer.engine.handoff import head_routes, routes
 from cp_infer.models import get_preset
-from parallel_state.tiers import parse_tier, tier_layout, tier_size
+from cp_infer.parallel.parallelize import kv_head_range
+from cp_infer.parallel.pipeline import stage_layers
+from cp_infer.sharding import span_positions
+from parallel_state.tiers import TierGroups, parse_tier, tier_layout, tier_size
 from tests.cli_runner import run_cli, torchrun
 
 PROMPTS = [
@@ -46,32 +50,33 @@ def _colocated(dist_pool, tmp_path, preset: str, extra: list[str]) -> list[list[
     ("preset", "prefill", "decode", "extra"),
     [
         ("tiny-llama", "tp=1,cp=2", "tp=2", []),
-        ("tiny-moe", "tp=2,cp=1", "tp=1", []),
-        ("tiny-llama", "cp=2", "tp=2", ["--kv-dtype", "fp8_e4m3"]),
+        ("tiny-moe", "tp=2,cp=1", "pp=2", []),
+        ("tiny-llama", "cp=2,pp=2", "cp=2", ["--kv-dtype", "fp8_e4m3"]),
     ],
-    ids=["cp2-tp2", "moe-tp2-tp1", "fp8-cp2-tp2"],  # cp2 -> tp1: tests/test_serve_disagg.py
+    ids=["cp2-tp2", "moe-tp2-pp2", "fp8-cp2pp2-cp2"],  # cp2 -> tp1: tests/test_serve_disagg.py
 )
 def test_disaggregated_equals_colocated(dist_pool, tmp_path, preset, prefill, decode, extra):
     expected = _colocated(dist_pool, tmp_path, preset, extra)
     layouts = parse_tier("--prefill", prefill), parse_tier("--decode", decode)
     world = sum(map(tier_size, layouts))
-    tiers = tier_layout(*layouts, world)
+    dec = tier_layout(*layouts, world)[1]
     out = tmp_path / "disagg.jsonl"
     proc = torchrun(world, ["generate", "--preset", preset, "--prefill", prefill, "--decode",
                             decode, "--max-new-tokens", "8", "--input", str(_prompts(tmp_path)),
                             "--output", str(out), "--timeout", "60", *extra], timeout=240)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert _tokens(out) == expected
-    # every (token, head) of every layer arrives once at each decode rank that holds the head:
-    # the prompts' tokens, less the first token of "c", which "a" left in the decode cache
+    # every (token, head, layer) arrives once at each decode rank that keeps it; rank 0 of the
+    # decode tier (tp, cp and pp rank 0) reports its own: the positions its CP rank keeps of
+    # each prompt, less the first token of "c", which "a" left in the decode cache
     cfg = get_preset(preset)
-    dec = tiers[1].tp
-    heads_held = sum(len(r) for r in head_routes(cfg, tiers[0].tp, dec).values())
-    tokens = sum(len(p["token_ids"]) for p in PROMPTS) - 1
+    skips = [0, 0, 1, 0]
+    tokens = sum(len(span_positions(skip, len(p["token_ids"]), dec.cp, 0))
+                 for p, skip in zip(PROMPTS, skips, strict=True))  # fmt: skip
+    heads = len(range(*kv_head_range(cfg, dec.tp, 0)))
+    layers = len(stage_layers(cfg.n_layers, dec.pp, 0))
     handed_in = [int(n) for n in re.findall(r"decode tier: handed in (\d+)", proc.stderr)]
-    assert handed_in, proc.stderr[-2000:]  # rank 0 of the decode tier reports its own
-    per_rank = tokens * heads_held // dec * cfg.n_layers
-    assert handed_in == [per_rank]
+    assert handed_in == [tokens * heads * layers], proc.stderr[-2000:]
 
 
 def test_head_routes_send_every_head_once_to_each_holder():
@@ -84,6 +89,26 @@ def test_head_routes_send_every_head_once_to_each_holder():
     assert head_routes(cfg, 1, 4) == {(0, j): range(j // 2, j // 2 + 1) for j in range(4)}
 
 
+def test_routes_bring_each_layer_and_head_once_from_each_prefill_cp_rank():
+    """prefill tp=2,cp=2,pp=2 -> decode tp=1,cp=2,pp=2 (tiny-llama: 2 layers, 2 KV heads):
+    every decode rank's (layer, head) comes from one prefill rank per prefill CP rank, and the
+    decode CP ranks' positions split the span between them."""
+    cfg = get_preset("tiny-llama")
+    layouts = parse_tier("--prefill", "tp=2,cp=2,pp=2"), parse_tier("--decode", "cp=2,pp=2")
+    pre, dec = tier_layout(*layouts, 12)
+    tiers = TierGroups(tiers=(pre, dec), tier=pre, rank=0, handoff=None)
+    got = Counter()
+    for r in routes(cfg, tiers):
+        for layer in r.layers:
+            for h in r.heads:
+                got[(r.dst, layer, h, (r.src - pre.first) // pre.tp % pre.cp)] += 1
+    want = {(dec.rank_of(0, c2, s2), s2, h, c): 1 for s2 in range(2) for c2 in range(2)
+            for h in range(2) for c in range(2)}  # fmt: skip
+    assert dict(got) == want
+    spans = [span_positions(3, 14, 2, c) for c in range(2)]
+    assert sorted(spans[0] + spans[1]) == list(range(3, 14)) and spans[0] == [3, 4, 5, 12, 13]
+
+
 @pytest.mark.parametrize(
     ("args", "nproc", "match"),
     [
@@ -94,10 +119,10 @@ def test_head_routes_send_every_head_once_to_each_holder():
         ),
         (["--prefill", "tp=1,cp=2"], 3, "--prefill and --decode go together"),
         (["--prefill", "tp=1,cq=2", "--decode", "tp=1"], 3, "'cq=2' is not one of tp=N"),
-        (["--prefill", "cp=2", "--decode", "cp=2"], 4, "cp=1 on the decode tier"),
+        (["--prefill", "cp=2", "--decode", "cp=2,ep=4"], 4, "ep=4 does not divide"),
         (["--prefill", "cp=2", "--decode", "tp=1", "--cp", "2"], 3, "do not apply"),
     ],
-    ids=["world", "one-tier", "bad-key", "decode-cp", "both-flags"],
+    ids=["world", "one-tier", "bad-key", "decode-ep", "both-flags"],
 )
 def test_a_bad_tier_layout_fails_on_every_rank_with_the_fix(dist_pool, tmp_path, args, nproc,
                                                           match):  # fmt: skip

@@ -13,6 +13,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cp_infer.models.config import ModelConfig
+from cp_infer.parallel.parallelize import kv_head_range
+from cp_infer.parallel.pipeline import stage_layers
+from parallel_state.tiers import parse_tier, tier_size
 from tests.hf_oracle import make_checkpoint
 from tests.serve_helpers import Server
 
@@ -93,14 +97,14 @@ def colocated(checkpoint, moe_checkpoint, tmp_path_factory):
 @pytest.mark.parametrize(
     ("model", "prefill", "decode"),
     [("llama", "tp=1,cp=2", "tp=1"), ("llama", "tp=1,cp=2", "tp=2"),
-     ("mixtral", "tp=1,cp=2", "tp=1")],
-    ids=["cp2-tp1", "cp2-tp2", "moe-cp2-tp1"],
+     ("mixtral", "tp=1,cp=2", "tp=1"), ("llama", "tp=1,cp=2", "cp=2,pp=2")],
+    ids=["cp2-tp1", "cp2-tp2", "moe-cp2-tp1", "cp2-cp2pp2"],
 )  # fmt: skip
 def test_disaggregated_server_answers_as_colocated(
     request, colocated, tmp_path, model, prefill, decode
 ):  # fmt: skip
     ckpt = request.getfixturevalue("checkpoint" if model == "llama" else "moe_checkpoint")
-    world = 2 + (2 if decode == "tp=2" else 1)
+    world = 2 + tier_size(parse_tier("--decode", decode))
     want = colocated(model, ckpt)
     disagg = Server(ckpt, world, ["--prefill", prefill, "--decode", decode,
                                   "--disagg-min-tokens", str(MIN), *POOL],
@@ -116,11 +120,13 @@ def test_disaggregated_server_answers_as_colocated(
     # stream's prompt (cached but for its last token: local), the sampled one -> 7 went to the
     # prefill tier
     assert m["cp_infer_disagg_prefills_total"] == 7
-    # decode rank 0 holds n_kv_heads / tp of the heads; each job's tokens, less those its cache
-    # shared already, came once a layer and head: at most every remote prompt's whole
-    config = json.loads((ckpt / "config.json").read_text())
-    heads = config["num_key_value_heads"] // int(decode[-1])
-    per_token = heads * config["num_hidden_layers"]
+    # decode rank 0 keeps its TP rank's heads of its stage's layers, and its CP rank's share
+    # of each job's tokens (less those its cache shared already), each once: a multiple of
+    # heads x layers, at most every remote prompt's whole
+    cfg = ModelConfig.from_hf(json.loads((ckpt / "config.json").read_text()))
+    dec = parse_tier("--decode", decode)
+    per_token = len(range(*kv_head_range(cfg, dec["tp"], 0))) * len(
+        stage_layers(cfg.n_layers, dec["pp"], 0))  # fmt: skip
     prompts, turn = _workload(7)
     longest = sum(map(len, prompts[:4])) + 200 + len(prompts[0]) + 5 + len(turn) + len(prompts[2])
     handed = m["cp_infer_kv_handoff_token_heads_total"]

@@ -65,6 +65,7 @@ from cp_infer.engine.runner import ModelRunner
 from cp_infer.engine.sampling import GREEDY_BELOW, SamplingConfig, sample_rows
 from cp_infer.engine.scheduler import Scheduler, SequenceState
 from cp_infer.schema import RequestError
+from cp_infer.sharding import span_positions
 
 __all__ = [
     "EngineCore", "Orders", "Outcome", "PoolStats", "PrefixIndex", "Request", "Step",
@@ -634,59 +635,67 @@ class EngineCore:
         self.sched.admit(state, tokens[shared:], budget, x.request.sampling.eos_ids)
         return True
 
-    def adopt(self, tokens: Sequence[int], fill: Callable[[int, int], None]) -> tuple[int, int]:
+    def adopt(
+        self, tokens: Sequence[int], fill: Callable[[int], None], *, skip: int = 0
+    ) -> int:  # fmt: skip
         """Cache ``tokens`` whose K/V another engine computed (a prefill tier's hand-off), as a
-        retained sequence a request for them (and more) then starts from. What this cache
-        already holds of them is shared, not received again.
+        retained sequence a request for them (and more) then starts from. Its first ``skip``
+        tokens are this cache's already (a chat's earlier turns): shared, not received.
+
+        Every CP rank keeps the positions of ``[skip, len(tokens))`` a prefill of them here
+        would have left it (:func:`~cp_infer.sharding.span_positions`); every pipeline stage
+        keeps its own layers.
 
         Args:
             tokens: the sequence's tokens.
-            fill: ``fill(seq, start)``, called with the pool's room planned for positions
-                ``[start, len(tokens))`` of the new sequence on every CP rank: it stores every
-                layer (:meth:`KVCache.store`) of those tokens.
+            skip: how many leading tokens the cache shares (some cached sequence must hold
+                them).
+            fill: ``fill(seq)``, called with the pool's room planned for this rank's positions
+                of the new sequence: it stores them, every layer (:meth:`KVCache.store`).
 
         Returns:
-            (the new sequence, how many of its tokens were shared rather than filled).
+            The new sequence.
 
         Raises:
             PoolFull: the pool cannot hold them even with every retained sequence evicted.
+            RuntimeError: the cache no longer holds the ``skip`` tokens.
         """
-        if self.pg.cp != 1 or self.pg.pp != 1:
-            raise NotImplementedError("adopting a hand-off needs cp=1 and pp=1 on this tier")
         tokens = list(tokens)
-        holder, shared = self.cached_prefix(tokens)
+        holder, shared = self.cached_prefix(tokens) if skip else (None, 0)
+        if shared < skip:  # (no holder: shared is 0)
+            raise RuntimeError(f"the cache shares {shared} tokens of the hand-off, which skipped "
+                               f"{skip}: the shared prefix was evicted")  # fmt: skip
+        full = PoolFull(f"the KV pool cannot hold a hand-off of {len(tokens)} tokens: raise "
+                        "--kv-cache-memory on the decode tier")  # fmt: skip
         seq, self._next_seq = self._next_seq, self._next_seq + 1
-        shared = shared if holder is not None else 0
-        if shared:
-            try:  # a partly shared block's tokens are copied into a block of the new sequence
-                self._reclaim([1], keep=holder)
-                self.cache.fork(holder, seq, shared)
-            except PoolFull:
-                shared = 0
-            else:
-                superseded = shared == len(self.index.tokens[holder])
-                if holder in self.retained and superseded and holder not in self._pinned():
-                    self._evict(holder)  # all it had is in the new sequence
-        if not self._reclaim([self.pool.blocks_for_tokens(len(tokens) - shared)]):
-            if shared:
+        if skip:  # a partly shared block's tokens are copied into a block of the new sequence
+            if not self._reclaim([1] * self.pool.cp, keep=holder):
+                raise full
+            self.cache.fork(holder, seq, skip)
+            superseded = skip == len(self.index.tokens[holder])
+            if holder in self.retained and superseded and holder not in self._pinned():
+                self._evict(holder)  # all it had is in the new sequence
+        plans = [[StorePlan(seq, 0, tuple(span_positions(skip, len(tokens), self.pool.cp, r)))]
+                 for r in range(self.pool.cp)]  # fmt: skip
+        needs = [g.blocks_for(seq, len(p[0].positions))
+                 for g, p in zip(self.pool.ledgers, plans, strict=True)]  # fmt: skip
+        if not self._reclaim(needs):
+            if skip:
                 self.cache.free(seq)
-            raise PoolFull(
-                f"the KV pool cannot hold a hand-off of {len(tokens)} tokens: raise "
-                "--kv-cache-memory on the decode tier"
-            )
-        self.cache.plan([[StorePlan(seq, 0, tuple(range(shared, len(tokens))))]])
+            raise full
+        self.cache.plan(plans)
         try:
-            fill(seq, shared)
+            fill(seq)
         except BaseException:
             self.cache.abort()
-            if shared:
+            if skip:
                 self.cache.free(seq)
             raise
         self.cache.commit()
         self.retained[seq] = SequenceState(seq=seq, history=tokens)
         self.pool.set_live(seq, False)
         self.index.add(seq, tokens)  # (the request that starts from it counts the lookup)
-        return seq, shared
+        return seq
 
     # -- memory -------------------------------------------------------------------------------
     def _forget(self, seq: int) -> None:

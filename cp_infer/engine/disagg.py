@@ -70,10 +70,11 @@ def generate_disaggregated(
             for r in range(tiers.decode.size):
                 group.send([first], tiers.decode.world_rank(r), 0).wait()
         stats = []
-        for seq in res.seqs:
+        for seq, prompt in zip(res.seqs, prompts, strict=True):
             skip = torch.zeros(1, dtype=torch.int64)
             group.recv([skip], tiers.decode.first, 0).wait()
-            stats.append(send_kv(conv.engine, seq, tiers=tiers, skip=int(skip)))
+            stats.append(send_kv(conv.engine, seq, tiers=tiers, length=len(prompt),
+                                 skip=int(skip)))  # fmt: skip
         return DisaggregatedResult(tokens=res.tokens, handoff=stats)
 
     group.recv([first], tiers.prefill.first, 0).wait()

@@ -1,10 +1,12 @@
 """The KV hand-off between a prefill tier and a decode tier, resharded on the way.
 
 A prompt's K/V leave the prefill tier as its layout holds them: every CP rank the tokens of its
-load-balanced chunks (or wherever its cache put them), every TP rank its share of the KV heads.
-They arrive in the decode tier's layout: every TP rank its own share of the heads, all of the
-sequence's tokens (the decode tier runs ``cp=1`` here). Each (prefill rank, decode rank) pair
-whose heads overlap exchanges exactly those heads of exactly the sender's tokens, point to
+load-balanced chunks (or wherever its cache put them), every TP rank its share of the KV heads,
+every pipeline stage its layers. They arrive in the decode tier's layout: every TP rank its own
+share of the heads, every pipeline stage its layers, every CP rank the positions a prefill on
+that tier would have left it (:func:`~cp_infer.sharding.span_positions`; with ``cp=1``, all).
+Each (prefill rank, decode rank) pair whose heads and layers overlap is a :class:`Route`: the
+sender sends exactly those heads and layers of exactly its tokens the receiver keeps, point to
 point over the job's hand-off group (:mod:`parallel_state.tiers`), one message a layer::
 
     prefill tp=1 cp=2             decode tp=2
@@ -14,14 +16,14 @@ point over the job's hand-off group (:mod:`parallel_state.tiers`), one message a
                                   -- heads 1 --> rank 1
 
 A head replicated over several prefill TP ranks leaves from the first of them only, so every
-token of every head travels once to each decode rank that holds it. An FP8 cache sends FP8 and
-its scales, stored as they arrive. No rank holds more than its layout's share.
+token of every head of every layer travels once to each decode rank that keeps it. An FP8 cache
+sends FP8 and its scales, stored as they arrive. No rank holds more than its layout's share.
 
-First each sender sends the positions of its tokens (one int64 tensor, after its length); then,
-layer by layer, K and V stacked. The receiver scatters them by position into one (heads, tokens,
-D) buffer a layer and stores it through :meth:`EngineCore.adopt`, which also shares whatever
-prefix of the sequence the decode tier's cache holds already (a chat's earlier turns): those
-positions are not sent.
+On every route, first the sender's count of tokens and their positions, then, layer by layer
+as its stage computes them, K and V stacked. The receiver scatters them by position into one
+(heads, tokens it keeps, D) buffer a layer and stores them through :meth:`EngineCore.adopt`,
+which shares the prefix of the sequence the decode tier's cache holds already (a chat's earlier
+turns, ``skip`` tokens): those positions are not sent.
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ import torch
 from cp_infer.engine.core import EngineCore
 from cp_infer.models.config import ModelConfig
 from cp_infer.parallel.parallelize import kv_head_range
+from cp_infer.parallel.pipeline import stage_layers
+from cp_infer.sharding import span_positions
 from parallel_state.tiers import TierGroups
 
 __all__ = [
-    "HandoffStats", "KVSender", "StagedKV", "adopt_staged", "head_routes", "receive_kv", "send_kv",
-    "stage_kv",
+    "HandoffStats", "KVSender", "Route", "StagedKV", "adopt_staged", "head_routes", "receive_kv",
+    "routes", "send_kv", "stage_kv",
 ]  # fmt: skip
 
 
@@ -62,9 +66,43 @@ def head_routes(cfg: ModelConfig, tp_from: int, tp_to: int) -> dict[tuple[int, i
     return routes
 
 
+@dataclass(frozen=True)
+class Route:
+    """What one prefill rank sends one decode rank: these global KV heads of these layers, of
+    the positions the decode rank's CP rank keeps."""
+
+    src: int  # world ranks
+    dst: int
+    heads: range
+    layers: range
+    cp_rank: int  # the receiver's, in the decode tier
+
+
+def routes(cfg: ModelConfig, tiers: TierGroups) -> list[Route]:
+    """Every route of the hand-off, in one order on every rank (each pair at most once)."""
+    pre, dec = tiers.prefill, tiers.decode
+    heads = head_routes(cfg, pre.tp, dec.tp)
+    out = []
+    for s in range(pre.pp):
+        mine = stage_layers(cfg.n_layers, pre.pp, s)
+        for c in range(pre.cp):
+            for i in range(pre.tp):
+                for s2 in range(dec.pp):
+                    theirs = stage_layers(cfg.n_layers, dec.pp, s2)
+                    layers = range(max(mine.start, theirs.start), min(mine.stop, theirs.stop))
+                    if not layers:
+                        continue
+                    for c2 in range(dec.cp):
+                        for j in range(dec.tp):
+                            if (i, j) in heads:
+                                out.append(Route(pre.rank_of(i, c, s), dec.rank_of(j, c2, s2),
+                                                 heads[(i, j)], layers, c2))  # fmt: skip
+    return out
+
+
 @dataclass
 class HandoffStats:
-    """What this rank sent or received: (token, head) pairs over the layers, and bytes."""
+    """What this rank sent or received: (token, head, layer) triples, and bytes."""
 
     token_heads: int = 0
     nbytes: int = 0
@@ -75,34 +113,30 @@ def _wire(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype.itemsize == 1 and t.is_floating_point() else t
 
 
-def _prefill_world_rank(tiers: TierGroups, tp_rank: int, cp_rank: int) -> int:
-    return tiers.prefill.world_rank(tp_rank + tiers.prefill.tp * cp_rank)
-
-
-def _check_tiers(tiers: TierGroups) -> None:
-    if tiers.prefill.pp != 1 or tiers.decode.pp != 1 or tiers.decode.cp != 1:
-        raise ValueError(
-            f"the hand-off runs pp=1 on both tiers and cp=1 on the decode tier, got --prefill "
-            f"{tiers.prefill.describe()} --decode {tiers.decode.describe()}"
+def _check_rank(engine: EngineCore, tiers: TierGroups) -> None:
+    pg = engine.pg
+    if tiers.tier.rank_of(pg.tp_rank, pg.cp_rank, pg.pp_rank) != tiers.rank:
+        raise RuntimeError(
+            f"world rank {tiers.rank} is tp {pg.tp_rank}, cp {pg.cp_rank}, pp {pg.pp_rank} of "
+            f"{tiers.tier.describe()}, not where the hand-off's routes put it"
         )
 
 
 class KVSender:
-    """This prefill rank's K/V of one sequence on their way to the decode ranks of their heads:
-    the positions first (:meth:`start`), then one message a layer (:meth:`layer`), each sent
-    without waiting, so the transfer runs while the next layers compute; :meth:`finish` waits
-    for all of them."""
+    """This prefill rank's K/V of one sequence on their way to the decode ranks that keep them:
+    the positions first (:meth:`start`), then one message a layer and route (:meth:`layer`),
+    each sent without waiting, so the transfer runs while the next layers compute;
+    :meth:`finish` waits for all of them."""
 
-    def __init__(self, engine: EngineCore, *, tiers: TierGroups, skip: int = 0) -> None:
-        _check_tiers(tiers)
-        self.engine, self.tiers, self.skip = engine, tiers, skip
-        pg, cfg = engine.pg, engine.cfg
-        self.mine = _kv_heads(cfg, pg.tp, pg.tp_rank)
-        self.routes = {j: heads for (i, j), heads in
-                       head_routes(cfg, pg.tp, tiers.decode.tp).items() if i == pg.tp_rank}  # fmt: skip
+    def __init__(self, engine: EngineCore, *, tiers: TierGroups, length: int,
+                 skip: int = 0) -> None:  # fmt: skip
+        _check_rank(engine, tiers)
+        self.engine, self.tiers, self.length, self.skip = engine, tiers, length, skip
+        self.mine = _kv_heads(engine.cfg, engine.pg.tp, engine.pg.tp_rank)
+        self.routes = [r for r in routes(engine.cfg, tiers) if r.src == tiers.rank]
         self.stats = HandoffStats()
         self.seq: int | None = None
-        self.keep = torch.zeros(0, dtype=torch.bool)
+        self.keep: list[torch.Tensor] = []  # per route: which of this rank's tokens go there
         self.sent_layers = 0
         self._pending: list = []
 
@@ -110,49 +144,53 @@ class KVSender:
         """Send where ``seq``'s tokens on this rank go (those of this pass too: ``staged``)."""
         positions = torch.tensor(self.engine.cache.positions(seq, staged), dtype=torch.int64)
         self.seq, self.staged = seq, staged
-        self.keep = positions >= self.skip
-        positions = positions[self.keep]
-        self.count = positions.numel()
-        for j in self.routes:
-            dst = self.tiers.decode.world_rank(j)
-            self._send(torch.tensor([self.count]), dst)
-            if self.count:
-                self._send(positions, dst)
+        dec = self.tiers.decode
+        for route in self.routes:
+            kept = torch.tensor(span_positions(self.skip, self.length, dec.cp, route.cp_rank),
+                                dtype=torch.int64)  # fmt: skip
+            self.keep.append(torch.isin(positions, kept))
+            self._send_positions(route, positions[self.keep[-1]])
 
     def layer(self, layer: int) -> None:
-        """Send one layer's K/V of the sequence (its heads each decode rank holds)."""
+        """Send one layer's K/V of the sequence (the heads each route's receiver keeps)."""
         self.sent_layers += 1
-        if not self.count:
-            return
-        parts = [_wire(t) for t in self.engine.cache.raw(layer, self.seq, self.staged)]
-        for j, heads in self.routes.items():
-            dst = self.tiers.decode.world_rank(j)
-            local = slice(heads.start - self.mine.start, heads.stop - self.mine.start)
-            msgs = [torch.stack([parts[0][local, self.keep], parts[1][local, self.keep]])]
+        parts = None
+        for route, keep in zip(self.routes, self.keep, strict=True):
+            n = int(keep.sum())
+            if layer not in route.layers or not n:
+                continue
+            if parts is None:
+                parts = [_wire(t) for t in self.engine.cache.raw(layer, self.seq, self.staged)]
+            local = slice(route.heads.start - self.mine.start, route.heads.stop - self.mine.start)
+            msgs = [torch.stack([parts[0][local, keep], parts[1][local, keep]])]
             if len(parts) == 4:  # FP8: the scales travel beside it
-                msgs.append(torch.stack([parts[2][local, self.keep], parts[3][local, self.keep]]))
+                msgs.append(torch.stack([parts[2][local, keep], parts[3][local, keep]]))
             for m in msgs:
-                self._send(m, dst)
+                self._send(m, route.dst)
                 self.stats.nbytes += m.nbytes
-            self.stats.token_heads += len(heads) * self.count
+            self.stats.token_heads += len(route.heads) * n
 
     def abort(self) -> None:
         """Keep the receivers in step after a failed prefill: the positions (none, if it never
         started) and zeros for the layers it did not send; the first token then says -1."""
         if self.seq is None:
-            self.count = 0
-            for j in self.routes:
-                self._send(torch.zeros(1, dtype=torch.int64), self.tiers.decode.world_rank(j))
+            empty = torch.zeros(0, dtype=torch.int64)
+            for route in self.routes:
+                self.keep.append(empty.bool())
+                self._send_positions(route, empty)
             return
-        cache, layers = self.engine.cache, len(self.engine.cache.layer_ids)
+        cache = self.engine.cache
         wire = _wire(cache.k).dtype
-        for _ in range(self.sent_layers, layers if self.count else 0):
-            for j, heads in self.routes.items():
-                dst = self.tiers.decode.world_rank(j)
-                self._send(torch.zeros(2, len(heads), self.count, cache.head_dim, dtype=wire), dst)
+        for layer in cache.layer_ids[self.sent_layers :]:
+            for route, keep in zip(self.routes, self.keep, strict=True):
+                n = int(keep.sum())
+                if layer not in route.layers or not n:
+                    continue
+                self._send(torch.zeros(2, len(route.heads), n, cache.head_dim, dtype=wire),
+                           route.dst)  # fmt: skip
                 if cache.fp8:
-                    self._send(torch.zeros(2, len(heads), self.count), dst)
-        self.sent_layers = layers
+                    self._send(torch.zeros(2, len(route.heads), n), route.dst)
+        self.sent_layers = len(cache.layer_ids)
 
     def finish(self) -> HandoffStats:
         for work in self._pending:
@@ -160,17 +198,22 @@ class KVSender:
         self._pending = []
         return self.stats
 
+    def _send_positions(self, route: Route, positions: torch.Tensor) -> None:
+        self._send(torch.tensor([positions.numel()]), route.dst)
+        if positions.numel():
+            self._send(positions, route.dst)
+
     def _send(self, t: torch.Tensor, dst: int) -> None:
         self._pending.append(self.tiers.handoff.send([t], dst, 0))
 
 
 def send_kv(
-    engine: EngineCore, seq: int, *, tiers: TierGroups, skip: int = 0
+    engine: EngineCore, seq: int, *, tiers: TierGroups, length: int, skip: int = 0
 ) -> HandoffStats:  # fmt: skip
-    """Send this prefill rank's K/V of ``seq`` (positions ``skip`` and on) to the decode ranks
-    that hold its heads, after its prefill (call on every prefill rank, for the sequences in
-    the same order)."""
-    sender = KVSender(engine, tiers=tiers, skip=skip)
+    """Send this prefill rank's K/V of ``seq`` (``length`` tokens, positions ``skip`` and on)
+    to the decode ranks that keep them, after its prefill (call on every prefill rank, for the
+    sequences in the same order)."""
+    sender = KVSender(engine, tiers=tiers, length=length, skip=skip)
     sender.start(seq)
     for layer in engine.cache.layer_ids:
         sender.layer(layer)
@@ -180,8 +223,9 @@ def send_kv(
 @dataclass
 class StagedKV:
     """One sequence's K/V as a decode rank received them, before its cache takes them: per
-    layer (2, heads, tokens, D) K and V of this rank's heads (FP8: as bytes, with (2, heads,
-    tokens) scales); positions below ``skip`` were not sent."""
+    layer of its stage (2, heads, tokens, D) K and V of its heads and of the positions its CP
+    rank keeps (FP8: as bytes, with (2, heads, tokens) scales); positions below ``skip`` were
+    not sent."""
 
     length: int
     skip: int
@@ -190,84 +234,87 @@ class StagedKV:
     stats: HandoffStats
 
 
-def stage_kv(
-    cfg: ModelConfig, *, tp: int, tp_rank: int, layers: int, fp8: bool, dtype: torch.dtype,
-    length: int, skip: int, tiers: TierGroups,
-) -> StagedKV:  # fmt: skip
+def stage_kv(engine: EngineCore, *, length: int, skip: int, tiers: TierGroups) -> StagedKV:
     """Receive one sequence's K/V (positions ``skip`` to ``length``) from the prefill tier into
-    staging buffers (a decode rank's receiver, in the order the senders send).
+    staging buffers (a decode rank's receiver, in the order the senders send; reads only the
+    engine's layout, so it may run beside the engine's own thread).
 
     Raises:
-        RuntimeError: some position of some head did not arrive exactly once.
+        RuntimeError: some position of some head of some layer did not arrive exactly once
+            (what did arrive is read all the same: the next sequence's messages stay in step).
     """
-    _check_tiers(tiers)
+    _check_rank(engine, tiers)
+    cfg, pg, cache = engine.cfg, engine.pg, engine.cache
     stats = HandoffStats()
-    mine = _kv_heads(cfg, tp, tp_rank)
-    sources = [
-        (_prefill_world_rank(tiers, i, c), heads)
-        for (i, j), heads in head_routes(cfg, tiers.prefill.tp, tp).items() if j == tp_rank
-        for c in range(tiers.prefill.cp)
-    ]  # fmt: skip
+    mine = _kv_heads(cfg, pg.tp, pg.tp_rank)
+    layers = list(cache.layer_ids)
+    kept = torch.tensor(span_positions(skip, length, pg.cp, pg.cp_rank), dtype=torch.int64)
+    sources = [r for r in routes(cfg, tiers) if r.dst == tiers.rank]
     group = tiers.handoff
-    where = []
-    for src, _ in sources:
+    where = []  # per source: the index in ``kept`` of each position it sends
+    for route in sources:
         n = torch.zeros(1, dtype=torch.int64)
-        group.recv([n], src, 0).wait()
+        group.recv([n], route.src, 0).wait()
         pos = torch.empty(int(n), dtype=torch.int64)
         if pos.numel():
-            group.recv([pos], src, 0).wait()
-        where.append(pos)
-    covered = torch.zeros(len(mine), length, dtype=torch.int32)
-    for (_, heads), pos in zip(sources, where, strict=True):
-        local = slice(heads.start - mine.start, heads.stop - mine.start)
-        covered[local, pos] += 1
-        stats.token_heads += len(heads) * pos.numel() * layers
-    if not bool((covered[:, skip:] == 1).all()) or bool(covered[:, :skip].any()):
-        raise RuntimeError(
-            f"the hand-off of {length} tokens did not bring positions {skip}-{length - 1} of "
-            "every head exactly once"
-        )
-    wire = torch.uint8 if fp8 else dtype
-    kvs, scales = [], [] if fp8 else None
-    for _ in range(layers):
-        kv = torch.zeros(2, len(mine), length, cfg.head_dim, dtype=wire)
-        sc = torch.ones(2, len(mine), length) if fp8 else None
-        for (src, heads), pos in zip(sources, where, strict=True):
-            if not pos.numel():
+            group.recv([pos], route.src, 0).wait()
+        idx = torch.searchsorted(kept, pos)
+        if pos.numel() and (int(idx.max()) >= kept.numel() or not torch.equal(kept[idx], pos)):
+            idx = torch.full_like(pos, -1)  # positions this rank does not keep: counted below
+        where.append(idx)
+    covered = torch.zeros(len(layers), len(mine), kept.numel(), dtype=torch.int32)
+    for route, idx in zip(sources, where, strict=True):
+        rows = [li for li, layer in enumerate(layers) if layer in route.layers]
+        local = slice(route.heads.start - mine.start, route.heads.stop - mine.start)
+        if idx.numel() and int(idx.min()) >= 0:
+            ones = torch.ones(len(route.heads), idx.numel(), dtype=torch.int32)
+            for li in rows:  # a view: counts repeats too
+                covered[li, local].index_add_(1, idx, ones)
+        stats.token_heads += len(route.heads) * idx.numel() * len(rows)
+    whole = bool((covered == 1).all()) and all(int(i.min()) >= 0 for i in where if i.numel())
+    wire = torch.uint8 if cache.fp8 else cache.k.dtype
+    kvs, scales = [], [] if cache.fp8 else None
+    for layer in layers:
+        kv = torch.zeros(2, len(mine), kept.numel(), cfg.head_dim, dtype=wire)
+        sc = torch.ones(2, len(mine), kept.numel()) if cache.fp8 else None
+        for route, idx in zip(sources, where, strict=True):
+            if layer not in route.layers or not idx.numel():
                 continue
-            local = slice(heads.start - mine.start, heads.stop - mine.start)
-            got = torch.empty(2, len(heads), pos.numel(), cfg.head_dim, dtype=wire)
-            group.recv([got], src, 0).wait()
-            kv[:, local, pos] = got
+            local = slice(route.heads.start - mine.start, route.heads.stop - mine.start)
+            got = torch.empty(2, len(route.heads), idx.numel(), cfg.head_dim, dtype=wire)
+            group.recv([got], route.src, 0).wait()
             stats.nbytes += got.nbytes
+            if whole:
+                kv[:, local, idx] = got
             if sc is not None:
-                s = torch.empty(2, len(heads), pos.numel())
-                group.recv([s], src, 0).wait()
-                sc[:, local, pos] = s
+                s = torch.empty(2, len(route.heads), idx.numel())
+                group.recv([s], route.src, 0).wait()
                 stats.nbytes += s.nbytes
+                if whole:
+                    sc[:, local, idx] = s
         kvs.append(kv)
         if scales is not None:
             scales.append(sc)
+    if not whole:
+        raise RuntimeError(
+            f"the hand-off of {length} tokens did not bring positions {skip}-{length - 1} of "
+            "every head and layer this rank keeps exactly once"
+        )
     return StagedKV(length, skip, kvs, scales, stats)
 
 
 def adopt_staged(engine: EngineCore, tokens: list[int], staged: StagedKV) -> int:
     """Store a staged hand-off in ``engine``'s cache as a retained sequence of ``tokens``
-    (:meth:`EngineCore.adopt`: what the cache shares of them is not written); returns it."""
+    (:meth:`EngineCore.adopt`: its first ``staged.skip`` tokens shared); returns it."""
     cache = engine.cache
 
-    def fill(seq: int, start: int) -> None:
-        if start < staged.skip:
-            raise RuntimeError(f"the cache shares {start} tokens of the hand-off, which skipped "
-                               f"{staged.skip}: the shared prefix was evicted")  # fmt: skip
+    def fill(seq: int) -> None:
         for li, layer in enumerate(cache.layer_ids):
             kv = staged.kv[li].view(cache.k.dtype)
             sc = staged.scales[li] if staged.scales is not None else None
-            cache.store(layer, kv[0][:, start:], kv[1][:, start:],
-                        (sc[0][:, start:], sc[1][:, start:]) if sc is not None else None)  # fmt: skip
+            cache.store(layer, kv[0], kv[1], (sc[0], sc[1]) if sc is not None else None)
 
-    seq, _ = engine.adopt(tokens, fill)
-    return seq
+    return engine.adopt(tokens, fill, skip=staged.skip)
 
 
 def receive_kv(
@@ -275,9 +322,5 @@ def receive_kv(
 ) -> tuple[int, HandoffStats]:  # fmt: skip
     """:func:`stage_kv` then :func:`adopt_staged` (offline: the receiver is the engine's own
     thread); returns the sequence and what arrived."""
-    pg, cache = engine.pg, engine.cache
-    staged = stage_kv(
-        engine.cfg, tp=pg.tp, tp_rank=pg.tp_rank, layers=len(cache.layer_ids), fp8=cache.fp8,
-        dtype=cache.k.dtype, length=len(tokens), skip=skip, tiers=tiers,
-    )  # fmt: skip
+    staged = stage_kv(engine, length=len(tokens), skip=skip, tiers=tiers)
     return adopt_staged(engine, list(tokens), staged), staged.stats

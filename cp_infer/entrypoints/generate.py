@@ -150,9 +150,9 @@ def add_tier_arguments(g: argparse.ArgumentParser, command: str):
         f"{command} --preset tiny-llama --prefill tp=1,cp=2 --decode tp=1 ...",
     )  # fmt: skip
     tiers.add_argument("--prefill", metavar="LAYOUT",
-                       help="the prefill tier's layout: tp=N,cp=N (pp=1)")  # fmt: skip
+                       help="the prefill tier's layout: tp=N,cp=N,pp=N,ep=N (keys left out are 1)")  # fmt: skip
     tiers.add_argument("--decode", metavar="LAYOUT",
-                       help="the decode tier's layout: tp=N (cp=1, pp=1)")  # fmt: skip
+                       help="the decode tier's layout, the same keys: e.g. tp=2, or tp=1,cp=2")  # fmt: skip
     return tiers
 
 
@@ -570,11 +570,7 @@ def _tier_args(args) -> tuple[dict[str, int], dict[str, int]]:
     if (args.tp, args.cp, args.pp, args.ep) != (1, 1, 1, 1):
         raise ValueError("--tp/--cp/--pp/--ep do not apply with --prefill/--decode: put the "
                          "sizes in the tiers' layouts, e.g. --prefill tp=2,cp=2")  # fmt: skip
-    prefill, decode = parse_tier("--prefill", args.prefill), parse_tier("--decode", args.decode)
-    if prefill["pp"] != 1 or decode["pp"] != 1 or decode["cp"] != 1:
-        raise ValueError(f"the hand-off runs pp=1 on both tiers and cp=1 on the decode tier: "
-                         f"got --prefill {args.prefill} --decode {args.decode}")  # fmt: skip
-    return prefill, decode
+    return parse_tier("--prefill", args.prefill), parse_tier("--decode", args.decode)
 
 
 def start_tiers(args, argv: list[str]):
@@ -614,7 +610,7 @@ def run_tiers(args, argv: list[str]) -> int:
     job = on_all_ranks(lambda: prepare(targs, tiers.tier.size, device))
     if job.chat:
         raise RankFailure("--prefill/--decode take single-turn requests; run chats colocated")
-    with parallel_groups(tp=targs.tp, cp=targs.cp, pp=1, ep=targs.ep,
+    with parallel_groups(tp=targs.tp, cp=targs.cp, pp=targs.pp, ep=targs.ep,
                          timeout_s=args.timeout) as pg:  # fmt: skip
         writer = tiers.tier is tiers.decode and _is_writer(pg)
         on_all_ranks(lambda: check_output_paths(args) if writer else None)

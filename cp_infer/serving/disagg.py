@@ -132,18 +132,14 @@ class RemotePrefill:
 
     def _run(self) -> None:
         engine, tiers = self.engine, self.tiers
-        pg, cache = engine.pg, engine.cache
         while True:
             job: PrefillJob = self._jobs.get()
             first = torch.zeros(1, dtype=torch.int64)
             staged, error = None, None
             try:  # the K/V stream in while the prefill tier computes; then its first token
                 try:
-                    staged = stage_kv(
-                        engine.cfg, tp=pg.tp, tp_rank=pg.tp_rank, layers=len(cache.layer_ids),
-                        fp8=cache.fp8, dtype=cache.k.dtype, length=len(job.tokens),
-                        skip=job.skip, tiers=tiers,
-                    )  # fmt: skip
+                    staged = stage_kv(engine, length=len(job.tokens), skip=job.skip,
+                                      tiers=tiers)  # fmt: skip
                 except RuntimeError as e:  # nothing came (a failed prefill): no data follows
                     staged, error = None, str(e)
                 tiers.handoff.recv([first], tiers.prefill.first, _FIRST_TAG).wait()
@@ -180,7 +176,7 @@ def prefill_worker(engine: EngineCore, tiers: TierGroups) -> None:
         if kind != "job":
             continue
         request = Request(job.rid, job.tokens, replace(job.sampling, max_new_tokens=1))
-        sender = KVSender(engine, tiers=tiers, skip=job.skip)
+        sender = KVSender(engine, tiers=tiers, length=len(job.tokens), skip=job.skip)
 
         def after_layer(batch, layer: int, sender=sender) -> None:  # stream as it computes
             if sender.seq is None:
