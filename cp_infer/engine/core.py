@@ -287,7 +287,7 @@ class PoolStats:
         prefix_queries: prompt tokens looked up in the cache.
         prefix_hits: of those, tokens found cached (not prefilled).
         remote_prefills: requests a prefill tier prefilled (disaggregated serving).
-        handoff_tokens: (token, head) pairs of K/V per layer received from it, this rank.
+        handoff_tokens: (token, head, layer) triples of K/V received from it, this rank.
     """
 
     usage: float = 0.0

@@ -625,9 +625,9 @@ def run_tiers(args, argv: list[str]) -> int:
             exchange=args.decode_exchange, timeout_s=args.timeout, kv_dtype=args.kv_dtype,
         )  # fmt: skip
         moved = sum(s.token_heads for s in out.handoff)
-        logger.info("%s tier: handed %s %d (token, head) pairs of KV over %d layers (%s)",
+        logger.info("%s tier: handed %s %d (token, KV head, layer) triples (%s)",
                     tiers.tier.name, "off" if tiers.tier is tiers.prefill else "in", moved,
-                    job.cfg.n_layers, human_bytes(sum(s.nbytes for s in out.handoff)))  # fmt: skip
+                    human_bytes(sum(s.nbytes for s in out.handoff)))  # fmt: skip
         result = GenerationResult(tokens=out.tokens)
         on_all_ranks(lambda: write_outputs(args, job, [result]) if writer else None)
     return 0

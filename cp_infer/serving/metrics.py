@@ -60,7 +60,7 @@ _POOL_METRICS = {
     "remote_prefills": (Counter, "disagg_prefills",
                         "Requests the prefill tier prefilled (disaggregated serving)"),
     "handoff_tokens": (Counter, "kv_handoff_token_heads",
-                       "(token, KV head) pairs per layer rank 0 of the decode tier received "
+                       "(token, KV head, layer) triples rank 0 of the decode tier received "
                        "from the prefill tier"),
 }  # fmt: skip
 
