@@ -1,9 +1,12 @@
-"""``python -m cp_infer serve`` with two injected faults:
+"""``python -m cp_infer serve`` with three injected faults:
 
 - sampling fails for requests seeded 666, on every rank (a deterministic fault inside a batch:
   that request must fail alone, the server must go on);
 - an iteration with a request seeded 777 fails on rank 1 alone, before its forward pass, while
-  the other ranks enter it (ranks out of step: rank 1 must stop, and the server with it).
+  the other ranks enter it (ranks out of step: rank 1 must stop, and the server with it);
+- a prefill tier's hand-off of a 321-token prompt fails at its last layer, on every rank of
+  the tier, after the earlier layers went (that request must fail alone, the tiers stay in
+  step).
 """
 
 import importlib
@@ -34,5 +37,16 @@ def _faulty_iteration(self, est, emit, done):
 
 
 engine.EngineCore._iteration = _faulty_iteration
+handoff = importlib.import_module("cp_infer.engine.handoff")
+_layer = handoff.KVSender.layer
+
+
+def _faulty_layer(self, layer):
+    if self.length == 321 and layer == self.engine.cache.layer_ids[-1]:
+        raise RuntimeError("injected fault in the hand-off")
+    return _layer(self, layer)
+
+
+handoff.KVSender.layer = _faulty_layer
 if __name__ == "__main__":  # not in the API process the server spawns
     sys.exit(main())

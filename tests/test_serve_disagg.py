@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -131,3 +132,33 @@ def test_disaggregated_server_answers_as_colocated(
     longest = sum(map(len, prompts[:4])) + 200 + len(prompts[0]) + 5 + len(turn) + len(prompts[2])
     handed = m["cp_infer_kv_handoff_token_heads_total"]
     assert handed % per_token == 0 and 0 < handed <= longest * per_token
+
+
+def test_a_failed_or_oversized_prefill_leaves_the_tiers_in_step(checkpoint, colocated, tmp_path):
+    """``tests/serve_fault.py``: a prompt whose first token's sampling fails on the prefill
+    tier, and one whose hand-off fails at its last layer, each fail alone, saying why; a prompt
+    the prefill tier's pool cannot hold (256 KiB: 8 blocks of 64 tokens at tp=1) prefills on
+    the decode tier (tp=2: twice the tokens); and the next long prompt still answers as the
+    colocated server does."""
+    server = Server(checkpoint, 3, ["--prefill", "tp=1", "--decode", "tp=2",
+                                    "--disagg-min-tokens", str(MIN), "--kv-cache-memory",
+                                    "256KiB"], tmp_path / "faults.log",
+                    script=str(Path(__file__).with_name("serve_fault.py")))  # fmt: skip
+    g = random.Random(3)
+    try:
+        r = server.post("/v1/completions", {"prompt": [g.randrange(1, 250) for _ in range(80)],
+                                            "max_tokens": 4, "seed": 666})  # fmt: skip
+        assert r.status_code == 500 and "injected fault in sampling" in r.text, r.text
+        r = server.post("/v1/completions", {"prompt": [g.randrange(1, 250) for _ in range(321)],
+                                            "max_tokens": 4})  # fmt: skip
+        assert r.status_code == 500, r.text
+        assert "the prefill tier failed" in r.text and "injected fault in the hand-off" in r.text
+        assert _complete(server, [g.randrange(1, 250) for _ in range(600)], max_tokens=3)
+        m = _metrics(server)
+        prompts, _ = _workload(7)
+        got = _complete(server, prompts[0])
+        assert _metrics(server)["cp_infer_disagg_prefills_total"] == 3  # not the 600 tokens
+    finally:
+        server.stop()
+    assert m["cp_infer_disagg_prefills_total"] == 2
+    assert got == colocated("llama", checkpoint)["burst"][0]

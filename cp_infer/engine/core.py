@@ -507,10 +507,12 @@ class EngineCore:
         return {p for _, p in self.remote_live.values() if p is not None}
 
     def _goes_remote(self, x: _Live, tokens: list[int], shared: int) -> bool:
-        """Whether the prefill tier prefills ``x``: a long prompt, not a recomputed one, and
-        not one whose prompt's log-probabilities the decode tier must compute."""
+        """Whether the prefill tier prefills ``x``: a long prompt its pool can hold, not a
+        recomputed one, and not one whose prompt's log-probabilities the decode tier must
+        compute."""
         return (self.remote is not None and not x.before and not x.request.wants_logprobs
-                and len(tokens) - shared >= self.disagg_min_tokens)  # fmt: skip
+                and len(tokens) - shared >= self.disagg_min_tokens
+                and self.remote.fits(len(tokens)))  # fmt: skip
 
     def _send_remote(self, x: _Live, tokens: list[int], holder: int | None, shared: int) -> None:
         """Hand ``x`` to the prefill tier (every rank alike; rank 0 sends the job); the cached

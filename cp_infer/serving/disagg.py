@@ -28,8 +28,9 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from cp_infer.engine.core import EngineCore, Request
+from cp_infer.engine.core import EngineCore, Orders, Request
 from cp_infer.engine.handoff import KVSender, StagedKV, stage_kv
+from cp_infer.engine.kv_pool import blocks_for_tokens
 from cp_infer.engine.sampling import SamplingConfig
 from parallel_state.tiers import TierGroups
 
@@ -51,17 +52,17 @@ class PrefillJob:
     skip: int
 
 
-def _send_object(group, obj, dst: int) -> None:
+def _send_object(group, obj, dst: int, tag: int = _JOB_TAG) -> None:
     data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
-    group.send([torch.tensor([data.numel()], dtype=torch.int64)], dst, _JOB_TAG).wait()
-    group.send([data], dst, _JOB_TAG).wait()
+    group.send([torch.tensor([data.numel()], dtype=torch.int64)], dst, tag).wait()
+    group.send([data], dst, tag).wait()
 
 
-def _recv_object(group, src: int):
+def _recv_object(group, src: int, tag: int = _JOB_TAG):
     n = torch.zeros(1, dtype=torch.int64)
-    group.recv([n], src, _JOB_TAG).wait()
+    group.recv([n], src, tag).wait()
     data = torch.empty(int(n), dtype=torch.uint8)
-    group.recv([data], src, _JOB_TAG).wait()
+    group.recv([data], src, tag).wait()
     return pickle.loads(data.numpy().tobytes())
 
 
@@ -100,11 +101,13 @@ class Dispatcher:
 
 
 class RemotePrefill:
-    """Every decode rank: receives what the prefill tier sends for each job (its first token,
-    then its K/V into staging, :func:`~cp_infer.engine.handoff.stage_kv`), in a thread."""
+    """Every decode rank: receives what the prefill tier sends for each job (its K/V into
+    staging, :func:`~cp_infer.engine.handoff.stage_kv`, then its first token, or why it
+    failed), in a thread. First, once, the size of the prefill tier's pool (:meth:`fits`)."""
 
     def __init__(self, engine: EngineCore, tiers: TierGroups) -> None:
         self.engine, self.tiers = engine, tiers
+        self.pool = _recv_object(tiers.handoff, tiers.prefill.first, _FIRST_TAG)
         self._jobs: queue.Queue = queue.Queue()
         self._done: dict[int, tuple[int, StagedKV | None, str | None]] = {}
         self._order: list[int] = []  # finished, in arrival order
@@ -112,6 +115,12 @@ class RemotePrefill:
         self._lock = threading.Lock()
         self.token_heads = 0  # received, all jobs
         threading.Thread(target=self._run, name="handoff", daemon=True).start()
+
+    def fits(self, tokens: int) -> bool:
+        """Whether the prefill tier's pool holds a prompt of ``tokens`` (with every sequence it
+        keeps evicted); one it cannot hold prefills on the decode tier."""
+        return blocks_for_tokens(tokens, self.pool["cp"], self.pool["block_size"]) <= self.pool[
+            "blocks"]  # fmt: skip
 
     def submit(self, job: PrefillJob) -> None:
         self._ready[job.rid] = threading.Event()
@@ -144,7 +153,8 @@ class RemotePrefill:
                     staged, error = None, str(e)
                 tiers.handoff.recv([first], tiers.prefill.first, _FIRST_TAG).wait()
                 if int(first) < 0:
-                    staged, error = None, "the prefill tier failed this request"
+                    why = _recv_object(tiers.handoff, tiers.prefill.first, _FIRST_TAG)
+                    staged, error = None, f"the prefill tier failed: {why}"
                 elif staged is not None:
                     self.token_heads += staged.stats.token_heads
             except Exception as e:  # the prefill tier is gone: every job fails
@@ -159,8 +169,14 @@ class RemotePrefill:
 def prefill_worker(engine: EngineCore, tiers: TierGroups) -> None:
     """The prefill tier, every rank: take jobs from the decode tier until it says stop; prefill
     each (its own cache shares what earlier ones left), sample the first token, and hand the
-    K/V to the decode tier."""
+    K/V to the decode tier. A job runs as a server's request does (:meth:`EngineCore.run_span`):
+    one that fails, fails alone, and the decode ranks learn why."""
     group = tiers.handoff
+    pool = engine.cache.pool
+    if tiers.rank == tiers.prefill.first:  # what the decode tier routes by
+        for r in range(tiers.decode.size):
+            _send_object(group, {"blocks": pool.n_blocks, "block_size": pool.block_size,
+                                 "cp": pool.cp}, tiers.decode.world_rank(r), _FIRST_TAG)  # fmt: skip
     jobs = handed = 0
     while True:
         box = [None]
@@ -186,17 +202,27 @@ def prefill_worker(engine: EngineCore, tiers: TierGroups) -> None:
                                    "KV pool is too small): raise its --kv-cache-memory")  # fmt: skip
             sender.layer(layer)
 
+        outcomes: dict = {}
         engine.runner.after_layer = after_layer
-        try:
-            first = engine.run([request])[0][0].tokens[0]
-        except Exception as e:  # every rank of the tier fails alike (run raises on all)
-            logger.warning("request %d: prefill failed: %s", job.rid, e)
-            first = -1
-            sender.abort()
+        try:  # every rank alike: a failure is agreed (and the request dropped) by run_span
+            orders = Orders(requests=(request,))
+            while job.rid not in outcomes:
+                engine.run_span(orders, done=lambda _, results, out=outcomes: out.update(results))
+                orders = Orders()
         finally:
             engine.runner.after_layer = None
+        outcome = outcomes[job.rid]
+        if outcome.error is None:
+            first = outcome.tokens[0]
+        else:
+            logger.warning("request %d: prefill failed: %s", job.rid, outcome.error)
+            first = -1
+            sender.abort()
         handed += sender.finish().token_heads
         if tiers.rank == tiers.prefill.first:
             for r in range(tiers.decode.size):
-                group.send([torch.tensor([first])], tiers.decode.world_rank(r), _FIRST_TAG).wait()
+                dst = tiers.decode.world_rank(r)
+                group.send([torch.tensor([first])], dst, _FIRST_TAG).wait()
+                if first < 0:
+                    _send_object(group, outcome.error, dst, _FIRST_TAG)
         jobs += 1
