@@ -29,6 +29,7 @@ turns, ``skip`` tokens): those positions are not sent.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import product
 
 import torch
 
@@ -83,20 +84,14 @@ def routes(cfg: ModelConfig, tiers: TierGroups) -> list[Route]:
     pre, dec = tiers.prefill, tiers.decode
     heads = head_routes(cfg, pre.tp, dec.tp)
     out = []
-    for s in range(pre.pp):
+    for s, c, i, s2, c2, j in product(range(pre.pp), range(pre.cp), range(pre.tp),
+                                      range(dec.pp), range(dec.cp), range(dec.tp)):  # fmt: skip
         mine = stage_layers(cfg.n_layers, pre.pp, s)
-        for c in range(pre.cp):
-            for i in range(pre.tp):
-                for s2 in range(dec.pp):
-                    theirs = stage_layers(cfg.n_layers, dec.pp, s2)
-                    layers = range(max(mine.start, theirs.start), min(mine.stop, theirs.stop))
-                    if not layers:
-                        continue
-                    for c2 in range(dec.cp):
-                        for j in range(dec.tp):
-                            if (i, j) in heads:
-                                out.append(Route(pre.rank_of(i, c, s), dec.rank_of(j, c2, s2),
-                                                 heads[(i, j)], layers, c2))  # fmt: skip
+        theirs = stage_layers(cfg.n_layers, dec.pp, s2)
+        layers = range(max(mine.start, theirs.start), min(mine.stop, theirs.stop))
+        if layers and (i, j) in heads:
+            out.append(Route(pre.rank_of(i, c, s), dec.rank_of(j, c2, s2), heads[(i, j)],
+                             layers, c2))  # fmt: skip
     return out
 
 
