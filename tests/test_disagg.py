@@ -49,11 +49,10 @@ def _colocated(dist_pool, tmp_path, preset: str, extra: list[str]) -> list[list[
 @pytest.mark.parametrize(
     ("preset", "prefill", "decode", "extra"),
     [
-        ("tiny-llama", "tp=1,cp=2", "tp=2", []),
         ("tiny-moe", "cp=2,ep=2", "pp=2", []),
         ("tiny-llama", "cp=2,pp=2", "cp=2", ["--kv-dtype", "fp8_e4m3"]),
     ],
-    ids=["cp2-tp2", "moe-cp2ep2-pp2", "fp8-cp2pp2-cp2"],  # cp2 -> tp1: tests/test_serve_disagg.py
+    ids=["moe-cp2ep2-pp2", "fp8-cp2pp2-cp2"],  # cp2 -> tp1 and tp2: tests/test_serve_disagg.py
 )
 def test_disaggregated_equals_colocated(dist_pool, tmp_path, preset, prefill, decode, extra):
     expected = _colocated(dist_pool, tmp_path, preset, extra)
