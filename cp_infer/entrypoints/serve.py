@@ -116,8 +116,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     tiers.add_argument(
         "--disagg-min-tokens", type=int, default=1024, metavar="N",
         help="with --prefill/--decode: a request with at least N new tokens (beyond what the "
-        "decode tier has cached) is prefilled by the prefill tier; shorter ones prefill on the "
-        "decode tier, beside its decodes",
+        "decode tier has cached) is prefilled by the prefill tier; shorter ones, and any the "
+        "prefill tier's KV pool cannot hold, prefill on the decode tier, beside its decodes",
     )  # fmt: skip
     add_common_arguments(g)
     g.set_defaults(run=run)
