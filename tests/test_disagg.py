@@ -1,7 +1,8 @@
 """Disaggregated prefill and decode offline (``generate --prefill LAYOUT --decode LAYOUT``): two
 tiers under one torchrun, the prompts' KV handed from the prefill tier's layout to the decode
-tier's, resharded. Greedy in fp32, the tokens are those of one colocated engine; each KV token
-of each head moves once; a bad layout fails on every rank with the fix."""
+tier's, resharded, as the disaggregated server runs them. Greedy in fp32, the tokens are those
+of one colocated engine, chats included; each KV token of each head moves once; a bad layout
+fails on every rank with the fix."""
 
 from __future__ import annotations
 
@@ -25,53 +26,64 @@ PROMPTS = [
     {"id": "c", "token_ids": list(range(1, 131))},  # shares its first token with "a"
     {"id": "d", "token_ids": [3] * 70},
 ]
+NEXT_TURN = [11, 12, 13]  # chats: each prompt, 8 tokens, then these
+MAX_NEW = 8
 
 
-def _prompts(tmp_path):
+def _prompts(tmp_path, chat: bool):
     path = tmp_path / "p.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    rows = [{"id": p["id"], "turns": [p["token_ids"], NEXT_TURN]} if chat else p for p in PROMPTS]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
-def _tokens(path) -> list[list[int]]:
-    return [json.loads(line)["token_ids"] for line in path.read_text().splitlines()]
+def _tokens(path) -> list[list[list[int]]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [
+        [t["token_ids"] for t in r["turns"]] if "turns" in r else [r["token_ids"]] for r in rows
+    ]
 
 
-def _colocated(dist_pool, tmp_path, preset: str, extra: list[str]) -> list[list[int]]:
+def _colocated(dist_pool, tmp_path, preset: str, chat: bool, extra: list[str]) -> list:
     out = tmp_path / f"colocated-{preset}.jsonl"
-    args = ["generate", "--preset", preset, "--max-new-tokens", "8", "--input",
-            str(_prompts(tmp_path)), "--output", str(out), *extra]  # fmt: skip
+    args = ["generate", "--preset", preset, "--max-new-tokens", str(MAX_NEW), "--input",
+            str(_prompts(tmp_path, chat)), "--output", str(out), *extra]  # fmt: skip
     runs = dist_pool(2).run(run_cli, [*args, "--cp", "2"])
     assert all(r.code == 0 for r in runs), runs[0].errors
     return _tokens(out)
 
 
 @pytest.mark.parametrize(
-    ("preset", "prefill", "decode", "extra"),
+    ("preset", "prefill", "decode", "chat", "extra"),
     [
-        ("tiny-moe", "cp=2,ep=2", "pp=2", []),
-        ("tiny-llama", "cp=2,pp=2", "cp=2", ["--kv-dtype", "fp8_e4m3"]),
+        ("tiny-moe", "cp=2,ep=2", "pp=2", False, []),
+        ("tiny-llama", "cp=2,pp=2", "cp=2", True, ["--kv-dtype", "fp8_e4m3"]),
     ],
-    ids=["moe-cp2ep2-pp2", "fp8-cp2pp2-cp2"],  # cp2 -> tp1 and tp2: tests/test_serve_disagg.py
+    ids=["moe-cp2ep2-pp2", "fp8-chat-cp2pp2-cp2"],  # cp2 -> tp1, tp2: tests/test_serve_disagg.py
 )
-def test_disaggregated_equals_colocated(dist_pool, tmp_path, preset, prefill, decode, extra):
-    expected = _colocated(dist_pool, tmp_path, preset, extra)
+def test_disaggregated_equals_colocated(dist_pool, tmp_path, preset, prefill, decode, chat, extra):
+    expected = _colocated(dist_pool, tmp_path, preset, chat, extra)
     layouts = parse_tier("--prefill", prefill), parse_tier("--decode", decode)
     world = sum(map(tier_size, layouts))
     dec = tier_layout(*layouts, world)[1]
     out = tmp_path / "disagg.jsonl"
     proc = torchrun(world, ["generate", "--preset", preset, "--prefill", prefill, "--decode",
-                            decode, "--max-new-tokens", "8", "--input", str(_prompts(tmp_path)),
-                            "--output", str(out), "--timeout", "60", *extra], timeout=240)  # fmt: skip
+                            decode, "--max-new-tokens", str(MAX_NEW), "--input",
+                            str(_prompts(tmp_path, chat)), "--output", str(out), "--timeout",
+                            "60", "--disagg-min-tokens", "1", *extra], timeout=240)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert _tokens(out) == expected
     # every (token, head, layer) arrives once at each decode rank that keeps it; rank 0 of the
-    # decode tier (tp, cp and pp rank 0) reports its own: the positions its CP rank keeps of
-    # each prompt, less the first token of "c", which "a" left in the decode cache
+    # decode tier (tp, cp and pp rank 0) reports its own: of each prompt (all four go to the
+    # prefill tier in the first span, none cached yet), the positions its CP rank keeps; of a
+    # chat's next turn, its positions past what the decode cache holds (the history but its
+    # last token, never fed)
+    spans = [(0, len(p["token_ids"])) for p in PROMPTS]
+    if chat:
+        spans += [(len(p["token_ids"]) + MAX_NEW - 1, len(p["token_ids"]) + MAX_NEW
+                   + len(NEXT_TURN)) for p in PROMPTS]  # fmt: skip
+    tokens = sum(len(span_positions(a, b, dec.cp, 0)) for a, b in spans)
     cfg = get_preset(preset)
-    skips = [0, 0, 1, 0]
-    tokens = sum(len(span_positions(skip, len(p["token_ids"]), dec.cp, 0))
-                 for p, skip in zip(PROMPTS, skips, strict=True))  # fmt: skip
     heads = len(range(*kv_head_range(cfg, dec.tp, 0)))
     layers = len(stage_layers(cfg.n_layers, dec.pp, 0))
     handed_in = [int(n) for n in re.findall(r"decode tier: handed in (\d+)", proc.stderr)]
@@ -126,7 +138,7 @@ def test_routes_bring_each_layer_and_head_once_from_each_prefill_cp_rank():
 def test_a_bad_tier_layout_fails_on_every_rank_with_the_fix(dist_pool, tmp_path, args, nproc,
                                                           match):  # fmt: skip
     runs = dist_pool(nproc).run(run_cli, ["generate", "--preset", "tiny-llama", *args,
-                                          "--input", str(_prompts(tmp_path)), "--output",
+                                          "--input", str(_prompts(tmp_path, False)), "--output",
                                           str(tmp_path / "o.jsonl")])  # fmt: skip
     for r in runs:  # checked before any process group: every rank says the same
         assert r.code == 1 and len(r.errors) == 1 and match in r.errors[0], r.errors

@@ -41,8 +41,8 @@ from cp_infer.sharding import span_positions
 from parallel_state.tiers import TierGroups
 
 __all__ = [
-    "HandoffStats", "KVSender", "Route", "StagedKV", "adopt_staged", "head_routes", "receive_kv",
-    "routes", "send_kv", "stage_kv",
+    "HandoffStats", "KVSender", "Route", "StagedKV", "adopt_staged", "head_routes", "routes",
+    "stage_kv",
 ]  # fmt: skip
 
 
@@ -202,19 +202,6 @@ class KVSender:
         self._pending.append(self.tiers.handoff.send([t], dst, 0))
 
 
-def send_kv(
-    engine: EngineCore, seq: int, *, tiers: TierGroups, length: int, skip: int = 0
-) -> HandoffStats:  # fmt: skip
-    """Send this prefill rank's K/V of ``seq`` (``length`` tokens, positions ``skip`` and on)
-    to the decode ranks that keep them, after its prefill (call on every prefill rank, for the
-    sequences in the same order)."""
-    sender = KVSender(engine, tiers=tiers, length=length, skip=skip)
-    sender.start(seq)
-    for layer in engine.cache.layer_ids:
-        sender.layer(layer)
-    return sender.finish()
-
-
 @dataclass
 class StagedKV:
     """One sequence's K/V as a decode rank received them, before its cache takes them: per
@@ -310,12 +297,3 @@ def adopt_staged(engine: EngineCore, tokens: list[int], staged: StagedKV) -> int
             cache.store(layer, kv[0], kv[1], (sc[0], sc[1]) if sc is not None else None)
 
     return engine.adopt(tokens, fill, skip=staged.skip)
-
-
-def receive_kv(
-    engine: EngineCore, tokens: list[int], *, tiers: TierGroups, skip: int = 0
-) -> tuple[int, HandoffStats]:  # fmt: skip
-    """:func:`stage_kv` then :func:`adopt_staged` (offline: the receiver is the engine's own
-    thread); returns the sequence and what arrived."""
-    staged = stage_kv(engine, length=len(tokens), skip=skip, tiers=tiers)
-    return adopt_staged(engine, list(tokens), staged), staged.stats

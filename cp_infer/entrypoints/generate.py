@@ -35,6 +35,7 @@ from cp_infer.collectives import EXCHANGES
 from cp_infer.distributed import RankFailure, clear_failure, on_all_ranks
 from cp_infer.engine import Conversation, GenerationResult, SamplingConfig, generate
 from cp_infer.engine.core import check_request
+from cp_infer.engine.generate import new_engine, pool_tokens
 from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments, ensure_launched
 from cp_infer.hardware import PROFILES, Profile, profile
 from cp_infer.models.config import (
@@ -46,7 +47,7 @@ from cp_infer.models.config import (
 )
 from cp_infer.parallel import check_model_fits_layout
 from cp_infer.parallel.pipeline import spp_chunk
-from cp_infer.planner import check_fits, device_memory, human_bytes, plan_memory
+from cp_infer.planner import check_fits, device_memory, plan_memory
 from cp_infer.quant import FP8_LAYERS, quantize_model
 from cp_infer.quant.fp8 import BACKENDS as FP8_BACKENDS
 from cp_infer.reporting import atomic_files, check_writable
@@ -153,6 +154,12 @@ def add_tier_arguments(g: argparse.ArgumentParser, command: str):
                        help="the prefill tier's layout: tp=N,cp=N,pp=N,ep=N (keys left out are 1)")  # fmt: skip
     tiers.add_argument("--decode", metavar="LAYOUT",
                        help="the decode tier's layout, the same keys: e.g. tp=2, or tp=1,cp=2")  # fmt: skip
+    tiers.add_argument(
+        "--disagg-min-tokens", type=int, default=1024, metavar="N",
+        help="with --prefill/--decode: a request with at least N new tokens (beyond what the "
+        "decode tier has cached) is prefilled by the prefill tier; shorter ones, and any the "
+        "prefill tier's KV pool cannot hold, prefill on the decode tier, beside its decodes",
+    )  # fmt: skip
     return tiers
 
 
@@ -570,6 +577,11 @@ def _tier_args(args) -> tuple[dict[str, int], dict[str, int]]:
     if (args.tp, args.cp, args.pp, args.ep) != (1, 1, 1, 1):
         raise ValueError("--tp/--cp/--pp/--ep do not apply with --prefill/--decode: put the "
                          "sizes in the tiers' layouts, e.g. --prefill tp=2,cp=2")  # fmt: skip
+    if getattr(args, "save_logits", None) is not None or getattr(args, "logprobs", None):
+        raise ValueError("--save-logits and --logprobs are not given with --prefill/--decode "
+                         "(the prefill tier samples the first token): run without the tiers")  # fmt: skip
+    if args.disagg_min_tokens < 1:
+        raise ValueError(f"--disagg-min-tokens must be >= 1, got {args.disagg_min_tokens}")
     return parse_tier("--prefill", args.prefill), parse_tier("--decode", args.decode)
 
 
@@ -602,32 +614,40 @@ def start_tiers(args, argv: list[str]):
 
 
 def run_tiers(args, argv: list[str]) -> int:
-    """``generate --prefill LAYOUT --decode LAYOUT``: the two tiers of
-    :mod:`cp_infer.engine.disagg`, each rank in its tier's layout."""
-    from cp_infer.engine.disagg import generate_disaggregated
+    """``generate --prefill LAYOUT --decode LAYOUT``: the two tiers of a disaggregated server
+    (:func:`cp_infer.serving.disagg.generate_disaggregated`), each rank in its tier's layout,
+    the requests from the input file."""
+    from cp_infer.serving.disagg import generate_disaggregated
 
     tiers, device, targs = start_tiers(args, argv)
     job = on_all_ranks(lambda: prepare(targs, tiers.tier.size, device))
-    if job.chat:
-        raise RankFailure("--prefill/--decode take single-turn requests; run chats colocated")
+    decode = tiers.tier is tiers.decode
     with parallel_groups(tp=targs.tp, cp=targs.cp, pp=targs.pp, ep=targs.ep,
                          timeout_s=args.timeout) as pg:  # fmt: skip
-        writer = tiers.tier is tiers.decode and _is_writer(pg)
+        writer = decode and pg.rank == 0  # it leads the decode tier: the outcomes are its
         on_all_ranks(lambda: check_output_paths(args) if writer else None)
         if writer:
             logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
         logger.info("%s | %s", tiers.tier.describe(), pg.describe())
         model = on_all_ranks(lambda: build_model(targs, job.cfg, job.checkpoint_format, pg, device))
-        prompts = [t[0] for t in job.turns]
-        out = generate_disaggregated(
-            model, pg, tiers, prompts, job.sampling, seeds=job.seeds, variant=args.variant,
-            kernel=args.kernel, hardware=hardware_profile(args.hardware),
-            exchange=args.decode_exchange, timeout_s=args.timeout, kv_dtype=args.kv_dtype,
+        lengths = ([job.cfg.max_seq_len] * len(job.turns) if job.chat
+                   else [len(t[0]) + job.sampling.max_new_tokens for t in job.turns])  # fmt: skip
+        engine = new_engine(
+            model, pg, kv_tokens=pool_tokens(lengths, pg.cp),
+            max_batch=len(job.turns) if decode else 1, kernel=args.kernel,
+            exchange=args.decode_exchange, hardware=hardware_profile(args.hardware),
+            timeout_s=args.timeout, kv_dtype=args.kv_dtype,
         )  # fmt: skip
-        moved = sum(s.token_heads for s in out.handoff)
-        logger.info("%s tier: handed %s %d (token, KV head, layer) triples (%s)",
-                    tiers.tier.name, "off" if tiers.tier is tiers.prefill else "in", moved,
-                    human_bytes(sum(s.nbytes for s in out.handoff)))  # fmt: skip
-        result = GenerationResult(tokens=out.tokens)
-        on_all_ranks(lambda: write_outputs(args, job, [result]) if writer else None)
+        engine.configure(variant=args.variant, prefill_chunk=None, progress=False)
+        turns = on_all_ranks(lambda: generate_disaggregated(
+            engine, tiers, [list(t) for t in job.turns], job.sampling, seeds=job.seeds,
+            min_tokens=args.disagg_min_tokens,
+        ))  # fmt: skip
+        if writer:
+            stats = engine.pool_stats()
+            logger.info("decode tier: handed in %d (token, KV head, layer) triples for %d "
+                        "prompts the prefill tier prefilled", stats.handoff_tokens,
+                        stats.remote_prefills)  # fmt: skip
+        results = [GenerationResult(tokens=t) for t in turns or []]
+        on_all_ranks(lambda: write_outputs(args, job, results) if writer else None)
     return 0

@@ -112,13 +112,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="token slots per KV block: the unit of allocation and of prefix sharing",
     )  # fmt: skip
     add_model_arguments(g)
-    tiers = add_tier_arguments(g, "serve")
-    tiers.add_argument(
-        "--disagg-min-tokens", type=int, default=1024, metavar="N",
-        help="with --prefill/--decode: a request with at least N new tokens (beyond what the "
-        "decode tier has cached) is prefilled by the prefill tier; shorter ones, and any the "
-        "prefill tier's KV pool cannot hold, prefill on the decode tier, beside its decodes",
-    )  # fmt: skip
+    add_tier_arguments(g, "serve")
     add_common_arguments(g)
     g.set_defaults(run=run)
     return g
@@ -166,8 +160,6 @@ def _check(args, world_size: int):
 def run(args, argv: list[str]) -> int:
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # else: no launcher to watch
     if args.prefill is not None or args.decode is not None:
-        if args.disagg_min_tokens < 1:
-            raise ValueError(f"--disagg-min-tokens must be >= 1, got {args.disagg_min_tokens}")
         tiers, device, args = start_tiers(args, argv)
         return _run(args, device, launched, tiers)
     return _run(args, start_ranks(args, argv), launched, None)

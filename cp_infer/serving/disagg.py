@@ -23,6 +23,7 @@ import logging
 import pickle
 import queue
 import threading
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -34,7 +35,7 @@ from cp_infer.engine.kv_pool import blocks_for_tokens
 from cp_infer.engine.sampling import SamplingConfig
 from parallel_state.tiers import TierGroups
 
-__all__ = ["Dispatcher", "PrefillJob", "RemotePrefill", "prefill_worker"]
+__all__ = ["Dispatcher", "PrefillJob", "RemotePrefill", "generate_disaggregated", "prefill_worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -226,3 +227,79 @@ def prefill_worker(engine: EngineCore, tiers: TierGroups) -> None:
                 if first < 0:
                     _send_object(group, outcome.error, dst, _FIRST_TAG)
         jobs += 1
+
+
+def generate_disaggregated(
+    engine: EngineCore, tiers: TierGroups, chats: list[list[list[int]]],
+    sampling: SamplingConfig, *, seeds: list[int], min_tokens: int,
+) -> list[list[list[int]]] | None:  # fmt: skip
+    """Offline generation over the two tiers, driven as the server drives them: the same
+    prefill worker, routing, streamed hand-off and :class:`~cp_infer.serving.loop.ServeLoop`,
+    with the requests from a list instead of the API (call on every rank of both tiers, each
+    with its own tier's engine).
+
+    Args:
+        chats: per conversation, its turns' new tokens (one turn: plain prompts); turn ``k``
+            of a chat starts once turn ``k - 1`` of every chat is done, its history before it.
+        seeds: each conversation's sampling seed.
+        min_tokens: ``--disagg-min-tokens``: shorter new tokens prefill on the decode tier.
+
+    Returns:
+        On decode tier rank 0 (which leads), per turn, each conversation's generated tokens;
+        None on every other rank.
+
+    Raises:
+        RuntimeError: a request failed (decode tier rank 0, once both tiers stopped).
+    """
+    from cp_infer.serving.loop import ServeLoop
+
+    if tiers.tier is tiers.prefill:
+        prefill_worker(engine, tiers)
+        return None
+    engine.remote = RemotePrefill(engine, tiers)
+    engine.disagg_min_tokens = min_tokens
+    loop = ServeLoop(engine)
+    if dist.get_rank() != 0:
+        loop.follow()
+        return None
+    engine.dispatch = dispatcher = Dispatcher(tiers)
+    n, turns = len(chats), len(chats[0])
+    history: list[list[int]] = [[] for _ in chats]
+    results: list[list[list[int]]] = []
+    pending: list[Request] = []
+    outcomes: dict = {}
+    failed: list[str] = []
+
+    def next_requests(wait_s: float, limit: int) -> list[Request] | None:
+        if not pending and len(outcomes) == n:  # the turn is done: the next one, or stop
+            results.append([outcomes[len(results) * n + i].tokens for i in range(n)])
+            failed.extend(o.error for o in outcomes.values() if o.error is not None)
+            if failed or len(results) == turns:
+                return None
+            for i, chat in enumerate(chats):
+                history[i] += [
+                    *chat[len(results) - 1],
+                    *outcomes[(len(results) - 1) * n + i].tokens,
+                ]
+            outcomes.clear()
+            pending.extend(
+                Request(len(results) * n + i, tuple(history[i] + chat[len(results)]),
+                        replace(sampling, seed=seeds[i]))
+                for i, chat in enumerate(chats)
+            )  # fmt: skip
+        if not pending:
+            time.sleep(wait_s)
+        take = pending[: max(limit, 0)]
+        del pending[: len(take)]
+        return take
+
+    pending.extend(Request(i, tuple(chat[0]), replace(sampling, seed=seeds[i]))
+                   for i, chat in enumerate(chats))  # fmt: skip
+    try:
+        loop.lead(next_requests, emit=lambda _: None, cancelled=set,
+                  done=lambda _, res: outcomes.update(res))  # fmt: skip
+    finally:
+        dispatcher.stop()  # the prefill tier stops too
+    if failed:
+        raise RuntimeError(f"a request failed: {failed[0]}")
+    return results
