@@ -132,8 +132,9 @@ def test_routes_bring_each_layer_and_head_once_from_each_prefill_cp_rank():
         (["--prefill", "tp=1,cq=2", "--decode", "tp=1"], 3, "'cq=2' is not one of tp=N"),
         (["--prefill", "cp=2", "--decode", "cp=2,ep=4"], 4, "ep=4 does not divide"),
         (["--prefill", "cp=2", "--decode", "tp=1", "--cp", "2"], 3, "do not apply"),
+        (["--prefill", "cp=2", "--decode", "tp=1", "--logprobs", "2"], 3, "run without the tiers"),
     ],
-    ids=["world", "one-tier", "bad-key", "decode-ep", "both-flags"],
+    ids=["world", "one-tier", "bad-key", "decode-ep", "both-flags", "logprobs"],
 )
 def test_a_bad_tier_layout_fails_on_every_rank_with_the_fix(dist_pool, tmp_path, args, nproc,
                                                           match):  # fmt: skip
