@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from parallel_state.layout import validate_parallel_sizes
@@ -140,6 +141,9 @@ def init_tiers(
     """Join this rank's tier as the default process group, and the world-wide hand-off group
     (torchrun style: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the environment).
 
+    ``backend`` is the tiers' own (``nccl``: this rank takes GPU ``LOCAL_RANK``); the hand-off
+    group is gloo either way, its messages staged in host memory.
+
     Raises:
         ValueError: the tiers do not add up to the world (:func:`tier_layout`).
         RuntimeError: a default process group exists already.
@@ -150,6 +154,8 @@ def init_tiers(
     tiers = tier_layout(prefill, decode, world)
     tier = tiers[0] if rank < tiers[1].first else tiers[1]
     timeout = datetime.timedelta(seconds=timeout_s)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
     dist.init_process_group(
         backend, store=dist.PrefixStore(f"tier/{tier.name}", store),

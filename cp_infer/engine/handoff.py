@@ -157,10 +157,11 @@ class KVSender:
             if parts is None:
                 parts = [_wire(t) for t in self.engine.cache.raw(layer, self.seq, self.staged)]
             local = slice(route.heads.start - self.mine.start, route.heads.stop - self.mine.start)
+            keep = keep.to(parts[0].device)
             msgs = [torch.stack([parts[0][local, keep], parts[1][local, keep]])]
             if len(parts) == 4:  # FP8: the scales travel beside it
                 msgs.append(torch.stack([parts[2][local, keep], parts[3][local, keep]]))
-            for m in msgs:
+            for m in (m.cpu() for m in msgs):  # (gloo: through host memory on a GPU)
                 self._send(m, route.dst)
                 self.stats.nbytes += m.nbytes
             self.stats.token_heads += len(route.heads) * n
@@ -292,8 +293,8 @@ def adopt_staged(engine: EngineCore, tokens: list[int], staged: StagedKV) -> int
 
     def fill(seq: int) -> None:
         for li, layer in enumerate(cache.layer_ids):
-            kv = staged.kv[li].view(cache.k.dtype)
-            sc = staged.scales[li] if staged.scales is not None else None
+            kv = staged.kv[li].to(cache.k.device).view(cache.k.dtype)
+            sc = staged.scales[li].to(cache.k.device) if staged.scales is not None else None
             cache.store(layer, kv[0], kv[1], (sc[0], sc[1]) if sc is not None else None)
 
     return engine.adopt(tokens, fill, skip=staged.skip)

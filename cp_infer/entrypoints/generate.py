@@ -598,13 +598,12 @@ def start_tiers(args, argv: list[str]):
                              f"{shlex.join(argv)}`")  # fmt: skip
         tier_layout(prefill, decode, int(os.environ["WORLD_SIZE"]))
         device = resolve_device(args.device)
-        if device.type != "cpu":
-            raise ValueError("--prefill/--decode run on CPU (gloo) here; use --device cpu")
         if not 0 < args.timeout < float("inf"):
             raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
     except ValueError as e:
         raise RankFailure(str(e)) from e
-    tiers = init_tiers(prefill, decode, timeout_s=args.timeout)
+    tiers = init_tiers(prefill, decode, timeout_s=args.timeout,
+                       backend="nccl" if device.type == "cuda" else "gloo")  # fmt: skip
     if dist.get_rank() == 0:
         clear_failure()
     targs = copy.copy(args)
