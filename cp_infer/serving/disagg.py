@@ -15,6 +15,9 @@ Every decode rank decides alike which requests go (the books are the same everyw
 posts its receives in the same order as the prefill tier sends. The prefill tier takes one job
 at a time; the decode tier decodes while it works. The decode tier pins the cached prefix a job
 skips until the job is back, so the skipped positions are still there.
+
+Offline, :func:`generate_disaggregated` drives the same two tiers from a list of requests
+(``generate --prefill ... --decode ...``).
 """
 
 from __future__ import annotations
@@ -265,36 +268,34 @@ def generate_disaggregated(
     engine.dispatch = dispatcher = Dispatcher(tiers)
     n, turns = len(chats), len(chats[0])
     history: list[list[int]] = [[] for _ in chats]
-    results: list[list[list[int]]] = []
-    pending: list[Request] = []
-    outcomes: dict = {}
+    results: list[list[list[int]]] = []  # per finished turn, each chat's tokens
+    outcomes: dict = {}  # the running turn's, by request id
     failed: list[str] = []
+
+    def ask(turn: int, i: int) -> Request:
+        """Chat ``i``'s request for ``turn``: its history, then the turn's new tokens."""
+        if turn:
+            history[i] += [*chats[i][turn - 1], *results[turn - 1][i]]
+        return Request(turn * n + i, tuple(history[i] + chats[i][turn]),
+                       replace(sampling, seed=seeds[i]))  # fmt: skip
+
+    pending = [ask(0, i) for i in range(n)]
 
     def next_requests(wait_s: float, limit: int) -> list[Request] | None:
         if not pending and len(outcomes) == n:  # the turn is done: the next one, or stop
-            results.append([outcomes[len(results) * n + i].tokens for i in range(n)])
-            failed.extend(o.error for o in outcomes.values() if o.error is not None)
+            finished = [outcomes[len(results) * n + i] for i in range(n)]
+            results.append([o.tokens for o in finished])
+            failed.extend(o.error for o in finished if o.error is not None)
             if failed or len(results) == turns:
                 return None
-            for i, chat in enumerate(chats):
-                history[i] += [
-                    *chat[len(results) - 1],
-                    *outcomes[(len(results) - 1) * n + i].tokens,
-                ]
             outcomes.clear()
-            pending.extend(
-                Request(len(results) * n + i, tuple(history[i] + chat[len(results)]),
-                        replace(sampling, seed=seeds[i]))
-                for i, chat in enumerate(chats)
-            )  # fmt: skip
+            pending.extend(ask(len(results), i) for i in range(n))
         if not pending:
             time.sleep(wait_s)
         take = pending[: max(limit, 0)]
         del pending[: len(take)]
         return take
 
-    pending.extend(Request(i, tuple(chat[0]), replace(sampling, seed=seeds[i]))
-                   for i, chat in enumerate(chats))  # fmt: skip
     try:
         loop.lead(next_requests, emit=lambda _: None, cancelled=set,
                   done=lambda _, res: outcomes.update(res))  # fmt: skip
