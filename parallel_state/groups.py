@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
+import importlib.util
 import logging
 import math
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -56,16 +59,36 @@ MEGATRON_ORDER = "tp-cp-ep-dp-pp"
 def _mpu() -> Any:
     """megatron.core.parallel_state, imported on first use.
 
+    Alone, when nothing imported ``megatron.core`` yet: the package's ``__init__`` pulls in
+    its model code (tensor_parallel, transformer, fusions: about 2 s a process on CPU), which
+    the groups never use. The module is loaded under a placeholder package, which then goes;
+    a later ``import megatron.core`` runs the package in full and finds this same module, so
+    there is one ``parallel_state`` (one set of groups) either way.
+
     Without transformer-engine/apex (any CPU install) megatron warns four times per process that
     it falls back to torch implementations; that is expected here, so those warnings are muted.
     """
+    loaded = sys.modules.get("megatron.core.parallel_state")
+    if loaded is not None:
+        return loaded
     with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message=r"Transformer Engine and Apex are not installed", category=UserWarning
         )
-        from megatron.core import parallel_state as mpu
+        if "megatron.core" in sys.modules:
+            from megatron.core import parallel_state as mpu
 
-    return mpu
+            return mpu
+        spec = importlib.util.find_spec("megatron.core")
+        if spec is None:
+            raise ImportError("megatron-core is not installed: pip install megatron-core")
+        placeholder = importlib.util.module_from_spec(spec)  # its __path__, not its __init__
+        sys.modules["megatron.core"] = placeholder
+        try:
+            return importlib.import_module("megatron.core.parallel_state")
+        finally:
+            if sys.modules.get("megatron.core") is placeholder:
+                del sys.modules["megatron.core"]
 
 
 @dataclass(frozen=True, kw_only=True)
