@@ -10,10 +10,15 @@ __all__ = ["setup_logging"]
 
 
 class _RankFilter(logging.Filter):
+    """The launcher's global rank (two tiers' ranks are each their tier's default group's, but
+    the records name them as the job does), else the default group's."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            record.rank, record.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        elif dist.is_available() and dist.is_initialized():
             record.rank, record.world = dist.get_rank(), dist.get_world_size()
         else:
             record.rank = int(os.environ.get("RANK", 0))

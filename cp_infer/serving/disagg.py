@@ -190,8 +190,8 @@ def prefill_worker(engine: EngineCore, tiers: TierGroups) -> None:
             dist.broadcast_object_list(box, src=0)  # the tier's own group
         kind, job = box[0]
         if kind == "stop":
-            logger.info("prefill tier: %d prompts prefilled, %d (token, KV head, layer) "
-                        "triples handed off", jobs, handed)  # fmt: skip
+            logger.info("prefill tier: %d prompts prefilled; this rank sent %d (token, KV head, "
+                        "layer) triples of them", jobs, handed)  # fmt: skip
             return
         if kind != "job":
             continue
