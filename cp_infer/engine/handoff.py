@@ -131,7 +131,8 @@ class KVSender:
         self.routes = [r for r in routes(engine.cfg, tiers) if r.src == tiers.rank]
         self.stats = HandoffStats()
         self.seq: int | None = None
-        self.keep: list[torch.Tensor] = []  # per route: which of this rank's tokens go there
+        # per route: which of this rank's tokens go there (on the cache's device), how many
+        self.keep: list[tuple[torch.Tensor, int]] = []
         self.sent_layers = 0
         self._pending: list = []
 
@@ -139,25 +140,25 @@ class KVSender:
         """Send where ``seq``'s tokens on this rank go (those of this pass too: ``staged``)."""
         positions = torch.tensor(self.engine.cache.positions(seq, staged), dtype=torch.int64)
         self.seq, self.staged = seq, staged
-        dec = self.tiers.decode
-        for route in self.routes:
-            kept = torch.tensor(span_positions(self.skip, self.length, dec.cp, route.cp_rank),
-                                dtype=torch.int64)  # fmt: skip
-            self.keep.append(torch.isin(positions, kept))
-            self._send_positions(route, positions[self.keep[-1]])
+        dec, masks = self.tiers.decode, {}
+        for route in self.routes:  # routes to one decode CP rank share its positions
+            if route.cp_rank not in masks:
+                kept = span_positions(self.skip, self.length, dec.cp, route.cp_rank)
+                masks[route.cp_rank] = torch.isin(positions, torch.tensor(kept, dtype=torch.int64))
+            mask = masks[route.cp_rank]
+            self._send_positions(route, positions[mask])
+            self.keep.append((mask.to(self.engine.cache.k.device), int(mask.sum())))
 
     def layer(self, layer: int) -> None:
         """Send one layer's K/V of the sequence (the heads each route's receiver keeps)."""
         self.sent_layers += 1
         parts = None
-        for route, keep in zip(self.routes, self.keep, strict=True):
-            n = int(keep.sum())
+        for route, (keep, n) in zip(self.routes, self.keep, strict=True):
             if layer not in route.layers or not n:
                 continue
             if parts is None:
                 parts = [_wire(t) for t in self.engine.cache.raw(layer, self.seq, self.staged)]
             local = slice(route.heads.start - self.mine.start, route.heads.stop - self.mine.start)
-            keep = keep.to(parts[0].device)
             msgs = [torch.stack([parts[0][local, keep], parts[1][local, keep]])]
             if len(parts) == 4:  # FP8: the scales travel beside it
                 msgs.append(torch.stack([parts[2][local, keep], parts[3][local, keep]]))
@@ -170,16 +171,13 @@ class KVSender:
         """Keep the receivers in step after a failed prefill: the positions (none, if it never
         started) and zeros for the layers it did not send; the first token then says -1."""
         if self.seq is None:
-            empty = torch.zeros(0, dtype=torch.int64)
             for route in self.routes:
-                self.keep.append(empty.bool())
-                self._send_positions(route, empty)
+                self._send_positions(route, torch.zeros(0, dtype=torch.int64))
             return
         cache = self.engine.cache
         wire = _wire(cache.k).dtype
         for layer in cache.layer_ids[self.sent_layers :]:
-            for route, keep in zip(self.routes, self.keep, strict=True):
-                n = int(keep.sum())
+            for route, (_, n) in zip(self.routes, self.keep, strict=True):
                 if layer not in route.layers or not n:
                     continue
                 self._send(torch.zeros(2, len(route.heads), n, cache.head_dim, dtype=wire),

@@ -169,7 +169,7 @@ def _run(args, device, launched: bool, tiers) -> int:
     """This rank's part of the server: a colocated one, or a tier of a disaggregated one (the
     decode tier serves the API; the prefill tier takes its jobs)."""
     from cp_infer.engine.core import EngineCore
-    from cp_infer.serving.disagg import Dispatcher, RemotePrefill, prefill_worker
+    from cp_infer.serving.disagg import join_decode_tier, prefill_worker
     from cp_infer.serving.loop import ServeLoop
 
     prefill_tier = tiers is not None and tiers.tier is tiers.prefill
@@ -206,10 +206,8 @@ def _run(args, device, launched: bool, tiers) -> int:
             prefill_worker(engine, tiers)
             return 0
         if tiers is not None:
-            engine.remote = RemotePrefill(engine, tiers)
-            engine.disagg_min_tokens = args.disagg_min_tokens
-            if leads:
-                engine.dispatch = dispatcher = Dispatcher(tiers)
+            dispatcher = join_decode_tier(engine, tiers, min_tokens=args.disagg_min_tokens,
+                                          lead=leads)  # fmt: skip
             logger.info("decode tier: prompts of %d new tokens or more go to the prefill tier",
                         args.disagg_min_tokens)  # fmt: skip
         loop = ServeLoop(engine)

@@ -38,7 +38,10 @@ from cp_infer.engine.kv_pool import blocks_for_tokens
 from cp_infer.engine.sampling import SamplingConfig
 from parallel_state.tiers import TierGroups
 
-__all__ = ["Dispatcher", "PrefillJob", "RemotePrefill", "generate_disaggregated", "prefill_worker"]
+__all__ = [
+    "Dispatcher", "PrefillJob", "RemotePrefill", "generate_disaggregated", "join_decode_tier",
+    "prefill_worker",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +235,20 @@ def prefill_worker(engine: EngineCore, tiers: TierGroups) -> None:
         jobs += 1
 
 
+def join_decode_tier(
+    engine: EngineCore, tiers: TierGroups, *, min_tokens: int, lead: bool
+) -> Dispatcher | None:  # fmt: skip
+    """Make ``engine`` (a decode tier rank's) hand prompts of ``min_tokens`` new tokens or more
+    to the prefill tier: its receiver, and on the leading rank (``lead``) the dispatcher it
+    returns (stop it to stop the prefill tier)."""
+    engine.remote = RemotePrefill(engine, tiers)
+    engine.disagg_min_tokens = min_tokens
+    if not lead:
+        return None
+    engine.dispatch = Dispatcher(tiers)
+    return engine.dispatch
+
+
 def generate_disaggregated(
     engine: EngineCore, tiers: TierGroups, chats: list[list[list[int]]],
     sampling: SamplingConfig, *, seeds: list[int], min_tokens: int,
@@ -259,13 +276,11 @@ def generate_disaggregated(
     if tiers.tier is tiers.prefill:
         prefill_worker(engine, tiers)
         return None
-    engine.remote = RemotePrefill(engine, tiers)
-    engine.disagg_min_tokens = min_tokens
+    dispatcher = join_decode_tier(engine, tiers, min_tokens=min_tokens, lead=dist.get_rank() == 0)
     loop = ServeLoop(engine)
-    if dist.get_rank() != 0:
+    if dispatcher is None:
         loop.follow()
         return None
-    engine.dispatch = dispatcher = Dispatcher(tiers)
     n, turns = len(chats), len(chats[0])
     history: list[list[int]] = [[] for _ in chats]
     results: list[list[list[int]]] = []  # per finished turn, each chat's tokens
