@@ -154,11 +154,15 @@ def test_a_failed_or_oversized_prefill_leaves_the_tiers_in_step(checkpoint, colo
         assert r.status_code == 500, r.text
         assert "the prefill tier failed" in r.text and "injected fault in the hand-off" in r.text
         assert _complete(server, [g.randrange(1, 250) for _ in range(600)], max_tokens=3)
+        # min_tokens past the first token (which the prefill tier samples with a budget of 1)
+        r = server.post("/v1/completions", {"prompt": [g.randrange(1, 250) for _ in range(90)],
+                                            "max_tokens": 5, "min_tokens": 5})  # fmt: skip
+        assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 5, r.text
         m = _metrics(server)
         prompts, _ = _workload(7)
         got = _complete(server, prompts[0])
-        assert _metrics(server)["cp_infer_disagg_prefills_total"] == 3  # not the 600 tokens
+        assert _metrics(server)["cp_infer_disagg_prefills_total"] == 4  # not the 600 tokens
     finally:
         server.stop()
-    assert m["cp_infer_disagg_prefills_total"] == 2
+    assert m["cp_infer_disagg_prefills_total"] == 3
     assert got == colocated("llama", checkpoint)["burst"][0]

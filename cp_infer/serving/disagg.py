@@ -198,7 +198,11 @@ def prefill_worker(engine: EngineCore, tiers: TierGroups) -> None:
             return
         if kind != "job":
             continue
-        request = Request(job.rid, job.tokens, replace(job.sampling, max_new_tokens=1))
+        # the first token alone: a request's min_tokens reaches past it (the decode tier
+        # counts it on), but keeps EOS from being that token
+        first_only = replace(job.sampling, max_new_tokens=1,
+                             min_tokens=min(job.sampling.min_tokens, 1))  # fmt: skip
+        request = Request(job.rid, job.tokens, first_only)
         sender = KVSender(engine, tiers=tiers, length=len(job.tokens), skip=job.skip)
 
         def after_layer(batch, layer: int, sender=sender) -> None:  # stream as it computes
