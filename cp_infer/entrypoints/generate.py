@@ -29,7 +29,13 @@ import torch.distributed as dist
 from cp_infer.attention import VARIANTS
 from cp_infer.attention.kernels import KERNELS, get_kernel
 from cp_infer.attention.kv_quant import KV_DTYPES
-from cp_infer.checkpoint.formats import detect_format, open_source, read_config
+from cp_infer.checkpoint.formats import (
+    detect_format,
+    has_tokenizer,
+    load_tokenizer,
+    open_source,
+    read_config,
+)
 from cp_infer.checkpoint.manifest import verify_manifest
 from cp_infer.collectives import EXCHANGES
 from cp_infer.distributed import RankFailure, clear_failure, on_all_ranks
@@ -89,7 +95,7 @@ batch; use them with --ep to spread experts further):
 A layout of one process (no --tp/--cp/--pp) also runs without a launcher.
 
 Input: one JSON object per line, with an optional "id" (integer or string) and exactly one of
-"prompt" (text; needs tokenizer.json beside the weights), "token_ids" (integers) or "turns" (a
+"prompt" (text; needs the checkpoint's tokenizer), "token_ids" (integers) or "turns" (a
 chat: a list of turns, each text or token ids). Everything that needs no weights (the layout,
 the model config, every request, the output paths) is checked before any weight is loaded;
 a failure stops every rank with the same one-line message (add --debug for the traceback),
@@ -167,9 +173,11 @@ def add_model_arguments(g: argparse.ArgumentParser) -> None:
     """The model, its layout and how it runs: shared by ``generate`` and ``serve``."""
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument(
-        "--checkpoint", type=Path, metavar="DIR",
-        help="a Hugging Face Llama or Mixtral directory (config.json + *.safetensors) or a "
-        "megatron-core torch_dist checkpoint (see docs/checkpoints.md); detected from its files",
+        "--checkpoint", type=Path, metavar="PATH",
+        help="a Hugging Face Llama or Mixtral directory (config.json + *.safetensors), a "
+        "megatron-core torch_dist checkpoint, or a llama.cpp GGUF file (model.gguf: its "
+        "tokenizer and chat template come with it); see docs/checkpoints.md. Detected from "
+        "its files",
     )  # fmt: skip
     config_only = sorted(set(PRESETS) - set(RUNNABLE_PRESETS))
     src.add_argument(
@@ -259,7 +267,7 @@ class GenerateJob:
         chat: the requests are multi-turn chats.
         seeds: each request's sampling seed (its own ``seed``, else ``--seed``).
         tokenizer: a ``tokenizers.Tokenizer`` from the checkpoint, or None.
-        checkpoint_format: ``"hf"`` or ``"megatron"`` (None for a preset).
+        checkpoint_format: ``"hf"``, ``"megatron"`` or ``"gguf"`` (None for a preset).
     """
 
     cfg: ModelConfig
@@ -298,20 +306,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
-def load_tokenizer(checkpoint: Path | None):
-    if checkpoint is None or not (checkpoint / "tokenizer.json").exists():
-        raise ValueError(
-            'text prompts need a tokenizer.json in --checkpoint; give "token_ids" instead'
-        )
-    try:
-        from tokenizers import Tokenizer
-    except ImportError as e:
-        raise ValueError(
-            "text prompts need the `tokenizers` package: pip install tokenizers"
-        ) from e
-    return Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
-
-
 def prepare(args, world_size: int, device: torch.device) -> GenerateJob:
     """Check everything that needs no weights, in the order a user would fix it.
 
@@ -346,7 +340,9 @@ def prepare(args, world_size: int, device: torch.device) -> GenerateJob:
     ids, requests = read_requests(args.input)
     has_text = any(isinstance(t, str) for r in requests for t in r.turn_list)
     tokenizer = None
-    if has_text or (args.checkpoint and (args.checkpoint / "tokenizer.json").exists()):
+    if has_text or has_tokenizer(args.checkpoint):
+        if args.checkpoint is None:
+            raise ValueError('text prompts need a --checkpoint with a tokenizer; give "token_ids"')
         tokenizer = load_tokenizer(args.checkpoint)
     turns = [
         [tokenizer.encode(t).ids if isinstance(t, str) else list(t) for t in r.turn_list]

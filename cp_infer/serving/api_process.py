@@ -15,6 +15,7 @@ import os
 import signal
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 __all__ = ["ApiSettings", "run_api"]
 
@@ -28,7 +29,7 @@ class ApiSettings:
     host: str
     port: int
     model_name: str
-    checkpoint: str | None  # where tokenizer.json is, if any
+    checkpoint: str | None  # a checkpoint directory (tokenizer.json) or GGUF file, if any
     vocab_size: int
     max_seq_len: int
     max_batch: int
@@ -40,11 +41,11 @@ class ApiSettings:
 
 
 def _tokenizer(checkpoint: str | None):
-    if checkpoint is None or not os.path.exists(os.path.join(checkpoint, "tokenizer.json")):
-        return None
-    from transformers import AutoTokenizer
+    from cp_infer.checkpoint.formats import has_tokenizer, load_tokenizer
 
-    return AutoTokenizer.from_pretrained(checkpoint)
+    if checkpoint is None or not has_tokenizer(Path(checkpoint)):
+        return None
+    return load_tokenizer(Path(checkpoint), transformers=True)
 
 
 def run_api(conn: Connection, settings: ApiSettings) -> None:
