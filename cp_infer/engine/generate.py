@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -97,6 +97,7 @@ def generate(
     seeds: Sequence[int] | None = None,
     names: Sequence[str] | None = None,
     kv_tokens: int | None = None,
+    on_tokens: Callable[[int, int], None] | None = None,
 ) -> GenerationResult:
     """Generate up to ``sampling.max_new_tokens`` tokens for every prompt.
 
@@ -131,6 +132,8 @@ def generate(
             what these requests need at most; with a ``conversation``, room for every chat to
             reach the model's ``max_seq_len``. A smaller pool makes requests wait or be
             preempted (recomputed) when it is full; the answers stay the same.
+        on_tokens: called on every rank with (prompt index, token) as each token is sampled
+            (streaming its text, say).
     """
     conv = conversation if conversation is not None else Conversation()
     history = conv.history or [[] for _ in prompts]
@@ -166,7 +169,15 @@ def generate(
                 top_logprobs=logprobs, first_logits=True)
         for p, h, seed in zip(prompts, history, seeds, strict=True)
     ]  # fmt: skip
-    outcomes, steps = engine.run(requests)
+    emit = None
+    if on_tokens is not None:
+        index = {r.rid: i for i, r in enumerate(requests)}
+
+        def emit(events) -> None:
+            for rid, token, _ in events:
+                on_tokens(index[rid], token)
+
+    outcomes, steps = engine.run(requests, emit)
     conv.history = [list(r.tokens) + o.tokens for r, o in zip(requests, outcomes, strict=True)]
     prefills = [s for s in steps if s.kind != "decode"]
     first = [o.first_logits for o in outcomes]

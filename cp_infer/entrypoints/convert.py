@@ -1,4 +1,5 @@
-"""``python -m cp_infer convert``: Hugging Face <-> megatron-core checkpoints, tensor by tensor.
+"""``python -m cp_infer convert``: Hugging Face <-> megatron-core checkpoints, and GGUF files to
+either, tensor by tensor.
 
 The input is verified against its ``SHA256SUMS`` (if it has one) and read one tensor at a time;
 the output is written into a temporary directory beside the target, given its own
@@ -33,6 +34,9 @@ __all__ = ["add_parser", "convert", "run"]
 
 logger = logging.getLogger("cp_infer")
 
+#: Formats ``convert`` writes (GGUF is read only).
+WRITABLE = ("hf", "megatron")
+
 #: Files that travel with the weights unchanged.
 SIDE_FILES = (
     "tokenizer.json",
@@ -45,10 +49,15 @@ SIDE_FILES = (
 
 _DESCRIPTION = """\
 Convert a checkpoint between Hugging Face safetensors and megatron-core's distributed format
-(torch_dist), in one process:
+(torch_dist), or a llama.cpp GGUF file into either, in one process:
 
   python -m cp_infer convert --from hf --to megatron --input ./llama --output ./llama-mcore
   python -m cp_infer convert --from megatron --to hf --input ./llama-mcore --output ./llama-hf
+  python -m cp_infer convert --from gguf --to hf --input model.gguf --output ./model-hf
+
+A GGUF file's quantized tensors are dequantized (float32; F16 and BF16 tensors stay as they
+are), its Q/K rows put back in Hugging Face's order, and its tokenizer, chat template and
+BOS/EOS written as tokenizer.json, tokenizer_config.json and generation_config.json.
 
 The output is written to a temporary directory and renamed when complete; it records a sha256
 per file (SHA256SUMS), which generate and convert verify when loading.
@@ -63,8 +72,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     c.add_argument("--from", dest="src", choices=FORMATS, required=True, help="input format")
-    c.add_argument("--to", dest="dst", choices=FORMATS, required=True, help="output format")
-    c.add_argument("--input", type=Path, required=True, metavar="DIR", help="the checkpoint")
+    c.add_argument(
+        "--to", dest="dst", choices=WRITABLE, required=True, help="output format"
+    )
+    c.add_argument(
+        "--input", type=Path, required=True, metavar="PATH",
+        help="the checkpoint: a directory, or a .gguf file",
+    )  # fmt: skip
     c.add_argument("--output", type=Path, required=True, metavar="DIR", help="where to write")
     c.add_argument("--force", action="store_true", help="replace an existing --output")
     c.add_argument(
@@ -130,6 +144,8 @@ def convert(args) -> dict:
                     _write_hf(tmp, cfg, hf, params, source, bar, args.max_shard_size)
                 else:
                     _write_megatron(tmp, cfg, hf, params, source, bar)
+        if args.src == "gguf":
+            _write_gguf_tokenizer(args.input, tmp)
         for name in SIDE_FILES:
             if (args.input / name).is_file():
                 shutil.copy2(args.input / name, tmp / name)
@@ -154,6 +170,16 @@ def convert(args) -> dict:
         stats["largest_tensor_bytes"] / 2**20,
     )  # fmt: skip
     return stats
+
+
+def _write_gguf_tokenizer(path: Path, out: Path) -> None:
+    """A GGUF file's tokenizer as Hugging Face's files (none when it has no vocabulary)."""
+    from cp_infer.checkpoint.formats import has_tokenizer
+    from cp_infer.checkpoint.gguf_tokenizer import gguf_tokenizer
+
+    if has_tokenizer(path):
+        written = gguf_tokenizer(path).save(out)
+        logger.info("wrote the GGUF tokenizer as %s", ", ".join(written))
 
 
 def _peak_rss() -> int:
@@ -197,7 +223,7 @@ def _write_hf(tmp: Path, cfg, hf, params, source, bar, max_shard_bytes: int) -> 
 
     def fetch(name: str) -> torch.Tensor:
         p, shape = by_hf[name]
-        return source.read(p, None, shape)
+        return source.read(p, None, shape).to(source.dtype(p))
 
     write_safetensors_checkpoint(
         tmp, specs, fetch, max_shard_bytes=max_shard_bytes, on_tensor=lambda _: bar.update()
@@ -208,7 +234,7 @@ def _write_megatron(tmp: Path, cfg, hf, params, source, bar) -> None:
     shapes = dict(params)
     save_megatron(
         tmp, cfg, hf,
-        read=lambda p: source.read(p, None, shapes[p]),
+        read=lambda p: source.read(p, None, shapes[p]).to(source.dtype(p)),
         dtype=source.dtype,
         on_chunk=lambda chunk: bar.update(),
     )  # fmt: skip

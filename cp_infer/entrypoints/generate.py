@@ -123,6 +123,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "likely tokens at its position (\"top_logprobs\": [id, logprob] pairs), as Megatron's "
         "and OpenAI's APIs give them",
     )  # fmt: skip
+    g.add_argument(
+        "--chat", action="store_true",
+        help="text prompts (and each text turn of a chat) are user messages, rendered with the "
+        "checkpoint's chat template (a GGUF file's, or tokenizer_config.json's); a chat's later "
+        "turns prefill only what the template adds after the cached answer",
+    )  # fmt: skip
+    g.add_argument(
+        "--stream", action="store_true",
+        help="print each answer as text while it is generated (the batch's answers one after "
+        "the other, each prompt or question before it), besides writing --output",
+    )  # fmt: skip
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
@@ -267,6 +278,8 @@ class GenerateJob:
         chat: the requests are multi-turn chats.
         seeds: each request's sampling seed (its own ``seed``, else ``--seed``).
         tokenizer: a ``tokenizers.Tokenizer`` from the checkpoint, or None.
+        texts: per request, each turn's text as given (None for token ids): what ``--stream``
+            prints before an answer.
         checkpoint_format: ``"hf"``, ``"megatron"`` or ``"gguf"`` (None for a preset).
     """
 
@@ -278,6 +291,7 @@ class GenerateJob:
     seeds: list[int]
     tokenizer: object | None
     checkpoint_format: str | None
+    texts: list[list[str | None]]
 
 
 def _model_config(args) -> tuple[ModelConfig, int | tuple[int, ...] | None, str | None]:
@@ -344,10 +358,18 @@ def prepare(args, world_size: int, device: torch.device) -> GenerateJob:
         if args.checkpoint is None:
             raise ValueError('text prompts need a --checkpoint with a tokenizer; give "token_ids"')
         tokenizer = load_tokenizer(args.checkpoint)
-    turns = [
-        [tokenizer.encode(t).ids if isinstance(t, str) else list(t) for t in r.turn_list]
-        for r in requests
-    ]
+    if (args.chat or args.stream) and tokenizer is None:
+        raise ValueError(
+            f"--{'chat' if args.chat else 'stream'} needs a --checkpoint with a tokenizer "
+            "(tokenizer.json, or a GGUF file)"
+        )
+    if args.chat:
+        turns = _chat_turns(args, ids, requests)
+    else:
+        turns = [
+            [tokenizer.encode(t).ids if isinstance(t, str) else list(t) for t in r.turn_list]
+            for r in requests
+        ]
     n_turns = sorted({len(t) for t in turns})
     if len(n_turns) > 1:
         raise ValueError(
@@ -368,7 +390,22 @@ def prepare(args, world_size: int, device: torch.device) -> GenerateJob:
     check_fits(plan, f"{len(turns)} requests of up to {max(before)} tokens")
     chat = any(r.is_chat for r in requests)
     seeds = [r.seed if r.seed is not None else args.seed for r in requests]
-    return GenerateJob(cfg, sampling, ids, turns, chat, seeds, tokenizer, fmt)
+    texts = [[t if isinstance(t, str) else None for t in r.turn_list] for r in requests]
+    return GenerateJob(cfg, sampling, ids, turns, chat, seeds, tokenizer, fmt, texts)
+
+
+def _chat_turns(args, ids, requests) -> list[list[list[int]]]:
+    """``--chat``: every request's turns through the checkpoint's chat template."""
+    from cp_infer.entrypoints.chat import chat_turns
+
+    for i, r in zip(ids, requests, strict=True):
+        if not all(isinstance(t, str) for t in r.turn_list):
+            raise ValueError(
+                f"--chat renders text: request {i!r} has a turn of token ids; send text, or "
+                "drop --chat"
+            )
+    template = load_tokenizer(args.checkpoint, transformers=True)
+    return [chat_turns(template, r.turn_list) for r in requests]
 
 
 def _is_writer(pg: ParallelGroups) -> bool:
@@ -483,6 +520,7 @@ def run(args, argv: list[str]) -> int:
         conversation = Conversation()
         results = []
         for turn in range(len(job.turns[0])):
+            printer = _printer(args, job, turn) if writer else None
             results.append(
                 generate(
                     model, pg, [t[turn] for t in job.turns], job.sampling, seeds=job.seeds,
@@ -493,12 +531,27 @@ def run(args, argv: list[str]) -> int:
                     kv_dtype=args.kv_dtype,
                     prefill_chunk=_prefill_chunk(args, [t[turn] for t in job.turns], pg.pp),
                     logprobs=args.logprobs, names=job.ids,
+                    on_tokens=printer.token if printer is not None else None,
                 )
             )  # fmt: skip
+            if printer is not None:
+                printer.finish()
             if writer:
                 logger.info("%s", summary(results[-1], turn if job.chat else None))
         on_all_ranks(lambda: write_outputs(args, job, results) if writer else None)
     return 0
+
+
+def _printer(args, job: GenerateJob, turn: int):
+    """``--stream``: the writer's printer of this turn's answers (None without the flag)."""
+    if not args.stream:
+        return None
+    from cp_infer.entrypoints.chat import StreamPrinter
+
+    return StreamPrinter(
+        job.tokenizer.decode, job.ids, [t[turn] for t in job.texts],
+        eos_ids=job.sampling.eos_ids, budget=job.sampling.max_new_tokens,
+    )  # fmt: skip
 
 
 def _prefill_chunk(args, prompts: list[list[int]], pp: int) -> int | None:

@@ -266,8 +266,12 @@ class Frontend:
         except Exception as e:  # a text the tokenizer cannot take: the request's fault
             raise BadRequest(f"{param}: the tokenizer cannot encode this text ({e})", param) from e
 
-    def decode(self, tokens: list[int]) -> str | None:
-        return None if self.tokenizer is None else self.tokenizer.decode(tokens)
+    def decode(self, tokens: list[int], *, skip_special: bool = False) -> str | None:
+        """The text of ``tokens``; ``skip_special``: special tokens (BOS, EOS, a chat model's
+        end of turn) give none, as vLLM's ``skip_special_tokens``."""
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special)
 
     def context(self, prompt: Sequence[int]) -> list[int]:
         """The prompt's last few tokens, to decode an answer after (whole characters only)."""
@@ -277,12 +281,15 @@ class Frontend:
                 return list(prompt[-n:])
         return []
 
-    def continuation(self, prompt: Sequence[int], tokens: list[int]) -> str | None:
+    def continuation(
+        self, prompt: Sequence[int], tokens: list[int], *, skip_special: bool = False
+    ) -> str | None:
         """The text of ``tokens`` where they follow ``prompt`` (None without a tokenizer)."""
         if self.tokenizer is None:
             return None
         head = self.context(prompt)
-        return self.tokenizer.decode(head + tokens)[len(self.tokenizer.decode(head)) :]
+        text = self.decode(head + tokens, skip_special=skip_special)
+        return text[len(self.decode(head, skip_special=skip_special)) :]
 
     def token_texts(self, seq: Sequence[int], i: int, tokens: Sequence[int]) -> list[str]:
         """The text each of ``tokens`` would add at position ``i`` of ``seq`` (after
@@ -319,15 +326,20 @@ class Reply:
         pending: the request.
         stops: its stop strings.
         min_tokens: tokens before the stop strings are looked for (vLLM's ``min_tokens``).
+        skip_special: special tokens add no text (vLLM's ``skip_special_tokens``).
     """
 
     def __init__(
-        self, front: Frontend, pending: Pending, stops: tuple[str, ...] = (), min_tokens: int = 0
-    ) -> None:
+        self, front: Frontend, pending: Pending, stops: tuple[str, ...] = (), min_tokens: int = 0,
+        *, skip_special: bool = True,
+    ) -> None:  # fmt: skip
         self.front, self.pending, self.min_tokens = front, pending, min_tokens
         self.text = None
         if front.tokenizer is not None:
-            self.text = TextStream(front.decode, front.context(pending.request.tokens))
+            self.text = TextStream(
+                lambda tokens: front.decode(tokens, skip_special=skip_special),
+                front.context(pending.request.tokens),
+            )
         self.cut = StopStrings(stops) if stops else None
         self.tokens: list[int] = []
         self.outcome: Outcome | None = None

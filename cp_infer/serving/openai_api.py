@@ -188,7 +188,8 @@ class OpenAIServing:
     async def choice(self, i: int, pending: Pending, prompt: Prompt, kind: str, req):
         """Choice ``i`` whole: (its JSON or None if it failed, its outcome, its token count)."""
         front, k, tokens = self.front, _alternatives(req), prompt.tokens
-        reply = Reply(front, pending, req.stops, req.min_tokens)
+        reply = Reply(front, pending, req.stops, req.min_tokens,
+                      skip_special=req.skip_special_tokens)  # fmt: skip
         pieces = [piece async for _, piece, _ in reply.pieces()]
         o = await reply.finished()
         if o.error is not None and not reply.stopped:
@@ -198,7 +199,7 @@ class OpenAIServing:
         if req.stops and answer == reply.tokens:
             text = "".join(pieces) + reply.rest()
         else:  # the whole answer decoded at once (no piecewise approximation)
-            text = front.continuation(tokens, answer)
+            text = front.continuation(tokens, answer, skip_special=req.skip_special_tokens)
         logprobs = None
         if k is not None:  # the prompt's (echo), then those of the tokens kept
             n = (len(tokens) - 1) * req.echo + len(answer)
@@ -220,7 +221,10 @@ class OpenAIServing:
                      rid: str, obj: str, kind: str, req):  # fmt: skip
         """The server-sent events of every choice (``of[i]``: choice i's prompt)."""
         front, created = self.front, int(time.time())
-        replies = [Reply(front, p, req.stops, req.min_tokens) for p in pendings]
+        replies = [
+            Reply(front, p, req.stops, req.min_tokens, skip_special=req.skip_special_tokens)
+            for p in pendings
+        ]
 
         def chunk(i, delta, finish=None, token=None):
             c = {"index": i, "finish_reason": finish}

@@ -113,6 +113,8 @@ class _Sampling(_Strict):
     stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None  # vLLM's
     ignore_eos: bool = False  # vLLM's: the checkpoint's EOS does not end the answer
     min_tokens: Count = 0  # vLLM's: no EOS, stop token or stop string before this many
+    # vLLM's: special tokens (a chat model's end-of-turn <|im_end|>) have no text in the answer
+    skip_special_tokens: bool = True
 
     _numbers = _floats("temperature", "top_p")
 
