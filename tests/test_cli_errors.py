@@ -116,7 +116,7 @@ CASES = [
          lines=(_turns([1] * 40000, [2] * 30000),)),
     Case("turn_counts", "put chats with different numbers of turns in separate files",
          lines=(_turns([1], [2]), _turns([3], rid="d"))),
-    Case("text_without_tokenizer", "text prompts need a tokenizer.json in --checkpoint",
+    Case("text_without_tokenizer", "text prompts need a --checkpoint with a tokenizer",
          lines=('{"id": 0, "prompt": "hello"}',)),
     # -- options ------------------------------------------------------------------------------
     Case("temperature_nan", "temperature must be a finite number >= 0 (0 = greedy), got nan",

@@ -22,9 +22,18 @@ TEXT = REPO / "tests" / "data" / "real_text.txt"
 
 
 def _run(script: str, nproc: int, args: list[str], out) -> dict:
+    """The tool as a script under torchrun (its command line, as the docs give it)."""
     proc = torchrun(nproc, [*args, "--json", str(out)], script=str(REPO / "tools" / script),
                     timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def _in_pool(dist_pool, tool, world: int, args: list[str], out) -> dict:
+    """The tool's main on every rank of a warm pool (no launcher start-up)."""
+    assert (
+        dist_pool(world).run(tool.main, [*args, "--json", str(out)], timeout_s=120) == [0] * world
+    )
     return json.loads(out.read_text())
 
 
@@ -53,9 +62,9 @@ def _reference_nll(windows: list[list[int]]) -> float:
 
 
 @pytest.mark.timeout(240)
-def test_perplexity_cp2_equals_cp1_and_the_unsharded_model(tmp_path):
+def test_perplexity_cp2_equals_cp1_and_the_unsharded_model(dist_pool, tmp_path):
     args = ["--preset", "tiny-llama", "--text", str(TEXT), "--context", "256", "--windows", "2"]
-    cp1 = _run("perplexity.py", 1, args, tmp_path / "cp1.json")
+    cp1 = _in_pool(dist_pool, perplexity, 1, args, tmp_path / "cp1.json")
     cp2 = _run("perplexity.py", 2, [*args, "--cp", "2"], tmp_path / "cp2.json")
     assert (cp1["cp"], cp2["cp"], cp2["world_size"]) == (1, 2, 2)
     for r in (cp1, cp2):
@@ -71,11 +80,11 @@ def test_perplexity_cp2_equals_cp1_and_the_unsharded_model(tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_passkey_answers_are_the_same_at_cp1_and_cp2(tmp_path):
+def test_passkey_answers_are_the_same_at_cp1_and_cp2(dist_pool, tmp_path):
     args = ["--preset", "tiny-llama", "--lengths", "300", "600", "--trials", "2",
             "--max-new-tokens", "4"]  # fmt: skip
-    cp1 = _run("passkey.py", 1, args, tmp_path / "cp1.json")
-    cp2 = _run("passkey.py", 2, [*args, "--cp", "2"], tmp_path / "cp2.json")
+    cp1 = _in_pool(dist_pool, passkey, 1, args, tmp_path / "cp1.json")
+    cp2 = _in_pool(dist_pool, passkey, 2, [*args, "--cp", "2"], tmp_path / "cp2.json")
     assert [r["length"] for r in cp1["lengths"]] == [300, 600]
     assert len(cp1["trials"]) == len(cp2["trials"]) == 4
     assert not cp1["chat_template"]
