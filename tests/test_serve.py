@@ -618,3 +618,20 @@ def test_serve_checks_its_options_before_loading_anything(dist_pool, extra, matc
 
     (r,) = dist_pool(1).run(run_cli, ["serve", "--preset", "tiny-llama", *extra], timeout_s=60)
     assert r.code == 1 and match in r.errors[0], r.errors
+
+
+def test_bench_serve_questions_workload_reports_answer_lengths(server, tmp_path):
+    """tools/bench_serve.py's chat workload against this server: every question answered
+    through the chat template, each to max_tokens with --ignore-eos, and the lengths reported."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import bench_serve
+
+    out = tmp_path / "q.json"
+    summary = bench_serve.main(["--workload", "questions", "--url", server.url, "--requests", "4",
+                                "--clients", "2", "--max-tokens", "3", "--ignore-eos",
+                                "--json", str(out)])  # fmt: skip
+    assert summary["requests"] == 4 and summary["ignore_eos"]
+    assert (summary["answer_tokens_min"], summary["answer_tokens_max"]) == (3, 3)
+    records = json.loads(out.read_text())["requests"]
+    assert all(r["question"].endswith(("?", ".")) and r["finish_reason"] == "length"
+               for r in records)  # fmt: skip

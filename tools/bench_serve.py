@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark a server: ``cp_infer serve`` under torchrun, or any OpenAI-compatible peer.
 
-Four workloads (``--workload``):
+Five workloads (``--workload``):
 
 - ``chat``: N concurrent chat clients. Every client holds a conversation: its first turn is a
   ``--prompt-len``-token prompt, each later turn resends the whole history (prompts and answers
@@ -16,6 +16,12 @@ Four workloads (``--workload``):
   of their own, ``--clients`` at a time. Compare with ``--no-prefix-sharing``.
 - ``pressure``: ``--requests`` fresh prompts of ``--prompt-len`` tokens all at once, with a
   ``--kv-cache-memory`` that holds a fraction of their KV: requests wait and are preempted.
+- ``questions``: a trained chat model's real workload: ``--requests`` short questions (drawn
+  fresh every round from templates: arithmetic, facts, one-sentence descriptions) through
+  ``/v1/chat/completions`` and the model's chat template, ``--clients`` at a time, each answer
+  ending at the model's EOS (variable lengths, at most ``--max-tokens``), or with
+  ``--ignore-eos`` always ``--max-tokens`` long (cp_infer and vLLM take ``ignore_eos``). The
+  table adds the answers' lengths.
 
 For ``cp_infer`` the table adds what its ``/metrics`` counted over the run: the prompt tokens
 prefilled (the rest were found cached: "saved"), requests preempted, requests that waited for
@@ -166,6 +172,89 @@ async def _client(i, url, args, results) -> None:
             history = history + r["tokens"] + fresh(args.turn_len)
 
 
+# questions a small instruct model answers in a sentence or a few, with slots drawn per request
+_QUESTIONS = (
+    "What is {a} plus {b}?",
+    "What is {a} times {b}? Answer with the number.",
+    "Write one sentence about a {animal}.",
+    "Name three things that are {color}.",
+    "What is the capital of {country}?",
+    "Give me a short tip for {activity}.",
+    "Is {a} an even number? Explain briefly.",
+    "Describe the taste of a {fruit} in a few words.",
+)
+_SLOTS = {
+    "animal": ("cat", "dog", "horse", "owl", "dolphin", "fox", "bee", "turtle"),
+    "color": ("red", "green", "blue", "yellow", "white", "orange"),
+    "country": ("France", "Japan", "Italy", "Spain", "Canada", "Egypt", "Brazil", "Germany"),
+    "activity": ("running", "cooking", "studying", "sleeping well", "saving money", "gardening"),
+    "fruit": ("lemon", "mango", "banana", "cherry", "pear", "grape"),
+}
+
+
+def _questions(rng: random.Random, n: int) -> list[str]:
+    """``n`` questions, each a template with its slots drawn from ``rng``."""
+    out = []
+    for _ in range(n):
+        slots = {k: rng.choice(v) for k, v in _SLOTS.items()}
+        out.append(rng.choice(_QUESTIONS).format(a=rng.randrange(2, 100),
+                                                 b=rng.randrange(2, 100), **slots))  # fmt: skip
+    return out
+
+
+async def _ask(client, url, question: str, args, model: str | None) -> dict:
+    """One streamed chat request: its timings, usage, finish reason and answer."""
+    body = {"messages": [{"role": "user", "content": question}], "max_tokens": args.max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    if args.ignore_eos:
+        body["ignore_eos"] = True
+    if model is not None:
+        body["model"] = model
+    t0 = time.perf_counter()
+    arrivals, usage, text, finish = [], None, "", None
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ev = json.loads(line[6:])
+            usage = ev.get("usage") or usage
+            for c in ev.get("choices") or ():
+                finish = c.get("finish_reason") or finish
+                piece = (c.get("delta") or {}).get("content")
+                if piece or c.get("token_ids"):
+                    arrivals.append(time.perf_counter())
+                    text += piece or ""
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    return {"ttft_s": arrivals[0] - t0, "gaps_s": gaps, "usage": usage, "question": question,
+            "answer": text, "finish_reason": finish}  # fmt: skip
+
+
+def run_questions(url, args, model) -> tuple[list[dict], float]:
+    """A warm-up round, then ``--rounds`` timed rounds of fresh questions."""
+    rng = random.Random(0)
+
+    async def round_of(questions):
+        gate = asyncio.Semaphore(args.clients)
+        async with httpx.AsyncClient(timeout=3600) as client:
+
+            async def one(q):
+                async with gate:
+                    return await _ask(client, url, q, args, model)
+
+            t0 = time.perf_counter()
+            got = await asyncio.gather(*(one(q) for q in questions))
+            return list(got), time.perf_counter() - t0
+
+    asyncio.run(round_of(_questions(rng, min(args.clients, args.requests))))
+    results, wall = [], 0.0
+    for _ in range(args.rounds):
+        got, seconds = asyncio.run(round_of(_questions(rng, args.requests)))
+        results += got
+        wall += seconds
+    return results, wall
+
+
 def _prompts(args, rng: random.Random, n: int, tokenizer) -> list:
     """``n`` fresh prompts of ``--prompt-len`` random tokens: ids, or (``--text``) their text."""
     out = []
@@ -262,6 +351,7 @@ def summarize(args, results: list[dict], wall: float, counted: dict | None = Non
     details = [(r["usage"].get("prompt_tokens_details") or {}) for r in results]
     cached = sum(d.get("cached_tokens") or 0 for d in details)
     generated = sum(r["usage"]["completion_tokens"] for r in results)
+    lengths = [r["usage"]["completion_tokens"] for r in results]
     return {
         "server": args.server if not args.url else args.url, "workload": args.workload,
         "preset": args.preset, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
@@ -279,6 +369,9 @@ def summarize(args, results: list[dict], wall: float, counted: dict | None = Non
         "prefilled_tokens": (counted or {}).get("prefill_tokens_total"),
         "preemptions": (counted or {}).get("num_preemptions_total"),
         "waits": (counted or {}).get("kv_admission_waits_total"),
+        "ignore_eos": args.ignore_eos, "answer_tokens_min": min(lengths),
+        "answer_tokens_mean": generated / len(results), "answer_tokens_max": max(lengths),
+        "stopped_at_eos": sum(r.get("finish_reason") == "stop" for r in results),
     }  # fmt: skip
 
 
@@ -286,7 +379,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--workload", choices=["chat", "requests", "shared-prefix", "pressure"],
+    p.add_argument("--workload",
+                   choices=["chat", "requests", "shared-prefix", "pressure", "questions"],
                    default="chat")  # fmt: skip
     p.add_argument("--server", choices=["cp_infer", "transformers"], default="cp_infer",
                    help="the server to start (transformers: `transformers serve "
@@ -321,6 +415,11 @@ def main(argv=None) -> dict:
         action="store_true",
         help="send text prompts (random ids decoded by --checkpoint's tokenizer)",
     )
+    p.add_argument(
+        "--ignore-eos", action="store_true",
+        help="questions: every answer runs to --max-tokens (the fixed-length run; cp_infer and "
+        "vLLM take ignore_eos, transformers serve does not)",
+    )  # fmt: skip
     p.add_argument("--peer-threads", type=int, default=2, help="intra-op threads of the peer")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument(
@@ -333,6 +432,11 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if (args.server == "transformers" or args.text) and args.checkpoint is None:
         p.error("--server transformers and --text need --checkpoint (an HF checkpoint)")
+    if args.workload == "questions" and args.checkpoint is None and args.url is None:
+        p.error("--workload questions needs a chat model: --checkpoint (a GGUF file or an HF "
+                "directory with a chat template)")  # fmt: skip
+    if args.ignore_eos and args.server == "transformers":
+        p.error("transformers serve has no ignore_eos: run its questions with their EOS")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     extra = ["--max-batch-size", str(args.max_batch_size),
@@ -348,7 +452,8 @@ def main(argv=None) -> dict:
     )  # fmt: skip
     run = {"chat": lambda: run_chat(url, args), "requests": lambda: run_requests(url, args, model),
            "shared-prefix": lambda: run_shared_prefix(url, args),
-           "pressure": lambda: run_pressure(url, args)}[args.workload]  # fmt: skip
+           "pressure": lambda: run_pressure(url, args),
+           "questions": lambda: run_questions(url, args, model)}[args.workload]  # fmt: skip
     try:
         # the warm-up rounds count too: what the workload timed is told by the requests'
         # own usage; the metrics add what only the server knows
@@ -374,6 +479,10 @@ def main(argv=None) -> dict:
            f"{ms * summary['ttft_p99_s']:.0f}",
            f"{ms * (summary['ttit_p50_s'] or 0):.1f}/{ms * summary['ttit_p90_s']:.1f}/"
            f"{ms * summary['ttit_p99_s']:.1f}"]  # fmt: skip
+    if args.workload == "questions":
+        cols.append("answer tok min/mean/max")
+        row.append(f"{summary['answer_tokens_min']}/{summary['answer_tokens_mean']:.1f}/"
+                   f"{summary['answer_tokens_max']}")  # fmt: skip
     print(format_table(cols, [row]))
     if args.json:
         write_json(args.json, {"summary": summary, "requests": results})
