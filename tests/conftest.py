@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,23 @@ def server(checkpoint, tmp_path_factory):
     s = Server(checkpoint, 2, ["--cp", "2"], tmp_path_factory.mktemp("log") / "serve.log")
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> tuple[Path, Path]:
+    """The trained model of the real-weight tests: (its GGUF file, its conversion to a Hugging
+    Face directory, made once per session). Skips when it is not installed (make setup)."""
+    from cp_infer.checkpoint.bundled import smollm2_path
+
+    try:
+        gguf = smollm2_path()
+    except ValueError as e:
+        pytest.skip(str(e))
+    hf = tmp_path_factory.mktemp("smollm2") / "hf"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cp_infer", "convert", "--from", "gguf", "--to", "hf",
+         "--input", str(gguf), "--output", str(hf)],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return gguf, hf

@@ -1,5 +1,6 @@
-"""Real clients against the server, unchanged: lm-eval's ``local-completions`` (both of its
-request forms) scored against lm-eval's own ``hf`` model on the same checkpoint, and a bounded
+"""Real clients against the server, unchanged: lm-eval's ``local-completions`` (token ids; text
+prompts and chat on a trained model: test_lm_eval_real.py) scored against lm-eval's own ``hf``
+model on the same checkpoint, and a bounded
 property-based fuzz of every endpoint from the server's ``/openapi.json`` (schemathesis) in
 which no request may get a 5xx."""
 
@@ -54,7 +55,9 @@ def _evaluate(model: str, model_args: str, tasks: Path) -> dict:
 
     out = lm_eval.simple_evaluate(
         model=model, model_args=model_args, tasks=["tiny_mc", "tiny_gen"], batch_size=4,
-        task_manager=TaskManager(include_path=str(tasks)), log_samples=True, device="cpu",
+        # only these tasks: indexing lm-eval's own thousands takes seconds a call
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+        log_samples=True, device="cpu",
     )  # fmt: skip
     return {
         task: [s["filtered_resps"] for s in out["samples"][task]]
@@ -69,23 +72,23 @@ def test_lm_eval_local_completions_scores_as_lm_evals_hf_model(checkpoint, tmp_p
     reference = _evaluate("hf", f"pretrained={checkpoint},dtype=float32", tasks)
     s = Server(checkpoint, 2, ["--cp", "2"], tmp_path / "serve.log")
     try:
-        for tokenized in (True, False):  # lm-eval's default sends token ids: lists of lists
-            got = _evaluate(
-                "local-completions",
-                f"model=tiny-llama,base_url={s.url}/v1/completions,tokenizer_backend=huggingface,"
-                f"tokenizer={checkpoint},tokenized_requests={tokenized},num_concurrent=2,"
-                "max_retries=1",
-                tasks,
-            )
-            assert got["acc"] == reference["acc"]
-            for doc, ref in zip(got["tiny_mc"], reference["tiny_mc"], strict=True):
-                for (lp, greedy), (ref_lp, ref_greedy) in zip(doc, ref, strict=True):
-                    assert abs(lp - ref_lp) < 1e-4 and greedy == ref_greedy
-            # the server decodes an answer after its prompt (its leading space), hf alone
-            strip = [[g.strip() for g in d] for d in reference["tiny_gen"]]
-            assert [[g.strip() for g in d] for d in got["tiny_gen"]] == strip
+        # lm-eval's default: token ids, as lists of lists (its text prompts meet a trained
+        # model's tokenizer in tests/test_lm_eval_real.py)
+        got = _evaluate(
+            "local-completions",
+            f"model=tiny-llama,base_url={s.url}/v1/completions,tokenizer_backend=huggingface,"
+            f"tokenizer={checkpoint},tokenized_requests=True,num_concurrent=2,max_retries=1",
+            tasks,
+        )
     finally:
         s.stop()
+    assert got["acc"] == reference["acc"]
+    for doc, ref in zip(got["tiny_mc"], reference["tiny_mc"], strict=True):
+        for (lp, greedy), (ref_lp, ref_greedy) in zip(doc, ref, strict=True):
+            assert abs(lp - ref_lp) < 1e-4 and greedy == ref_greedy
+    # the server decodes an answer after its prompt (its leading space), hf alone
+    strip = [[g.strip() for g in d] for d in reference["tiny_gen"]]
+    assert [[g.strip() for g in d] for d in got["tiny_gen"]] == strip
 
 
 def test_a_fuzz_of_the_openapi_schema_gets_no_server_error(checkpoint, tmp_path):
