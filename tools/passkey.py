@@ -45,6 +45,7 @@ from perplexity import (
     engine_for,
     layout_record,
     model_on_ranks,
+    publish,
     run_tool,
     tool_parser,
 )
@@ -53,7 +54,7 @@ from cp_infer.checkpoint.formats import load_tokenizer
 from cp_infer.engine import SamplingConfig
 from cp_infer.engine.core import Request
 from cp_infer.models.config import ModelConfig
-from cp_infer.reporting import format_table, write_json
+from cp_infer.reporting import format_table
 
 logger = logging.getLogger("cp_infer.tools.passkey")
 
@@ -199,14 +200,10 @@ def _run(args, argv: list[str]) -> int:
         "seconds": sum(r["seconds"] for r in per_length), "lengths": per_length,
         "trials": results,
     }  # fmt: skip
-    if dist.get_rank() == 0:
-        rows = [[str(r["length"]), f"{r['prompt_tokens_mean']:.0f}", f"{r['correct']}/{r['trials']}",
-                 f"{r['accuracy']:.2f}", f"{r['seconds']:.1f}"] for r in per_length]  # fmt: skip
-        print(record["layout"])
-        print(format_table(["length", "prompt tokens", "right", "accuracy", "seconds"], rows))
-        if args.json is not None:
-            write_json(args.json, record)
-            logger.info("wrote %s", args.json)
+    rows = [[str(r["length"]), f"{r['prompt_tokens_mean']:.0f}", f"{r['correct']}/{r['trials']}",
+             f"{r['accuracy']:.2f}", f"{r['seconds']:.1f}"] for r in per_length]  # fmt: skip
+    table = format_table(["length", "prompt tokens", "right", "accuracy", "seconds"], rows)
+    publish(args, record, f"{record['layout']}\n{table}")
     return 0
 
 

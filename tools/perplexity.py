@@ -209,6 +209,16 @@ def engine_for(args, model, pg: ParallelGroups, lengths: Sequence[int]) -> Engin
     return engine
 
 
+def publish(args, record: dict, table: str) -> None:
+    """Rank 0 prints ``table`` and writes ``record`` to ``--json``."""
+    if dist.get_rank() != 0:
+        return
+    print(table)
+    if args.json is not None:
+        write_json(args.json, record)
+        logger.info("wrote %s", args.json)
+
+
 def run_tool(main: Callable[[argparse.Namespace, list[str]], int], args, argv) -> int:
     """``main(args, argv)`` with the CLI's logging; a failure every rank agreed on is one line."""
     setup_logging()
@@ -292,14 +302,10 @@ def _run(args, argv: list[str]) -> int:
     }  # fmt: skip
     if args.token_logprobs:
         record["logprobs"] = logprobs
-    if dist.get_rank() == 0:
-        print(format_table(
-            ["layout", "tokens", "nll/token", "perplexity", "seconds"],
-            [[record["layout"], str(n), f"{nll:.8f}", f"{math.exp(nll):.5f}", f"{seconds:.2f}"]],
-        ))  # fmt: skip
-        if args.json is not None:
-            write_json(args.json, record)
-            logger.info("wrote %s", args.json)
+    publish(args, record, format_table(
+        ["layout", "tokens", "nll/token", "perplexity", "seconds"],
+        [[record["layout"], str(n), f"{nll:.8f}", f"{math.exp(nll):.5f}", f"{seconds:.2f}"]],
+    ))  # fmt: skip
     return 0
 
 
