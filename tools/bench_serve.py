@@ -232,27 +232,7 @@ async def _ask(client, url, question: str, args, model: str | None) -> dict:
 
 def run_questions(url, args, model) -> tuple[list[dict], float]:
     """A warm-up round, then ``--rounds`` timed rounds of fresh questions."""
-    rng = random.Random(0)
-
-    async def round_of(questions):
-        gate = asyncio.Semaphore(args.clients)
-        async with httpx.AsyncClient(timeout=3600) as client:
-
-            async def one(q):
-                async with gate:
-                    return await _ask(client, url, q, args, model)
-
-            t0 = time.perf_counter()
-            got = await asyncio.gather(*(one(q) for q in questions))
-            return list(got), time.perf_counter() - t0
-
-    asyncio.run(round_of(_questions(rng, min(args.clients, args.requests))))
-    results, wall = [], 0.0
-    for _ in range(args.rounds):
-        got, seconds = asyncio.run(round_of(_questions(rng, args.requests)))
-        results += got
-        wall += seconds
-    return results, wall
+    return _timed_rounds(args, _questions, lambda client, q: _ask(client, url, q, args, model))
 
 
 def _prompts(args, rng: random.Random, n: int, tokenizer) -> list:
@@ -264,18 +244,38 @@ def _prompts(args, rng: random.Random, n: int, tokenizer) -> list:
     return out
 
 
-async def _requests_round(url, args, prompts, model) -> tuple[list[dict], float]:
-    """Every prompt once, ``--clients`` at a time: the results and the round's wall time."""
+async def _round(args, items, ask) -> tuple[list[dict], float]:
+    """``ask(client, item)`` for every item, ``--clients`` at a time: the results and the
+    round's wall time."""
     gate = asyncio.Semaphore(args.clients)
     async with httpx.AsyncClient(timeout=3600) as client:
 
-        async def one(prompt):
+        async def one(item):
             async with gate:
-                return await _turn(client, url, prompt, args.max_tokens, model)
+                return await ask(client, item)
 
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(one(p) for p in prompts))
+        results = await asyncio.gather(*(one(x) for x in items))
         return list(results), time.perf_counter() - t0
+
+
+def _timed_rounds(args, draw, ask) -> tuple[list[dict], float]:
+    """A warm-up round, then ``--rounds`` timed rounds, each of ``draw(rng, n)`` fresh items."""
+    rng = random.Random(0)
+    asyncio.run(_round(args, draw(rng, min(args.clients, args.requests)), ask))
+    results, wall = [], 0.0
+    for _ in range(args.rounds):
+        got, seconds = asyncio.run(_round(args, draw(rng, args.requests), ask))
+        results += got
+        wall += seconds
+    return results, wall
+
+
+async def _requests_round(url, args, prompts, model) -> tuple[list[dict], float]:
+    """Every prompt once, ``--clients`` at a time: the results and the round's wall time."""
+    return await _round(
+        args, prompts, lambda client, p: _turn(client, url, p, args.max_tokens, model)
+    )
 
 
 def run_requests(url, args, model) -> tuple[list[dict], float]:
@@ -285,17 +285,10 @@ def run_requests(url, args, model) -> tuple[list[dict], float]:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
-    rng = random.Random(0)
-    warm = _prompts(args, rng, min(args.clients, args.requests), tokenizer)
-    asyncio.run(_requests_round(url, args, warm, model))
-    results, wall = [], 0.0
-    for _ in range(args.rounds):
-        got, seconds = asyncio.run(
-            _requests_round(url, args, _prompts(args, rng, args.requests, tokenizer), model)
-        )
-        results += got
-        wall += seconds
-    return results, wall
+    return _timed_rounds(
+        args, lambda rng, n: _prompts(args, rng, n, tokenizer),
+        lambda client, p: _turn(client, url, p, args.max_tokens, model),
+    )  # fmt: skip
 
 
 def run_shared_prefix(url, args) -> tuple[list[dict], float]:

@@ -54,8 +54,8 @@ def read_config(directory: Path, fmt: str) -> tuple[ModelConfig, dict | None]:
     if fmt == "megatron":
         return megatron_config(directory)
     if fmt == "gguf":
-        hf = open_gguf(directory).hf_config
-        return ModelConfig.from_hf(hf), hf
+        f = open_gguf(directory)
+        return f.config, f.hf_config
     path = directory / "config.json"
     try:
         hf = json.loads(path.read_text())

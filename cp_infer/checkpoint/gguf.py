@@ -32,7 +32,6 @@ from cp_infer.models.config import ModelConfig
 from cp_infer.parallel.tensor_parallel import Shard
 
 __all__ = [
-    "GGUF_SUFFIX",
     "SUPPORTED_TYPES",
     "GGUFFile",
     "GGUFSource",
@@ -44,7 +43,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-GGUF_SUFFIX = ".gguf"
 _MAGIC = b"GGUF"
 
 #: Tensor types read (llama.cpp's names); any other is refused by name before any work.
@@ -127,7 +125,6 @@ class GGUFFile:
             )
         import gguf
 
-        self._gguf = gguf
         size = self.path.stat().st_size
         try:
             reader = gguf.GGUFReader(self.path, "r")
@@ -228,11 +225,11 @@ class GGUFFile:
             raise ValueError(
                 f"{self.path} describes a model cp_infer cannot run exactly: " + "; ".join(problems)
             )
-        vocab = self.get("tokenizer.ggml.tokens", None)
+        vocab = self._fields.get("tokenizer.ggml.tokens")  # its count, not its 10^5 strings
         vocab_size = self.tensor("token_embd.weight").shape[0]
-        if vocab is not None and len(vocab) != vocab_size:
+        if vocab is not None and len(vocab.data) != vocab_size:
             raise ValueError(
-                f"{self.path}: the tokenizer has {len(vocab)} tokens but token_embd.weight "
+                f"{self.path}: the tokenizer has {len(vocab.data)} tokens but token_embd.weight "
                 f"{vocab_size} rows; the file is inconsistent"
             )
         hf = ModelConfig(
@@ -314,12 +311,9 @@ class GGUFSource:
             sl = shard.slices()
             rows, cols = (sl[0], slice(None)) if shard.dim == 0 else (slice(None), sl[1])
         qk = name.endswith(("attn_q.weight", "attn_k.weight"))
+        take = None
         if qk and rows != slice(None) and (rows.start % self.cfg.head_dim):
-            rows = slice(None)  # not whole heads (never from our TP split): read them all
-            cols = slice(None)
-            take = shard.slices()
-        else:
-            take = None
+            rows, take = slice(None), sl  # not whole heads (never our TP split): read them all
         try:
             out = self._dequantize(t, rows, cols)
         except Exception as e:

@@ -84,7 +84,7 @@ class StreamPrinter:
         self, decode, names: Sequence[object], questions: Sequence[str | None], *,
         eos_ids: Sequence[int] = (), budget: int | None = None, out: TextIO | None = None,
     ) -> None:  # fmt: skip
-        self.decode, self.names, self.questions = decode, list(names), list(questions)
+        self.names, self.questions = list(names), list(questions)
         self.eos_ids, self.budget = frozenset(eos_ids), budget
         self.out = out or sys.stdout
         self.streams = [TextStream(decode) for _ in names]
