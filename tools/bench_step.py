@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cp_infer.checkpoint import RandomSource, load_weights
 from cp_infer.engine import ModelRunner
 from cp_infer.engine.chunking import StepCosts
+from cp_infer.engine.kv_cache import DEFAULT_BLOCK_SIZE
 from cp_infer.engine.scheduler import Scheduler, SequenceState
 from cp_infer.models import get_preset
 from cp_infer.parallel import parallelize
@@ -57,7 +58,13 @@ def bench_rank(preset, cached, chunks, decodes, steps, hardware) -> list[dict]:
     with parallel_groups(cp=dist.get_world_size(), timeout_s=1800) as pg:
         model = parallelize(cfg, pg, torch.float32)
         load_weights(model, RandomSource(0, cfg))
-        runner = ModelRunner(model, pg)
+        # the pool holds every sequence the run makes: the decodes (prompt and budget) and one
+        # long sequence per chunk size (none is freed), per CP rank's share, with a block each
+        # of slack for the shards' rounding
+        budget = 2 * len(chunks) * steps + 2  # a token per decode and per mixed step
+        total = decodes * (256 + budget) + sum(cached + 2 * steps * c + 1 for c in chunks)
+        slack = (decodes + len(chunks)) * 2 * DEFAULT_BLOCK_SIZE
+        runner = ModelRunner(model, pg, kv_tokens=-(-total // pg.cp) + slack)
         costs = StepCosts.from_hardware(cfg, hardware or runner.hardware, cp=pg.cp, tp=pg.tp)
         sched = Scheduler(cp=pg.cp, device=runner.device)
 
@@ -80,7 +87,6 @@ def bench_rank(preset, cached, chunks, decodes, steps, hardware) -> list[dict]:
 
         shorts = [SequenceState(seq=i) for i in range(decodes)]
         for s in shorts:
-            budget = 2 * len(chunks) * steps + 2  # a token per decode and per mixed step
             sched.admit(
                 s, [(11 * s.seq + j) % (cfg.vocab_size - 1) + 1 for j in range(256)], budget
             )
