@@ -22,8 +22,7 @@ def _drive(engine, requests, steps=None):
     outcomes, nbytes, peak = {}, engine.cache.nbytes(), [0]
 
     def step(s):
-        for ledger in engine.pool.ledgers:
-            ledger.check()  # every block free or held once, the counts the tables'
+        engine.kv.check()  # every block free or held once, the counts the tables'
         assert engine.cache.nbytes() == nbytes  # allocated once: never grows
         peak[0] = max(peak[0], len(engine.sched.seqs))
         if steps is not None:
@@ -94,8 +93,8 @@ def _pool_rank(layout: dict, preset: str, dtype: str, kv_dtype: str) -> dict:
         want = alone(burst)
         compared = sum(_same(a, b, margin) for a, b in zip(got, want, strict=True))
         preemptions = small.stats.preemptions
-        for seq in list(small.retained):  # every block comes back
-            small._evict(seq)
+        for seq in list(small.kv.retained):  # every block comes back
+            small.kv.release(seq)
         assert all(g.n_free == g.n_blocks for g in small.pool.ledgers)
 
         # -- 8 requests sharing a 1500-token prefix, after one request cached it

@@ -7,7 +7,8 @@ import logging
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cp_infer.engine.core import PoolStats, Step
+from cp_infer.engine.core import Step
+from cp_infer.engine.kv_manager import PoolStats
 from cp_infer.serving.metrics import LOG_EVERY_S, ServerMetrics
 
 
@@ -168,7 +169,7 @@ def test_the_pool_stats_set_the_gauges_and_move_the_counters_by_their_difference
 
 
 def test_the_prefix_index_finds_the_longest_cached_prefix_exactly():
-    from cp_infer.engine.core import PrefixIndex
+    from cp_infer.engine.kv_manager import PrefixIndex
 
     index = PrefixIndex(block=4)
     index.add(0, list(range(10)))  # two whole blocks and two tokens

@@ -195,7 +195,7 @@ def _conversation_rank(path, sizes, variants):
             )  # fmt: skip
             turns.append((result.tokens, result.first_logits, result.prefill_variant, faster[-1]))
         engine = conv.engine  # each chat's sequence is retained in its cache for the next turn
-        by_history = {tuple(s.history): s.seq for s in engine.retained.values()}
+        by_history = {tuple(engine.kv.index.tokens[seq]): seq for seq in engine.kv.retained}
         cached = [engine.runner.cache.positions(by_history[tuple(h)]) for h in conv.history]
     return turns, conv.history, cached
 

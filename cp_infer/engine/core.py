@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -60,6 +60,7 @@ from cp_infer.distributed import (
 )  # fmt: skip
 from cp_infer.engine.chunking import ChunkTimer, Estimates, StepCosts, choose_chunk
 from cp_infer.engine.kv_cache import StorePlan
+from cp_infer.engine.kv_manager import KVCacheManager, PoolStats, common_prefix
 from cp_infer.engine.kv_pool import PoolFull, blocks_for_tokens
 from cp_infer.engine.runner import ModelRunner
 from cp_infer.engine.sampling import GREEDY_BELOW, SamplingConfig, sample_rows
@@ -68,8 +69,7 @@ from cp_infer.schema import RequestError
 from cp_infer.sharding import span_positions
 
 __all__ = [
-    "EngineCore", "Orders", "Outcome", "PoolStats", "PrefixIndex", "Request", "Step",
-    "check_pool", "check_request",
+    "EngineCore", "Orders", "Outcome", "Request", "Step", "check_pool", "check_request",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -205,120 +205,6 @@ class Step:
     variant: str | None = None
 
 
-class PrefixIndex:
-    """The sequences whose tokens are cached, found by their tokens: a hash chain over blocks.
-
-    Block ``i`` of a sequence's tokens is keyed by a hash of itself and of block ``i - 1``'s key,
-    so one key stands for a whole prefix. Matching walks a request's blocks down the chain to
-    the deepest one some sequence holds, then compares tokens with those holders for the exact
-    length (token granularity; a hash collision costs nothing but a comparison). A request that
-    shares no whole block is compared with every sequence (short prompts). The keys are Python
-    hashes of int tuples: the same in every process, so every rank matches alike.
-
-    Args:
-        block: tokens per key (the pool's block size).
-    """
-
-    MAX_CANDIDATES = 16  # holders of the deepest block compared token by token, newest first
-
-    def __init__(self, block: int) -> None:
-        self.block = block
-        self.tokens: dict[int, list[int]] = {}  # seq -> its cached tokens
-        self._chains: dict[int, list[int]] = {}  # seq -> its blocks' keys
-        self._holders: dict[int, set[int]] = {}  # key -> seqs
-
-    def _keys(self, tokens: Sequence[int]):
-        key = 0
-        for i in range(len(tokens) // self.block):
-            key = hash((key, tuple(tokens[i * self.block : (i + 1) * self.block])))
-            yield key
-
-    def add(self, seq: int, tokens: Sequence[int]) -> None:
-        """Index (or re-index) ``seq`` as holding ``tokens`` in the cache."""
-        self.remove(seq)
-        self.tokens[seq] = list(tokens)
-        self._chains[seq] = list(self._keys(tokens))
-        for key in self._chains[seq]:
-            self._holders.setdefault(key, set()).add(seq)
-
-    def remove(self, seq: int) -> None:
-        self.tokens.pop(seq, None)
-        for key in self._chains.pop(seq, ()):
-            holders = self._holders[key]
-            holders.discard(seq)
-            if not holders:
-                del self._holders[key]
-
-    def match(self, tokens: Sequence[int]) -> tuple[int | None, int]:
-        """The indexed sequence sharing the longest prefix with ``tokens``, and its length."""
-        tokens = list(tokens)  # the indexed tokens are lists: compare like with like
-        holders = None
-        for key in self._keys(tokens):
-            found = self._holders.get(key)
-            if not found:
-                break
-            holders = found
-        pool = sorted(holders or self.tokens, reverse=True)
-        if holders:
-            pool = pool[: self.MAX_CANDIDATES]
-        best, best_len = None, 0
-        for seq in pool:
-            mine = self.tokens[seq]
-            n = _common_prefix(mine, tokens, len(mine))
-            if n > best_len:
-                best, best_len = seq, n
-        return best, best_len
-
-
-@dataclass
-class PoolStats:
-    """The KV pool and prefix reuse as ``/metrics`` shows them (picklable; counts since start).
-
-    Attributes:
-        usage: fraction of the fullest rank's blocks that running requests hold (blocks that
-            only finished requests keep, for reuse, count as free: as vLLM counts).
-        free_blocks: blocks the fullest rank can give: free, or kept only for reuse.
-        total_blocks: blocks per rank.
-        block_size: tokens per block.
-        cp: CP ranks the pool spans.
-        retained_tokens: tokens finished requests keep cached over the CP ranks.
-        preemptions: requests preempted (freed, recomputed later).
-        waits: requests that waited for room in the pool before they were admitted.
-        prefix_queries: prompt tokens looked up in the cache.
-        prefix_hits: of those, tokens found cached (not prefilled).
-        remote_prefills: requests a prefill tier prefilled (disaggregated serving).
-        handoff_tokens: (token, head, layer) triples of K/V received from it, this rank.
-    """
-
-    usage: float = 0.0
-    free_blocks: int = 0
-    total_blocks: int = 0
-    block_size: int = 0
-    cp: int = 1
-    retained_tokens: int = 0
-    preemptions: int = 0
-    waits: int = 0
-    prefix_queries: int = 0
-    prefix_hits: int = 0
-    remote_prefills: int = 0
-    handoff_tokens: int = 0
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    """Length of the common prefix of ``a`` and ``b``, at most ``limit``: slices compared in C,
-    halving the range (a chat's history of 100K tokens is matched in microseconds)."""
-    lo, hi = 0, min(limit, len(a), len(b))
-    if a[:hi] == b[:hi]:
-        return hi
-    while hi - lo > 1:  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
-        mid = (lo + hi) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
 @dataclass(frozen=True)
 class Orders:
     """What rank 0 sends every rank before a span of iterations (picklable)."""
@@ -386,21 +272,16 @@ class EngineCore:
         self.pg = runner.pg
         self.cache = runner.cache
         self.pool = runner.cache.pool
-        self.index = PrefixIndex(self.pool.block_size)
-        self.retained: OrderedDict[int, SequenceState] = OrderedDict()  # least recent first
+        self.kv = KVCacheManager(self.pool, share_prefixes=share_prefixes)  # the books
+        self.stats = self.kv.stats
         self.waiting: deque[_Live] = deque()  # arrived, not admitted (preempted ones first)
-        self.stats = PoolStats(
-            total_blocks=self.pool.n_blocks, block_size=self.pool.block_size, cp=self.pool.cp
-        )
         self.max_batch, self.tbt_slo_s, self.fuse = max_batch, tbt_slo_s, fuse
-        self.share_prefixes = share_prefixes
         self.costs = costs or StepCosts.from_hardware(
             self.cfg, runner.hardware, cp=self.pg.cp, tp=self.pg.tp
         )
         self.timer = ChunkTimer(self.costs)
         self.sched = Scheduler(cp=self.pg.cp, device=runner.device)
         self._mixed: tuple[float, float] | None = None  # the last mixed iteration's start, sizing
-        self._next_seq = 0
         self.on_step: Callable[[Step], None] | None = None  # told of every forward pass
         # a request's failure ends that request alone (serving); offline it ends the run
         self.contain = True
@@ -449,13 +330,9 @@ class EngineCore:
 
     def pool_stats(self) -> PoolStats:
         """The pool and prefix reuse now (rank 0 sends them to the API's metrics)."""
-        s = self.stats
         if self.remote is not None:
-            s.handoff_tokens = self.remote.token_heads
-        s.free_blocks = self.pool.available()
-        s.usage = 1 - s.free_blocks / self.pool.n_blocks
-        s.retained_tokens = sum(x.cached for x in self.retained.values())
-        return PoolStats(**vars(s))
+            self.stats.handoff_tokens = self.remote.token_heads
+        return self.kv.snapshot()
 
     # -- admission ----------------------------------------------------------------------------
     def _arrive(self, req: Request, done: Done | None) -> None:
@@ -502,10 +379,6 @@ class EngineCore:
                 return
             del self.waiting[i]
 
-    def _pinned(self) -> set[int]:
-        """Cached sequences a job at the prefill tier skips: kept until it is back."""
-        return {p for _, p in self.remote_live.values() if p is not None}
-
     def _goes_remote(self, x: _Live, tokens: list[int], shared: int) -> bool:
         """Whether the prefill tier prefills ``x``: a long prompt its pool can hold, not a
         recomputed one, and not one whose prompt's log-probabilities the decode tier must
@@ -521,7 +394,7 @@ class EngineCore:
 
         pinned = holder if holder is not None and shared else None
         if pinned is not None:
-            self.pool.set_live(pinned, True)
+            self.kv.pin(pinned)
         job = PrefillJob(x.request.rid, tuple(tokens), x.request.sampling,
                          skip=shared if pinned is not None else 0)  # fmt: skip
         self.remote.submit(job)
@@ -545,8 +418,8 @@ class EngineCore:
             except Exception as e:  # the pool is full, say: this request alone fails
                 error = error_message(e)
             finally:
-                if pinned is not None and pinned in self.pool.ledgers[0].tables:
-                    self.pool.set_live(pinned, False)
+                if pinned is not None:
+                    self.kv.unpin(pinned)
             o = x.outcome
             if error is not None or o.finish_reason == "cancelled":
                 if error is not None:
@@ -568,65 +441,47 @@ class EngineCore:
                 continue
             self.waiting.appendleft(x)
 
-    def cached_prefix(self, tokens: Sequence[int]) -> tuple[int | None, int]:
-        """The cached sequence that shares the longest prefix with ``tokens``, and how many
-        tokens it shares ((None, 0) without prefix sharing)."""
-        return self.index.match(tokens) if self.share_prefixes else (None, 0)
-
     def _match(self, x: _Live, tokens: list[int]) -> tuple[int | None, int]:
         """The cached sequence ``x`` (whose ``tokens`` those are) starts from, and how many are
         shared (at least one token is left to compute: it yields the first logits)."""
         if x.prompt_logprobs:  # every prompt token needs its logits
             return None, 0
-        holder, shared = self.cached_prefix(tokens)
+        holder, shared = self.kv.match(tokens)
         return holder, min(shared, len(tokens) - 1)
 
     def _joins_a_prefill(self, tokens: list[int], shared: int) -> bool:
         """Whether a running request is prefilling a longer prefix of ``tokens`` (by a block at
         least) than the cache holds: starting after it shares that prefill."""
-        if not self.share_prefixes:
+        if not self.kv.share_prefixes:
             return False
         for s in self.sched.seqs:
             if s.prefilled < len(s.new):
                 theirs = s.history + s.prompt
-                if _common_prefix(theirs, tokens, len(theirs)) >= shared + self.pool.block_size:
+                if common_prefix(theirs, tokens, len(theirs)) >= shared + self.pool.block_size:
                     return True
         return False
 
     def _promised(self) -> int:
         """Blocks the running requests' prefills still take (on the fullest rank, roughly)."""
-        return sum(self.pool.blocks_for_tokens(len(s.new) - s.prefilled)
+        return sum(self.kv.blocks_for_tokens(len(s.new) - s.prefilled)
                    for s in self.sched.seqs if s.prefilled < len(s.new))  # fmt: skip
 
     def _start(
         self, x: _Live, tokens: list[int], holder: int | None, shared: int, done: Done | None
     ) -> bool:
         """Admit ``x`` (its ``tokens``) if the pool can hold its prompt; False: it waits."""
-        need = self.pool.blocks_for_tokens(len(tokens) - shared)
-        if need + self._promised() > self.pool.available():
+        need = self.kv.blocks_for_tokens(len(tokens) - shared)
+        if need + self._promised() > self.kv.available():
             if self.sched.seqs:
                 return False  # the running requests free blocks as they finish
             x.outcome.tokens = list(x.before)
             self._refuse(x.request, x.outcome, RuntimeError(
                 f"the KV pool cannot hold the request's {len(tokens)} tokens ({need} blocks of "
-                f"{self.pool.block_size} per CP rank, {self.pool.available()} available): raise "
+                f"{self.pool.block_size} per CP rank, {self.kv.available()} available): raise "
                 "--kv-cache-memory or --cp"), done)  # fmt: skip
             return True
-        seq = self._next_seq
-        if holder is None or shared == 0:
-            shared = 0
-        else:
-            try:  # a partly shared block's tokens are copied into a block of the new sequence
-                self._reclaim([1] * self.pool.cp, keep=holder)
-                self.cache.fork(holder, seq, shared)
-            except PoolFull:
-                shared = 0
-            else:
-                if holder in self.retained:
-                    self.retained.move_to_end(holder)
-                    if shared == len(self.index.tokens[holder]) and holder not in self._pinned():
-                        self._evict(holder)  # superseded: all it had
-        self._next_seq += 1
+        seq, shared, copies = self.kv.start(holder, shared)
+        self.cache.copy_tail(copies)
         state = SequenceState(seq=seq, history=tokens[:shared], owner=x)
         x.state = state
         if not x.before:  # a recomputed request keeps what it reported first
@@ -663,73 +518,39 @@ class EngineCore:
             RuntimeError: the cache no longer holds the ``skip`` tokens.
         """
         tokens = list(tokens)
-        holder, shared = self.cached_prefix(tokens) if skip else (None, 0)
+        holder, shared = self.kv.match(tokens) if skip else (None, 0)
         if shared < skip:  # (no holder: shared is 0)
             raise RuntimeError(f"the cache shares {shared} tokens of the hand-off, which skipped "
                                f"{skip}: the shared prefix was evicted")  # fmt: skip
         full = PoolFull(f"the KV pool cannot hold a hand-off of {len(tokens)} tokens: raise "
                         "--kv-cache-memory on the decode tier")  # fmt: skip
-        seq, self._next_seq = self._next_seq, self._next_seq + 1
-        if skip:  # a partly shared block's tokens are copied into a block of the new sequence
-            if not self._reclaim([1] * self.pool.cp, keep=holder):
-                raise full
-            self.cache.fork(holder, seq, skip)
-            superseded = skip == len(self.index.tokens[holder])
-            if holder in self.retained and superseded and holder not in self._pinned():
-                self._evict(holder)  # all it had is in the new sequence
-        plans = [[StorePlan(seq, 0, tuple(span_positions(skip, len(tokens), self.pool.cp, r)))]
-                 for r in range(self.pool.cp)]  # fmt: skip
-        needs = [g.blocks_for(seq, len(p[0].positions))
-                 for g, p in zip(self.pool.ledgers, plans, strict=True)]  # fmt: skip
-        if not self._reclaim(needs):
-            if skip:
-                self.cache.free(seq)
-            raise full
-        self.cache.plan(plans)
+        seq = self.kv.new_seq()
         try:
-            fill(seq)
+            if skip:  # a partly shared block's tokens are copied into a block of its own
+                try:
+                    self.cache.copy_tail(self.kv.fork(holder, seq, skip))
+                except PoolFull:
+                    raise full from None
+            plans = [[StorePlan(seq, 0, tuple(span_positions(skip, len(tokens), self.pool.cp, r)))]
+                     for r in range(self.pool.cp)]  # fmt: skip
+            needs = [g.blocks_for(seq, len(p[0].positions))
+                     for g, p in zip(self.pool.ledgers, plans, strict=True)]  # fmt: skip
+            if not self.kv.reclaim(needs):
+                raise full
+            self.cache.plan(plans)
+            try:
+                fill(seq)
+            except BaseException:
+                self.cache.abort()
+                raise
+            self.cache.commit()
         except BaseException:
-            self.cache.abort()
-            if skip:
-                self.cache.free(seq)
+            self.kv.release(seq)
             raise
-        self.cache.commit()
-        self.retained[seq] = SequenceState(seq=seq, history=tokens)
-        self.pool.set_live(seq, False)
-        self.index.add(seq, tokens)  # (the request that starts from it counts the lookup)
+        self.kv.retain(seq, tokens)  # (the request that starts from it counts the lookup)
         return seq
 
     # -- memory -------------------------------------------------------------------------------
-    def _forget(self, seq: int) -> None:
-        """A sequence leaves the cache: no longer found by its tokens, its blocks let go (those
-        no one else holds return to the pool)."""
-        self.index.remove(seq)
-        self.cache.free(seq)
-
-    def _evict(self, seq: int) -> None:
-        """Drop a retained sequence."""
-        del self.retained[seq]
-        self._forget(seq)
-
-    def _reclaim(self, needs: Sequence[int], keep: int | None = None) -> bool:
-        """Evict retained sequences, least recently used first, until every rank ``r`` has
-        ``needs[r]`` free blocks; False if it cannot."""
-        for seq in list(self.retained):
-            if self.pool.deficit(needs) <= 0:
-                break
-            if seq != keep and seq not in self._pinned():
-                self._evict(seq)
-        return self.pool.deficit(needs) <= 0
-
-    def _needs(self, *batches) -> list[int]:
-        """New blocks each CP rank's pool needs to store the tokens of ``batches``."""
-        needs = [0] * self.pool.cp
-        for batch in batches:
-            for r, plans in enumerate(batch.all_store_plans):
-                ledger = self.pool.ledgers[r]
-                needs[r] += sum(ledger.blocks_for(p.seq, len(p.positions)) for p in plans)
-        return needs
-
     def _preempt(self, done: Done | None) -> bool:
         """Free the most recently admitted request's blocks and queue it to be recomputed;
         False when it is the only one running (it cannot fit alone: it fails instead)."""
@@ -747,7 +568,7 @@ class EngineCore:
             logger.warning("request %d failed: %s", x.request.rid, x.outcome.error)
             return False
         state = self.sched.drop(x.state.seq)
-        self._forget(state.seq)
+        self.kv.release(state.seq)
         x.before += state.out
         x.state = None
         self.waiting.appendleft(x)
@@ -849,7 +670,7 @@ class EngineCore:
         except RankFailure as e:  # the requests in flight are in an unknown state: drop them
             failed = [*self.live.values(), *self.waiting]
             for s in self.sched.seqs:
-                self._forget(s.seq)
+                self.kv.release(s.seq)
             self.sched.seqs.clear()
             self.waiting.clear()
             for x in failed:
@@ -946,7 +767,7 @@ class EngineCore:
         rows = sched.prefilled(batch)
         for row in rows:  # its prompt is cached: later requests may share it
             state = lives[row].state
-            self.index.add(state.seq, state.history + state.prompt)
+            self.kv.prefilled(state.seq, state.history + state.prompt)
         if logits is not None:
             for row in rows:
                 if lives[row].request.first_logits:
@@ -973,7 +794,7 @@ class EngineCore:
         decodes."""
         while self.sched.decoding:
             batch = self.sched.decode_batch()
-            if self._reclaim(self._needs(batch)):
+            if self.kv.reclaim(self.kv.needs(batch)):
                 return batch
             self._preempt(done)
         return None
@@ -990,7 +811,7 @@ class EngineCore:
                 lambda new, cached: self.runner.resolve_variant(self.variant, new, cached),
                 take=take,
             )
-            if self._reclaim(self._needs(batch, *extra)):
+            if self.kv.reclaim(self.kv.needs(batch, *extra)):
                 return batch
             if decode is not None:
                 take.popitem()  # the latest prompt waits
@@ -1107,13 +928,11 @@ class EngineCore:
             o = x.outcome
             o.tokens = x.before + s.out
             if o.finish_reason in ("cancelled", "error"):
-                self._forget(s.seq)
+                self.kv.release(s.seq)
                 continue
             o.finish_reason = "stop" if o.tokens and o.tokens[-1] in s.eos_ids else "length"
             o.seq = s.seq
-            self.retained[s.seq] = s
-            self.pool.set_live(s.seq, False)
-            self.index.add(s.seq, s.history[: s.cached])
+            self.kv.retain(s.seq, s.history[: s.cached])
             logger.debug(
                 "request %d: %d prompt tokens (%d cached), %d generated",
                 x.request.rid, o.prompt_tokens, o.cached_tokens, len(o.tokens),

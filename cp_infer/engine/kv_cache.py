@@ -265,6 +265,18 @@ class KVCache:
         return self.pool.lens(seqs)
 
     # -- managing sequences -----------------------------------------------------------------
+    def copy_tail(self, copies) -> None:
+        """Copy this rank's tail of a fork (``copies[cp_rank]``: (source slot, destination
+        slot, tokens) or None), which :meth:`KVCacheManager.fork
+        <cp_infer.engine.kv_manager.KVCacheManager.fork>` planned on the books."""
+        assert not self._plan, "fork between passes, not during one"
+        copy = copies[self.cp_rank]
+        if copy is not None:
+            s, d, n = copy
+            for t in (self.k, self.v, self.k_scale, self.v_scale):
+                if t is not None:
+                    t[:, :, d : d + n] = t[:, :, s : s + n]
+
     def fork(self, src: int, dst: int, position: int) -> None:
         """Start ``dst`` with every token of ``src`` before ``position``: whole blocks shared,
         a partly shared block's tokens copied (on every rank's books; this rank copies its own).
@@ -272,13 +284,7 @@ class KVCache:
         Raises:
             PoolFull: no block for the copy on some rank (nothing changed).
         """
-        assert not self._plan, "fork between passes, not during one"
-        copy = self.pool.fork(src, dst, position)[self.cp_rank]
-        if copy is not None:
-            s, d, n = copy
-            for t in (self.k, self.v, self.k_scale, self.v_scale):
-                if t is not None:
-                    t[:, :, d : d + n] = t[:, :, s : s + n]
+        self.copy_tail(self.pool.fork(src, dst, position))
 
     def free(self, seq: int) -> None:
         """Let go of ``seq``'s blocks (on every rank's books)."""

@@ -61,7 +61,7 @@ class Frontend:
         max_batch: requests per engine batch.
         max_queue: requests waiting at most; one more gets a 503.
         eos_ids: the checkpoint's end-of-sequence ids.
-        pool: the engine's latest :class:`~cp_infer.engine.core.PoolStats` (None until it
+        pool: the engine's latest :class:`~cp_infer.engine.kv_manager.PoolStats` (None until it
             runs): a request that cannot fit the KV pool even alone gets a 400.
         info: labels of ``/metrics``' ``cp_infer_info`` (the layout, say).
     """

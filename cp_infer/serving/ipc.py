@@ -29,7 +29,8 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from cp_infer.engine.chunking import Estimates
-from cp_infer.engine.core import Outcome, PoolStats, Request, Step
+from cp_infer.engine.core import Outcome, Request, Step
+from cp_infer.engine.kv_manager import PoolStats
 
 __all__ = ["ApiLink", "EngineLink", "EngineStats"]
 

@@ -216,7 +216,7 @@ class ServerMetrics:
 
     # -- the engine -------------------------------------------------------------------------------
     def pool(self, stats) -> None:
-        """The engine's latest :class:`~cp_infer.engine.core.PoolStats` (its counts are since
+        """The engine's latest :class:`~cp_infer.engine.kv_manager.PoolStats` (its counts are since
         the start: the counters move by the difference)."""
         last, self._pool = self._pool, stats
         for field, m in self._pool_metrics.items():
