@@ -59,6 +59,7 @@ from cp_infer.distributed import (
     on_all_ranks,
 )  # fmt: skip
 from cp_infer.engine.chunking import ChunkTimer, Estimates, StepCosts, choose_chunk
+from cp_infer.engine.connector import KVConnector, PrefillJob
 from cp_infer.engine.kv_cache import StorePlan
 from cp_infer.engine.kv_manager import KVCacheManager, PoolStats, common_prefix
 from cp_infer.engine.kv_pool import PoolFull, blocks_for_tokens
@@ -287,12 +288,14 @@ class EngineCore:
         self.contain = True
         # told when this rank failed out of step with the others (default: exit at once)
         self.on_failed_alone: Callable[[str], None] | None = None
-        # disaggregated serving (cp_infer.serving.disagg): prompts of at least
-        # ``disagg_min_tokens`` new tokens are prefilled by the prefill tier
-        self.remote = None  # RemotePrefill: every rank's receiver
-        self.dispatch: Callable | None = None  # rank 0's sender
-        self.disagg_min_tokens = 0
+        # long prompts prefilled elsewhere (disaggregated serving): see connect()
+        self.connector: KVConnector | None = None
         self.remote_live: dict[int, tuple[_Live, int | None]] = {}  # rid -> (it, pinned seq)
+
+    def connect(self, connector: KVConnector) -> None:
+        """Prefill prompts of ``connector.min_tokens`` new tokens or more through ``connector``
+        (another engine prefills them; this one adopts their K/V and decodes)."""
+        self.connector = connector
 
     def configure(self, *, variant: str, prefill_chunk: int | None, progress: bool) -> None:
         """How prefills run from now on (``generate`` sets them per call); checked here."""
@@ -316,7 +319,7 @@ class EngineCore:
     def runnable(self) -> bool:
         """Something to compute now (not only prompts away at the prefill tier)."""
         return bool(self.sched.seqs or self.waiting) or bool(
-            self.remote is not None and self.remote.arrived()
+            self.connector is not None and self.connector.arrived()
         )
 
     @property
@@ -330,8 +333,8 @@ class EngineCore:
 
     def pool_stats(self) -> PoolStats:
         """The pool and prefix reuse now (rank 0 sends them to the API's metrics)."""
-        if self.remote is not None:
-            self.stats.handoff_tokens = self.remote.token_heads
+        if self.connector is not None:
+            self.stats.handoff_tokens = self.connector.token_heads
         return self.kv.snapshot()
 
     # -- admission ----------------------------------------------------------------------------
@@ -383,23 +386,19 @@ class EngineCore:
         """Whether the prefill tier prefills ``x``: a long prompt its pool can hold, not a
         recomputed one, and not one whose prompt's log-probabilities the decode tier must
         compute."""
-        return (self.remote is not None and not x.before and not x.request.wants_logprobs
-                and len(tokens) - shared >= self.disagg_min_tokens
-                and self.remote.fits(len(tokens)))  # fmt: skip
+        c = self.connector
+        return (c is not None and not x.before and not x.request.wants_logprobs
+                and len(tokens) - shared >= c.min_tokens and c.fits(len(tokens)))  # fmt: skip
 
     def _send_remote(self, x: _Live, tokens: list[int], holder: int | None, shared: int) -> None:
         """Hand ``x`` to the prefill tier (every rank alike; rank 0 sends the job); the cached
         prefix it skips stays pinned until it is back."""
-        from cp_infer.serving.disagg import PrefillJob
-
         pinned = holder if holder is not None and shared else None
         if pinned is not None:
             self.kv.pin(pinned)
         job = PrefillJob(x.request.rid, tuple(tokens), x.request.sampling,
                          skip=shared if pinned is not None else 0)  # fmt: skip
-        self.remote.submit(job)
-        if self.dispatch is not None:
-            self.dispatch(job)
+        self.connector.submit(job)
         self.remote_live[x.request.rid] = (x, pinned)
         x.outcome.cached_tokens = job.skip  # what this tier's cache held of it
         self.stats.remote_prefills += 1
@@ -407,14 +406,13 @@ class EngineCore:
     def _adopt_arrived(self, rids: Sequence[int], emit, done: Done | None) -> None:
         """Requests back from the prefill tier: their K/V into the cache (a retained sequence),
         their first token out, and they queue to decode first."""
-        from cp_infer.engine.handoff import adopt_staged
-
         for rid in rids:
             x, pinned = self.remote_live.pop(rid)
-            first, staged, error = self.remote.take(rid)
+            first, staged, error = self.connector.take(rid)
             try:
                 if error is None:
-                    adopt_staged(self, list(x.request.tokens), staged)
+                    self.adopt(x.request.tokens, lambda _seq, s=staged: s.store(self.cache),
+                               skip=staged.skip)  # fmt: skip
             except Exception as e:  # the pool is full, say: this request alone fails
                 error = error_message(e)
             finally:

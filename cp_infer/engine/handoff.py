@@ -30,18 +30,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import product
+from typing import TYPE_CHECKING
 
 import torch
 
-from cp_infer.engine.core import EngineCore
+from cp_infer.engine.kv_cache import KVCache
 from cp_infer.models.config import ModelConfig
 from cp_infer.parallel.parallelize import kv_head_range
 from cp_infer.parallel.pipeline import stage_layers
 from cp_infer.sharding import span_positions
 from parallel_state.tiers import TierGroups
 
+if TYPE_CHECKING:
+    from cp_infer.engine.core import EngineCore
+
 __all__ = [
-    "HandoffStats", "KVSender", "Route", "StagedKV", "adopt_staged", "head_routes", "routes",
+    "HandoffStats", "KVSender", "Route", "StagedKV", "head_routes", "routes",
     "stage_kv",
 ]  # fmt: skip
 
@@ -214,6 +218,14 @@ class StagedKV:
     scales: list[torch.Tensor] | None
     stats: HandoffStats
 
+    def store(self, cache: KVCache) -> None:
+        """Store every layer into ``cache``, whose room for this rank's positions is planned
+        (the ``fill`` of :meth:`EngineCore.adopt`)."""
+        for li, layer in enumerate(cache.layer_ids):
+            kv = self.kv[li].to(cache.k.device).view(cache.k.dtype)
+            sc = self.scales[li].to(cache.k.device) if self.scales is not None else None
+            cache.store(layer, kv[0], kv[1], (sc[0], sc[1]) if sc is not None else None)
+
 
 def stage_kv(engine: EngineCore, *, length: int, skip: int, tiers: TierGroups) -> StagedKV:
     """Receive one sequence's K/V (positions ``skip`` to ``length``) from the prefill tier into
@@ -282,17 +294,3 @@ def stage_kv(engine: EngineCore, *, length: int, skip: int, tiers: TierGroups) -
             "every head and layer this rank keeps exactly once"
         )
     return StagedKV(length, skip, kvs, scales, stats)
-
-
-def adopt_staged(engine: EngineCore, tokens: list[int], staged: StagedKV) -> int:
-    """Store a staged hand-off in ``engine``'s cache as a retained sequence of ``tokens``
-    (:meth:`EngineCore.adopt`: its first ``staged.skip`` tokens shared); returns it."""
-    cache = engine.cache
-
-    def fill(seq: int) -> None:
-        for li, layer in enumerate(cache.layer_ids):
-            kv = staged.kv[li].to(cache.k.device).view(cache.k.dtype)
-            sc = staged.scales[li].to(cache.k.device) if staged.scales is not None else None
-            cache.store(layer, kv[0], kv[1], (sc[0], sc[1]) if sc is not None else None)
-
-    return engine.adopt(tokens, fill, skip=staged.skip)

@@ -200,13 +200,13 @@ def _run(args, device, launched: bool, tiers) -> int:
             runner, max_batch=args.max_batch_size, share_prefixes=args.prefix_sharing,
             tbt_slo_s=None if args.tbt_slo_ms is None else args.tbt_slo_ms / 1000,
         )  # fmt: skip
-        dispatcher = None
+        connector = None
         if prefill_tier:
             logger.info("prefill tier ready: taking the decode tier's long prompts")
             prefill_worker(engine, tiers)
             return 0
         if tiers is not None:
-            dispatcher = join_decode_tier(engine, tiers, min_tokens=args.disagg_min_tokens,
+            connector = join_decode_tier(engine, tiers, min_tokens=args.disagg_min_tokens,
                                           lead=leads)  # fmt: skip
             logger.info("decode tier: prompts of %d new tokens or more go to the prefill tier",
                         args.disagg_min_tokens)  # fmt: skip
@@ -220,8 +220,8 @@ def _run(args, device, launched: bool, tiers) -> int:
         if dist.get_rank() != 0:
             return _follow(loop, run_id[0], launched)
         code = _serve(loop, *api, run_id[0], launched)
-        if dispatcher is not None:
-            dispatcher.stop()  # the prefill tier stops too
+        if connector is not None:
+            connector.close()  # the prefill tier stops too
         return code
 
 

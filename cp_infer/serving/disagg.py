@@ -27,11 +27,12 @@ import pickle
 import queue
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
+from cp_infer.engine.connector import KVConnector, PrefillJob
 from cp_infer.engine.core import EngineCore, Orders, Request
 from cp_infer.engine.handoff import KVSender, StagedKV, stage_kv
 from cp_infer.engine.kv_pool import blocks_for_tokens
@@ -39,24 +40,13 @@ from cp_infer.engine.sampling import SamplingConfig
 from parallel_state.tiers import TierGroups
 
 __all__ = [
-    "Dispatcher", "PrefillJob", "RemotePrefill", "generate_disaggregated", "join_decode_tier",
+    "Dispatcher", "RemotePrefill", "generate_disaggregated", "join_decode_tier",
     "prefill_worker",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 _JOB_TAG, _FIRST_TAG = 1, 2  # K/V travel with tag 0
-
-
-@dataclass(frozen=True)
-class PrefillJob:
-    """A prompt for the prefill tier: its tokens, sampling (for the first token), and how many
-    leading tokens the decode tier holds already (not sent back)."""
-
-    rid: int
-    tokens: tuple[int, ...]
-    sampling: SamplingConfig
-    skip: int
 
 
 def _send_object(group, obj, dst: int, tag: int = _JOB_TAG) -> None:
@@ -107,13 +97,18 @@ class Dispatcher:
                 return
 
 
-class RemotePrefill:
-    """Every decode rank: receives what the prefill tier sends for each job (its K/V into
-    staging, :func:`~cp_infer.engine.handoff.stage_kv`, then its first token, or why it
-    failed), in a thread. First, once, the size of the prefill tier's pool (:meth:`fits`)."""
+class RemotePrefill(KVConnector):
+    """The decode tier's connector, every decode rank: receives what the prefill tier sends for
+    each job (its K/V into staging, :func:`~cp_infer.engine.handoff.stage_kv`, then its first
+    token, or why it failed), in a thread. First, once, the size of the prefill tier's pool
+    (:meth:`fits`). On the leading rank, its :class:`Dispatcher` sends the jobs."""
 
-    def __init__(self, engine: EngineCore, tiers: TierGroups) -> None:
+    def __init__(
+        self, engine: EngineCore, tiers: TierGroups, *, min_tokens: int,
+        dispatcher: Dispatcher | None = None,
+    ) -> None:  # fmt: skip
         self.engine, self.tiers = engine, tiers
+        self.min_tokens, self.dispatcher = min_tokens, dispatcher
         self.pool = _recv_object(tiers.handoff, tiers.prefill.first, _FIRST_TAG)
         self._jobs: queue.Queue = queue.Queue()
         self._done: dict[int, tuple[int, StagedKV | None, str | None]] = {}
@@ -132,6 +127,12 @@ class RemotePrefill:
     def submit(self, job: PrefillJob) -> None:
         self._ready[job.rid] = threading.Event()
         self._jobs.put(job)
+        if self.dispatcher is not None:
+            self.dispatcher(job)
+
+    def close(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.stop()  # the prefill tier stops too
 
     def arrived(self) -> list[int]:
         """The jobs whose first token and K/V are here, in order."""
@@ -241,16 +242,14 @@ def prefill_worker(engine: EngineCore, tiers: TierGroups) -> None:
 
 def join_decode_tier(
     engine: EngineCore, tiers: TierGroups, *, min_tokens: int, lead: bool
-) -> Dispatcher | None:  # fmt: skip
+) -> RemotePrefill | None:  # fmt: skip
     """Make ``engine`` (a decode tier rank's) hand prompts of ``min_tokens`` new tokens or more
-    to the prefill tier: its receiver, and on the leading rank (``lead``) the dispatcher it
-    returns (stop it to stop the prefill tier)."""
-    engine.remote = RemotePrefill(engine, tiers)
-    engine.disagg_min_tokens = min_tokens
-    if not lead:
-        return None
-    engine.dispatch = Dispatcher(tiers)
-    return engine.dispatch
+    to the prefill tier: its connector, which on the leading rank (``lead``) also sends the jobs
+    (close it to stop the prefill tier). Returns the connector on the leading rank."""
+    dispatcher = Dispatcher(tiers) if lead else None
+    connector = RemotePrefill(engine, tiers, min_tokens=min_tokens, dispatcher=dispatcher)
+    engine.connect(connector)
+    return connector if lead else None
 
 
 def generate_disaggregated(
@@ -280,9 +279,9 @@ def generate_disaggregated(
     if tiers.tier is tiers.prefill:
         prefill_worker(engine, tiers)
         return None
-    dispatcher = join_decode_tier(engine, tiers, min_tokens=min_tokens, lead=dist.get_rank() == 0)
+    connector = join_decode_tier(engine, tiers, min_tokens=min_tokens, lead=dist.get_rank() == 0)
     loop = ServeLoop(engine)
-    if dispatcher is None:
+    if connector is None:
         loop.follow()
         return None
     n, turns = len(chats), len(chats[0])
@@ -319,7 +318,7 @@ def generate_disaggregated(
         loop.lead(next_requests, emit=lambda _: None, cancelled=set,
                   done=lambda _, res: outcomes.update(res))  # fmt: skip
     finally:
-        dispatcher.stop()  # the prefill tier stops too
+        connector.close()  # the prefill tier stops too
     if failed:
         raise RuntimeError(f"a request failed: {failed[0]}")
     return results

@@ -53,7 +53,7 @@ class ServeLoop:
         engine = self.engine
 
         def arrived() -> tuple[int, ...]:  # back from a prefill tier (disaggregated serving)
-            return tuple(engine.remote.arrived()) if engine.remote is not None else ()
+            return tuple(engine.connector.arrived()) if engine.connector is not None else ()
 
         def interrupt() -> bool:
             return bool(cancelled() & engine.live_requests()) or (
