@@ -59,15 +59,21 @@ from cp_infer.distributed import (
     on_all_ranks,
 )  # fmt: skip
 from cp_infer.engine.chunking import ChunkTimer, Estimates, StepCosts, choose_chunk
-from cp_infer.engine.connector import KVConnector, PrefillJob
-from cp_infer.engine.kv_cache import StorePlan
+from cp_infer.engine.connector import KVConnector
 from cp_infer.engine.kv_manager import KVCacheManager, PoolStats, common_prefix
-from cp_infer.engine.kv_pool import PoolFull, blocks_for_tokens
+from cp_infer.engine.remote import RemotePrefills
+from cp_infer.engine.request import (
+    Done,
+    Emit,
+    Outcome,
+    Request,
+    Step,
+    check_pool,
+    check_request,
+)  # fmt: skip
 from cp_infer.engine.runner import ModelRunner
-from cp_infer.engine.sampling import GREEDY_BELOW, SamplingConfig, sample_rows
+from cp_infer.engine.sampling import sample_rows
 from cp_infer.engine.scheduler import Scheduler, SequenceState
-from cp_infer.schema import RequestError
-from cp_infer.sharding import span_positions
 
 __all__ = [
     "EngineCore", "Orders", "Outcome", "Request", "Step", "check_pool", "check_request",
@@ -79,131 +85,6 @@ SPAN = 4  # iterations between rank 0's orders (new requests, cancellations, est
 #: A rank whose span failed while its peers did not report within this many seconds is out of
 #: step with them (they wait in a collective it will never join): it stops (see run_span).
 ALONE_AFTER_S = 15.0
-
-Done = Callable[[list["Request"], dict[int, "Outcome"]], None]
-# (rid, token, its logprob and alternatives when the request asked for them)
-# called once per sampling with every token it produced: [(rid, token, logprob)], the logprob
-# being (its log-probability, its alternatives) when the request asked for them
-Emit = Callable[[list[tuple[int, int, "tuple[float, list[tuple[int, float]]] | None"]]], None]
-
-
-def check_request(
-    tokens: Sequence[int], max_new: int, *, vocab_size: int, max_seq_len: int,
-    earlier: int = 0, name: str = "the prompt", budget: str = "max_tokens",
-) -> None:  # fmt: skip
-    """The one check of a request against the model, before admission: a
-    :class:`~cp_infer.schema.RequestError` naming the fix and the field at fault (``prompt`` or
-    ``budget``). Pure, so every rank raises alike.
-
-    Args:
-        tokens: the request's new tokens.
-        max_new: its token budget.
-        earlier: tokens the sequence already has from earlier turns (a chat's history).
-        name: how the message names the prompt (``prompt 'a7'`` for a JSONL line).
-        budget: how the door names the token budget (``max_tokens``, ``--max-new-tokens``).
-    """
-    if len(tokens) == 0:
-        raise RequestError(f"{name} is empty: give at least one token", "prompt")
-    bad = [t for t in tokens if not 0 <= t < vocab_size]
-    if bad:
-        raise RequestError(
-            f"{name} has token ids {bad[:5]} outside the vocabulary [0, {vocab_size})", "prompt"
-        )
-    total = earlier + len(tokens) + max_new
-    if total > max_seq_len:
-        after = f" after up to {earlier} tokens of earlier turns" if earlier else ""
-        raise RequestError(
-            f"{name} has {len(tokens)} tokens{after}; with {budget}={max_new} the context "
-            f"({total}) exceeds the model's max_seq_len={max_seq_len}: shorten the prompt or "
-            f"lower {budget}",
-            budget,
-        )
-
-
-def check_pool(
-    n_tokens: int, max_new: int, *, n_blocks: int, block_size: int, cp: int,
-    budget: str = "max_tokens",
-) -> None:  # fmt: skip
-    """A :class:`~cp_infer.schema.RequestError` naming the sizes when a request of ``n_tokens``
-    and a budget of ``max_new`` could not fit the KV pool even alone. Pure."""
-    need = blocks_for_tokens(n_tokens + max_new, cp, block_size)
-    if need > n_blocks:
-        raise RequestError(
-            f"the prompt ({n_tokens} tokens) with {budget}={max_new} needs {need} KV blocks of "
-            f"{block_size} tokens per CP rank, more than the pool's {n_blocks} "
-            f"(--kv-cache-memory): shorten the prompt, lower {budget}, or raise "
-            "--kv-cache-memory or --cp",
-            budget,
-        )
-
-
-@dataclass(frozen=True)
-class Request:
-    """One sequence to generate for (picklable: rank 0 sends it to every rank).
-
-    Attributes:
-        rid: the request's number (unique while the server runs).
-        tokens: the whole prompt (a chat's full history: the engine finds what is cached).
-        sampling: budget, temperature, top-k/p, seed and EOS ids.
-        logprobs: also return every token's log-probability (prompt and generated). Such a
-            request prefills its whole prompt: cached tokens have no logits to give.
-        top_logprobs: also return the generated tokens' log-probabilities, each position with
-            its ``top_logprobs`` most likely tokens (OpenAI's ``logprobs``); with ``logprobs``,
-            the prompt's positions too.
-        first_logits: also return the logits of the first generated position
-            (:attr:`Outcome.first_logits`; the CLI's ``--save-logits``, the tests' oracles).
-    """
-
-    rid: int
-    tokens: tuple[int, ...]
-    sampling: SamplingConfig
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    first_logits: bool = False
-
-    @property
-    def wants_logprobs(self) -> bool:
-        return self.logprobs or self.top_logprobs is not None
-
-
-@dataclass
-class Outcome:
-    """What a request got."""
-
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: str = "length"  # "stop" (EOS), "length" (budget), "cancelled", "error"
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    error: str | None = None
-    logprobs: list[float] | None = None  # of tokens[1:] (with logprobs) + generated
-    # aligned with logprobs, when top_logprobs was asked for: (id, logprob), most likely first
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    ttft_s: float | None = None  # from admission to the first token, on this rank
-    # (V,) float32, with Request.first_logits, on the last pipeline stage (None elsewhere)
-    first_logits: torch.Tensor | None = field(default=None, repr=False)
-    seq: int | None = None  # the cached sequence it left behind (retained for reuse)
-
-
-@dataclass(frozen=True)
-class Step:
-    """One forward pass of the engine.
-
-    Args:
-        kind: ``"decode"`` (running requests only), ``"prefill"`` (waiting prompts only) or
-            ``"mixed"`` (a prefill chunk fused with the decodes).
-        seconds: its wall time on rank 0.
-        prefill_tokens: new prompt tokens it prefilled.
-        cached_tokens: tokens already in the cache that those attended to.
-        decode_tokens: running requests it decoded a token for.
-        variant: the ring variant of its prefill (None for a decode step).
-    """
-
-    kind: str
-    seconds: float
-    prefill_tokens: int = 0
-    cached_tokens: int = 0
-    decode_tokens: int = 0
-    variant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -289,13 +170,16 @@ class EngineCore:
         # told when this rank failed out of step with the others (default: exit at once)
         self.on_failed_alone: Callable[[str], None] | None = None
         # long prompts prefilled elsewhere (disaggregated serving): see connect()
-        self.connector: KVConnector | None = None
-        self.remote_live: dict[int, tuple[_Live, int | None]] = {}  # rid -> (it, pinned seq)
+        self.remote: RemotePrefills | None = None
 
     def connect(self, connector: KVConnector) -> None:
         """Prefill prompts of ``connector.min_tokens`` new tokens or more through ``connector``
         (another engine prefills them; this one adopts their K/V and decodes)."""
-        self.connector = connector
+        self.remote = RemotePrefills(self, connector)
+
+    @property
+    def connector(self) -> KVConnector | None:
+        return None if self.remote is None else self.remote.connector
 
     def configure(self, *, variant: str, prefill_chunk: int | None, progress: bool) -> None:
         """How prefills run from now on (``generate`` sets them per call); checked here."""
@@ -313,7 +197,7 @@ class EngineCore:
 
     @property
     def busy(self) -> bool:
-        return bool(self.sched.seqs or self.waiting or self.remote_live)
+        return bool(self.sched.seqs or self.waiting or (self.remote and self.remote.jobs))
 
     @property
     def runnable(self) -> bool:
@@ -329,7 +213,7 @@ class EngineCore:
 
     def live_requests(self) -> set[int]:
         return ({x.request.rid for x in self.live.values()} | {x.request.rid for x in self.waiting}
-                | set(self.remote_live))  # fmt: skip
+                | set(self.remote.jobs if self.remote else ()))  # fmt: skip
 
     def pool_stats(self) -> PoolStats:
         """The pool and prefix reuse now (rank 0 sends them to the API's metrics)."""
@@ -371,9 +255,9 @@ class EngineCore:
             if self._joins_a_prefill(tokens, shared):
                 i += 1
                 continue
-            if self._goes_remote(x, tokens, shared):
+            if self.remote is not None and self.remote.wants(x, tokens, shared):
                 del self.waiting[i]
-                self._send_remote(x, tokens, holder, shared)
+                self.remote.send(x, tokens, holder, shared)
                 continue
             if not self._start(x, tokens, holder, shared, done):
                 if not x.waited:
@@ -381,63 +265,6 @@ class EngineCore:
                     self.stats.waits += 1
                 return
             del self.waiting[i]
-
-    def _goes_remote(self, x: _Live, tokens: list[int], shared: int) -> bool:
-        """Whether the prefill tier prefills ``x``: a long prompt its pool can hold, not a
-        recomputed one, and not one whose prompt's log-probabilities the decode tier must
-        compute."""
-        c = self.connector
-        return (c is not None and not x.before and not x.request.wants_logprobs
-                and len(tokens) - shared >= c.min_tokens and c.fits(len(tokens)))  # fmt: skip
-
-    def _send_remote(self, x: _Live, tokens: list[int], holder: int | None, shared: int) -> None:
-        """Hand ``x`` to the prefill tier (every rank alike; rank 0 sends the job); the cached
-        prefix it skips stays pinned until it is back."""
-        pinned = holder if holder is not None and shared else None
-        if pinned is not None:
-            self.kv.pin(pinned)
-        job = PrefillJob(x.request.rid, tuple(tokens), x.request.sampling,
-                         skip=shared if pinned is not None else 0)  # fmt: skip
-        self.connector.submit(job)
-        self.remote_live[x.request.rid] = (x, pinned)
-        x.outcome.cached_tokens = job.skip  # what this tier's cache held of it
-        self.stats.remote_prefills += 1
-
-    def _adopt_arrived(self, rids: Sequence[int], emit, done: Done | None) -> None:
-        """Requests back from the prefill tier: their K/V into the cache (a retained sequence),
-        their first token out, and they queue to decode first."""
-        for rid in rids:
-            x, pinned = self.remote_live.pop(rid)
-            first, staged, error = self.connector.take(rid)
-            try:
-                if error is None:
-                    self.adopt(x.request.tokens, lambda _seq, s=staged: s.store(self.cache),
-                               skip=staged.skip)  # fmt: skip
-            except Exception as e:  # the pool is full, say: this request alone fails
-                error = error_message(e)
-            finally:
-                if pinned is not None:
-                    self.kv.unpin(pinned)
-            o = x.outcome
-            if error is not None or o.finish_reason == "cancelled":
-                if error is not None:
-                    o.finish_reason, o.error = "error", error
-                if done is not None:
-                    done([x.request], {rid: o})
-                continue
-            x.before = [first]
-            if x.request.sampling.temperature >= GREEDY_BELOW:  # the prefill tier drew one
-                torch.rand((), generator=x.generator, device=x.generator.device)
-            o.ttft_s = time.perf_counter() - x.admitted
-            if emit is not None:
-                emit([(rid, first, None)])
-            if first in x.request.sampling.eos_ids or x.request.sampling.max_new_tokens == 1:
-                o.tokens = [first]
-                o.finish_reason = "stop" if first in x.request.sampling.eos_ids else "length"
-                if done is not None:
-                    done([x.request], {rid: o})
-                continue
-            self.waiting.appendleft(x)
 
     def _match(self, x: _Live, tokens: list[int]) -> tuple[int | None, int]:
         """The cached sequence ``x`` (whose ``tokens`` those are) starts from, and how many are
@@ -489,64 +316,6 @@ class EngineCore:
         budget = x.request.sampling.max_new_tokens - len(x.before)
         self.sched.admit(state, tokens[shared:], budget, x.request.sampling.eos_ids)
         return True
-
-    def adopt(
-        self, tokens: Sequence[int], fill: Callable[[int], None], *, skip: int = 0
-    ) -> int:  # fmt: skip
-        """Cache ``tokens`` whose K/V another engine computed (a prefill tier's hand-off), as a
-        retained sequence a request for them (and more) then starts from. Its first ``skip``
-        tokens are this cache's already (a chat's earlier turns): shared, not received.
-
-        Every CP rank keeps the positions of ``[skip, len(tokens))`` a prefill of them here
-        would have left it (:func:`~cp_infer.sharding.span_positions`); every pipeline stage
-        keeps its own layers.
-
-        Args:
-            tokens: the sequence's tokens.
-            skip: how many leading tokens the cache shares (some cached sequence must hold
-                them).
-            fill: ``fill(seq)``, called with the pool's room planned for this rank's positions
-                of the new sequence: it stores them, every layer (:meth:`KVCache.store`).
-
-        Returns:
-            The new sequence.
-
-        Raises:
-            PoolFull: the pool cannot hold them even with every retained sequence evicted.
-            RuntimeError: the cache no longer holds the ``skip`` tokens.
-        """
-        tokens = list(tokens)
-        holder, shared = self.kv.match(tokens) if skip else (None, 0)
-        if shared < skip:  # (no holder: shared is 0)
-            raise RuntimeError(f"the cache shares {shared} tokens of the hand-off, which skipped "
-                               f"{skip}: the shared prefix was evicted")  # fmt: skip
-        full = PoolFull(f"the KV pool cannot hold a hand-off of {len(tokens)} tokens: raise "
-                        "--kv-cache-memory on the decode tier")  # fmt: skip
-        seq = self.kv.new_seq()
-        try:
-            if skip:  # a partly shared block's tokens are copied into a block of its own
-                try:
-                    self.cache.copy_tail(self.kv.fork(holder, seq, skip))
-                except PoolFull:
-                    raise full from None
-            plans = [[StorePlan(seq, 0, tuple(span_positions(skip, len(tokens), self.pool.cp, r)))]
-                     for r in range(self.pool.cp)]  # fmt: skip
-            needs = [g.blocks_for(seq, len(p[0].positions))
-                     for g, p in zip(self.pool.ledgers, plans, strict=True)]  # fmt: skip
-            if not self.kv.reclaim(needs):
-                raise full
-            self.cache.plan(plans)
-            try:
-                fill(seq)
-            except BaseException:
-                self.cache.abort()
-                raise
-            self.cache.commit()
-        except BaseException:
-            self.kv.release(seq)
-            raise
-        self.kv.retain(seq, tokens)  # (the request that starts from it counts the lookup)
-        return seq
 
     # -- memory -------------------------------------------------------------------------------
     def _preempt(self, done: Done | None) -> bool:
@@ -636,10 +405,10 @@ class EngineCore:
         """
         for req in orders.requests:
             self._arrive(req, done)
-        for rid in orders.cancelled & set(self.remote_live):  # ends when it is back
-            self.remote_live[rid][0].outcome.finish_reason = "cancelled"
-        if orders.arrived:
-            self._adopt_arrived(orders.arrived, emit, done)
+        if self.remote is not None:
+            self.remote.cancel(orders.cancelled)
+            if orders.arrived:
+                self.remote.adopt_arrived(orders.arrived, emit, done)
         for x in self.live.values():
             if x.request.rid in orders.cancelled and not x.state.done:
                 x.state.done = True
