@@ -7,6 +7,8 @@
 - a prefill tier's hand-off of a 321-token prompt fails at its last layer, on every rank of
   the tier, after the earlier layers went (that request must fail alone, the tiers stay in
   step).
+
+A rank out of step stops after :data:`ALONE_AFTER_S` (shortened here: the tests wait for it).
 """
 
 import importlib
@@ -17,6 +19,7 @@ import torch.distributed as dist
 from cp_infer.cli import main
 
 engine = importlib.import_module("cp_infer.engine.core")
+engine.ALONE_AFTER_S = 3.0
 _sample_rows = engine.sample_rows
 
 

@@ -112,3 +112,26 @@ def test_the_engine_imports_nothing_of_the_server_or_the_entry_points():
         if name == "cp_infer.engine" or name.startswith("cp_infer.engine."):
             bad = {d for d in deps if d.startswith(("cp_infer.serving", "cp_infer.entrypoints"))}
             assert not bad, f"{name} imports {sorted(bad)}"
+
+
+def test_the_api_process_imports_no_torch():
+    """What the API process loads (the HTTP apps, the request types, the tokenizer readers)
+    leaves torch out: it starts in a fraction of the time and memory of a rank."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import cp_infer.serving.api_process\n"
+        "from cp_infer.serving.api import build_app\n"
+        "from cp_infer.serving.ipc import ApiLink\n"
+        "from cp_infer.serving.lifecycle import STOP_GRACE_S\n"
+        "from cp_infer.checkpoint.formats import has_tokenizer, load_tokenizer\n"
+        "from cp_infer.checkpoint.gguf_tokenizer import gguf_tokenizer\n"
+        "from cp_infer.engine import Request, SamplingConfig\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

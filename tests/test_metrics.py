@@ -7,8 +7,7 @@ import logging
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cp_infer.engine.core import Step
-from cp_infer.engine.kv_manager import PoolStats
+from cp_infer.engine.request import PoolStats, Step
 from cp_infer.serving.metrics import LOG_EVERY_S, ServerMetrics
 
 

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cp_infer.cli import main
 from cp_infer.models.config import ModelConfig
 from cp_infer.parallel.parallelize import kv_head_range
 from cp_infer.parallel.pipeline import stage_layers
@@ -77,19 +78,35 @@ def moe_checkpoint(tmp_path_factory):
     return make_checkpoint("mixtral", tmp_path_factory.mktemp("moe"))
 
 
+def _cli(dist_pool, ckpt, tmp: Path, prompts, extra=()) -> list[list[int]]:
+    """``generate`` at cp=2 in the pool's warm ranks: 6 tokens of each prompt."""
+    src, out = tmp / "p.jsonl", tmp / "o.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "token_ids": p}) + "\n"
+                           for i, p in enumerate(prompts)))  # fmt: skip
+    argv = ["generate", "--checkpoint", str(ckpt), "--cp", "2", "--input", str(src),
+            "--output", str(out), "--max-new-tokens", "6", *extra]  # fmt: skip
+    assert dist_pool(2).run(main, argv, timeout_s=180) == [0, 0]
+    return [json.loads(line)["token_ids"] for line in out.read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
-def colocated(checkpoint, moe_checkpoint, tmp_path_factory):
-    """The colocated server's answers (cp=2), once per model."""
+def colocated(dist_pool, checkpoint, moe_checkpoint, tmp_path_factory):
+    """What the colocated engine (cp=2) answers to :func:`_answers`' requests, once per model:
+    computed by ``generate`` in the pool's ranks (greedy answers are prefixes of longer ones;
+    the sampled request is the CLI's line with its seed)."""
     answers = {}
 
     def get(model: str, ckpt) -> dict:
         if model not in answers:
-            log = tmp_path_factory.mktemp("colocated") / f"{model}.log"
-            server = Server(ckpt, 2, ["--cp", "2", *POOL], log)
-            try:
-                answers[model] = _answers(server, 7)
-            finally:
-                server.stop()
+            tmp = tmp_path_factory.mktemp("colocated")
+            prompts, turn = _workload(7)
+            burst = _cli(dist_pool, ckpt, tmp, prompts)
+            first = burst[0][:5]
+            (second,) = _cli(dist_pool, ckpt, tmp, [[*prompts[0], *first, *turn]])
+            (sampled,) = _cli(dist_pool, ckpt, tmp, [[5, *prompts[2][1:]]],
+                              ("--temperature", "0.8", "--seed", "5"))  # fmt: skip
+            answers[model] = {"burst": burst, "chat": [first, second[:5]], "stream": burst[1],
+                              "sampled": sampled}  # fmt: skip
         return answers[model]
 
     return get

@@ -49,7 +49,7 @@ from cp_infer.checkpoint.formats import has_tokenizer, load_tokenizer
 from cp_infer.distributed import RankFailure, on_all_ranks
 from cp_infer.engine import SamplingConfig
 from cp_infer.engine.core import EngineCore, Request
-from cp_infer.engine.generate import new_engine, pool_tokens
+from cp_infer.engine.offline import new_engine, pool_tokens
 from cp_infer.entrypoints.generate import (
     add_model_arguments,
     build_model,

@@ -4,9 +4,17 @@ and written tensor by tensor; ``SHA256SUMS`` manifests; seeded random weights fo
 See docs/checkpoints.md for the formats and how names and layouts map.
 """
 
-from cp_infer.checkpoint.formats import FORMATS, detect_format, open_source, read_config
-from cp_infer.checkpoint.hf import RandomSource, SafetensorsSource, hf_name, load_weights
-from cp_infer.checkpoint.megatron import MegatronSource, save_megatron
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# name -> its module: loaded on first use (the tokenizer side needs no torch)
+_WHERE = {
+    "FORMATS": "formats", "detect_format": "formats", "open_source": "formats",
+    "read_config": "formats", "RandomSource": "hf", "SafetensorsSource": "hf", "hf_name": "hf",
+    "load_weights": "hf", "MegatronSource": "megatron", "save_megatron": "megatron",
+}  # fmt: skip
 
 __all__ = [
     "FORMATS",
@@ -20,3 +28,17 @@ __all__ = [
     "read_config",
     "save_megatron",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from cp_infer.checkpoint.formats import FORMATS, detect_format, open_source, read_config
+    from cp_infer.checkpoint.hf import RandomSource, SafetensorsSource, hf_name, load_weights
+    from cp_infer.checkpoint.megatron import MegatronSource, save_megatron

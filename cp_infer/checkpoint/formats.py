@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cp_infer.checkpoint.gguf import GGUFSource, is_gguf, open_gguf
-from cp_infer.checkpoint.hf import SafetensorsSource
-from cp_infer.checkpoint.megatron import MegatronSource, is_megatron_checkpoint, megatron_config
 from cp_infer.models.config import ModelConfig
+
+if TYPE_CHECKING:  # the readers load on use: the API process only needs the tokenizer
+    from cp_infer.checkpoint.hf import SafetensorsSource
+    from cp_infer.checkpoint.megatron import MegatronSource
 
 __all__ = [
     "FORMATS",
@@ -35,6 +38,8 @@ def detect_format(directory: Path) -> str:
         )
     if not directory.is_dir():
         raise ValueError(f"checkpoint {directory} does not exist")
+    from cp_infer.checkpoint.megatron import is_megatron_checkpoint
+
     if is_megatron_checkpoint(directory):
         return "megatron"
     if (directory / "config.json").is_file() and (
@@ -52,6 +57,8 @@ def read_config(directory: Path, fmt: str) -> tuple[ModelConfig, dict | None]:
     """The model config, and the Hugging Face config.json as a dict when there is one."""
     directory = Path(directory)
     if fmt == "megatron":
+        from cp_infer.checkpoint.megatron import megatron_config
+
         return megatron_config(directory)
     if fmt == "gguf":
         f = open_gguf(directory)
@@ -71,7 +78,11 @@ def open_source(
     if fmt == "gguf":
         return GGUFSource(directory, cfg)
     if fmt == "megatron":
+        from cp_infer.checkpoint.megatron import MegatronSource
+
         return MegatronSource(directory, cfg)
+    from cp_infer.checkpoint.hf import SafetensorsSource
+
     return SafetensorsSource(directory, cfg, keep_open=not streaming)
 
 

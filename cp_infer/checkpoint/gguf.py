@@ -24,12 +24,16 @@ import logging
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from cp_infer.models.config import ModelConfig
-from cp_infer.parallel.tensor_parallel import Shard
+
+if TYPE_CHECKING:  # the metadata side (the API process's tokenizer) never imports torch
+    import torch
+
+    from cp_infer.parallel.tensor_parallel import Shard
 
 __all__ = [
     "SUPPORTED_TYPES",
@@ -291,12 +295,16 @@ class GGUFSource:
         return gguf_name(param, self.cfg)
 
     def dtype(self, param: str) -> torch.dtype:
+        import torch
+
         """What ``param`` is written as by ``convert``: F16/BF16 as they are, else float32 (a
         dequantized block is exact in float32, not in 16 bits)."""
         kind = self.file.tensor(self.tensor_name(param)).type_name
         return {"F16": torch.float16, "BF16": torch.bfloat16}.get(kind, torch.float32)
 
     def read(self, param: str, shard: Shard | None, expected_full: tuple[int, ...]) -> torch.Tensor:
+        import torch
+
         """The slice ``shard`` of our parameter ``param``, float32."""
         name = self.tensor_name(param)
         t = self.file.tensor(name)

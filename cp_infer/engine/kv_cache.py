@@ -78,14 +78,6 @@ class StorePlan:
     positions: tuple[int, ...]
 
 
-def token_bytes(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                kv_dtype: str = "auto") -> int:  # fmt: skip
-    """Bytes of one token's K and V over ``n_layers`` layers (FP8: with its scales)."""
-    if kv_dtype == "fp8_e4m3":
-        return 2 * n_layers * n_kv_heads * (head_dim + 4)
-    return 2 * n_layers * n_kv_heads * head_dim * dtype.itemsize
-
-
 class KVCache:
     """This rank's K/V of every sequence, for the layers of this pipeline stage.
 

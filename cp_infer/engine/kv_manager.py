@@ -32,9 +32,9 @@ from __future__ import annotations
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from cp_infer.engine.kv_pool import KVPool, PoolFull
+from cp_infer.engine.request import PoolStats
 
 __all__ = ["Copy", "KVCacheManager", "PoolStats", "PrefixIndex", "common_prefix"]
 
@@ -121,40 +121,6 @@ class PrefixIndex:
             if n > best_len:
                 best, best_len = seq, n
         return best, best_len
-
-
-@dataclass
-class PoolStats:
-    """The KV pool and prefix reuse as ``/metrics`` shows them (picklable; counts since start).
-
-    Attributes:
-        usage: fraction of the fullest rank's blocks that running requests hold (blocks that
-            only finished requests keep, for reuse, count as free: as vLLM counts).
-        free_blocks: blocks the fullest rank can give: free, or kept only for reuse.
-        total_blocks: blocks per rank.
-        block_size: tokens per block.
-        cp: CP ranks the pool spans.
-        retained_tokens: tokens finished requests keep cached over the CP ranks.
-        preemptions: requests preempted (freed, recomputed later).
-        waits: requests that waited for room in the pool before they were admitted.
-        prefix_queries: prompt tokens looked up in the cache.
-        prefix_hits: of those, tokens found cached (not prefilled).
-        remote_prefills: requests a prefill tier prefilled (disaggregated serving).
-        handoff_tokens: (token, head, layer) triples of K/V received from it, this rank.
-    """
-
-    usage: float = 0.0
-    free_blocks: int = 0
-    total_blocks: int = 0
-    block_size: int = 0
-    cp: int = 1
-    retained_tokens: int = 0
-    preemptions: int = 0
-    waits: int = 0
-    prefix_queries: int = 0
-    prefix_hits: int = 0
-    remote_prefills: int = 0
-    handoff_tokens: int = 0
 
 
 class KVCacheManager:

@@ -23,20 +23,14 @@ request: a sequence prefilled into an idle pool is one run however many blocks i
 from __future__ import annotations
 
 import bisect
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from cp_infer.engine.sizing import blocks_for_tokens
+
 __all__ = ["BlockLedger", "KVPool", "PoolFull", "Table", "blocks_for_tokens"]
-
-
-def blocks_for_tokens(tokens: int, cp: int, block_size: int) -> int:
-    """Blocks that ``tokens`` of one sequence take on the CP rank that gets the most of them
-    (the load-balanced layout gives each ``tokens / cp`` within a couple of tokens, decode's
-    round robin within one), plus the block a shared prefix's partial tail is copied into."""
-    return math.ceil((math.ceil(tokens / cp) + 2) / block_size) + 1
 
 
 class PoolFull(RuntimeError):

@@ -2,21 +2,26 @@
 
 A door (the server's API, ``generate``, a tool) checks a request against the model and the pool
 (:func:`check_request`, :func:`check_pool`: pure, so every rank refuses alike), hands the engine
-core a :class:`Request`, and gets an :class:`Outcome`; :class:`Step` records each forward pass.
+core a :class:`Request`, and gets an :class:`Outcome`; :class:`Step` records each forward pass
+and :class:`PoolStats` the KV pool. Torch-free: the API process imports it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-
-from cp_infer.engine.kv_pool import blocks_for_tokens
-from cp_infer.engine.sampling import SamplingConfig
+from cp_infer.engine.params import SamplingConfig
+from cp_infer.engine.sizing import blocks_for_tokens
 from cp_infer.schema import RequestError
 
-__all__ = ["Done", "Emit", "Outcome", "Request", "Step", "check_pool", "check_request"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "Done", "Emit", "Outcome", "PoolStats", "Request", "Step", "check_pool", "check_request",
+]  # fmt: skip
 
 Done = Callable[[list["Request"], dict[int, "Outcome"]], None]
 # (rid, token, its logprob and alternatives when the request asked for them)
@@ -142,3 +147,37 @@ class Step:
     cached_tokens: int = 0
     decode_tokens: int = 0
     variant: str | None = None
+
+
+@dataclass
+class PoolStats:
+    """The KV pool and prefix reuse as ``/metrics`` shows them (picklable; counts since start).
+
+    Attributes:
+        usage: fraction of the fullest rank's blocks that running requests hold (blocks that
+            only finished requests keep, for reuse, count as free: as vLLM counts).
+        free_blocks: blocks the fullest rank can give: free, or kept only for reuse.
+        total_blocks: blocks per rank.
+        block_size: tokens per block.
+        cp: CP ranks the pool spans.
+        retained_tokens: tokens finished requests keep cached over the CP ranks.
+        preemptions: requests preempted (freed, recomputed later).
+        waits: requests that waited for room in the pool before they were admitted.
+        prefix_queries: prompt tokens looked up in the cache.
+        prefix_hits: of those, tokens found cached (not prefilled).
+        remote_prefills: requests a prefill tier prefilled (disaggregated serving).
+        handoff_tokens: (token, head, layer) triples of K/V received from it, this rank.
+    """
+
+    usage: float = 0.0
+    free_blocks: int = 0
+    total_blocks: int = 0
+    block_size: int = 0
+    cp: int = 1
+    retained_tokens: int = 0
+    preemptions: int = 0
+    waits: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    remote_prefills: int = 0
+    handoff_tokens: int = 0

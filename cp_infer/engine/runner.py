@@ -28,9 +28,10 @@ from cp_infer.attention.kernels import get_kernel
 from cp_infer.collectives import Exchange, make_exchange
 from cp_infer.engine.attention import DecodeAttention, MixedAttention, PrefillAttention
 from cp_infer.engine.batch import StepBatch
-from cp_infer.engine.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, token_bytes
+from cp_infer.engine.kv_cache import DEFAULT_BLOCK_SIZE, KVCache
 from cp_infer.engine.kv_pool import KVPool
 from cp_infer.engine.sampling import logprobs_of
+from cp_infer.engine.sizing import kv_element_bytes, token_bytes
 from cp_infer.hardware import Profile, faster_variant, hardware_for
 from cp_infer.models.llama import ForwardContext, TokenSplit, Transformer, split_tokens
 from cp_infer.parallel.pipeline import recv_activation, send_activation
@@ -130,7 +131,7 @@ class ModelRunner:
             n_blocks = -(-kv_tokens // block_size)
         else:
             per_block = block_size * token_bytes(
-                len(self.model.layer_ids), n_kv, self.cfg.head_dim, self.dtype, kv_dtype
+                len(self.model.layer_ids), n_kv, self.cfg.head_dim, self.dtype.itemsize, kv_dtype
             )
             n_blocks = kv_memory // per_block
             if dist.is_initialized() and dist.get_world_size() > 1:
@@ -153,7 +154,7 @@ class ModelRunner:
             raise ValueError(f"unknown variant {variant!r}; choose one of {[*VARIANTS, 'auto']}")
         how = "given"
         if variant == "auto":
-            kv_bytes = 1 + 4 / self.cfg.head_dim if self.cache.fp8 else None  # FP8 and scales
+            kv_bytes = kv_element_bytes(self.cache.kv_dtype, self.dtype.itemsize, self.cfg.head_dim)
             variant = faster_variant(
                 self.cfg, self.hardware, cp=self.pg.cp, tp=self.pg.tp, new=new, cached=cached,
                 bytes_per_element=self.dtype.itemsize, kv_bytes=kv_bytes,

@@ -41,7 +41,7 @@ from cp_infer.collectives import EXCHANGES
 from cp_infer.distributed import RankFailure, clear_failure, on_all_ranks
 from cp_infer.engine import Conversation, GenerationResult, SamplingConfig, generate
 from cp_infer.engine.core import check_request
-from cp_infer.engine.generate import new_engine, pool_tokens
+from cp_infer.engine.offline import new_engine, pool_tokens
 from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments, ensure_launched
 from cp_infer.hardware import PROFILES, Profile, profile
 from cp_infer.models.config import (

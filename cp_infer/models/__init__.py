@@ -1,4 +1,13 @@
-"""Plain-PyTorch Llama 3 (dense) and Mixtral-style (MoE) models, and their presets."""
+"""Plain-PyTorch Llama 3 (dense) and Mixtral-style (MoE) models, and their presets.
+
+The configurations (:mod:`cp_infer.models.config`) are torch-free; the modules
+(:mod:`cp_infer.models.llama`) load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 from cp_infer.models.config import (
     PRESETS,
@@ -8,7 +17,8 @@ from cp_infer.models.config import (
     get_preset,
     unsupported_hf_fields,
 )
-from cp_infer.models.llama import ForwardContext, MoE, Transformer
+
+_LAZY = {"ForwardContext": "llama", "MoE": "llama", "Transformer": "llama"}
 
 __all__ = [
     "PRESETS",
@@ -21,3 +31,15 @@ __all__ = [
     "get_preset",
     "unsupported_hf_fields",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from cp_infer.models.llama import ForwardContext, MoE, Transformer

@@ -35,8 +35,8 @@ import torch.distributed as dist
 from cp_infer.engine.connector import KVConnector, PrefillJob
 from cp_infer.engine.core import EngineCore, Orders, Request
 from cp_infer.engine.handoff import KVSender, StagedKV, stage_kv
-from cp_infer.engine.kv_pool import blocks_for_tokens
 from cp_infer.engine.sampling import SamplingConfig
+from cp_infer.engine.sizing import blocks_for_tokens
 from parallel_state.tiers import TierGroups
 
 __all__ = [

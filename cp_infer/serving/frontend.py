@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from cp_infer.engine.core import Outcome, Request, check_pool, check_request
-from cp_infer.engine.sampling import SamplingConfig
+from cp_infer.engine.params import SamplingConfig
+from cp_infer.engine.request import Outcome, Request, check_pool, check_request
 from cp_infer.schema import RequestError
 from cp_infer.serving.metrics import ServerMetrics
 from cp_infer.serving.text import StopStrings, TextStream
@@ -61,7 +61,7 @@ class Frontend:
         max_batch: requests per engine batch.
         max_queue: requests waiting at most; one more gets a 503.
         eos_ids: the checkpoint's end-of-sequence ids.
-        pool: the engine's latest :class:`~cp_infer.engine.kv_manager.PoolStats` (None until it
+        pool: the engine's latest :class:`~cp_infer.engine.request.PoolStats` (None until it
             runs): a request that cannot fit the KV pool even alone gets a 400.
         info: labels of ``/metrics``' ``cp_infer_info`` (the layout, say).
     """

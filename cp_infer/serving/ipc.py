@@ -29,8 +29,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from cp_infer.engine.chunking import Estimates
-from cp_infer.engine.core import Outcome, Request, Step
-from cp_infer.engine.kv_manager import PoolStats
+from cp_infer.engine.request import Outcome, PoolStats, Request, Step
 
 __all__ = ["ApiLink", "EngineLink", "EngineStats"]
 

@@ -29,10 +29,6 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 
-import torch.distributed as dist
-
-from cp_infer.distributed import exit_now
-
 __all__ = [
     "BEAT_S", "STOP_GRACE_S", "Watchdog", "follower_signals", "process_running",
 ]  # fmt: skip
@@ -46,6 +42,8 @@ STOP_GRACE_S = 3.0  # a rank told to stop exits by itself after this long
 def follower_signals() -> None:
     """On a rank other than 0: SIGINT or SIGTERM lets rank 0 lead the stop, and exits this
     rank after :data:`STOP_GRACE_S` if rank 0 does not."""
+
+    from cp_infer.distributed import exit_now  # the ranks' side: torch is loaded there
 
     def handle(sig, _frame) -> None:
         logger.info("%s: stopping when rank 0 says so", signal.Signals(sig).name)
@@ -73,6 +71,8 @@ class Watchdog:
         dead_after_s: float = 5.0,
     ) -> None:  # fmt: skip
         self.on_failure, self.dead_after_s = on_failure, dead_after_s
+        import torch.distributed as dist  # the ranks' side (the API process never gets here)
+
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.parent = os.getppid() if watch_parent else None
         self._keys = [f"cp_infer/heartbeat/{run_id}/{r}" for r in range(self.world)]
@@ -88,6 +88,8 @@ class Watchdog:
         addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
         if not addr or not port:
             return None
+        import torch.distributed as dist
+
         return dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(seconds=5))
 
     def start(self) -> Watchdog:

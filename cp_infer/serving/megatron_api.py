@@ -13,8 +13,8 @@ import asyncio
 
 from fastapi import Request as HttpRequest
 
-from cp_infer.engine.core import Outcome
-from cp_infer.engine.sampling import SamplingConfig
+from cp_infer.engine.params import SamplingConfig
+from cp_infer.engine.request import Outcome
 from cp_infer.serving.frontend import BadRequest, Frontend, Pending, fresh_seed
 from cp_infer.serving.http_util import failure_response, unless_disconnected
 from cp_infer.serving.openai_api import LOGPROB_FLOOR

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from cp_infer.engine.core import Step
+from cp_infer.engine.request import Step
 
 __all__ = ["CONTENT_TYPE", "LOG_EVERY_S", "ServerMetrics"]
 
@@ -216,7 +216,7 @@ class ServerMetrics:
 
     # -- the engine -------------------------------------------------------------------------------
     def pool(self, stats) -> None:
-        """The engine's latest :class:`~cp_infer.engine.kv_manager.PoolStats` (its counts are since
+        """The engine's latest :class:`~cp_infer.engine.request.PoolStats` (its counts are since
         the start: the counters move by the difference)."""
         last, self._pool = self._pool, stats
         for field, m in self._pool_metrics.items():

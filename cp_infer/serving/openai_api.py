@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from fastapi import Request as HttpRequest
 from fastapi.responses import StreamingResponse
 
-from cp_infer.engine.core import Outcome
-from cp_infer.engine.sampling import SamplingConfig
+from cp_infer.engine.params import SamplingConfig
+from cp_infer.engine.request import Outcome
 from cp_infer.serving.frontend import BadRequest, Frontend, Pending, Reply, fresh_seed
 from cp_infer.serving.http_util import (
     error_event,
