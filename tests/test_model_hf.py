@@ -194,9 +194,9 @@ def _conversation_rank(path, sizes, variants):
                 variant=variant, conversation=conv,
             )  # fmt: skip
             turns.append((result.tokens, result.first_logits, result.prefill_variant, faster[-1]))
-        engine = conv.engine  # each chat's sequence is retained in its cache for the next turn
-        by_history = {tuple(engine.kv.index.tokens[seq]): seq for seq in engine.kv.retained}
-        cached = [engine.runner.cache.positions(by_history[tuple(h)]) for h in conv.history]
+        # each chat's sequence is retained in the cache for the next turn (every rank holds
+        # its share of it: the followers' books replay the leader's)
+        cached = [conv.engine.runner.cache.positions(seq) for seq in result.seqs]
     return turns, conv.history, cached
 
 
