@@ -37,7 +37,10 @@ import torch.distributed as dist
 
 from cp_infer.distributed import peer_failure
 
-__all__ = ["EXCHANGES", "AllReduce", "Exchange", "make_all_reduce", "make_exchange"]
+__all__ = [
+    "EXCHANGES", "AllReduce", "Exchange", "ShmBroadcast", "make_all_reduce", "make_exchange",
+    "one_host",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -116,20 +119,7 @@ class ShmExchange:
         self.max_bytes = -(-max_bytes // 64) * 64
         self.timeout_s = timeout_s
         self.slot = _HEADER + 2 * self.max_bytes
-        leader = dist.get_process_group_ranks(group)[0]
-        name = [os.path.join(_SHM_DIR, f"cp_infer-{uuid.uuid4().hex}")]
-        dist.broadcast_object_list(name, src=leader, group=group)
-        path = name[0]
-        if self.rank == 0:
-            with open(path, "wb") as f:
-                f.truncate(self.size * self.slot)
-        dist.barrier(group=group)
-        try:
-            buf = torch.from_file(path, shared=True, size=self.size * self.slot, dtype=torch.uint8)
-        finally:
-            dist.barrier(group=group)  # every rank has mapped it: the name can go
-            if self.rank == 0:
-                os.unlink(path)
+        buf = _shared_segment(group, self.size * self.slot)
         self._buf = buf.view(self.size, self.slot)
         self._seq_np = self._buf.numpy()[:, :8].view(np.int64)  # (size, 1), shared memory
         self._seq_np[self.rank, 0] = 0
@@ -141,30 +131,8 @@ class ShmExchange:
         return self._buf[rank, start : start + n]
 
     def _wait_for(self, rank: int, seq: int) -> None:
-        """Spin until ``rank`` posts ``seq``: yield the core after a few spins, and after
-        :data:`SPIN_S` back off to short sleeps (up to 1 ms), so that a late peer (one sharing
-        a core with a server's HTTP thread, say) gets the core rather than a spinning rank."""
-        flag = self._seq_np[rank]
-        spins, start, nap = 0, None, 0.0
-        while flag[0] < seq:
-            spins += 1
-            if spins <= 32:
-                continue
-            if spins % 64 == 0:
-                now = time.monotonic()
-                start = start or now
-                if now - start > self.timeout_s:
-                    cause = peer_failure()
-                    raise TimeoutError(
-                        f"shared-memory exchange: group rank {rank} did not post exchange {seq} "
-                        f"in {self.timeout_s:.0f}s"
-                        + (f" (a rank failed: {cause})" if cause else "")
-                    )
-                if now - start > SPIN_S:
-                    nap = min(max(2 * nap, 20e-6), 1e-3)
-                    time.sleep(nap)
-                    continue
-            os.sched_yield()  # give the core away if a peer waits for it
+        _wait_until(self._seq_np[rank], seq, self.timeout_s,
+                    f"shared-memory exchange: group rank {rank} did not post exchange {seq}")  # fmt: skip
 
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         t = t.contiguous()
@@ -184,6 +152,126 @@ class ShmExchange:
             self._wait_for(r, self.seq)
             parts.append(self._data(r, parity, n).clone().view(t.dtype).view(t.shape))
         return parts
+
+
+def _wait_until(flag: np.ndarray, value: int, timeout_s: float, what: str) -> None:
+    """Spin until ``flag[0]`` (shared memory) reaches ``value``: yield the core after a few
+    spins, and after :data:`SPIN_S` back off to short sleeps (up to 1 ms), so that a late peer
+    (one sharing a core with a server's HTTP thread, say) gets the core rather than a spinning
+    rank, and an idle wait costs next to nothing."""
+    spins, start, nap = 0, None, 0.0
+    while flag[0] < value:  # (idle, it naps: a follower waiting for the next plan)
+        spins += 1
+        if spins <= 32:
+            continue
+        if spins % 64 == 0:
+            now = time.monotonic()
+            start = start or now
+            if now - start > timeout_s:
+                cause = peer_failure()
+                raise TimeoutError(f"{what} in {timeout_s:.0f}s"
+                                   + (f" (a rank failed: {cause})" if cause else ""))  # fmt: skip
+            if now - start > SPIN_S:  # (a wait past a second is idle: 5 ms naps)
+                nap = min(max(2 * nap, 20e-6), 1e-3 if now - start < 1.0 else 5e-3)
+                time.sleep(nap)
+                continue
+        os.sched_yield()  # give the core away if a peer waits for it
+
+
+def _shared_segment(group, nbytes: int) -> torch.Tensor:
+    """``nbytes`` of shared memory mapped by every rank of ``group`` (a collective; the file's
+    name is gone once all have mapped it)."""
+    rank = dist.get_rank(group)
+    leader = dist.get_process_group_ranks(group)[0] if group is not None else 0
+    name = [os.path.join(_SHM_DIR, f"cp_infer-{uuid.uuid4().hex}")]
+    dist.broadcast_object_list(name, src=leader, group=group)
+    path = name[0]
+    if rank == 0:
+        with open(path, "wb") as f:
+            f.truncate(nbytes)
+    dist.barrier(group=group)
+    try:
+        return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+    finally:
+        dist.barrier(group=group)  # every rank has mapped it: the name can go
+        if rank == 0:
+            os.unlink(path)
+
+
+class ShmBroadcast:
+    """Byte strings from group rank 0 to the other ranks of one host, through one shared
+    segment (the engine's step plans: :class:`cp_infer.engine.channel.PlanChannel`).
+
+    Args:
+        group: the ranks (all on this host).
+        max_bytes: the largest message the segment carries; a larger one is announced there
+            and sent by the caller's fallback (:meth:`send` returns False, :meth:`recv` None).
+        timeout_s: how long a rank waits for the other side before raising.
+
+    Note:
+        Layout: one 64-byte line per rank for its numbers (rank 0: the last message it posted
+        and the two slots' lengths; the others: the last message they read), then rank 0's
+        two data slots, by parity::
+
+            | r0: posted, len even, len odd | r1: read | r2: read | ... | even data | odd data |
+
+        Rank 0 writes message s to parity s % 2 once every reader has read message s - 2,
+        then posts s; a reader waits for s, copies the data out and says it read s. Correct on
+        CPUs that keep stores in order (x86-64), as :class:`ShmExchange`.
+    """
+
+    def __init__(self, group, max_bytes: int = 1 << 20, timeout_s: float = 60.0) -> None:
+        self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.max_bytes = -(-max_bytes // 64) * 64
+        self.timeout_s = timeout_s
+        lines = 64 * self.size
+        buf = _shared_segment(group, lines + 2 * self.max_bytes)
+        self._flags = buf[:lines].numpy().view(np.int64).reshape(self.size, 8)
+        self._data = buf[lines:].numpy()
+        self._flags[self.rank, :] = 0
+        self.seq = 0
+        dist.barrier(group=group)
+
+    def send(self, data: bytes) -> bool:
+        """Rank 0: post ``data``; False if it is too large for the segment (the readers were
+        told so: send it by the fallback now)."""
+        s = self.seq + 1
+        for r in range(1, self.size):  # the slot's last message was read by everyone
+            _wait_until(self._flags[r], s - 2, self.timeout_s,
+                        f"plan broadcast: group rank {r} did not read message {s - 2}")  # fmt: skip
+        n = len(data)
+        fits = n <= self.max_bytes
+        parity = s % 2
+        if fits:
+            start = parity * self.max_bytes
+            self._data[start : start + n] = np.frombuffer(data, dtype=np.uint8)
+        self._flags[0, 1 + parity] = n if fits else -1
+        self._flags[0, 0] = s  # publish after the data (x86 keeps store order)
+        self.seq = s
+        return fits
+
+    def recv(self) -> bytes | None:
+        """Another rank: the next message (None: it comes by the fallback)."""
+        s = self.seq + 1
+        _wait_until(self._flags[0], s, self.timeout_s,
+                    f"plan broadcast: group rank 0 did not post message {s}")  # fmt: skip
+        parity = s % 2
+        n = int(self._flags[0, 1 + parity])
+        data = None
+        if n >= 0:
+            start = parity * self.max_bytes
+            data = self._data[start : start + n].tobytes()
+        self._flags[self.rank, 0] = s
+        self.seq = s
+        return data
+
+
+def one_host(group) -> bool:
+    """Whether every rank of ``group`` is on this host and shared memory keeps its stores in
+    order there (x86-64, a /dev/shm): a collective."""
+    hosts = _hosts(group)
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return len(set(hosts)) == 1 and x86 and os.path.isdir(_SHM_DIR)
 
 
 _REPORTED: set[tuple] = set()  # (group ranks, transport) already logged

@@ -10,14 +10,14 @@ import sys
 
 from cp_infer.cli import main
 
-engine = importlib.import_module("cp_infer.engine.core")
+worker = importlib.import_module("cp_infer.engine.worker")
 
 if os.environ.get("RANK") == "1":
 
     def _faulty_sample(*args, **kwargs):
         raise RuntimeError("injected fault in sampling")
 
-    engine.sample_rows = _faulty_sample
+    worker.sample_rows = _faulty_sample
 
 if __name__ == "__main__":  # not in the API process the server spawns
     sys.exit(main())

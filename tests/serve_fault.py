@@ -2,8 +2,8 @@
 
 - sampling fails for requests seeded 666, on every rank (a deterministic fault inside a batch:
   that request must fail alone, the server must go on);
-- an iteration with a request seeded 777 fails on rank 1 alone, before its forward pass, while
-  the other ranks enter it (ranks out of step: rank 1 must stop, and the server with it);
+- a plan with a request seeded 777 fails on rank 1 alone, before its forward pass, while the
+  other ranks enter it (ranks out of step: rank 1 must stop, and the server with it);
 - a prefill tier's hand-off of a 321-token prompt fails at its last layer, on every rank of
   the tier, after the earlier layers went (that request must fail alone, the tiers stay in
   step).
@@ -20,7 +20,8 @@ from cp_infer.cli import main
 
 engine = importlib.import_module("cp_infer.engine.core")
 engine.ALONE_AFTER_S = 3.0
-_sample_rows = engine.sample_rows
+worker = importlib.import_module("cp_infer.engine.worker")
+_sample_rows = worker.sample_rows
 
 
 def _faulty_sample_rows(logits, configs, generators, generated):
@@ -29,17 +30,21 @@ def _faulty_sample_rows(logits, configs, generators, generated):
     return _sample_rows(logits, configs, generators, generated)
 
 
-engine.sample_rows = _faulty_sample_rows
-_iteration = engine.EngineCore._iteration
+worker.sample_rows = _faulty_sample_rows
+_execute = worker.Worker.execute
 
 
-def _faulty_iteration(self, est, emit, done):
-    if dist.get_rank() == 1 and any(x.request.sampling.seed == 777 for x in self.live.values()):
+def _faulty_execute(self, plan, *args, **kwargs):
+    draws = [d for d in (plan.decode_draws, plan.prefill_draws) if d is not None]
+    seeds = {self.samplings[rid].seed for d in draws for rid in d.rids if rid in self.samplings}
+    if dist.get_rank() == 1 and (plan.prefill is not None or plan.decode is not None) and (
+        777 in seeds or any(cfg.seed == 777 for _, cfg in plan.sampling)
+    ):
         raise RuntimeError("injected fault on rank 1 alone")
-    return _iteration(self, est, emit, done)
+    return _execute(self, plan, *args, **kwargs)
 
 
-engine.EngineCore._iteration = _faulty_iteration
+worker.Worker.execute = _faulty_execute
 handoff = importlib.import_module("cp_infer.engine.handoff")
 _layer = handoff.KVSender.layer
 

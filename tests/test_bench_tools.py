@@ -87,13 +87,19 @@ def test_bench_step_times_the_three_kinds_of_step(tmp_path):
     records = bench_step.main(["--preset", "tiny-llama", "--cp", "2", "--cached", "256",
                                "--chunks", "16", "32", "--decodes", "2", "--steps", "2",
                                "--json", str(out)])  # fmt: skip
-    assert [(r["kind"], r["chunk"]) for r in records] == [
+    *steps, engine = records
+    assert [(r["kind"], r["chunk"]) for r in steps] == [
         (kind, chunk) for chunk in (16, 32) for kind in ("decode", "prefill", "mixed")
     ]
-    for r in records:
+    for r in steps:
         assert r["step_s"] > 0 and r["fixed_s"] == pytest.approx(r["step_s"] - r["flops_s"])
-    chunk_16, chunk_32 = (r["flops_s"] for r in records if r["kind"] == "prefill")
+    chunk_16, chunk_32 = (r["flops_s"] for r in steps if r["kind"] == "prefill")
     assert chunk_32 > chunk_16  # a bigger chunk: more FLOPs
+    # the engine's decode iterations, part by part: one plan each, every part measured
+    assert engine["kind"] == "engine" and engine["iterations"] == 2
+    parts = engine["per_iteration_s"]
+    assert all(v > 0 for v in parts.values()), parts
+    assert parts["leader: decide"] + parts["leader: send"] < parts["iteration"]
     assert json.loads(out.read_text()) == records
 
 

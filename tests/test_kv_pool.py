@@ -15,25 +15,30 @@ PREFIX = 1500  # tokens: 23 whole blocks of 64 and 28 more (750 per CP rank: 46 
 
 
 def _drive(engine, requests, steps=None):
-    """Every request handed in at once, the core run span by span (as the server does) with the
-    books checked after every forward pass; returns the outcomes in request order."""
-    from cp_infer.engine.core import Orders
+    """Every request handed in at once, the core run as the server runs it (the leader decides,
+    every rank executes its plans), with the leader's books checked after every forward pass;
+    returns the outcomes in request order (every rank: the leader's) and the leader's peak of
+    running requests."""
+    nbytes, peak = engine.cache.nbytes(), [0]
 
-    outcomes, nbytes, peak = {}, engine.cache.nbytes(), [0]
-
-    def step(s):
+    def step(_):
         engine.kv.check()  # every block free or held once, the counts the tables'
         assert engine.cache.nbytes() == nbytes  # allocated once: never grows
         peak[0] = max(peak[0], len(engine.sched.seqs))
-        if steps is not None:
-            steps.append(s)
 
-    engine.on_step = step
-    engine.run_span(Orders(requests=tuple(requests)), done=lambda _, o: outcomes.update(o))
-    while engine.busy:
-        engine.run_span(Orders(), done=lambda _, o: outcomes.update(o))
-    assert all(outcomes[r.rid].error is None for r in requests), outcomes
-    return [outcomes[r.rid] for r in requests], peak[0]
+    outcomes, ran = engine.run(requests, on_step=step, contain=True)
+    for ledger in engine.pool.ledgers:  # a follower's ledgers replayed the leader's plans
+        ledger.check()
+    if steps is not None:
+        steps.extend(ran)
+    assert all(o.error is None for o in outcomes), outcomes
+    return outcomes, peak[0]
+
+
+def _books(engine) -> list:
+    """Every CP rank's ledger as this rank holds it: free blocks, tables and their blocks."""
+    return [(g.n_free, {seq: (t.blocks, t.n) for seq, t in g.tables.items()})
+            for g in engine.pool.ledgers]  # fmt: skip
 
 
 def _decided(alone, margin: float) -> int:
@@ -92,10 +97,11 @@ def _pool_rank(layout: dict, preset: str, dtype: str, kv_dtype: str) -> dict:
         got, peak = _drive(small, burst)
         want = alone(burst)
         compared = sum(_same(a, b, margin) for a, b in zip(got, want, strict=True))
-        preemptions = small.stats.preemptions
-        for seq in list(small.kv.retained):  # every block comes back
+        preemptions = small.stats.preemptions  # (the leader's: it alone decides)
+        books = _books(small)  # the same on every rank: the followers replayed the plans
+        for seq in list(small.kv.retained):  # the leader's: every block comes back
             small.kv.release(seq)
-        assert all(g.n_free == g.n_blocks for g in small.pool.ledgers)
+        assert not small.leader or all(g.n_free == g.n_blocks for g in small.pool.ledgers)
 
         # -- 8 requests sharing a 1500-token prefix, after one request cached it
         shared = engine(max_batch=8)
@@ -126,7 +132,7 @@ def _pool_rank(layout: dict, preset: str, dtype: str, kv_dtype: str) -> dict:
         "tokens": sum(len(o.tokens) for o in want) + sum(len(o.tokens) for o in cold),
         "prefilled": prefilled, "suffixes": sum(len(u.tokens) - PREFIX for u in users),
         "hits": hits, "logits": logits, "n_prefilled": n_prefilled, "exact": exact,
-        "dtype": dtype,
+        "dtype": dtype, "books": books,
     }  # fmt: skip
 
 
@@ -148,9 +154,10 @@ def test_the_pool_preempts_waits_and_shares_without_changing_an_answer(
 ):
     results = dist_pool(world).run(_pool_rank, layout, preset, dtype, kv_dtype, timeout_s=TIMEOUT)
     r = results[-1]  # the last pipeline stage has the logits
-    assert all(x["preemptions"] == r["preemptions"] for x in results)  # decided alike
+    lead = results[0]  # the leader decided: its counts
+    assert all(x["books"] == lead["books"] for x in results)  # every rank's ledgers alike
     # the burst did not fit at once: the two long answers were preempted, prompts waited
-    assert r["preemptions"] > 0 and r["peak"] < 6
+    assert lead["preemptions"] > 0 and lead["peak"] < 6
     # every answer equals its answer alone (and the shared ones a cold engine's), up to the
     # first token a closer call than the dtype's noise decides; most tokens are compared
     least = 1.0 if r["exact"] else 0.1 if r["dtype"] == "bfloat16" else 0.5

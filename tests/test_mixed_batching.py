@@ -16,21 +16,34 @@ LONG = tuple((7 * j) % 500 + 11 for j in range(230))  # shares no prefix with SH
 SHORTS = ((1, 2, 3, 4), (5, 6, 7))
 
 
-def _run(engine, requests) -> dict:
-    """The first two requests start decoding, then the third arrives; run until all are done.
-    Returns their outcomes by rid."""
-    from cp_infer.engine.core import Orders
+class _FixedTimer:
+    """The leader's timings, made exact: chunks are sized from the costs alone."""
 
-    fixed = Estimates(decode_s=0.0, scale=1.0, largest=10_000)  # rank 0's timings, made exact
+    estimates = Estimates(decode_s=0.0, scale=1.0, largest=10_000)
+
+    def iteration(self, *_) -> None:
+        pass
+
+    decode = prefill = mixed = iteration
+
+
+def _run(engine, requests) -> dict:
+    """The first two requests start decoding, then the third arrives; run until all are done
+    (the leader decides, every rank executes). Returns their outcomes by rid, on every rank."""
+    if not engine.leader:
+        return engine.follow()
+    engine.timer = _FixedTimer()
     outcomes = {}
 
     def done(_, o):
         outcomes.update(o)
 
-    engine.run_span(Orders(requests=tuple(requests[:2]), estimates=fixed), done=done)
-    engine.run_span(Orders(requests=tuple(requests[2:]), estimates=fixed), done=done)
+    engine.submit(requests[:2], done)
+    engine.iterate(done=done)
+    engine.submit(requests[2:], done)
     while engine.busy:
-        engine.run_span(Orders(estimates=fixed), done=done)
+        engine.iterate(done=done)
+    engine.stop_followers(outcomes)
     return outcomes
 
 

@@ -14,6 +14,12 @@ Each is the median of ``--steps`` steps (each the slowest rank's). ``flops_ms`` 
 FLOPs predict (``cp_infer.engine.chunking.StepCosts``, from ``--hardware``'s calibrated
 profile, else the built-in CPU one); ``fixed_ms`` is the rest.
 
+Then the same decodes run through the engine core as the server runs them (rank 0 leads and
+sends one step plan per iteration, every rank executes it): a second table splits an
+iteration's host time, per iteration, into the leader's deciding (up to the plan), sending and
+recording, each rank's replay of the plan's changes to the books, the forward pass and the
+drawing and sharing of the tokens, and a follower's wait for the plan.
+
 Example (the figures in docs/performance.md)::
 
     python tools/bench_step.py --preset small-llama --cp 2 --cached 4096 --chunks 16 64 256 \\
@@ -26,6 +32,7 @@ import argparse
 import logging
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -131,6 +138,47 @@ def bench_rank(preset, cached, chunks, decodes, steps, hardware) -> list[dict]:
     return records
 
 
+def bench_engine(preset, decodes, steps) -> dict:
+    """``decodes`` requests through the engine core: prefilled, then ``steps`` decode
+    iterations timed part by part (per iteration, this rank's)."""
+    from cp_infer.engine import EngineCore, Request, SamplingConfig
+
+    cfg = get_preset(preset, max_seq_len=4096)
+    with parallel_groups(cp=dist.get_world_size(), timeout_s=1800) as pg:
+        model = parallelize(cfg, pg, torch.float32)
+        load_weights(model, RandomSource(0, cfg))
+        runner = ModelRunner(model, pg, kv_tokens=decodes * (256 + steps + 32 + 3 * 64))
+        engine = EngineCore(runner, max_batch=decodes)
+        if not engine.leader:  # the prefills, then the timed decodes (the leader says when)
+            engine.follow()
+            engine.host_s.clear()
+            engine.worker.host_s.clear()
+            engine.follow()
+            return {"host_s": dict(engine.host_s), "worker_s": dict(engine.worker.host_s)}
+        budget = SamplingConfig(max_new_tokens=steps + 16)  # (a span runs 4 iterations)
+        engine.submit(
+            [
+                Request(
+                    i, tuple((11 * i + j) % (cfg.vocab_size - 1) + 1 for j in range(256)), budget
+                )
+                for i in range(decodes)
+            ]
+        )
+        while len(engine.sched.decoding) < decodes:  # every prompt prefilled
+            engine.iterate()
+        engine.stop_followers()
+        engine.host_s.clear()
+        engine.worker.host_s.clear()
+        start = engine.iterations
+        t0 = time.perf_counter()
+        while engine.iterations - start < steps and engine.busy:
+            engine.iterate()
+        wall = time.perf_counter() - t0
+        engine.stop_followers()
+        return {"host_s": dict(engine.host_s), "worker_s": dict(engine.worker.host_s),
+                "iterations": engine.iterations - start, "wall_s": wall}  # fmt: skip
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -157,6 +205,25 @@ def main(argv=None) -> list[dict]:
             for r in records]  # fmt: skip
     print(f"{args.preset} cp={args.cp}, a long sequence with {args.cached} cached tokens")
     print(format_table(["kind", "chunk", "decodes", "step_ms", "flops_ms", "fixed_ms"], rows))
+    with DistributedPool(args.cp, pg_timeout_s=1800) as pool:
+        ranks = pool.run(bench_engine, args.preset, args.decodes, args.steps, timeout_s=3600)
+    lead, follower = ranks[0], ranks[-1]
+    n = lead["iterations"]
+    parts = {
+        "iteration": lead["wall_s"], "leader: decide": lead["host_s"].get("decide", 0.0),
+        "leader: send": lead["host_s"].get("send", 0.0),
+        "leader: record": lead["host_s"].get("record", 0.0),
+        "every rank: replay": follower["worker_s"].get("apply", 0.0),
+        "every rank: pass": follower["worker_s"].get("passes", 0.0),
+        "every rank: draw": follower["worker_s"].get("draw", 0.0),
+        "follower: wait for the plan": follower["host_s"].get("recv", 0.0),
+    }  # fmt: skip
+    engine = {"preset": args.preset, "cp": args.cp, "decodes": args.decodes, "iterations": n,
+              "per_iteration_s": {k: v / n for k, v in parts.items()},
+              "leader": lead, "follower": follower}  # fmt: skip
+    print(f"\nthrough the engine core: {args.decodes} decodes, {n} iterations, per iteration")
+    print(format_table(["part", "ms"], [[k, f"{1e3 * v / n:.2f}"] for k, v in parts.items()]))
+    records.append({"kind": "engine", **engine})
     if args.json:
         write_json(args.json, records)
     return records

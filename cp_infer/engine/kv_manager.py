@@ -131,10 +131,17 @@ class KVCacheManager:
             :class:`~cp_infer.engine.kv_cache.KVCache` that holds this rank's tensors).
         share_prefixes: find cached prefixes; False: :meth:`match` finds none (a cold
             baseline).
+        record: log every change to the ledgers in :attr:`ops` (``("free", seq)``, ``("fork",
+            src, dst, position, copies)``), for other ranks to replay in order (the engine's
+            step plans carry them).
     """
 
-    def __init__(self, pool: KVPool, *, share_prefixes: bool = True) -> None:
+    def __init__(
+        self, pool: KVPool, *, share_prefixes: bool = True, record: bool = False
+    ) -> None:  # fmt: skip
         self.pool = pool
+        self.record = record
+        self.ops: list[tuple] = []
         self.share_prefixes = share_prefixes
         self.index = PrefixIndex(pool.block_size)
         self.running: set[int] = set()
@@ -208,6 +215,8 @@ class KVCacheManager:
         if not self.reclaim([1] * self.pool.cp, keep=holder):
             raise PoolFull("no free block for a partly shared block's tail")
         copies = self.pool.fork(holder, seq, shared)
+        if self.record:
+            self.ops.append(("fork", holder, seq, shared, copies))
         self._sync_live(seq)
         if holder in self.retained:
             self.retained.move_to_end(holder)
@@ -238,6 +247,8 @@ class KVCacheManager:
         self.pins.pop(seq, None)
         self.index.remove(seq)
         self.pool.free(seq)
+        if self.record:
+            self.ops.append(("free", seq))
 
     def pin(self, seq: int) -> None:
         """Keep ``seq`` (a job elsewhere skips its tokens) until as many :meth:`unpin`."""

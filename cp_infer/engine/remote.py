@@ -15,8 +15,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-import torch
-
 from cp_infer.distributed import error_message
 from cp_infer.engine.connector import KVConnector, PrefillJob
 from cp_infer.engine.kv_cache import StorePlan
@@ -61,6 +59,7 @@ class RemotePrefills:
         job = PrefillJob(x.request.rid, tuple(tokens), x.request.sampling,
                          skip=shared if pinned is not None else 0)  # fmt: skip
         self.connector.submit(job)
+        kv.ops.append(("remote", job))  # every follower expects its share of the K/V
         self.jobs[x.request.rid] = (x, pinned)
         x.outcome.cached_tokens = job.skip  # what this engine's cache held of it
         kv.stats.remote_prefills += 1
@@ -77,33 +76,40 @@ class RemotePrefills:
         for rid in rids:
             x, pinned = self.jobs.pop(rid)
             first, staged, error = self.connector.take(rid)
+            seq = None
             try:
                 if error is None:
-                    adopt(engine, x.request.tokens, lambda _seq, s=staged: s.store(engine.cache),
-                          skip=staged.skip)  # fmt: skip
+                    seq = adopt(
+                        engine,
+                        x.request.tokens,
+                        lambda _seq, s=staged: s.store(engine.cache),
+                        skip=staged.skip,
+                    )
             except Exception as e:  # the pool is full, say: this request alone fails
                 error = error_message(e)
             finally:
                 if pinned is not None:
                     engine.kv.unpin(pinned)
+            if seq is not None:  # the followers store their shares of it as this sequence
+                engine.kv.ops.append(("adopt", rid, seq, staged.skip, len(x.request.tokens)))
+            else:
+                engine.kv.ops.append(("drop", rid))
             o = x.outcome
             if error is not None or o.finish_reason == "cancelled":
                 if error is not None:
                     o.finish_reason, o.error = "error", error
-                if done is not None:
-                    done([x.request], {rid: o})
+                engine._finish([x], done)
                 continue
             x.before = [first]
             if x.request.sampling.temperature >= GREEDY_BELOW:  # the other engine drew one
-                torch.rand((), generator=x.generator, device=x.generator.device)
+                engine.kv.ops.append(("draw", rid))
             o.ttft_s = time.perf_counter() - x.admitted
             if emit is not None:
                 emit([(rid, first, None)])
             if first in x.request.sampling.eos_ids or x.request.sampling.max_new_tokens == 1:
                 o.tokens = [first]
                 o.finish_reason = "stop" if first in x.request.sampling.eos_ids else "length"
-                if done is not None:
-                    done([x.request], {rid: o})
+                engine._finish([x], done)
                 continue
             engine.waiting.appendleft(x)
 

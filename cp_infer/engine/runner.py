@@ -111,9 +111,6 @@ class ModelRunner:
             pool=KVPool(n_blocks, kv_block_size, pg.cp), cp_rank=pg.cp_rank,
         )  # fmt: skip
         self.exchange_kind, self.timeout_s = exchange, timeout_s
-        # called after each layer of a prefill pass with (batch, layer id): its K/V are stored
-        # (staged) by then (a prefill tier streams them to the decode tier)
-        self.after_layer: Callable[[StepBatch, int], None] | None = None
         self._exchange: Exchange | None = None
         self._exchange_bytes = 0
 
@@ -186,7 +183,7 @@ class ModelRunner:
     @torch.no_grad()
     def step(
         self, batch: StepBatch, *, progress: bool = False, prompt_logprobs: bool = False,
-        prompt_top: int = 0,
+        prompt_top: int = 0, after_layer: Callable[[StepBatch, int], None] | None = None,
     ) -> StepOutput:  # fmt: skip
         """Run ``batch`` through this rank's stage; (B, V) float32 logits on the last stage.
 
@@ -196,6 +193,9 @@ class ModelRunner:
                 log-probability given those before it.
             prompt_top: with ``prompt_logprobs``, also the ``prompt_top`` most likely tokens
                 at each position.
+            after_layer: a prefill calls ``after_layer(batch, layer id)`` after each layer,
+                its K/V stored (staged) by then (a prefill tier streams them to the decode
+                tier).
         """
         pg = self.pg
         self.cache.plan(batch.all_store_plans)
@@ -222,8 +222,8 @@ class ModelRunner:
             disable=not (progress and batch.kind == "prefill"),
         )  # fmt: skip
         on_layer = bar.update
-        if self.after_layer is not None and batch.kind == "prefill":
-            layers, hook = iter(self.model.layer_ids), self.after_layer
+        if after_layer is not None and batch.kind == "prefill":
+            layers, hook = iter(self.model.layer_ids), after_layer
 
             def on_layer() -> None:
                 bar.update()

@@ -266,7 +266,7 @@ def _serve(loop, api, conn, run_id: str, launched: bool) -> int:
 
     engine = loop.engine
     link = EngineLink(conn, lambda: (engine.pool_stats(), engine.timer.estimates))
-    engine.on_step = link.step
+    loop.on_step = link.step
     failures: list[str] = []
 
     def fail(why: str) -> None:  # a rank or the launcher is gone: end everything, exit non-zero
@@ -274,7 +274,7 @@ def _serve(loop, api, conn, run_id: str, launched: bool) -> int:
             failures.append(why)
             link.fail(why)
 
-    engine.on_failed_alone = fail  # this rank fell out of step with the others
+    loop.failed_alone = fail  # this rank fell out of step with the others
 
     def lead() -> None:
         try:

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from cp_infer.engine.connector import KVConnector, PrefillJob
-from cp_infer.engine.core import EngineCore, Orders, Request
+from cp_infer.engine.core import EngineCore, Request
 from cp_infer.engine.handoff import KVSender, StagedKV, stage_kv
 from cp_infer.engine.sampling import SamplingConfig
 from cp_infer.engine.sizing import blocks_for_tokens
@@ -177,8 +177,8 @@ class RemotePrefill(KVConnector):
 def prefill_worker(engine: EngineCore, tiers: TierGroups) -> None:
     """The prefill tier, every rank: take jobs from the decode tier until it says stop; prefill
     each (its own cache shares what earlier ones left), sample the first token, and hand the
-    K/V to the decode tier. A job runs as a server's request does (:meth:`EngineCore.run_span`):
-    one that fails, fails alone, and the decode ranks learn why."""
+    K/V to the decode tier. A job runs as a server's request does (:meth:`EngineCore.run`,
+    contained): one that fails, fails alone, and the decode ranks learn why."""
     group = tiers.handoff
     pool = engine.cache.pool
     if tiers.rank == tiers.prefill.first:  # what the decode tier routes by
@@ -214,16 +214,8 @@ def prefill_worker(engine: EngineCore, tiers: TierGroups) -> None:
                                    "KV pool is too small): raise its --kv-cache-memory")  # fmt: skip
             sender.layer(layer)
 
-        outcomes: dict = {}
-        engine.runner.after_layer = after_layer
-        try:  # every rank alike: a failure is agreed (and the request dropped) by run_span
-            orders = Orders(requests=(request,))
-            while job.rid not in outcomes:
-                engine.run_span(orders, done=lambda _, results, out=outcomes: out.update(results))
-                orders = Orders()
-        finally:
-            engine.runner.after_layer = None
-        outcome = outcomes[job.rid]
+        # every rank alike (its rank 0 leads): a failure is agreed, and ends this job alone
+        (outcome,), _ = engine.run([request], contain=True, after_layer=after_layer)
         if outcome.error is None:
             first = outcome.tokens[0]
         else:

@@ -1,18 +1,17 @@
 """The server's driver of the engine core: rank 0 leads, every other rank follows.
 
-Rank 0 decides what runs: before each span of iterations it sends every rank the same
-:class:`~cp_infer.engine.core.Orders` (requests to admit, requests whose client left, its
-timing estimates), and every rank runs the same :meth:`EngineCore.run_span`.
+Rank 0 takes requests and cancellations from the API, decides, and sends every rank one step
+plan per iteration (:meth:`EngineCore.iterate <cp_infer.engine.core.EngineCore.iterate>`); the
+other ranks execute the plans (:meth:`EngineCore.follow
+<cp_infer.engine.core.EngineCore.follow>`) until rank 0 says stop.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
-import torch.distributed as dist
-
-from cp_infer.engine.core import Done, Emit, EngineCore, Orders, Request
+from cp_infer.engine.core import EngineCore
+from cp_infer.engine.request import Done, Emit, Request, Step
 
 __all__ = ["ServeLoop"]
 
@@ -20,23 +19,25 @@ REMOTE_POLL_S = 0.005  # how often an engine with only remote prefills looks for
 
 
 class ServeLoop:
-    """Rank 0 sends every rank its orders; the others follow until told to stop.
+    """Rank 0 leads the engine; the others follow until told to stop.
 
-    Messages go over the default group by ``broadcast_object_list``, once per span of
-    :data:`~cp_infer.engine.core.SPAN` iterations while requests run. An idle rank 0 sends a heartbeat every
+    While requests run, every message is a plan; an idle rank 0 sends a heartbeat every
     ``idle_s`` so that waiting ranks never reach the process-group timeout.
+
+    Args:
+        engine: this rank's engine core.
+        idle_s: the heartbeat's period.
+        on_step: rank 0: told of every forward pass (the server's metrics).
+        failed_alone: called when this rank failed a plan its peers did not (default: exit).
     """
 
-    def __init__(self, engine: EngineCore, *, idle_s: float = 2.0) -> None:
+    def __init__(
+        self, engine: EngineCore, *, idle_s: float = 2.0,
+        on_step: Callable[[Step], None] | None = None,
+        failed_alone: Callable[[str], None] | None = None,
+    ) -> None:  # fmt: skip
         self.engine, self.idle_s = engine, idle_s
-        self._sent = time.monotonic()
-
-    def _send(self, message) -> object:
-        self._sent = time.monotonic()
-        box = [message]
-        if dist.get_world_size() > 1:
-            dist.broadcast_object_list(box, src=0)
-        return box[0]
+        self.on_step, self.failed_alone = on_step, failed_alone
 
     def lead(
         self,
@@ -48,8 +49,9 @@ class ServeLoop:
     ) -> None:
         """Rank 0: admit what ``next_requests(wait_s, limit)`` gives (None: stop) and run.
 
-        A span ends early when a running request was cancelled or when ``waiting()`` requests
-        are queued while a slot is free, so that the next orders go out at once."""
+        A span of iterations ends early when a running request was cancelled or when
+        ``waiting()`` requests are queued while a slot is free, so that they are taken at once.
+        """
         engine = self.engine
 
         def arrived() -> tuple[int, ...]:  # back from a prefill tier (disaggregated serving)
@@ -65,27 +67,21 @@ class ServeLoop:
             wait_s = 0.0 if engine.runnable else (REMOTE_POLL_S if busy else self.idle_s)
             requests = next_requests(wait_s, engine.room)
             if requests is None:
-                self._send(("stop", None))
+                engine.stop_followers()
                 return
-            back = arrived()
-            if not requests and not back and not engine.runnable:
-                if not busy or time.monotonic() - self._sent >= self.idle_s:
-                    self._send(("idle", None))  # the followers' heartbeat
-                continue
-            orders = Orders(
-                requests=tuple(requests),
-                cancelled=frozenset(cancelled() & engine.live_requests()),
-                estimates=engine.timer.estimates,
-                arrived=back,
-            )
-            self._send(("span", orders))
-            engine.run_span(orders, emit, done, interrupt)
+            engine.submit(requests, done)
+            gone = cancelled() & engine.live_requests()
+            if gone:
+                engine.cancel(gone, done)
+            engine.arrived(arrived(), emit, done)
+            if engine.runnable:
+                engine.iterate(emit, done, interrupt, on_step=self.on_step,
+                               failed_alone=self.failed_alone)  # fmt: skip
+            else:
+                engine.flush()  # a prompt sent to the prefill tier, blocks freed: say so now
+                if engine.idle_for() >= self.idle_s:
+                    engine.heartbeat()
 
     def follow(self) -> None:
-        """Every other rank: run what rank 0 sends until it says stop."""
-        while True:
-            kind, orders = self._send(None)
-            if kind == "stop":
-                return
-            if kind == "span":
-                self.engine.run_span(orders)
+        """Every other rank: execute what rank 0 sends until it says stop."""
+        self.engine.follow(failed_alone=self.failed_alone)
