@@ -37,8 +37,10 @@ _execute = worker.Worker.execute
 def _faulty_execute(self, plan, *args, **kwargs):
     draws = [d for d in (plan.decode_draws, plan.prefill_draws) if d is not None]
     seeds = {self.samplings[rid].seed for d in draws for rid in d.rids if rid in self.samplings}
-    if dist.get_rank() == 1 and (plan.prefill is not None or plan.decode is not None) and (
-        777 in seeds or any(cfg.seed == 777 for _, cfg in plan.sampling)
+    if (
+        dist.get_rank() == 1
+        and (plan.prefill is not None or plan.decode is not None)
+        and (777 in seeds or any(cfg.seed == 777 for _, cfg in plan.sampling))
     ):
         raise RuntimeError("injected fault on rank 1 alone")
     return _execute(self, plan, *args, **kwargs)

@@ -6,8 +6,9 @@ See docs/checkpoints.md for the formats and how names and layouts map.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from cp_infer._lazy import lazy_exports
 
 # name -> its module: loaded on first use (the tokenizer side needs no torch)
 _WHERE = {
@@ -30,12 +31,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _WHERE, globals())
 
 
 if TYPE_CHECKING:

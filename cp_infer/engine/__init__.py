@@ -9,8 +9,9 @@ process: :mod:`cp_infer.engine.request`, :mod:`cp_infer.engine.params`) never im
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from cp_infer._lazy import lazy_exports
 
 _WHERE = {
     "StepBatch": "batch",
@@ -40,12 +41,7 @@ __all__ = [
 ]  # fmt: skip
 
 
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    globals()[name] = value  # once: later lookups find it directly
-    return value
+__getattr__ = lazy_exports(__name__, _WHERE, globals())
 
 
 def __dir__() -> list[str]:

@@ -6,9 +6,9 @@ The configurations (:mod:`cp_infer.models.config`) are torch-free; the modules
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
+from cp_infer._lazy import lazy_exports
 from cp_infer.models.config import (
     PRESETS,
     RUNNABLE_PRESETS,
@@ -33,12 +33,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY, globals())
 
 
 if TYPE_CHECKING:
