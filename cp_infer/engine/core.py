@@ -55,18 +55,19 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from cp_infer.attention import VARIANTS
 from cp_infer.distributed import RankFailure, announce_failure, error_message, exit_now
+from cp_infer.engine.admission import Admission, _Live
 from cp_infer.engine.channel import PlanChannel
-from cp_infer.engine.chunking import ChunkTimer, Estimates, StepCosts, choose_chunk
+from cp_infer.engine.chunking import ChunkTimer, StepCosts
 from cp_infer.engine.connector import KVConnector
-from cp_infer.engine.kv_manager import KVCacheManager, common_prefix
-from cp_infer.engine.plan import Control, Draws, StepPlan
+from cp_infer.engine.iteration import Iterations
+from cp_infer.engine.kv_manager import KVCacheManager
+from cp_infer.engine.plan import Control, StepPlan
 from cp_infer.engine.remote import RemotePrefills
 from cp_infer.engine.request import (
     Done,
@@ -79,8 +80,8 @@ from cp_infer.engine.request import (
     check_request,
 )  # fmt: skip
 from cp_infer.engine.runner import ModelRunner
-from cp_infer.engine.scheduler import Scheduler, SequenceState
-from cp_infer.engine.worker import Drawn, PlanResult, Worker
+from cp_infer.engine.scheduler import Scheduler
+from cp_infer.engine.worker import PlanResult, Worker
 
 __all__ = ["EngineCore", "Outcome", "Request", "Step", "check_pool", "check_request"]
 
@@ -96,34 +97,7 @@ class _PassFailed(Exception):
     """The leader's own execution of a plan raised (its followers may be inside the pass)."""
 
 
-@dataclass
-class _Live:
-    """A request in flight: waiting for admission, or running (``state`` set)."""
-
-    request: Request
-    outcome: Outcome
-    state: SequenceState | None = None
-    admitted: float = 0.0  # perf_counter when it arrived
-    before: list[int] = field(default_factory=list)  # generated before it was preempted
-    waited: bool = False  # it waited for room in the pool
-
-    @property
-    def tokens(self) -> list[int]:
-        """What its sequence must hold before the next token: the prompt, and what was
-        generated before a preemption (recomputed)."""
-        return [*self.request.tokens, *self.before]
-
-    @property
-    def prompt_logprobs(self) -> bool:
-        """Its prefill returns the prompt's log-probabilities (once: not when recomputed)."""
-        return self.request.logprobs and not self.before
-
-    @property
-    def generated(self) -> int:
-        return len(self.before) + (len(self.state.out) if self.state is not None else 0)
-
-
-class EngineCore:
+class EngineCore(Admission, Iterations):
     """The engine on this rank: the leader's scheduler and books on rank 0 of the group, the
     executor of its plans everywhere (see the module docstring).
 
@@ -236,33 +210,6 @@ class EngineCore:
         if self.connector is not None:
             self.stats.handoff_tokens = self.connector.token_heads
         return self.kv.snapshot()
-
-    # -- the leader's door --------------------------------------------------------------------
-    def submit(self, requests: Sequence[Request], done: Done | None = None) -> None:
-        """The leader: queue ``requests`` (one the pool cannot hold even alone is refused at
-        once, through ``done``)."""
-        for req in requests:
-            self._arrive(req, done)
-
-    def cancel(self, rids: set[int] | frozenset[int], done: Done | None = None) -> None:
-        """The leader: stop the requests whose client left (one away at the prefill tier ends
-        when it is back)."""
-        if self.remote is not None:
-            self.remote.cancel(rids)
-        for x in self.live.values():
-            if x.request.rid in rids and not x.state.done:
-                x.state.done = True
-                x.outcome.finish_reason = "cancelled"
-        gone = [x for x in self.waiting if x.request.rid in rids]
-        for x in gone:
-            self.waiting.remove(x)
-            x.outcome.finish_reason, x.outcome.tokens = "cancelled", list(x.before)
-        self._finish(gone, done)
-
-    def arrived(self, rids: Sequence[int], emit: Emit | None, done: Done | None) -> None:
-        """The leader: adopt what the prefill tier sent back for ``rids``."""
-        if self.remote is not None and rids:
-            self.remote.adopt_arrived(rids, emit, done)
 
     # -- the leader's loop --------------------------------------------------------------------
     @torch.no_grad()
@@ -508,337 +455,3 @@ class EngineCore:
         logger.error("%s", message)
         announce_failure(message)
         (failed_alone or (lambda _message: exit_now(1)))(message)
-
-    # -- admission ----------------------------------------------------------------------------
-    def _arrive(self, req: Request, done: Done | None) -> None:
-        """A request joins the queue, or is refused now if the pool cannot hold it even alone
-        (a refusal ends this request alone)."""
-        outcome = Outcome(
-            prompt_tokens=len(req.tokens), logprobs=[] if req.wants_logprobs else None,
-            top_logprobs=[] if req.top_logprobs is not None else None,
-        )  # fmt: skip
-        try:
-            check_pool(len(req.tokens), req.sampling.max_new_tokens, n_blocks=self.pool.n_blocks,
-                       block_size=self.pool.block_size, cp=self.pool.cp)  # fmt: skip
-        except Exception as e:
-            self._refuse(req, outcome, e, done, announced=False)
-            return
-        self._announce.append((req.rid, req.sampling))  # the workers seed its generator
-        self.waiting.append(_Live(req, outcome, admitted=time.perf_counter()))
-
-    def _refuse(
-        self, req: Request, outcome: Outcome, e: BaseException, done, *, announced: bool = True
-    ) -> None:  # fmt: skip
-        outcome.finish_reason, outcome.error = "error", error_message(e)
-        logger.warning("request %d refused: %s", req.rid, outcome.error)
-        if announced:
-            self.kv.ops.append(("forget", req.rid))
-        if done is not None:
-            done([req], {req.rid: outcome})
-
-    def _finish(self, xs: Sequence[_Live], done: Done | None) -> None:
-        """``xs`` are over: the workers drop their generators; ``done`` gets the outcomes."""
-        for x in xs:
-            self.kv.ops.append(("forget", x.request.rid))
-        if done is not None and xs:
-            done([x.request for x in xs], {x.request.rid: x.outcome for x in xs})
-
-    def _admit_waiting(self, done: Done | None) -> None:
-        """Start waiting requests while slots and memory last, first come first served (one
-        whose prompt starts like one being prefilled waits for that prefill, and is passed)."""
-        i = 0
-        while i < len(self.waiting) and len(self.sched.seqs) < self.max_batch:
-            x = self.waiting[i]
-            tokens = x.tokens
-            holder, shared = self._match(x, tokens)
-            if self._joins_a_prefill(tokens, shared):
-                i += 1
-                continue
-            if self.remote is not None and self.remote.wants(x, tokens, shared):
-                del self.waiting[i]
-                self.remote.send(x, tokens, holder, shared)
-                continue
-            if not self._start(x, tokens, holder, shared, done):
-                if not x.waited:
-                    x.waited = True
-                    self.stats.waits += 1
-                return
-            del self.waiting[i]
-
-    def _match(self, x: _Live, tokens: list[int]) -> tuple[int | None, int]:
-        """The cached sequence ``x`` (whose ``tokens`` those are) starts from, and how many are
-        shared (at least one token is left to compute: it yields the first logits)."""
-        if x.prompt_logprobs:  # every prompt token needs its logits
-            return None, 0
-        holder, shared = self.kv.match(tokens)
-        return holder, min(shared, len(tokens) - 1)
-
-    def _joins_a_prefill(self, tokens: list[int], shared: int) -> bool:
-        """Whether a running request is prefilling a longer prefix of ``tokens`` (by a block at
-        least) than the cache holds: starting after it shares that prefill."""
-        if not self.kv.share_prefixes:
-            return False
-        for s in self.sched.seqs:
-            if s.prefilled < len(s.new):
-                theirs = s.history + s.prompt
-                if common_prefix(theirs, tokens, len(theirs)) >= shared + self.pool.block_size:
-                    return True
-        return False
-
-    def _promised(self) -> int:
-        """Blocks the running requests' prefills still take (on the fullest rank, roughly)."""
-        return sum(self.kv.blocks_for_tokens(len(s.new) - s.prefilled)
-                   for s in self.sched.seqs if s.prefilled < len(s.new))  # fmt: skip
-
-    def _start(
-        self, x: _Live, tokens: list[int], holder: int | None, shared: int, done: Done | None
-    ) -> bool:
-        """Admit ``x`` (its ``tokens``) if the pool can hold its prompt; False: it waits."""
-        need = self.kv.blocks_for_tokens(len(tokens) - shared)
-        if need + self._promised() > self.kv.available():
-            if self.sched.seqs:
-                return False  # the running requests free blocks as they finish
-            x.outcome.tokens = list(x.before)
-            self._refuse(x.request, x.outcome, RuntimeError(
-                f"the KV pool cannot hold the request's {len(tokens)} tokens ({need} blocks of "
-                f"{self.pool.block_size} per CP rank, {self.kv.available()} available): raise "
-                "--kv-cache-memory or --cp"), done)  # fmt: skip
-            return True
-        seq, shared, copies = self.kv.start(holder, shared)
-        self.cache.copy_tail(copies)  # (the followers copy theirs when they replay the fork)
-        state = SequenceState(seq=seq, history=tokens[:shared], owner=x)
-        x.state = state
-        if not x.before:  # a recomputed request keeps what it reported first
-            x.outcome.cached_tokens = shared
-        self.stats.prefix_queries += len(tokens)
-        self.stats.prefix_hits += shared
-        budget = x.request.sampling.max_new_tokens - len(x.before)
-        self.sched.admit(state, tokens[shared:], budget, x.request.sampling.eos_ids)
-        return True
-
-    # -- memory -------------------------------------------------------------------------------
-    def _preempt(self, done: Done | None) -> bool:
-        """Free the most recently admitted request's blocks and queue it to be recomputed;
-        False when it is the only one running (it cannot fit alone: it fails instead)."""
-        running = [s for s in self.sched.seqs if not s.done]
-        if not running:
-            return False
-        x = running[-1].owner
-        if len(running) == 1:
-            x.state.done = True
-            x.outcome.finish_reason = "error"
-            x.outcome.error = (
-                f"the KV pool ({self.pool.n_blocks} blocks of {self.pool.block_size} tokens per "
-                "CP rank) cannot hold this request alone: raise --kv-cache-memory or --cp"
-            )
-            logger.warning("request %d failed: %s", x.request.rid, x.outcome.error)
-            return False
-        state = self.sched.drop(x.state.seq)
-        self.kv.release(state.seq)
-        x.before += state.out
-        x.state = None
-        self.waiting.appendleft(x)
-        self.stats.preemptions += 1
-        logger.info("request %d preempted (KV pool full): %d tokens to recompute",
-                    x.request.rid, len(x.tokens))  # fmt: skip
-        return True
-
-    # -- one iteration ------------------------------------------------------------------------
-    def _iteration(self, emit, done: Done | None, on_step, after_layer) -> float | None:
-        """One decode step of the running requests and one prefill step of waiting ones, in
-        one forward pass when both run (``fuse``), each made to fit the pool first: decided
-        here, sent as one plan, executed on every rank, then recorded. Returns the predicted
-        time of a mixed iteration whose chunk the target sized."""
-        t0 = time.perf_counter()
-        sched, est = self.sched, self.timer.estimates
-        decode = self._fit_decode(done)
-        decoding = sched.decoding if decode is not None else []
-        pending = [s for s in sched.seqs if s.prefilled < len(s.new) and not s.done]
-        batch = None
-        if pending:
-            batch = self._fit_prefill(self._take(pending, est, decoding), decode, done)
-        if decode is None and batch is None:
-            return None
-        fused = self.fuse and decode is not None and batch is not None
-        live = self.live
-        passes: dict = {"fused": fused}
-        if decode is not None:
-            passes["decode"] = decode
-            passes["decode_draws"] = self._draws([live[seq] for seq in decode.seqs],
-                                                 range(decode.n_seqs))  # fmt: skip
-        lives, rows = [], []
-        if batch is not None:
-            lives = [live[seq] for seq in batch.seqs]
-            rows = sched.prefilled(batch)  # the rows whose prompt this pass finishes
-            asking = [x for x in lives if x.prompt_logprobs]
-            passes["prefill"] = batch
-            passes["prefill_draws"] = self._draws([lives[r] for r in rows], rows) if rows else None
-            passes["prompt_logprobs"] = bool(asking)
-            passes["prompt_top"] = max((x.request.top_logprobs or 0 for x in asking), default=0)
-        plan = self._plan(**passes)
-        self.iterations += 1
-        t1 = time.perf_counter()
-        result = self._execute(plan, emit, after_layer)
-        t2 = time.perf_counter()
-        self.host_s["decide"] += t1 - t0
-        self.host_s["execute"] += t2 - t1
-        if decode is not None:
-            self._record(decode, range(decode.n_seqs), result.decode)
-            if not fused:
-                self.timer.decode(result.decode_s)
-                if on_step is not None:
-                    on_step(Step("decode", result.decode_s, decode_tokens=decode.n_seqs))
-        if batch is None:
-            self.host_s["record"] += time.perf_counter() - t2
-            return None
-        if result.prompt is not None:
-            prompt = result.prompt
-            for j, x in enumerate(lives):
-                if x.prompt_logprobs:
-                    x.outcome.logprobs += prompt[0][j]
-                    if x.outcome.top_logprobs is not None:  # none computed when no row asks
-                        k = x.request.top_logprobs
-                        tops = prompt[1][j] if prompt[1] is not None else [[]] * len(prompt[0][j])
-                        x.outcome.top_logprobs += [alts[:k] for alts in tops]
-        for row in rows:  # its prompt is cached: later requests may share it
-            state = lives[row].state
-            self.kv.prefilled(state.seq, state.history + state.prompt)
-        if rows:
-            self._record(batch, rows, result.prefill)
-        seconds = result.prefill_s
-        if fused:
-            self.timer.mixed(seconds, batch.n_tokens, batch.n_cached)
-        else:
-            self.timer.prefill(seconds, batch.n_tokens, batch.n_cached)
-        if on_step is not None:
-            on_step(Step(
-                "mixed" if fused else "prefill", seconds, prefill_tokens=batch.n_tokens,
-                cached_tokens=batch.n_cached, decode_tokens=decode.n_seqs if fused else 0,
-                variant=batch.variant,
-            ))  # fmt: skip
-        self.host_s["record"] += time.perf_counter() - t2
-        if self.tbt_slo_s is None or not decoding:
-            return None
-        return est.iteration_s(self.costs, new=batch.n_tokens, cached=batch.n_cached,
-                               **_decode_load(decoding))  # fmt: skip
-
-    def _draws(self, lives: Sequence[_Live], rows: Sequence[int]) -> Draws:
-        """What the workers draw for ``rows`` (the requests ``lives``) and share of them."""
-        tops = tuple(x.request.top_logprobs for x in lives)
-        return Draws(
-            rows=tuple(rows), rids=tuple(x.request.rid for x in lives),
-            generated=tuple(x.generated for x in lives), tops=tops,
-            logprobs=any(x.request.wants_logprobs for x in lives),
-            top=max((k or 0 for k in tops), default=0),
-            keep_logits=frozenset(x.request.rid for x in lives if x.request.first_logits),
-        )  # fmt: skip
-
-    def _record(self, batch, rows: Sequence[int], drawn: Drawn | None) -> None:
-        """The pass's tokens into the scheduler and the requests' outcomes (the workers have
-        emitted them)."""
-        live = self.live
-        lives = [live[batch.seqs[r]] for r in rows]
-        tokens = drawn.tokens if drawn is not None else []
-        for j, x in enumerate(lives):
-            if tokens[j] < 0:
-                x.state.done = True
-                x.outcome.finish_reason, x.outcome.error = "error", drawn.failed[j]
-        before = [len(x.state.out) for x in lives]
-        self.sched.record_rows(batch, {
-            x.state.seq: t for x, t in zip(lives, tokens, strict=True) if t >= 0
-        })  # fmt: skip
-        for j, (x, n) in enumerate(zip(lives, before, strict=True)):
-            if len(x.state.out) > n:
-                if x.outcome.ttft_s is None:
-                    x.outcome.ttft_s = time.perf_counter() - x.admitted
-                if x.request.wants_logprobs:
-                    x.outcome.logprobs.append(drawn.chosen[j])
-                if x.outcome.top_logprobs is not None:
-                    x.outcome.top_logprobs.append(drawn.alternatives[j][: x.request.top_logprobs])
-
-    def _fit_decode(self, done: Done | None):
-        """The decode step of the running requests, once every rank's pool has room for its
-        tokens (retained sequences evicted, else the latest requests preempted); None if none
-        decodes."""
-        while self.sched.decoding:
-            batch = self.sched.decode_batch()
-            if self.kv.reclaim(self.kv.needs(batch)):
-                return batch
-            self._preempt(done)
-        return None
-
-    def _fit_prefill(self, take: dict[int, int], decode, done: Done | None):
-        """The prefill step of ``take``, trimmed to what the pools hold beside the ``decode``
-        step's tokens (one pass or two, the iteration stores both). While requests decode, the
-        prompts that do not fit wait for them; when none decode, the latest requests are
-        preempted. None: no prefill this iteration."""
-        take = dict(take)
-        extra = [] if decode is None else [decode]
-        while take:
-            batch = self.sched.prefill_batch(
-                lambda new, cached: self.runner.resolve_variant(self.variant, new, cached),
-                take=take,
-            )
-            if self.kv.reclaim(self.kv.needs(batch, *extra)):
-                return batch
-            if decode is not None:
-                take.popitem()  # the latest prompt waits
-                continue
-            if not self._preempt(done):
-                return None
-            running = {s.seq for s in self.sched.seqs}
-            take = {seq: n for seq, n in take.items() if seq in running}
-        return None
-
-    def _take(self, pending, est: Estimates, decoding) -> dict[int, int]:
-        """Tokens each waiting prompt prefills this iteration, first come first served."""
-        budget = None
-        if self.tbt_slo_s is not None and decoding:
-            head = pending[0]
-            budget = choose_chunk(
-                self.tbt_slo_s, self.costs, est, cached=head.cached + head.prefilled,
-                left=sum(len(s.new) - s.prefilled for s in pending), **_decode_load(decoding),
-            )  # fmt: skip
-        take: dict[int, int] = {}
-        for s in pending:
-            left = len(s.new) - s.prefilled
-            whole = s.owner.request.logprobs  # prompt logprobs need one pass
-            if budget is None or (whole and not take):
-                n = left if whole or self.prefill_chunk is None else min(left, self.prefill_chunk)
-            elif whole or budget <= 0:
-                break
-            else:
-                n = min(left, budget)
-            take[s.seq] = n
-            if budget is not None:
-                budget -= n
-        return take
-
-    def _retire(self, done: Done | None) -> None:
-        """Requests that are done leave; their sequences stay cached for reuse, retained until
-        the pool needs their blocks (cancelled and failed ones are freed)."""
-        finished = [x for x in self.live.values() if x.state.done]
-        for x in finished:
-            s = self.sched.retire(x.state.seq)
-            s.owner = None
-            o = x.outcome
-            o.tokens = x.before + s.out
-            if o.finish_reason in ("cancelled", "error"):
-                self.kv.release(s.seq)
-                continue
-            o.finish_reason = "stop" if o.tokens and o.tokens[-1] in s.eos_ids else "length"
-            o.seq = s.seq
-            self.kv.retain(s.seq, s.history[: s.cached])
-            logger.debug(
-                "request %d: %d prompt tokens (%d cached), %d generated",
-                x.request.rid, o.prompt_tokens, o.cached_tokens, len(o.tokens),
-            )  # fmt: skip
-        self._finish(finished, done)
-
-
-def _decode_load(decoding: Sequence[SequenceState]) -> dict[str, int]:
-    """The running decodes, as the chunk sizing weighs them."""
-    return {
-        "decode_batch": len(decoding),
-        "decode_context": sum(len(s.history) + len(s.prompt) + len(s.out) for s in decoding),
-    }

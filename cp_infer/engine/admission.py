@@ -1,0 +1,238 @@
+"""Admission, for the leader: requests in, requests out, and room in the KV pool.
+
+The leader's door (:meth:`Admission.submit`, :meth:`~Admission.cancel`,
+:meth:`~Admission.arrived`) queues requests; before each iteration the waiting ones start while
+slots and memory last (first come, first served, each from the longest cached prefix), the
+latest one is preempted when a step's tokens do not fit, and finished ones retire, their
+sequences retained for reuse. A mixin of :class:`~cp_infer.engine.core.EngineCore` (its books,
+scheduler and queue).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from cp_infer.distributed import error_message
+from cp_infer.engine.kv_manager import common_prefix
+from cp_infer.engine.request import Done, Emit, Outcome, Request, check_pool
+from cp_infer.engine.scheduler import SequenceState
+
+__all__ = ["Admission"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Live:
+    """A request in flight: waiting for admission, or running (``state`` set)."""
+
+    request: Request
+    outcome: Outcome
+    state: SequenceState | None = None
+    admitted: float = 0.0  # perf_counter when it arrived
+    before: list[int] = field(default_factory=list)  # generated before it was preempted
+    waited: bool = False  # it waited for room in the pool
+
+    @property
+    def tokens(self) -> list[int]:
+        """What its sequence must hold before the next token: the prompt, and what was
+        generated before a preemption (recomputed)."""
+        return [*self.request.tokens, *self.before]
+
+    @property
+    def prompt_logprobs(self) -> bool:
+        """Its prefill returns the prompt's log-probabilities (once: not when recomputed)."""
+        return self.request.logprobs and not self.before
+
+    @property
+    def generated(self) -> int:
+        return len(self.before) + (len(self.state.out) if self.state is not None else 0)
+
+
+class Admission:
+    """The leader's admission, retirement and preemption (a mixin of ``EngineCore``)."""
+
+    # -- the door --------------------------------------------------------------------
+    def submit(self, requests: Sequence[Request], done: Done | None = None) -> None:
+        """The leader: queue ``requests`` (one the pool cannot hold even alone is refused at
+        once, through ``done``)."""
+        for req in requests:
+            self._arrive(req, done)
+
+    def cancel(self, rids: set[int] | frozenset[int], done: Done | None = None) -> None:
+        """The leader: stop the requests whose client left (one away at the prefill tier ends
+        when it is back)."""
+        if self.remote is not None:
+            self.remote.cancel(rids)
+        for x in self.live.values():
+            if x.request.rid in rids and not x.state.done:
+                x.state.done = True
+                x.outcome.finish_reason = "cancelled"
+        gone = [x for x in self.waiting if x.request.rid in rids]
+        for x in gone:
+            self.waiting.remove(x)
+            x.outcome.finish_reason, x.outcome.tokens = "cancelled", list(x.before)
+        self._finish(gone, done)
+
+    def arrived(self, rids: Sequence[int], emit: Emit | None, done: Done | None) -> None:
+        """The leader: adopt what the prefill tier sent back for ``rids``."""
+        if self.remote is not None and rids:
+            self.remote.adopt_arrived(rids, emit, done)
+
+    # -- admission ----------------------------------------------------------------------------
+    def _arrive(self, req: Request, done: Done | None) -> None:
+        """A request joins the queue, or is refused now if the pool cannot hold it even alone
+        (a refusal ends this request alone)."""
+        outcome = Outcome(
+            prompt_tokens=len(req.tokens), logprobs=[] if req.wants_logprobs else None,
+            top_logprobs=[] if req.top_logprobs is not None else None,
+        )  # fmt: skip
+        try:
+            check_pool(len(req.tokens), req.sampling.max_new_tokens, n_blocks=self.pool.n_blocks,
+                       block_size=self.pool.block_size, cp=self.pool.cp)  # fmt: skip
+        except Exception as e:
+            self._refuse(req, outcome, e, done, announced=False)
+            return
+        self._announce.append((req.rid, req.sampling))  # the workers seed its generator
+        self.waiting.append(_Live(req, outcome, admitted=time.perf_counter()))
+
+    def _refuse(
+        self, req: Request, outcome: Outcome, e: BaseException, done, *, announced: bool = True
+    ) -> None:  # fmt: skip
+        outcome.finish_reason, outcome.error = "error", error_message(e)
+        logger.warning("request %d refused: %s", req.rid, outcome.error)
+        if announced:
+            self.kv.ops.append(("forget", req.rid))
+        if done is not None:
+            done([req], {req.rid: outcome})
+
+    def _finish(self, xs: Sequence[_Live], done: Done | None) -> None:
+        """``xs`` are over: the workers drop their generators; ``done`` gets the outcomes."""
+        for x in xs:
+            self.kv.ops.append(("forget", x.request.rid))
+        if done is not None and xs:
+            done([x.request for x in xs], {x.request.rid: x.outcome for x in xs})
+
+    def _admit_waiting(self, done: Done | None) -> None:
+        """Start waiting requests while slots and memory last, first come first served (one
+        whose prompt starts like one being prefilled waits for that prefill, and is passed)."""
+        i = 0
+        while i < len(self.waiting) and len(self.sched.seqs) < self.max_batch:
+            x = self.waiting[i]
+            tokens = x.tokens
+            holder, shared = self._match(x, tokens)
+            if self._joins_a_prefill(tokens, shared):
+                i += 1
+                continue
+            if self.remote is not None and self.remote.wants(x, tokens, shared):
+                del self.waiting[i]
+                self.remote.send(x, tokens, holder, shared)
+                continue
+            if not self._start(x, tokens, holder, shared, done):
+                if not x.waited:
+                    x.waited = True
+                    self.stats.waits += 1
+                return
+            del self.waiting[i]
+
+    def _match(self, x: _Live, tokens: list[int]) -> tuple[int | None, int]:
+        """The cached sequence ``x`` (whose ``tokens`` those are) starts from, and how many are
+        shared (at least one token is left to compute: it yields the first logits)."""
+        if x.prompt_logprobs:  # every prompt token needs its logits
+            return None, 0
+        holder, shared = self.kv.match(tokens)
+        return holder, min(shared, len(tokens) - 1)
+
+    def _joins_a_prefill(self, tokens: list[int], shared: int) -> bool:
+        """Whether a running request is prefilling a longer prefix of ``tokens`` (by a block at
+        least) than the cache holds: starting after it shares that prefill."""
+        if not self.kv.share_prefixes:
+            return False
+        for s in self.sched.seqs:
+            if s.prefilled < len(s.new):
+                theirs = s.history + s.prompt
+                if common_prefix(theirs, tokens, len(theirs)) >= shared + self.pool.block_size:
+                    return True
+        return False
+
+    def _promised(self) -> int:
+        """Blocks the running requests' prefills still take (on the fullest rank, roughly)."""
+        return sum(self.kv.blocks_for_tokens(len(s.new) - s.prefilled)
+                   for s in self.sched.seqs if s.prefilled < len(s.new))  # fmt: skip
+
+    def _start(
+        self, x: _Live, tokens: list[int], holder: int | None, shared: int, done: Done | None
+    ) -> bool:
+        """Admit ``x`` (its ``tokens``) if the pool can hold its prompt; False: it waits."""
+        need = self.kv.blocks_for_tokens(len(tokens) - shared)
+        if need + self._promised() > self.kv.available():
+            if self.sched.seqs:
+                return False  # the running requests free blocks as they finish
+            x.outcome.tokens = list(x.before)
+            self._refuse(x.request, x.outcome, RuntimeError(
+                f"the KV pool cannot hold the request's {len(tokens)} tokens ({need} blocks of "
+                f"{self.pool.block_size} per CP rank, {self.kv.available()} available): raise "
+                "--kv-cache-memory or --cp"), done)  # fmt: skip
+            return True
+        seq, shared, copies = self.kv.start(holder, shared)
+        self.cache.copy_tail(copies)  # (the followers copy theirs when they replay the fork)
+        state = SequenceState(seq=seq, history=tokens[:shared], owner=x)
+        x.state = state
+        if not x.before:  # a recomputed request keeps what it reported first
+            x.outcome.cached_tokens = shared
+        self.stats.prefix_queries += len(tokens)
+        self.stats.prefix_hits += shared
+        budget = x.request.sampling.max_new_tokens - len(x.before)
+        self.sched.admit(state, tokens[shared:], budget, x.request.sampling.eos_ids)
+        return True
+
+    # -- memory -------------------------------------------------------------------------------
+    def _preempt(self, done: Done | None) -> bool:
+        """Free the most recently admitted request's blocks and queue it to be recomputed;
+        False when it is the only one running (it cannot fit alone: it fails instead)."""
+        running = [s for s in self.sched.seqs if not s.done]
+        if not running:
+            return False
+        x = running[-1].owner
+        if len(running) == 1:
+            x.state.done = True
+            x.outcome.finish_reason = "error"
+            x.outcome.error = (
+                f"the KV pool ({self.pool.n_blocks} blocks of {self.pool.block_size} tokens per "
+                "CP rank) cannot hold this request alone: raise --kv-cache-memory or --cp"
+            )
+            logger.warning("request %d failed: %s", x.request.rid, x.outcome.error)
+            return False
+        state = self.sched.drop(x.state.seq)
+        self.kv.release(state.seq)
+        x.before += state.out
+        x.state = None
+        self.waiting.appendleft(x)
+        self.stats.preemptions += 1
+        logger.info("request %d preempted (KV pool full): %d tokens to recompute",
+                    x.request.rid, len(x.tokens))  # fmt: skip
+        return True
+
+    def _retire(self, done: Done | None) -> None:
+        """Requests that are done leave; their sequences stay cached for reuse, retained until
+        the pool needs their blocks (cancelled and failed ones are freed)."""
+        finished = [x for x in self.live.values() if x.state.done]
+        for x in finished:
+            s = self.sched.retire(x.state.seq)
+            s.owner = None
+            o = x.outcome
+            o.tokens = x.before + s.out
+            if o.finish_reason in ("cancelled", "error"):
+                self.kv.release(s.seq)
+                continue
+            o.finish_reason = "stop" if o.tokens and o.tokens[-1] in s.eos_ids else "length"
+            o.seq = s.seq
+            self.kv.retain(s.seq, s.history[: s.cached])
+            logger.debug(
+                "request %d: %d prompt tokens (%d cached), %d generated",
+                x.request.rid, o.prompt_tokens, o.cached_tokens, len(o.tokens),
+            )  # fmt: skip
+        self._finish(finished, done)
