@@ -19,6 +19,7 @@ cheap for code that only needs :mod:`parallel_state.layout`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import importlib
 import importlib.util
@@ -123,6 +124,10 @@ class ParallelGroups:
         pp_ranks: global ranks of my pipeline, stage by stage.
         ep_ranks: global ranks of my expert-parallel group.
         dp_ranks: global ranks of my data-parallel group.
+        replica_group: the ranks of my model replica (``tp * cp * pp`` of them: those of my
+            data-parallel rank), which one engine runs on; None when they are the whole world
+            (``dp == 1``: the default group).
+        replica_ranks: their global ranks, in order (the first leads the engine).
     """
 
     world_size: int
@@ -148,6 +153,8 @@ class ParallelGroups:
     pp_ranks: tuple[int, ...]
     ep_ranks: tuple[int, ...]
     dp_ranks: tuple[int, ...]
+    replica_group: Any = field(default=None, repr=False, compare=False)
+    replica_ranks: tuple[int, ...] = ()
 
     @property
     def is_first_pp_stage(self) -> bool:
@@ -283,6 +290,7 @@ def initialize_parallel(
             order=MEGATRON_ORDER,
         )
         groups = _read_groups(mpu, sizes, world_size=world_size, rank=rank)
+        groups = _with_replica(groups, timeout_s)
     except BaseException:
         destroy_parallel()
         raise
@@ -358,6 +366,27 @@ def _read_groups(mpu: Any, sizes: ParallelSizes, *, world_size: int, rank: int) 
     )
 
 
+_REPLICA_GROUPS: list = []  # the replica groups made here (destroyed with megatron's)
+
+
+def _with_replica(groups: ParallelGroups, timeout_s: float) -> ParallelGroups:
+    """``groups`` with its model replica's group: the ranks of its data-parallel rank (one
+    engine's ranks). Every rank makes every replica's group, in order (``new_group`` is
+    collective over the world); at dp=1 the replica is the world: the default group."""
+    if groups.dp == 1:
+        return dataclasses.replace(groups, replica_ranks=tuple(range(groups.world_size)))
+    dp_ranks: list = [None] * groups.world_size
+    dist.all_gather_object(dp_ranks, groups.dp_rank)
+    mine = None
+    for d in range(groups.dp):
+        ranks = [r for r, x in enumerate(dp_ranks) if x == d]
+        group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s))
+        _REPLICA_GROUPS.append(group)
+        if d == groups.dp_rank:
+            mine = (group, tuple(ranks))
+    return dataclasses.replace(groups, replica_group=mine[0], replica_ranks=mine[1])
+
+
 def destroy_parallel() -> None:
     """Tear down megatron-core's model-parallel groups; keep the default process group.
 
@@ -372,6 +401,8 @@ def destroy_parallel() -> None:
     mpu.destroy_model_parallel()
     world = dist.group.WORLD
     seen: set[int] = set()
+    created += _REPLICA_GROUPS
+    _REPLICA_GROUPS.clear()
     for group in created:
         if group is None or group is world or id(group) in seen:
             continue

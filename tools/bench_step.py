@@ -172,7 +172,7 @@ def bench_engine(preset, decodes, steps) -> dict:
         start = engine.iterations
         t0 = time.perf_counter()
         while engine.iterations - start < steps and engine.busy:
-            engine.iterate()
+            engine.iterate(interrupt=lambda: engine.iterations - start >= steps)
         wall = time.perf_counter() - t0
         engine.stop_followers()
         return {"host_s": dict(engine.host_s), "worker_s": dict(engine.worker.host_s),

@@ -24,7 +24,7 @@ from cp_infer.collectives import ShmBroadcast, one_host
 
 __all__ = ["PlanChannel"]
 
-_FAILED_KEY = "cp_infer/plan_failed/{rank}"
+_FAILED_KEY = "cp_infer/plan_failed/{leader}/{rank}"  # per engine group (by its leader)
 
 
 class PlanChannel:
@@ -84,13 +84,16 @@ class PlanChannel:
     def _src(self) -> int:
         return 0 if self.group is None else dist.get_global_rank(self.group, 0)
 
+    def _key(self, rank: int) -> str:
+        return _FAILED_KEY.format(leader=self._src() if self.world > 1 else 0, rank=rank)
+
     # -- failures -----------------------------------------------------------------------------
     def report(self, n: int, message: str) -> None:
         """A follower failed plan ``n``: say so where the leader can look (best effort)."""
         store = _store()
         if store is not None:
             with contextlib.suppress(Exception):
-                store.set(_FAILED_KEY.format(rank=self.rank), f"{n}\n{message}")
+                store.set(self._key(self.rank), f"{n}\n{message}")
 
     def reports(self, n: int, timeout_s: float) -> list[str] | None:
         """The leader failed plan ``n``: every follower's message if each reported failing it
@@ -107,7 +110,7 @@ class PlanChannel:
             for rank in range(1, self.world):
                 if rank in found:
                     continue
-                key = _FAILED_KEY.format(rank=rank)
+                key = self._key(rank)
                 with contextlib.suppress(Exception):
                     if store.check([key]):
                         plan, message = store.get(key).decode().split("\n", 1)

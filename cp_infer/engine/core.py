@@ -117,7 +117,8 @@ class EngineCore(Admission, Iterations):
         progress: a per-layer progress bar on prefill steps that take over a second.
         share_prefixes: start requests from the cached sequence they share a prefix with;
             False: every request prefills its whole prompt (a cold baseline).
-        group: the engine's process group (default: the default group); its rank 0 leads.
+        group: the engine's process group (default: the ranks of this model replica,
+            ``pg.replica_group``); its rank 0 leads.
     """
 
     def __init__(
@@ -132,6 +133,7 @@ class EngineCore(Admission, Iterations):
         self.pg = runner.pg
         self.cache = runner.cache
         self.pool = runner.cache.pool
+        group = group if group is not None else runner.pg.replica_group
         self.channel = PlanChannel(group, timeout_s=max(runner.timeout_s, 60.0))
         self.leader = self.channel.leader
         self.worker = Worker(runner, leader=self.leader)
