@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cp_infer.cli import main
 
-engine = importlib.import_module("cp_infer.engine.core")
+worker = importlib.import_module("cp_infer.engine.worker")
 
 if os.environ.get("RANK") == os.environ.get("CP_INFER_KILL_RANK"):
 
@@ -19,7 +19,7 @@ if os.environ.get("RANK") == os.environ.get("CP_INFER_KILL_RANK"):
         Path(os.environ["CP_INFER_KILL_STAMP"]).write_text(repr(time.monotonic()))
         os.kill(os.getpid(), signal.SIGKILL)
 
-    engine.sample_rows = _killed
+    worker.sample_rows = _killed
 
 if __name__ == "__main__":
     sys.exit(main())
