@@ -29,8 +29,8 @@ h1=$!
 wait "$h0" && wait "$h1" || { tail -n 30 "$OUT"/host*.log; exit 1; }
 grep -h "exchange over" "$OUT/host0.log" || true
 
-# the same job on one host
-"$BIN/torchrun" --standalone --nproc-per-node 4 -m cp_infer "${ARGS[@]}" \
-    --output "$OUT/one_host.jsonl" 2> "$OUT/one_host.log"
-cmp "$OUT/two_hosts.jsonl" "$OUT/one_host.jsonl"
-echo "two hosts (cp across, tp inside) give one host's tokens: $OUT/two_hosts.jsonl"
+# the same job in one process, no launcher: every layout gives the same tokens
+"$PY" -m cp_infer generate --preset tiny-llama --input examples/prompts.jsonl \
+    --output "$OUT/one_process.jsonl" 2> "$OUT/one_process.log"
+cmp "$OUT/two_hosts.jsonl" "$OUT/one_process.jsonl"
+echo "two hosts (cp across, tp inside) give one process's tokens: $OUT/two_hosts.jsonl"

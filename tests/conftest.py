@@ -34,18 +34,36 @@ def dist_pool():
     pools.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
-    """tiny-llama as a Hugging Face checkpoint with a word tokenizer, for the server tests."""
+    """tiny-llama as a Hugging Face checkpoint with a word tokenizer, for the server tests
+    (read only: every test of the session shares it)."""
     return make_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    """A server at CP=2 on ``checkpoint``, shared by a module's tests."""
-    s = Server(checkpoint, 2, ["--cp", "2"], tmp_path_factory.mktemp("log") / "serve.log")
-    yield s
-    s.stop()
+@pytest.fixture(scope="session")
+def server_pool(tmp_path_factory):
+    """``server_pool(checkpoint, nproc, args)``: a server started once per session for those
+    arguments, shared by every test that only sends it requests (one that stops, kills or
+    breaks its server starts its own)."""
+    servers: dict[tuple, Server] = {}
+
+    def get(checkpoint: Path, nproc: int, args: list[str]) -> Server:
+        key = (str(checkpoint), nproc, tuple(args))
+        if key not in servers:
+            log = tmp_path_factory.mktemp("serve") / "serve.log"
+            servers[key] = Server(checkpoint, nproc, list(args), log)
+        return servers[key]
+
+    yield get
+    for s in servers.values():
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def server(server_pool, checkpoint):
+    """The server at CP=2 on ``checkpoint``, shared by the session's tests."""
+    return server_pool(checkpoint, 2, ["--cp", "2"])
 
 
 @pytest.fixture(scope="session")

@@ -26,13 +26,13 @@ pytestmark = pytest.mark.skipif(_WHY is not None, reason=_WHY or "")
 
 def test_the_documented_two_host_run_matches_one_host(tmp_path):
     """examples/two_hosts.sh, the commands docs/checkpoints.md shows: tp=2 inside each host,
-    cp=2 across them, against the same job on one host of 4 ranks."""
+    cp=2 across them, against the same job in one process."""
     proc = subprocess.run(
         ["bash", str(REPO / "examples" / "two_hosts.sh"), str(tmp_path)], capture_output=True,
         text=True, cwd=REPO, env={**os.environ, "PYTHON": sys.executable}, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "give one host's tokens" in proc.stdout
+    assert "give one process's tokens" in proc.stdout
     log = (tmp_path / "host0.log").read_text()
     # rank 0's TP group [0, 1] is on its host: shared memory; its CP group [0, 2] spans both
     assert "exchange over ranks [0, 1] (one host): shm" in log

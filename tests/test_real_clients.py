@@ -65,23 +65,21 @@ def _evaluate(model: str, model_args: str, tasks: Path) -> dict:
     } | {"acc": out["results"]["tiny_mc"]["acc,none"]}
 
 
-def test_lm_eval_local_completions_scores_as_lm_evals_hf_model(checkpoint, tmp_path, monkeypatch):
+def test_lm_eval_local_completions_scores_as_lm_evals_hf_model(
+    checkpoint, server, tmp_path, monkeypatch
+):  # fmt: skip
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tasks = _tasks(tmp_path)
     reference = _evaluate("hf", f"pretrained={checkpoint},dtype=float32", tasks)
-    s = Server(checkpoint, 2, ["--cp", "2"], tmp_path / "serve.log")
-    try:
-        # lm-eval's default: token ids, as lists of lists (its text prompts meet a trained
-        # model's tokenizer in tests/test_lm_eval_real.py)
-        got = _evaluate(
-            "local-completions",
-            f"model=tiny-llama,base_url={s.url}/v1/completions,tokenizer_backend=huggingface,"
-            f"tokenizer={checkpoint},tokenized_requests=True,num_concurrent=2,max_retries=1",
-            tasks,
-        )
-    finally:
-        s.stop()
+    # lm-eval's default: token ids, as lists of lists (its text prompts meet a trained model's
+    # tokenizer in tests/test_real_model.py)
+    got = _evaluate(
+        "local-completions",
+        f"model=tiny-llama,base_url={server.url}/v1/completions,tokenizer_backend=huggingface,"
+        f"tokenizer={checkpoint},tokenized_requests=True,num_concurrent=2,max_retries=1",
+        tasks,
+    )
     assert got["acc"] == reference["acc"]
     for doc, ref in zip(got["tiny_mc"], reference["tiny_mc"], strict=True):
         for (lp, greedy), (ref_lp, ref_greedy) in zip(doc, ref, strict=True):
