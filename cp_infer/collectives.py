@@ -266,12 +266,16 @@ class ShmBroadcast:
         return data
 
 
-def one_host(group) -> bool:
-    """Whether every rank of ``group`` is on this host and shared memory keeps its stores in
-    order there (x86-64, a /dev/shm): a collective."""
-    hosts = _hosts(group)
+def _shm_serves(hosts: list[str]) -> bool:
+    """Whether ranks on ``hosts`` can share memory: one host, whose CPU keeps stores in order
+    (x86-64), with a /dev/shm."""
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     return len(set(hosts)) == 1 and x86 and os.path.isdir(_SHM_DIR)
+
+
+def one_host(group) -> bool:
+    """Whether every rank of ``group`` can share memory with the others (a collective)."""
+    return _shm_serves(_hosts(group))
 
 
 _REPORTED: set[tuple] = set()  # (group ranks, transport) already logged
@@ -311,9 +315,8 @@ def make_exchange(
         # every rank of the group takes part in the host check (a collective) before any
         # rank looks at its own machine: on one host, those local answers agree
         hosts = _hosts(group) if device.type == "cpu" else []
-        if hosts and len(set(hosts)) == 1:
-            x86 = platform.machine().lower() in ("x86_64", "amd64")
-            kind = "shm" if x86 and os.path.isdir(_SHM_DIR) else "collective"
+        if hosts and _shm_serves(hosts):
+            kind = "shm"
         if hosts:
             _report(group, kind, hosts)
     if kind == "shm":

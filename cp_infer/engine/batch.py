@@ -110,6 +110,11 @@ class StepBatch:
             )
         return plans
 
+    def __getstate__(self) -> dict:
+        """Pickled (a step plan's batch) without :attr:`all_store_plans`: the receiving rank
+        derives them from the rest, and they are as long as the batch's tokens."""
+        return {k: v for k, v in self.__dict__.items() if k != "all_store_plans"}
+
     @cached_property
     def all_store_plans(self) -> list[list[StorePlan]]:
         """:meth:`store_plans` of every CP rank (each rank keeps the books of all; computed

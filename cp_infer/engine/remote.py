@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from cp_infer.distributed import error_message
 from cp_infer.engine.connector import KVConnector, PrefillJob
-from cp_infer.engine.kv_cache import StorePlan
+from cp_infer.engine.kv_cache import KVCache, StorePlan
 from cp_infer.engine.kv_pool import PoolFull
 from cp_infer.engine.request import Done
 from cp_infer.engine.sampling import GREEDY_BELOW
@@ -26,7 +26,7 @@ from cp_infer.sharding import span_positions
 if TYPE_CHECKING:
     from cp_infer.engine.core import EngineCore, _Live
 
-__all__ = ["RemotePrefills", "adopt"]
+__all__ = ["RemotePrefills", "adopt", "handoff_plans", "store_handoff"]
 
 
 class RemotePrefills:
@@ -153,21 +153,32 @@ engine: EngineCore, tokens: Sequence[int], fill: Callable[[int], None], *, skip:
                 engine.cache.copy_tail(engine.kv.fork(holder, seq, skip))
             except PoolFull:
                 raise full from None
-        plans = [[StorePlan(seq, 0, tuple(span_positions(skip, len(tokens), engine.pool.cp, r)))]
-                 for r in range(engine.pool.cp)]  # fmt: skip
+        plans = handoff_plans(seq, skip, len(tokens), engine.pool.cp)
         needs = [g.blocks_for(seq, len(p[0].positions))
                  for g, p in zip(engine.pool.ledgers, plans, strict=True)]  # fmt: skip
         if not engine.kv.reclaim(needs):
             raise full
-        engine.cache.plan(plans)
-        try:
-            fill(seq)
-        except BaseException:
-            engine.cache.abort()
-            raise
-        engine.cache.commit()
+        store_handoff(engine.cache, plans, lambda: fill(seq))
     except BaseException:
         engine.kv.release(seq)
         raise
     engine.kv.retain(seq, tokens)  # (the request that starts from it counts the lookup)
     return seq
+
+
+def handoff_plans(seq: int, skip: int, length: int, cp: int) -> list[list[StorePlan]]:
+    """Each CP rank's :class:`StorePlan` for a hand-off's positions ``[skip, length)`` of
+    ``seq``: what a prefill of them here would have left that rank."""
+    return [[StorePlan(seq, 0, tuple(span_positions(skip, length, cp, r)))] for r in range(cp)]
+
+
+def store_handoff(cache: KVCache, plans: list[list[StorePlan]], fill: Callable[[], None]) -> None:
+    """Plan ``plans`` on the books, ``fill()`` stores this rank's K/V (every layer), commit;
+    the books as they were if ``fill`` fails (the leader's adoption, a follower's replay)."""
+    cache.plan(plans)
+    try:
+        fill()
+    except BaseException:
+        cache.abort()
+        raise
+    cache.commit()

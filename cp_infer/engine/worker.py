@@ -25,13 +25,12 @@ import torch
 from cp_infer.distributed import error_message
 from cp_infer.engine.batch import StepBatch
 from cp_infer.engine.connector import KVConnector
-from cp_infer.engine.kv_cache import StorePlan
 from cp_infer.engine.params import SamplingConfig
 from cp_infer.engine.plan import Draws, StepPlan
+from cp_infer.engine.remote import handoff_plans, store_handoff
 from cp_infer.engine.request import Emit
 from cp_infer.engine.runner import ModelRunner
 from cp_infer.engine.sampling import sample_rows
-from cp_infer.sharding import span_positions
 
 __all__ = ["Drawn", "PlanResult", "Worker"]
 
@@ -88,7 +87,6 @@ class Worker:
         self.generators: dict[int, torch.Generator] = {}
         self.first_logits: dict[int, torch.Tensor] = {}  # rid -> (V,) (the last stage)
         self.connector: KVConnector | None = None  # a follower's, disaggregated
-        self.executed = 0  # plans run (the last one's number)
         # host seconds per part of the plans run here: replaying the books' changes, the
         # forward passes, drawing and sharing the tokens (tools/bench_step.py)
         self.host_s: Counter[str] = Counter()
@@ -101,7 +99,6 @@ class Worker:
     ) -> PlanResult:  # fmt: skip
         """Run ``plan`` on this rank; ``emit`` gets [(rid, token, logprob)] per pass, as the
         leader's does; a prefill pass calls ``after_layer(batch, layer)`` after each layer."""
-        self.executed = plan.n
         t0 = time.perf_counter()
         for rid, sampling in plan.sampling:
             self.samplings[rid] = sampling
@@ -175,15 +172,8 @@ class Worker:
             _, staged, error = self.connector.take(rid)
             if error is not None:
                 raise RuntimeError(f"the hand-off of request {rid} failed here alone: {error}")
-            cp = self.pool.cp
-            self.cache.plan([[StorePlan(seq, 0, tuple(span_positions(skip, length, cp, r)))]
-                             for r in range(cp)])  # fmt: skip
-            try:
-                staged.store(self.cache)
-            except BaseException:
-                self.cache.abort()
-                raise
-            self.cache.commit()
+            plans = handoff_plans(seq, skip, length, self.pool.cp)
+            store_handoff(self.cache, plans, lambda: staged.store(self.cache))
         else:
             raise ValueError(f"unknown KV op {kind!r}")
 
