@@ -72,7 +72,7 @@ def test_a_layout_that_does_not_fit_says_what_would():
 
 def test_one_registry_and_unknown_names_fail_everywhere(tmp_path):
     from cp_infer.engine.chunking import StepCosts
-    from cp_infer.entrypoints.generate import hardware_profile
+    from cp_infer.entrypoints.bootstrap import hardware_profile
 
     for name in PROFILES:  # the selector, the chunk sizing and plan read the same figures
         prof = profile(name)

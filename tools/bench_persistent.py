@@ -40,7 +40,7 @@ from cp_infer.attention import ring_attention
 from cp_infer.attention.selector import choose_variant, crossover_miss_rate
 from cp_infer.costmodel import predicted_crossover
 from cp_infer.engine.kv_cache import KVCache, StorePlan
-from cp_infer.entrypoints.generate import hardware_profile
+from cp_infer.entrypoints.bootstrap import hardware_profile
 from cp_infer.hardware import PROFILES
 from cp_infer.models.config import ModelConfig
 from cp_infer.reporting import format_table, time_interleaved, write_json

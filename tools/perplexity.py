@@ -50,7 +50,7 @@ from cp_infer.distributed import RankFailure, on_all_ranks
 from cp_infer.engine import SamplingConfig
 from cp_infer.engine.core import EngineCore, Request
 from cp_infer.engine.offline import new_engine, pool_tokens
-from cp_infer.entrypoints.generate import (
+from cp_infer.entrypoints.bootstrap import (
     add_model_arguments,
     build_model,
     hardware_profile,

@@ -15,11 +15,8 @@ same message and nobody waits in a collective:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
-import os
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,61 +24,34 @@ import torch
 import torch.distributed as dist
 
 from cp_infer.attention import VARIANTS
-from cp_infer.attention.kernels import KERNELS, get_kernel
-from cp_infer.attention.kv_quant import KV_DTYPES
-from cp_infer.checkpoint.formats import (
-    detect_format,
-    has_tokenizer,
-    load_tokenizer,
-    open_source,
-    read_config,
-)
-from cp_infer.checkpoint.manifest import verify_manifest
-from cp_infer.collectives import EXCHANGES
-from cp_infer.distributed import RankFailure, clear_failure, on_all_ranks
+from cp_infer.attention.kernels import get_kernel
+from cp_infer.checkpoint.formats import has_tokenizer, load_tokenizer
+from cp_infer.distributed import on_all_ranks
 from cp_infer.engine import Conversation, GenerationResult, SamplingConfig, generate
 from cp_infer.engine.core import check_request
 from cp_infer.engine.offline import new_engine, pool_tokens
-from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments, ensure_launched
-from cp_infer.hardware import PROFILES, Profile, profile
-from cp_infer.models.config import (
-    PRESETS,
-    RUNNABLE_PRESETS,
-    ModelConfig,
-    fp8_checkpoint_layers,
-    get_preset,
+from cp_infer.entrypoints.bootstrap import (
+    add_model_arguments,
+    add_tier_arguments,
+    build_model,
+    hardware_profile,
+    memory_plan,
+    model_config,
+    start_ranks,
+    start_tiers,
 )
+from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments
+from cp_infer.models.config import ModelConfig
 from cp_infer.parallel import check_model_fits_layout
 from cp_infer.parallel.pipeline import spp_chunk
-from cp_infer.planner import check_fits, device_memory, plan_memory
-from cp_infer.quant import FP8_LAYERS, quantize_model
-from cp_infer.quant.fp8 import BACKENDS as FP8_BACKENDS
+from cp_infer.planner import check_fits, device_memory
 from cp_infer.reporting import atomic_files, check_writable
 from cp_infer.schema import read_requests
-from parallel_state import (
-    ParallelGroups,
-    init_distributed,
-    parallel_groups,
-    validate_parallel_sizes,
-)
-from parallel_state.tiers import init_tiers, parse_tier, tier_layout, tier_size
+from parallel_state import ParallelGroups, parallel_groups, validate_parallel_sizes
 
-__all__ = [
-    "GenerateJob",
-    "add_model_arguments",
-    "add_parser",
-    "add_tier_arguments",
-    "build_model",
-    "model_config",
-    "prepare",
-    "run",
-    "start_ranks",
-    "start_tiers",
-]
+__all__ = ["GenerateJob", "add_parser", "prepare", "run"]
 
 logger = logging.getLogger("cp_infer")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _DESCRIPTION = """\
 Prefill every request with ring attention over the CP ranks, then decode.
@@ -158,115 +128,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return g
 
 
-def add_tier_arguments(g: argparse.ArgumentParser, command: str):
-    """``--prefill LAYOUT --decode LAYOUT``: shared by ``generate`` and ``serve``."""
-    tiers = g.add_argument_group(
-        "disaggregated prefill and decode",
-        "Run two tiers under one launcher (world size = both tiers' sizes, prefill ranks first):"
-        " the prefill tier prefills a prompt and samples its first token, its KV moves to the "
-        "decode tier resharded (point to point, FP8 as FP8), and the decode tier decodes the "
-        "rest. --tp/--cp/--pp/--ep do not apply. E.g. torchrun --nproc-per-node 3 -m cp_infer "
-        f"{command} --preset tiny-llama --prefill tp=1,cp=2 --decode tp=1 ...",
-    )  # fmt: skip
-    tiers.add_argument("--prefill", metavar="LAYOUT",
-                       help="the prefill tier's layout: tp=N,cp=N,pp=N,ep=N (keys left out are 1)")  # fmt: skip
-    tiers.add_argument("--decode", metavar="LAYOUT",
-                       help="the decode tier's layout, the same keys: e.g. tp=2, or tp=1,cp=2")  # fmt: skip
-    tiers.add_argument(
-        "--disagg-min-tokens", type=int, default=1024, metavar="N",
-        help="with --prefill/--decode: a request with at least N new tokens (beyond what the "
-        "decode tier has cached) is prefilled by the prefill tier; shorter ones, and any the "
-        "prefill tier's KV pool cannot hold, prefill on the decode tier, beside its decodes",
-    )  # fmt: skip
-    return tiers
-
-
-def add_model_arguments(g: argparse.ArgumentParser) -> None:
-    """The model, its layout and how it runs: shared by ``generate`` and ``serve``."""
-    src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument(
-        "--checkpoint", type=Path, metavar="PATH",
-        help="a Hugging Face Llama or Mixtral directory (config.json + *.safetensors), a "
-        "megatron-core torch_dist checkpoint, or a llama.cpp GGUF file (model.gguf: its "
-        "tokenizer and chat template come with it); see docs/checkpoints.md. Detected from "
-        "its files",
-    )  # fmt: skip
-    config_only = sorted(set(PRESETS) - set(RUNNABLE_PRESETS))
-    src.add_argument(
-        "--preset", choices=RUNNABLE_PRESETS,
-        help="a debug model with random weights (seeded by --seed); the real shapes "
-        f"({', '.join(config_only)}) are for the planner only",
-    )  # fmt: skip
-    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    g.add_argument("--cp", type=int, default=1, help="context-parallel size (ring attention)")
-    g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    g.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
-    g.add_argument(
-        "--make-vocab-size-divisible-by", type=int, default=128, metavar="N",
-        help="pad the vocabulary to a multiple of N * tp, as Megatron does (any vocabulary "
-        "then splits over TP; padded ids are never sampled nor saved)",
-    )  # fmt: skip
-    g.add_argument(
-        "--seed", type=int, default=0,
-        help='the sampling seed of requests without a "seed" of their own, and the seed of '
-        "preset weights. Each request samples from a generator of its own, so a request gives "
-        "the same tokens in any batch, and the same as the server's with that seed",
-    )  # fmt: skip
-    g.add_argument(
-        "--eos-id", type=int, nargs="+", metavar="ID",
-        help="stop token(s); by default the eos_token_id of config.json (all, if a list)",
-    )  # fmt: skip
-    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and math")
-    g.add_argument(
-        "--device", choices=["auto", "cpu", "cuda"], default="auto",
-        help="where the model runs (auto: this rank's GPU if CUDA is available, else the CPU); "
-        "process groups use NCCL on CUDA and gloo on CPU",
-    )  # fmt: skip
-    g.add_argument(
-        "--hardware", default="auto", metavar="NAME|PATH",
-        help="the hardware model --variant auto (and serve's chunk sizing) weighs: a built-in "
-        f"profile ({', '.join(sorted(PROFILES))}), a profile measured by `python -m cp_infer "
-        "calibrate`, or auto (h100-rdma on CUDA, cpu-gloo on CPU)",
-    )  # fmt: skip
-    g.add_argument(
-        "--kernel", choices=["auto", *sorted(KERNELS)], default="auto",
-        help="local attention kernel (flash_attn and transformer_engine need CUDA)",
-    )  # fmt: skip
-    g.add_argument(
-        "--decode-exchange", choices=list(EXCHANGES), default="auto",
-        help="how decode's small per-layer collectives travel: the attention partials over CP "
-        "and the TP sums (auto: shared memory among the ranks of one CPU host, else the "
-        "process group's collectives; tools/bench_collectives.py measures them)",
-    )  # fmt: skip
-    g.add_argument(
-        "--quant", choices=["none", "fp8"], default="none",
-        help="fp8: the --fp8-layers linear layers in float8 e4m3, weights row-wise (one scale per "
-        "output channel) and activations per token, as the paper serves 405B; the embedding, "
-        "norms, router and LM head stay in --dtype",
-    )  # fmt: skip
-    g.add_argument(
-        "--fp8-layers", nargs="+", choices=list(FP8_LAYERS), default=["ffn"], metavar="GROUP",
-        help=f"which linear layers --quant fp8 converts: {', '.join(FP8_LAYERS)} (the paper: ffn)",
-    )  # fmt: skip
-    g.add_argument(
-        "--fp8-backend", choices=list(FP8_BACKENDS), default="auto",
-        help="the FP8 matmul: torch (torch._scaled_mm, CPU and CUDA), transformer_engine (TE's "
-        "FP8 GEMM, CUDA only), auto (TE on CUDA when installed, else torch)",
-    )  # fmt: skip
-    g.add_argument(
-        "--kv-dtype", choices=list(KV_DTYPES), default="auto",
-        help="KV cache dtype: auto is --dtype; fp8_e4m3 stores K/V in float8 with a scale per "
-        "(head, token), and pass-KV sends them so (about half of bf16's bytes)",
-    )  # fmt: skip
-    g.add_argument(
-        "--device-memory", default="auto", metavar="BYTES",
-        help="memory one rank may use, e.g. 80GiB (auto: the GPU's, or this host's RAM shared "
-        "by its ranks); requests whose weights + KV cache + activations exceed it are refused "
-        "up front",
-    )  # fmt: skip
-    g.add_argument("--timeout", type=float, default=300.0, help="process-group timeout, seconds")
-
-
 @dataclass(frozen=True)
 class GenerateJob:
     """Everything checked before any weight is loaded.
@@ -293,33 +154,6 @@ class GenerateJob:
     tokenizer: object | None
     checkpoint_format: str | None
     texts: list[list[str | None]]
-
-
-def model_config(args) -> tuple[ModelConfig, int | tuple[int, ...] | None, str | None]:
-    """(config, EOS ids, checkpoint format or None for a preset) of ``--checkpoint`` or
-    ``--preset`` (and ``--eos-id``)."""
-    if args.preset:
-        return get_preset(args.preset), tuple(args.eos_id) if args.eos_id else None, None
-    fmt = detect_format(args.checkpoint)
-    cfg, hf = read_config(args.checkpoint, fmt)
-    eos = tuple(args.eos_id) if args.eos_id is not None else (hf or {}).get("eos_token_id")
-    eos = tuple(eos) if isinstance(eos, list) else eos  # instruct models list several
-    return cfg, eos, fmt
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: this rank's GPU (``LOCAL_RANK``) if CUDA is available, else the CPU.
-
-    Raises:
-        ValueError: ``cuda`` asked for on a machine without it.
-    """
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError(
-            "--device cuda needs a CUDA GPU and a CUDA build of torch; use --device cpu"
-        )
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
 def prepare(args, world_size: int, device: torch.device) -> GenerateJob:
@@ -423,73 +257,6 @@ def check_output_paths(args) -> None:
             raise ValueError(f"{flag} {path} is the --input file; choose another path")
     if len({p.resolve() for p in paths.values()}) < len(paths):
         raise ValueError("--output and --save-logits are the same file; choose two paths")
-
-
-def hardware_profile(spec: str) -> Profile | None:
-    """``--hardware``: None for auto, a built-in profile by name, or a calibrated JSON file
-    (:func:`cp_infer.hardware.profile`: any other name is an error)."""
-    return None if spec == "auto" else profile(spec)
-
-
-def memory_plan(args, cfg: ModelConfig, *, context: int, batch: int, device_bytes: int):
-    """The planner's per-rank bytes for the layout, dtypes and quantization of these arguments."""
-    kv = "fp8_e4m3" if args.kv_dtype == "fp8_e4m3" else str(DTYPES[args.dtype]).split(".")[-1]
-    return plan_memory(
-        cfg, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep, context=context, batch=batch,
-        dtype_bytes=DTYPES[args.dtype].itemsize, quant=args.quant,
-        fp8_layers=tuple(args.fp8_layers), kv_dtype=kv, device_bytes=device_bytes,
-        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-    )  # fmt: skip
-
-
-def build_model(
-    args, cfg: ModelConfig, checkpoint_format: str | None, pg: ParallelGroups, device: torch.device
-):
-    """This rank's shard of the model, weights loaded (``--preset`` or ``--checkpoint``)."""
-    from cp_infer.checkpoint import RandomSource, load_weights
-    from cp_infer.parallel import parallelize
-
-    model = parallelize(
-        cfg, pg, DTYPES[args.dtype],
-        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, device=device,
-        exchange=args.decode_exchange, timeout_s=args.timeout,
-    )  # fmt: skip
-    where = f"random weights (seed {args.seed})" if args.preset else str(args.checkpoint)
-    logger.info("loading weights: %s", where)
-    if args.preset:
-        source = RandomSource(args.seed, cfg)
-    else:
-        verify_manifest(args.checkpoint, part=pg.rank, parts=pg.world_size, progress=pg.rank == 0)
-        source = open_source(args.checkpoint, checkpoint_format, cfg)
-    load_weights(model, source, progress=pg.rank == 0)
-    groups = tuple(args.fp8_layers) if args.quant == "fp8" else ()
-    if args.checkpoint is not None and checkpoint_format == "hf":
-        stored = fp8_checkpoint_layers(json.loads((args.checkpoint / "config.json").read_text()))
-        if stored:
-            logger.info("FP8 checkpoint: its %s layers run in FP8", "+".join(stored))
-            groups = tuple(dict.fromkeys(groups + stored))
-    if groups:
-        quantize_model(model, groups, backend=args.fp8_backend)
-    return model
-
-
-def start_ranks(args, argv: list[str]) -> torch.device:
-    """Check the launch, then join the default process group (NCCL on CUDA, else gloo).
-
-    Returns:
-        this rank's device.
-    """
-    try:  # pure checks of the arguments, before any process group: every rank fails alike
-        if not 0 < args.timeout < float("inf"):
-            raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
-        ensure_launched(argv, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep)
-        device = resolve_device(args.device)
-    except ValueError as e:
-        raise RankFailure(str(e)) from e
-    init_distributed("nccl" if device.type == "cuda" else "gloo", timeout_s=args.timeout)
-    if dist.get_rank() == 0:
-        clear_failure()
-    return device
 
 
 def run(args, argv: list[str]) -> int:
@@ -618,49 +385,6 @@ def write_outputs(args, job: GenerateJob, results: list[GenerationResult]) -> No
     for i, rid in enumerate(job.ids):
         tokens = [r.tokens[i] for r in results] if job.chat else results[0].tokens[i]
         logger.info("id=%s generated %s", rid, tokens)
-
-
-def _tier_args(args) -> tuple[dict[str, int], dict[str, int]]:
-    """``--prefill`` and ``--decode``, checked (pure: every rank fails alike)."""
-    if args.prefill is None or args.decode is None:
-        raise ValueError("--prefill and --decode go together: give both tiers' layouts, e.g. "
-                         "--prefill tp=1,cp=2 --decode tp=1")  # fmt: skip
-    if (args.tp, args.cp, args.pp, args.ep) != (1, 1, 1, 1):
-        raise ValueError("--tp/--cp/--pp/--ep do not apply with --prefill/--decode: put the "
-                         "sizes in the tiers' layouts, e.g. --prefill tp=2,cp=2")  # fmt: skip
-    if getattr(args, "save_logits", None) is not None or getattr(args, "logprobs", None):
-        raise ValueError("--save-logits and --logprobs are not given with --prefill/--decode "
-                         "(the prefill tier samples the first token): run without the tiers")  # fmt: skip
-    if args.disagg_min_tokens < 1:
-        raise ValueError(f"--disagg-min-tokens must be >= 1, got {args.disagg_min_tokens}")
-    return parse_tier("--prefill", args.prefill), parse_tier("--decode", args.decode)
-
-
-def start_tiers(args, argv: list[str]):
-    """Check ``--prefill``/``--decode`` and the launch (pure: every rank of both tiers fails
-    alike), then join this rank's tier. Returns the tiers, the device, and a copy of ``args``
-    whose ``--tp/--cp/--pp/--ep`` are this rank's tier's."""
-    try:
-        prefill, decode = _tier_args(args)
-        if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
-            n = tier_size(prefill) + tier_size(decode)
-            raise ValueError(f"two tiers need {n} processes: launch with `torchrun "
-                             f"--standalone --nproc-per-node {n} -m cp_infer "
-                             f"{shlex.join(argv)}`")  # fmt: skip
-        tier_layout(prefill, decode, int(os.environ["WORLD_SIZE"]))
-        device = resolve_device(args.device)
-        if not 0 < args.timeout < float("inf"):
-            raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
-    except ValueError as e:
-        raise RankFailure(str(e)) from e
-    tiers = init_tiers(prefill, decode, timeout_s=args.timeout,
-                       backend="nccl" if device.type == "cuda" else "gloo")  # fmt: skip
-    if dist.get_rank() == 0:
-        clear_failure()
-    targs = copy.copy(args)
-    targs.tp, targs.cp, targs.pp, targs.ep = (tiers.tier.tp, tiers.tier.cp, tiers.tier.pp,
-                                              tiers.tier.ep)  # fmt: skip
-    return tiers, device, targs
 
 
 def run_tiers(args, argv: list[str]) -> int:

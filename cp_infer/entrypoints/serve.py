@@ -27,11 +27,12 @@ import torch.distributed as dist
 from cp_infer.distributed import error_message, exit_now, on_all_ranks, peer_failure
 from cp_infer.engine.kv_cache import DEFAULT_BLOCK_SIZE
 from cp_infer.engine.runner import ModelRunner
-from cp_infer.entrypoints.generate import (
+from cp_infer.entrypoints.bootstrap import (
     add_model_arguments,
     add_tier_arguments,
     build_model,
     hardware_profile,
+    memory_plan,
     model_config,
     start_ranks,
     start_tiers,
@@ -122,8 +123,6 @@ def kv_pool_bytes(args, cfg, device) -> int:
     """``--kv-cache-memory`` in bytes; ``auto``: what ``--device-memory`` leaves after this
     rank's weights and the peak activations of a ``max_seq_len`` prefill (the planner's
     figures, as vLLM sizes its pool from ``gpu_memory_utilization``)."""
-    from cp_infer.entrypoints.generate import memory_plan
-
     if args.kv_cache_memory != "auto":
         return parse_bytes(args.kv_cache_memory)
     budget = device_memory(args.device_memory, device)
