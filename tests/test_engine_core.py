@@ -262,3 +262,50 @@ def test_chunked_prefill_stores_every_token_once():
     for j, n in enumerate([29, 3]):
         assert sorted(p for c in caches for p in c.positions(j)) == list(range(n))
         assert all(len(c.segment_lens(j)) <= 4 for c in caches)  # a run per chunk at most
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
+def test_packed_decode_attention_equals_the_run_by_run_kernel_calls(kv_dtype, monkeypatch):
+    """Decode attention packs short caches into one masked kernel call per layer; a long cache,
+    one in several runs of slots and one with no token on this rank are attended as before."""
+    from cp_infer.attention.kernels import torch_cpu_flash
+    from cp_infer.engine import attention as engine_attention
+
+    pool = KVPool(64, 4, cp=2)
+    cache = KVCache([0], n_kv_heads=2, head_dim=8, dtype=torch.float32, pool=pool,
+                    kv_dtype=kv_dtype)  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    # interleaved passes give sequences several runs; sequence 3 lives on the other rank only
+    lens = {0: 3, 1: 9, 2: 40, 4: 1}
+    for step in range(3):
+        plans, t = [], 0
+        for seq, n in lens.items():
+            share = range(step * n, (step + 1) * n)
+            plans.append(StorePlan(seq, t, tuple(share)))
+            t += n
+        cache.plan([plans, [StorePlan(3, 0, (step,))]])
+        k = torch.randn(2, t, 8, generator=gen)
+        cache.store(0, k, torch.randn(2, t, 8, generator=gen))
+        cache.commit()
+    assert len(cache.ledger.runs(1)) > 1 and 3 not in cache
+    seqs = (0, 1, 2, 3, 4)
+    batch = StepBatch(kind="decode", seqs=seqs, tokens=((1,),) * 5, starts=(9, 27, 120, 3, 3),
+                      cp=2, device=CPU, owners=(1,) * 5)  # fmt: skip
+    q = torch.randn(8, 5, 8, generator=gen)
+    no_kv = torch.zeros(2, 5, 8)
+
+    def attend(budget: int):
+        monkeypatch.setattr(engine_attention, "PACKED_DECODE_ELEMENTS", budget)
+        cache.plan([[], []])
+        att = engine_attention.DecodeAttention(batch, cache, None, torch_cpu_flash, store=False)
+        out = att(q, no_kv, no_kv, 0)
+        cache.commit()
+        return out, att._packing[0]
+
+    unpacked, rows = attend(0)
+    assert rows == []
+    for budget, packed_rows in ((4000, [0, 1, 4]), (1 << 21, [0, 1, 2, 4])):
+        out, rows = attend(budget)
+        assert rows == packed_rows  # the shortest first; never the sequence with no token here
+        torch.testing.assert_close(out, unpacked, atol=1e-6, rtol=0)
+    assert unpacked[:, 3].abs().max() == 0  # no key here: its partial is empty

@@ -81,6 +81,7 @@ class DecodeAttention:
     ) -> None:  # fmt: skip
         self.batch, self.cache, self.exchange, self.kernel = batch, cache, exchange, kernel
         self.store = store
+        self._packing: tuple | None = None
 
     def __call__(self, q, k, v, layer_id: int) -> torch.Tensor:
         h, b, d = q.shape  # (H, B, D): token j is sequence j's new token
@@ -88,9 +89,21 @@ class DecodeAttention:
             self.cache.store(layer_id, k, v)  # the tokens this rank owns this step
         partial = torch.zeros(h, b, d + 1, dtype=torch.float32, device=q.device)  # out, LSE
         partial[..., d] = float("-inf")
-        for j, seq in enumerate(self.batch.seqs):
+        if self._packing is None:  # the same every layer: the step's slots are planned
+            rows, index, mask = [], None, None
+            if q.device.type == "cpu":
+                rows, index, mask = pack_decode(self.cache, self.batch.seqs, k.shape[0] * d)
+            rest = sorted(set(range(b)) - set(rows))
+            self._packing = rows, index, mask, rest
+        rows, index, mask, rest = self._packing
+        if rows:
+            kc, vc = self.cache.gather(layer_id, index)
+            shape = (kc.shape[0], len(rows), -1, d)
+            out, lse = packed_attention(q[:, rows], kc.view(shape), vc.view(shape), mask)
+            partial[:, rows, :d], partial[:, rows, d] = out, lse
+        for j in rest:
             out_j, lse_j = partial[:, j, :d], partial[:, j, d]
-            for i, (kc, vc) in enumerate(self.cache.blocks(layer_id, seq)):
+            for i, (kc, vc) in enumerate(self.cache.blocks(layer_id, self.batch.seqs[j])):
                 out, lse = self.kernel(q[None, :, j : j + 1], kc[None], vc[None], False, None)
                 if i == 0:
                     out_j.copy_(out[0, :, 0])
@@ -102,6 +115,64 @@ class DecodeAttention:
         parts = self.exchange.all_gather(partial)
         out, _ = merge_partials([p[..., :d] for p in parts], [p[..., d] for p in parts])
         return out.to(q.dtype)
+
+
+#: On CPU, decode attention packs the short caches of a step into one padded batch per layer,
+#: one masked flash-kernel call instead of one per sequence and run of slots (a few hundred of
+#: those make most of a small decode step's attention: ``tools/bench_step.py``), while the
+#: packed K holds at most this many elements (and V as many). Longer caches are attended where
+#: they lie, run by run.
+PACKED_DECODE_ELEMENTS = 1 << 21
+
+
+def pack_decode(
+    cache: KVCache, seqs: tuple[int, ...], token_elements: int
+) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+    """Which of a decode step's sequences are attended packed, and how (see
+    :data:`PACKED_DECODE_ELEMENTS`): their rows in the batch, the (B' * L,) cache slots of
+    their tokens on this rank (each padded to L with slot 0) and the (B', L) additive mask of
+    the padding (-inf). The shortest caches are packed first; ``token_elements`` are one
+    token's K elements over the heads. A sequence with no token here is never packed (the
+    kernel gives a row that sees no key an LSE of 0, not -inf)."""
+    slots = {j: [s + i for s, n in cache.ledger.runs(seq, staged=True) for i in range(n)]
+             for j, seq in enumerate(seqs)}  # fmt: skip
+    rows: list[int] = []
+    for j in sorted((j for j in slots if slots[j]), key=lambda j: len(slots[j])):
+        if (len(rows) + 1) * len(slots[j]) * token_elements > PACKED_DECODE_ELEMENTS:
+            break
+        rows.append(j)
+    if not rows:
+        return [], None, None
+    rows.sort()
+    width = max(len(slots[j]) for j in rows)
+    index = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.full((len(rows), width), float("-inf"), dtype=cache.dtype)
+    for i, j in enumerate(rows):
+        n = len(slots[j])
+        index[i, :n] = torch.tensor(slots[j], dtype=torch.long)
+        mask[i, :n] = 0.0
+    return rows, index.view(-1).to(cache.device), mask.to(cache.device)
+
+
+def packed_attention(q, k, v, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of one query per sequence over its padded keys (CPU flash kernel).
+
+    Args:
+        q: (H, B, D) the sequences' queries.
+        k, v: (H_kv, B, L, D) their keys and values (GQA: query head h reads K/V head
+            h // (H / H_kv), as the G query heads of a K/V head are folded into its rows).
+        mask: (B, L) 0 for a key, -inf for padding; every row has a key.
+
+    Returns:
+        (H, B, D) output in q's dtype and (H, B) float32 LSE.
+    """
+    h, b, d = q.shape
+    h_kv = k.shape[0]
+    qf = q.view(h_kv, h // h_kv, b, d).permute(2, 0, 1, 3).contiguous()  # (B, H_kv, G, D)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        qf, k.transpose(0, 1), v.transpose(0, 1), 0.0, False, attn_mask=mask[:, None, None, :]
+    )[:2]
+    return out.permute(1, 2, 0, 3).reshape(h, b, d), lse.permute(1, 2, 0).reshape(h, b).float()
 
 
 class MixedAttention:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from cp_infer.attention.blocks import DequantizedSegments, KVPrefix
-from cp_infer.attention.kv_quant import FP8_KV, KV_DTYPES, quantize_kv
+from cp_infer.attention.kv_quant import FP8_KV, KV_DTYPES, dequantize_kv, quantize_kv
 from cp_infer.engine.kv_pool import KVPool, PoolFull
 
 __all__ = [
@@ -221,6 +221,16 @@ class KVCache:
                 seg += (self.k_scale[li, :, s : s + n], self.v_scale[li, :, s : s + n])
             out.append(seg)
         return out
+
+    def gather(self, layer: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(H_kv, len(index), D) copies of the K and V in slots ``index`` at ``layer``, in the
+        compute dtype (an FP8 cache's dequantized)."""
+        li = self._layer[layer]
+        k, v = self.k[li].index_select(1, index), self.v[li].index_select(1, index)
+        if self.fp8:
+            k = dequantize_kv(k, self.k_scale[li].index_select(1, index), self.dtype)
+            v = dequantize_kv(v, self.v_scale[li].index_select(1, index), self.dtype)
+        return k, v
 
     def blocks(self, layer: int, seq: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(H_kv, n, D) K/V views of ``seq``'s runs, tokens staged by this pass included (an
