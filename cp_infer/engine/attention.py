@@ -100,7 +100,7 @@ class DecodeAttention:
             kc, vc = self.cache.gather(layer_id, index)
             shape = (kc.shape[0], len(rows), -1, d)
             out, lse = packed_attention(q[:, rows], kc.view(shape), vc.view(shape), mask)
-            partial[:, rows, :d], partial[:, rows, d] = out, lse
+            partial[:, rows, :d], partial[:, rows, d] = out.float(), lse
         for j in rest:
             out_j, lse_j = partial[:, j, :d], partial[:, j, d]
             for i, (kc, vc) in enumerate(self.cache.blocks(layer_id, self.batch.seqs[j])):

@@ -105,12 +105,15 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # (q, k, v) of x in one call (tensor parallelism sets a fused one); None: one each
+        self.qkv: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
 
     def forward(self, x, cos, sin, ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]
-        q = self.wq(x).view(t, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(t, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(t, self.n_local_kv_heads, self.head_dim)
+        q, k, v = self.qkv(x) if self.qkv is not None else (self.wq(x), self.wk(x), self.wv(x))
+        q = q.view(t, self.n_local_heads, self.head_dim)
+        k = k.view(t, self.n_local_kv_heads, self.head_dim)
+        v = v.view(t, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # (H, T, D) heads-first for the kernels
         out = ctx.attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), self.layer_id)
@@ -125,9 +128,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
+        # (w1 x, w3 x) in one call (tensor parallelism sets a fused one); None: one each
+        self.gate_up: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.gate_up(x) if self.gate_up is not None else (self.w1(x), self.w3(x))
+        return self.w2(F.silu(gate) * up)
 
 
 def local_dispatch(x, expert_idx, expert_weight, experts: nn.ModuleDict) -> torch.Tensor:

@@ -20,6 +20,7 @@ from cp_infer.parallel.expert_parallel import AllToAllDispatcher, local_experts
 from cp_infer.parallel.pipeline import stage_layers
 from cp_infer.parallel.tensor_parallel import (
     ColumnParallelLinear,
+    FusedColumns,
     RowParallelLinear,
     VocabParallelEmbedding,
     VocabParallelLMHead,
@@ -72,6 +73,7 @@ def _parallelize_attention(attn: Attention, cfg: ModelConfig, pg: ParallelGroups
     attn.wk = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, k0 * hd, k1 * hd)
     attn.wv = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, k0 * hd, k1 * hd)
     attn.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, h0 * hd, h1 * hd, tp_sum)
+    attn.qkv = FusedColumns(attn, ("wq", "wk", "wv"))
 
 
 def _parallelize_ffn(ffn: FeedForward, dim: int, hidden: int, pg: ParallelGroups, tp_sum):
@@ -79,6 +81,7 @@ def _parallelize_ffn(ffn: FeedForward, dim: int, hidden: int, pg: ParallelGroups
     ffn.w1 = ColumnParallelLinear(dim, hidden, f0, f1)
     ffn.w3 = ColumnParallelLinear(dim, hidden, f0, f1)
     ffn.w2 = RowParallelLinear(hidden, dim, f0, f1, tp_sum)
+    ffn.gate_up = FusedColumns(ffn, ("w1", "w3"))
 
 
 def _parallelize_moe(moe: MoE, cfg: ModelConfig, pg: ParallelGroups, tp_sum) -> None:

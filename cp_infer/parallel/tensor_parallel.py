@@ -108,9 +108,7 @@ def small_linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """``F.linear(x, module.weight)``; on a CPU float32 GEMM of a few rows, through a oneDNN
     copy of the weight packed at first use (and again if the weight changed in place)."""
     w = module.weight
-    rows = x.shape[0] if x.dim() == 2 else 0
-    if not (0 < rows <= PACKED_MAX_ROWS and x.device.type == "cpu" and w.dtype == torch.float32
-            and x.dtype == torch.float32 and _ONEDNN):  # fmt: skip
+    if not _packable(x, w):
         return F.linear(x, w)
     packed = module.__dict__.get("_onednn_packed")
     if packed is None or packed[0] is not w or packed[1] != w._version:
@@ -121,6 +119,51 @@ def small_linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
 
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _packable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    rows = x.shape[0] if x.dim() == 2 else 0
+    return (0 < rows <= PACKED_MAX_ROWS and x.device.type == "cpu" and w.dtype == torch.float32
+            and x.dtype == torch.float32 and _ONEDNN)  # fmt: skip
+
+
+class FusedColumns:
+    """Several projections of one input (Q, K and V; the FFN's gate and up) as one GEMM where
+    :func:`small_linear` packs: one oneDNN call over their weights stacked, instead of one per
+    projection (a decode step's GEMMs are a few rows each, and the small K and V projections
+    run far below the memory bandwidth alone). Elsewhere (or once a projection is not a plain
+    linear any more: FP8), each runs as it is.
+
+    Args:
+        owner: the module that holds the projections (read at each call, so a module swapped
+            in later is the one that runs).
+        names: their attribute names, in output order.
+    """
+
+    def __init__(self, owner: nn.Module, names: tuple[str, ...]) -> None:
+        self.owner, self.names = owner, names
+        self._packed: tuple | None = None
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        modules = [getattr(self.owner, n) for n in self.names]
+        plain = all(type(m) in (ColumnParallelLinear, nn.Linear) and m.bias is None
+                    and _packable(x, m.weight) for m in modules)  # fmt: skip
+        if not plain:
+            return tuple(m(x) for m in modules)
+        weights = [m.weight for m in modules]
+        key = [(w, w._version) for w in weights]
+        stale = self._packed is None or any(
+            a is not w or v != w._version
+            for (a, v), w in zip(self._packed[0], weights, strict=True)
+        )
+        if stale:
+            with torch.no_grad():
+                stacked = torch.cat([w.detach() for w in weights])
+                self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(stacked, 8))
+        y = torch.ops.mkldnn._linear_pointwise(
+            x.contiguous(), self._packed[1], None, "none", [], ""
+        )
+        return tuple(y.split([w.shape[0] for w in weights], dim=-1))
 
 
 class ColumnParallelLinear(nn.Linear):
