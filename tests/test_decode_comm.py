@@ -109,32 +109,84 @@ def test_moe_decode_routes_each_token_once_and_matches_routing_everywhere(dist_p
 
 
 def _dense_decode_rank(cp: int):
-    """tiny-llama decode: each CP rank runs its share of the decode tokens through the FFN."""
+    """tiny-llama decode: each CP rank runs every decode token through its share of the FFN's
+    hidden features (a share of the weights)."""
     from cp_infer.checkpoint import RandomSource, load_weights
     from cp_infer.engine import SamplingConfig, generate
     from cp_infer.models import get_preset
     from cp_infer.parallel import parallelize
+    from cp_infer.parallel.tensor_parallel import share_range
     from cp_infer.sharding import ShardLayout
     from parallel_state import parallel_groups
 
     cfg = get_preset("tiny-llama")
     prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10], [11, 12, 13, 14]]
     max_new = 4
-    rows = []
+    rows, shared = [], []
     with parallel_groups(cp=cp, timeout_s=60) as pg:
         model = parallelize(cfg, pg, torch.float32)
         load_weights(model, RandomSource(0, cfg))
         ffn = next(iter(model.layers.values())).feed_forward
         ffn.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
+        share, hidden = ffn.hidden_share, ffn.w1.weight.shape[0]
+
+        def counted(x, rank, size):  # (token, hidden feature) pairs computed here
+            lo, hi = share_range(hidden, rank, size)
+            shared.append(x.shape[0] * (hi - lo))
+            return share(x, rank, size)
+
+        ffn.hidden_share = counted
         r = generate(model, pg, prompts, SamplingConfig(max_new_tokens=max_new))
         prefill = ShardLayout([len(p) for p in prompts], pg.cp).t_local
-    return r.tokens, r.first_logits, sum(rows) - prefill, len(prompts) * (max_new - 1)
+    decodes = len(prompts) * (max_new - 1)
+    return r.tokens, r.first_logits, sum(rows) - prefill, sum(shared), decodes, hidden
 
 
-def test_dense_decode_runs_each_token_through_the_ffn_once_over_the_cp_ranks(dist_pool):
-    tokens, logits, _, _ = dist_pool(1).run(_dense_decode_rank, 1, timeout_s=TIMEOUT)[0]
+def test_dense_decode_runs_each_token_through_a_share_of_the_ffn_on_each_cp_rank(dist_pool):
+    tokens, logits, whole, shared, decodes, hidden = dist_pool(1).run(
+        _dense_decode_rank, 1, timeout_s=TIMEOUT
+    )[0]
+    assert (whole, shared) == (decodes, 0)  # one rank: every token through the whole FFN
     split = dist_pool(2).run(_dense_decode_rank, 2, timeout_s=TIMEOUT)
     assert all(r[0] == tokens for r in split)  # the same generations as one rank
     torch.testing.assert_close(split[0][1], logits, atol=1e-5, rtol=0)
-    # over the two CP ranks, every decode token went through the FFN once
-    assert sum(r[2] for r in split) == split[0][3]
+    # no decode token went through the whole FFN on a CP rank; over the two, every token met
+    # every hidden feature once (each rank read half the FFN's weights)
+    assert [r[2] for r in split] == [0, 0]
+    assert sum(r[3] for r in split) == decodes * hidden
+
+
+@pytest.mark.parametrize("size", [2, 3, 5])
+def test_shares_of_the_ffn_and_the_head_add_up_to_the_whole(size):
+    """In-process, the ranks' shares of a dense FFN (summed) and of the LM head's vocabulary
+    (gathered) give the unshared outputs, also where the shares are uneven or empty."""
+    from cp_infer.models.llama import FeedForward
+    from cp_infer.parallel.tensor_parallel import (
+        ColumnParallelLinear,
+        FusedColumns,
+        HiddenShare,
+        RowParallelLinear,
+        VocabParallelLMHead,
+    )  # fmt: skip
+
+    torch.manual_seed(0)
+    dim, hidden, vocab = 16, 12, 11  # 11 rows over 5 ranks: 3, 3, 3, 2, 0
+    ffn = FeedForward(dim, hidden)
+    ffn.w1 = ColumnParallelLinear(dim, hidden, 0, hidden).to_empty(device="cpu")
+    ffn.w3 = ColumnParallelLinear(dim, hidden, 0, hidden).to_empty(device="cpu")
+    ffn.w2 = RowParallelLinear(hidden, dim, 0, hidden, None).to_empty(device="cpu")
+    head = VocabParallelLMHead(dim, vocab, 0, vocab, None).to_empty(device="cpu")
+    for p in (*ffn.parameters(), head.weight):
+        torch.nn.init.normal_(p)
+    ffn.gate_up, share = FusedColumns(ffn, ("w1", "w3")), HiddenShare(ffn)
+    x = torch.randn(3, dim)
+    with torch.no_grad():
+        whole = ffn(x)
+        parts = [share(x, r, size) for r in range(size)]
+        torch.testing.assert_close(sum(parts), whole, atol=1e-4, rtol=1e-5)
+        logits = head(x)
+        shares = []  # every rank's padded share, as an all_gather returns them
+        for r in range(size):
+            head(x, (r, size, lambda t: shares.append(t) or [t] * size))
+        got = head(x, (0, size, lambda t: shares))
+        torch.testing.assert_close(got, logits, atol=1e-5, rtol=0)

@@ -33,7 +33,7 @@ from cp_infer.engine.kv_pool import KVPool
 from cp_infer.engine.sampling import logprobs_of
 from cp_infer.engine.sizing import kv_element_bytes, token_bytes
 from cp_infer.hardware import Profile, faster_variant, hardware_for
-from cp_infer.models.llama import ForwardContext, TokenSplit, Transformer, split_tokens
+from cp_infer.models.llama import ForwardContext, TokenSplit, Transformer
 from cp_infer.parallel.pipeline import recv_activation, send_activation
 from cp_infer.sharding import unshard
 from parallel_state import ParallelGroups
@@ -199,7 +199,7 @@ class ModelRunner:
         """
         pg = self.pg
         self.cache.plan(batch.all_store_plans)
-        token_split = None
+        token_split, split_tokens_pays = None, True
         if batch.kind == "prefill":
             attention = PrefillAttention(
                 batch, pg.cp_group, self.cache, kernel=self.kernel,
@@ -208,14 +208,21 @@ class ModelRunner:
         else:
             n_local_heads = next(iter(self.model.layers.values())).attention.n_local_heads
             partials = 4 * n_local_heads * batch.n_seqs * (self.cfg.head_dim + 1)
-            per = -(-batch.n_seqs // pg.cp)  # tokens a CP rank runs through the FFN and head
-            shares = per * max(self.cfg.dim * self.dtype.itemsize, 4 * self.cfg.vocab_size)
+            # what a CP rank gathers of the FFN and the head: a share of the weights' outputs
+            # for every token (vocabulary rows: at most the padded vocabulary's share), or
+            # (FP8 layers) the outputs of a share of the tokens
+            width = self.cfg.dim * self.dtype.itemsize
+            per = -(-batch.n_seqs // pg.cp)
+            shares = max(batch.n_seqs * max(width, 4 * -(-(self.cfg.vocab_size + 128) // pg.cp)),
+                         per * max(width, 4 * self.cfg.vocab_size))  # fmt: skip
             exchange = self._decode_exchange(max(partials, shares))
             attention = DecodeAttention(batch, self.cache, exchange, self.kernel)
-            if exchange is not None and (batch.n_seqs >= pg.cp or (self.cfg.is_moe and pg.ep > 1)):
-                # the tokens are on every CP rank: each runs its share of them through the FFN
-                # (routes them to the experts) and the LM head, and the shares are gathered
+            if exchange is not None:
+                # the tokens are on every CP rank: each runs a share of the FFN's hidden
+                # features and of the head's vocabulary (of the tokens, through the experts),
+                # and the shares are gathered
                 token_split = TokenSplit(pg.cp_rank, pg.cp, exchange.all_gather)
+                split_tokens_pays = batch.n_seqs >= pg.cp or (self.cfg.is_moe and pg.ep > 1)
         bar = tqdm(
             total=len(self.model.layer_ids), desc=f"prefill {batch.n_tokens} tokens",
             unit="layer", delay=1.0, leave=False,
@@ -234,6 +241,7 @@ class ModelRunner:
             attention=attention,
             on_layer=on_layer,
             token_split=token_split,
+            split_tokens=split_tokens_pays,
         )
         try:
             with bar:
@@ -249,7 +257,7 @@ class ModelRunner:
             if prompt_logprobs:
                 out = self._prompt_logprobs(h, batch, prompt_top)
             h = self._last_token_hidden(h, batch)
-        out.logits = split_tokens(self.model.logits, h, token_split)
+        out.logits = self.model.logits(h, token_split)
         return out
 
     @torch.no_grad()

@@ -31,8 +31,8 @@ AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Te
 @dataclass(frozen=True)
 class TokenSplit:
     """The pass's tokens are the same on every rank of a group (decode under CP): each rank
-    sends only its share of them through the token-wise layers (the FFN or the experts, the LM
-    head), and the outputs are gathered (:func:`split_tokens`).
+    does a share of the token-wise layers' work (the FFN, the experts, the LM head): a share
+    of their weights, or of the tokens (:func:`split_tokens`), and the results are gathered.
 
     Attributes:
         rank: this rank's index in the group.
@@ -70,14 +70,19 @@ class ForwardContext:
         positions: (T,) position of every token within its sequence.
         attention: computes exact attention for one layer (ring attention, KV cache, ...).
         on_layer: called after each layer (progress reporting on long prefills).
-        token_split: the FFN (or the experts) runs only this rank's share of the tokens (see
-            :class:`TokenSplit`); None: every token.
+        token_split: the pass's tokens are on every rank of a group (:class:`TokenSplit`): a
+            dense FFN runs a share of its hidden features on each (a share of the weights),
+            or, where it cannot (FP8) and with ``split_tokens``, a share of the tokens; the
+            experts run a share of the tokens with ``split_tokens``. None: all of it here.
+        split_tokens: splitting the tokens pays (at least one token per rank, or the experts
+            are spread over EP).
     """
 
     positions: torch.Tensor
     attention: AttentionFn
     on_layer: Callable[[], object] | None = None
     token_split: TokenSplit | None = None
+    split_tokens: bool = True
 
 
 class RMSNorm(nn.Module):
@@ -130,6 +135,9 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
         # (w1 x, w3 x) in one call (tensor parallelism sets a fused one); None: one each
         self.gate_up: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
+        # (x, rank, size) -> this rank's share of the hidden features' output, to be summed
+        # over the ranks (tensor parallelism sets one); None, or a None result: not shared
+        self.hidden_share: Callable[[torch.Tensor, int, int], torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x) if self.gate_up is not None else (self.w1(x), self.w3(x))
@@ -195,9 +203,16 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, cos, sin, ctx: ForwardContext) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, ctx)
-        if isinstance(self.feed_forward, MoE):
-            return h + self.feed_forward(self.ffn_norm(h), ctx.token_split)
-        return h + split_tokens(self.feed_forward, self.ffn_norm(h), ctx.token_split)
+        ffn, x = self.feed_forward, self.ffn_norm(h)
+        if isinstance(ffn, MoE):
+            return h + ffn(x, ctx.token_split if ctx.split_tokens else None)
+        split = ctx.token_split
+        if split is not None and split.size > 1 and ffn.hidden_share is not None:
+            y = ffn.hidden_share(x, split.rank, split.size)
+            if y is not None:  # the ranks' shares summed, in rank order on every rank
+                parts = split.all_gather(y)
+                return h + torch.stack(parts).sum(0)
+        return h + split_tokens(ffn, x, split if ctx.split_tokens else None)
 
 
 class Transformer(nn.Module):
@@ -239,7 +254,16 @@ class Transformer(nn.Module):
                 ctx.on_layer()
         return h
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head on selected hidden states (N, dim) -> (N, vocab) float32."""
+    def logits(self, h: torch.Tensor, split: TokenSplit | None = None) -> torch.Tensor:
+        """Final norm and LM head on selected hidden states (N, dim) -> (N, vocab) float32.
+
+        With ``split`` (the same ``h`` on every rank of a group), each rank computes a share
+        of the vocabulary where the head can (tensor parallelism's), else a share of ``h``.
+        """
         assert self.norm is not None and self.output is not None, "not the last stage"
-        return self.output(self.norm(h)).float()
+        if split is None or split.size == 1:
+            return self.output(self.norm(h)).float()
+        if hasattr(self.output, "share_vocab"):
+            share = (split.rank, split.size, split.all_gather)
+            return self.output(self.norm(h), share).float()
+        return split_tokens(lambda x: self.output(self.norm(x)).float(), h, split)

@@ -21,6 +21,7 @@ from cp_infer.parallel.pipeline import stage_layers
 from cp_infer.parallel.tensor_parallel import (
     ColumnParallelLinear,
     FusedColumns,
+    HiddenShare,
     RowParallelLinear,
     VocabParallelEmbedding,
     VocabParallelLMHead,
@@ -82,6 +83,7 @@ def _parallelize_ffn(ffn: FeedForward, dim: int, hidden: int, pg: ParallelGroups
     ffn.w3 = ColumnParallelLinear(dim, hidden, f0, f1)
     ffn.w2 = RowParallelLinear(hidden, dim, f0, f1, tp_sum)
     ffn.gate_up = FusedColumns(ffn, ("w1", "w3"))
+    ffn.hidden_share = HiddenShare(ffn)
 
 
 def _parallelize_moe(moe: MoE, cfg: ModelConfig, pg: ParallelGroups, tp_sum) -> None:

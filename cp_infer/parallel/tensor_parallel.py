@@ -166,6 +166,60 @@ class FusedColumns:
         return tuple(y.split([w.shape[0] for w in weights], dim=-1))
 
 
+def sliced_linear(x: torch.Tensor, module: nn.Module, dim: int, lo: int, hi: int) -> torch.Tensor:
+    """``x @ W[lo:hi].T`` (``dim=0``: a share of the output features) or ``x @ W[:, lo:hi].T``
+    (``dim=1``: of the input features; ``x`` is that share of the input), as
+    :func:`small_linear` runs it: a few-row CPU float32 GEMM on a oneDNN copy of the slice,
+    packed at first use (one per slice a module is asked for)."""
+    w = module.weight
+    part = w[lo:hi] if dim == 0 else w[:, lo:hi]
+    if not _packable(x, w) or hi == lo:
+        return F.linear(x, part)
+    cache = module.__dict__.setdefault("_onednn_slices", {})
+    packed = cache.get((dim, lo, hi))
+    if packed is None or packed[0] is not w or packed[1] != w._version:
+        with torch.no_grad():
+            packed = (w, w._version, torch.ops.mkldnn._reorder_linear_weight(
+                part.detach().contiguous(), 8))  # fmt: skip
+        cache[(dim, lo, hi)] = packed
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed[2], None, "none", [], "")
+
+
+def share_range(n: int, rank: int, size: int) -> tuple[int, int]:
+    """[lo, hi) of rank ``rank``'s contiguous share of ``n`` items over ``size`` ranks (each
+    ``ceil(n / size)``; the last ones may be short or empty)."""
+    per = -(-n // size)
+    return min(rank * per, n), min((rank + 1) * per, n)
+
+
+def _plain(*modules: nn.Module) -> bool:
+    """Plain linear layers (no bias; not FP8 or another swapped-in kind)."""
+    return all(type(m) in (ColumnParallelLinear, RowParallelLinear, nn.Linear) and m.bias is None
+               for m in modules)  # fmt: skip
+
+
+class HiddenShare:
+    """A dense FFN over a share of its hidden features: ``w2[:, s](silu(w1[s] x) * w3[s] x)``
+    for this rank's share ``s`` of the (TP-local) hidden features, for every token, TP-reduced.
+    Summed over the ranks that share the work (decode under CP: every CP rank holds the same
+    tokens and the same weights), it is the FFN: each rank reads 1/size of the weights, where
+    a share of the tokens would read all of them (a decode step of a few tokens is bound by
+    those reads). None when the FFN's layers are not plain (FP8): the caller splits tokens.
+    """
+
+    def __init__(self, ffn: nn.Module) -> None:
+        self.ffn = ffn
+
+    def __call__(self, x: torch.Tensor, rank: int, size: int) -> torch.Tensor | None:
+        ffn = self.ffn
+        if not _plain(ffn.w1, ffn.w3, ffn.w2):
+            return None
+        lo, hi = share_range(ffn.w1.weight.shape[0], rank, size)
+        gate, up = sliced_linear(x, ffn.w1, 0, lo, hi), sliced_linear(x, ffn.w3, 0, lo, hi)
+        y = sliced_linear(F.silu(gate) * up, ffn.w2, 1, lo, hi)
+        return ffn.w2.all_reduce(y) if ffn.w2.all_reduce is not None else y
+
+
 class ColumnParallelLinear(nn.Linear):
     """``y_local = x @ W[rows].T``: holds output rows ``[start, stop)`` of the full weight."""
 
@@ -232,14 +286,29 @@ class VocabParallelLMHead(nn.Module):
     """LM head rows ``[start, stop)`` of the (padded) vocabulary; the logits of all ranks are
     gathered and cut to the true ``vocab_size``, so padded ids never reach sampling."""
 
+    share_vocab = True  # forward() takes a share (see there)
+
     def __init__(self, dim: int, vocab_size: int, start: int, stop: int, group) -> None:
         super().__init__()
         self.group, self.vocab_size = group, vocab_size
         self.weight = nn.Parameter(torch.empty(stop - start, dim, device="meta"))
         set_shard(self, "weight", Shard(0, start, stop, (vocab_size, dim)))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        local = small_linear(h, self)  # (N, V_padded / tp)
+    def forward(self, h: torch.Tensor, share=None) -> torch.Tensor:
+        """(N, vocab_size) logits of ``h`` (N, dim). With ``share`` (rank, size, all_gather:
+        ranks that hold the same ``h`` and weights, decode under CP), each computes a share of
+        this TP rank's vocabulary rows and the shares are gathered: 1/size of the weight read
+        per rank."""
+        if share is None:
+            local = small_linear(h, self)  # (N, V_padded / tp)
+        else:
+            rank, size, all_gather = share
+            n = self.weight.shape[0]
+            lo, hi = share_range(n, rank, size)
+            mine = sliced_linear(h, self, 0, lo, hi)
+            padded = mine.new_zeros((h.shape[0], -(-n // size)))
+            padded[:, : hi - lo] = mine
+            local = torch.cat(all_gather(padded), dim=-1)[:, :n]
         if self.group is not None and dist.get_world_size(self.group) > 1:
             parts = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
             dist.all_gather(parts, local.contiguous(), group=self.group)
