@@ -163,7 +163,6 @@ def test_shares_of_the_ffn_and_the_head_add_up_to_the_whole(size):
     from cp_infer.models.llama import FeedForward
     from cp_infer.parallel.tensor_parallel import (
         ColumnParallelLinear,
-        FusedColumns,
         HiddenShare,
         RowParallelLinear,
         VocabParallelLMHead,
@@ -178,7 +177,7 @@ def test_shares_of_the_ffn_and_the_head_add_up_to_the_whole(size):
     head = VocabParallelLMHead(dim, vocab, 0, vocab, None).to_empty(device="cpu")
     for p in (*ffn.parameters(), head.weight):
         torch.nn.init.normal_(p)
-    ffn.gate_up, share = FusedColumns(ffn, ("w1", "w3")), HiddenShare(ffn)
+    share = HiddenShare(ffn)
     x = torch.randn(3, dim)
     with torch.no_grad():
         whole = ffn(x)

@@ -133,15 +133,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
-        # (w1 x, w3 x) in one call (tensor parallelism sets a fused one); None: one each
-        self.gate_up: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
         # (x, rank, size) -> this rank's share of the hidden features' output, to be summed
         # over the ranks (tensor parallelism sets one); None, or a None result: not shared
         self.hidden_share: Callable[[torch.Tensor, int, int], torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x) if self.gate_up is not None else (self.w1(x), self.w3(x))
-        return self.w2(F.silu(gate) * up)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 def local_dispatch(x, expert_idx, expert_weight, experts: nn.ModuleDict) -> torch.Tensor:

@@ -82,7 +82,6 @@ def _parallelize_ffn(ffn: FeedForward, dim: int, hidden: int, pg: ParallelGroups
     ffn.w1 = ColumnParallelLinear(dim, hidden, f0, f1)
     ffn.w3 = ColumnParallelLinear(dim, hidden, f0, f1)
     ffn.w2 = RowParallelLinear(hidden, dim, f0, f1, tp_sum)
-    ffn.gate_up = FusedColumns(ffn, ("w1", "w3"))
     ffn.hidden_share = HiddenShare(ffn)
 
 

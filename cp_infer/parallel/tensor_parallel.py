@@ -128,10 +128,10 @@ def _packable(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 class FusedColumns:
-    """Several projections of one input (Q, K and V; the FFN's gate and up) as one GEMM where
-    :func:`small_linear` packs: one oneDNN call over their weights stacked, instead of one per
-    projection (a decode step's GEMMs are a few rows each, and the small K and V projections
-    run far below the memory bandwidth alone). Elsewhere (or once a projection is not a plain
+    """Several projections of one input (Q, K and V) as one GEMM where :func:`small_linear`
+    packs: one oneDNN call over their weights stacked, instead of one per projection (a decode
+    step's GEMMs are a few rows each, and the small K and V projections run far below the
+    memory bandwidth alone; the FFN's gate and up, already large, were slower stacked). Elsewhere (or once a projection is not a plain
     linear any more: FP8), each runs as it is.
 
     Args:
