@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from cp_infer.attention import ring_attention
-from cp_infer.attention.kernels import AttentionKernel
+from cp_infer.attention.kernels import AttentionKernel, torch_cpu_flash
 from cp_infer.attention.merge import merge_into_, merge_partials
 from cp_infer.collectives import Exchange
 from cp_infer.engine.batch import StepBatch
@@ -91,7 +91,7 @@ class DecodeAttention:
         partial[..., d] = float("-inf")
         if self._packing is None:  # the same every layer: the step's slots are planned
             rows, index, mask = [], None, None
-            if q.device.type == "cpu":
+            if self.kernel is torch_cpu_flash and q.device.type == "cpu":
                 rows, index, mask = pack_decode(self.cache, self.batch.seqs, k.shape[0] * d)
             rest = sorted(set(range(b)) - set(rows))
             self._packing = rows, index, mask, rest
@@ -117,11 +117,11 @@ class DecodeAttention:
         return out.to(q.dtype)
 
 
-#: On CPU, decode attention packs the short caches of a step into one padded batch per layer,
-#: one masked flash-kernel call instead of one per sequence and run of slots (a few hundred of
-#: those make most of a small decode step's attention: ``tools/bench_step.py``), while the
-#: packed K holds at most this many elements (and V as many). Longer caches are attended where
-#: they lie, run by run.
+#: With the CPU flash kernel, decode attention packs the short caches of a step into one padded
+#: batch per layer: one masked kernel call instead of one per sequence and run of slots (about
+#: 30 calls made most of a 3-sequence step's attention: docs/performance.md), while the packed
+#: K holds at most this many elements (and V as many). Longer caches are attended where they
+#: lie, run by run.
 PACKED_DECODE_ELEMENTS = 1 << 21
 
 

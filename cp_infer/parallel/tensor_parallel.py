@@ -131,8 +131,8 @@ class FusedColumns:
     """Several projections of one input (Q, K and V) as one GEMM where :func:`small_linear`
     packs: one oneDNN call over their weights stacked, instead of one per projection (a decode
     step's GEMMs are a few rows each, and the small K and V projections run far below the
-    memory bandwidth alone; the FFN's gate and up, already large, were slower stacked). Elsewhere (or once a projection is not a plain
-    linear any more: FP8), each runs as it is.
+    memory bandwidth alone; the FFN's gate and up, already large, were slower stacked).
+    Elsewhere (or once a projection is not a plain linear any more: FP8), each runs as it is.
 
     Args:
         owner: the module that holds the projections (read at each call, so a module swapped
@@ -146,9 +146,7 @@ class FusedColumns:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         modules = [getattr(self.owner, n) for n in self.names]
-        plain = all(type(m) in (ColumnParallelLinear, nn.Linear) and m.bias is None
-                    and _packable(x, m.weight) for m in modules)  # fmt: skip
-        if not plain:
+        if not (_plain(*modules) and all(_packable(x, m.weight) for m in modules)):
             return tuple(m(x) for m in modules)
         weights = [m.weight for m in modules]
         key = [(w, w._version) for w in weights]
@@ -217,7 +215,8 @@ class HiddenShare:
         lo, hi = share_range(ffn.w1.weight.shape[0], rank, size)
         gate, up = sliced_linear(x, ffn.w1, 0, lo, hi), sliced_linear(x, ffn.w3, 0, lo, hi)
         y = sliced_linear(F.silu(gate) * up, ffn.w2, 1, lo, hi)
-        return ffn.w2.all_reduce(y) if ffn.w2.all_reduce is not None else y
+        reduce = getattr(ffn.w2, "all_reduce", None)
+        return reduce(y) if reduce is not None else y
 
 
 class ColumnParallelLinear(nn.Linear):
