@@ -145,11 +145,11 @@ def pack_decode(
         return [], None, None
     rows.sort()
     width = max(len(slots[j]) for j in rows)
-    index = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.full((len(rows), width), float("-inf"), dtype=cache.dtype)
+    index = torch.zeros(len(rows), width, dtype=torch.long, device="cpu")  # built on the host
+    mask = torch.full((len(rows), width), float("-inf"), dtype=cache.dtype, device="cpu")
     for i, j in enumerate(rows):
         n = len(slots[j])
-        index[i, :n] = torch.tensor(slots[j], dtype=torch.long)
+        index[i, :n] = torch.tensor(slots[j], dtype=torch.long, device="cpu")
         mask[i, :n] = 0.0
     return rows, index.view(-1).to(cache.device), mask.to(cache.device)
 
