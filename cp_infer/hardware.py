@@ -550,3 +550,52 @@ def decode_s(
     memory += cache / (prof.decode_kv_bytes_s or prof.hbm_bytes_s)
     fixed = cfg.n_layers * layer_s + step_s
     return PhaseTimes(memory=memory + fixed, tp_comm=tp_comm, ring_exposed=ring)
+
+
+def spp_ttft_s(
+    cfg: ModelConfig, prof: Profile, *, seq_len: int, pp: int, chunk: int, cp: int = 1,
+    tp: int = 1, bytes_per_element: int | None = None,
+) -> float:  # fmt: skip
+    """The TTFT of one prefill of ``seq_len`` tokens cut in chunks of ``chunk`` that stream
+    through ``pp`` equal pipeline stages (sequence pipeline parallelism; ``chunk >= seq_len``:
+    plain PP, one stage after another).
+
+    A chunk's time on a stage is its layers' (:func:`prefill_layer`, over the cache the chunks
+    before it left), a step's fixed cost (the profile's per-step and per-layer costs beyond the
+    FLOPs: kernel calls, the engine's bookkeeping) and the hop of its activations to the next
+    stage. Every stage takes the same time for a chunk, so the pipeline ends after the sum of
+    the chunks' times plus ``pp - 1`` times the longest (filling and draining: a flow shop of
+    identical machines).
+    """
+    if min(seq_len, pp, chunk, cp, tp) < 1:
+        raise ValueError(f"need seq_len, pp, chunk, cp, tp >= 1, got {seq_len}, {pp}, {chunk}, "
+                         f"{cp}, {tp}")  # fmt: skip
+    e = bytes_per_element or prof.bytes_per_element
+    layers = cfg.n_layers / pp
+    fixed = prof.decode_step_s + layers * prof.decode_layer_s
+    times = []
+    for start in range(0, seq_len, chunk):
+        new = min(chunk, seq_len - start)
+        layer = prefill_layer(cfg, prof, cp=cp, tp=tp, new=new, cached=start, bytes_per_element=e)
+        hop = (new / cp / tp * cfg.dim * e / prof.intra_bytes_s + prof.intra_latency_s) * (pp > 1)
+        times.append(layers * layer.total + fixed + hop)
+    return sum(times) + (pp - 1) * max(times)
+
+
+def best_spp_chunk(
+    cfg: ModelConfig, prof: Profile, *, seq_len: int, pp: int, cp: int = 1, tp: int = 1,
+    bytes_per_element: int | None = None, min_chunk: int = 32,
+) -> int:  # fmt: skip
+    """The chunk size whose :func:`spp_ttft_s` is the least, among sizes from ``min_chunk``
+    tokens growing by 10% up to the whole prompt (the curve is flat near its minimum: a finer
+    search buys nothing the model can promise). The whole prompt at ``pp`` = 1."""
+    if pp < 2 or seq_len <= min_chunk:
+        return seq_len
+    sizes, c = [], float(min_chunk)
+    while c < seq_len:
+        sizes.append(math.ceil(seq_len / math.ceil(seq_len / c)))  # equal chunks, none short
+        c *= 1.1
+    sizes.append(seq_len)
+    return min(dict.fromkeys(sizes), key=lambda n: spp_ttft_s(
+        cfg, prof, seq_len=seq_len, pp=pp, chunk=n, cp=cp, tp=tp,
+        bytes_per_element=bytes_per_element))  # fmt: skip

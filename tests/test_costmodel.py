@@ -399,3 +399,25 @@ def test_plan_tiers_sizes_both_tiers_for_the_workload(tmp_path, capsys):
     assert "prefill" in text and "decode" in text and "hand-off" in text
     [record] = json.loads(out.read_text())
     assert record["prefill_hosts"] == busy.prefill_hosts and record["decode_hosts"] == 2
+
+
+def test_spp_model_streams_chunks_through_the_stages():
+    """The SPP model (tools/bench_spp.py's spp@model): one chunk is plain PP (the stages one
+    after another); more chunks cut the bubble until their fixed costs outweigh it."""
+    from dataclasses import replace
+
+    from cp_infer.hardware import best_spp_chunk, hardware_for, spp_ttft_s
+    from cp_infer.models import get_preset
+
+    cfg, prof = get_preset("small-llama"), hardware_for("cpu")
+    whole = spp_ttft_s(cfg, prof, seq_len=16384, pp=2, chunk=16384)
+    one_stage = spp_ttft_s(cfg, prof, seq_len=16384, pp=1, chunk=16384)
+    # plain PP: each stage's half of the layers in turn, as long as one rank with all (+ a hop)
+    assert one_stage <= whole < 1.05 * one_stage
+    assert spp_ttft_s(cfg, prof, seq_len=16384, pp=2, chunk=512) < 0.6 * whole
+    assert best_spp_chunk(cfg, prof, seq_len=16384, pp=1) == 16384
+    free = best_spp_chunk(cfg, prof, seq_len=16384, pp=2)  # no fixed cost: the shortest chunk
+    costly = best_spp_chunk(cfg, replace(prof, decode_layer_s=2e-3), seq_len=16384, pp=2)
+    assert free < costly < 16384
+    with pytest.raises(ValueError, match="chunk"):
+        spp_ttft_s(cfg, prof, seq_len=16384, pp=2, chunk=0)
