@@ -13,8 +13,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -76,15 +74,13 @@ def test_generate_reads_megatron_checkpoints(
     assert tokens[0] == int(expected[:VOCAB].argmax()) and max(tokens) < VOCAB
 
 
-def _convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cp_infer", "convert", *args],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-    )  # fmt: skip
+def _convert(dist_pool, *args: str):
+    """``convert`` in a warm pool worker (tests/test_convert.py launches it as users do)."""
+    return dist_pool(1).run(run_cli, ["convert", *args], timeout_s=300)[0]
 
 
 @pytest.fixture(scope="module")
-def round_trips(tmp_path_factory):
+def round_trips(tmp_path_factory, dist_pool):
     """HF (random, plain RoPE) -> megatron -> HF, for a Llama and a Mixtral."""
     out = {}
     for kind in ("llama", "mixtral"):
@@ -94,8 +90,9 @@ def round_trips(tmp_path_factory):
             ("hf", "megatron", hf, root / "mcore"),
             ("megatron", "hf", root / "mcore", root / "back"),
         ):
-            proc = _convert("--from", src, "--to", dst, "--input", str(a), "--output", str(b))
-            assert proc.returncode == 0, proc.stderr[-3000:]
+            run = _convert(dist_pool, "--from", src, "--to", dst, "--input", str(a), "--output",
+                           str(b))  # fmt: skip
+            assert run.code == 0, run.errors
         out[kind] = (hf, root / "mcore", root / "back")
     return out
 
