@@ -14,8 +14,6 @@ package in every supported tensor type:
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,7 +31,7 @@ from cp_infer.checkpoint.gguf_tokenizer import gguf_tokenizer
 from cp_infer.checkpoint.hf import hf_name
 from cp_infer.models.llama import Transformer
 from cp_infer.parallel.tensor_parallel import Shard
-from tests.cli_runner import REPO, run_cli
+from tests.cli_runner import run_cli
 from tests.gguf_helpers import TINY, write_tiny_gguf
 
 EOS = TINY["vocab"] - 1
@@ -152,17 +150,15 @@ def test_tokenizer_of_a_small_file(tmp_path):
     ) == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def test_convert_to_hf_and_megatron(tmp_path):
+def test_convert_to_hf_and_megatron(tmp_path, dist_pool):
     path = write_tiny_gguf(tmp_path / "t.gguf", "Q5_1")
     out = {}
-    for dst in ("hf", "megatron"):
+    for dst in ("hf", "megatron"):  # in a warm pool worker (test_convert.py launches convert)
         out[dst] = tmp_path / dst
-        proc = subprocess.run(
-            [sys.executable, "-m", "cp_infer", "convert", "--from", "gguf", "--to", dst,
-             "--input", str(path), "--output", str(out[dst])],
-            capture_output=True, text=True, cwd=REPO, timeout=120,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        argv = ["convert", "--from", "gguf", "--to", dst, "--input", str(path), "--output",
+                str(out[dst])]  # fmt: skip
+        run = dist_pool(1).run(run_cli, argv, timeout_s=120)[0]
+        assert run.code == 0, run.errors
     theirs = _hf_model(path).state_dict()
     converted = transformers.AutoModelForCausalLM.from_pretrained(out["hf"], dtype=torch.float32)
     for name, tensor in converted.state_dict().items():
