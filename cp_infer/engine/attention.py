@@ -134,23 +134,24 @@ def pack_decode(
     the padding (-inf). The shortest caches are packed first; ``token_elements`` are one
     token's K elements over the heads. A sequence with no token here is never packed (the
     kernel gives a row that sees no key an LSE of 0, not -inf)."""
-    slots = {j: [s + i for s, n in cache.ledger.runs(seq, staged=True) for i in range(n)]
-             for j, seq in enumerate(seqs)}  # fmt: skip
+    runs = [cache.ledger.runs(seq, staged=True) for seq in seqs]
+    lens = [sum(n for _, n in r) for r in runs]  # (the slots are listed only for those packed)
     rows: list[int] = []
-    for j in sorted((j for j in slots if slots[j]), key=lambda j: len(slots[j])):
-        if (len(rows) + 1) * len(slots[j]) * token_elements > PACKED_DECODE_ELEMENTS:
+    for j in sorted((j for j in range(len(seqs)) if lens[j]), key=lambda j: lens[j]):
+        if (len(rows) + 1) * lens[j] * token_elements > PACKED_DECODE_ELEMENTS:
             break
         rows.append(j)
     if not rows:
         return [], None, None
     rows.sort()
-    width = max(len(slots[j]) for j in rows)
+    width = max(lens[j] for j in rows)
     index = torch.zeros(len(rows), width, dtype=torch.long, device="cpu")  # built on the host
     mask = torch.full((len(rows), width), float("-inf"), dtype=cache.dtype, device="cpu")
     for i, j in enumerate(rows):
-        n = len(slots[j])
-        index[i, :n] = torch.tensor(slots[j], dtype=torch.long, device="cpu")
-        mask[i, :n] = 0.0
+        index[i, : lens[j]] = torch.cat(
+            [torch.arange(s, s + n, dtype=torch.long, device="cpu") for s, n in runs[j]]
+        )
+        mask[i, : lens[j]] = 0.0
     return rows, index.view(-1).to(cache.device), mask.to(cache.device)
 
 

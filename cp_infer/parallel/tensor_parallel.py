@@ -110,15 +110,27 @@ def small_linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     w = module.weight
     if not _packable(x, w):
         return F.linear(x, w)
-    packed = module.__dict__.get("_onednn_packed")
-    if packed is None or packed[0] is not w or packed[1] != w._version:
-        with torch.no_grad():
-            packed = (w, w._version, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 8))
-        module.__dict__["_onednn_packed"] = packed
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed[2], None, "none", [], "")
+    return _onednn_linear(x, _prepacked(module.__dict__, "_onednn_packed", [w], w.detach))
 
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _prepacked(store: dict, key, weights: list[torch.Tensor], stack: Callable[[], torch.Tensor]):
+    """The oneDNN-packed copy of ``stack()`` (made of ``weights``) kept in ``store[key]``,
+    packed again when a weight was replaced or changed in place."""
+    held = store.get(key)
+    if held is None or any(a is not w or v != w._version
+                           for (a, v), w in zip(held[0], weights, strict=True)):  # fmt: skip
+        with torch.no_grad():
+            held = ([(w, w._version) for w in weights],
+                    torch.ops.mkldnn._reorder_linear_weight(stack(), 8))  # fmt: skip
+        store[key] = held
+    return held[1]
+
+
+def _onednn_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
 
 
 def _packable(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -142,25 +154,15 @@ class FusedColumns:
 
     def __init__(self, owner: nn.Module, names: tuple[str, ...]) -> None:
         self.owner, self.names = owner, names
-        self._packed: tuple | None = None
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         modules = [getattr(self.owner, n) for n in self.names]
         if not (_plain(*modules) and all(_packable(x, m.weight) for m in modules)):
             return tuple(m(x) for m in modules)
         weights = [m.weight for m in modules]
-        key = [(w, w._version) for w in weights]
-        stale = self._packed is None or any(
-            a is not w or v != w._version
-            for (a, v), w in zip(self._packed[0], weights, strict=True)
-        )
-        if stale:
-            with torch.no_grad():
-                stacked = torch.cat([w.detach() for w in weights])
-                self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(stacked, 8))
-        y = torch.ops.mkldnn._linear_pointwise(
-            x.contiguous(), self._packed[1], None, "none", [], ""
-        )
+        packed = _prepacked(self.__dict__, "_packed", weights,
+                            lambda: torch.cat([w.detach() for w in weights]))  # fmt: skip
+        y = _onednn_linear(x, packed)
         return tuple(y.split([w.shape[0] for w in weights], dim=-1))
 
 
@@ -173,14 +175,9 @@ def sliced_linear(x: torch.Tensor, module: nn.Module, dim: int, lo: int, hi: int
     part = w[lo:hi] if dim == 0 else w[:, lo:hi]
     if not _packable(x, w) or hi == lo:
         return F.linear(x, part)
-    cache = module.__dict__.setdefault("_onednn_slices", {})
-    packed = cache.get((dim, lo, hi))
-    if packed is None or packed[0] is not w or packed[1] != w._version:
-        with torch.no_grad():
-            packed = (w, w._version, torch.ops.mkldnn._reorder_linear_weight(
-                part.detach().contiguous(), 8))  # fmt: skip
-        cache[(dim, lo, hi)] = packed
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed[2], None, "none", [], "")
+    slices = module.__dict__.setdefault("_onednn_slices", {})
+    packed = _prepacked(slices, (dim, lo, hi), [w], lambda: part.detach().contiguous())
+    return _onednn_linear(x, packed)
 
 
 def share_range(n: int, rank: int, size: int) -> tuple[int, int]:
