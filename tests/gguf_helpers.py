@@ -41,7 +41,9 @@ def write_tiny_gguf(
     rng = np.random.default_rng(seed)
     c = TINY
     hd = c["dim"] // c["n_heads"]
-    w = gguf.GGUFWriter(str(path), arch)
+    # big_endian=True: as written on a big-endian host (the writer swaps the bytes)
+    endian = gguf.GGUFEndian.BIG if meta.get("big_endian") else gguf.GGUFEndian.LITTLE
+    w = gguf.GGUFWriter(str(path), arch, endianess=endian)
     w.add_block_count(c["n_layers"])
     w.add_context_length(meta.get("context", 512))
     w.add_embedding_length(c["dim"])

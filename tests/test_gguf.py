@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,6 +61,36 @@ def test_weights_equal_transformers(tmp_path, qtype):
         ours = source.read(name, None, shape)
         assert ours.dtype == torch.float32 and torch.isfinite(ours).all(), name
         assert torch.equal(ours, theirs[hf_name(name, cfg)]), name
+
+
+@pytest.mark.parametrize(
+    ("qtype", "big_endian"), [(q, False) for q in SUPPORTED_TYPES] + [("F32", True), ("Q8_0", True)]
+)
+def test_header_reads_as_the_gguf_packages_reader(tmp_path, qtype, big_endian):
+    """Our header reader gives every metadata value (type included) and every tensor's bytes,
+    shape and type as ``gguf.GGUFReader`` does, in either byte order."""
+    import gguf
+
+    path = write_tiny_gguf(tmp_path / "t.gguf", qtype, big_endian=big_endian)
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(path)
+    counts = {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}  # the reader's, not keys
+    assert set(ours._metadata) == set(theirs.fields) - counts
+    for key in ours._metadata:
+        want, got = theirs.fields[key].contents(), ours.get(key)
+        assert got == want and type(got) is type(want), key
+        if isinstance(want, list):
+            assert [type(v) for v in got] == [type(v) for v in want], key
+    assert list(ours.tensors) == [t.name for t in theirs.tensors]
+    for t in theirs.tensors:
+        mine = ours.tensors[t.name]
+        assert mine.qtype == t.tensor_type and mine.shape == tuple(reversed(t.shape.tolist()))
+        assert mine.data.dtype == t.data.dtype and np.array_equal(mine.data, t.data), t.name
+    if big_endian:  # the weights decode to the little-endian file's
+        little = GGUFFile(write_tiny_gguf(tmp_path / "l.gguf", qtype))
+        cfg = little.config
+        for name, shape in _parameters(cfg).items():
+            want = GGUFSource(little, cfg).read(name, None, shape)
+            assert torch.equal(GGUFSource(ours, cfg).read(name, None, shape), want), name
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "F16"])

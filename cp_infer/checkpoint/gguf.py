@@ -1,8 +1,10 @@
 """GGUF checkpoints (llama.cpp, Ollama): a Llama's config, weights and tokenizer from one file.
 
-The file is read with the ``gguf`` package (llama.cpp's own reader) and dequantized with its
-``gguf.quants.dequantize``, so every block format it knows is decoded as llama.cpp decodes it;
-this module only picks the bytes each rank needs and undoes the converter's changes:
+The header is read by :mod:`cp_infer.checkpoint.gguf_header` (the same values as the ``gguf``
+package's reader, in a fraction of its time) and the tensors are dequantized with the ``gguf``
+package's ``gguf.quants.dequantize``, so every block format it knows is decoded as llama.cpp
+decodes it; this module only picks the bytes each rank needs and undoes the converter's
+changes:
 
 - **Slices per rank.** A GGUF row is one output row of a weight (``ne[0]`` runs along the
   input), cut into blocks of 32 or 256 values. A row-sharded weight (wq, wk, wv, w1, w3, the
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cp_infer.checkpoint.gguf_header import read_header
 from cp_infer.models.config import ModelConfig
 
 if TYPE_CHECKING:  # the metadata side (the API process's tokenizer) never imports torch
@@ -48,6 +51,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _MAGIC = b"GGUF"
+
+# the unquantized types, read as elements (numpy type codes)
+_ELEMENT_TYPES = {"F32": "f4", "F16": "f2"}
 
 #: Tensor types read (llama.cpp's names); any other is refused by name before any work.
 SUPPORTED_TYPES = (
@@ -127,31 +133,44 @@ class GGUFFile:
                 f"{self.path} is not a GGUF file (it does not start with the bytes 'GGUF'); "
                 "give a .gguf file from llama.cpp's converter"
             )
-        import gguf
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quant_shape_to_byte_shape
 
         size = self.path.stat().st_size
         try:
-            reader = gguf.GGUFReader(self.path, "r")
-        except Exception as e:  # the reader raises anything on bad bytes
+            header = read_header(self.path)
+        except Exception as e:  # struct, numpy or UTF-8 errors on bad bytes alike
             raise ValueError(
                 f"cannot read {self.path} as GGUF ({type(e).__name__}: {e}); the file is "
                 "corrupt or truncated: download or convert it again"
             ) from None
-        self._fields = reader.fields
+        self._metadata = header.metadata
         self.tensors: dict[str, _Tensor] = {}
         bad: dict[str, list[str]] = {}
-        for t in reader.tensors:
-            type_name = t.tensor_type.name
-            end = int(t.data_offset) + int(t.n_bytes)
+        for t in header.tensors:
+            try:
+                qtype = GGMLQuantizationType(t.type_id)
+            except ValueError:
+                bad.setdefault(f"type id {t.type_id}", []).append(t.name)
+                continue
+            if qtype.name not in SUPPORTED_TYPES:
+                bad.setdefault(qtype.name, []).append(t.name)
+                continue
+            block, type_size = GGML_QUANT_SIZES[qtype]
+            n_elements = int(np.prod(t.dims, dtype=np.int64))
+            end = t.offset + n_elements * type_size // block
             if end > size:
                 raise ValueError(
                     f"{self.path} is truncated: tensor {t.name!r} ends at byte {end} but the "
                     f"file has {size}; download or convert it again"
                 )
-            if type_name not in SUPPORTED_TYPES:
-                bad.setdefault(type_name, []).append(t.name)
-            shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-            self.tensors[t.name] = _Tensor(t.name, type_name, shape, t.data, t.tensor_type)
+            shape = tuple(reversed(t.dims))  # ours: outermost first
+            if qtype.name in _ELEMENT_TYPES:  # elements, in the file's byte order
+                dtype = np.dtype(header.byte_order + _ELEMENT_TYPES[qtype.name])
+                data = np.frombuffer(header.buffer, dtype, n_elements, t.offset).reshape(shape)
+            else:  # bytes per row
+                data = np.frombuffer(header.buffer, np.uint8, end - t.offset, t.offset)
+                data = data.reshape(quant_shape_to_byte_shape(shape, qtype))
+            self.tensors[t.name] = _Tensor(t.name, qtype.name, shape, data, qtype)
         if bad:
             kinds = ", ".join(f"{k} ({len(v)} tensors, e.g. {v[0]!r})" for k, v in bad.items())
             raise ValueError(
@@ -168,19 +187,14 @@ class GGUFFile:
 
     def get(self, key: str, default: object = ...) -> object:
         """The metadata value ``key`` (arrays as lists), or ``default`` when it is absent."""
-        field = self._fields.get(key)
-        if field is None:
+        if key not in self._metadata:
             if default is ...:
                 raise ValueError(
                     f"{self.path} lacks the metadata key {key!r}; is it a complete GGUF model?"
                 )
             return default
-        try:
-            return field.contents()
-        except Exception as e:
-            raise ValueError(
-                f"cannot read metadata {key!r} of {self.path} ({e}); the file is corrupt"
-            ) from None
+        value = self._metadata[key]
+        return value.tolist() if isinstance(value, np.ndarray) else value
 
     def arch(self, key: str, default: object = ...) -> object:
         """``{architecture}.{key}``."""
@@ -229,11 +243,11 @@ class GGUFFile:
             raise ValueError(
                 f"{self.path} describes a model cp_infer cannot run exactly: " + "; ".join(problems)
             )
-        vocab = self._fields.get("tokenizer.ggml.tokens")  # its count, not its 10^5 strings
+        vocab = self._metadata.get("tokenizer.ggml.tokens")
         vocab_size = self.tensor("token_embd.weight").shape[0]
-        if vocab is not None and len(vocab.data) != vocab_size:
+        if vocab is not None and len(vocab) != vocab_size:
             raise ValueError(
-                f"{self.path}: the tokenizer has {len(vocab.data)} tokens but token_embd.weight "
+                f"{self.path}: the tokenizer has {len(vocab)} tokens but token_embd.weight "
                 f"{vocab_size} rows; the file is inconsistent"
             )
         hf = ModelConfig(
@@ -338,6 +352,10 @@ class GGUFSource:
         from gguf.quants import GGML_QUANT_SIZES, dequantize
 
         data = t.data
+        if data.dtype.kind == "f":  # F32/F16 elements, in the file's byte order
+            part = np.asarray(data[rows] if len(t.shape) == 1 else data[rows, cols])
+            self.bytes_read += part.nbytes
+            return part.astype(np.float32)
         if len(t.shape) == 1:
             part = np.asarray(data)
             self.bytes_read += part.nbytes
@@ -345,13 +363,10 @@ class GGUFSource:
         data = data[rows]
         n_cols = t.shape[1]
         start, stop, _ = cols.indices(n_cols)
-        elements = data.dtype != np.uint8  # F32/F16 come as elements, the rest as row bytes
-        block, size = GGML_QUANT_SIZES[t.qtype]
+        block, size = GGML_QUANT_SIZES[t.qtype]  # row bytes, in blocks
         aligned = start % block == 0 and (stop % block == 0 or stop == n_cols)
         if (start, stop) != (0, n_cols) and aligned:
-            lo, hi = (
-                (start, stop) if elements else (start // block * size, -(-stop // block) * size)
-            )
+            lo, hi = start // block * size, -(-stop // block) * size
             part = np.ascontiguousarray(data[:, lo:hi])
             self.bytes_read += part.nbytes
             return dequantize(part, t.qtype)[:, : stop - start]
