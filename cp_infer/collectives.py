@@ -90,7 +90,13 @@ class SendRecvExchange:
 
 _HEADER = 64  # bytes before each slot's data: the sequence number, on its own cache line
 SPIN_S = 200e-6  # a wait longer than this sleeps between checks instead of spinning
-_SHM_DIR = "/dev/shm"
+#: Where the segments' files are made (and unlinked once mapped): a tmpfs.
+SHM_DIR_ENV = "CP_INFER_SHM_DIR"
+
+
+def _shm_dir() -> str:
+    """``$CP_INFER_SHM_DIR``, else /dev/shm."""
+    return os.environ.get(SHM_DIR_ENV) or "/dev/shm"
 
 
 class ShmExchange:
@@ -183,7 +189,7 @@ def _shared_segment(group, nbytes: int) -> torch.Tensor:
     name is gone once all have mapped it)."""
     rank = dist.get_rank(group)
     leader = dist.get_process_group_ranks(group)[0] if group is not None else 0
-    name = [os.path.join(_SHM_DIR, f"cp_infer-{uuid.uuid4().hex}")]
+    name = [os.path.join(_shm_dir(), f"cp_infer-{uuid.uuid4().hex}")]
     dist.broadcast_object_list(name, src=leader, group=group)
     path = name[0]
     if rank == 0:
@@ -268,9 +274,9 @@ class ShmBroadcast:
 
 def _shm_serves(hosts: list[str]) -> bool:
     """Whether ranks on ``hosts`` can share memory: one host, whose CPU keeps stores in order
-    (x86-64), with a /dev/shm."""
+    (x86-64), with a /dev/shm (or ``$CP_INFER_SHM_DIR``)."""
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return len(set(hosts)) == 1 and x86 and os.path.isdir(_SHM_DIR)
+    return len(set(hosts)) == 1 and x86 and os.path.isdir(_shm_dir())
 
 
 def one_host(group) -> bool:

@@ -44,7 +44,7 @@ class Server:
 
     def __init__(
         self, checkpoint: Path, nproc: int, args: list[str], log: Path, *, script: str | None = None,
-        deepspeed: bool = False, by_hand: bool = False,
+        deepspeed: bool = False, by_hand: bool = False, env: dict[str, str] | None = None,
     ) -> None:  # fmt: skip
         self.log, self.deepspeed = log, deepspeed
         for attempt in range(3):
@@ -61,9 +61,9 @@ class Server:
             target = [script] if script else ["cp_infer"] if deepspeed else ["-m", "cp_infer"]
             cmd = [*launcher, *target, "serve", "--checkpoint", str(checkpoint),
                    "--port", str(self.port), *args]  # fmt: skip
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
             self.proc = subprocess.Popen(
-                cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO,
+                env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
                 start_new_session=True,
             )  # fmt: skip
             if self._wait_up():

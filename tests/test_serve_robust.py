@@ -4,12 +4,12 @@ launcher)."""
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,6 +18,7 @@ import httpx
 import pytest
 import torch
 
+from cp_infer.collectives import SHM_DIR_ENV
 from cp_infer.engine.sampling import SamplingConfig, sample
 from cp_infer.serving.lifecycle import process_running
 from tests.serve_helpers import Server
@@ -82,8 +83,21 @@ class Stream:
         return [e["error"]["message"] for e in self.events if isinstance(e, dict) and "error" in e]
 
 
-def _shm() -> set[str]:
-    return set(glob.glob("/dev/shm/cp_infer-*"))
+def _private_shm(tmp: Path) -> dict[str, str]:
+    """A server's environment that makes its shared-memory segments in a folder of its own
+    (another test's server, running beside it under xdist, makes its own elsewhere)."""
+    d = Path(tempfile.mkdtemp(prefix="cp_infer-test-", dir="/dev/shm"))
+    return {SHM_DIR_ENV: str(d)}
+
+
+def _left(env: dict[str, str]) -> list[str]:
+    """The segment files a server left (each should be unlinked once mapped); removes the
+    folder when none is."""
+    d = Path(env[SHM_DIR_ENV])
+    left = sorted(p.name for p in d.iterdir())
+    if not left:
+        d.rmdir()
+    return left
 
 
 # -- 1, 2: every value the schema accepts is safe; what it cannot be is refused --------------------
@@ -340,8 +354,8 @@ def test_a_client_that_leaves_a_plain_request_cancels_it(server, api):
 def test_sigterm_mid_stream_aborts_the_stream_and_stops_every_rank_within_5s(
     checkpoint, tmp_path, deepspeed
 ):
-    before = _shm()
-    s = Server(checkpoint, 2, ["--cp", "2"], tmp_path / "serve.log", deepspeed=deepspeed)
+    shm = _private_shm(tmp_path)
+    s = Server(checkpoint, 2, ["--cp", "2"], tmp_path / "serve.log", deepspeed=deepspeed, env=shm)
     try:
         assert len(s.ranks()) == 2
         stream = Stream(s.url, {**STREAM, "max_tokens": 30000})
@@ -351,7 +365,7 @@ def test_sigterm_mid_stream_aborts_the_stream_and_stops_every_rank_within_5s(
     stream.join()
     assert took < 5, f"stopping took {took:.1f}s"
     assert stream.finish_reason == "abort" and stream.events[-1] == "[DONE]", stream.events[-3:]
-    assert _shm() <= before
+    assert _left(shm) == []
 
 
 def test_http_runs_in_an_api_process_and_a_sigterm_to_it_stops_every_rank(checkpoint, tmp_path):
@@ -405,8 +419,8 @@ def test_a_one_process_server_stops_mid_stream(checkpoint, tmp_path, sig):
 def test_a_rank_that_dies_mid_stream_ends_the_stream_with_an_error_and_every_rank_exits(
     checkpoint, tmp_path
 ):
-    before = _shm()
-    s = Server(checkpoint, 2, ["--cp", "2"], tmp_path / "serve.log")
+    shm = _private_shm(tmp_path)
+    s = Server(checkpoint, 2, ["--cp", "2"], tmp_path / "serve.log", env=shm)
     try:
         stream = Stream(s.url, {**STREAM, "max_tokens": 30000})
         assert stream.started.wait(60)
@@ -418,7 +432,7 @@ def test_a_rank_that_dies_mid_stream_ends_the_stream_with_an_error_and_every_ran
     finally:
         s.stop()
     assert took < 15, f"the ranks took {took:.1f}s to exit"
-    assert _shm() <= before
+    assert _left(shm) == []
 
 
 def test_ranks_whose_launcher_is_killed_exit(checkpoint, tmp_path):
