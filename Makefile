@@ -58,7 +58,7 @@ serve-demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20 tests
+	$(PY) -m pytest -q --durations=20 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
