@@ -170,7 +170,7 @@ def _wait_until(flag: np.ndarray, value: int, timeout_s: float, what: str) -> No
         spins += 1
         if spins <= 32:
             continue
-        if spins % 64 == 0:
+        if nap or spins % 64 == 0:  # napping: check the clock at every wake-up
             now = time.monotonic()
             start = start or now
             if now - start > timeout_s:

@@ -288,6 +288,9 @@ def initialize_parallel(
             expert_tensor_parallel_size=sizes.etp,
             distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
             order=MEGATRON_ORDER,
+            # no gloo copies of the data-parallel groups (a distributed optimizer's; nothing
+            # here uses them): each group is a context with its own network thread per rank
+            create_gloo_process_groups=False,
         )
         groups = _read_groups(mpu, sizes, world_size=world_size, rank=rank)
         groups = _with_replica(groups, timeout_s)
