@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 __all__ = ["setup_logging"]
@@ -11,14 +12,14 @@ __all__ = ["setup_logging"]
 
 class _RankFilter(logging.Filter):
     """The launcher's global rank (two tiers' ranks are each their tier's default group's, but
-    the records name them as the job does), else the default group's."""
+    the records name them as the job does), else the default group's, if torch is loaded (a
+    record never imports it: the API process has none)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        import torch.distributed as dist
-
+        dist = sys.modules.get("torch.distributed")
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             record.rank, record.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        elif dist.is_available() and dist.is_initialized():
+        elif dist is not None and dist.is_available() and dist.is_initialized():
             record.rank, record.world = dist.get_rank(), dist.get_world_size()
         else:
             record.rank = int(os.environ.get("RANK", 0))

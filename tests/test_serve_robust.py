@@ -378,6 +378,11 @@ def test_http_runs_in_an_api_process_and_a_sigterm_to_it_stops_every_rank(checkp
         listening = subprocess.run(["ss", "-ltnpH", f"sport = :{s.port}"], capture_output=True,
                                    text=True).stdout  # fmt: skip
         assert f"pid={api}," in listening and all(f"pid={r}," not in listening for r in ranks)
+        # it serves text (the checkpoint's tokenizer) without torch mapped in
+        assert "libtorch" not in Path(f"/proc/{api}/maps").read_text()
+        chat = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "w5"}],
+                                                "max_tokens": 2})  # fmt: skip
+        assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"]
         stream = Stream(s.url, {**STREAM, "max_tokens": 30000})
         assert stream.started.wait(60)
         t0 = time.monotonic()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-__all__ = ["ApiSettings", "run_api"]
+__all__ = ["ApiSettings", "keep_torch_out", "run_api"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,22 @@ class ApiSettings:
     log_level: int
 
 
+def keep_torch_out() -> None:
+    """Make ``import torch`` fail in this process, unless something loaded it already.
+
+    The API process runs no model, but transformers (the tokenizer: its chat templates and
+    special tokens, exactly as users get them from transformers) imports torch whenever it can
+    find it: about 2 s of CPU and 250 MB per server start. With torch hidden, transformers
+    loads its tokenizers alone, and any torch import that creeps into this process fails
+    loudly instead of costing that silently."""
+    import sys
+
+    if "torch" not in sys.modules:
+        sys.modules["torch"] = None  # the import system's "no such module"
+    # transformers says once that it found no PyTorch: true, and meant for model users
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def _tokenizer(checkpoint: str | None):
     from cp_infer.checkpoint.formats import has_tokenizer, load_tokenizer
 
@@ -53,6 +69,7 @@ def run_api(conn: Connection, settings: ApiSettings) -> None:
     # a session of its own: a signal to rank 0's process group (a launcher stopping the ranks
     # because one failed) is rank 0's to interpret, not an order to this process to abort
     os.setsid()
+    keep_torch_out()
     import prometheus_client
     import uvicorn
 
