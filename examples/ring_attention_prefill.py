@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
     dtype, causal = getattr(torch, args.dtype), not args.no_causal
+    started = dist.is_initialized()  # a caller's default group (a test's pool) stays its own
     # parallel_groups starts torch.distributed from torchrun's env (gloo on CPU, 120 s timeout)
     with parallel_groups(cp=int(os.environ.get("WORLD_SIZE", 1)), timeout_s=120) as pg:
         logger.info("layout: %s", pg.describe())
@@ -97,7 +98,8 @@ def main(argv=None) -> int:
                 )  # fmt: skip
         flag = torch.tensor(int(ok))
         dist.broadcast(flag, src=pg.cp_ranks[0], group=pg.cp_group)
-    dist.destroy_process_group()
+    if not started:
+        dist.destroy_process_group()
     return 0 if flag.item() else 1
 
 
