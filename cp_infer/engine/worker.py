@@ -124,8 +124,9 @@ class Worker:
                 result.decode = self._draw(plan.decode_draws, out.decode_logits, plan.contain,
                                            emit)  # fmt: skip
             else:
-                out = runner.step(plan.prefill, progress=plan.progress, after_layer=after_layer,
-                                  **kw)  # fmt: skip
+                # one progress bar, the leader's (each rank drew its own, interleaved)
+                out = runner.step(plan.prefill, progress=plan.progress and self.leader,
+                                  after_layer=after_layer, **kw)  # fmt: skip
                 self.host_s["passes"] += time.perf_counter() - t0
             if plan.prompt_logprobs:
                 result.prompt = runner.share_object((out.prompt_logprobs, out.prompt_top_logprobs))
