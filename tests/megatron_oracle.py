@@ -2,8 +2,8 @@
 
 ``load_megatron_model`` runs on every rank of a gloo pool. Saving spawns megatron's writer
 processes, which daemonic pool workers may not have: run it under torchrun instead,
-``torchrun --nproc-per-node 2 tests/megatron_oracle.py KIND DIR`` (see :func:`main`). megatron-core's GPTModel assumes CUDA in a few places;
-for the tests only, :func:`_cpu_megatron` patches them for the duration of a call:
+``torchrun --nproc-per-node 2 tests/megatron_oracle.py KIND DIR [KIND DIR ...]`` (see
+:func:`main`). megatron-core's GPTModel assumes CUDA in a few places; for the tests only, :func:`_cpu_megatron` patches them for the duration of a call:
 ``torch.cuda.current_device`` returns "cpu", the RNG tracker is the inference one, and the MoE
 layer gets the all-gather dispatcher with no TE grouped GEMM.
 """
@@ -153,15 +153,18 @@ def load_megatron_model(directory: str, cfg, tp: int, ep: int = 1):
 
 
 def main() -> None:
-    """``tests/megatron_oracle.py KIND DIR [TP]`` under torchrun: save a random GPTModel of
-    ``configs()[KIND]`` to DIR and its last-position logits to DIR.logits.pt."""
+    """``tests/megatron_oracle.py KIND DIR [KIND DIR ...]`` under torchrun (world 2: TP=2): for
+    each pair, save a random GPTModel of ``configs()[KIND]`` to DIR and its last-position logits
+    to DIR.logits.pt (one launch for several checkpoints: megatron-core takes seconds to import)."""
     import sys
 
-    kind, directory = sys.argv[1], sys.argv[2]
-    tp = int(sys.argv[3]) if len(sys.argv) > 3 else 2
-    logits = save_megatron_model(directory, configs()[kind], PADDED, tp)
-    if logits is not None:
-        torch.save(logits, directory + ".logits.pt")
+    pairs = sys.argv[1:]
+    if not pairs or len(pairs) % 2:
+        sys.exit("usage: megatron_oracle.py KIND DIR [KIND DIR ...]")
+    for kind, directory in zip(pairs[::2], pairs[1::2], strict=True):
+        logits = save_megatron_model(directory, configs()[kind], PADDED, tp=2)
+        if logits is not None:
+            torch.save(logits, directory + ".logits.pt")
 
 
 if __name__ == "__main__":

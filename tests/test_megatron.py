@@ -29,14 +29,12 @@ from tests.megatron_oracle import TOKENS, VOCAB, load_megatron_model
 
 @pytest.fixture(scope="module")
 def megatron_checkpoints(tmp_path_factory):
-    """megatron-core's own checkpoints, saved at TP=2 under torchrun (world 2)."""
-    out = {}
-    for kind in ("dense", "moe"):
-        path = tmp_path_factory.mktemp(f"mcore-{kind}") / "ckpt"
-        proc = torchrun(2, [kind, str(path)], script=str(REPO / "tests" / "megatron_oracle.py"))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        out[kind] = (path, torch.load(str(path) + ".logits.pt"))
-    return out
+    """megatron-core's own checkpoints, saved at TP=2 under torchrun (world 2, one launch)."""
+    paths = {kind: tmp_path_factory.mktemp(f"mcore-{kind}") / "ckpt" for kind in ("dense", "moe")}
+    args = [str(a) for kind, path in paths.items() for a in (kind, path)]
+    proc = torchrun(2, args, script=str(REPO / "tests" / "megatron_oracle.py"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {kind: (path, torch.load(str(path) + ".logits.pt")) for kind, path in paths.items()}
 
 
 LAYOUTS = [
