@@ -3,9 +3,10 @@
 ``load_megatron_model`` runs on every rank of a gloo pool. Saving spawns megatron's writer
 processes, which daemonic pool workers may not have: run it under torchrun instead,
 ``torchrun --nproc-per-node 2 tests/megatron_oracle.py KIND DIR [KIND DIR ...]`` (see
-:func:`main`). megatron-core's GPTModel assumes CUDA in a few places; for the tests only, :func:`_cpu_megatron` patches them for the duration of a call:
-``torch.cuda.current_device`` returns "cpu", the RNG tracker is the inference one, and the MoE
-layer gets the all-gather dispatcher with no TE grouped GEMM.
+:func:`main`). megatron-core's GPTModel assumes CUDA in a few places; for the tests only,
+:func:`_cpu_megatron` patches them for the duration of a call: ``torch.cuda.current_device``
+returns "cpu", the RNG tracker is the inference one, and the MoE layer gets the all-gather
+dispatcher with no TE grouped GEMM.
 """
 
 from __future__ import annotations
