@@ -81,8 +81,11 @@ class Server:
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return True
-            except httpx.HTTPError:
-                time.sleep(0.5)
+            except httpx.HTTPError:  # not listening yet
+                pass
+            # look again soon (a test waits), not at once: a 503 "starting" comes back in a
+            # millisecond, and polling flat out took CPU from the ranks loading the model
+            time.sleep(0.1)
         return False
 
     def stop(self, sig: int = signal.SIGTERM) -> float:

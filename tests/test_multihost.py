@@ -103,7 +103,7 @@ def _serve_on_two_hosts(checkpoint, args: list[str], prompts) -> tuple[list, str
             if time.monotonic() > deadline or any(p.poll() is not None for p in hosts._procs):
                 hosts.kill()
                 pytest.fail("the two-host server did not come up: " + str(hosts.wait(30)))
-            time.sleep(0.5)
+            time.sleep(0.1)
         got = []
         for p in prompts:
             r = httpx.post(url + "/v1/completions", json={"prompt": p, "max_tokens": 6,
