@@ -440,6 +440,31 @@ def test_a_rank_that_dies_mid_stream_ends_the_stream_with_an_error_and_every_ran
     assert _left(shm) == []
 
 
+def _watch_a_silent_peer(run_id: str) -> list[str]:
+    """Rank 1 never beats (its watchdog is made, not started: as if its process were starved
+    of CPU); rank 0 watches for 3 times its 1 s limit. What rank 0's watchdog reported."""
+    import torch.distributed as dist
+
+    from cp_infer.serving.lifecycle import Watchdog
+
+    failures: list[str] = []
+    dog = Watchdog(failures.append, run_id=run_id, watch_parent=False, dead_after_s=1.0)
+    if dist.get_rank() == 0:
+        dog.start()
+        time.sleep(3.0)
+        dog.stop()
+    dist.barrier()
+    return failures
+
+
+def test_a_slow_rank_on_this_host_is_not_taken_for_dead(dist_pool):
+    """A rank on the same host is watched by its process id, alive here, not by its beats: a
+    loaded host that holds a rank's beats back does not stop the server (a dead one is seen at
+    once: the tests above; one on another host by its beats: tests/test_multihost.py)."""
+    failures = dist_pool(2).run(_watch_a_silent_peer, f"silent-{os.getpid()}", timeout_s=60)
+    assert failures == [[], []]
+
+
 def test_ranks_whose_launcher_is_killed_exit(checkpoint, tmp_path):
     s = Server(checkpoint, 2, ["--cp", "2"], tmp_path / "serve.log")
     try:

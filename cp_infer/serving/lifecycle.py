@@ -4,11 +4,13 @@
   ``finish_reason: "abort"``), closes the HTTP server and sends the other ranks ``stop``. The
   other ranks wait for that message, and exit on their own after :data:`STOP_GRACE_S` if it
   does not come (a signal sent to them alone, or a rank 0 that is stuck).
-- **A rank that dies** stops beating. Every rank adds to its own counter in the rendezvous
-  store every :data:`BEAT_S` and watches the others' (:class:`Watchdog`); a counter that stands
-  still for ``dead_after_s`` means that rank is gone. A rank on the same host is also looked
-  up by its process id, which tells at once (:meth:`Watchdog.dead_peer`). Rank 0 then ends the live requests with an
-  error event naming the rank and every rank exits non-zero. (A collective with the dead rank
+- **A rank that dies** is seen by every other rank's :class:`Watchdog`. A rank on the same
+  host is looked up by its process id, which tells at once and never mistakes a slow rank (a
+  loaded host) for a dead one (:meth:`Watchdog.dead_peer`). A rank on another host stops
+  beating: every rank adds to its own counter in the rendezvous store every :data:`BEAT_S`,
+  and a remote rank's counter that stands still for ``dead_after_s`` means it is gone. Rank 0
+  then ends the live requests with an error event naming the rank and every rank exits
+  non-zero. (A collective with the dead rank
   usually fails sooner; the watchdog also covers ranks waiting on shared memory.)
 - **A launcher that is gone** (killed, say: torchrun starts every rank in a session of its own,
   so nothing else would reach them) is seen as the parent process changing, or the rendezvous
@@ -63,7 +65,8 @@ class Watchdog:
             failed (a rank, the launcher).
         run_id: keys this run's heartbeats in the store (the same on every rank).
         watch_parent: the launcher is this process's parent: its death stops the rank.
-        dead_after_s: a peer whose counter stands still this long is dead.
+        dead_after_s: a peer on another host whose counter stands still this long is dead
+            (one on this host is watched by its process id).
     """
 
     def __init__(
@@ -100,7 +103,10 @@ class Watchdog:
         self._stop.set()
 
     def _run(self) -> None:
-        seen = {r: (-1, time.monotonic()) for r in range(self.world) if r != self.rank}
+        # the beats of the ranks on other hosts (those here are watched by their pids: a
+        # loaded host once held a live rank's beats back 5 s, and its peer stopped the server)
+        seen = {r: (-1, time.monotonic()) for r in range(self.world)
+                if r != self.rank and r not in self._local}  # fmt: skip
         while not self._stop.wait(BEAT_S):
             failure = self._check(seen)
             if failure is not None and not self._stop.is_set():
