@@ -130,3 +130,19 @@ def test_bench_disagg_reports_the_three_figures(tmp_path):
     assert r["mode"] == "disaggregated" and r["gaps"] > 0
     assert 0 < r["tbt_p50_s"] <= r["tbt_p99_s"] and r["ttft_s"] > 0
     assert json.loads(out.read_text()) == records
+
+
+def test_bench_startup_opens_a_gguf_file_with_both_readers(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    from tests.gguf_helpers import write_tiny_gguf
+
+    bench_startup = importlib.import_module("bench_startup")
+    path = write_tiny_gguf(tmp_path / "t.gguf", "Q8_0")
+    records = bench_startup.main(["--gguf", str(path), "--repeats", "1", "--json",
+                                  str(tmp_path / "s.json")])  # fmt: skip
+    assert [r["reader"] for r in records] == ["cp_infer", "gguf.GGUFReader"]
+    assert all(r["what"] == "gguf-open" and r["cpu_s"] >= 0 for r in records)
+    assert json.loads((tmp_path / "s.json").read_text()) == records
+    assert "gguf.GGUFReader" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # nothing to measure: --help's error, not a silent run
+        bench_startup.main([])
