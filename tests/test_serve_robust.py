@@ -83,9 +83,9 @@ class Stream:
         return [e["error"]["message"] for e in self.events if isinstance(e, dict) and "error" in e]
 
 
-def _private_shm(tmp: Path) -> dict[str, str]:
-    """A server's environment that makes its shared-memory segments in a folder of its own
-    (another test's server, running beside it under xdist, makes its own elsewhere)."""
+def _private_shm() -> dict[str, str]:
+    """A server's environment that makes its shared-memory segments in a folder of its own,
+    so that what it leaves is told apart from any other server's."""
     d = Path(tempfile.mkdtemp(prefix="cp_infer-test-", dir="/dev/shm"))
     return {SHM_DIR_ENV: str(d)}
 
@@ -354,7 +354,7 @@ def test_a_client_that_leaves_a_plain_request_cancels_it(server, api):
 def test_sigterm_mid_stream_aborts_the_stream_and_stops_every_rank_within_5s(
     checkpoint, tmp_path, deepspeed
 ):
-    shm = _private_shm(tmp_path)
+    shm = _private_shm()
     s = Server(checkpoint, 2, ["--cp", "2"], tmp_path / "serve.log", deepspeed=deepspeed, env=shm)
     try:
         assert len(s.ranks()) == 2
@@ -424,7 +424,7 @@ def test_a_one_process_server_stops_mid_stream(checkpoint, tmp_path, sig):
 def test_a_rank_that_dies_mid_stream_ends_the_stream_with_an_error_and_every_rank_exits(
     checkpoint, tmp_path
 ):
-    shm = _private_shm(tmp_path)
+    shm = _private_shm()
     s = Server(checkpoint, 2, ["--cp", "2"], tmp_path / "serve.log", env=shm)
     try:
         stream = Stream(s.url, {**STREAM, "max_tokens": 30000})

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cp_infer.checkpoint.gguf_header import read_header
+from cp_infer.checkpoint.gguf_header import MAGIC, read_header
 from cp_infer.models.config import ModelConfig
 
 if TYPE_CHECKING:  # the metadata side (the API process's tokenizer) never imports torch
@@ -49,8 +49,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_MAGIC = b"GGUF"
 
 # the unquantized types, read as elements (numpy type codes)
 _ELEMENT_TYPES = {"F32": "f4", "F16": "f2"}
@@ -80,7 +78,7 @@ def is_gguf(path: Path) -> bool:
     if not path.is_file():
         return False
     with path.open("rb") as f:
-        return f.read(4) == _MAGIC
+        return f.read(4) == MAGIC
 
 
 def gguf_name(param: str, cfg: ModelConfig) -> str:

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["GGUFHeader", "TensorInfo", "read_header"]
+__all__ = ["MAGIC", "GGUFHeader", "TensorInfo", "read_header"]
 
-_MAGIC = b"GGUF"
+MAGIC = b"GGUF"  #: a GGUF file's first four bytes
 _STRING, _ARRAY = 8, 9
 # value type -> struct format of GGUF's scalar types (numpy reads arrays of them alike)
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
@@ -51,9 +51,7 @@ class GGUFHeader:
     byte_order: str  # "<" or ">"
     metadata: dict[str, object]  # scalars as Python values, strings as str, string arrays as
     # lists of str, numeric arrays as numpy arrays
-    value_types: dict[str, tuple[int, ...]]  # the key's value type (and an array's item type)
     tensors: list[TensorInfo]
-    data_offset: int
     buffer: memoryview  # the whole file, memory-mapped (tensor bytes are views of it)
 
 
@@ -86,21 +84,21 @@ class _Cursor:
         return bytes(self.buf[start : start + n]).decode("utf-8", errors="replace")
 
     def value(self, kind: int):
-        """(value, its types)."""
+        """The value of type ``kind`` at the cursor."""
         if kind in _SCALARS:
-            return self.unpack(_SCALARS[kind])[0], (kind,)
+            return self.unpack(_SCALARS[kind])[0]
         if kind == _STRING:
-            return self.string(), (kind,)
+            return self.string()
         if kind == _ARRAY:
             item, count = self.u32(), self.u64()
             if item == _STRING:
-                return self._strings(count), (kind, item)
+                return self._strings(count)
             if item in _SCALARS:
                 dtype = np.dtype(self.order + _SCALARS[item])  # numpy knows the codes
                 start = self.take(count * dtype.itemsize)
-                return np.frombuffer(self.buf, dtype, count, start), (kind, item)
+                return np.frombuffer(self.buf, dtype, count, start)
             if item == _ARRAY:  # nested arrays: rare; read item by item
-                return [self.value(_ARRAY)[0] for _ in range(count)], (kind, item)
+                return [self.value(_ARRAY) for _ in range(count)]
             raise ValueError(f"unknown array item type {item} at byte {self.pos}")
         raise ValueError(f"unknown value type {kind} at byte {self.pos}")
 
@@ -132,7 +130,7 @@ def read_header(path: str | Path) -> GGUFHeader:
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     buf = memoryview(mm)
-    if bytes(buf[:4]) != _MAGIC:
+    if bytes(buf[:4]) != MAGIC:
         raise ValueError("it does not start with the bytes 'GGUF'")
     order = "<"
     (version,) = struct.unpack_from("<I", buf, 4)
@@ -146,12 +144,11 @@ def read_header(path: str | Path) -> GGUFHeader:
     if n_tensors > len(buf) or n_keys > len(buf):
         raise ValueError(f"{n_tensors} tensors and {n_keys} keys cannot fit in the file")
     metadata: dict[str, object] = {}
-    types: dict[str, tuple[int, ...]] = {}
     for _ in range(n_keys):
         key = cur.string()
         if key in metadata:
             raise ValueError(f"the metadata key {key!r} appears twice")
-        metadata[key], types[key] = cur.value(cur.u32())
+        metadata[key] = cur.value(cur.u32())
     entries = []
     for _ in range(n_tensors):
         name = cur.string()
@@ -171,4 +168,4 @@ def read_header(path: str | Path) -> GGUFHeader:
             raise ValueError(f"tensor {name!r} appears twice")
         names.add(name)
         tensors.append(TensorInfo(name, tuple(dims), type_id, start + offset))
-    return GGUFHeader(version, order, metadata, types, tensors, start, buf)
+    return GGUFHeader(version, order, metadata, tensors, buf)

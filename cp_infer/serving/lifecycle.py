@@ -10,8 +10,8 @@
   beating: every rank adds to its own counter in the rendezvous store every :data:`BEAT_S`,
   and a remote rank's counter that stands still for ``dead_after_s`` means it is gone. Rank 0
   then ends the live requests with an error event naming the rank and every rank exits
-  non-zero. (A collective with the dead rank
-  usually fails sooner; the watchdog also covers ranks waiting on shared memory.)
+  non-zero. (A collective with the dead rank usually fails sooner; the watchdog also covers
+  ranks waiting on shared memory.)
 - **A launcher that is gone** (killed, say: torchrun starts every rank in a session of its own,
   so nothing else would reach them) is seen as the parent process changing, or the rendezvous
   store it hosts going away. The ranks then stop as for a dead rank.
