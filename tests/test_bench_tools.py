@@ -146,3 +146,27 @@ def test_bench_startup_opens_a_gguf_file_with_both_readers(tmp_path, capsys):
     assert "gguf.GGUFReader" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # nothing to measure: --help's error, not a silent run
         bench_startup.main([])
+
+
+def test_suite_cost_counts_every_python_process_of_a_run(tmp_path, capsys):
+    suite_cost = importlib.import_module("suite_cost")
+    tests = tmp_path / "test_tiny.py"
+    tests.write_text(
+        "import subprocess, sys\n\n"
+        "def test_starts_a_child():\n"
+        "    subprocess.run([sys.executable, '-c', 'sum(range(10**6))'], check=True)\n"
+    )
+    out = tmp_path / "cost.json"
+    result = suite_cost.main(["--json", str(out), "--", str(tests)])
+    assert json.loads(out.read_text())["by_kind"] == result["by_kind"]
+    kinds = {r["kind"]: r for r in result["processes"]}
+    assert set(kinds) == {"pytest", "spawned"}  # the child is a `python -c`
+    assert kinds["spawned"]["test"].startswith(f"{tests.name}::test_starts_a_child")
+    logged = sum(r["cpu_s"] for r in result["processes"])
+    assert 0 < logged <= result["total_cpu_s"] + 0.05  # (rusage rounds to the clock tick)
+    assert result["by_kind"]["unlogged"]["cpu_s"] >= 0 and result["exit_code"] == 0
+    assert "pytest exit code 0" in capsys.readouterr().out
+    tests.write_text("def test_fails():\n    assert False\n")
+    with pytest.raises(SystemExit) as failed:  # a failing suite fails the tool
+        suite_cost.main(["--", str(tests)])
+    assert failed.value.code == 1
