@@ -25,7 +25,7 @@ from cp_infer.planner import KV_DTYPES, plan_memory
 
 __all__ = [
     "PUBLISHED", "PlanRecord", "Published", "TierPlan", "plan_prefill", "plan_tiers",
-    "predict_benchmark", "predicted_crossover",
+    "predict_benchmark", "predicted_crossover", "ring_min_tokens",
 ]  # fmt: skip
 
 
@@ -81,6 +81,7 @@ class PlanRecord:
     variant: str
     efficiency: float  # TTFT at CP=1 / (cp * TTFT): 1.0 is perfect scaling
     crossover_miss_rate: float  # pass-Q is faster below this miss rate, at this context
+    ring_min_tokens: int | None  # the shortest prompt the ring prefills faster than one rank
     gemm_s_per_layer: float
     attention_s_per_layer: float
     tp_comm_s_per_layer: float  # the two TP all-reduces
@@ -130,6 +131,37 @@ def predicted_crossover(
     return hi / context
 
 
+def ring_min_tokens(
+    cfg: ModelConfig, prof: Profile, *, cp: int, tp: int | None = None,
+    bytes_per_element: int | None = None, quant: str = "none", max_tokens: int = 1 << 24,
+) -> int | None:  # fmt: skip
+    """The shortest prompt whose modelled prefill on ``cp`` ranks (the ring, pass-KV) takes
+    less time than on one of them: below it, the ring's steps cost more than the split work
+    saves, and a request is better placed on a single rank of the CP group (``serve
+    --ring-min-tokens auto``). None at ``cp == 1``, or when the ring is not faster for any
+    prompt of up to ``max_tokens``."""
+    if cp < 1 or max_tokens < 1:
+        raise ValueError(f"need cp and max_tokens >= 1, got {cp}, {max_tokens}")
+    if cp == 1:
+        return None
+    args = dict(tp=tp or prof.devices_per_host, cached=0, variant="pass-kv",
+                e=bytes_per_element or prof.bytes_per_element, fp8_ffn=_fp8_ffn(quant))  # fmt: skip
+
+    def ring_faster(new: int) -> bool:
+        return _ttft(cfg, prof, cp=cp, new=new, **args)[0] < _ttft(cfg, prof, cp=1, new=new,
+                                                                   **args)[0]  # fmt: skip
+
+    if ring_faster(1):
+        return 1
+    if not ring_faster(max_tokens):
+        return None
+    lo, hi = 1, max_tokens  # the ring slower at lo, faster at hi (its gain grows with length)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ring_faster(mid) else (mid, hi)
+    return hi
+
+
 def plan_prefill(
     cfg: ModelConfig, prof: Profile, *, cp: int, context: int, tp: int | None = None,
     bytes_per_element: int | None = None, quant: str = "none", kv_dtype: str | None = None,
@@ -169,6 +201,8 @@ def plan_prefill(
         efficiency=ttft1 / (cp * ttft),
         crossover_miss_rate=predicted_crossover(cfg, prof, cp=cp, context=context, tp=tp,
                                                 bytes_per_element=e, quant=quant),
+        ring_min_tokens=ring_min_tokens(cfg, prof, cp=cp, tp=tp, bytes_per_element=e,
+                                        quant=quant),
         gemm_s_per_layer=layer.gemm, attention_s_per_layer=layer.attention,
         tp_comm_s_per_layer=layer.tp_comm, comm_s_per_layer=layer.ring_exposed + layer.all2all,
         memory_bytes_per_gpu=memory.total_bytes, fits=memory.fits,

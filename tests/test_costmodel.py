@@ -14,6 +14,7 @@ from cp_infer.costmodel import (
     plan_prefill,
     predict_benchmark,
     predicted_crossover,
+    ring_min_tokens,
 )
 from cp_infer.hardware import PROFILES, Profile, prefill_layer, profile
 from cp_infer.models import get_preset
@@ -100,6 +101,31 @@ def test_plan_command_writes_its_records(tmp_path, capsys):
     assert set(records[0]) >= {"cp", "tp", "context", "ttft_s", "ttit_s", "variant",
                                "efficiency", "memory_bytes_per_gpu", "fits"}  # fmt: skip
     assert "llama3-405b" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("hw", ["h100-rdma", "h100-tcp"])
+def test_the_ring_beats_one_rank_from_the_threshold_plan_prints(hw, capsys):
+    from cp_infer.cli import main
+
+    prof = PROFILES[hw]
+    assert ring_min_tokens(LLAMA_405B, prof, cp=1) is None  # no ring
+    found = {}
+    for cp in (2, 4, 8):
+        n = found[cp] = ring_min_tokens(LLAMA_405B, prof, cp=cp, quant="fp8")
+
+        def ttft(context, cp=cp):
+            return plan_prefill(LLAMA_405B, prof, cp=cp, context=context, quant="fp8").ttft_s
+
+        assert 1 < n < 131072
+        assert ttft(n - 1) >= ttft(n - 1, cp=1) and ttft(n) < ttft(n, cp=1)
+        assert plan_prefill(LLAMA_405B, prof, cp=cp, context=n, quant="fp8").ring_min_tokens == n
+    # more ranks: more ring steps to pay for, so a longer prompt before the ring pays
+    assert found[2] < found[4] < found[8]
+    assert ring_min_tokens(LLAMA_405B, prof, cp=2, quant="fp8", max_tokens=found[2] - 1) is None
+    assert main(["plan", "--preset", "llama3-405b", "--hardware", hw, "--quant", "fp8",
+                 "--context", "131072", "--cp", "1,2"]) == 0  # fmt: skip
+    assert (f"cp=2: the ring prefills a prompt faster than one of its ranks from {found[2]} "
+            "tokens") in capsys.readouterr().out  # fmt: skip
 
 
 # -- a calibrated CPU profile (python -m cp_infer calibrate) ------------------------------------

@@ -166,6 +166,10 @@ def run(args, argv: list[str]) -> int:
         if r.cp > 1:
             print(f"cp={r.cp}: pass-Q is the faster prefill below a miss rate of "
                   f"{100 * r.crossover_miss_rate:.2f}% at {r.context} tokens")  # fmt: skip
+            print(f"cp={r.cp}: " + (
+                f"the ring prefills a prompt faster than one of its ranks from "
+                f"{r.ring_min_tokens} tokens (--ring-min-tokens auto)" if r.ring_min_tokens
+                else "the ring prefills no prompt faster than one of its ranks"))  # fmt: skip
         if not r.fits:
             print(f"cp={r.cp} tp={r.tp}: {r.advice}")
     if args.json:
