@@ -283,21 +283,26 @@ def _serve(loop, api, conn, run_id: str, launched: bool) -> int:
             logger.error("engine loop stopped: %s", error_message(e))
             fail(f"the engine stopped: {error_message(e)}")
 
-    def on_signal(sig, _frame) -> None:  # a launcher also stops the ranks when one failed
-        cause = peer_failure() or dog.dead_peer()
-        if cause is not None:
-            fail(cause)
-        else:
-            link.stop(f"the server is stopping ({signal.Signals(sig).name})")
-
+    # A handler only notes the signal; the loop below acts on it. Acting in the handler
+    # deadlocked: a second signal (DeepSpeed's launcher sends rank 0 one right after the
+    # group's) ran the handler again inside the first one's send, on the link's lock.
+    signals: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+        signal.signal(sig, lambda sig, _frame: signals.append(sig))
     thread = threading.Thread(target=lead, name="engine", daemon=True)
     dog = Watchdog(fail, run_id=run_id, watch_parent=launched)
     thread.start()
     dog.start()
+    told = False
     while thread.is_alive() and not failures and api.is_alive():
         thread.join(timeout=0.2)  # short waits: signals are handled between them
+        if signals and not told:  # a launcher also stops the ranks when one failed
+            told = True
+            cause = peer_failure() or dog.dead_peer()
+            if cause is not None:
+                fail(cause)
+            else:
+                link.stop(f"the server is stopping ({signal.Signals(signals[0]).name})")
     if failures:  # the API process ends the streams with the error, then exits
         api.join(timeout=STOP_GRACE_S)
         dog.stop()
