@@ -117,15 +117,24 @@ def run_api(conn: Connection, settings: ApiSettings) -> None:
 
 
 def make_server(config, on_signal):
-    """uvicorn's server, whose signal handler first calls ``on_signal`` (which ends the live
-    requests) and which does not re-raise the signal once stopped."""
+    """uvicorn's server, whose signal handler first has ``on_signal`` called (which ends the
+    live requests) and which does not re-raise the signal once stopped.
+
+    ``on_signal`` runs on the event loop, not in the handler: the handler may have interrupted
+    the loop's thread inside the frontend's lock, which ``on_signal`` takes too."""
+    import asyncio
+
     import uvicorn
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame) -> None:
             if self.should_exit and sig == signal.SIGINT:
                 self.force_exit = True  # a second Ctrl-C: stop waiting for connections
-            on_signal(signal.Signals(sig).name)
+            name = signal.Signals(sig).name
+            try:
+                asyncio.get_running_loop().call_soon_threadsafe(on_signal, name)
+            except RuntimeError:  # no loop runs (not yet, or no more): nothing holds the lock
+                on_signal(name)
             self.should_exit = True
 
     return Server(config)
