@@ -368,6 +368,37 @@ def test_sigterm_mid_stream_aborts_the_stream_and_stops_every_rank_within_5s(
     assert _left(shm) == []
 
 
+def test_a_signal_that_comes_while_the_api_holds_the_frontends_lock_waits_for_it():
+    """uvicorn's signal handler runs in the event loop's thread, between any two bytecodes:
+    what it calls must not take a lock that thread may hold (it waited on the frontend's)."""
+    import asyncio
+
+    import uvicorn
+
+    from cp_infer.serving.api_process import make_server
+
+    lock, calls = threading.Lock(), []
+
+    def on_signal(name: str) -> None:  # as Frontend.abort_all: under the frontend's lock
+        assert lock.acquire(timeout=5), "the handler waited on a lock its own thread holds"
+        calls.append(name)
+        lock.release()
+
+    server = make_server(uvicorn.Config(app=None), on_signal)
+
+    async def main() -> None:
+        with lock:  # the loop's thread is inside the lock when the signal comes
+            server.handle_exit(signal.SIGTERM, None)
+            assert calls == []
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert calls == ["SIGTERM"] and server.should_exit
+    server.handle_exit(signal.SIGINT, None)  # no loop runs: called at once
+    assert calls == ["SIGTERM", "SIGINT"] and server.force_exit
+
+
 def test_http_runs_in_an_api_process_and_a_sigterm_to_it_stops_every_rank(checkpoint, tmp_path):
     """The HTTP front end is a process of its own (rank 0's child, listening on the port); a
     signal to it aborts the live stream and stops the engine's ranks too."""
