@@ -124,11 +124,16 @@ def predicted_crossover(
         return 0.0
     if q_faster(context):
         return 1.0
-    lo, hi = 1, context  # pass-Q faster at lo, not at hi
+    return _first(lambda new: not q_faster(new), 1, context) / context
+
+
+def _first(holds, lo: int, hi: int) -> int:
+    """The least n in (lo, hi] at which ``holds(n)``, by bisection: it fails at ``lo``, holds
+    at ``hi``, and changes once between."""
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if q_faster(mid) else (lo, mid)
-    return hi / context
+        lo, hi = (lo, mid) if holds(mid) else (mid, hi)
+    return hi
 
 
 def ring_min_tokens(
@@ -155,11 +160,7 @@ def ring_min_tokens(
         return 1
     if not ring_faster(max_tokens):
         return None
-    lo, hi = 1, max_tokens  # the ring slower at lo, faster at hi (its gain grows with length)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if ring_faster(mid) else (mid, hi)
-    return hi
+    return _first(ring_faster, 1, max_tokens)  # (the ring's gain grows with the prompt)
 
 
 def plan_prefill(
