@@ -73,6 +73,17 @@ class RingComm:
         self.stats = CommStats()
         self._pending: list[dist.Work] = []
 
+    @classmethod
+    def alone(cls) -> RingComm:
+        """A ring of this rank only, whatever group it is in: the attention of a batch placed
+        on one rank (nothing travels)."""
+        comm = cls.__new__(cls)
+        comm.group, comm.rank, comm.size = None, 0, 1
+        comm.prev_rank = comm.next_rank = 0
+        comm.stats = CommStats()
+        comm._pending = []
+        return comm
+
     def send_recv(self, send, recv=None):
         """Post ``send`` to the next rank and a receive from the previous one; don't wait.
 

@@ -35,6 +35,9 @@ class _Live:
     admitted: float = 0.0  # perf_counter when it arrived
     before: list[int] = field(default_factory=list)  # generated before it was preempted
     waited: bool = False  # it waited for room in the pool
+    # where it was placed once admitted (a preempted request returns there: its generator's
+    # draws were made there): a CP rank, None (the ring), or "unplaced" before
+    rank: int | str | None = "unplaced"
 
     @property
     def tokens(self) -> list[int]:
@@ -177,10 +180,20 @@ class Admission:
                 f"{self.pool.block_size} per CP rank, {self.kv.available()} available): raise "
                 "--kv-cache-memory or --cp"), done)  # fmt: skip
             return True
+        rank, moved = self._place(x, tokens, holder, shared)
+        if rank is not None and not self._fits_rank(rank, len(tokens) - shared):
+            if self.sched.seqs:
+                return False  # its rank frees blocks as its requests finish
+            rank = None  # (alone, the ring's pools are the most it can get)
         seq, shared, copies = self.kv.start(holder, shared)
         self.cache.copy_tail(copies)  # (the followers copy theirs when they replay the fork)
-        state = SequenceState(seq=seq, history=tokens[:shared], owner=x)
-        x.state = state
+        state = SequenceState(seq=seq, history=tokens[:shared], owner=x, rank=rank)
+        x.state, x.rank = state, rank
+        self.placements["rank" if rank is not None else "ring"] += 1
+        if moved:  # a chat that grew past the threshold: onto the ring
+            self.placements["moved"] += 1
+            logger.info("request %d: %d tokens, its prefix on one rank: moves onto the ring",
+                        x.request.rid, len(tokens))  # fmt: skip
         if not x.before:  # a recomputed request keeps what it reported first
             x.outcome.cached_tokens = shared
         self.stats.prefix_queries += len(tokens)
@@ -188,6 +201,67 @@ class Admission:
         budget = x.request.sampling.max_new_tokens - len(x.before)
         self.sched.admit(state, tokens[shared:], budget, x.request.sampling.eos_ids)
         return True
+
+    # -- placement ----------------------------------------------------------------------------
+    def _place(
+        self, x: _Live, tokens: list[int], holder: int | None, shared: int
+    ) -> tuple[int | None, bool]:
+        """The CP rank ``x`` runs on alone, or None for the ring (see ``ring_min_tokens``), and
+        whether it moves a prefix held on one rank onto the ring.
+
+        A preempted request returns where it ran. A request whose cached prefix is on the ring
+        stays there; one whose prefix is on one rank goes to that rank unless it is now long
+        enough for the ring (the chat moves onto it: the ring attends a prefix wherever it
+        lies). Otherwise the least-loaded rank, by tokens in flight, then KV blocks held."""
+        if x.rank != "unplaced":
+            return x.rank, False
+        cp = self.pool.cp
+        if cp == 1 or not self.placeable or self.ring_min_tokens == 0:
+            return None, False
+        prefix = None
+        if holder is not None and shared:
+            ranks = [r for r, g in enumerate(self.pool.ledgers) if g.count_below(holder, shared)]
+            if len(ranks) > 1:
+                return None, False
+            prefix = ranks[0] if ranks else None
+        if self._ring_wants(len(tokens), len(tokens) - shared, x):
+            return None, prefix is not None
+        if prefix is not None:
+            return prefix, False
+        load = [0] * cp
+        count = [0] * cp
+        for s in self.sched.seqs:
+            if s.rank is not None:
+                context = len(s.history) + len(s.prompt) + len(s.out)
+                load[s.rank] += context + len(s.new) - s.prefilled
+                count[s.rank] += 1
+        used = [self.pool.n_blocks - g.n_free for g in self.pool.ledgers]
+        return min(range(cp), key=lambda r: (load[r], used[r], count[r], r)), False
+
+    def _ring_wants(self, context: int, new: int, x: _Live) -> bool:
+        """Whether a request of ``context`` tokens (``new`` of them to prefill) goes on the
+        ring: it is at least the threshold long, and (``auto``) longer than its share of the
+        group's prefill work in flight (a burst of shorter requests keeps every rank busy
+        spread over them, with no collective), or its KV would not fit one rank."""
+        if context >= self.ring_threshold:
+            if self.ring_min_tokens != "auto":
+                return True
+            waiting = sum(len(w.tokens) for w in self.waiting if w is not x)
+            pending = sum(len(s.new) - s.prefilled for s in self.sched.seqs)
+            if new * self.pool.cp > new + pending + waiting:
+                return True
+        whole = self.kv.blocks_for_tokens_on_one(context + x.request.sampling.max_new_tokens)
+        return whole > self.pool.n_blocks
+
+    def _fits_rank(self, rank: int, tokens: int) -> bool:
+        """Whether ``rank``'s pool holds ``tokens`` more beside the prefills promised there."""
+        g = self.pool.ledgers[rank]
+        promised = sum(
+            self.kv.blocks_for_tokens_on_one(len(s.new) - s.prefilled) if s.rank == rank
+            else self.kv.blocks_for_tokens(len(s.new) - s.prefilled)
+            for s in self.sched.seqs if s.prefilled < len(s.new)
+        )  # fmt: skip
+        return self.kv.blocks_for_tokens_on_one(tokens) + promised <= g.n_free + g.reclaimable
 
     # -- memory -------------------------------------------------------------------------------
     def _preempt(self, done: Done | None) -> bool:

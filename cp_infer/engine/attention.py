@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from cp_infer.attention import ring_attention
+from cp_infer.attention.comm import RingComm
 from cp_infer.attention.kernels import AttentionKernel, torch_cpu_flash
 from cp_infer.attention.merge import merge_into_, merge_partials
 from cp_infer.collectives import Exchange
@@ -50,14 +51,20 @@ class PrefillAttention:
     ) -> None:
         self.batch, self.cp_group, self.cache, self.kernel = batch, cp_group, cache, kernel
         self.prefix_lens, self.store = prefix_lens, store
+        if batch.placed and prefix_lens is not None:  # its cache is on its rank only
+            self.prefix_lens = (prefix_lens[batch.rank],)
 
     def __call__(self, q, k, v, layer_id: int) -> torch.Tensor:
         prefix = None
         if self.prefix_lens is not None:  # earlier turns, read where the cache keeps them
             prefix = self.cache.prefix(layer_id, self.batch.seqs, self.prefix_lens)
+        # a batch placed on this rank attends here alone (a ring of one: the same kernels and
+        # merge, so its results are the ring's whatever the placement)
+        placed = {"comm": RingComm.alone()} if self.batch.placed else {}
         out, _ = ring_attention(
-            q, k, v, self.batch.layout, self.cp_group, variant=self.batch.variant,
-            kernel=self.kernel, prefix=prefix, kv_dtype=self.cache.kv_dtype,
+            q, k, v, self.batch.layout, None if placed else self.cp_group,
+            variant=self.batch.variant, kernel=self.kernel, prefix=prefix,
+            kv_dtype=self.cache.kv_dtype, **placed,
         )  # fmt: skip
         if self.store:
             self.cache.store(layer_id, k, v)

@@ -38,6 +38,9 @@ class StepBatch:
         layout: prefill only: the load-balanced shard layout of the new tokens.
         variant: prefill only: the ring variant (``"pass-kv"`` or ``"pass-q"``).
         owners: decode only: the CP rank that stores each sequence's token (round robin).
+        rank: the CP rank the batch is placed on (its sequences' KV all live there, attention
+            is local, and no CP collective runs for it: the other ranks only keep its books);
+            None: the batch spans the ring.
     """
 
     kind: Literal["prefill", "decode"]
@@ -49,10 +52,15 @@ class StepBatch:
     layout: ShardLayout | None = None
     variant: str | None = None
     owners: tuple[int, ...] | None = None
+    rank: int | None = None
 
     def __post_init__(self) -> None:
         b = len(self.seqs)
         assert len(self.tokens) == b and len(self.starts) == b, "one entry per sequence"
+        if self.rank is not None:
+            assert 0 <= self.rank < self.cp
+            assert self.kind == "decode" or self.layout.cp == 1, "a placed batch is not sharded"
+            assert self.owners is None or set(self.owners) == {self.rank}
         if self.kind == "prefill":
             assert self.layout is not None and self.variant is not None
             assert self.layout.seq_lens == tuple(len(t) for t in self.tokens)
@@ -74,12 +82,22 @@ class StepBatch:
         """Tokens already cached (over all ranks) for the step's sequences."""
         return sum(self.starts)
 
+    @property
+    def placed(self) -> bool:
+        """The batch runs on one CP rank (:attr:`rank`), not over the ring."""
+        return self.rank is not None
+
+    def _shard_rank(self, cp_rank: int) -> int:
+        """Which shard of :attr:`layout` ``cp_rank`` holds (a placed batch's one shard)."""
+        assert self.rank is None or cp_rank == self.rank, "a placed batch runs on its rank only"
+        return 0 if self.rank is not None else cp_rank
+
     def local_tokens(self, cp_rank: int) -> torch.Tensor:
         """(T,) the token ids this CP rank runs: its shard (prefill), or every token (decode)."""
         flat = torch.tensor([t for seq in self.tokens for t in seq], dtype=torch.long, device="cpu")
         if self.kind == "decode":
             return flat.to(self.device)
-        return shard(flat, self.layout, cp_rank).to(self.device)
+        return shard(flat, self.layout, self._shard_rank(cp_rank)).to(self.device)
 
     def positions(self, cp_rank: int) -> torch.Tensor:
         """(T,) the position of each of this CP rank's tokens in its sequence."""
@@ -89,19 +107,22 @@ class StepBatch:
         offsets = torch.repeat_interleave(
             starts, torch.tensor(self.layout.local_lens, device="cpu")
         )
-        return (self.layout.positions(cp_rank) + offsets).to(self.device)
+        return (self.layout.positions(self._shard_rank(cp_rank)) + offsets).to(self.device)
 
     def store_plans(self, cp_rank: int) -> list[StorePlan]:
         """What this CP rank's KV cache keeps of the step's tokens (see :class:`StorePlan`)."""
+        if self.rank is not None and cp_rank != self.rank:
+            return []
         plans = []
-        positions = self.layout.positions(cp_rank) if self.kind == "prefill" else None
+        shard_rank = self._shard_rank(cp_rank)
+        positions = self.layout.positions(shard_rank) if self.kind == "prefill" else None
         for j, seq in enumerate(self.seqs):
             if self.kind == "decode":
                 if self.owners[j] == cp_rank:
                     plans.append(StorePlan(seq, j, (self.starts[j],)))
                 continue
             # a rank's real tokens are a prefix of its segment (ShardLayout.valid_kv_len)
-            n = self.layout.valid_kv_len(j, cp_rank)
+            n = self.layout.valid_kv_len(j, shard_rank)
             local = positions[self.layout.local_slice(j)][:n]
             plans.append(
                 StorePlan(
@@ -124,7 +145,8 @@ class StepBatch:
     def last_tokens(self, cp_rank: int) -> list[tuple[int, int]]:
         """Prefill: (sequence index, local index) of every last new token this rank holds."""
         assert self.kind == "prefill"
-        where = {t: i for i, t in enumerate(self.layout.gather_index(cp_rank).tolist()) if t >= 0}
+        index = self.layout.gather_index(self._shard_rank(cp_rank))
+        where = {t: i for i, t in enumerate(index.tolist()) if t >= 0}
         return [
             (j, where[end - 1])
             for j, end in enumerate(self.layout.seq_offsets[1:])

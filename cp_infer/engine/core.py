@@ -59,6 +59,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from cp_infer import costmodel
 from cp_infer.attention import VARIANTS
 from cp_infer.distributed import RankFailure, announce_failure, error_message, exit_now
 from cp_infer.engine.admission import Admission, _Live
@@ -119,13 +120,23 @@ class EngineCore(Admission, Iterations):
             False: every request prefills its whole prompt (a cold baseline).
         group: the engine's process group (default: the ranks of this model replica,
             ``pg.replica_group``); its rank 0 leads.
+        ring_min_tokens: where requests run. ``0``: every request on the ring (each prefill
+            split over the CP ranks, each decode attended over them). ``N``: a request whose
+            context is at least N tokens runs on the ring, a shorter one on a single CP rank
+            (the least loaded; all its KV there, local attention, no CP collective: the
+            ranks serve such requests data-parallel). ``"auto"``: N is where the hardware
+            model's ring prefill beats one rank's (:func:`cp_infer.costmodel.ring_min_tokens`),
+            and a request that reaches it still runs on one rank while the group's prefill
+            work in flight keeps every rank busy without it (a burst of prompts each shorter
+            than its share). A request whose KV would not fit one rank goes on the ring; a
+            chat's next turn goes where its prefix is, onto the ring when it has grown past N.
     """
 
     def __init__(
         self, runner: ModelRunner, *, max_batch: int = 8, tbt_slo_s: float | None = None,
         costs: StepCosts | None = None, fuse: bool = True, variant: str = "auto",
         prefill_chunk: int | None = None, progress: bool = False, share_prefixes: bool = True,
-        group=None,
+        group=None, ring_min_tokens: int | str = 0,
     ) -> None:  # fmt: skip
         self.configure(variant=variant, prefill_chunk=prefill_chunk, progress=progress)
         self.runner = runner
@@ -160,6 +171,45 @@ class EngineCore(Admission, Iterations):
         self.contain = True
         # long prompts prefilled elsewhere (disaggregated serving): see connect()
         self.remote: RemotePrefills | None = None
+        self.ring_min_tokens, self.ring_threshold = (
+            ring_min_tokens,
+            self._threshold(ring_min_tokens),
+        )
+        # requests may run on one CP rank unless the experts' all-to-all spans the CP ranks
+        self.placeable = self.pg.cp > 1 and not (self.cfg.is_moe and self.pg.ep > 1)
+        self.placements: Counter[str] = Counter()  # "ring", "rank", "moved" (onto the ring)
+
+    def _threshold(self, ring_min_tokens: int | str) -> int:
+        """The context length from which a request goes on the ring (see the class)."""
+        if ring_min_tokens == "auto":
+            if self.pg.cp == 1:
+                return 0
+            n = costmodel.ring_min_tokens(
+                self.cfg, self.runner.hardware, cp=self.pg.cp, tp=self.pg.tp,
+                bytes_per_element=self.runner.dtype.itemsize,
+            )  # fmt: skip
+            n = (1 << 62) if n is None else n
+            if self.leader:
+                logger.info("ring threshold (hardware model %s, cp=%d): %d tokens",
+                            self.runner.hardware.name, self.pg.cp, n)  # fmt: skip
+            return n
+        if not isinstance(ring_min_tokens, int) or ring_min_tokens < 0:
+            raise ValueError(
+                f"ring_min_tokens must be a token count >= 0 or 'auto', got {ring_min_tokens!r}"
+            )
+        return ring_min_tokens
+
+    def placement_stats(self) -> dict[str, object]:
+        """Requests by placement, migrations onto the ring, and each CP rank's load now."""
+        load = [0] * self.pg.cp
+        running = [0] * self.pg.cp
+        for s in self.sched.seqs:
+            ranks = range(self.pg.cp) if s.rank is None else (s.rank,)
+            for r in ranks:
+                running[r] += 1
+                load[r] += (len(s.history) + len(s.prompt) + len(s.out)) // len(ranks)
+        return {**{k: self.placements[k] for k in ("ring", "rank", "moved")},
+                "rank_running": running, "rank_tokens": load}  # fmt: skip
 
     def connect(self, connector: KVConnector) -> None:
         """Prefill prompts of ``connector.min_tokens`` new tokens or more through ``connector``

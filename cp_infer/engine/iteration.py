@@ -14,8 +14,9 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from cp_infer.engine.batch import StepBatch
 from cp_infer.engine.chunking import Estimates, choose_chunk
-from cp_infer.engine.plan import Draws
+from cp_infer.engine.plan import Draws, PlacedPass
 from cp_infer.engine.request import Done, Step
 from cp_infer.engine.scheduler import SequenceState
 from cp_infer.engine.worker import Drawn
@@ -33,18 +34,21 @@ class Iterations:
     def _iteration(self, emit, done: Done | None, on_step, after_layer) -> float | None:
         """One decode step of the running requests and one prefill step of waiting ones, in
         one forward pass when both run (``fuse``), each made to fit the pool first: decided
-        here, sent as one plan, executed on every rank, then recorded. Returns the predicted
-        time of a mixed iteration whose chunk the target sized."""
+        here, sent as one plan, executed on every rank, then recorded. The ring's rows run as
+        the ring's passes; the rows placed on single ranks as each rank's own pass
+        (:class:`~cp_infer.engine.plan.PlacedPass`). Returns the predicted time of a mixed
+        iteration whose chunk the target sized."""
         t0 = time.perf_counter()
         sched, est = self.sched, self.timer.estimates
-        decode = self._fit_decode(done)
-        decoding = sched.decoding if decode is not None else []
+        decodes = self._fit_decode(done)
+        decoding = sched.decoding if decodes else []
         pending = [s for s in sched.seqs if s.prefilled < len(s.new) and not s.done]
-        batch = None
+        prefills: dict[int | None, StepBatch] = {}
         if pending:
-            batch = self._fit_prefill(self._take(pending, est, decoding), decode, done)
-        if decode is None and batch is None:
+            prefills = self._fit_prefill(self._take(pending, est, decoding), decodes, done)
+        if not decodes and not prefills:
             return None
+        decode, batch = decodes.get(None), prefills.get(None)
         fused = self.fuse and decode is not None and batch is not None
         live = self.live
         passes: dict = {"fused": fused}
@@ -56,11 +60,28 @@ class Iterations:
         if batch is not None:
             lives = [live[seq] for seq in batch.seqs]
             rows = sched.prefilled(batch)  # the rows whose prompt this pass finishes
-            asking = [x for x in lives if x.prompt_logprobs]
             passes["prefill"] = batch
             passes["prefill_draws"] = self._draws([lives[r] for r in rows], rows) if rows else None
-            passes["prompt_logprobs"] = bool(asking)
-            passes["prompt_top"] = max((x.request.top_logprobs or 0 for x in asking), default=0)
+            passes["prompt_logprobs"], passes["prompt_top"] = _prompt_asks(lives)
+        placed, placed_rows = [], []
+        for rank in sorted({*decodes, *prefills} - {None}):
+            p_decode, p_prefill = decodes.get(rank), prefills.get(rank)
+            kw: dict = {"rank": rank}
+            if p_decode is not None:
+                kw["decode"] = p_decode
+                kw["decode_draws"] = self._draws([live[seq] for seq in p_decode.seqs],
+                                                 range(p_decode.n_seqs))  # fmt: skip
+            p_rows: list[int] = []
+            if p_prefill is not None:
+                p_lives = [live[seq] for seq in p_prefill.seqs]
+                p_rows = sched.prefilled(p_prefill)
+                kw["prefill"] = p_prefill
+                kw["prefill_draws"] = (self._draws([p_lives[r] for r in p_rows], p_rows)
+                                       if p_rows else None)  # fmt: skip
+                kw["prompt_logprobs"], kw["prompt_top"] = _prompt_asks(p_lives)
+            placed.append(PlacedPass(**kw))
+            placed_rows.append(p_rows)
+        passes["placed"] = tuple(placed)
         plan = self._plan(**passes)
         self.iterations += 1
         t1 = time.perf_counter()
@@ -68,6 +89,20 @@ class Iterations:
         t2 = time.perf_counter()
         self.host_s["decide"] += t1 - t0
         self.host_s["execute"] += t2 - t1
+        for p, p_rows, (p_decode, p_prefill, p_prompt) in zip(
+            placed, placed_rows, result.placed, strict=True
+        ):
+            if p.decode is not None:
+                self._record(p.decode, range(p.decode.n_seqs), p_decode)
+            if p.prefill is not None:
+                self._record_prefill(p.prefill, p_rows, p_prefill, p_prompt)
+        if placed and on_step is not None:
+            on_step(Step(
+                "placed", result.placed_s,
+                prefill_tokens=sum(p.prefill.n_tokens for p in placed if p.prefill is not None),
+                cached_tokens=sum(p.prefill.n_cached for p in placed if p.prefill is not None),
+                decode_tokens=sum(p.decode.n_seqs for p in placed if p.decode is not None),
+            ))  # fmt: skip
         if decode is not None:
             self._record(decode, range(decode.n_seqs), result.decode)
             if not fused:
@@ -77,20 +112,7 @@ class Iterations:
         if batch is None:
             self.host_s["record"] += time.perf_counter() - t2
             return None
-        if result.prompt is not None:
-            prompt = result.prompt
-            for j, x in enumerate(lives):
-                if x.prompt_logprobs:
-                    x.outcome.logprobs += prompt[0][j]
-                    if x.outcome.top_logprobs is not None:  # none computed when no row asks
-                        k = x.request.top_logprobs
-                        tops = prompt[1][j] if prompt[1] is not None else [[]] * len(prompt[0][j])
-                        x.outcome.top_logprobs += [alts[:k] for alts in tops]
-        for row in rows:  # its prompt is cached: later requests may share it
-            state = lives[row].state
-            self.kv.prefilled(state.seq, state.history + state.prompt)
-        if rows:
-            self._record(batch, rows, result.prefill)
+        self._record_prefill(batch, rows, result.prefill, result.prompt)
         seconds = result.prefill_s
         if fused:
             self.timer.mixed(seconds, batch.n_tokens, batch.n_cached)
@@ -107,6 +129,25 @@ class Iterations:
             return None
         return est.iteration_s(self.costs, new=batch.n_tokens, cached=batch.n_cached,
                                **_decode_load(decoding))  # fmt: skip
+
+    def _record_prefill(self, batch: StepBatch, rows: Sequence[int], drawn, prompt) -> None:
+        """A prefill pass's prompt log-probabilities and first tokens into the outcomes; the
+        prompts it finished become shareable."""
+        live = self.live
+        lives = [live[seq] for seq in batch.seqs]
+        if prompt is not None:
+            for j, x in enumerate(lives):
+                if x.prompt_logprobs:
+                    x.outcome.logprobs += prompt[0][j]
+                    if x.outcome.top_logprobs is not None:  # none computed when no row asks
+                        k = x.request.top_logprobs
+                        tops = prompt[1][j] if prompt[1] is not None else [[]] * len(prompt[0][j])
+                        x.outcome.top_logprobs += [alts[:k] for alts in tops]
+        for row in rows:  # its prompt is cached: later requests may share it
+            state = lives[row].state
+            self.kv.prefilled(state.seq, state.history + state.prompt)
+        if rows:
+            self._record(batch, rows, drawn)
 
     def _draws(self, lives: Sequence[_Live], rows: Sequence[int]) -> Draws:
         """What the workers draw for ``rows`` (the requests ``lives``) and share of them."""
@@ -142,39 +183,49 @@ class Iterations:
                 if x.outcome.top_logprobs is not None:
                     x.outcome.top_logprobs.append(drawn.alternatives[j][: x.request.top_logprobs])
 
-    def _fit_decode(self, done: Done | None):
-        """The decode step of the running requests, once every rank's pool has room for its
-        tokens (retained sequences evicted, else the latest requests preempted); None if none
-        decodes."""
+    def _fit_decode(self, done: Done | None) -> dict[int | None, StepBatch]:
+        """The decode steps of the running requests, by placement (None: the ring's), once
+        every rank's pool has room for their tokens (retained sequences evicted, else the
+        latest requests preempted); empty if none decodes."""
         while self.sched.decoding:
-            batch = self.sched.decode_batch()
-            if self.kv.reclaim(self.kv.needs(batch)):
-                return batch
+            batches = {}
+            for where in self.sched.placements():
+                batch = self.sched.decode_batch(where)
+                if batch is not None:
+                    batches[where] = batch
+            if self.kv.reclaim(self.kv.needs(*batches.values())):
+                return batches
             self._preempt(done)
-        return None
+        return {}
 
-    def _fit_prefill(self, take: dict[int, int], decode, done: Done | None):
-        """The prefill step of ``take``, trimmed to what the pools hold beside the ``decode``
-        step's tokens (one pass or two, the iteration stores both). While requests decode, the
-        prompts that do not fit wait for them; when none decode, the latest requests are
-        preempted. None: no prefill this iteration."""
+    def _fit_prefill(
+        self, take: dict[int, int], decodes: dict, done: Done | None
+    ) -> dict[int | None, StepBatch]:
+        """The prefill steps of ``take``, by placement, trimmed to what the pools hold beside
+        the ``decodes`` (one pass or two, the iteration stores both). While requests decode,
+        the prompts that do not fit wait for them; when none decode, the latest requests are
+        preempted. Empty: no prefill this iteration."""
         take = dict(take)
-        extra = [] if decode is None else [decode]
+        extra = list(decodes.values())
         while take:
-            batch = self.sched.prefill_batch(
-                lambda new, cached: self.runner.resolve_variant(self.variant, new, cached),
-                take=take,
-            )
-            if self.kv.reclaim(self.kv.needs(batch, *extra)):
-                return batch
-            if decode is not None:
+            batches = {}
+            for where in self.sched.placements():
+                batch = self.sched.prefill_batch(
+                    lambda new, cached: self.runner.resolve_variant(self.variant, new, cached),
+                    take=take, rank=where,
+                )  # fmt: skip
+                if batch is not None:
+                    batches[where] = batch
+            if self.kv.reclaim(self.kv.needs(*batches.values(), *extra)):
+                return batches
+            if decodes:
                 take.popitem()  # the latest prompt waits
                 continue
             if not self._preempt(done):
-                return None
+                return {}
             running = {s.seq for s in self.sched.seqs}
             take = {seq: n for seq, n in take.items() if seq in running}
-        return None
+        return {}
 
     def _take(self, pending, est: Estimates, decoding) -> dict[int, int]:
         """Tokens each waiting prompt prefills this iteration, first come first served."""
@@ -199,6 +250,12 @@ class Iterations:
             if budget is not None:
                 budget -= n
         return take
+
+
+def _prompt_asks(lives: Sequence[_Live]) -> tuple[bool, int]:
+    """Whether a prefill returns prompt log-probabilities, and how many alternatives."""
+    asking = [x for x in lives if x.prompt_logprobs]
+    return bool(asking), max((x.request.top_logprobs or 0 for x in asking), default=0)
 
 
 def _decode_load(decoding: Sequence[SequenceState]) -> dict[str, int]:

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 
 from cp_infer.engine.kv_pool import KVPool, PoolFull
 from cp_infer.engine.request import PoolStats
+from cp_infer.engine.sizing import blocks_for_tokens
 
 __all__ = ["Copy", "KVCacheManager", "PoolStats", "PrefixIndex", "common_prefix"]
 
@@ -171,6 +172,10 @@ class KVCacheManager:
     def blocks_for_tokens(self, tokens: int) -> int:
         """Blocks ``tokens`` of one new sequence take on the rank that gets most of them."""
         return self.pool.blocks_for_tokens(tokens)
+
+    def blocks_for_tokens_on_one(self, tokens: int) -> int:
+        """Blocks ``tokens`` of one new sequence take when they all lie on one rank."""
+        return blocks_for_tokens(tokens, 1, self.pool.block_size)
 
     def needs(self, *batches) -> list[int]:
         """New blocks each CP rank's pool needs to store the tokens of ``batches``

@@ -15,7 +15,9 @@ scheduler. A plan carries:
   as :class:`~cp_infer.engine.batch.StepBatch` es: the slots, positions and variant follow
   from them and the books;
 - per pass, the rows whose next token is drawn (:class:`Draws`): the requests, how many
-  tokens each generated so far, and which log-probabilities to share.
+  tokens each generated so far, and which log-probabilities to share;
+- the rows placed on single CP ranks (:class:`PlacedPass`): each rank runs its own, and the
+  others only keep their books.
 
 Requests that continue cost only their row in a batch: their sampling parameters and
 generators stay with the workers.
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from cp_infer.engine.batch import StepBatch
 from cp_infer.engine.params import SamplingConfig
 
-__all__ = ["Control", "Draws", "KVOp", "StepPlan"]
+__all__ = ["Control", "Draws", "KVOp", "PlacedPass", "StepPlan"]
 
 #: One change to the KV cache's books, as the leader made it:
 #:
@@ -70,6 +72,29 @@ class Draws:
 
 
 @dataclass(frozen=True)
+class PlacedPass:
+    """The rows of one iteration placed on one CP rank (each request's KV wholly there): its
+    decodes and prefill chunks, run by that rank alone as one pass (the other ranks only keep
+    its books), with local attention and no CP collective.
+
+    Attributes:
+        rank: the CP rank that runs it.
+        decode, decode_draws: its decode batch (placed on ``rank``) and rows' draws, or None.
+        prefill, prefill_draws: its prefill batch (placed on ``rank``) and the rows whose prompt
+            it finishes, or None.
+        prompt_logprobs, prompt_top: as :class:`StepPlan`'s, for its prefill.
+    """
+
+    rank: int
+    decode: StepBatch | None = None
+    decode_draws: Draws | None = None
+    prefill: StepBatch | None = None
+    prefill_draws: Draws | None = None
+    prompt_logprobs: bool = False
+    prompt_top: int = 0
+
+
+@dataclass(frozen=True)
 class StepPlan:
     """One iteration, as every rank executes it (picklable; see the module docstring).
 
@@ -82,6 +107,8 @@ class StepPlan:
         prefill: the prefill pass (chunks of waiting prompts), or None.
         prefill_draws: the rows whose prompt it finishes (None: it finishes none).
         fused: both passes run as one (``ModelRunner.step_mixed``).
+        placed: the rows placed on single CP ranks (one :class:`PlacedPass` per rank that has
+            any), run after the ring's passes.
         prompt_logprobs: the prefill also returns its prompt tokens' log-probabilities, with
             ``prompt_top`` alternatives each.
         progress: a per-layer progress bar on a long prefill.
@@ -100,6 +127,7 @@ class StepPlan:
     prefill: StepBatch | None = None
     prefill_draws: Draws | None = None
     fused: bool = False
+    placed: tuple[PlacedPass, ...] = ()
     prompt_logprobs: bool = False
     prompt_top: int = 0
     progress: bool = False
@@ -110,7 +138,7 @@ class StepPlan:
     def passes(self) -> int:
         """Forward passes it runs."""
         n = (self.decode is not None) + (self.prefill is not None)
-        return 1 if self.fused else n
+        return (1 if self.fused else n) + bool(self.placed)
 
 
 @dataclass(frozen=True)

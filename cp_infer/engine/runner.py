@@ -205,6 +205,8 @@ class ModelRunner:
                 batch, pg.cp_group, self.cache, kernel=self.kernel,
                 prefix_lens=self._prefix_lens(batch) if batch.n_cached else None,
             )  # fmt: skip
+        elif batch.placed:  # this rank's own decodes: local attention, no exchange
+            attention = DecodeAttention(batch, self.cache, None, self.kernel)
         else:
             n_local_heads = next(iter(self.model.layers.values())).attention.n_local_heads
             partials = 4 * n_local_heads * batch.n_seqs * (self.cfg.head_dim + 1)
@@ -273,8 +275,9 @@ class ModelRunner:
         """
         assert prefill.kind == "prefill" and decode.kind == "decode"
         assert not set(prefill.seqs) & set(decode.seqs), "a sequence is in one of the two"
+        assert prefill.rank == decode.rank, "both on the ring, or both on this rank"
         pg = self.pg
-        if self.cfg.is_moe and pg.ep > 1 and pg.cp > 1:
+        if self.cfg.is_moe and pg.ep > 1 and pg.cp > 1 and not prefill.placed:
             # decode routes each token from one CP rank only (TokenSplit), prefill from its
             # shard's: two passes
             out = self.step(prefill, prompt_logprobs=prompt_logprobs, prompt_top=prompt_top)
@@ -286,9 +289,11 @@ class ModelRunner:
             for p, dp in zip(prefill.all_store_plans, decode.all_store_plans, strict=True)
         ])  # fmt: skip
         n_local_heads = next(iter(self.model.layers.values())).attention.n_local_heads
-        exchange = self._decode_exchange(
-            4 * n_local_heads * decode.n_seqs * (self.cfg.head_dim + 1)
-        )
+        exchange = None
+        if not decode.placed:
+            exchange = self._decode_exchange(
+                4 * n_local_heads * decode.n_seqs * (self.cfg.head_dim + 1)
+            )
         attention = MixedAttention(
             PrefillAttention(
                 prefill, pg.cp_group, self.cache, kernel=self.kernel, store=False,
@@ -320,13 +325,24 @@ class ModelRunner:
         out.logits, out.decode_logits = logits[: prefill.n_seqs], logits[prefill.n_seqs :]
         return out
 
+    def keep_books(self, prefill: StepBatch | None, decode: StepBatch | None) -> None:
+        """A pass placed on another CP rank: its tokens go into that rank's books here, as the
+        pass (:meth:`step` or :meth:`step_mixed`) lays them out there, and nothing runs."""
+        plans = [[] for _ in range(self.pg.cp)]
+        for batch in (prefill, decode):
+            if batch is not None:
+                for r, mine in enumerate(batch.all_store_plans):
+                    plans[r] += mine
+        self.cache.plan(plans)
+        self.cache.commit()
+
     def _prompt_logprobs(self, h: torch.Tensor, batch: StepBatch, top: int = 0) -> StepOutput:
         """Per sequence, the log-probability of each new token after the first, given the
         ones before it (Megatron's ``logprobs``), on every rank of the last stage; with
         ``top``, the ``top`` most likely tokens at each of those positions."""
         pg = self.pg
         flat = torch.tensor([t for seq in batch.tokens for t in seq], dtype=torch.long)
-        index = batch.layout.gather_index(pg.cp_rank)  # packed index of each local token
+        index = batch.layout.gather_index(0 if batch.placed else pg.cp_rank)  # packed index
         ends = torch.tensor(batch.layout.seq_offsets[1:])
         # a token predicts the next one of its sequence; the last (and padding) predict nothing
         has_next = (index >= 0) & ~torch.isin(index + 1, ends)
@@ -355,7 +371,7 @@ class ModelRunner:
     def _gather_tokens(self, mine: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """Per-token values of this CP rank's shard -> the whole packed batch's, on the CPU."""
         parts = [mine]
-        if self.pg.cp > 1:
+        if self.pg.cp > 1 and not batch.placed:
             parts = [torch.empty_like(mine, device=self.device) for _ in range(self.pg.cp)]
             dist.all_gather(parts, mine.to(self.device), group=self.pg.cp_group)
             parts = [x.cpu() for x in parts]
@@ -419,7 +435,7 @@ class ModelRunner:
         out = torch.zeros(batch.n_seqs, h.shape[-1], dtype=h.dtype, device=h.device)
         for j, i in batch.last_tokens(self.pg.cp_rank):
             out[j] = h[i]
-        if self.pg.cp > 1:  # exactly one rank contributes each row: a sum of it and zeros
+        if self.pg.cp > 1 and not batch.placed:  # one rank contributes each row: a sum
             parts = self._decode_exchange(out.numel() * out.element_size()).all_gather(out)
             out = torch.stack(parts).sum(0)
         return out

@@ -46,6 +46,8 @@ class SequenceState:
         max_new: this turn's token budget.
         eos_ids: tokens that end this turn.
         prefilled: this turn's new tokens already prefilled.
+        rank: the CP rank the turn is placed on (its KV all there, its passes run there
+            alone); None: it runs on the ring.
         owner: whoever runs the turn keeps its record here (the engine core: the request, its
             outcome and generator), so the scheduler's sequences are the one registry of what
             runs.
@@ -62,6 +64,7 @@ class SequenceState:
     max_new: int = 0
     eos_ids: Collection[int] = ()
     prefilled: int = 0  # this turn's new tokens already prefilled (chunked prefill)
+    rank: int | None = None  # placed on this CP rank; None: the ring
     owner: Any = field(default=None, repr=False)  # the engine core's record of this turn
 
     @property
@@ -99,8 +102,9 @@ class Scheduler:
         self.seqs.append(state)
 
     def prefill_batch(
-        self, variant: str | Callable[[int, int], str], *, take: Mapping[int, int]
-    ) -> StepBatch:
+        self, variant: str | Callable[[int, int], str], *, take: Mapping[int, int],
+        rank: int | None = None,
+    ) -> StepBatch | None:  # fmt: skip
         """The next prefill step: ``take[seq]`` more new tokens of each sequence in it, over
         what is cached, its earlier chunks included; the others sit the step out.
 
@@ -108,21 +112,29 @@ class Scheduler:
             variant: the ring variant, or a function of (new tokens, cached tokens) choosing it
                 (per chunk: later chunks see more cache).
             take: the tokens each sequence (by id) prefills this step.
+            rank: the batch of the sequences placed on this CP rank (None: of the ring's);
+                None is returned when it has none.
         """
         rows = [j for j, s in enumerate(self.seqs)
-                if s.prefilled < len(s.new) and take.get(s.seq, 0) > 0]  # fmt: skip
+                if s.prefilled < len(s.new) and take.get(s.seq, 0) > 0
+                and s.rank == rank]  # fmt: skip
+        if not rows:
+            return None
         tokens, starts = [], []
         for j in rows:
             s = self.seqs[j]
             step = min(take[s.seq], len(s.new) - s.prefilled)
             tokens.append(tuple(s.new[s.prefilled : s.prefilled + step]))
             starts.append(s.cached + s.prefilled)
-        if callable(variant):
+        if rank is not None:  # one rank attends alone: a ring of one
+            variant = "pass-kv"
+        elif callable(variant):
             variant = variant(sum(len(t) for t in tokens), sum(starts))
         return StepBatch(
             kind="prefill", seqs=tuple(self.seqs[j].seq for j in rows), tokens=tuple(tokens),
-            starts=tuple(starts), cp=self.cp, device=self.device,
-            layout=ShardLayout([len(t) for t in tokens], self.cp), variant=variant,
+            starts=tuple(starts), cp=self.cp, device=self.device, rank=rank,
+            layout=ShardLayout([len(t) for t in tokens], 1 if rank is not None else self.cp),
+            variant=variant,
         )  # fmt: skip
 
     def prefilled(self, batch: StepBatch) -> list[int]:
@@ -137,9 +149,14 @@ class Scheduler:
                 finished.append(row)
         return finished
 
-    def decode_batch(self) -> StepBatch:
-        """One token per running sequence (wholly prefilled, not done): its last one."""
-        seqs = self.decoding
+    def decode_batch(self, rank: int | None = None) -> StepBatch | None:
+        """One token per running sequence (wholly prefilled, not done): its last one; of the
+        ring's sequences, or (``rank``) of those placed on that CP rank. None: it has none."""
+        seqs = [s for s in self.decoding if s.rank == rank]
+        if not seqs:
+            return None
+        owners = (tuple(decode_owner(s.seq, s.decode_steps, self.cp) for s in seqs)
+                  if rank is None else (rank,) * len(seqs))  # fmt: skip
         return StepBatch(
             kind="decode",
             seqs=tuple(s.seq for s in seqs),
@@ -147,7 +164,15 @@ class Scheduler:
             starts=tuple(len(s.history) + len(s.prompt) + len(s.out) - 1 for s in seqs),
             cp=self.cp,
             device=self.device,
-            owners=tuple(decode_owner(s.seq, s.decode_steps, self.cp) for s in seqs),
+            owners=owners,
+            rank=rank,
+        )
+
+    def placements(self) -> list[int | None]:
+        """Where the running sequences are: the ring (None) first, then the ranks in order."""
+        ranks = {s.rank for s in self.seqs}
+        return (
+            [None, *sorted(r for r in ranks if r is not None)] if None in ranks else sorted(ranks)
         )
 
     @property

@@ -63,6 +63,9 @@ class PlanResult:
         prompt: with ``prompt_logprobs``, the prefill's (logprobs, top alternatives) per row.
         decode_s, prefill_s: wall time of each pass with its draws (a fused pass: all of it in
             ``prefill_s``).
+        placed: per :class:`~cp_infer.engine.plan.PlacedPass` of the plan, its decode's and
+            prefill's draws and prompt log-probabilities (gathered from the rank that ran it).
+        placed_s: wall time of the placed passes here, their exchange of tokens included.
     """
 
     decode: Drawn | None = None
@@ -70,6 +73,8 @@ class PlanResult:
     prompt: tuple | None = None
     decode_s: float = 0.0
     prefill_s: float = 0.0
+    placed: list[tuple[Drawn | None, Drawn | None, tuple | None]] = field(default_factory=list)
+    placed_s: float = 0.0
 
 
 class Worker:
@@ -137,7 +142,122 @@ class Worker:
                         self.first_logits[rid] = out.logits[row].float().clone()
             result.prefill = self._draw(draws, out.logits, plan.contain, emit)
             result.prefill_s = time.perf_counter() - t0
+        if plan.placed:
+            t0 = time.perf_counter()
+            result.placed = self._run_placed(plan, emit)
+            result.placed_s = time.perf_counter() - t0
         return result
+
+    # -- rows placed on single ranks ------------------------------------------------------------
+    def _run_placed(self, plan: StepPlan, emit: Emit | None) -> list[tuple]:
+        """Each rank runs its own placed pass and keeps the books of the others' (in the plan's
+        order, so every rank's ledgers stay alike); then one exchange over the CP group brings
+        every placed row's token (and log-probabilities) to every rank."""
+        runner, me = self.runner, self.runner.pg.cp_rank
+        mine: list[tuple[Drawn | None, Drawn | None, tuple | None]] = []
+        kept: dict[int, torch.Tensor] = {}
+        for p in plan.placed:
+            if p.rank != me:
+                runner.keep_books(p.prefill, p.decode)
+                mine.append((None, None, None))
+                continue
+            kw = {"prompt_logprobs": p.prompt_logprobs, "prompt_top": p.prompt_top}
+            if p.prefill is not None and p.decode is not None:
+                out = runner.step_mixed(p.prefill, p.decode, **kw)
+                decode_logits = out.decode_logits
+            else:
+                decode_logits = None if p.decode is None else runner.step(p.decode).logits
+                out = None if p.prefill is None else runner.step(p.prefill, **kw)
+            decode = self._draw(p.decode_draws, decode_logits, plan.contain, None)
+            prefill, prompt = None, None
+            if out is not None:
+                if p.prompt_logprobs:
+                    prompt = runner.share_object((out.prompt_logprobs, out.prompt_top_logprobs))
+                draws = p.prefill_draws
+                if draws is not None and out.logits is not None:
+                    for row, rid in zip(draws.rows, draws.rids, strict=True):
+                        if rid in draws.keep_logits:
+                            kept[rid] = out.logits[row].float().clone()
+                prefill = self._draw(draws, out.logits, plan.contain, None)
+            mine.append((decode, prefill, prompt))
+        results = self._share_placed(plan, mine, kept)
+        if emit is not None:
+            for p, (decode, prefill, _) in zip(plan.placed, results, strict=True):
+                for draws, drawn in ((p.decode_draws, decode), (p.prefill_draws, prefill)):
+                    if drawn is not None:
+                        self._emit(draws, drawn, emit)
+        return results
+
+    def _share_placed(self, plan: StepPlan, mine: list[tuple], kept: dict) -> list[tuple]:
+        """Every placed pass's draws on every rank: one exchange of a float64 table (a row per
+        drawn row: token, its log-probability, the alternatives' ids and log-probabilities),
+        and only when needed (a failed row, prompt log-probabilities, kept logits) one of
+        objects."""
+        runner = self.runner
+        if runner.pg.cp == 1:
+            self.first_logits.update(kept)
+            return mine
+        top = max((d.top for p in plan.placed for d in (p.decode_draws, p.prefill_draws)
+                   if d is not None), default=0)  # fmt: skip
+        slots = [d for p in plan.placed for d in (p.decode_draws, p.prefill_draws)]
+        n = sum(len(d.rows) for d in slots if d is not None)
+        table = torch.zeros(n, 2 + 2 * top, dtype=torch.float64)
+        at, where = 0, []
+        for p, drawn_pair in zip(plan.placed, mine, strict=True):
+            for d, drawn in zip((p.decode_draws, p.prefill_draws), drawn_pair[:2], strict=True):
+                if d is None:
+                    where.append(None)
+                    continue
+                where.append((at, len(d.rows), p.rank))
+                if drawn is not None:
+                    rows = table[at : at + len(d.rows)]
+                    rows[:, 0] = torch.tensor(drawn.tokens, dtype=torch.float64)
+                    if drawn.chosen is not None:
+                        rows[:, 1] = torch.tensor(drawn.chosen, dtype=torch.float64)
+                        for j, alts in enumerate(drawn.alternatives):
+                            for i, (tid, lp) in enumerate(alts[:top]):
+                                rows[j, 2 + i], rows[j, 2 + top + i] = tid, lp
+                at += len(d.rows)
+        exchange = runner._decode_exchange(max(table.numel() * 8, 8))
+        parts = exchange.all_gather(table.to(runner.device))
+        rare = any(p.prompt_logprobs for p in plan.placed) or bool(
+            plan.placed and any(d.keep_logits for d in slots if d is not None)
+        )
+        failed_any = any(bool((part[:, 0] < 0).any()) for part in parts)
+        objects = None
+        if rare or failed_any:  # (every rank computes the same test from the same table)
+            objects = [None] * runner.pg.cp
+            mine_objects = ([(x[0].failed if x[0] else None, x[1].failed if x[1] else None, x[2])
+                             for x in mine], kept)  # fmt: skip
+            torch.distributed.all_gather_object(objects, mine_objects, group=runner.pg.cp_group)
+            for _, theirs in objects:
+                self.first_logits.update(theirs)
+        results, k = [], 0
+        for i, p in enumerate(plan.placed):
+            pair = []
+            for j, d in enumerate((p.decode_draws, p.prefill_draws)):
+                spot = where[k]
+                k += 1
+                if spot is None:
+                    pair.append(None)
+                    continue
+                a, m, rank = spot
+                rows = parts[rank][a : a + m].cpu()
+                tokens = [int(t) for t in rows[:, 0].tolist()]
+                failed = {} if objects is None else (objects[rank][0][i][j] or {})
+                chosen = alternatives = None
+                if d.logprobs:
+                    chosen = rows[:, 1].tolist()
+                    alternatives = [
+                        [(int(t), lp) for t, lp in zip(r[2 : 2 + d.top].tolist(),
+                                                       r[2 + top : 2 + top + d.top].tolist(),
+                                                       strict=True)]
+                        for r in rows
+                    ]  # fmt: skip
+                pair.append(Drawn(tokens, failed, chosen, alternatives))
+            prompt = None if objects is None else objects[p.rank][0][i][2]
+            results.append((*pair, prompt))
+        return results
 
     def apply(self, ops: Sequence[tuple]) -> None:
         """Replay the leader's changes to the books and copy forked tails (followers: the
@@ -208,14 +328,18 @@ class Worker:
             failed = runner.share_object(failed)
         drawn = Drawn(tokens, failed, chosen, alternatives)
         if emit is not None:
-            events = []
-            for j, (rid, t, k) in enumerate(zip(draws.rids, tokens, draws.tops, strict=True)):
-                if t >= 0:
-                    logprob = None if k is None else (chosen[j], alternatives[j][:k])
-                    events.append((rid, t, logprob))
-            if events:
-                emit(events)  # one message for the pass's tokens, not one per token
+            self._emit(draws, drawn, emit)
         return drawn
+
+    @staticmethod
+    def _emit(draws: Draws, drawn: Drawn, emit: Emit) -> None:
+        events = []
+        for j, (rid, t, k) in enumerate(zip(draws.rids, drawn.tokens, draws.tops, strict=True)):
+            if t >= 0:
+                logprob = None if k is None else (drawn.chosen[j], drawn.alternatives[j][:k])
+                events.append((rid, t, logprob))
+        if events:
+            emit(events)  # one message for the pass's tokens, not one per token
 
     def _sample(self, logits, draws: Draws, contain: bool) -> tuple[torch.Tensor, dict]:
         """All rows in one pass; if that fails, row by row: a row whose sampling fails gets -1

@@ -1,0 +1,143 @@
+"""Each request runs where it pays: on a single CP rank (data-parallel over the group's ranks,
+local attention, no CP collective) or across the ring, and a chat that grows moves onto it.
+
+- A request's tokens and logits are the same placed on one rank, on the ring, or moved
+  between them, at cp2 and tp2 x cp2, dense and MoE.
+- Every rank's books end block for block as the leader's, whichever rank ran what.
+- The least-loaded rank gets each short request; a long one and one that grows go on the ring.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+TIMEOUT = 240
+
+
+def _engine(preset: str, layout: dict, **kw):
+    from cp_infer.checkpoint import RandomSource, load_weights
+    from cp_infer.engine import ModelRunner
+    from cp_infer.engine.core import EngineCore
+    from cp_infer.models import get_preset
+    from cp_infer.parallel import parallelize
+    from parallel_state import parallel_groups
+
+    cfg = get_preset(preset)
+    groups = parallel_groups(**layout, timeout_s=60)
+    pg = groups.__enter__()
+    model = parallelize(cfg, pg, torch.float32)
+    load_weights(model, RandomSource(0, cfg))
+    runner = ModelRunner(model, pg, kv_tokens=kw.pop("kv_tokens", 1024),
+                         kv_block_size=kw.pop("block", 16))  # fmt: skip
+    return groups, EngineCore(runner, **kw), cfg
+
+
+def _requests(cfg, lens, max_new=6, seed=0):
+    from cp_infer.engine import SamplingConfig
+    from cp_infer.engine.core import Request
+
+    g = random.Random(seed)
+    return [
+        Request(j, tuple(g.randrange(1, cfg.vocab_size) for _ in range(n)),
+                SamplingConfig(max_new_tokens=max_new, temperature=0.8 if j % 2 else 0.0,
+                               seed=j), first_logits=True)
+        for j, n in enumerate(lens)
+    ]  # fmt: skip
+
+
+def _burst_rank(preset: str, layout: dict, ring_min_tokens, lens) -> dict:
+    groups, engine, cfg = _engine(preset, layout, ring_min_tokens=ring_min_tokens, max_batch=8)
+    try:
+        requests = _requests(cfg, lens)
+        outcomes, steps = engine.run(requests)
+        books = [(g.n_free, {s: (t.blocks, t.n) for s, t in g.tables.items()})
+                 for g in engine.pool.ledgers]  # fmt: skip
+        return {
+            "tokens": [o.tokens for o in outcomes],
+            "logits": [o.first_logits for o in outcomes],
+            "kinds": sorted({s.kind for s in steps}),
+            "placements": engine.placement_stats() if engine.leader else None,
+            "books": books,
+        }
+    finally:
+        groups.__exit__(None, None, None)
+
+
+LENS = [37, 5, 60, 12, 90, 23, 48, 7, 300, 260]
+
+
+@pytest.mark.parametrize(("preset", "layout", "world"), [
+    ("tiny-llama", {"cp": 2}, 2),
+    ("tiny-moe", {"cp": 2}, 2),
+    ("tiny-llama", {"tp": 2, "cp": 2}, 4),
+], ids=["cp2", "moe-cp2", "tp2xcp2"])  # fmt: skip
+def test_short_requests_placed_on_ranks_and_long_ones_on_the_ring_give_the_ring_s_tokens(
+    dist_pool, preset, layout, world
+):
+    pool = dist_pool(world)
+    ring = pool.run(_burst_rank, preset, layout, 0, LENS, timeout_s=TIMEOUT)
+    mixed = pool.run(_burst_rank, preset, layout, 200, LENS, timeout_s=TIMEOUT)
+    alone = pool.run(_burst_rank, preset, layout, 1 << 30, LENS, timeout_s=TIMEOUT)
+    assert ring[0]["placements"]["rank"] == 0 and ring[0]["placements"]["ring"] == len(LENS)
+    assert mixed[0]["placements"]["ring"] == 2 and mixed[0]["placements"]["rank"] == 8
+    assert alone[0]["placements"]["ring"] == 0
+    assert "placed" in mixed[0]["kinds"] and "placed" not in ring[0]["kinds"]
+    for run in (mixed, alone):
+        for r in run:
+            assert r["tokens"] == ring[0]["tokens"]
+            assert r["books"] == run[0]["books"]  # every rank's books alike
+        for a, b in zip(run[0]["logits"], ring[0]["logits"], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def _chat_rank(layout: dict, ring_min_tokens) -> dict:
+    from dataclasses import replace
+
+    groups, engine, cfg = _engine("tiny-llama", layout, ring_min_tokens=ring_min_tokens)
+    try:
+        first = _requests(cfg, [40], max_new=8)[0]
+
+        def holders(o) -> int:  # on how many CP ranks the sequence's KV lies now
+            return sum(1 for g in engine.pool.ledgers if g.tokens(o.seq))
+
+        (a,), _ = engine.run([first])
+        held = [holders(a)]
+        g = random.Random(5)
+        turn = tuple(g.randrange(1, cfg.vocab_size) for _ in range(70))
+        second = replace(first, rid=1, tokens=(*first.tokens, *a.tokens, *turn))
+        (b,), _ = engine.run([second])
+        held.append(holders(b))
+        third = replace(first, rid=2, tokens=(*second.tokens, *b.tokens, 3, 4, 5))
+        (c,), _ = engine.run([third])
+        held.append(holders(c))
+        return {
+            "tokens": [o.tokens for o in (a, b, c)],
+            "logits": [o.first_logits for o in (a, b, c)],
+            "cached": [o.cached_tokens for o in (a, b, c)],
+            "prompt": [o.prompt_tokens for o in (a, b, c)],
+            "holders": held,
+            "placements": engine.placement_stats() if engine.leader else None,
+        }
+    finally:
+        groups.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize(("layout", "world"), [({"cp": 2}, 2), ({"tp": 2, "cp": 2}, 4)],
+                         ids=["cp2", "tp2xcp2"])  # fmt: skip
+def test_a_chat_that_grows_past_the_threshold_moves_onto_the_ring_with_its_cache(
+    dist_pool, layout, world
+):
+    pool = dist_pool(world)
+    ring = pool.run(_chat_rank, layout, 0, timeout_s=TIMEOUT)[0]
+    moved = pool.run(_chat_rank, layout, 100, timeout_s=TIMEOUT)[0]
+    # turn 1 (40 tokens) on one rank; turn 2 (its 48 and 70 new: 118) crosses 100
+    assert moved["placements"]["rank"] == 1 and moved["placements"]["moved"] == 1
+    assert moved["holders"] == [1, 2, 2] and ring["holders"] == [2, 2, 2]
+    assert moved["tokens"] == ring["tokens"]
+    # only the new turns were prefilled: each found its history cached where it lay
+    assert moved["cached"] == ring["cached"] and moved["cached"][1] == 40 + 8 - 1
+    for a, b in zip(moved["logits"], ring["logits"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
