@@ -310,13 +310,18 @@ def run_pressure(url, args) -> tuple[list[dict], float]:
 
 
 def scrape(url: str) -> dict[str, float]:
-    """cp_infer's unlabeled ``/metrics`` samples ({} for a server without them)."""
+    """cp_infer's unlabeled ``/metrics`` samples, and the placement counts as
+    ``cp_infer_requests_placed_total:ring`` and ``:rank`` ({} for a server without them)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
         text = httpx.get(url + "/metrics", timeout=30).text
-        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
-                if not s.labels}  # fmt: skip
+        samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+        out = {s.name: s.value for s in samples if not s.labels}
+        for s in samples:  # the placement counts, by placement
+            if s.name == "cp_infer_requests_placed_total":
+                out[f"{s.name}:{s.labels['placement']}"] = s.value
+        return out
     except (httpx.HTTPError, ValueError):
         return {}
 
@@ -362,6 +367,9 @@ def summarize(args, results: list[dict], wall: float, counted: dict | None = Non
         "prefilled_tokens": (counted or {}).get("prefill_tokens_total"),
         "preemptions": (counted or {}).get("num_preemptions_total"),
         "waits": (counted or {}).get("kv_admission_waits_total"),
+        "placed_ring": (counted or {}).get("requests_placed_total:ring"),
+        "placed_rank": (counted or {}).get("requests_placed_total:rank"),
+        "ring_min_tokens": args.ring_min_tokens,
         "ignore_eos": args.ignore_eos, "answer_tokens_min": min(lengths),
         "answer_tokens_mean": generated / len(results), "answer_tokens_max": max(lengths),
         "stopped_at_eos": sum(r.get("finish_reason") == "stop" for r in results),
@@ -419,6 +427,11 @@ def main(argv=None) -> dict:
         "--kv-cache-memory", default="1GiB",
         help="the server's KV pool per rank (--kv-cache-memory of serve)",
     )  # fmt: skip
+    p.add_argument(
+        "--ring-min-tokens", default=None, metavar="N|auto",
+        help="the server's --ring-min-tokens (default: serve's, auto): 0 puts every request on "
+        "the ring",
+    )  # fmt: skip
     p.add_argument("--vocab", type=int, default=500, help="prompt ids are drawn below this")
     p.add_argument("--log", type=Path, help="the started server's output")
     p.add_argument("--json", type=Path)
@@ -436,6 +449,8 @@ def main(argv=None) -> dict:
              "--kv-cache-memory", args.kv_cache_memory]  # fmt: skip
     if not args.prefix_sharing:
         extra.append("--no-prefix-sharing")
+    if args.ring_min_tokens is not None:
+        extra += ["--ring-min-tokens", args.ring_min_tokens]
     model = args.model
     if model is None and args.server == "transformers":
         model = str(args.checkpoint)
@@ -459,7 +474,8 @@ def main(argv=None) -> dict:
                if k.startswith("cp_infer_")}  # fmt: skip
     summary = summarize(args, results, wall, counted)
     cols = ["server", "workload", "requests", "prompt tok", "prefilled", "tok/s", "hit rate",
-            "preempted", "waited", "TTFT p50/p90/p99 (ms)", "ITL p50/p90/p99 (ms)"]  # fmt: skip
+            "preempted", "waited", "ring/rank", "TTFT p50/p90/p99 (ms)",
+            "ITL p50/p90/p99 (ms)"]  # fmt: skip
     ms = 1000
 
     def count(key):
@@ -468,6 +484,7 @@ def main(argv=None) -> dict:
     row = [summary["server"], args.workload, str(len(results)), str(summary["prompt_tokens"]),
            count("prefilled_tokens"), f"{summary['throughput_tok_s']:.1f}",
            f"{summary['cache_hit_rate']:.3f}", count("preemptions"), count("waits"),
+           f"{count('placed_ring')}/{count('placed_rank')}",
            f"{ms * summary['ttft_p50_s']:.0f}/{ms * summary['ttft_p90_s']:.0f}/"
            f"{ms * summary['ttft_p99_s']:.0f}",
            f"{ms * (summary['ttit_p50_s'] or 0):.1f}/{ms * summary['ttit_p90_s']:.1f}/"

@@ -224,7 +224,7 @@ class Admission:
             if len(ranks) > 1:
                 return None, False
             prefix = ranks[0] if ranks else None
-        if self._ring_wants(len(tokens), len(tokens) - shared, x):
+        if self._ring_wants(len(tokens), x):
             return None, prefix is not None
         if prefix is not None:
             return prefix, False
@@ -238,20 +238,11 @@ class Admission:
         used = [self.pool.n_blocks - g.n_free for g in self.pool.ledgers]
         return min(range(cp), key=lambda r: (load[r], used[r], count[r], r)), False
 
-    def _ring_wants(self, context: int, new: int, x: _Live) -> bool:
-        """Whether a request of ``context`` tokens (``new`` of them to prefill) goes on the
-        ring: it is at least the threshold long, and (``auto``) longer than its share of the
-        group's prefill work in flight (a burst of shorter requests keeps every rank busy
-        spread over them, with no collective), or its KV would not fit one rank."""
-        if context >= self.ring_threshold:
-            if self.ring_min_tokens != "auto":
-                return True
-            waiting = sum(len(w.tokens) for w in self.waiting if w is not x)
-            pending = sum(len(s.new) - s.prefilled for s in self.sched.seqs)
-            if new * self.pool.cp > new + pending + waiting:
-                return True
+    def _ring_wants(self, context: int, x: _Live) -> bool:
+        """Whether a request of ``context`` tokens goes on the ring: it is at least the
+        threshold long, or its KV would not fit one rank's pool."""
         whole = self.kv.blocks_for_tokens_on_one(context + x.request.sampling.max_new_tokens)
-        return whole > self.pool.n_blocks
+        return context >= self.ring_threshold or whole > self.pool.n_blocks
 
     def _fits_rank(self, rank: int, tokens: int) -> bool:
         """Whether ``rank``'s pool holds ``tokens`` more beside the prefills promised there."""

@@ -184,23 +184,24 @@ def packed_attention(q, k, v, mask) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class MixedAttention:
-    """A prefill chunk and decode tokens in one forward pass (Sarathi's and Mnemosyne's mixed
-    batch): the layers' GEMMs run once over both, and attention splits them.
+    """Several batches in one forward pass (Sarathi's and Mnemosyne's mixed batch, and the
+    rows placed on single CP ranks beside the ring's): the layers' GEMMs run once over all,
+    and attention splits them.
 
-    The pass's tokens are this rank's prefill shard (the first ``split``) and then the decode
-    tokens. The cache keeps both as the pass's plan says (decode plans offset by ``split``),
-    stored before either attends, so each decode token sees its own K/V; the prefill reads only
-    the committed prefix, so what this pass stages does not change it.
+    The pass's tokens are each batch's on this rank, one after another (``sizes`` of them:
+    a prefill's local shard, a decode's rows). The cache keeps them all as the pass's plan
+    says, stored before any attends, so each decode token sees its own K/V; a prefill reads
+    only the committed prefix, so what this pass stages does not change it.
     """
 
-    def __init__(self, prefill: PrefillAttention, decode: DecodeAttention, split: int) -> None:
-        assert not prefill.store and not decode.store, "the mixed pass stores for both"
-        self.prefill, self.decode, self.split = prefill, decode, split
-        self.cache = decode.cache
+    def __init__(self, parts: list, sizes: list[int], cache: KVCache) -> None:
+        assert not any(p.store for p in parts), "the mixed pass stores for all"
+        self.parts, self.sizes, self.cache = parts, sizes, cache
 
     def __call__(self, q, k, v, layer_id: int) -> torch.Tensor:
         self.cache.store(layer_id, k, v)
-        n = self.split
-        out_p = self.prefill(q[:, :n], k[:, :n], v[:, :n], layer_id)
-        out_d = self.decode(q[:, n:], k[:, n:], v[:, n:], layer_id)
-        return torch.cat([out_p, out_d], dim=1)
+        out, at = [], 0
+        for part, n in zip(self.parts, self.sizes, strict=True):
+            out.append(part(q[:, at : at + n], k[:, at : at + n], v[:, at : at + n], layer_id))
+            at += n
+        return torch.cat(out, dim=1)

@@ -55,6 +55,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -125,11 +126,9 @@ class EngineCore(Admission, Iterations):
             context is at least N tokens runs on the ring, a shorter one on a single CP rank
             (the least loaded; all its KV there, local attention, no CP collective: the
             ranks serve such requests data-parallel). ``"auto"``: N is where the hardware
-            model's ring prefill beats one rank's (:func:`cp_infer.costmodel.ring_min_tokens`),
-            and a request that reaches it still runs on one rank while the group's prefill
-            work in flight keeps every rank busy without it (a burst of prompts each shorter
-            than its share). A request whose KV would not fit one rank goes on the ring; a
-            chat's next turn goes where its prefix is, onto the ring when it has grown past N.
+            model's ring prefill beats one rank's (:func:`cp_infer.costmodel.ring_min_tokens`).
+            A request whose KV would not fit one rank goes on the ring; a chat's next turn
+            goes where its prefix is, onto the ring once it has grown past N.
     """
 
     def __init__(
@@ -261,7 +260,12 @@ class EngineCore(Admission, Iterations):
         """The pool and prefix reuse now (the leader sends them to the API's metrics)."""
         if self.connector is not None:
             self.stats.handoff_tokens = self.connector.token_heads
-        return self.kv.snapshot()
+        placed = self.placement_stats()
+        return replace(
+            self.kv.snapshot(), ring_requests=placed["ring"], rank_requests=placed["rank"],
+            ring_moves=placed["moved"], rank_running=tuple(placed["rank_running"]),
+            rank_tokens=tuple(placed["rank_tokens"]),
+        )  # fmt: skip
 
     # -- the leader's loop --------------------------------------------------------------------
     @torch.no_grad()

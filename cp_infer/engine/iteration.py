@@ -49,7 +49,10 @@ class Iterations:
         if not decodes and not prefills:
             return None
         decode, batch = decodes.get(None), prefills.get(None)
-        fused = self.fuse and decode is not None and batch is not None
+        # rows placed on single ranks run in one pass with the ring's (each rank reads its
+        # weights once per iteration)
+        placing = any(where is not None for where in (*decodes, *prefills))
+        fused = (self.fuse or placing) and decode is not None and batch is not None
         live = self.live
         passes: dict = {"fused": fused}
         if decode is not None:
@@ -96,23 +99,29 @@ class Iterations:
                 self._record(p.decode, range(p.decode.n_seqs), p_decode)
             if p.prefill is not None:
                 self._record_prefill(p.prefill, p_rows, p_prefill, p_prompt)
-        if placed and on_step is not None:
-            on_step(Step(
-                "placed", result.placed_s,
-                prefill_tokens=sum(p.prefill.n_tokens for p in placed if p.prefill is not None),
-                cached_tokens=sum(p.prefill.n_cached for p in placed if p.prefill is not None),
-                decode_tokens=sum(p.decode.n_seqs for p in placed if p.decode is not None),
-            ))  # fmt: skip
         if decode is not None:
             self._record(decode, range(decode.n_seqs), result.decode)
-            if not fused:
-                self.timer.decode(result.decode_s)
-                if on_step is not None:
-                    on_step(Step("decode", result.decode_s, decode_tokens=decode.n_seqs))
+        if batch is not None:
+            self._record_prefill(batch, rows, result.prefill, result.prompt)
+        if placed:  # one pass ran the ring's rows and each rank's own: not the ring's costs
+            if on_step is not None:
+                ran = [b for p in (plan, *placed) for b in (p.prefill, p.decode) if b is not None]
+                on_step(Step(
+                    "placed", result.placed_s,
+                    prefill_tokens=sum(b.n_tokens for b in ran if b.kind == "prefill"),
+                    cached_tokens=sum(b.n_cached for b in ran if b.kind == "prefill"),
+                    decode_tokens=sum(b.n_seqs for b in ran if b.kind == "decode"),
+                    variant=None if batch is None else batch.variant,
+                ))  # fmt: skip
+            self.host_s["record"] += time.perf_counter() - t2
+            return None
+        if decode is not None and not fused:
+            self.timer.decode(result.decode_s)
+            if on_step is not None:
+                on_step(Step("decode", result.decode_s, decode_tokens=decode.n_seqs))
         if batch is None:
             self.host_s["record"] += time.perf_counter() - t2
             return None
-        self._record_prefill(batch, rows, result.prefill, result.prompt)
         seconds = result.prefill_s
         if fused:
             self.timer.mixed(seconds, batch.n_tokens, batch.n_cached)

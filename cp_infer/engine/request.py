@@ -167,6 +167,13 @@ class PoolStats:
         prefix_hits: of those, tokens found cached (not prefilled).
         remote_prefills: requests a prefill tier prefilled (disaggregated serving).
         handoff_tokens: (token, head, layer) triples of K/V received from it, this rank.
+        ring_requests: requests placed on the ring (their KV over every CP rank).
+        rank_requests: requests placed on a single CP rank.
+        ring_moves: chats whose prefix lay on one rank and whose next turn went on the ring.
+        rank_running: per CP rank, the running requests it holds KV for (ring ones count on
+            every rank).
+        rank_tokens: per CP rank, the context tokens of its running requests (a ring
+            request's split evenly).
     """
 
     usage: float = 0.0
@@ -181,3 +188,8 @@ class PoolStats:
     prefix_hits: int = 0
     remote_prefills: int = 0
     handoff_tokens: int = 0
+    ring_requests: int = 0
+    rank_requests: int = 0
+    ring_moves: int = 0
+    rank_running: tuple[int, ...] = ()
+    rank_tokens: tuple[int, ...] = ()

@@ -283,30 +283,61 @@ class ModelRunner:
             out = self.step(prefill, prompt_logprobs=prompt_logprobs, prompt_top=prompt_top)
             out.decode_logits = self.step(decode).logits
             return out
-        split = prefill.layout.t_local
-        self.cache.plan([
-            p + [replace(d, start=d.start + split) for d in dp]
-            for p, dp in zip(prefill.all_store_plans, decode.all_store_plans, strict=True)
-        ])  # fmt: skip
+        prompt = {0: prompt_top} if prompt_logprobs else {}
+        out, dec = self.step_many([prefill, decode], prompt=prompt)
+        if out is None:
+            return StepOutput()
+        out.decode_logits = dec.logits
+        return out
+
+    @torch.no_grad()
+    def step_many(
+        self, batches: list[StepBatch], *, prompt: dict[int, int] | None = None
+    ) -> list[StepOutput | None]:
+        """Several batches of different sequences in one forward pass on this rank: the
+        layers' GEMMs run once over all of their tokens, and attention is each batch's own
+        (the ring's prefill and KVP decode over the CP group, a placed batch's on this rank
+        alone). The ring's batches must come first and be in every CP rank's list alike (their
+        collectives run in the same order everywhere); the batches placed on this rank follow.
+
+        Args:
+            prompt: batch index -> alternatives: those prefill batches also return their
+                prompt tokens' log-probabilities, with that many alternatives each.
+
+        Returns:
+            each batch's output (its rows' logits, and prompt log-probabilities), or Nones off
+            the last pipeline stage.
+        """
+        pg, prompt = self.pg, prompt or {}
+        assert len({s for b in batches for s in b.seqs}) == sum(b.n_seqs for b in batches)
+        assert all(b.rank in (None, pg.cp_rank) for b in batches), "this rank's batches only"
+        sizes = [b.layout.t_local if b.kind == "prefill" else b.n_seqs for b in batches]
+        offsets = [sum(sizes[:i]) for i in range(len(batches))]
+        plans = [[] for _ in range(pg.cp)]
+        for b, at in zip(batches, offsets, strict=True):
+            for r, mine in enumerate(b.all_store_plans):
+                plans[r] += [replace(p, start=p.start + at) for p in mine]
+        self.cache.plan(plans)
         n_local_heads = next(iter(self.model.layers.values())).attention.n_local_heads
-        exchange = None
-        if not decode.placed:
-            exchange = self._decode_exchange(
-                4 * n_local_heads * decode.n_seqs * (self.cfg.head_dim + 1)
-            )
-        attention = MixedAttention(
-            PrefillAttention(
-                prefill, pg.cp_group, self.cache, kernel=self.kernel, store=False,
-                prefix_lens=self._prefix_lens(prefill) if prefill.n_cached else None,
-            ),
-            DecodeAttention(decode, self.cache, exchange, self.kernel, store=False),
-            split,
-        )  # fmt: skip
+        parts = []
+        for b in batches:
+            if b.kind == "prefill":
+                parts.append(PrefillAttention(
+                    b, pg.cp_group, self.cache, kernel=self.kernel, store=False,
+                    prefix_lens=self._prefix_lens(b) if b.n_cached else None,
+                ))  # fmt: skip
+                continue
+            exchange = None
+            if not b.placed:
+                exchange = self._decode_exchange(
+                    4 * n_local_heads * b.n_seqs * (self.cfg.head_dim + 1)
+                )
+            parts.append(DecodeAttention(b, self.cache, exchange, self.kernel, store=False))
         ctx = ForwardContext(
-            positions=torch.cat([prefill.positions(pg.cp_rank), decode.positions(pg.cp_rank)]),
-            attention=attention,
+            positions=torch.cat([b.positions(pg.cp_rank) for b in batches]),
+            attention=MixedAttention(parts, sizes, self.cache),
         )
-        tokens = torch.cat([prefill.local_tokens(pg.cp_rank), decode.local_tokens(pg.cp_rank)])
+        tokens = torch.cat([b.local_tokens(pg.cp_rank) for b in batches])
         try:
             h = self._stage(tokens, ctx)
         except BaseException:
@@ -314,16 +345,25 @@ class ModelRunner:
             raise
         self.cache.commit()
         if h is None:
-            return StepOutput()
-        out = StepOutput()
-        if prompt_logprobs:
-            out = self._prompt_logprobs(h[:split], prefill, prompt_top)
-        last = self._last_token_hidden(h[:split], prefill)
-        # one LM head pass over both: its weight is read once (it can be the largest GEMM of a
-        # step of a few rows, and CPU GEMMs of a few rows read their weight once per row)
-        logits = self.model.logits(torch.cat([last, h[split:]]))
-        out.logits, out.decode_logits = logits[: prefill.n_seqs], logits[prefill.n_seqs :]
-        return out
+            return [None] * len(batches)
+        outs, rows = [], []
+        for i, (b, at, n) in enumerate(zip(batches, offsets, sizes, strict=True)):
+            mine = h[at : at + n]
+            out = StepOutput()
+            if b.kind == "prefill":
+                if i in prompt:
+                    out = self._prompt_logprobs(mine, b, prompt[i])
+                mine = self._last_token_hidden(mine, b)
+            outs.append(out)
+            rows.append(mine)
+        # one LM head pass over every row: its weight is read once (it can be the largest
+        # GEMM of a step of a few rows, and CPU GEMMs of a few rows read their weight per row)
+        logits = self.model.logits(torch.cat(rows))
+        at = 0
+        for out, r in zip(outs, rows, strict=True):
+            out.logits = logits[at : at + r.shape[0]]
+            at += r.shape[0]
+        return outs
 
     def keep_books(self, prefill: StepBatch | None, decode: StepBatch | None) -> None:
         """A pass placed on another CP rank: its tokens go into that rank's books here, as the

@@ -114,6 +114,11 @@ class Worker:
         self.host_s["apply"] += time.perf_counter() - t0
         result = PlanResult()
         runner = self.runner
+        if plan.placed:  # the ring's rows and this rank's placed ones: one pass
+            t0 = time.perf_counter()
+            result.placed = self._run_placed(plan, emit, result)
+            result.placed_s = time.perf_counter() - t0
+            return result
         if plan.decode is not None and not plan.fused:
             t0 = time.perf_counter()
             out = runner.step(plan.decode)
@@ -135,52 +140,79 @@ class Worker:
                 self.host_s["passes"] += time.perf_counter() - t0
             if plan.prompt_logprobs:
                 result.prompt = runner.share_object((out.prompt_logprobs, out.prompt_top_logprobs))
-            draws = plan.prefill_draws
-            if draws is not None and out.logits is not None:
-                for row, rid in zip(draws.rows, draws.rids, strict=True):
-                    if rid in draws.keep_logits:
-                        self.first_logits[rid] = out.logits[row].float().clone()
-            result.prefill = self._draw(draws, out.logits, plan.contain, emit)
+            self._keep_first_logits(plan.prefill_draws, out.logits)
+            result.prefill = self._draw(plan.prefill_draws, out.logits, plan.contain, emit)
             result.prefill_s = time.perf_counter() - t0
-        if plan.placed:
-            t0 = time.perf_counter()
-            result.placed = self._run_placed(plan, emit)
-            result.placed_s = time.perf_counter() - t0
         return result
 
+    def _keep_first_logits(self, draws: Draws | None, logits, into: dict | None = None) -> None:
+        """The logits of the rows whose request asked for its first token's (the last stage)."""
+        if draws is not None and logits is not None:
+            for row, rid in zip(draws.rows, draws.rids, strict=True):
+                if rid in draws.keep_logits:
+                    (self.first_logits if into is None else into)[rid] = logits[row].float().clone()
+
     # -- rows placed on single ranks ------------------------------------------------------------
-    def _run_placed(self, plan: StepPlan, emit: Emit | None) -> list[tuple]:
-        """Each rank runs its own placed pass and keeps the books of the others' (in the plan's
-        order, so every rank's ledgers stay alike); then one exchange over the CP group brings
-        every placed row's token (and log-probabilities) to every rank."""
+    def _run_placed(self, plan: StepPlan, emit: Emit | None, result: PlanResult) -> list:
+        """A plan with rows placed on single ranks: this rank runs the ring's rows and its own
+        placed rows as one forward pass (:meth:`ModelRunner.step_many`: the weights are read
+        once), then keeps the books of the other ranks' placed rows (every ledger gets the
+        ring's tokens first, then its own rank's, on every rank alike). One exchange over the
+        CP group brings every placed row's token to every rank. Returns each placed pass's
+        (decode draws, prefill draws, prompt log-probabilities)."""
         runner, me = self.runner, self.runner.pg.cp_rank
-        mine: list[tuple[Drawn | None, Drawn | None, tuple | None]] = []
-        kept: dict[int, torch.Tensor] = {}
+        assert plan.fused or plan.decode is None or plan.prefill is None, "placed rows fuse"
+        mine = next((p for p in plan.placed if p.rank == me), None)
+        batches, prompt = [], {}
+        for batch, asks, top in (
+            (plan.prefill, plan.prompt_logprobs, plan.prompt_top), (plan.decode, False, 0),
+            *(((mine.prefill, mine.prompt_logprobs, mine.prompt_top), (mine.decode, False, 0))
+              if mine is not None else ()),
+        ):  # fmt: skip
+            if batch is not None:
+                if asks:
+                    prompt[len(batches)] = top
+                batches.append(batch)
+        outs = runner.step_many(batches, prompt=prompt) if batches else []
+        by_batch = {id(b): o for b, o in zip(batches, outs, strict=True)}
         for p in plan.placed:
             if p.rank != me:
                 runner.keep_books(p.prefill, p.decode)
-                mine.append((None, None, None))
+
+        def logits(batch):
+            out = by_batch.get(id(batch)) if batch is not None else None
+            return None if out is None else out.logits
+
+        if plan.decode is not None:
+            result.decode = self._draw(plan.decode_draws, logits(plan.decode), plan.contain, emit)
+        if plan.prefill is not None:
+            out = by_batch[id(plan.prefill)]
+            if plan.prompt_logprobs:
+                result.prompt = runner.share_object(
+                    (None, None) if out is None else (out.prompt_logprobs, out.prompt_top_logprobs)
+                )  # fmt: skip
+            self._keep_first_logits(plan.prefill_draws, logits(plan.prefill))
+            result.prefill = self._draw(plan.prefill_draws, logits(plan.prefill), plan.contain,
+                                        emit)  # fmt: skip
+        placed: list[tuple[Drawn | None, Drawn | None, tuple | None]] = []
+        kept: dict[int, torch.Tensor] = {}
+        for p in plan.placed:
+            if p.rank != me:
+                placed.append((None, None, None))
                 continue
-            kw = {"prompt_logprobs": p.prompt_logprobs, "prompt_top": p.prompt_top}
-            if p.prefill is not None and p.decode is not None:
-                out = runner.step_mixed(p.prefill, p.decode, **kw)
-                decode_logits = out.decode_logits
-            else:
-                decode_logits = None if p.decode is None else runner.step(p.decode).logits
-                out = None if p.prefill is None else runner.step(p.prefill, **kw)
-            decode = self._draw(p.decode_draws, decode_logits, plan.contain, None)
-            prefill, prompt = None, None
-            if out is not None:
+            decode = self._draw(p.decode_draws, logits(p.decode), plan.contain, None)
+            prefill, prompt_lp = None, None
+            if p.prefill is not None:
+                out = by_batch[id(p.prefill)]
                 if p.prompt_logprobs:
-                    prompt = runner.share_object((out.prompt_logprobs, out.prompt_top_logprobs))
-                draws = p.prefill_draws
-                if draws is not None and out.logits is not None:
-                    for row, rid in zip(draws.rows, draws.rids, strict=True):
-                        if rid in draws.keep_logits:
-                            kept[rid] = out.logits[row].float().clone()
-                prefill = self._draw(draws, out.logits, plan.contain, None)
-            mine.append((decode, prefill, prompt))
-        results = self._share_placed(plan, mine, kept)
+                    prompt_lp = runner.share_object(
+                        (None, None) if out is None
+                        else (out.prompt_logprobs, out.prompt_top_logprobs)
+                    )  # fmt: skip
+                self._keep_first_logits(p.prefill_draws, logits(p.prefill), kept)
+                prefill = self._draw(p.prefill_draws, logits(p.prefill), plan.contain, None)
+            placed.append((decode, prefill, prompt_lp))
+        results = self._share_placed(plan, placed, kept)
         if emit is not None:
             for p, (decode, prefill, _) in zip(plan.placed, results, strict=True):
                 for draws, drawn in ((p.decode_draws, decode), (p.prefill_draws, prefill)):

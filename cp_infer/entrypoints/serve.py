@@ -92,6 +92,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "chunks sized so that each iteration (decode step + chunk) stays under MS (default: "
         "prompts prefill whole, stalling running decodes for that long)",
     )  # fmt: skip
+    g.add_argument(
+        "--ring-min-tokens", type=ring_min_tokens, default="auto", metavar="N|auto",
+        help="where each request runs in the CP group. A request whose context (prompt and "
+        "cached history) is at least N tokens runs on the ring (its prefill split over the CP "
+        "ranks, its decode attended over them); a shorter one runs on a single CP rank, the "
+        "least loaded (its KV there, local attention, no CP collective: the ranks serve short "
+        "requests data-parallel). 0: every request on the ring. 'auto': N is where the "
+        "--hardware model's ring prefill beats one rank's (`cp_infer plan` prints it for a "
+        "layout; the server logs it). A chat's next turn goes where its cache is, onto the "
+        "ring once it has grown past N. Placement counts are on /metrics",
+    )  # fmt: skip
     g.add_argument("--max-queue", type=int, default=64, help="waiting requests; more get a 503")
     g.add_argument(
         "--kv-cache-memory", default="auto", metavar="SIZE",
@@ -117,6 +128,22 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_common_arguments(g)
     g.set_defaults(run=run)
     return g
+
+
+def ring_min_tokens(value: str) -> int | str:
+    """``--ring-min-tokens``: a token count >= 0, or ``auto``."""
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a token count >= 0 or 'auto', got {value!r} (0 puts every request on "
+            "the ring)"
+        )
+    return n
 
 
 def kv_pool_bytes(args, cfg, device) -> int:
@@ -198,6 +225,7 @@ def _run(args, device, launched: bool, tiers) -> int:
         engine = EngineCore(  # the chunks are sized from the runner's hardware model
             runner, max_batch=args.max_batch_size, share_prefixes=args.prefix_sharing,
             tbt_slo_s=None if args.tbt_slo_ms is None else args.tbt_slo_ms / 1000,
+            ring_min_tokens=args.ring_min_tokens,
         )  # fmt: skip
         connector = None
         if prefill_tier:

@@ -98,6 +98,25 @@ class ServerMetrics:
             field: metric(kind, name, doc) for field, (kind, name, doc) in _POOL_METRICS.items()
         }
         self._pool = None  # the last PoolStats
+        self.placed = metric(
+            Counter, "requests_placed",
+            "Requests by placement: on the ring (ring) or on a single CP rank (rank)",
+            ["placement"],
+        )  # fmt: skip
+        self.ring_moves = metric(
+            Counter, "ring_migrations",
+            "Chats whose cache lay on one CP rank and whose next turn went onto the ring",
+        )  # fmt: skip
+        self.rank_running = metric(
+            Gauge, "cp_rank_running_requests",
+            "Running requests each CP rank holds KV for (a ring request counts on every rank)",
+            ["cp_rank"],
+        )  # fmt: skip
+        self.rank_tokens = metric(
+            Gauge, "cp_rank_context_tokens",
+            "Context tokens of the running requests on each CP rank (a ring request's split)",
+            ["cp_rank"],
+        )  # fmt: skip
         self.prompt_tokens = metric(Counter, "prompt_tokens", "Prompt tokens of finished requests")
         self.cached_tokens = metric(
             Counter, "prefix_cache_hit_tokens",
@@ -225,6 +244,14 @@ class ServerMetrics:
                 m.inc(value - (getattr(last, field) if last is not None else 0))
             else:
                 m.set(value)
+        for label, field in (("ring", "ring_requests"), ("rank", "rank_requests")):
+            self.placed.labels(label).inc(
+                getattr(stats, field) - (getattr(last, field) if last is not None else 0)
+            )
+        self.ring_moves.inc(stats.ring_moves - (last.ring_moves if last is not None else 0))
+        for r, (n, tokens) in enumerate(zip(stats.rank_running, stats.rank_tokens, strict=True)):
+            self.rank_running.labels(str(r)).set(n)
+            self.rank_tokens.labels(str(r)).set(tokens)
 
     def step(self, s: Step) -> None:
         """Record one forward pass of the engine."""
