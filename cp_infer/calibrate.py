@@ -7,6 +7,9 @@ Per rank, in a pool of ``world`` gloo ranks with one thread each (as the benchma
 - ``gemm_flops``: a (T, dim) x (dim, 4 dim) matmul;
 - ``ring_bandwidth`` and ``ring_latency_s``: a SendRecv step around the ring, of one large
   and one tiny message;
+- ``ring_step_s``: what a prefill ring step costs beyond that latency and its kernel, as the
+  engine's ring runs it (pass-KV over a few tokens per rank against the same tokens on one
+  rank, per step);
 - ``all2all_s``: one All2All of the large message;
 - ``overlap``: the share of a ring step's communication that hides behind attention: the large
   SendRecv posted, the attention run, then waited for, against the attention alone (the median
@@ -230,6 +233,29 @@ def _decode_medians(pg, steps: int) -> dict[int, float]:
     return medians
 
 
+def _ring_step_cost(timing: Timing, g, latency_s: float) -> float:
+    """What one step of a prefill's ring costs beyond its SendRecv's latency and its kernel,
+    as the engine's ring runs it (the batched SendRecv of K and V posted and waited for, the
+    step's kernel call and merge): pass-KV over a few tokens per rank, against the same tokens
+    attended on this rank alone (a ring of one), per step."""
+    from cp_infer.attention import ring_attention_pass_kv
+    from cp_infer.attention.comm import RingComm
+    from cp_infer.sharding import ShardLayout
+
+    n = dist.get_world_size()
+    if n == 1:
+        return 0.0
+    h, h_kv, d, per_rank = 8, 2, 64, 4
+    q = torch.randn(h, per_rank, d, generator=g)
+    k, v = (torch.randn(h_kv, per_rank, d, generator=g) for _ in range(2))
+    ring_layout, alone_layout = ShardLayout([per_rank * n], n), ShardLayout([per_rank], 1)
+    ring_s = _best(lambda: ring_attention_pass_kv(q, k, v, ring_layout), timing)
+    alone_s = _best(
+        lambda: ring_attention_pass_kv(q, k, v, alone_layout, comm=RingComm.alone()), timing
+    )
+    return max(0.0, (ring_s - alone_s) / (n - 1) - latency_s)
+
+
 def measure_rank(
     tokens: int, message_bytes: int, repeats: int, read_bytes: int = 256 * 2**20,
     min_s: float = 0.5,
@@ -264,6 +290,7 @@ def measure_rank(
         comm.wait()
 
     big_s, tiny_s = _best(lambda: ring(big), timing), _best(lambda: ring(tiny), timing)
+    step_s = _ring_step_cost(timing, g, tiny_s)
 
     # overlap: an attention a few times longer than the large SendRecv (as a ring step's is,
     # in a long prefill), run while the SendRecv is in flight: what it adds to the attention
@@ -294,6 +321,7 @@ def measure_rank(
         "gemm_flops": 2 * tokens * dim * 4 * dim / gemm_s,
         "ring_bandwidth": message_bytes / max(big_s - tiny_s, 1e-9),
         "ring_latency_s": tiny_s,
+        "ring_step_s": step_s,
         "all2all_s": a2a_s,
         "all2all_bytes": message_bytes,
         "overlap": min(1.0, max(0.0, hidden)),

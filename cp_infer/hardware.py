@@ -87,7 +87,7 @@ class Profile:
         all2all_latency_s: one All2All's latency between CP ranks.
         collective_s: the fixed cost of one prefill collective between CP ranks (a ring step
             or an All2All), beyond its latency; decode's run under CUDA graphs and do not pay
-            it.
+            it. A calibrated profile's is its ``ring_step_s``, as the engine's ring runs.
         overlap: the share of a ring step's communication that hides behind its attention (1
             on GPUs: separate engines; lower on a CPU, whose loopback copies take the cores).
         intra_bytes_s: bandwidth between the devices of a host (NVLink), per device.
@@ -294,6 +294,7 @@ class Profile:
             decode_cp_layer_s=optional("decode_cp_layer_s", zero=True),
             decode_cp_step_s=optional("decode_cp_step_s", zero=True),
             activation_bytes_s=optional("activation_bandwidth"),
+            collective_s=optional("ring_step_s", zero=True) or 0.0,
         )  # fmt: skip
 
 
@@ -468,6 +469,11 @@ def prefill_layer(
     gemm_rate = prof.gemm_flops_s_at(cfg.dim)
     ffn_rate = gemm_rate * (prof.fp8_speedup if fp8_ffn else 1.0)
     gemm = 2 * t / tp * (attn_w / gemm_rate + ffn_w / ffn_rate)
+    # a GEMM of few rows reads its weight faster than it multiplies: the layer's weights are
+    # read once per pass whatever its tokens (the roofline; what makes a short prompt's ring
+    # no faster than one rank, whose pass reads them too)
+    read = (attn_w * e + ffn_w * (1 if fp8_ffn else e)) / tp
+    gemm = max(gemm, read / (prof.gemv_bytes_s or prof.hbm_bytes_s))
     # a kernel call's rate by its size: a ring step's pairs, as a causal square of as many
     # (the full prefill's calls are this rank's t queries; a new turn's, fewer over many keys)
     total = attention_flops(cfg, new, cached)

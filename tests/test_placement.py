@@ -9,10 +9,15 @@ local attention, no CP collective) or across the ring, and a chat that grows mov
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+from tests.hf_oracle import PROMPTS, make_checkpoint, reference
 
 TIMEOUT = 240
 
@@ -141,3 +146,52 @@ def test_a_chat_that_grows_past_the_threshold_moves_onto_the_ring_with_its_cache
     assert moved["cached"] == ring["cached"] and moved["cached"][1] == 40 + 8 - 1
     for a, b in zip(moved["logits"], ring["logits"], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+HF_NEW = 8
+HF_BATCH = ["len300", "len5", "len1", "len77"]  # len300 reaches the threshold below
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    out = {}
+    for kind in ("llama", "mixtral"):
+        path = make_checkpoint(kind, tmp_path_factory.mktemp(f"{kind}-placed"))
+        out[kind] = (path, reference(path, {n: PROMPTS[n] for n in HF_BATCH}, HF_NEW))
+    return out
+
+
+def _generate_rank(path, sizes: dict, tmp, ring_min_tokens: int):
+    """Every rank runs ``python -m cp_infer generate`` in-process."""
+    from cp_infer.cli import main
+
+    prompts = Path(tmp) / "prompts.jsonl"
+    if torch.distributed.get_rank() == 0:
+        prompts.write_text(
+            "".join(json.dumps({"id": n, "token_ids": PROMPTS[n]}) + "\n" for n in HF_BATCH)
+        )
+    torch.distributed.barrier()
+    argv = ["generate", "--checkpoint", str(path), "--input", str(prompts),
+            "--output", str(Path(tmp) / "out.jsonl"), "--save-logits", str(Path(tmp) / "logits.st"),
+            "--max-new-tokens", str(HF_NEW), "--timeout", "120",
+            "--ring-min-tokens", str(ring_min_tokens)]  # fmt: skip
+    for dim, size in sizes.items():
+        argv += [f"--{dim}", str(size)]
+    return main(argv)
+
+
+@pytest.mark.parametrize(("kind", "sizes", "world"), [
+    ("llama", {"cp": 2}, 2), ("llama", {"tp": 2, "cp": 2}, 4), ("mixtral", {"cp": 2}, 2),
+], ids=["llama-cp2", "llama-tp2xcp2", "mixtral-cp2"])  # fmt: skip
+def test_placed_and_ring_requests_in_one_batch_match_transformers(
+    dist_pool, hf_models, tmp_path, kind, sizes, world
+):
+    path, ref = hf_models[kind]
+    codes = dist_pool(world).run(_generate_rank, path, sizes, str(tmp_path), 100,
+                                 timeout_s=TIMEOUT)  # fmt: skip
+    assert codes == [0] * world
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    logits = load_file(str(tmp_path / "logits.st"))
+    assert [r["token_ids"] for r in rows] == [ref[n]["tokens"] for n in HF_BATCH]
+    for n in HF_BATCH:
+        torch.testing.assert_close(logits[n], ref[n]["logits"], atol=1e-4, rtol=0)

@@ -49,6 +49,8 @@ class GenerationResult:
             tokens as (id, log-probability), most likely first.
         seqs: the cached sequence each prompt left in the engine (its K/V: a hand-off's
             source).
+        placed: the leader's count of the prompts run on the ring (``"ring"``), on single CP
+            ranks (``"rank"``), and chats moved onto the ring (``"moved"``) (zeros elsewhere).
     """
 
     tokens: list[list[int]]
@@ -60,6 +62,7 @@ class GenerationResult:
     logprobs: list[list[float]] | None = None
     top_logprobs: list[list[list[tuple[int, float]]]] | None = None
     seqs: list[int | None] = field(default_factory=list)
+    placed: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -98,6 +101,7 @@ def generate(
     names: Sequence[str] | None = None,
     kv_tokens: int | None = None,
     on_tokens: Callable[[int, int], None] | None = None,
+    ring_min_tokens: int | str = 0,
 ) -> GenerationResult:
     """Generate up to ``sampling.max_new_tokens`` tokens for every prompt.
 
@@ -134,6 +138,10 @@ def generate(
             preempted (recomputed) when it is full; the answers stay the same.
         on_tokens: called on every rank with (prompt index, token) as each token is sampled
             (streaming its text, say).
+        ring_min_tokens: prompts (with their history) shorter than this run on a single CP
+            rank, longer ones on the ring; ``"auto"``: from the hardware model (see
+            :class:`~cp_infer.engine.core.EngineCore`). Set when the engine is made (a
+            conversation's first call).
     """
     conv = conversation if conversation is not None else Conversation()
     history = conv.history or [[] for _ in prompts]
@@ -161,6 +169,7 @@ def generate(
         conv.engine = new_engine(
             model, pg, kernel=kernel, exchange=exchange, hardware=hardware, timeout_s=timeout_s,
             kv_dtype=kv_dtype, kv_tokens=kv_tokens, max_batch=len(prompts),
+            ring_min_tokens=ring_min_tokens,
         )  # fmt: skip
     engine = conv.engine
     engine.configure(variant=variant, prefill_chunk=prefill_chunk, progress=progress)
@@ -177,20 +186,26 @@ def generate(
             for rid, token, _ in events:
                 on_tokens(index[rid], token)
 
+    before = engine.placement_stats()
     outcomes, steps = engine.run(requests, emit)
+    after = engine.placement_stats()
     conv.history = [list(r.tokens) + o.tokens for r, o in zip(requests, outcomes, strict=True)]
-    prefills = [s for s in steps if s.kind != "decode"]
+    # (a pass with rows placed on single ranks is a decode step when it prefilled nothing)
+    prefills = [s for s in steps if s.prefill_tokens]
+    decodes = [s for s in steps if not s.prefill_tokens]
+    variants = Counter(s.variant for s in prefills if s.variant is not None)
     first = [o.first_logits for o in outcomes]
     return GenerationResult(
         tokens=[o.tokens for o in outcomes],
         first_logits=torch.stack(first) if all(f is not None for f in first) else None,
         ttft_s=max(o.ttft_s or 0.0 for o in outcomes),
-        decode_step_s=[s.seconds for s in steps if s.kind == "decode"],
-        prefill_variant=Counter(s.variant for s in prefills).most_common(1)[0][0],
+        decode_step_s=[s.seconds for s in decodes],
+        prefill_variant=variants.most_common(1)[0][0] if variants else "pass-kv",
         prefill_tokens=sum(s.prefill_tokens for s in prefills),
         logprobs=[o.logprobs for o in outcomes] if logprobs is not None else None,
         top_logprobs=[o.top_logprobs for o in outcomes] if logprobs is not None else None,
         seqs=[o.seq for o in outcomes],
+        placed={k: after[k] - before[k] for k in ("ring", "rank", "moved")},
     )
 
 
@@ -203,7 +218,7 @@ def pool_tokens(lengths: Sequence[int], cp: int) -> int:
 def new_engine(
     model: Transformer, pg: ParallelGroups, *, kv_tokens: int, max_batch: int,
     kernel: str = "auto", exchange: str = "auto", hardware: Profile | None = None,
-    timeout_s: float = 60.0, kv_dtype: str = "auto",
+    timeout_s: float = 60.0, kv_dtype: str = "auto", ring_min_tokens: int | str = 0,
 ) -> EngineCore:  # fmt: skip
     """An engine core for offline use: a runner with a KV pool of ``kv_tokens`` slots a rank
     (the arguments are :func:`generate`'s)."""
@@ -211,4 +226,4 @@ def new_engine(
         model, pg, kernel=kernel, exchange=exchange, hardware=hardware, timeout_s=timeout_s,
         kv_dtype=kv_dtype, kv_tokens=kv_tokens,
     )  # fmt: skip
-    return EngineCore(runner, max_batch=max_batch)
+    return EngineCore(runner, max_batch=max_batch, ring_min_tokens=ring_min_tokens)

@@ -51,6 +51,7 @@ __all__ = [
     "hardware_profile",
     "memory_plan",
     "model_config",
+    "parse_ring_min_tokens",
     "resolve_device",
     "start_ranks",
     "start_tiers",
@@ -196,6 +197,22 @@ def resolve_device(name: str) -> torch.device:
             "--device cuda needs a CUDA GPU and a CUDA build of torch; use --device cpu"
         )
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
+def parse_ring_min_tokens(value: str) -> int | str:
+    """``--ring-min-tokens``: a token count >= 0, or ``auto``."""
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a token count >= 0 or 'auto', got {value!r} (0 puts every request on "
+            "the ring)"
+        )
+    return n
 
 
 def hardware_profile(spec: str) -> Profile | None:

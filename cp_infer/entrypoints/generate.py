@@ -37,6 +37,7 @@ from cp_infer.entrypoints.bootstrap import (
     hardware_profile,
     memory_plan,
     model_config,
+    parse_ring_min_tokens,
     start_ranks,
     start_tiers,
 )
@@ -120,6 +121,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="prefill ring variant; auto picks per step the one --hardware's model predicts "
         "faster (the paper's Alg. 1 with every cost the model has: for GQA models pass-KV "
         "unless most of the context is cached)",
+    )  # fmt: skip
+    g.add_argument(
+        "--ring-min-tokens", type=parse_ring_min_tokens, default=0, metavar="N|auto",
+        help="a prompt (with its chat history) of fewer than N tokens runs on a single CP rank "
+        "(its KV there, local attention), a longer one on the ring; 'auto': N from the "
+        "--hardware model (serve's default). Default 0: every prompt on the ring",
     )  # fmt: skip
     add_model_arguments(g)
     add_tier_arguments(g, "generate")
@@ -299,7 +306,7 @@ def run(args, argv: list[str]) -> int:
                     exchange=args.decode_exchange, timeout_s=args.timeout,
                     kv_dtype=args.kv_dtype,
                     prefill_chunk=_prefill_chunk(args, [t[turn] for t in job.turns], pg.pp),
-                    logprobs=args.logprobs, names=job.ids,
+                    logprobs=args.logprobs, names=job.ids, ring_min_tokens=args.ring_min_tokens,
                     on_tokens=printer.token if printer is not None else None,
                 )
             )  # fmt: skip
@@ -346,6 +353,8 @@ def summary(r: GenerationResult, turn: int | None) -> str:
             f" | TTIT {total / steps * 1e3:.1f} ms over {steps} steps "
             f"({decoded / max(total, 1e-9):.0f} tokens/s for {len(r.tokens)} sequences)"
         )
+    if r.placed.get("rank"):
+        text += f" | {r.placed['rank']} on single CP ranks, {r.placed['ring']} on the ring"
     return text
 
 

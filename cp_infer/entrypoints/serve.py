@@ -34,6 +34,7 @@ from cp_infer.entrypoints.bootstrap import (
     hardware_profile,
     memory_plan,
     model_config,
+    parse_ring_min_tokens,
     start_ranks,
     start_tiers,
 )
@@ -93,7 +94,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "prompts prefill whole, stalling running decodes for that long)",
     )  # fmt: skip
     g.add_argument(
-        "--ring-min-tokens", type=ring_min_tokens, default="auto", metavar="N|auto",
+        "--ring-min-tokens", type=parse_ring_min_tokens, default="auto", metavar="N|auto",
         help="where each request runs in the CP group. A request whose context (prompt and "
         "cached history) is at least N tokens runs on the ring (its prefill split over the CP "
         "ranks, its decode attended over them); a shorter one runs on a single CP rank, the "
@@ -128,22 +129,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_common_arguments(g)
     g.set_defaults(run=run)
     return g
-
-
-def ring_min_tokens(value: str) -> int | str:
-    """``--ring-min-tokens``: a token count >= 0, or ``auto``."""
-    if value == "auto":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(
-            f"expected a token count >= 0 or 'auto', got {value!r} (0 puts every request on "
-            "the ring)"
-        )
-    return n
 
 
 def kv_pool_bytes(args, cfg, device) -> int:
