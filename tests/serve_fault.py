@@ -35,11 +35,12 @@ _execute = worker.Worker.execute
 
 
 def _faulty_execute(self, plan, *args, **kwargs):
-    draws = [d for d in (plan.decode_draws, plan.prefill_draws) if d is not None]
+    placed = [d for p in plan.placed for d in (p.decode_draws, p.prefill_draws)]
+    draws = [d for d in (plan.decode_draws, plan.prefill_draws, *placed) if d is not None]
     seeds = {self.samplings[rid].seed for d in draws for rid in d.rids if rid in self.samplings}
     if (
         dist.get_rank() == 1
-        and (plan.prefill is not None or plan.decode is not None)
+        and (plan.prefill is not None or plan.decode is not None or plan.placed)
         and (777 in seeds or any(cfg.seed == 777 for _, cfg in plan.sampling))
     ):
         raise RuntimeError("injected fault on rank 1 alone")

@@ -170,3 +170,29 @@ def test_suite_cost_counts_every_python_process_of_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as failed:  # a failing suite fails the tool
         suite_cost.main(["--", str(tests)])
     assert failed.value.code == 1
+
+
+def test_bench_placement_finds_where_the_ring_s_ttft_falls_below_one_rank_s():
+    bench_placement = importlib.import_module("bench_placement")
+    lengths = [8, 16, 32, 64]
+    ring = {8: 3.0, 16: 3.0, 32: 2.0, 64: 1.0}
+    rank = {8: 1.0, 16: 2.0, 32: 4.0, 64: 8.0}
+    # above at 16 (1.5x), below at 32 (0.5x): the log ratios cross at 16 * 2**(log1.5/log3)
+    found = bench_placement.crossover(lengths, ring, rank)
+    assert found == pytest.approx(16 * 2 ** (0.405465 / 1.098612), rel=1e-5)
+    assert bench_placement.crossover(lengths, rank, {n: 0.5 for n in lengths}) is None
+    assert bench_placement.crossover(lengths, {n: 0.5 for n in lengths}, rank) == 8.0
+    # a dip below that comes back above does not count: the last length above decides
+    assert bench_placement.crossover(lengths, {**ring, 8: 0.1}, rank) == found
+
+
+@pytest.mark.timeout(300)
+def test_bench_placement_runs_both_servers_and_compares_the_model(tmp_path):
+    bench_placement = importlib.import_module("bench_placement")
+    out = tmp_path / "placement.json"
+    record = bench_placement.main(["--preset", "tiny-llama", "--lengths", "4", "64",
+                                   "--repeats", "1", "--json", str(out)])  # fmt: skip
+    assert record["lengths"] == [4, 64]
+    assert all(t > 0 for t in record["ring_ttft_s"] + record["rank_ttft_s"])
+    assert record["predicted_threshold"] >= 1 and record["hardware"] == "cpu-gloo"
+    assert json.loads(out.read_text()) == record

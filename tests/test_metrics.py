@@ -167,6 +167,19 @@ def test_the_pool_stats_set_the_gauges_and_move_the_counters_by_their_difference
     assert value(metrics, p + "prefix_cache_hits_total") == 250
 
 
+def test_placements_count_by_kind_and_each_cp_rank_s_load_is_a_gauge(metrics):
+    p = "cp_infer_"
+    metrics.pool(PoolStats(ring_requests=1, rank_requests=3, rank_running=(2, 1),
+                           rank_tokens=(700, 90)))  # fmt: skip
+    metrics.pool(PoolStats(ring_requests=2, rank_requests=7, ring_moves=1, rank_running=(1, 3),
+                           rank_tokens=(64, 512)))  # fmt: skip
+    assert value(metrics, p + "requests_placed_total", placement="ring") == 2
+    assert value(metrics, p + "requests_placed_total", placement="rank") == 7
+    assert value(metrics, p + "ring_migrations_total") == 1
+    assert value(metrics, p + "cp_rank_running_requests", cp_rank="1") == 3
+    assert value(metrics, p + "cp_rank_context_tokens", cp_rank="0") == 64
+
+
 def test_the_prefix_index_finds_the_longest_cached_prefix_exactly():
     from cp_infer.engine.kv_manager import PrefixIndex
 

@@ -36,7 +36,8 @@ def _engine(preset: str, layout: dict, **kw):
     model = parallelize(cfg, pg, torch.float32)
     load_weights(model, RandomSource(0, cfg))
     runner = ModelRunner(model, pg, kv_tokens=kw.pop("kv_tokens", 1024),
-                         kv_block_size=kw.pop("block", 16))  # fmt: skip
+                         kv_block_size=kw.pop("block", 16),
+                         kv_dtype=kw.pop("kv_dtype", "auto"))  # fmt: skip
     return groups, EngineCore(runner, **kw), cfg
 
 
@@ -98,10 +99,11 @@ def test_short_requests_placed_on_ranks_and_long_ones_on_the_ring_give_the_ring_
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-def _chat_rank(layout: dict, ring_min_tokens) -> dict:
+def _chat_rank(layout: dict, ring_min_tokens, kv_dtype: str = "auto") -> dict:
     from dataclasses import replace
 
-    groups, engine, cfg = _engine("tiny-llama", layout, ring_min_tokens=ring_min_tokens)
+    groups, engine, cfg = _engine("tiny-llama", layout, ring_min_tokens=ring_min_tokens,
+                                  kv_dtype=kv_dtype)  # fmt: skip
     try:
         first = _requests(cfg, [40], max_new=8)[0]
 
@@ -115,6 +117,7 @@ def _chat_rank(layout: dict, ring_min_tokens) -> dict:
         second = replace(first, rid=1, tokens=(*first.tokens, *a.tokens, *turn))
         (b,), _ = engine.run([second])
         held.append(holders(b))
+        spread = [g.tokens(b.seq) for g in engine.pool.ledgers]
         third = replace(first, rid=2, tokens=(*second.tokens, *b.tokens, 3, 4, 5))
         (c,), _ = engine.run([third])
         held.append(holders(c))
@@ -124,23 +127,29 @@ def _chat_rank(layout: dict, ring_min_tokens) -> dict:
             "cached": [o.cached_tokens for o in (a, b, c)],
             "prompt": [o.prompt_tokens for o in (a, b, c)],
             "holders": held,
+            "spread": spread,
             "placements": engine.placement_stats() if engine.leader else None,
         }
     finally:
         groups.__exit__(None, None, None)
 
 
-@pytest.mark.parametrize(("layout", "world"), [({"cp": 2}, 2), ({"tp": 2, "cp": 2}, 4)],
-                         ids=["cp2", "tp2xcp2"])  # fmt: skip
+@pytest.mark.parametrize(("layout", "world", "kv_dtype"), [
+    ({"cp": 2}, 2, "auto"), ({"tp": 2, "cp": 2}, 4, "auto"), ({"cp": 2}, 2, "fp8_e4m3"),
+], ids=["cp2", "tp2xcp2", "cp2-fp8-kv"])  # fmt: skip
 def test_a_chat_that_grows_past_the_threshold_moves_onto_the_ring_with_its_cache(
-    dist_pool, layout, world
+    dist_pool, layout, world, kv_dtype
 ):
     pool = dist_pool(world)
-    ring = pool.run(_chat_rank, layout, 0, timeout_s=TIMEOUT)[0]
-    moved = pool.run(_chat_rank, layout, 100, timeout_s=TIMEOUT)[0]
+    ring = pool.run(_chat_rank, layout, 0, kv_dtype, timeout_s=TIMEOUT)[0]
+    moved = pool.run(_chat_rank, layout, 100, kv_dtype, timeout_s=TIMEOUT)[0]
     # turn 1 (40 tokens) on one rank; turn 2 (its 48 and 70 new: 118) crosses 100
     assert moved["placements"]["rank"] == 1 and moved["placements"]["moved"] == 1
     assert moved["holders"] == [1, 2, 2] and ring["holders"] == [2, 2, 2]
+    # its first turn's K/V moved, resharded as the ring would have left them: every rank holds
+    # a share of the chat within a few tokens, as the all-ring run's
+    assert sum(moved["spread"]) == sum(ring["spread"])
+    assert max(moved["spread"]) - min(moved["spread"]) <= 8
     assert moved["tokens"] == ring["tokens"]
     # only the new turns were prefilled: each found its history cached where it lay
     assert moved["cached"] == ring["cached"] and moved["cached"][1] == 40 + 8 - 1

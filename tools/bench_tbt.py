@@ -96,6 +96,8 @@ def _run_mode(mode: str, args) -> dict:
         extra += ["--hardware", str(args.hardware)]
     if mode == "adaptive":
         extra += ["--tbt-slo-ms", str(args.slo_ms)]
+    if args.ring_min_tokens is not None:
+        extra += ["--ring-min-tokens", args.ring_min_tokens]
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "server.log"
         proc, url = start_server(args.preset, args.cp, extra, log=log)
@@ -108,6 +110,7 @@ def _run_mode(mode: str, args) -> dict:
     return {
         "mode": mode, "preset": args.preset, "cp": args.cp, "clients": args.clients,
         "prompt_len": args.prompt_len, "long_len": args.long_len, "slo_ms": args.slo_ms,
+        "ring_min_tokens": args.ring_min_tokens,
         "gaps": len(gaps), "tbt_p50_ms": 1000 * statistics.median(gaps),
         "tbt_p99_ms": 1000 * percentile(gaps, 0.99), "tbt_max_ms": 1000 * max(gaps),
         "within_slo": sum(g <= slo for g in gaps) / len(gaps), "long_ttft_s": out["long_ttft_s"],
@@ -162,6 +165,12 @@ def main(argv=None) -> list[dict]:
     p = scenario_parser(__doc__, clients=3, modes=["whole", "adaptive"])
     p.add_argument("--cp", type=int, default=2)
     p.add_argument("--hardware", type=Path, help="a calibrated profile for the server")
+    p.add_argument(
+        "--ring-min-tokens", metavar="N|auto",
+        help="the server's --ring-min-tokens (default: serve's, auto): 0 puts the decoding "
+        "requests on the ring too; a value between --prompt-len and --long-len places them on "
+        "single ranks and the long prompt on the ring",
+    )  # fmt: skip
     args = p.parse_args(argv)
     records = run_modes(args, _run_mode)
     cols = ["mode", "target ms", "gaps", "TBT p50 ms", "TBT p99 ms", "TBT max ms", "within",
@@ -172,9 +181,9 @@ def main(argv=None) -> list[dict]:
              "/".join(str(x) for x in (min(r["chunks"]), int(statistics.median(r["chunks"])),
                                        max(r["chunks"]))) if r["chunks"] else "?"]
             for r in records]  # fmt: skip
-    print(
-        f"{args.preset} cp={args.cp}: {args.clients} decoding while {args.long_len} tokens arrive"
-    )
+    placed = "" if args.ring_min_tokens is None else f", --ring-min-tokens {args.ring_min_tokens}"
+    print(f"{args.preset} cp={args.cp}: {args.clients} decoding while {args.long_len} tokens "
+          f"arrive{placed}")  # fmt: skip
     print(format_table(cols, rows))
     if args.json:
         write_json(args.json, records)

@@ -185,8 +185,12 @@ class Admission:
             if self.sched.seqs:
                 return False  # its rank frees blocks as its requests finish
             rank = None  # (alone, the ring's pools are the most it can get)
-        seq, shared, copies = self.kv.start(holder, shared)
-        self.cache.copy_tail(copies)  # (the followers copy theirs when they replay the fork)
+        seq = None
+        if moved:  # its prefix, all on one rank, spreads over the ring (not prefilled again)
+            seq = self.kv.reshard(holder, shared, self._holder_rank(holder, shared))
+        if seq is None:
+            seq, shared, copies = self.kv.start(holder, shared)
+            self.cache.copy_tail(copies)  # (the followers copy theirs when they replay it)
         state = SequenceState(seq=seq, history=tokens[:shared], owner=x, rank=rank)
         x.state, x.rank = state, rank
         self.placements["rank" if rank is not None else "ring"] += 1
@@ -243,6 +247,10 @@ class Admission:
         threshold long, or its KV would not fit one rank's pool."""
         whole = self.kv.blocks_for_tokens_on_one(context + x.request.sampling.max_new_tokens)
         return context >= self.ring_threshold or whole > self.pool.n_blocks
+
+    def _holder_rank(self, holder: int, shared: int) -> int:
+        """The CP rank that holds the first ``shared`` tokens of ``holder`` (all on one)."""
+        return next(r for r, g in enumerate(self.pool.ledgers) if g.count_below(holder, shared))
 
     def _fits_rank(self, rank: int, tokens: int) -> bool:
         """Whether ``rank``'s pool holds ``tokens`` more beside the prefills promised there."""

@@ -319,6 +319,7 @@ class EngineCore(Admission, Iterations):
             plan = self._plan()
             self._send(plan)
             self.worker.execute(plan)
+            self.kv.settle()
 
     def heartbeat(self) -> None:
         """The leader, idle: keep the followers from their process group's timeout."""
@@ -468,7 +469,9 @@ class EngineCore(Admission, Iterations):
         send) is a :class:`_PassFailed`."""
         try:
             self._send(plan)
-            return self.worker.execute(plan, emit, after_layer=after_layer)
+            result = self.worker.execute(plan, emit, after_layer=after_layer)
+            self.kv.settle()  # (a reshard's sources are copied)
+            return result
         except Exception as e:
             if self.contain:
                 logger.exception("plan %d failed on the leader", plan.n)

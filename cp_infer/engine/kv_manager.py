@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from cp_infer.engine.kv_pool import KVPool, PoolFull
 from cp_infer.engine.request import PoolStats
 from cp_infer.engine.sizing import blocks_for_tokens
+from cp_infer.sharding import span_positions
 
 __all__ = ["Copy", "KVCacheManager", "PoolStats", "PrefixIndex", "common_prefix"]
 
@@ -148,6 +149,7 @@ class KVCacheManager:
         self.running: set[int] = set()
         self.retained: OrderedDict[int, int] = OrderedDict()  # seq -> cached tokens; LRU first
         self.pins: Counter[int] = Counter()  # seq -> jobs that skip its tokens
+        self._moving: list[int] = []  # sources of reshards the workers have not run yet
         self.next_seq = 0
         self.stats = PoolStats(total_blocks=pool.n_blocks, block_size=pool.block_size, cp=pool.cp)
 
@@ -228,6 +230,36 @@ class KVCacheManager:
             if shared == self.cached_tokens(holder) and not self.pins[holder]:
                 self.release(holder)  # superseded: all it had is in the new sequence
         return copies
+
+    def reshard(self, holder: int, shared: int, rank: int) -> int | None:
+        """A new running sequence with ``holder``'s first ``shared`` tokens, which lie on CP
+        rank ``rank`` alone, spread over every rank as a prefill of them would have left them
+        (a chat that outgrew one rank, moving onto the ring). The books change now; the K/V
+        move when the workers replay the ``("reshard", holder, seq, shared, rank)`` op, and
+        ``holder`` is pinned until then (:meth:`settle`). None: the pools cannot hold the copy
+        (nothing changed)."""
+        cp = self.pool.cp
+        spans = [span_positions(0, shared, cp, r) for r in range(cp)]
+        needs = [blocks_for_tokens(len(p), 1, self.pool.block_size) for p in spans]
+        if not self.reclaim(needs, keep=holder):
+            return None
+        seq = self.new_seq()
+        for ledger, positions in zip(self.pool.ledgers, spans, strict=True):
+            if positions:
+                ledger.append(seq, positions)
+        self.pool.commit()
+        self.pin(holder)
+        self._moving.append(holder)
+        if self.record:
+            self.ops.append(("reshard", holder, seq, shared, rank))
+        self._sync_live(seq)
+        return seq
+
+    def settle(self) -> None:
+        """The workers have run the plan that moved resharded K/V: their sources may go."""
+        for seq in self._moving:
+            self.unpin(seq)
+        self._moving.clear()
 
     def prefilled(self, seq: int, tokens: Sequence[int]) -> None:
         """A running sequence's ``tokens`` are all cached: later requests may share them."""

@@ -41,6 +41,9 @@ __all__ = ["Control", "Draws", "KVOp", "PlacedPass", "StepPlan"]
 #: - ``("remote", job)``: a prompt goes to the prefill tier (every rank expects its K/V);
 #: - ``("adopt", rid, seq, skip, length)``: its K/V, back, become sequence ``seq``;
 #: - ``("drop", rid)``: its K/V, back, are not kept (the request failed or was cancelled);
+#: - ``("reshard", src, dst, n, rank)``: ``dst`` starts with ``src``'s first ``n`` tokens,
+#:   which lie on CP rank ``rank`` alone, spread over the CP ranks as a prefill of them would
+#:   leave them (``rank`` sends each its K/V): a chat moving onto the ring;
 #: - ``("draw", rid)``: one draw of the request's generator is spent elsewhere (the prefill
 #:   tier sampled its first token);
 #: - ``("forget", rid)``: the request ended: its generator goes.

@@ -31,8 +31,15 @@ from cp_infer.engine.remote import handoff_plans, store_handoff
 from cp_infer.engine.request import Emit
 from cp_infer.engine.runner import ModelRunner
 from cp_infer.engine.sampling import sample_rows
+from cp_infer.sharding import span_positions
 
 __all__ = ["Drawn", "PlanResult", "Worker"]
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A float8 tensor's bytes (copied and sent as uint8); any other tensor as it is."""
+    return t.view(torch.uint8) if t.dtype.itemsize == 1 else t
+
 
 logger = logging.getLogger(__name__)
 
@@ -305,6 +312,16 @@ class Worker:
                     mine = self.pool.fork(src, dst, position)
                     assert mine == copies, f"fork {src}->{dst}: {mine} != the leader's {copies}"
                     self.cache.copy_tail(copies)
+            elif kind == "reshard":  # a chat moving onto the ring: its K/V spread over CP
+                _, src, dst, n, rank = op
+                if not self.leader:  # (the leader's books have it already)
+                    cp = self.pool.cp
+                    for r, ledger in enumerate(self.pool.ledgers):
+                        positions = span_positions(0, n, cp, r)
+                        if positions:
+                            ledger.append(dst, positions)
+                    self.pool.commit()
+                self._reshard(src, dst, n, rank)
             elif kind == "draw":  # the prefill tier drew this request's first token
                 gen = self.generators[op[1]]
                 torch.rand((), generator=gen, device=gen.device)
@@ -313,6 +330,53 @@ class Worker:
                 self.generators.pop(op[1], None)
             elif not self.leader:  # the hand-off's, on a follower
                 self._handoff(op)
+
+    def _reshard(self, src: int, dst: int, n: int, rank: int) -> None:
+        """Copy the first ``n`` tokens of ``src``, all on CP rank ``rank``, into ``dst``'s
+        slots on every CP rank (its books say which positions each keeps): ``rank`` sends each
+        peer its positions' K/V (FP8 with their scales), every layer of this stage at once,
+        and copies its own."""
+        cache, pg = self.cache, self.runner.pg
+        # (float8 is copied and sent as its bytes)
+        tensors = [_bytes(t) for t in (cache.k, cache.v, cache.k_scale, cache.v_scale)
+                   if t is not None]  # fmt: skip
+
+        def slots(seq: int, ledger) -> tuple[list[int], list[int]]:
+            where = [s for first, m in ledger.runs(seq) for s in range(first, first + m)]
+            return ledger.positions_of(seq), where
+
+        if pg.cp_rank == rank:
+            positions, where = slots(src, cache.ledger)
+            at = dict(zip(positions, where, strict=True))
+            sends = []
+            for r, ledger in enumerate(self.pool.ledgers):
+                wanted = ledger.positions_of(dst)
+                index = torch.tensor([at[p] for p in wanted], dtype=torch.long,
+                                     device=cache.device)  # fmt: skip
+                if not wanted:
+                    continue
+                parts = [t.index_select(2, index) for t in tensors]
+                if r == rank:
+                    _, mine = slots(dst, ledger)
+                    to = torch.tensor(mine, dtype=torch.long, device=cache.device)
+                    for t, part in zip(tensors, parts, strict=True):
+                        t.index_copy_(2, to, part)
+                    continue
+                for part in parts:
+                    sends.append(torch.distributed.isend(part, pg.cp_ranks[r],
+                                                         group=pg.cp_group))  # fmt: skip
+            for w in sends:
+                w.wait()
+            return
+        positions, mine = slots(dst, cache.ledger)
+        if not positions:
+            return
+        to = torch.tensor(mine, dtype=torch.long, device=cache.device)
+        for t in tensors:
+            part = torch.empty((*t.shape[:2], len(mine), *t.shape[3:]), dtype=t.dtype,
+                               device=t.device)  # fmt: skip
+            torch.distributed.recv(part, pg.cp_ranks[rank], group=pg.cp_group)
+            t.index_copy_(2, to, part)
 
     def _handoff(self, op: tuple) -> None:
         kind = op[0]
