@@ -79,7 +79,8 @@ LENS = [37, 5, 60, 12, 90, 23, 48, 7, 300, 260]
     ("tiny-llama", {"cp": 2}, 2),
     ("tiny-moe", {"cp": 2}, 2),
     ("tiny-llama", {"tp": 2, "cp": 2}, 4),
-], ids=["cp2", "moe-cp2", "tp2xcp2"])  # fmt: skip
+    ("tiny-llama", {"cp": 2, "pp": 2}, 4),
+], ids=["cp2", "moe-cp2", "tp2xcp2", "cp2xpp2"])  # fmt: skip
 def test_short_requests_placed_on_ranks_and_long_ones_on_the_ring_give_the_ring_s_tokens(
     dist_pool, preset, layout, world
 ):
@@ -204,3 +205,47 @@ def test_placed_and_ring_requests_in_one_batch_match_transformers(
     assert [r["token_ids"] for r in rows] == [ref[n]["tokens"] for n in HF_BATCH]
     for n in HF_BATCH:
         torch.testing.assert_close(logits[n], ref[n]["logits"], atol=1e-4, rtol=0)
+
+
+def _pressure_rank(ring_min_tokens) -> dict:
+    from cp_infer.engine import SamplingConfig
+    from cp_infer.engine.core import Request
+
+    # 12 blocks of 8 tokens a rank: less than the six requests take, and the longest does not
+    # fit one rank (it goes on the ring)
+    groups, engine, cfg = _engine("tiny-llama", {"cp": 2}, ring_min_tokens=ring_min_tokens,
+                                  kv_tokens=96, block=8, max_batch=6, prefill_chunk=24)  # fmt: skip
+    try:
+        g = random.Random(3)
+        prefix = tuple(g.randrange(1, cfg.vocab_size) for _ in range(30))
+        requests = [
+            Request(j, (*prefix, *(g.randrange(1, cfg.vocab_size) for _ in range(5 + 9 * j))),
+                    SamplingConfig(max_new_tokens=12 + 4 * j, temperature=0.7, seed=j))
+            for j in range(6)
+        ]  # fmt: skip
+        states = []
+
+        def emit(events) -> None:  # after each pass: every generator that drew, on this rank
+            gens = engine.worker.generators
+            states.append([(rid, gens[rid].get_state().sum().item()) for rid, _, _ in events])
+
+        outcomes, _ = engine.run(requests, emit)
+        return {"tokens": [o.tokens for o in outcomes], "preemptions": engine.stats.preemptions,
+                "placements": engine.placement_stats() if engine.leader else None,
+                "states": states}  # fmt: skip
+    finally:
+        groups.__exit__(None, None, None)
+
+
+def test_every_rank_s_generators_draw_alike_and_preempted_requests_keep_the_ring_s_tokens(
+    dist_pool,
+):
+    pool = dist_pool(2)
+    ring = pool.run(_pressure_rank, 0, timeout_s=TIMEOUT)
+    placed = pool.run(_pressure_rank, 1000, timeout_s=TIMEOUT)
+    lead = placed[0]
+    assert lead["preemptions"] > 0 and lead["placements"]["rank"] > 0
+    assert lead["placements"]["ring"] > 0  # the one too long for a rank's pool
+    assert lead["tokens"] == placed[1]["tokens"] == ring[0]["tokens"]
+    # every rank's generator of a request spent the draws the rank that ran it spent
+    assert lead["states"] == placed[1]["states"]

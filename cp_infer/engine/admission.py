@@ -35,9 +35,6 @@ class _Live:
     admitted: float = 0.0  # perf_counter when it arrived
     before: list[int] = field(default_factory=list)  # generated before it was preempted
     waited: bool = False  # it waited for room in the pool
-    # where it was placed once admitted (a preempted request returns there: its generator's
-    # draws were made there): a CP rank, None (the ring), or "unplaced" before
-    rank: int | str | None = "unplaced"
 
     @property
     def tokens(self) -> list[int]:
@@ -192,7 +189,7 @@ class Admission:
             seq, shared, copies = self.kv.start(holder, shared)
             self.cache.copy_tail(copies)  # (the followers copy theirs when they replay it)
         state = SequenceState(seq=seq, history=tokens[:shared], owner=x, rank=rank)
-        x.state, x.rank = state, rank
+        x.state = state
         self.placements["rank" if rank is not None else "ring"] += 1
         if moved:  # a chat that grew past the threshold: onto the ring
             self.placements["moved"] += 1
@@ -213,12 +210,11 @@ class Admission:
         """The CP rank ``x`` runs on alone, or None for the ring (see ``ring_min_tokens``), and
         whether it moves a prefix held on one rank onto the ring.
 
-        A preempted request returns where it ran. A request whose cached prefix is on the ring
+        A request whose cached prefix is on the ring
         stays there; one whose prefix is on one rank goes to that rank unless it is now long
         enough for the ring (the chat moves onto it: the ring attends a prefix wherever it
-        lies). Otherwise the least-loaded rank, by tokens in flight, then KV blocks held."""
-        if x.rank != "unplaced":
-            return x.rank, False
+        lies). Otherwise the least-loaded rank, by tokens in flight, then KV blocks held. (A
+        preempted request is placed afresh: every rank's generator of it drew alike.)"""
         cp = self.pool.cp
         if cp == 1 or not self.placeable or self.ring_min_tokens == 0:
             return None, False

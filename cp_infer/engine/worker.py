@@ -30,7 +30,7 @@ from cp_infer.engine.plan import Draws, StepPlan
 from cp_infer.engine.remote import handoff_plans, store_handoff
 from cp_infer.engine.request import Emit
 from cp_infer.engine.runner import ModelRunner
-from cp_infer.engine.sampling import sample_rows
+from cp_infer.engine.sampling import GREEDY_BELOW, sample_rows
 from cp_infer.sharding import span_positions
 
 __all__ = ["Drawn", "PlanResult", "Worker"]
@@ -220,12 +220,27 @@ class Worker:
                 prefill = self._draw(p.prefill_draws, logits(p.prefill), plan.contain, None)
             placed.append((decode, prefill, prompt_lp))
         results = self._share_placed(plan, placed, kept)
+        for p, pair in zip(plan.placed, results, strict=True):
+            if p.rank != me:  # spend the draws the rank that ran them spent: every rank's
+                for draws, drawn in zip((p.decode_draws, p.prefill_draws), pair[:2],
+                                        strict=True):  # generators stay alike  # fmt: skip
+                    if drawn is not None:
+                        self._skip_draws(draws, drawn)
         if emit is not None:
             for p, (decode, prefill, _) in zip(plan.placed, results, strict=True):
                 for draws, drawn in ((p.decode_draws, decode), (p.prefill_draws, prefill)):
                     if drawn is not None:
                         self._emit(draws, drawn, emit)
         return results
+
+    def _skip_draws(self, draws: Draws, drawn: Drawn) -> None:
+        """Advance each row's generator by the draw sampling it took on the rank that ran it
+        (one uniform per sampled row; a greedy row draws none), so that a request drawn on
+        any rank later (on the ring, after a preemption) draws as if it had always been."""
+        for rid, token in zip(draws.rids, drawn.tokens, strict=True):
+            if token >= 0 and self.samplings[rid].temperature >= GREEDY_BELOW:
+                gen = self.generators[rid]
+                torch.rand((), generator=gen, device=gen.device)
 
     def _share_placed(self, plan: StepPlan, mine: list[tuple], kept: dict) -> list[tuple]:
         """Every placed pass's draws on every rank: one exchange of a float64 table (a row per
