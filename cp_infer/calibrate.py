@@ -8,8 +8,8 @@ Per rank, in a pool of ``world`` gloo ranks with one thread each (as the benchma
 - ``ring_bandwidth`` and ``ring_latency_s``: a SendRecv step around the ring, of one large
   and one tiny message;
 - ``ring_step_s``: what a prefill ring step costs beyond that latency and its kernel, as the
-  engine's ring runs it (pass-KV over a few tokens per rank against the same tokens on one
-  rank, per step);
+  engine's ring runs it, the ranks' skew included (pass-KV over a few tokens per rank after a
+  layer's worth of small GEMMs, against the same tokens on one rank: medians, per step);
 - ``all2all_s``: one All2All of the large message;
 - ``overlap``: the share of a ring step's communication that hides behind attention: the large
   SendRecv posted, the attention run, then waited for, against the attention alone (the median
@@ -21,6 +21,8 @@ Per rank, in a pool of ``world`` gloo ranks with one thread each (as the benchma
 - ``attention_flops_by_head_dim`` and ``gemm_flops_by_dim``: the same kernels at the head and
   model sizes of the small presets (16 to 128, 128 to 1024), attention also at a quarter and
   four times the tokens: a CPU kernel's rate depends on them;
+- ``gemm_flops_by_rows``: the engine's linears over 1 to 256 rows at a time, 32 MiB of them
+  (a short prompt's GEMMs run far below the large ones' rate);
 - ``activation_bandwidth``: bytes/s of a prefill layer's elementwise passes (norms, RoPE,
   residual adds, SwiGLU's product), which a CPU runs one kernel at a time;
 - ``gemv_bandwidth``: bytes/s of one row through the engine's linears, layers of them larger
@@ -119,7 +121,34 @@ def _shape_rates(tokens: int, timing: Timing, g) -> dict:
     for dim in (128, 512, 1024):
         x, w = torch.randn(t, dim, generator=g), torch.randn(dim, 4 * dim, generator=g)
         gemm[str(dim)] = 2 * t * dim * 4 * dim / _best(lambda x=x, w=w: x @ w, timing)
-    return {"attention_flops_by_head_dim": attention, "gemm_flops_by_dim": gemm}
+    return {"attention_flops_by_head_dim": attention, "gemm_flops_by_dim": gemm,
+            "gemm_flops_by_rows": _row_rates(timing, g)}  # fmt: skip
+
+
+def _row_rates(timing: Timing, g, weight_bytes: int = 32 << 20) -> dict:
+    """FLOP/s of the engine's linears over a few rows (a short prompt's or a decode step's
+    GEMMs): layers 512 wide, ``weight_bytes`` of them (more than the caches hold)."""
+    from torch import nn
+
+    from cp_infer.parallel.tensor_parallel import small_linear
+
+    dim = 512
+    shapes = [(dim, 3 * dim), (dim, dim), (dim, 3 * dim), (3 * dim, dim)]
+    per_layer = sum(i * o for i, o in shapes) * 4
+    linears = [nn.Linear(i, o, bias=False) for _ in range(-(-weight_bytes // per_layer))
+               for i, o in shapes]  # fmt: skip
+    flops = 2 * sum(m.in_features * m.out_features for m in linears)
+    out = {}
+    for rows in (1, 4, 16, 64, 256):
+        x = {n: torch.randn(rows, n, generator=g) for n in (dim, 3 * dim)}
+
+        @torch.no_grad()
+        def run(x=x) -> None:
+            for m in linears:
+                small_linear(x[m.in_features], m)
+
+        out[str(rows)] = rows * flops / _best(run, timing)
+    return out
 
 
 def _decode_rates(timing: Timing, g, weight_bytes: int, cache_tokens: int = 16384) -> dict:
@@ -233,27 +262,50 @@ def _decode_medians(pg, steps: int) -> dict[int, float]:
     return medians
 
 
-def _ring_step_cost(timing: Timing, g, latency_s: float) -> float:
+def _ring_step_cost(g, latency_s: float, steps: int = 60) -> float:
     """What one step of a prefill's ring costs beyond its SendRecv's latency and its kernel,
-    as the engine's ring runs it (the batched SendRecv of K and V posted and waited for, the
-    step's kernel call and merge): pass-KV over a few tokens per rank, against the same tokens
-    attended on this rank alone (a ring of one), per step."""
+    as the engine's ring runs it: the batched SendRecv of K and V posted and waited for, the
+    step's kernel call and merge, and the ranks' skew (each waits for the slower). Pass-KV
+    over a few tokens per rank, each call after a layer's worth of small-row GEMMs, against the
+    same tokens attended on this rank alone (a ring of one); the median of back-to-back calls
+    (the best one hides the waits a step typically has), per step."""
+    import statistics
+    import time
+
+    from torch import nn
+
     from cp_infer.attention import ring_attention_pass_kv
     from cp_infer.attention.comm import RingComm
+    from cp_infer.parallel.tensor_parallel import small_linear
     from cp_infer.sharding import ShardLayout
 
     n = dist.get_world_size()
     if n == 1:
         return 0.0
-    h, h_kv, d, per_rank = 8, 2, 64, 4
+    h, h_kv, d, per_rank, dim = 8, 2, 64, 4, 512
     q = torch.randn(h, per_rank, d, generator=g)
     k, v = (torch.randn(h_kv, per_rank, d, generator=g) for _ in range(2))
-    ring_layout, alone_layout = ShardLayout([per_rank * n], n), ShardLayout([per_rank], 1)
-    ring_s = _best(lambda: ring_attention_pass_kv(q, k, v, ring_layout), timing)
-    alone_s = _best(
-        lambda: ring_attention_pass_kv(q, k, v, alone_layout, comm=RingComm.alone()), timing
-    )
-    return max(0.0, (ring_s - alone_s) / (n - 1) - latency_s)
+    layouts = {True: ShardLayout([per_rank * n], n), False: ShardLayout([per_rank], 1)}
+    linear, x = nn.Linear(dim, 3 * dim, bias=False), torch.randn(per_rank, dim, generator=g)
+
+    @torch.no_grad()
+    def step(ring: bool) -> None:
+        small_linear(x, linear)
+        if ring:
+            ring_attention_pass_kv(q, k, v, layouts[True])
+        else:
+            ring_attention_pass_kv(q, k, v, layouts[False], comm=RingComm.alone())
+
+    medians: dict[bool, float] = {True: float("inf"), False: float("inf")}
+    for ring in (False, True, False, True):  # interleaved: the machine drifts
+        dist.barrier()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step(ring)
+            times.append(time.perf_counter() - t0)
+        medians[ring] = min(medians[ring], statistics.median(times[steps // 6 :]))
+    return max(0.0, (medians[True] - medians[False]) / (n - 1) - latency_s)
 
 
 def measure_rank(
@@ -290,7 +342,7 @@ def measure_rank(
         comm.wait()
 
     big_s, tiny_s = _best(lambda: ring(big), timing), _best(lambda: ring(tiny), timing)
-    step_s = _ring_step_cost(timing, g, tiny_s)
+    step_s = _ring_step_cost(g, tiny_s)
 
     # overlap: an attention a few times longer than the large SendRecv (as a ring step's is,
     # in a long prefill), run while the SendRecv is in flight: what it adds to the attention

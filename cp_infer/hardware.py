@@ -102,6 +102,8 @@ class Profile:
             overheads on fewer pairs); between two, interpolated in log(tokens), then in
             log(head dim). Empty: ``attention_flops_s``.
         gemm_rates: measured (model dim, FLOP/s) of a layer's GEMMs, likewise.
+        gemm_row_rates: measured (rows, FLOP/s) of the engine's linears over a few rows at a
+            time (weights larger than the caches): a short prompt's GEMMs, slower per FLOP.
         gemv_bytes_s: decode's weight reads, one-row GEMMs (None: ``hbm_bytes_s``).
         decode_kv_bytes_s: decode attention's reads of the KV cache (None: ``hbm_bytes_s``).
         decode_layer_s, decode_step_s: the fixed cost of a decode step's layer and of the
@@ -136,6 +138,7 @@ class Profile:
     bytes_per_element: int = 2
     attention_rates: tuple[tuple[float, float, float], ...] = ()
     gemm_rates: tuple[tuple[float, float], ...] = ()
+    gemm_row_rates: tuple[tuple[float, float], ...] = ()
     gemv_bytes_s: float | None = None
     decode_kv_bytes_s: float | None = None
     decode_layer_s: float = 0.0
@@ -177,9 +180,13 @@ class Profile:
         ]
         return _interpolate(rates, head_dim, self.attention_flops_s)
 
-    def gemm_flops_s_at(self, dim: int) -> float:
-        """A layer's GEMMs' achieved FLOP/s for a model of width ``dim``."""
-        return _interpolate(self.gemm_rates, dim, self.gemm_flops_s)
+    def gemm_flops_s_at(self, dim: int, rows: float | None = None) -> float:
+        """A layer's GEMMs' achieved FLOP/s for a model of width ``dim``, over ``rows`` tokens
+        (a few rows run slower: a calibrated profile's :attr:`gemm_row_rates`)."""
+        rate = _interpolate(self.gemm_rates, dim, self.gemm_flops_s)
+        if rows is not None and self.gemm_row_rates:
+            rate = min(rate, _interpolate(self.gemm_row_rates, max(rows, 1.0), rate))
+        return rate
 
     def selector(self):
         """Alg. 1's C and BW for one rank: the achieved attention FLOP/s and link bandwidth."""
@@ -288,6 +295,7 @@ class Profile:
             memory_bytes=figures["host_memory_bytes"], devices_per_host=1, bytes_per_element=4,
             attention_rates=attention_table(),
             gemm_rates=table("gemm_flops_by_dim"), gemv_bytes_s=optional("gemv_bandwidth"),
+            gemm_row_rates=table("gemm_flops_by_rows"),
             decode_kv_bytes_s=optional("decode_kv_bandwidth"),
             decode_layer_s=optional("decode_layer_s", zero=True) or 0.0,
             decode_step_s=optional("decode_step_s", zero=True) or 0.0,
@@ -466,7 +474,7 @@ def prefill_layer(
     e = bytes_per_element or prof.bytes_per_element
     t = new / cp  # this rank's new tokens
     attn_w, ffn_w = layer_weights(cfg)
-    gemm_rate = prof.gemm_flops_s_at(cfg.dim)
+    gemm_rate = prof.gemm_flops_s_at(cfg.dim, rows=t / tp)
     ffn_rate = gemm_rate * (prof.fp8_speedup if fp8_ffn else 1.0)
     gemm = 2 * t / tp * (attn_w / gemm_rate + ffn_w / ffn_rate)
     # a GEMM of few rows reads its weight faster than it multiplies: the layer's weights are

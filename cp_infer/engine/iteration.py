@@ -113,8 +113,19 @@ class Iterations:
                     decode_tokens=sum(b.n_seqs for b in ran if b.kind == "decode"),
                     variant=None if batch is None else batch.variant,
                 ))  # fmt: skip
+            # the chunk sizing learns from the one pass as from a ring's (a decode step: only
+            # when nothing prefilled in it)
+            decoded = any(p.decode is not None for p in (plan, *placed))
+            if batch is not None:
+                timed = self.timer.mixed if decoded else self.timer.prefill
+                timed(result.placed_s, batch.n_tokens, batch.n_cached)
+            elif not any(p.prefill is not None for p in placed):
+                self.timer.decode(result.placed_s)
             self.host_s["record"] += time.perf_counter() - t2
-            return None
+            if self.tbt_slo_s is None or not decoding or batch is None:
+                return None
+            return est.iteration_s(self.costs, new=batch.n_tokens, cached=batch.n_cached,
+                                   **_decode_load(decoding))  # fmt: skip
         if decode is not None and not fused:
             self.timer.decode(result.decode_s)
             if on_step is not None:
