@@ -16,7 +16,7 @@ from cp_infer.costmodel import (
     predicted_crossover,
     ring_min_tokens,
 )
-from cp_infer.hardware import PROFILES, Profile, prefill_layer, profile
+from cp_infer.hardware import PROFILES, Profile, layer_weights, prefill_layer, profile
 from cp_infer.models import get_preset
 
 LLAMA_405B = get_preset("llama3-405b")
@@ -447,3 +447,23 @@ def test_spp_model_streams_chunks_through_the_stages():
     assert free < costly < 16384
     with pytest.raises(ValueError, match="chunk"):
         spp_ttft_s(cfg, prof, seq_len=16384, pp=2, chunk=0)
+
+
+def test_a_short_prompt_s_gemms_take_their_weights_read_or_the_rate_of_their_rows():
+    from dataclasses import replace
+
+    cfg, cpu = get_preset("small-llama"), PROFILES["cpu-gloo"]
+    read = sum(w * 4 for w in layer_weights(cfg)) / (cpu.gemv_bytes_s or cpu.hbm_bytes_s)
+    # a few tokens: the weights' read, the same on one rank and on each rank of the ring
+    for cp in (1, 2):
+        assert prefill_layer(cfg, cpu, cp=cp, tp=1, new=4).gemm == pytest.approx(read)
+    # many: their FLOPs, split over the ring
+    flops = 2 * 8192 * sum(layer_weights(cfg)) / cpu.gemm_flops_s_at(cfg.dim)
+    assert prefill_layer(cfg, cpu, cp=1, tp=1, new=8192).gemm == pytest.approx(flops)
+    assert prefill_layer(cfg, cpu, cp=2, tp=1, new=8192).gemm == pytest.approx(flops / 2)
+    # a calibrated profile's rates by rows: 16 rows at a tenth of the rate take ten times longer
+    slow = replace(cpu, gemm_row_rates=((1.0, 1e9), (16.0, cpu.gemm_flops_s_at(cfg.dim) / 10),
+                                        (1024.0, 1e15)))  # fmt: skip
+    fast = 2 * 16 * sum(layer_weights(cfg)) / cpu.gemm_flops_s_at(cfg.dim)
+    assert prefill_layer(cfg, slow, cp=1, tp=1, new=16).gemm == pytest.approx(10 * fast)
+    assert slow.gemm_flops_s_at(cfg.dim, rows=4096) == cpu.gemm_flops_s_at(cfg.dim)
