@@ -10,11 +10,12 @@ and failures agreed or not.
 
 from __future__ import annotations
 
-import random
 from dataclasses import replace
 
 import pytest
 import torch
+
+from tests.workloads import shared_prefix_requests
 
 TIMEOUT = 180
 
@@ -43,20 +44,11 @@ def _books(engine) -> list:
 
 
 def _plans_rank(layout: dict) -> dict:
-    from cp_infer.engine import SamplingConfig
-    from cp_infer.engine.core import Request
-
     # 24 blocks of 8 tokens over the CP ranks: less than the six requests take, more than any
     groups, engine, cfg = _engine(layout, kv_tokens=192 // layout.get("cp", 1), block=8,
                                   max_batch=6, prefill_chunk=24)  # fmt: skip
     try:
-        g = random.Random(3)
-        prefix = tuple(g.randrange(1, cfg.vocab_size) for _ in range(30))
-        requests = [
-            Request(j, (*prefix, *(g.randrange(1, cfg.vocab_size) for _ in range(5 + 9 * j))),
-                    SamplingConfig(max_new_tokens=12 + 4 * j, temperature=0.7, seed=j))
-            for j in range(6)
-        ]  # fmt: skip
+        requests = shared_prefix_requests(cfg)
         outcomes, _ = engine.run(requests)
         again, _ = engine.run([replace(requests[0], rid=99)])  # its prefix is cached now
         return {

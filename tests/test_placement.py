@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.hf_oracle import PROMPTS, make_checkpoint, reference
+from tests.workloads import shared_prefix_requests
 
 TIMEOUT = 240
 
@@ -208,21 +209,12 @@ def test_placed_and_ring_requests_in_one_batch_match_transformers(
 
 
 def _pressure_rank(ring_min_tokens) -> dict:
-    from cp_infer.engine import SamplingConfig
-    from cp_infer.engine.core import Request
-
     # 12 blocks of 8 tokens a rank: less than the six requests take, and the longest does not
     # fit one rank (it goes on the ring)
     groups, engine, cfg = _engine("tiny-llama", {"cp": 2}, ring_min_tokens=ring_min_tokens,
                                   kv_tokens=96, block=8, max_batch=6, prefill_chunk=24)  # fmt: skip
     try:
-        g = random.Random(3)
-        prefix = tuple(g.randrange(1, cfg.vocab_size) for _ in range(30))
-        requests = [
-            Request(j, (*prefix, *(g.randrange(1, cfg.vocab_size) for _ in range(5 + 9 * j))),
-                    SamplingConfig(max_new_tokens=12 + 4 * j, temperature=0.7, seed=j))
-            for j in range(6)
-        ]  # fmt: skip
+        requests = shared_prefix_requests(cfg)
         states = []
 
         def emit(events) -> None:  # after each pass: every generator that drew, on this rank
