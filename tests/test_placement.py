@@ -241,3 +241,39 @@ def test_every_rank_s_generators_draw_alike_and_preempted_requests_keep_the_ring
     assert lead["tokens"] == placed[1]["tokens"] == ring[0]["tokens"]
     # every rank's generator of a request spent the draws the rank that ran it spent
     assert lead["states"] == placed[1]["states"]
+
+
+def _system_prompt_rank(ring_min_tokens) -> dict:
+    from cp_infer.engine import SamplingConfig
+    from cp_infer.engine.core import Request
+
+    groups, engine, cfg = _engine("tiny-llama", {"cp": 2}, ring_min_tokens=ring_min_tokens)
+    try:
+        g = random.Random(7)
+        system = tuple(g.randrange(1, cfg.vocab_size) for _ in range(64))
+
+        def user(rid: int) -> Request:
+            own = tuple(g.randrange(1, cfg.vocab_size) for _ in range(8))
+            return Request(rid, (*system, *own), SamplingConfig(max_new_tokens=8))
+
+        engine.run([user(0)])  # the system prompt is cached now (on one rank when placed)
+        outcomes, _ = engine.run([user(j) for j in range(1, 7)])
+        return {"tokens": [o.tokens for o in outcomes],
+                "cached": [o.cached_tokens for o in outcomes],
+                "forgone": engine.stats.prefix_forgone,
+                "placements": engine.placement_stats() if engine.leader else None}  # fmt: skip
+    finally:
+        groups.__exit__(None, None, None)
+
+
+def test_users_of_a_system_prompt_on_a_busy_rank_go_to_another_and_prefill_it_again(dist_pool):
+    pool = dist_pool(2)
+    ring = pool.run(_system_prompt_rank, 0, timeout_s=TIMEOUT)[0]
+    placed = pool.run(_system_prompt_rank, 1000, timeout_s=TIMEOUT)[0]
+    assert placed["tokens"] == ring["tokens"]
+    # some users shared the cached system prompt on its rank, the rest went to the other rank
+    # and prefilled it again (counted); on the ring every user shares it
+    assert ring["forgone"] == 0 and all(c >= 64 for c in ring["cached"])
+    shared = [c for c in placed["cached"] if c >= 64]
+    assert shared and len(shared) < 6 and placed["forgone"] == 64 * (6 - len(shared))
+    assert placed["placements"]["rank"] == 7

@@ -177,7 +177,12 @@ class Admission:
                 f"{self.pool.block_size} per CP rank, {self.kv.available()} available): raise "
                 "--kv-cache-memory or --cp"), done)  # fmt: skip
             return True
-        rank, moved = self._place(x, tokens, holder, shared)
+        rank, moved, keep = self._place(x, tokens, holder, shared)
+        if not keep:  # its prefix's rank is too busy: prefill it again on another
+            logger.info("request %d: %d cached tokens on a busy rank prefilled again on rank %d",
+                        x.request.rid, shared, rank)  # fmt: skip
+            self.stats.prefix_forgone += shared
+            holder, shared = None, 0
         if rank is not None and not self._fits_rank(rank, len(tokens) - shared):
             if self.sched.seqs:
                 return False  # its rank frees blocks as its requests finish
@@ -206,28 +211,38 @@ class Admission:
     # -- placement ----------------------------------------------------------------------------
     def _place(
         self, x: _Live, tokens: list[int], holder: int | None, shared: int
-    ) -> tuple[int | None, bool]:
-        """The CP rank ``x`` runs on alone, or None for the ring (see ``ring_min_tokens``), and
-        whether it moves a prefix held on one rank onto the ring.
+    ) -> tuple[int | None, bool, bool]:
+        """The CP rank ``x`` runs on alone, or None for the ring (see ``ring_min_tokens``);
+        whether it moves a prefix held on one rank onto the ring; whether it keeps its cached
+        prefix (False: prefilled again).
 
-        A request whose cached prefix is on the ring
-        stays there; one whose prefix is on one rank goes to that rank unless it is now long
-        enough for the ring (the chat moves onto it: the ring attends a prefix wherever it
-        lies). Otherwise the least-loaded rank, by tokens in flight, then KV blocks held. (A
+        A request whose cached prefix is on the ring stays there; one whose prefix is on one
+        rank goes to that rank unless it is now long enough for the ring (a chat moves onto
+        it, its K/V resharded), or unless that rank's load exceeds the least-loaded one's by
+        more than the prefix (prefilling the prefix again there costs less than waiting).
+        Otherwise the least-loaded rank, by tokens in flight, then KV blocks held. (A
         preempted request is placed afresh: every rank's generator of it drew alike.)"""
         cp = self.pool.cp
         if cp == 1 or not self.placeable or self.ring_min_tokens == 0:
-            return None, False
+            return None, False, True
         prefix = None
         if holder is not None and shared:
             ranks = [r for r, g in enumerate(self.pool.ledgers) if g.count_below(holder, shared)]
             if len(ranks) > 1:
-                return None, False
+                return None, False, True
             prefix = ranks[0] if ranks else None
         if self._ring_wants(len(tokens), x):
-            return None, prefix is not None
-        if prefix is not None:
-            return prefix, False
+            return None, prefix is not None, True
+        least, load = self._least_loaded()
+        if prefix is not None and load[prefix] - load[least] <= shared:
+            return prefix, False, True
+        return least, False, prefix is None
+
+    def _least_loaded(self) -> tuple[int, list[int]]:
+        """The CP rank with the least work placed on it, and every rank's: the context tokens
+        of its running requests and their tokens still to prefill (then KV blocks held, then
+        requests)."""
+        cp = self.pool.cp
         load = [0] * cp
         count = [0] * cp
         for s in self.sched.seqs:
@@ -236,7 +251,7 @@ class Admission:
                 load[s.rank] += context + len(s.new) - s.prefilled
                 count[s.rank] += 1
         used = [self.pool.n_blocks - g.n_free for g in self.pool.ledgers]
-        return min(range(cp), key=lambda r: (load[r], used[r], count[r], r)), False
+        return min(range(cp), key=lambda r: (load[r], used[r], count[r], r)), load
 
     def _ring_wants(self, context: int, x: _Live) -> bool:
         """Whether a request of ``context`` tokens goes on the ring: it is at least the

@@ -167,6 +167,8 @@ class PoolStats:
         prefix_hits: of those, tokens found cached (not prefilled).
         remote_prefills: requests a prefill tier prefilled (disaggregated serving).
         handoff_tokens: (token, head, layer) triples of K/V received from it, this rank.
+        prefix_forgone: cached prefix tokens prefilled again because the one CP rank holding
+            them was too busy (the request placed on another).
         ring_requests: requests placed on the ring (their KV over every CP rank).
         rank_requests: requests placed on a single CP rank.
         ring_moves: chats whose prefix lay on one rank and whose next turn went on the ring.
@@ -188,6 +190,7 @@ class PoolStats:
     prefix_hits: int = 0
     remote_prefills: int = 0
     handoff_tokens: int = 0
+    prefix_forgone: int = 0
     ring_requests: int = 0
     rank_requests: int = 0
     ring_moves: int = 0

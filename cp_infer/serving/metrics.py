@@ -57,6 +57,9 @@ _POOL_METRICS = {
                        "Prompt tokens looked up in the prefix cache"),
     "prefix_hits": (Counter, "prefix_cache_hits",
                     "Prompt tokens found in the prefix cache (shared blocks)"),
+    "prefix_forgone": (Counter, "prefix_cache_forgone_tokens",
+                       "Cached prefix tokens prefilled again: the CP rank holding them was too "
+                       "busy, the request went to another"),
     "remote_prefills": (Counter, "disagg_prefills",
                         "Requests the prefill tier prefilled (disaggregated serving)"),
     "handoff_tokens": (Counter, "kv_handoff_token_heads",
