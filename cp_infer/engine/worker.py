@@ -122,6 +122,7 @@ class Worker:
         result = PlanResult()
         runner = self.runner
         if plan.placed:  # the ring's rows and this rank's placed ones: one pass
+            assert after_layer is None, "a prefill tier places nothing (ring_min_tokens=0)"
             t0 = time.perf_counter()
             result.placed = self._run_placed(plan, emit, result)
             result.placed_s = time.perf_counter() - t0

@@ -210,7 +210,8 @@ def _run(args, device, launched: bool, tiers) -> int:
         engine = EngineCore(  # the chunks are sized from the runner's hardware model
             runner, max_batch=args.max_batch_size, share_prefixes=args.prefix_sharing,
             tbt_slo_s=None if args.tbt_slo_ms is None else args.tbt_slo_ms / 1000,
-            ring_min_tokens=args.ring_min_tokens,
+            # a prefill tier streams each prompt's K/V as its ring laid them out
+            ring_min_tokens=0 if prefill_tier else args.ring_min_tokens,
         )  # fmt: skip
         connector = None
         if prefill_tier:
