@@ -124,9 +124,11 @@ def test_disaggregated_server_answers_as_colocated(
     ckpt = request.getfixturevalue("checkpoint" if model == "llama" else "moe_checkpoint")
     world = 2 + tier_size(parse_tier("--decode", decode))
     want = colocated(model, ckpt)
+    # (a prefill tier runs every prompt on its ring, whatever --ring-min-tokens says: its
+    # hand-off streams the ring's layout)
     disagg = Server(ckpt, world, ["--prefill", prefill, "--decode", decode,
-                                  "--disagg-min-tokens", str(MIN), *POOL],
-                    tmp_path / "disagg.log")  # fmt: skip
+                                  "--disagg-min-tokens", str(MIN), "--ring-min-tokens", "1000",
+                                  *POOL], tmp_path / "disagg.log")  # fmt: skip
     try:
         got = _answers(disagg, 7)
         m = _metrics(disagg)
