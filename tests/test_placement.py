@@ -277,3 +277,43 @@ def test_users_of_a_system_prompt_on_a_busy_rank_go_to_another_and_prefill_it_ag
     shared = [c for c in placed["cached"] if c >= 64]
     assert shared and len(shared) < 6 and placed["forgone"] == 64 * (6 - len(shared))
     assert placed["placements"]["rank"] == 7
+
+
+def _logprobs_rank(ring_min_tokens) -> dict:
+    from dataclasses import replace
+
+    groups, engine, cfg = _engine("tiny-llama", {"cp": 2}, ring_min_tokens=ring_min_tokens)
+    try:
+        requests = _requests(cfg, [37, 12, 90, 300], max_new=5)
+        # prompt and generated log-probabilities with alternatives, and generated ones alone
+        requests[0] = replace(requests[0], logprobs=True, top_logprobs=3)
+        requests[1] = replace(requests[1], top_logprobs=2)
+        requests[3] = replace(requests[3], logprobs=True)
+        outcomes, _ = engine.run(requests)
+        return {"tokens": [o.tokens for o in outcomes],
+                "logprobs": [o.logprobs for o in outcomes],
+                "top": [o.top_logprobs for o in outcomes],
+                "placements": engine.placement_stats() if engine.leader else None}  # fmt: skip
+    finally:
+        groups.__exit__(None, None, None)
+
+
+def test_placed_requests_return_the_ring_s_prompt_and_token_log_probabilities(dist_pool):
+    pool = dist_pool(2)
+    ring = pool.run(_logprobs_rank, 0, timeout_s=TIMEOUT)
+    placed = pool.run(_logprobs_rank, 200, timeout_s=TIMEOUT)
+    assert placed[0]["placements"]["rank"] == 3 and placed[0]["placements"]["ring"] == 1
+    for got in placed:
+        assert got["tokens"] == ring[0]["tokens"]
+        assert len(got["logprobs"][0]) == 37 - 1 + 5 and len(got["logprobs"][3]) == 300 - 1 + 5
+        for a, b in zip(got["logprobs"], ring[0]["logprobs"], strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a == pytest.approx(b, abs=1e-5)
+        for a, b in zip(got["top"], ring[0]["top"], strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert [[t for t, _ in alts] for alts in a] == [[t for t, _ in alts] for alts in b]
+                assert [lp for alts in a for _, lp in alts] == pytest.approx(
+                    [lp for alts in b for _, lp in alts], abs=1e-5
+                )
