@@ -177,7 +177,7 @@ class Admission:
                 f"{self.pool.block_size} per CP rank, {self.kv.available()} available): raise "
                 "--kv-cache-memory or --cp"), done)  # fmt: skip
             return True
-        rank, moved, keep = self._place(x, tokens, holder, shared)
+        rank, moving, keep = self._place(x, tokens, holder, shared)
         if not keep:  # its prefix's rank is too busy: prefill it again on another
             logger.info("request %d: %d cached tokens on a busy rank prefilled again on rank %d",
                         x.request.rid, shared, rank)  # fmt: skip
@@ -188,15 +188,15 @@ class Admission:
                 return False  # its rank frees blocks as its requests finish
             rank = None  # (alone, the ring's pools are the most it can get)
         seq = None
-        if moved:  # its prefix, all on one rank, spreads over the ring (not prefilled again)
-            seq = self.kv.reshard(holder, shared, self._holder_rank(holder, shared))
+        if moving is not None:  # its prefix, all on that rank, spreads over the ring
+            seq = self.kv.reshard(holder, shared, moving)
         if seq is None:
             seq, shared, copies = self.kv.start(holder, shared)
             self.cache.copy_tail(copies)  # (the followers copy theirs when they replay it)
         state = SequenceState(seq=seq, history=tokens[:shared], owner=x, rank=rank)
         x.state = state
         self.placements["rank" if rank is not None else "ring"] += 1
-        if moved:  # a chat that grew past the threshold: onto the ring
+        if moving is not None:  # a chat that grew past the threshold: onto the ring
             self.placements["moved"] += 1
             logger.info("request %d: %d tokens, its prefix on one rank: moves onto the ring",
                         x.request.rid, len(tokens))  # fmt: skip
@@ -211,10 +211,10 @@ class Admission:
     # -- placement ----------------------------------------------------------------------------
     def _place(
         self, x: _Live, tokens: list[int], holder: int | None, shared: int
-    ) -> tuple[int | None, bool, bool]:
-        """The CP rank ``x`` runs on alone, or None for the ring (see ``ring_min_tokens``);
-        whether it moves a prefix held on one rank onto the ring; whether it keeps its cached
-        prefix (False: prefilled again).
+    ) -> tuple[int | None, int | None, bool]:
+        """The CP rank ``x`` runs on alone, or None for the ring (see ``ring_min_tokens``); the
+        rank whose prefix it moves onto the ring (None: it moves none); whether it keeps its
+        cached prefix (False: prefilled again).
 
         A request whose cached prefix is on the ring stays there; one whose prefix is on one
         rank goes to that rank unless it is now long enough for the ring (a chat moves onto
@@ -224,19 +224,19 @@ class Admission:
         preempted request is placed afresh: every rank's generator of it drew alike.)"""
         cp = self.pool.cp
         if cp == 1 or not self.placeable or self.ring_min_tokens == 0:
-            return None, False, True
+            return None, None, True
         prefix = None
         if holder is not None and shared:
             ranks = [r for r, g in enumerate(self.pool.ledgers) if g.count_below(holder, shared)]
             if len(ranks) > 1:
-                return None, False, True
+                return None, None, True
             prefix = ranks[0] if ranks else None
         if self._ring_wants(len(tokens), x):
-            return None, prefix is not None, True
+            return None, prefix, True
         least, load = self._least_loaded()
         if prefix is not None and load[prefix] - load[least] <= shared:
-            return prefix, False, True
-        return least, False, prefix is None
+            return prefix, None, True
+        return least, None, prefix is None
 
     def _least_loaded(self) -> tuple[int, list[int]]:
         """The CP rank with the least work placed on it, and every rank's: the context tokens
@@ -258,10 +258,6 @@ class Admission:
         threshold long, or its KV would not fit one rank's pool."""
         whole = self.kv.blocks_for_tokens_on_one(context + x.request.sampling.max_new_tokens)
         return context >= self.ring_threshold or whole > self.pool.n_blocks
-
-    def _holder_rank(self, holder: int, shared: int) -> int:
-        """The CP rank that holds the first ``shared`` tokens of ``holder`` (all on one)."""
-        return next(r for r, g in enumerate(self.pool.ledgers) if g.count_below(holder, shared))
 
     def _fits_rank(self, rank: int, tokens: int) -> bool:
         """Whether ``rank``'s pool holds ``tokens`` more beside the prefills promised there."""

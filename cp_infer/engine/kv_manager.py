@@ -36,7 +36,6 @@ from collections.abc import Sequence
 from cp_infer.engine.kv_pool import KVPool, PoolFull
 from cp_infer.engine.request import PoolStats
 from cp_infer.engine.sizing import blocks_for_tokens
-from cp_infer.sharding import span_positions
 
 __all__ = ["Copy", "KVCacheManager", "PoolStats", "PrefixIndex", "common_prefix"]
 
@@ -238,16 +237,10 @@ class KVCacheManager:
         move when the workers replay the ``("reshard", holder, seq, shared, rank)`` op, and
         ``holder`` is pinned until then (:meth:`settle`). None: the pools cannot hold the copy
         (nothing changed)."""
-        cp = self.pool.cp
-        spans = [span_positions(0, shared, cp, r) for r in range(cp)]
-        needs = [blocks_for_tokens(len(p), 1, self.pool.block_size) for p in spans]
-        if not self.reclaim(needs, keep=holder):
+        if not self.reclaim(self.pool.spread_needs(shared), keep=holder):
             return None
         seq = self.new_seq()
-        for ledger, positions in zip(self.pool.ledgers, spans, strict=True):
-            if positions:
-                ledger.append(seq, positions)
-        self.pool.commit()
+        self.pool.spread(seq, shared)
         self.pin(holder)
         self._moving.append(holder)
         if self.record:

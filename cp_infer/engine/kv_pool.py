@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cp_infer.engine.sizing import blocks_for_tokens
+from cp_infer.sharding import span_positions
 
 __all__ = ["BlockLedger", "KVPool", "PoolFull", "Table", "blocks_for_tokens"]
 
@@ -367,6 +368,21 @@ class KVPool:
     def blocks_for_tokens(self, tokens: int) -> int:
         """:func:`blocks_for_tokens` in this pool."""
         return blocks_for_tokens(tokens, self.cp, self.block_size)
+
+    def spread(self, seq: int, n: int) -> None:
+        """Book ``n`` tokens of ``seq`` (positions 0 to ``n``) on every rank as a prefill of
+        them over the CP ranks would lay them out (:func:`~cp_infer.sharding.span_positions`),
+        committed. Raises :class:`PoolFull` without the room (check :meth:`spread_needs`)."""
+        for r, ledger in enumerate(self.ledgers):
+            positions = span_positions(0, n, self.cp, r)
+            if positions:
+                ledger.append(seq, positions)
+        self.commit()
+
+    def spread_needs(self, n: int) -> list[int]:
+        """New blocks each rank gives :meth:`spread` of ``n`` tokens."""
+        return [blocks_for_tokens(len(span_positions(0, n, self.cp, r)), 1, self.block_size)
+                for r in range(self.cp)]  # fmt: skip
 
     def fork(self, src: int, dst: int, position: int) -> list[tuple[int, int, int] | None]:
         """Start ``dst`` with ``src``'s tokens below ``position`` on every rank; returns each

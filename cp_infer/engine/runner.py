@@ -285,15 +285,13 @@ class ModelRunner:
             return out
         prompt = {0: prompt_top} if prompt_logprobs else {}
         out, dec = self.step_many([prefill, decode], prompt=prompt)
-        if out is None:
-            return StepOutput()
         out.decode_logits = dec.logits
         return out
 
     @torch.no_grad()
     def step_many(
         self, batches: list[StepBatch], *, prompt: dict[int, int] | None = None
-    ) -> list[StepOutput | None]:
+    ) -> list[StepOutput]:
         """Several batches of different sequences in one forward pass on this rank: the
         layers' GEMMs run once over all of their tokens, and attention is each batch's own
         (the ring's prefill and KVP decode over the CP group, a placed batch's on this rank
@@ -305,18 +303,13 @@ class ModelRunner:
                 prompt tokens' log-probabilities, with that many alternatives each.
 
         Returns:
-            each batch's output (its rows' logits, and prompt log-probabilities), or Nones off
-            the last pipeline stage.
+            each batch's output (its rows' logits, and prompt log-probabilities; empty off the
+            last pipeline stage).
         """
         pg, prompt = self.pg, prompt or {}
         assert len({s for b in batches for s in b.seqs}) == sum(b.n_seqs for b in batches)
         assert all(b.rank in (None, pg.cp_rank) for b in batches), "this rank's batches only"
-        sizes = [b.layout.t_local if b.kind == "prefill" else b.n_seqs for b in batches]
-        offsets = [sum(sizes[:i]) for i in range(len(batches))]
-        plans = [[] for _ in range(pg.cp)]
-        for b, at in zip(batches, offsets, strict=True):
-            for r, mine in enumerate(b.all_store_plans):
-                plans[r] += [replace(p, start=p.start + at) for p in mine]
+        sizes, offsets, plans = self._stacked(batches)
         self.cache.plan(plans)
         n_local_heads = next(iter(self.model.layers.values())).attention.n_local_heads
         parts = []
@@ -345,7 +338,7 @@ class ModelRunner:
             raise
         self.cache.commit()
         if h is None:
-            return [None] * len(batches)
+            return [StepOutput() for _ in batches]
         outs, rows = [], []
         for i, (b, at, n) in enumerate(zip(batches, offsets, sizes, strict=True)):
             mine = h[at : at + n]
@@ -367,14 +360,20 @@ class ModelRunner:
 
     def keep_books(self, prefill: StepBatch | None, decode: StepBatch | None) -> None:
         """A pass placed on another CP rank: its tokens go into that rank's books here, as the
-        pass (:meth:`step` or :meth:`step_mixed`) lays them out there, and nothing runs."""
-        plans = [[] for _ in range(self.pg.cp)]
-        for batch in (prefill, decode):
-            if batch is not None:
-                for r, mine in enumerate(batch.all_store_plans):
-                    plans[r] += mine
-        self.cache.plan(plans)
+        pass (:meth:`step_many`) lays them out there, and nothing runs."""
+        self.cache.plan(self._stacked([b for b in (prefill, decode) if b is not None])[2])
         self.cache.commit()
+
+    def _stacked(self, batches: list[StepBatch]) -> tuple[list[int], list[int], list[list]]:
+        """Batches one after another in one pass: each one's tokens on a rank (a prefill's
+        shard, a decode's rows), where each starts, and every CP rank's store plans for all."""
+        sizes = [b.layout.t_local if b.kind == "prefill" else b.n_seqs for b in batches]
+        offsets = [sum(sizes[:i]) for i in range(len(batches))]
+        plans: list[list] = [[] for _ in range(self.pg.cp)]
+        for b, at in zip(batches, offsets, strict=True):
+            for r, mine in enumerate(b.all_store_plans):
+                plans[r] += [replace(p, start=p.start + at) for p in mine]
+        return sizes, offsets, plans
 
     def _prompt_logprobs(self, h: torch.Tensor, batch: StepBatch, top: int = 0) -> StepOutput:
         """Per sequence, the log-probability of each new token after the first, given the

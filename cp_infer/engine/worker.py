@@ -31,7 +31,6 @@ from cp_infer.engine.remote import handoff_plans, store_handoff
 from cp_infer.engine.request import Emit
 from cp_infer.engine.runner import ModelRunner
 from cp_infer.engine.sampling import GREEDY_BELOW, sample_rows
-from cp_infer.sharding import span_positions
 
 __all__ = ["Drawn", "PlanResult", "Worker"]
 
@@ -182,43 +181,34 @@ class Worker:
                     prompt[len(batches)] = top
                 batches.append(batch)
         outs = runner.step_many(batches, prompt=prompt) if batches else []
-        by_batch = {id(b): o for b, o in zip(batches, outs, strict=True)}
+        out = {id(b): o for b, o in zip(batches, outs, strict=True)}  # batch -> its output
         for p in plan.placed:
             if p.rank != me:
                 runner.keep_books(p.prefill, p.decode)
 
-        def logits(batch):
-            out = by_batch.get(id(batch)) if batch is not None else None
-            return None if out is None else out.logits
+        def drawn(draws, batch, asks: bool, emits: Emit | None, kept: dict | None = None):
+            """A pass's draws, and its prompt log-probabilities when asked (None, None)."""
+            if batch is None:
+                return None, None
+            o = out[id(batch)]
+            prompt_lp = None
+            if asks:
+                prompt_lp = runner.share_object((o.prompt_logprobs, o.prompt_top_logprobs))
+            if batch.kind == "prefill":
+                self._keep_first_logits(draws, o.logits, kept)
+            return self._draw(draws, o.logits, plan.contain, emits), prompt_lp
 
-        if plan.decode is not None:
-            result.decode = self._draw(plan.decode_draws, logits(plan.decode), plan.contain, emit)
-        if plan.prefill is not None:
-            out = by_batch[id(plan.prefill)]
-            if plan.prompt_logprobs:
-                result.prompt = runner.share_object(
-                    (None, None) if out is None else (out.prompt_logprobs, out.prompt_top_logprobs)
-                )  # fmt: skip
-            self._keep_first_logits(plan.prefill_draws, logits(plan.prefill))
-            result.prefill = self._draw(plan.prefill_draws, logits(plan.prefill), plan.contain,
-                                        emit)  # fmt: skip
+        result.decode, _ = drawn(plan.decode_draws, plan.decode, False, emit)
+        result.prefill, result.prompt = drawn(plan.prefill_draws, plan.prefill,
+                                              plan.prompt_logprobs, emit)  # fmt: skip
         placed: list[tuple[Drawn | None, Drawn | None, tuple | None]] = []
         kept: dict[int, torch.Tensor] = {}
         for p in plan.placed:
             if p.rank != me:
                 placed.append((None, None, None))
                 continue
-            decode = self._draw(p.decode_draws, logits(p.decode), plan.contain, None)
-            prefill, prompt_lp = None, None
-            if p.prefill is not None:
-                out = by_batch[id(p.prefill)]
-                if p.prompt_logprobs:
-                    prompt_lp = runner.share_object(
-                        (None, None) if out is None
-                        else (out.prompt_logprobs, out.prompt_top_logprobs)
-                    )  # fmt: skip
-                self._keep_first_logits(p.prefill_draws, logits(p.prefill), kept)
-                prefill = self._draw(p.prefill_draws, logits(p.prefill), plan.contain, None)
+            decode, _ = drawn(p.decode_draws, p.decode, False, None)
+            prefill, prompt_lp = drawn(p.prefill_draws, p.prefill, p.prompt_logprobs, None, kept)
             placed.append((decode, prefill, prompt_lp))
         results = self._share_placed(plan, placed, kept)
         for p, pair in zip(plan.placed, results, strict=True):
@@ -248,10 +238,7 @@ class Worker:
         drawn row: token, its log-probability, the alternatives' ids and log-probabilities),
         and only when needed (a failed row, prompt log-probabilities, kept logits) one of
         objects."""
-        runner = self.runner
-        if runner.pg.cp == 1:
-            self.first_logits.update(kept)
-            return mine
+        runner = self.runner  # (placement needs CP > 1)
         top = max((d.top for p in plan.placed for d in (p.decode_draws, p.prefill_draws)
                    if d is not None), default=0)  # fmt: skip
         slots = [d for p in plan.placed for d in (p.decode_draws, p.prefill_draws)]
@@ -275,8 +262,8 @@ class Worker:
                 at += len(d.rows)
         exchange = runner._decode_exchange(max(table.numel() * 8, 8))
         parts = exchange.all_gather(table.to(runner.device))
-        rare = any(p.prompt_logprobs for p in plan.placed) or bool(
-            plan.placed and any(d.keep_logits for d in slots if d is not None)
+        rare = any(p.prompt_logprobs for p in plan.placed) or any(
+            d.keep_logits for d in slots if d is not None
         )
         failed_any = any(bool((part[:, 0] < 0).any()) for part in parts)
         objects = None
@@ -331,12 +318,7 @@ class Worker:
             elif kind == "reshard":  # a chat moving onto the ring: its K/V spread over CP
                 _, src, dst, n, rank = op
                 if not self.leader:  # (the leader's books have it already)
-                    cp = self.pool.cp
-                    for r, ledger in enumerate(self.pool.ledgers):
-                        positions = span_positions(0, n, cp, r)
-                        if positions:
-                            ledger.append(dst, positions)
-                    self.pool.commit()
+                    self.pool.spread(dst, n)
                 self._reshard(src, dst, n, rank)
             elif kind == "draw":  # the prefill tier drew this request's first token
                 gen = self.generators[op[1]]
@@ -367,10 +349,10 @@ class Worker:
             sends = []
             for r, ledger in enumerate(self.pool.ledgers):
                 wanted = ledger.positions_of(dst)
-                index = torch.tensor([at[p] for p in wanted], dtype=torch.long,
-                                     device=cache.device)  # fmt: skip
                 if not wanted:
                     continue
+                index = torch.tensor([at[p] for p in wanted], dtype=torch.long,
+                                     device=cache.device)  # fmt: skip
                 parts = [t.index_select(2, index) for t in tensors]
                 if r == rank:
                     _, mine = slots(dst, ledger)
