@@ -25,13 +25,7 @@ import sys
 
 import torch.distributed as dist
 
-from cp_infer.distributed import (
-    RankFailure,
-    announce_failure,
-    clear_failure,
-    error_message,
-    peer_failure,
-)
+from cp_infer.distributed import clear_failure, report_failure
 from cp_infer.entrypoints import calibrate, convert, generate, plan, plan_memory, serve
 from cp_infer.entrypoints.launch import HelpFormatter
 from cp_infer.log import setup_logging
@@ -60,24 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _report(error: Exception, debug: bool) -> int:
-    """Log the one-line reason this rank stops; 1, the exit code."""
-    if isinstance(error, RankFailure):
-        message = str(error)  # every rank agreed on it at a check point
-    else:
-        # Between check points: this rank failed alone, or a peer did and its exit broke the
-        # collective this rank was in (gloo: "Connection closed by peer"). The peer announced
-        # its cause before exiting; report that, else announce ours.
-        message = peer_failure()
-        if message is None:
-            message = error_message(error)
-            if dist.is_initialized() and dist.get_world_size() > 1:
-                message = f"rank {dist.get_rank()}: {message}"
-            announce_failure(message)
-    logger.error("error: %s", message, exc_info=error if debug else None)
-    return 1
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run a command; 0 on success, 1 (on every rank, with the same message) on failure."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -92,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args, argv)
     except Exception as e:
-        return _report(e, args.debug)
+        return report_failure(e, args.debug)
 
 
 if __name__ == "__main__":

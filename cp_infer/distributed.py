@@ -34,6 +34,7 @@ __all__ = [
     "free_port",
     "on_all_ranks",
     "peer_failure",
+    "report_failure",
 ]
 
 T = TypeVar("T")
@@ -151,3 +152,21 @@ def peer_failure() -> str | None:
         return store.get(_FAILURE_KEY).decode() if store.check([_FAILURE_KEY]) else None
     except Exception:  # the store is gone with its host
         return None
+
+
+def report_failure(error: Exception, debug: bool) -> int:
+    """Log the one-line reason this rank stops; 1, the exit code."""
+    if isinstance(error, RankFailure):
+        message = str(error)  # every rank agreed on it at a check point
+    else:
+        # Between check points: this rank failed alone, or a peer did and its exit broke the
+        # collective this rank was in (gloo: "Connection closed by peer"). The peer announced
+        # its cause before exiting; report that, else announce ours.
+        message = peer_failure()
+        if message is None:
+            message = error_message(error)
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                message = f"rank {dist.get_rank()}: {message}"
+            announce_failure(message)
+    logging.getLogger("cp_infer").error("error: %s", message, exc_info=error if debug else None)
+    return 1

@@ -195,11 +195,15 @@ class ParallelGroups:
         check_head_split(n_heads, n_kv_heads, self.tp, world_size=self.world_size)
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 60.0) -> None:
+def init_distributed(
+    backend: str | None = None, timeout_s: float = 60.0, store: Any = None
+) -> None:
     """torchrun-style ``init_process_group`` from RANK / WORLD_SIZE / MASTER_ADDR / ...
 
-    ``backend=None`` picks NCCL when CUDA is available, else gloo. A no-op if the default
-    process group exists already.
+    ``backend=None`` picks NCCL when CUDA is available, else gloo. ``store``: meet there
+    instead of at MASTER_ADDR:MASTER_PORT (a server's engines meet under a key prefix of their
+    generation, the store's host outliving them). A no-op if the default process group exists
+    already.
     """
     if dist.is_initialized():
         return
@@ -209,7 +213,14 @@ def init_distributed(backend: str | None = None, timeout_s: float = 60.0) -> Non
         local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     logger.debug("init_process_group(backend=%s, timeout=%ss) from env", backend, timeout_s)
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if store is None:
+        dist.init_process_group(backend=backend, timeout=timeout)
+        return
+    dist.init_process_group(
+        backend=backend, store=store, rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout,
+    )  # fmt: skip
 
 
 def _ranks(group: Any) -> tuple[int, ...]:

@@ -136,13 +136,15 @@ class TierGroups:
 
 def init_tiers(
     prefill: dict[str, int], decode: dict[str, int], *, timeout_s: float = 60.0,
-    backend: str = "gloo",
+    backend: str = "gloo", store=None,
 ) -> TierGroups:  # fmt: skip
     """Join this rank's tier as the default process group, and the world-wide hand-off group
     (torchrun style: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the environment).
 
     ``backend`` is the tiers' own (``nccl``: this rank takes GPU ``LOCAL_RANK``); the hand-off
-    group is gloo either way, its messages staged in host memory.
+    group is gloo either way, its messages staged in host memory. ``store``: meet there
+    instead of at MASTER_ADDR:MASTER_PORT (a restarted server's engines meet under their
+    generation's prefix).
 
     Raises:
         ValueError: the tiers do not add up to the world (:func:`tier_layout`).
@@ -156,7 +158,8 @@ def init_tiers(
     timeout = datetime.timedelta(seconds=timeout_s)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    if store is None:
+        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
     dist.init_process_group(
         backend, store=dist.PrefixStore(f"tier/{tier.name}", store),
         rank=rank - tier.first, world_size=tier.size, timeout=timeout,

@@ -3,10 +3,12 @@ that nothing it started outlives the test."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +35,31 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def server_processes(port: int, exclude: int | None = None) -> dict[int, tuple[int, int]]:
+    """pid -> (rank, parent pid) of the processes of the server on ``port`` that know their
+    rank: each rank's keeper (the process the launcher started) and its engine (the keeper's
+    fork, whose parent is a keeper)."""
+    out = subprocess.run(["pgrep", "-f", f"serve --checkpoint .* --port {port}( |$)"],
+                         capture_output=True, text=True).stdout.split()  # fmt: skip
+    found = {}
+    for pid in (int(p) for p in out if int(p) != exclude):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        rank = next((e[5:] for e in env if e.startswith(b"RANK=")), None)
+        if rank is not None:
+            found[pid] = (int(rank), ppid)
+    return found
+
+
+def engine_pids(port: int) -> dict[int, int]:
+    """rank -> pid of each rank's engine of the server on ``port``."""
+    found = server_processes(port)
+    return {rank: pid for pid, (rank, ppid) in found.items() if ppid in found}
 
 
 class Server:
@@ -114,7 +141,7 @@ class Server:
             took = float("inf")
             if _group_alive(self.proc.pid):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            for pid in self.ranks():
+            for pid in self.ranks() + self.engines():
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait()
         return took
@@ -122,21 +149,20 @@ class Server:
     def post(self, path: str, body, **kw) -> httpx.Response:
         return httpx.post(self.url + path, json=body, timeout=120, **kw)
 
+    def _processes(self) -> dict[int, tuple[int, int]]:
+        return server_processes(self.port, exclude=self.proc.pid)
+
     def ranks(self) -> list[int]:
-        """The pids of the ranks (``python -m cp_infer serve``, or the script's), rank order."""
-        out = subprocess.run(["pgrep", "-f", f"serve --checkpoint .* --port {self.port}( |$)"],
-                             capture_output=True, text=True).stdout.split()  # fmt: skip
-        pids = [int(p) for p in out if int(p) != self.proc.pid]
-        ranks = {}
-        for pid in pids:
-            try:
-                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            rank = next((e[5:] for e in env if e.startswith(b"RANK=")), None)
-            if rank is not None:
-                ranks[int(rank)] = pid
-        return [ranks[r] for r in sorted(ranks)]
+        """The pids of the ranks' keepers (``python -m cp_infer serve``, or the script's: the
+        processes the launcher started), rank order."""
+        found = self._processes()
+        keepers = {rank: pid for pid, (rank, ppid) in found.items() if ppid not in found}
+        return [keepers[r] for r in sorted(keepers)]
+
+    def engines(self) -> list[int]:
+        """The pids of the ranks' engines (each keeper's forked child), rank order."""
+        engines = engine_pids(self.port)
+        return [engines[r] for r in sorted(engines)]
 
     def api_process(self) -> int | None:
         """The pid of the API process rank 0 started (a child of rank 0), if it runs."""
@@ -150,4 +176,64 @@ class Server:
     def alive(self) -> bool:
         """Whether any process of the server is left (its group, or a rank in a session of
         its own)."""
-        return self.proc.poll() is None or _group_alive(self.proc.pid) or bool(self.ranks())
+        return self.proc.poll() is None or _group_alive(self.proc.pid) or bool(self._processes())
+
+
+class Stream:
+    """A streamed completion read in a thread: its events, and when each came."""
+
+    def __init__(self, url: str, body: dict, path: str = "/v1/completions") -> None:
+        self.events: list = []
+        self.started = threading.Event()
+        self.closed_at: float | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._read, args=(url + path, body), daemon=True)
+        self._thread.start()
+
+    def _read(self, url: str, body: dict) -> None:
+        try:
+            with httpx.stream("POST", url, json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        data = line[6:]
+                        self.events.append(data if data == "[DONE]" else json.loads(data))
+                        if len(self.events) >= 5:
+                            self.started.set()
+        except httpx.HTTPError as e:
+            self.error = e
+        finally:
+            self.closed_at = time.monotonic()
+            self.started.set()
+
+    def join(self, timeout: float = 60) -> Stream:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the stream did not end"
+        return self
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for e in self.events if isinstance(e, dict) and e.get("choices")
+                for t in e["choices"][0].get("token_ids") or []]  # fmt: skip
+
+    @property
+    def logprobs(self) -> list[float]:
+        """The streamed tokens' log-probabilities, when the request asked for them."""
+        out = []
+        for e in self.events:
+            if not (isinstance(e, dict) and e.get("choices")):
+                continue
+            lp = e["choices"][0].get("logprobs")
+            if lp:
+                out += lp["token_logprobs"] if "token_logprobs" in lp else [
+                    c["logprob"] for c in lp["content"]]  # fmt: skip
+        return out
+
+    @property
+    def finish_reason(self) -> str | None:
+        reasons = [e["choices"][0]["finish_reason"] for e in self.events
+                   if isinstance(e, dict) and e.get("choices")]  # fmt: skip
+        return next((r for r in reversed(reasons) if r), None)
+
+    @property
+    def errors(self) -> list[str]:
+        return [e["error"]["message"] for e in self.events if isinstance(e, dict) and "error" in e]

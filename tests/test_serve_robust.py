@@ -4,7 +4,6 @@ launcher)."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -21,7 +20,7 @@ import torch
 from cp_infer.collectives import SHM_DIR_ENV
 from cp_infer.engine.sampling import SamplingConfig, sample
 from cp_infer.serving.lifecycle import process_running
-from tests.serve_helpers import Server
+from tests.serve_helpers import Server, Stream
 
 STREAM = {"prompt": [3, 4, 5], "temperature": 0, "stream": True}
 
@@ -34,53 +33,6 @@ def _raw(server, method: str, path: str, body: bytes) -> httpx.Response:
 def _tokens(r: httpx.Response) -> list[list[int]]:
     assert r.status_code == 200, r.text
     return [c["token_ids"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
-
-
-class Stream:
-    """A streamed completion read in a thread: its events, and when each came."""
-
-    def __init__(self, url: str, body: dict, path: str = "/v1/completions") -> None:
-        self.events: list = []
-        self.started = threading.Event()
-        self.closed_at: float | None = None
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._read, args=(url + path, body), daemon=True)
-        self._thread.start()
-
-    def _read(self, url: str, body: dict) -> None:
-        try:
-            with httpx.stream("POST", url, json=body, timeout=60) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        data = line[6:]
-                        self.events.append(data if data == "[DONE]" else json.loads(data))
-                        if len(self.events) >= 5:
-                            self.started.set()
-        except httpx.HTTPError as e:
-            self.error = e
-        finally:
-            self.closed_at = time.monotonic()
-            self.started.set()
-
-    def join(self, timeout: float = 60) -> Stream:
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), "the stream did not end"
-        return self
-
-    @property
-    def tokens(self) -> list[int]:
-        return [t for e in self.events if isinstance(e, dict) and e.get("choices")
-                for t in e["choices"][0].get("token_ids") or []]  # fmt: skip
-
-    @property
-    def finish_reason(self) -> str | None:
-        reasons = [e["choices"][0]["finish_reason"] for e in self.events
-                   if isinstance(e, dict) and e.get("choices")]  # fmt: skip
-        return next((r for r in reversed(reasons) if r), None)
-
-    @property
-    def errors(self) -> list[str]:
-        return [e["error"]["message"] for e in self.events if isinstance(e, dict) and "error" in e]
 
 
 def _private_shm() -> dict[str, str]:
@@ -153,7 +105,7 @@ def test_sampling_is_safe_for_every_value_the_config_accepts():
 
 
 def test_a_request_whose_sampling_fails_fails_alone(checkpoint, tmp_path):
-    s = Server(checkpoint, 2, ["--cp", "2"], tmp_path / "serve.log",
+    s = Server(checkpoint, 2, ["--cp", "2", "--max-restarts", "0"], tmp_path / "serve.log",
                script=str(Path(__file__).with_name("serve_fault.py")))  # fmt: skip
     try:
         stream = Stream(s.url, {**STREAM, "max_tokens": 200, "seed": 1})
@@ -452,15 +404,19 @@ def test_a_one_process_server_stops_mid_stream(checkpoint, tmp_path, sig):
     assert stream.finish_reason == "abort"
 
 
+@pytest.mark.parametrize("what", ["keeper", "engine"])
 def test_a_rank_that_dies_mid_stream_ends_the_stream_with_an_error_and_every_rank_exits(
-    checkpoint, tmp_path
+    checkpoint, tmp_path, what
 ):
+    """Without a restart: a rank's keeper killed (the process the launcher started: no restart
+    mends that), or its engine with --max-restarts 0 (tests/test_serve_restart.py: with)."""
     shm = _private_shm()
-    s = Server(checkpoint, 2, ["--cp", "2"], tmp_path / "serve.log", env=shm)
+    s = Server(checkpoint, 2, ["--cp", "2", "--max-restarts", "0"], tmp_path / "serve.log",
+               env=shm)  # fmt: skip
     try:
         stream = Stream(s.url, {**STREAM, "max_tokens": 30000})
         assert stream.started.wait(60)
-        os.kill(s.ranks()[1], signal.SIGKILL)
+        os.kill((s.ranks() if what == "keeper" else s.engines())[1], signal.SIGKILL)
         t0 = time.monotonic()
         stream.join()
         assert stream.closed_at - t0 < 10 and stream.errors, stream.events[-3:]
@@ -519,7 +475,7 @@ def test_a_rank_that_fails_alone_mid_step_stops_the_server_instead_of_hanging(ch
     # process-group timeout, 300 s): rank 1 stops after ALONE_AFTER_S and the rest follow
     ALONE_AFTER_S = 3.0
 
-    s = Server(checkpoint, 2, ["--cp", "2"], tmp_path / "serve.log",
+    s = Server(checkpoint, 2, ["--cp", "2", "--max-restarts", "0"], tmp_path / "serve.log",
                script=str(Path(__file__).with_name("serve_fault.py")))  # fmt: skip
     try:
         t0 = time.monotonic()

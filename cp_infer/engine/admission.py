@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from cp_infer.distributed import error_message
 from cp_infer.engine.kv_manager import common_prefix
+from cp_infer.engine.params import GREEDY_BELOW
 from cp_infer.engine.request import Done, Emit, Outcome, Request, check_pool
 from cp_infer.engine.scheduler import SequenceState
 
@@ -44,8 +45,14 @@ class _Live:
 
     @property
     def prompt_logprobs(self) -> bool:
-        """Its prefill returns the prompt's log-probabilities (once: not when recomputed)."""
-        return self.request.logprobs and not self.before
+        """Its prefill returns the prompt's log-probabilities (once: not when recomputed after a
+        preemption; a resumed request's cover the tokens it had generated too)."""
+        return self.request.logprobs and self.first_run
+
+    @property
+    def first_run(self) -> bool:
+        """Not preempted since it arrived (a resumed request arrives with ``before`` set)."""
+        return len(self.before) == len(self.request.generated)
 
     @property
     def generated(self) -> int:
@@ -97,7 +104,10 @@ class Admission:
             self._refuse(req, outcome, e, done, announced=False)
             return
         self._announce.append((req.rid, req.sampling))  # the workers seed its generator
-        self.waiting.append(_Live(req, outcome, admitted=time.perf_counter()))
+        if req.generated and req.sampling.temperature >= GREEDY_BELOW:  # resumed: one draw per
+            self.kv.ops.append(("draw", req.rid, len(req.generated)))  # token it delivered
+        self.waiting.append(_Live(req, outcome, admitted=time.perf_counter(),
+                                  before=list(req.generated)))  # fmt: skip
 
     def _refuse(
         self, req: Request, outcome: Outcome, e: BaseException, done, *, announced: bool = True
@@ -200,8 +210,8 @@ class Admission:
             self.placements["moved"] += 1
             logger.info("request %d: %d tokens, its prefix on one rank: moves onto the ring",
                         x.request.rid, len(tokens))  # fmt: skip
-        if not x.before:  # a recomputed request keeps what it reported first
-            x.outcome.cached_tokens = shared
+        if x.first_run:  # a recomputed request keeps what it reported first
+            x.outcome.cached_tokens = min(shared, len(x.request.tokens))
         self.stats.prefix_queries += len(tokens)
         self.stats.prefix_hits += shared
         budget = x.request.sampling.max_new_tokens - len(x.before)

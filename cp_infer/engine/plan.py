@@ -44,8 +44,9 @@ __all__ = ["Control", "Draws", "KVOp", "PlacedPass", "StepPlan"]
 #: - ``("reshard", src, dst, n, rank)``: ``dst`` starts with ``src``'s first ``n`` tokens,
 #:   which lie on CP rank ``rank`` alone, spread over the CP ranks as a prefill of them would
 #:   leave them (``rank`` sends each its K/V): a chat moving onto the ring;
-#: - ``("draw", rid)``: one draw of the request's generator is spent elsewhere (the prefill
-#:   tier sampled its first token);
+#: - ``("draw", rid, n)``: ``n`` draws of the request's generator were spent elsewhere (the
+#:   prefill tier sampled its first token; an engine that restarted had sampled its first
+#:   ``n``);
 #: - ``("forget", rid)``: the request ended: its generator goes.
 KVOp = tuple
 

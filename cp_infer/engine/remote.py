@@ -102,7 +102,7 @@ class RemotePrefills:
                 continue
             x.before = [first]
             if x.request.sampling.temperature >= GREEDY_BELOW:  # the other engine drew one
-                engine.kv.ops.append(("draw", rid))
+                engine.kv.ops.append(("draw", rid, 1))
             o.ttft_s = time.perf_counter() - x.admitted
             if emit is not None:
                 emit([(rid, first, None)])

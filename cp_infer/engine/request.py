@@ -95,6 +95,11 @@ class Request:
             the prompt's positions too.
         first_logits: also return the logits of the first generated position
             (:attr:`Outcome.first_logits`; the CLI's ``--save-logits``, the tests' oracles).
+        generated: tokens an earlier run of this request already delivered (the server's
+            engine restarted under it). The engine resumes it as it resumes a preempted request:
+            ``tokens`` and these prefilled again, the budget and ``min_tokens`` counting them, its
+            generator advanced past their draws; the outcome's tokens include them (not their
+            log-probabilities, unless ``logprobs`` recomputes the whole sequence's).
     """
 
     rid: int
@@ -103,6 +108,7 @@ class Request:
     logprobs: bool = False
     top_logprobs: int | None = None
     first_logits: bool = False
+    generated: tuple[int, ...] = ()
 
     @property
     def wants_logprobs(self) -> bool:

@@ -320,9 +320,10 @@ class Worker:
                 if not self.leader:  # (the leader's books have it already)
                     self.pool.spread(dst, n)
                 self._reshard(src, dst, n, rank)
-            elif kind == "draw":  # the prefill tier drew this request's first token
+            elif kind == "draw":  # draws spent elsewhere: a prefill tier's, an earlier run's
                 gen = self.generators[op[1]]
-                torch.rand((), generator=gen, device=gen.device)
+                for _ in range(op[2]):  # one uniform per token, as sampling draws them
+                    torch.rand((), generator=gen, device=gen.device)
             elif kind == "forget":
                 self.samplings.pop(op[1], None)
                 self.generators.pop(op[1], None)

@@ -232,8 +232,9 @@ def memory_plan(args, cfg: ModelConfig, *, context: int, batch: int, device_byte
     )  # fmt: skip
 
 
-def start_ranks(args, argv: list[str]) -> torch.device:
-    """Check the launch, then join the default process group (NCCL on CUDA, else gloo).
+def start_ranks(args, argv: list[str], store=None) -> torch.device:
+    """Check the launch, then join the default process group (NCCL on CUDA, else gloo), at
+    ``store`` if given (else at MASTER_ADDR:MASTER_PORT).
 
     Returns:
         this rank's device.
@@ -245,7 +246,8 @@ def start_ranks(args, argv: list[str]) -> torch.device:
         device = resolve_device(args.device)
     except ValueError as e:
         raise RankFailure(str(e)) from e
-    init_distributed("nccl" if device.type == "cuda" else "gloo", timeout_s=args.timeout)
+    init_distributed("nccl" if device.type == "cuda" else "gloo", timeout_s=args.timeout,
+                     store=store)  # fmt: skip
     if dist.get_rank() == 0:
         clear_failure()
     return device
@@ -267,7 +269,7 @@ def _tier_args(args) -> tuple[dict[str, int], dict[str, int]]:
     return parse_tier("--prefill", args.prefill), parse_tier("--decode", args.decode)
 
 
-def start_tiers(args, argv: list[str]):
+def start_tiers(args, argv: list[str], store=None):
     """Check ``--prefill``/``--decode`` and the launch (pure: every rank of both tiers fails
     alike), then join this rank's tier. Returns the tiers, the device, and a copy of ``args``
     whose ``--tp/--cp/--pp/--ep`` are this rank's tier's."""
@@ -284,7 +286,7 @@ def start_tiers(args, argv: list[str]):
             raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
     except ValueError as e:
         raise RankFailure(str(e)) from e
-    tiers = init_tiers(prefill, decode, timeout_s=args.timeout,
+    tiers = init_tiers(prefill, decode, timeout_s=args.timeout, store=store,
                        backend="nccl" if device.type == "cuda" else "gloo")  # fmt: skip
     if dist.get_rank() == 0:
         clear_failure()

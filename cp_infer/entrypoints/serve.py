@@ -6,10 +6,13 @@ API process that rank 0 starts (:mod:`cp_infer.serving.api_process`), connected 
 finish (continuous batching) and sends every rank the same orders, and all of them run the
 iterations together (:class:`~cp_infer.serving.loop.ServeLoop`). The other ranks only follow.
 
-Stopping (:mod:`cp_infer.serving.lifecycle`): SIGINT or SIGTERM to rank 0 (or to the API
-process) ends the live requests (``finish_reason: "abort"``) and tells the other ranks to stop,
-all within a few seconds; a rank that dies, or a launcher that is gone, ends the live requests
-with an error event and every rank exits non-zero.
+Every launched process is its rank's keeper (:mod:`cp_infer.serving.supervisor`): the engine
+runs in a child it forks, and a death of any rank's engine restarts all of them while the API
+process, rank 0's keeper's child, keeps the clients; every request in flight resumes where its
+stream was. Stopping: SIGINT or SIGTERM to the keepers (or to the API process) ends the live
+requests (``finish_reason: "abort"``) and stops every engine within a few seconds; a launcher
+that is gone, or more deaths than ``--max-restarts``, ends the live requests with an error event
+and every process exits non-zero.
 """
 
 from __future__ import annotations
@@ -18,13 +21,18 @@ import argparse
 import gc
 import logging
 import os
-import signal
-import threading
+import time
 import uuid
 
 import torch.distributed as dist
 
-from cp_infer.distributed import error_message, exit_now, on_all_ranks, peer_failure
+from cp_infer.distributed import (
+    RankFailure,
+    error_message,
+    exit_now,
+    on_all_ranks,
+    report_failure,
+)
 from cp_infer.engine.kv_cache import DEFAULT_BLOCK_SIZE
 from cp_infer.engine.runner import ModelRunner
 from cp_infer.entrypoints.bootstrap import (
@@ -38,14 +46,18 @@ from cp_infer.entrypoints.bootstrap import (
     start_ranks,
     start_tiers,
 )
-from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments
+from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments, ensure_launched
 from cp_infer.parallel import check_model_fits_layout
 from cp_infer.planner import device_memory, human_bytes, parse_bytes
+from cp_infer.serving.lifecycle import Watchdog
 from parallel_state import parallel_groups, validate_parallel_sizes
+from parallel_state.tiers import parse_tier, tier_size
 
 __all__ = ["add_parser", "run"]
 
 logger = logging.getLogger("cp_infer")
+
+API_START_S = 120.0  # how long rank 0's engine waits for the API process to listen
 
 _DESCRIPTION = """\
 Serve a model over HTTP, its context split over the CP ranks. Rank 0 answers:
@@ -124,6 +136,26 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--kv-block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="N",
         help="token slots per KV block: the unit of allocation and of prefix sharing",
     )  # fmt: skip
+    restarts = g.add_argument_group(
+        "surviving a rank's death",
+        "Each launched process keeps its rank's engine in a child process. When any rank's "
+        "engine dies (killed, an error outside a request, a broken collective), every rank's "
+        "engine starts again with the same layout and options, the API process keeps its "
+        "clients, and every request in flight resumes where its stream was: its prompt and the "
+        "tokens it got so far prefilled again, greedy and seeded requests giving exactly the "
+        "tokens of an undisturbed run. /health says 503 while the engine restarts; new requests "
+        "queue meanwhile (up to --max-queue)",
+    )  # fmt: skip
+    restarts.add_argument(
+        "--max-restarts", type=int, default=3, metavar="N",
+        help="restarts allowed within --restart-window; one more death ends the server as "
+        "without restarts: every client gets an error and every process exits non-zero "
+        "(0: no restarts)",
+    )  # fmt: skip
+    restarts.add_argument(
+        "--restart-window", type=float, default=600.0, metavar="SECONDS",
+        help="the window --max-restarts counts deaths in",
+    )  # fmt: skip
     add_model_arguments(g)
     add_tier_arguments(g, "serve")
     add_common_arguments(g)
@@ -169,27 +201,72 @@ def _check(args, world_size: int):
 
 
 def run(args, argv: list[str]) -> int:
+    """This launched process: the rank's keeper (:mod:`cp_infer.serving.supervisor`), which runs
+    the rank's engine in a forked child and restarts it when any rank's engine dies; rank 0's
+    (the decode tier's first, disaggregated) also runs the API process, which outlives them."""
+    from cp_infer.serving.supervisor import Keeper, RestartPolicy
+
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # else: no launcher to watch
-    if args.prefill is not None or args.decode is not None:
-        tiers, device, args = start_tiers(args, argv)
-        return _run(args, device, launched, tiers)
-    return _run(args, start_ranks(args, argv), launched, None)
+    if args.max_restarts < 0:
+        raise ValueError(f"--max-restarts must be >= 0, got {args.max_restarts}")
+    if not args.restart_window > 0:
+        raise ValueError(f"--restart-window must be > 0 seconds, got {args.restart_window}")
+    tiered = args.prefill is not None or args.decode is not None
+    if not launched and tiered:
+        start_tiers(args, argv)  # raises, naming the launch
+    if not launched:
+        try:
+            ensure_launched(argv, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep)
+        except ValueError as e:
+            raise RankFailure(str(e)) from e
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if not tiered:  # pure checks, alike on every rank, before anything starts
+        try:
+            _check(args, world)
+        except ValueError as e:
+            raise RankFailure(str(e)) from e
+    address, authkey = f"\0cp_infer-engine-{uuid.uuid4().hex}", os.urandom(32)
+    api = _start_api(args, address, authkey) if rank == _api_rank(args) else None
+    keeper = Keeper(
+        rank=rank, world=world, api=api, watch_parent=launched, timeout_s=args.timeout,
+        policy=RestartPolicy(args.max_restarts, args.restart_window),
+        engine_main=lambda g: _engine(args, argv, launched, g, (address, authkey)),
+    )  # fmt: skip
+    return keeper.run()
 
 
-def _run(args, device, launched: bool, tiers) -> int:
-    """This rank's part of the server: a colocated one, or a tier of a disaggregated one (the
-    decode tier serves the API; the prefill tier takes its jobs)."""
+def _api_rank(args) -> int:
+    """The world rank whose keeper runs the API process: 0, or the decode tier's first."""
+    if args.prefill is None or args.decode is None:
+        return 0
+    try:
+        return tier_size(parse_tier("--prefill", args.prefill))
+    except ValueError:  # the engines fail with the message, on every rank
+        return 0
+
+
+def _engine(args, argv: list[str], launched: bool, g, api_address) -> int:
+    """A forked engine's main (generation ``g``): 0 when the server stopped on orders."""
+    try:
+        store = g.store(args.timeout)
+        if args.prefill is not None or args.decode is not None:
+            tiers, device, args = start_tiers(args, argv, store=store)
+            return _run(args, device, tiers, g, api_address)
+        return _run(args, start_ranks(args, argv, store=store), None, g, api_address)
+    except Exception as e:
+        return report_failure(e, args.debug)
+
+
+def _run(args, device, tiers, g, api_address) -> int:
+    """This rank's engine: a colocated one, or a tier of a disaggregated one (the decode tier
+    serves the API; the prefill tier takes its jobs)."""
     from cp_infer.engine.core import EngineCore
     from cp_infer.serving.disagg import join_decode_tier, prefill_worker
     from cp_infer.serving.loop import ServeLoop
 
     prefill_tier = tiers is not None and tiers.tier is tiers.prefill
-    cfg, eos, fmt = on_all_ranks(lambda: _check(args, dist.get_world_size()))
-    eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or ()))
-    # the API process starts while the ranks load the model (its /health says "starting" until
-    # the engine first asks for requests)
+    cfg, _, fmt = on_all_ranks(lambda: _check(args, dist.get_world_size()))
     leads = dist.get_rank() == 0 and not prefill_tier
-    api = _start_api(args, cfg, eos_ids, device) if leads else None
     with parallel_groups(
         tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep, timeout_s=args.timeout
     ) as pg:
@@ -202,11 +279,12 @@ def _run(args, device, launched: bool, tiers) -> int:
             kv_memory=kv_memory, kv_block_size=args.kv_block_size,
         )  # fmt: skip
         pool = runner.cache.pool
-        logger.info(
-            "KV pool: %d blocks of %d tokens per rank (%s, %d tokens over the CP ranks)",
-            pool.n_blocks, pool.block_size, human_bytes(runner.cache.nbytes()),
-            pool.tokens * pg.cp,
-        )  # fmt: skip
+        if g.gen == 0:
+            logger.info(
+                "KV pool: %d blocks of %d tokens per rank (%s, %d tokens over the CP ranks)",
+                pool.n_blocks, pool.block_size, human_bytes(runner.cache.nbytes()),
+                pool.tokens * pg.cp,
+            )  # fmt: skip
         engine = EngineCore(  # the chunks are sized from the runner's hardware model
             runner, max_batch=args.max_batch_size, share_prefixes=args.prefix_sharing,
             tbt_slo_s=None if args.tbt_slo_ms is None else args.tbt_slo_ms / 1000,
@@ -214,122 +292,91 @@ def _run(args, device, launched: bool, tiers) -> int:
             ring_min_tokens=0 if prefill_tier else args.ring_min_tokens,
         )  # fmt: skip
         connector = None
-        if prefill_tier:
-            logger.info("prefill tier ready: taking the decode tier's long prompts")
-            prefill_worker(engine, tiers)
-            return 0
-        if tiers is not None:
+        if tiers is not None and not prefill_tier:
             connector = join_decode_tier(engine, tiers, min_tokens=args.disagg_min_tokens,
                                           lead=leads)  # fmt: skip
             logger.info("decode tier: prompts of %d new tokens or more go to the prefill tier",
                         args.disagg_min_tokens)  # fmt: skip
         loop = ServeLoop(engine)
-        # what is loaded by now lives as long as the server: keep it out of the collector's
+        # what is loaded by now lives as long as the engine: keep it out of the collector's
         # full passes, whose pauses (on any rank) would stall every rank's iteration
         gc.collect()
         gc.freeze()
-        run_id = [uuid.uuid4().hex]  # this run's heartbeats in the store
+        run_id = [uuid.uuid4().hex]  # this generation's heartbeats in the store
         dist.broadcast_object_list(run_id, src=0)
-        if dist.get_rank() != 0:
-            return _follow(loop, run_id[0], launched)
-        code = _serve(loop, *api, run_id[0], launched)
-        if connector is not None:
-            connector.close()  # the prefill tier stops too
-        return code
+        g.mark_ready()
+        dog = Watchdog(_died, run_id=run_id[0], watch_parent=True).start()
+        loop.failed_alone = _died  # this rank fell out of step with the others
+        if prefill_tier:
+            logger.info("prefill tier ready: taking the decode tier's long prompts")
+            prefill_worker(engine, tiers)
+        elif leads:
+            _lead(loop, api_address)
+            if connector is not None:
+                connector.close()  # the prefill tier stops too
+        else:
+            loop.follow()
+        dog.stop()
+        return 0
 
 
-def _follow(loop, run_id: str, launched: bool) -> int:
-    """A rank other than 0: run what rank 0 sends until it says stop."""
-    from cp_infer.serving.lifecycle import Watchdog, follower_signals
-
-    follower_signals()
-    dog = Watchdog(lambda _why: exit_now(1), run_id=run_id, watch_parent=launched).start()
-    loop.follow()
-    dog.stop()
-    return 0
+def _died(why: str) -> None:
+    """This engine cannot go on (a peer is gone, or it fell out of step): its keeper sees it
+    exit and every rank's engine restarts."""
+    logger.error("the engine stops: %s", why)
+    exit_now(1)
 
 
-def _start_api(args, cfg, eos_ids, device):
-    """Rank 0: spawn the API process; returns it and this end of its pipe."""
-    import multiprocessing
+def _lead(loop, api_address) -> None:
+    """Rank 0's engine: connect to the API process and lead the engine loop until it says
+    stop (or is gone)."""
+    from multiprocessing.connection import Client
 
-    from cp_infer.serving.api_process import ApiSettings, run_api
+    from cp_infer.serving.ipc import EngineLink
 
+    address, authkey = api_address
+    engine = loop.engine
+    deadline = time.monotonic() + API_START_S
+    while True:  # the API process may still be starting (its imports, the tokenizer)
+        try:
+            conn = Client(address, family="AF_UNIX", authkey=authkey)
+            break
+        except (ConnectionRefusedError, FileNotFoundError) as e:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the API process did not listen within {API_START_S:.0f}s"
+                ) from e
+            if engine.idle_for() >= 1.0:  # the followers wait for the first plan meanwhile
+                engine.heartbeat()
+            time.sleep(0.05)
+    link = EngineLink(conn, lambda: (engine.pool_stats(), engine.timer.estimates))
+    loop.on_step = link.step
+    try:
+        loop.lead(link.next_batch, link.emit, link.cancelled, link.done,
+                  waiting=lambda: link.queued)  # fmt: skip
+    except Exception as e:  # a rank is gone (its collective broke)
+        _died(f"the engine loop stopped: {error_message(e)}")
+
+
+def _start_api(args, address: str, authkey: bytes):
+    """Rank 0's keeper: spawn the API process (it starts while the engines load: its /health
+    says "starting" until the engine first asks for requests). None when the model's config
+    does not read: the engines then fail with the reason, on every rank."""
+    from cp_infer.serving.api_process import ApiControl, ApiSettings
+
+    try:
+        cfg, eos, _ = model_config(args)
+    except Exception:
+        return None
+    eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or ()))
+    layout = {k: str(getattr(args, k)) for k in ("tp", "cp", "pp", "ep")}
     settings = ApiSettings(
         host=args.host, port=args.port, model_name=args.model_name or cfg.name,
         checkpoint=None if args.checkpoint is None else str(args.checkpoint),
         vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, max_batch=args.max_batch_size,
-        max_queue=args.max_queue, eos_ids=eos_ids,
-        info={k: str(getattr(args, k)) for k in ("tp", "cp", "pp", "ep")},
+        max_queue=args.max_queue, eos_ids=eos_ids, info=layout,
         tbt_slo_s=None if args.tbt_slo_ms is None else args.tbt_slo_ms / 1000,
-        log_level=logging.getLogger().getEffectiveLevel(),
+        log_level=logging.getLogger().getEffectiveLevel(), engine_address=address,
+        authkey=authkey,
     )  # fmt: skip
-    ctx = multiprocessing.get_context("spawn")
-    here, there = ctx.Pipe(duplex=True)
-    api = ctx.Process(target=run_api, args=(there, settings), name="cp_infer-api", daemon=True)
-    api.start()
-    there.close()
-    return api, here
-
-
-def _serve(loop, api, conn, run_id: str, launched: bool) -> int:
-    """Rank 0: lead the engine beside the API process, and stop everything together."""
-    from cp_infer.serving.ipc import EngineLink
-    from cp_infer.serving.lifecycle import STOP_GRACE_S, Watchdog
-
-    engine = loop.engine
-    link = EngineLink(conn, lambda: (engine.pool_stats(), engine.timer.estimates))
-    loop.on_step = link.step
-    failures: list[str] = []
-
-    def fail(why: str) -> None:  # a rank or the launcher is gone: end everything, exit non-zero
-        if not failures:
-            failures.append(why)
-            link.fail(why)
-
-    loop.failed_alone = fail  # this rank fell out of step with the others
-
-    def lead() -> None:
-        try:
-            loop.lead(link.next_batch, link.emit, link.cancelled, link.done,
-                      waiting=lambda: link.queued)  # fmt: skip
-        except BaseException as e:  # a rank is gone (its collective broke)
-            logger.error("engine loop stopped: %s", error_message(e))
-            fail(f"the engine stopped: {error_message(e)}")
-
-    # A handler only notes the signal; the loop below acts on it. Acting in the handler
-    # deadlocked: a second signal (DeepSpeed's launcher sends rank 0 one right after the
-    # group's) ran the handler again inside the first one's send, on the link's lock.
-    signals: list[int] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda sig, _frame: signals.append(sig))
-    thread = threading.Thread(target=lead, name="engine", daemon=True)
-    dog = Watchdog(fail, run_id=run_id, watch_parent=launched)
-    thread.start()
-    dog.start()
-    told = False
-    while thread.is_alive() and not failures and api.is_alive():
-        thread.join(timeout=0.2)  # short waits: signals are handled between them
-        if signals and not told:  # a launcher also stops the ranks when one failed
-            told = True
-            cause = peer_failure() or dog.dead_peer()
-            if cause is not None:
-                fail(cause)
-            else:
-                link.stop(f"the server is stopping ({signal.Signals(signals[0]).name})")
-    if failures:  # the API process ends the streams with the error, then exits
-        api.join(timeout=STOP_GRACE_S)
-        dog.stop()
-        logger.error("stopped: %s", failures[0])
-        exit_now(1)  # the engine may be blocked in a collective with the dead rank
-    thread.join(timeout=STOP_GRACE_S + 1)  # the API stopped: the engine sends the ranks stop
-    api.join(timeout=STOP_GRACE_S + 1)
-    dog.stop()
-    if thread.is_alive():
-        logger.error("the engine did not stop within %.0fs; exiting", STOP_GRACE_S)
-        exit_now(1)
-    if api.exitcode != 0:
-        logger.error("the API process exited with code %s", api.exitcode)
-        exit_now(1)
-    logger.info("stopped")
-    return 0
+    return ApiControl.start(settings)

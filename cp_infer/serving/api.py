@@ -8,7 +8,8 @@ documents every field and its bounds. What can go wrong, and what a client gets:
 
 - a body that is not JSON, not an object, or not of the model: 400 naming the field;
 - a request the model cannot take (context, vocabulary, memory): 400 naming the fix;
-- the queue full: 503 to retry; the server stopping: 503;
+- the queue full: 503 with Retry-After; the server stopping: 503; while the engine restarts
+  after a rank died, requests queue (the queue full: 503 with Retry-After);
 - anything else raised while answering one request: a 500 for that request alone, logged with
   its traceback. The engine goes on.
 """
@@ -40,6 +41,9 @@ __all__ = ["build_app"]
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a 503 asks a client to wait before retrying (queue full, engine restarting).
+RETRY_AFTER_S = 2
+
 
 def _add_error_handlers(app: FastAPI, front: Frontend) -> None:
     @app.exception_handler(RequestValidationError)
@@ -55,7 +59,9 @@ def _add_error_handlers(app: FastAPI, front: Frontend) -> None:
     @app.exception_handler(QueueFull)
     async def _full(http: HttpRequest, e: QueueFull):
         front.metrics.reject("queue_full")
-        return error_response(http, 503, str(e))
+        response = error_response(http, 503, str(e))
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
 
     @app.exception_handler(ShuttingDown)
     async def _stopping(http: HttpRequest, e: ShuttingDown):
@@ -80,6 +86,11 @@ def build_app(front: Frontend) -> FastAPI:
     async def health():
         if not front.ready.is_set():  # the ranks are still loading the model
             return JSONResponse({"status": "starting"}, status_code=503)
+        if front.down is not None:  # a rank died: the engines restart, requests wait
+            body = {"status": "restarting", "reason": front.down, "queued": front.queued,
+                    "live": front.live}  # fmt: skip
+            return JSONResponse(body, status_code=503,
+                                headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
         return {"status": "ok", "queued": front.queued, "live": front.live}
 
     @app.get("/metrics")

@@ -1,15 +1,19 @@
 """The API process: HTTP (uvicorn + FastAPI), validation, tokenization, detokenization and
 streaming, apart from the engine's ranks so that none of it shares their GIL.
 
-Rank 0 starts it (``spawn``: a fresh interpreter, no copy of the engine's threads) with the
-settings below and one end of a pipe (:mod:`cp_infer.serving.ipc`), in a session of its own. It stops when told (rank 0
-got a signal), when signalled itself (and then the engine stops too: the next ``next`` gets no
-requests), or when the engine is gone (every stream gets an error event); it exits non-zero when
-a rank failed.
+Rank 0's keeper (:mod:`cp_infer.serving.supervisor`) starts it (``spawn``: a fresh interpreter)
+with the settings below and one end of a control pipe (:class:`ApiControl`), in a session of its
+own. It listens on a private socket for rank 0's engine, which connects once loaded
+(:mod:`cp_infer.serving.ipc`), and again after every restart: the API process outlives the
+engines, keeping its clients and their requests' tokens. It stops when told (a signal to the
+keepers), when signalled itself (and then the engine stops too: the next ``next`` gets no
+requests), or when the keeper gives up (every stream gets an error event) or is gone; it exits
+non-zero when the server failed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-__all__ = ["ApiSettings", "keep_torch_out", "run_api"]
+__all__ = ["ApiControl", "ApiSettings", "keep_torch_out", "run_api"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +42,62 @@ class ApiSettings:
     info: dict[str, str]
     tbt_slo_s: float | None
     log_level: int
+    engine_address: str  # the socket rank 0's engine connects to (abstract: no file)
+    authkey: bytes  # what it proves itself with
+
+
+class ApiControl:
+    """Rank 0's keeper's handle on the API process: a spawned process and a control pipe that
+    tells it of the engine's restarts, of a failure that ends the server, and of a stop."""
+
+    def __init__(self, process, conn: Connection) -> None:
+        self.process, self.conn = process, conn
+
+    @classmethod
+    def start(cls, settings: ApiSettings) -> ApiControl:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        here, there = ctx.Pipe(duplex=True)
+        process = ctx.Process(target=run_api, args=(there, settings), name="cp_infer-api",
+                              daemon=True)  # fmt: skip
+        process.start()
+        there.close()
+        return cls(process, here)
+
+    def _send(self, message: tuple) -> None:
+        # the API process gone: the keeper sees it
+        with contextlib.suppress(OSError, EOFError, ValueError):
+            self.conn.send(message)
+
+    def restarting(self, why: str, when: float) -> None:
+        """The engine died at ``when`` (``time.time()``) and starts again: requests wait."""
+        self._send(("restarting", why, when))
+
+    def fail(self, why: str) -> None:
+        """The server cannot go on: every live request ends with an error naming ``why``."""
+        self._send(("failed", why))
+
+    def stop(self, reason: str) -> None:
+        """The server is stopping: live requests end with ``finish_reason: "abort"``."""
+        self._send(("stop", reason))
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def join(self) -> int:
+        """Wait for the API process to exit (it was told to stop, or it did); 0 if it did so
+        cleanly, 1 otherwise."""
+        from cp_infer.serving.lifecycle import STOP_GRACE_S
+
+        self.process.join(STOP_GRACE_S + 2)
+        if self.process.exitcode is None:
+            logger.error("the API process did not stop within %.0fs; killing it", STOP_GRACE_S)
+            self.process.kill()
+            self.process.join()
+        if self.process.exitcode != 0:
+            logger.error("the API process exited with code %s", self.process.exitcode)
+        return 0 if self.process.exitcode == 0 else 1
 
 
 def keep_torch_out() -> None:
@@ -64,12 +124,15 @@ def _tokenizer(checkpoint: str | None):
     return load_tokenizer(Path(checkpoint), transformers=True)
 
 
-def run_api(conn: Connection, settings: ApiSettings) -> None:
-    """The API process's main: serve until stopped; exit 1 if a rank failed."""
-    # a session of its own: a signal to rank 0's process group (a launcher stopping the ranks
-    # because one failed) is rank 0's to interpret, not an order to this process to abort
+def run_api(control: Connection, settings: ApiSettings) -> None:
+    """The API process's main: serve until stopped; exit 1 if the server failed."""
+    # a session of its own: a signal to rank 0's process group (a launcher stopping the ranks)
+    # is the keeper's to interpret, not an order to this process to abort
     os.setsid()
     keep_torch_out()
+    import threading
+    from multiprocessing.connection import Listener
+
     import prometheus_client
     import uvicorn
 
@@ -95,21 +158,37 @@ def run_api(conn: Connection, settings: ApiSettings) -> None:
         front.abort_all(reason, finish_reason="error" if error else "abort")
         server.should_exit = True
 
-    link = ApiLink(conn, front, stop)
+    listener = Listener(settings.engine_address, family="AF_UNIX", authkey=settings.authkey)
+    link = ApiLink(listener, front)
     front.pool = lambda: link.stats[0]
     front.metrics.watch_chunking(lambda: link.stats[1], settings.tbt_slo_s)
+
+    def keeper() -> None:  # rank 0's keeper's word: restarts, a failure, a stop
+        try:
+            while True:
+                message = control.recv()
+                if message[0] == "restarting":
+                    front.engine_down(f"the engine is restarting: {message[1]}", message[2])
+                else:
+                    logger.info("the keeper says %s: %s", message[0], message[1])
+                    stop(message[1], message[0] == "failed")
+        except (OSError, EOFError):
+            if not front.stopping.is_set():
+                stop("rank 0's keeper is gone", True)
+
     config = uvicorn.Config(
         build_app(front), host=settings.host, port=settings.port, log_level="warning",
         lifespan="off", timeout_graceful_shutdown=int(STOP_GRACE_S),
     )  # fmt: skip
     server = make_server(config, lambda sig: front.abort_all(f"the server is stopping ({sig})"))
     link.start()
+    threading.Thread(target=keeper, name="keeper-control", daemon=True).start()
     logger.info("serving %s on http://%s:%d", front.model_name, settings.host, settings.port)
     try:
         server.run()
     finally:
         front.abort_all("the server is stopping")  # no-op unless uvicorn stopped on its own
-        conn.close()  # the engine's next `next` finds the pipe closed: it stops
+        link.close()  # the engine's next `next` finds the pipe closed: it stops
     if failed:
         logger.error("stopped: %s", failed[0])
         os._exit(1)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
+import logging
 import queue
 import secrets
 import threading
@@ -28,6 +30,8 @@ from cp_infer.engine.request import Outcome, Request, check_pool, check_request
 from cp_infer.schema import RequestError
 from cp_infer.serving.metrics import ServerMetrics
 from cp_infer.serving.text import StopStrings, TextStream
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "BadRequest", "Frontend", "Pending", "QueueFull", "Reply", "ShuttingDown", "fresh_seed",
@@ -49,6 +53,38 @@ class Pending:
     request: Request
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # token ids, then the Outcome
+    # (token, logprob) of every token the engine sent, across its restarts
+    delivered: list[tuple[int, object]] = field(default_factory=list)
+
+    def resumed(self) -> Request:
+        """Its request as a restarted engine takes it: the tokens it got so far recomputed."""
+        return dataclasses.replace(self.request, generated=tuple(t for t, _ in self.delivered))
+
+    def finished_early(self) -> Outcome | None:
+        """Its outcome, when the tokens it got already end it (the engine died between its last
+        token and its end): EOS met, or the budget spent."""
+        tokens = [t for t, _ in self.delivered]
+        sampling = self.request.sampling
+        if not tokens or not (tokens[-1] in sampling.eos_ids
+                              or len(tokens) >= sampling.max_new_tokens):  # fmt: skip
+            return None
+        o = Outcome(tokens=tokens, prompt_tokens=len(self.request.tokens),
+                    finish_reason="stop" if tokens[-1] in sampling.eos_ids else "length")  # fmt: skip
+        if self.request.logprobs:  # the prompt's log-probabilities went with the engine
+            o.finish_reason = "error"
+            o.error = ("the engine restarted after this request's last token, and its prompt's "
+                       "log-probabilities were lost with it: send it again")  # fmt: skip
+        elif self.request.wants_logprobs:
+            o.logprobs, o.top_logprobs = _spliced(self.delivered, [], [], self.request)
+        return o
+
+
+def _spliced(delivered, logprobs, tops, request: Request):
+    """An outcome's log-probabilities with those of the tokens delivered before a restart in
+    front (the restarted engine computed only the tokens after them)."""
+    lps = [e[0] for _, e in delivered]
+    alts = [e[1] for _, e in delivered] if request.top_logprobs is not None else None
+    return lps + list(logprobs or []), None if alts is None else alts + list(tops or [])
 
 
 class Frontend:
@@ -86,7 +122,10 @@ class Frontend:
         self.created = int(time.time())
         # told when a request is queued or cancelled (the engine's link pushes it on)
         self.on_change: Callable[[], None] | None = None
-        self.ready = threading.Event()  # the engine runs (set when it first asks for requests)
+        self.ready = threading.Event()  # the engine runs (set when it first connects)
+        self._taken: set[int] = set()  # requests the engine took and has not ended
+        self.down: str | None = None  # why the engine is away (restarting), None while it runs
+        self.down_since: float | None = None
         self.metrics = ServerMetrics(
             waiting=lambda: self.queued, running=lambda: max(self.live - self.queued, 0),
             info={"model_name": model_name, **(info or {})},
@@ -189,7 +228,9 @@ class Frontend:
             if p in gone:
                 self.metrics.finish(p.request.rid, "cancelled")
             else:
-                self.metrics.scheduled(p.request.rid)
+                self._taken.add(p.request.rid)
+                if not p.request.generated:
+                    self.metrics.scheduled(p.request.rid)
         return [p.request for p in batch if p not in gone]
 
     def emit(self, events: list[tuple]) -> None:
@@ -200,6 +241,7 @@ class Frontend:
             p = self._live.get(rid)
             if p is not None:
                 self.metrics.token(rid)
+                p.delivered.append((token, logprob))
                 event = token if logprob is None else (token, logprob)
                 by_loop.setdefault(p.loop, []).append((p.events, event))
         for loop, items in by_loop.items():
@@ -219,12 +261,19 @@ class Frontend:
             if p is None:  # aborted already (the server is stopping)
                 continue
             o = outcomes[r.rid]
-            reason = "stop" if stopped and o.error is None else o.finish_reason
-            self.metrics.finish(
-                r.rid, reason, prompt_tokens=o.prompt_tokens, cached_tokens=o.cached_tokens
-            )
-            with contextlib.suppress(RuntimeError):
-                p.loop.call_soon_threadsafe(p.events.put_nowait, o)
+            if r.generated and r.wants_logprobs and not r.logprobs:  # resumed: theirs first
+                got = p.delivered[: len(r.generated)]
+                o.logprobs, o.top_logprobs = _spliced(got, o.logprobs, o.top_logprobs, r)
+            self._deliver_outcome(p, o, stopped)
+
+    def _deliver_outcome(self, p: Pending, o: Outcome, stopped: bool) -> None:
+        """``p`` ended (it is forgotten already): its metrics, and its handler gets ``o``."""
+        reason = "stop" if stopped and o.error is None else o.finish_reason
+        self.metrics.finish(
+            p.request.rid, reason, prompt_tokens=o.prompt_tokens, cached_tokens=o.cached_tokens
+        )
+        with contextlib.suppress(RuntimeError):
+            p.loop.call_soon_threadsafe(p.events.put_nowait, o)
 
     def abort_all(self, reason: str, *, finish_reason: str = "abort") -> int:
         """Stop taking requests and end every live one now with ``finish_reason`` and
@@ -251,6 +300,54 @@ class Frontend:
         self._live.pop(rid, None)
         self._cancelled.discard(rid)
         self._stopped.discard(rid)
+        self._taken.discard(rid)
+
+    # -- restarts --------------------------------------------------------------------------------
+    def engine_down(self, reason: str, since: float | None = None) -> None:
+        """The engine is away (its rank 0 is gone; the keepers restart it): requests keep
+        queueing, those it had taken wait to resume, ``/health`` says why."""
+        with self._lock:
+            if since is not None:  # the keeper's word: a restart (the link's comes first)
+                self.metrics.restarts.inc()
+            if self.down is None or since is not None:
+                self.down, self.down_since = reason, since or time.time()
+        logger.warning("%s", reason)
+
+    def engine_up(self) -> int:
+        """An engine connected: the requests the last one had taken go first in the queue, as
+        their prompts plus the tokens they got (:meth:`Pending.resumed`). Returns how many."""
+        ended: list[tuple[Pending, Outcome, bool]] = []
+        with self._lock:
+            taken = [self._live[rid] for rid in sorted(self._taken) if rid in self._live]
+            resumed = []
+            for p in taken:
+                rid = p.request.rid
+                early = p.finished_early()
+                if rid in self._cancelled or early is not None:
+                    stopped = rid in self._stopped
+                    if early is None:  # its client left, or a stop string ended it
+                        early = Outcome(tokens=[t for t, _ in p.delivered],
+                                        finish_reason="cancelled",
+                                        prompt_tokens=len(p.request.tokens))  # fmt: skip
+                    self._forget(rid)
+                    ended.append((p, early, stopped))
+                    continue
+                p.request = p.resumed()
+                resumed.append(p)
+            self._taken.clear()
+            waiting = []
+            while not self._queue.empty():
+                waiting.append(self._queue.get_nowait())
+            for p in resumed + waiting:  # they were first; they go first
+                self._queue.put(p)
+            self.down = self.down_since = None
+        for p, o, stopped in ended:
+            self._deliver_outcome(p, o, stopped)
+        self.metrics.engine_started()
+        self.metrics.resumed.inc(len(resumed))
+        self.ready.set()
+        self._changed()
+        return len(resumed)
 
     # -- text ------------------------------------------------------------------------------------
     def encode(self, text: str, param: str, *, special: bool = True) -> list[int]:

@@ -2,22 +2,23 @@
 
 HTTP, validation, tokenization, detokenization and streaming run in an API process of their own
 (:mod:`cp_infer.serving.api_process`); the engine's ranks run only iterations. Rank 0's engine
-thread and the API process talk over one duplex ``multiprocessing`` pipe, each end read by one
-thread only:
+connects to the API process's socket once loaded (again after each restart); over that duplex
+connection, each end read by one thread only:
 
 - engine -> API: ``("next", wait_s, limit, stats, steps)`` asks for requests;
   ``("tokens", [(rid, token, logprob)], steps)`` carries a step's sampled tokens;
-  ``("done", requests, outcomes)`` ends requests; ``("stop", reason)`` (rank 0 got a signal:
-  end the live requests as ``abort``); ``("failed", why)`` (a rank or the launcher is gone:
-  end them with an error). ``steps`` are the forward passes since the last message (metrics).
+  ``("done", requests, outcomes)`` ends requests. ``steps`` are the forward passes since the
+  last message (metrics).
 - API -> engine: ``("batch", requests | None)`` answers ``next`` (None: stop);
   ``("state", cancelled, queued)`` whenever a request is queued or cancelled.
 
 :class:`EngineLink` is the engine's end: it gives :meth:`ServeLoop.lead
 <cp_infer.serving.loop.ServeLoop.lead>` the same callables the in-process
 :class:`~cp_infer.serving.frontend.Frontend` gave it. :class:`ApiLink` is the API's end: a
-thread that answers the engine from the frontend. A closed pipe is a stop on either end: the API
-process gone stops the engine, and the engine gone ends the API's streams with an error event.
+thread that takes each engine's connection and answers it from the frontend. A closed
+connection: the API process gone stops the engine; the engine gone leaves the requests waiting
+for the next one (:meth:`Frontend.engine_down <cp_infer.serving.frontend.Frontend.engine_down>`)
+until rank 0's keeper says whether it restarts.
 """
 
 from __future__ import annotations
@@ -85,14 +86,6 @@ class EngineLink:
         steps, self._steps = self._steps, []
         return steps
 
-    def stop(self, reason: str) -> None:
-        """End the live requests (``abort``) and stop taking any: the server is stopping."""
-        self._send(("stop", reason))
-
-    def fail(self, why: str) -> None:
-        """End the live requests with an error naming ``why``: a rank or the launcher is gone."""
-        self._send(("failed", why))
-
     # -- receiving (the engine thread only) -------------------------------------------------------
     def _take(self, message: tuple):
         kind = message[0]
@@ -134,49 +127,76 @@ class EngineLink:
 
 
 class ApiLink:
-    """The API's end of the pipe: a thread that answers the engine from the frontend and hands
-    it the engine's tokens and outcomes.
+    """The API's end: a thread that takes each engine's connection in turn, answers it from the
+    frontend and hands it the engine's tokens and outcomes.
 
     Args:
-        conn: this end of the pipe.
+        listener: where rank 0's engine connects (after every restart, again).
         front: the API process's frontend (queue, live requests, metrics).
-        on_stop: called with the reason when the engine side says stop (a signal to rank 0),
-            fails (``error=True``: a rank is gone), or is gone itself.
     """
 
-    def __init__(self, conn: Connection, front, on_stop: Callable[[str, bool], None]) -> None:
-        self.conn, self.front, self.on_stop = conn, front, on_stop
+    def __init__(self, listener, front) -> None:
+        self.listener, self.front = listener, front
+        self.conn: Connection | None = None
         self._send_lock = threading.Lock()
         self.stats: EngineStats = (PoolStats(), Estimates())
-        self._thread = threading.Thread(target=self._serve, name="engine-link", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="engine-link", daemon=True)
         front.on_change = self.push_state
 
     def start(self) -> ApiLink:
         self._thread.start()
         return self
 
+    def close(self) -> None:
+        """No more engines: the connected one's next ``next`` finds the connection closed."""
+        with contextlib.suppress(OSError):
+            self.listener.close()
+        if self.conn is not None:
+            self.conn.close()
+
     def _send(self, message: tuple) -> None:
+        conn = self.conn  # none between engines: the next one gets the state when it asks
+        if conn is None:
+            return
         # the engine gone: _serve sees it
         with self._send_lock, contextlib.suppress(OSError, EOFError, ValueError):
-            self.conn.send(message)
+            conn.send(message)
 
     def push_state(self) -> None:
         """Tell the engine which requests were cancelled and how many wait (any thread)."""
         self._send(("state", frozenset(self.front.cancelled()), self.front.queued))
 
-    def _serve(self) -> None:
+    def _run(self) -> None:
+        front = self.front
+        while not front.stopping.is_set():
+            try:
+                conn = self.listener.accept()
+            except (OSError, EOFError):  # closed: the server stops
+                return
+            except Exception as e:  # a stranger that failed the handshake: not an engine
+                logger.warning("refused a connection to the engine socket: %s", e)
+                continue
+            resumed = front.engine_up()
+            if resumed:
+                logger.info("the engine is back: %d requests in flight resume", resumed)
+            self.conn = conn
+            self._serve(conn)
+            self.conn = None
+            if not front.stopping.is_set():
+                front.engine_down("the engine stopped; its keeper decides whether it restarts")
+
+    def _serve(self, conn: Connection) -> None:
         front = self.front
         try:
             while True:
-                message = self.conn.recv()
+                message = conn.recv()
                 kind = message[0]
                 if kind == "next":
-                    front.ready.set()
                     _, wait_s, limit, self.stats, steps = message
                     front.metrics.pool(self.stats[0])
                     for step in steps:
                         front.metrics.step(step)
-                    # at most a quarter second: a stop from rank 0 waits behind this call
+                    # at most a quarter second: a stop waits behind this call
                     batch = front.next_batch(min(wait_s, 0.25), limit)
                     self._send(("batch", batch))
                     self.push_state()
@@ -187,9 +207,5 @@ class ApiLink:
                 elif kind == "done":
                     front.done(message[1], message[2])
                     self.push_state()
-                elif kind in ("stop", "failed"):
-                    logger.info("the engine says %s: %s", kind, message[1])
-                    self.on_stop(message[1], kind == "failed")
         except (OSError, EOFError):
-            if not front.stopping.is_set():  # not a stop this process asked for
-                self.on_stop("the engine stopped (rank 0 is gone)", True)
+            pass

@@ -120,6 +120,14 @@ class ServerMetrics:
             "Context tokens of the running requests on each CP rank (a ring request's split)",
             ["cp_rank"],
         )  # fmt: skip
+        self.restarts = metric(
+            Counter, "engine_restarts",
+            "Times the engine restarted after a rank died (serve --max-restarts)",
+        )  # fmt: skip
+        self.resumed = metric(
+            Counter, "requests_resumed",
+            "Requests in flight when the engine died, resubmitted with the tokens they had got",
+        )  # fmt: skip
         self.prompt_tokens = metric(Counter, "prompt_tokens", "Prompt tokens of finished requests")
         self.cached_tokens = metric(
             Counter, "prefix_cache_hit_tokens",
@@ -237,9 +245,13 @@ class ServerMetrics:
         self.rejected.labels(reason).inc()
 
     # -- the engine -------------------------------------------------------------------------------
+    def engine_started(self) -> None:
+        """A new engine connected (after a restart): its pool's counts start again from 0."""
+        self._pool = None
+
     def pool(self, stats) -> None:
         """The engine's latest :class:`~cp_infer.engine.request.PoolStats` (its counts are since
-        the start: the counters move by the difference)."""
+        the engine started: the counters move by the difference)."""
         last, self._pool = self._pool, stats
         for field, m in self._pool_metrics.items():
             value = getattr(stats, field)
