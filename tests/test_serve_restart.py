@@ -12,17 +12,21 @@ and every stream resumes where it was, with the tokens of an undisturbed run.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
 from dataclasses import replace
 
 import httpx
+import pytest
 
+from cp_infer.distributed import free_port
 from cp_infer.engine.params import SamplingConfig
 from cp_infer.engine.request import Request
 from cp_infer.serving.supervisor import RestartPolicy
-from tests.serve_helpers import Server, Stream, engine_pids
+from cp_infer.testing.hosts import EmulatedHosts, namespaces_unavailable
+from tests.serve_helpers import REPO, Server, Stream, engine_pids
 
 TIMEOUT = 180
 
@@ -156,14 +160,14 @@ def _bodies() -> list[tuple[str, dict]]:
     # fmt: off
     return [
         (comp, {"prompt": list(range(3, 60)), "max_tokens": 160, "temperature": 0}),
-        (comp, {"prompt": list(range(7, 40)), "max_tokens": 150, "temperature": 0.8, "seed": 4}),
+        (comp, {"prompt": list(range(7, 90)), "max_tokens": 150, "temperature": 0.8, "seed": 4}),
         (comp, {"prompt": list(range(100, 180)), "max_tokens": 140, "temperature": 0,
                 "logprobs": 2}),
         (comp, {"prompt": [5, 6, 7], "max_tokens": 170, "temperature": 1.0, "top_p": 0.9,
                 "seed": 8, "min_tokens": 150}),
         (chat, {"messages": msgs, "max_tokens": 160, "temperature": 0}),
         (chat, {"messages": msgs, "max_tokens": 150, "temperature": 0.7, "seed": 21}),
-        (comp, {"prompt": list(range(50, 90)), "max_tokens": 130, "temperature": 0.6,
+        (comp, {"prompt": list(range(50, 150)), "max_tokens": 130, "temperature": 0.6,
                 "seed": 2, "ignore_eos": True}),
         (chat, {"messages": msgs[:1], "max_tokens": 140, "temperature": 0.9, "seed": 77,
                 "top_k": 30}),
@@ -186,9 +190,11 @@ def _answers(streams: list[Stream]) -> list[tuple]:
 
 def _with_stop(bodies, want) -> list[tuple[str, dict]]:
     """The first body again with a stop string: the text of two tokens late in its undisturbed
-    answer (after the break), so the stop is met across the restart."""
+    answer, met there first (a random model repeats itself), so it ends after the break."""
     tokens = want[0][0]
-    stop = f"w{tokens[120]} w{tokens[121]}"
+    pairs = {(a, b): i for i, (a, b) in reversed(list(enumerate(itertools.pairwise(tokens))))}
+    at = next(i for i in range(110, len(tokens) - 1) if pairs[tokens[i], tokens[i + 1]] == i)
+    stop = f" w{tokens[at]} w{tokens[at + 1]} "
     return [*bodies[:7], (bodies[0][0], {**bodies[0][1], "stop": [stop]})]
 
 
@@ -217,7 +223,7 @@ def _restart_run(url: str, port: int, rank: int) -> None:
     want = _answers(_streams(url, bodies))
     bodies = _with_stop(bodies, want)
     want[7] = _answers(_streams(url, bodies[7:]))[0]
-    assert len(want[7][0]) < len(want[0][0])  # the stop string cut it
+    assert 100 < len(want[7][0]) < len(want[0][0])  # the stop string cut it, late
     streams = _streams(url, bodies)
     _kill_halfway(url, port, streams, rank)
     got = _answers(streams)
@@ -317,3 +323,53 @@ def test_sigterm_during_a_restart_stops_everything(checkpoint, tmp_path):
     stream.join(30)
     assert took < 10, f"stopping took {took:.1f}s"
     assert stream.finish_reason == "abort" and stream.events[-1] == "[DONE]", stream.events[-3:]
+
+
+@pytest.mark.skipif(namespaces_unavailable() is not None, reason=str(namespaces_unavailable()))
+def test_two_hosts_lose_a_rank_on_the_second_and_every_stream_resumes_exactly(checkpoint):
+    """tp=2 inside each emulated host, cp=2 across them; rank 3 (host 1) dies."""
+    port = free_port()
+    target = ["-m", "cp_infer", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
+              "--tp", "2", "--cp", "2"]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    with EmulatedHosts(2, 2, target, cwd=REPO) as hosts:
+        deadline = time.monotonic() + 240
+        while not _healthy(url):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in hosts._procs):
+                hosts.kill()
+                pytest.fail("the two-host server did not come up: " + str(hosts.wait(30)))
+            time.sleep(0.1)
+        _restart_run(url, port, rank=3)
+        hosts.kill()
+        runs = hosts.wait(30)
+    assert "rank 3's engine" in runs[0].stderr and "killed by SIGKILL" in runs[0].stderr
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.mark.parametrize("rank", [1, 2], ids=["prefill-tier", "decode-tier"])
+def test_a_disaggregated_server_loses_a_tier_rank_and_every_stream_resumes_exactly(
+    checkpoint, tmp_path, rank
+):
+    """Prefill tier cp=2 (world ranks 0-1), decode tier of one rank (world rank 2, the API's);
+    prompts of 64 new tokens or more prefill on the prefill tier, the rest on the decode tier.
+    Either tier's rank dies: both tiers start again, and the streams resume (their prompts and
+    tokens prefilled again: long ones on the prefill tier)."""
+    args = ["--prefill", "tp=1,cp=2", "--decode", "tp=1", "--disagg-min-tokens", "64"]
+    s = Server(checkpoint, 3, args, tmp_path / "serve.log")
+    try:
+        _restart_run(s.url, s.port, rank=rank)
+        # the first run's two long prompts went to the prefill tier (the second run's were
+        # cached); the restarted prefill tier takes a new one
+        assert _metric(s.url, "cp_infer_disagg_prefills_total") == 2
+        fresh = s.post("/v1/completions", {"prompt": list(range(200, 300)), "max_tokens": 4})
+        assert fresh.status_code == 200 and len(fresh.json()["choices"][0]["token_ids"]) == 4
+        assert _metric(s.url, "cp_infer_disagg_prefills_total") == 3
+    finally:
+        took = s.stop()
+    assert took < 10, f"stopping took {took:.1f}s"

@@ -226,7 +226,10 @@ def run(args, argv: list[str]) -> int:
         except ValueError as e:
             raise RankFailure(str(e)) from e
     address, authkey = f"\0cp_infer-engine-{uuid.uuid4().hex}", os.urandom(32)
-    api = _start_api(args, address, authkey) if rank == _api_rank(args) else None
+    api = None
+    if rank == _api_rank(args):  # the server's leading rank logs as rank 0 does
+        logging.getLogger().setLevel(min(logging.INFO, logging.getLogger().level or logging.INFO))
+        api = _start_api(args, address, authkey)
     keeper = Keeper(
         rank=rank, world=world, api=api, watch_parent=launched, timeout_s=args.timeout,
         policy=RestartPolicy(args.max_restarts, args.restart_window),

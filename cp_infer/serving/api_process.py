@@ -142,7 +142,7 @@ def run_api(control: Connection, settings: ApiSettings) -> None:
     from cp_infer.serving.ipc import ApiLink
     from cp_infer.serving.lifecycle import STOP_GRACE_S
 
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, all_ranks=True)  # the server's own log, any rank's
     prometheus_client.disable_created_metrics()  # no `_created` twin of every series
     front = Frontend(
         tokenizer=_tokenizer(settings.checkpoint), model_name=settings.model_name,

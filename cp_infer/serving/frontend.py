@@ -342,6 +342,8 @@ class Frontend:
                 self._queue.put(p)
             self.down = self.down_since = None
         for p, o, stopped in ended:
+            logger.info("request %d ended with the engine (%s, %d tokens)", p.request.rid,
+                        o.finish_reason, len(o.tokens))  # fmt: skip
             self._deliver_outcome(p, o, stopped)
         self.metrics.engine_started()
         self.metrics.resumed.inc(len(resumed))

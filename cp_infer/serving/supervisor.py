@@ -30,6 +30,7 @@ generation before it served (a bad checkpoint fails the same way every time); a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -215,7 +216,7 @@ class Keeper:
                 if self.store.check([failed]):
                     _kill(engine)
                     return None
-                if not ready and self._ready(gen) and self.rank == 0 and gen > 0:
+                if not ready and self.api is not None and gen > 0 and self._ready(gen):
                     ready = True
                     logger.info("the engine serves again: %.1fs after the death",
                                 time.time() - self.deaths[-1])  # fmt: skip
@@ -285,13 +286,10 @@ class Keeper:
     def _stop(self, engine, reason: str, code: int = 0) -> int:
         """An orderly stop: rank 0 ends the live requests and its engine tells the others."""
         logger.info("%s", reason)
-        if self.rank == 0:
-            import contextlib
-
+        if self.api is not None:  # the keeper with the API leads the stop
             with contextlib.suppress(Exception):
                 self.store.set(f"{PREFIX}stop", reason)
-            if self.api is not None:
-                self.api.stop(reason)
+            self.api.stop(reason)
         from cp_infer.serving.lifecycle import STOP_GRACE_S
 
         engine.join(STOP_GRACE_S + 1)
