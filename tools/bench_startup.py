@@ -94,9 +94,13 @@ def bench_serve(checkpoint: Path, idle_s: float) -> dict:
                 pass
             time.sleep(0.05)
         up_s = time.monotonic() - t0
-        ranks = _children(proc.pid)  # torchrun's children: the ranks, rank 0 first
+        ranks = _children(proc.pid)  # torchrun's children: the ranks' keepers
         api = [c for r in ranks for c in _children(r)  # (not multiprocessing's tracker)
                if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]  # fmt: skip
+        # each keeper's engine: its fork (the same command line)
+        engines = [c for r in sorted(ranks) for c in _children(r) if
+                   Path(f"/proc/{c}/cmdline").read_bytes() ==
+                   Path(f"/proc/{r}/cmdline").read_bytes()]  # fmt: skip
         if not api:
             raise RuntimeError("found no API process under the ranks")
         record = {
@@ -104,7 +108,8 @@ def bench_serve(checkpoint: Path, idle_s: float) -> dict:
             "api_cpu_s": _cpu_s(api[0]), "api_rss_mb": _rss_mb(api[0]),
             "api_maps_libtorch": "libtorch" in Path(f"/proc/{api[0]}/maps").read_text(),
         }  # fmt: skip
-        watched = {f"rank {i}": pid for i, pid in enumerate(sorted(ranks))}
+        watched = {f"rank {i} keeper": pid for i, pid in enumerate(sorted(ranks))}
+        watched |= {f"rank {i} engine": pid for i, pid in enumerate(engines)}
         watched |= {"API process": api[0], "launcher": proc.pid}
         time.sleep(2.0)  # past the first request's warm-up, if any
         before = {k: _cpu_s(p) for k, p in watched.items()}

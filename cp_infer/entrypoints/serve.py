@@ -308,6 +308,8 @@ def _run(args, device, tiers, g, api_address) -> int:
         run_id = [uuid.uuid4().hex]  # this generation's heartbeats in the store
         dist.broadcast_object_list(run_id, src=0)
         g.mark_ready()
+        logger.info("engine generation %d ready: %.1fs from its start (loading, process groups)",
+                    g.gen, time.time() - g.started)  # fmt: skip
         dog = Watchdog(_died, run_id=run_id[0], watch_parent=True).start()
         loop.failed_alone = _died  # this rank fell out of step with the others
         if prefill_tier:

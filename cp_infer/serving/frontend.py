@@ -340,6 +340,8 @@ class Frontend:
                 waiting.append(self._queue.get_nowait())
             for p in resumed + waiting:  # they were first; they go first
                 self._queue.put(p)
+            if self.down_since is not None:
+                self.metrics.restart_seconds.observe(time.time() - self.down_since)
             self.down = self.down_since = None
         for p, o, stopped in ended:
             logger.info("request %d ended with the engine (%s, %d tokens)", p.request.rid,

@@ -124,6 +124,11 @@ class ServerMetrics:
             Counter, "engine_restarts",
             "Times the engine restarted after a rank died (serve --max-restarts)",
         )  # fmt: skip
+        self.restart_seconds = metric(
+            Histogram, "engine_restart_seconds",
+            "From a rank's death to the restarted engine asking for requests",
+            buckets=_LATENCY_BUCKETS,
+        )  # fmt: skip
         self.resumed = metric(
             Counter, "requests_resumed",
             "Requests in flight when the engine died, resubmitted with the tokens they had got",

@@ -47,7 +47,7 @@ __all__ = ["EngineGeneration", "Keeper", "RestartPolicy", "engine_generation"]
 logger = logging.getLogger("cp_infer")
 
 PREFIX = "cp_infer/keeper/"
-POLL_S = 0.05  # how often a keeper looks at its engine and the store
+POLL_S = 0.1  # how often a keeper looks at the store (its own engine's death wakes it at once)
 BEAT_S = 0.5  # keepers' heartbeats
 KEEPER_DEAD_S = 15.0  # a keeper whose beats stand still this long is gone (its host with it)
 SETTLE_S = 0.3  # after a death, how long the keepers wait for every rank's report of it
@@ -78,6 +78,7 @@ class EngineGeneration:
     keeper_pid: int
     addr: str
     port: int
+    started: float  # time.time() at its fork
 
     def store(self, timeout_s: float):
         """This generation's store: its default process group meets under ``gen{g}/``."""
@@ -180,7 +181,8 @@ class Keeper:
 
     def _fork(self, gen: int):
         ctx = multiprocessing.get_context("fork")
-        g = EngineGeneration(gen, self.rank, self.world, os.getpid(), self.addr, self.port)
+        g = EngineGeneration(gen, self.rank, self.world, os.getpid(), self.addr, self.port,
+                             time.time())  # fmt: skip
         engine = ctx.Process(target=_engine, args=(self.engine_main, g), name=f"engine-{gen}",
                              daemon=False)  # fmt: skip
         engine.start()
@@ -202,8 +204,10 @@ class Keeper:
                                           f"({signal.Signals(self.signals[0]).name})")  # fmt: skip
             if self.parent is not None and os.getppid() != self.parent:
                 return self._abandon(engine, f"the launcher (pid {self.parent}) is gone")
-            if self.api is not None and not self.api.alive():
-                return self._stop(engine, "the API process is gone", code=1)
+            if self.api is not None and not self.api.alive():  # stopped by a signal, or died
+                clean = self.api.process.exitcode == 0
+                return self._stop(engine, "the API process stopped" if clean else
+                                  "the API process is gone", code=0 if clean else 1)  # fmt: skip
             code = engine.exitcode
             if code == 0:  # stopped on orders: rank 0's engine told every rank
                 return self._finish(0)
