@@ -217,14 +217,26 @@ def _kill_halfway(url: str, port: int, streams: list[Stream], rank: int, at: int
     os.kill(engine_pids(port)[rank], signal.SIGKILL)
 
 
-def _restart_run(url: str, port: int, rank: int) -> None:
-    """Undisturbed answers, then the same 8 streams with rank ``rank``'s engine killed halfway:
-    the same tokens, finish reasons and log-probabilities; one restart, 8 resumed."""
-    bodies = _bodies()
-    want = _answers(_streams(url, bodies))
-    bodies = _with_stop(bodies, want)
-    want[7] = _answers(_streams(url, bodies[7:]))[0]
+@pytest.fixture(scope="module")
+def undisturbed(checkpoint, tmp_path_factory):
+    """The 8 streams' bodies and their answers from a cp=2 server that nothing disturbs (every
+    layout gives these tokens: fp32, exact)."""
+    s = Server(checkpoint, 2, ["--cp", "2"], tmp_path_factory.mktemp("undisturbed") / "serve.log")
+    try:
+        bodies = _bodies()
+        want = _answers(_streams(s.url, bodies))
+        bodies = _with_stop(bodies, want)
+        want[7] = _answers(_streams(s.url, bodies[7:]))[0]
+    finally:
+        s.stop()
     assert 350 < len(want[7][0]) < len(want[0][0])  # the stop string cut it, late
+    return bodies, want
+
+
+def _restart_run(url: str, port: int, rank: int, undisturbed) -> None:
+    """The 8 streams with rank ``rank``'s engine killed halfway: the undisturbed run's tokens,
+    finish reasons and log-probabilities; one restart, 8 resumed."""
+    bodies, want = undisturbed
     streams = _streams(url, bodies)
     _kill_halfway(url, port, streams, rank)
     got = _answers(streams)
@@ -236,10 +248,12 @@ def _restart_run(url: str, port: int, rank: int) -> None:
     assert _metric(url, "cp_infer_requests_resumed_total") == 8
 
 
-def test_serve_cp2_loses_a_rank_halfway_and_every_stream_resumes_exactly(checkpoint, tmp_path):
+def test_serve_cp2_loses_a_rank_halfway_and_every_stream_resumes_exactly(
+    checkpoint, tmp_path, undisturbed
+):
     s = Server(checkpoint, 2, ["--cp", "2"], tmp_path / "serve.log")
     try:
-        _restart_run(s.url, s.port, rank=1)
+        _restart_run(s.url, s.port, 1, undisturbed)
         log = s.log.read_text()
         assert "was killed by SIGKILL" in log and "serves again" in log
         assert httpx.get(s.url + "/health", timeout=10).json()["status"] == "ok"
@@ -248,13 +262,15 @@ def test_serve_cp2_loses_a_rank_halfway_and_every_stream_resumes_exactly(checkpo
     assert took < 10, f"stopping took {took:.1f}s"  # (inf: processes were left behind)
 
 
-def test_deepspeed_tp2_cp2_loses_rank_0_and_every_stream_resumes_exactly(checkpoint, tmp_path):
+def test_deepspeed_tp2_cp2_loses_rank_0_and_every_stream_resumes_exactly(
+    checkpoint, tmp_path, undisturbed
+):
     """Rank 0's engine (the one the API process talks to) dies under DeepSpeed's launcher,
     whose rank 0 keeper hosts the rendezvous store."""
     s = Server(checkpoint, 4, ["--tp", "2", "--cp", "2"], tmp_path / "serve.log",
                deepspeed=True)  # fmt: skip
     try:
-        _restart_run(s.url, s.port, rank=0)
+        _restart_run(s.url, s.port, 0, undisturbed)
     finally:
         took = s.stop()
     assert took < 10, took
@@ -327,7 +343,9 @@ def test_sigterm_during_a_restart_stops_everything(checkpoint, tmp_path):
 
 
 @pytest.mark.skipif(namespaces_unavailable() is not None, reason=str(namespaces_unavailable()))
-def test_two_hosts_lose_a_rank_on_the_second_and_every_stream_resumes_exactly(checkpoint):
+def test_two_hosts_lose_a_rank_on_the_second_and_every_stream_resumes_exactly(
+    checkpoint, undisturbed
+):
     """tp=2 inside each emulated host, cp=2 across them; rank 3 (host 1) dies."""
     port = free_port()
     target = ["-m", "cp_infer", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
@@ -340,7 +358,7 @@ def test_two_hosts_lose_a_rank_on_the_second_and_every_stream_resumes_exactly(ch
                 hosts.kill()
                 pytest.fail("the two-host server did not come up: " + str(hosts.wait(30)))
             time.sleep(0.1)
-        _restart_run(url, port, rank=3)
+        _restart_run(url, port, 3, undisturbed)
         hosts.kill()
         runs = hosts.wait(30)
     assert "rank 3's engine" in runs[0].stderr and "killed by SIGKILL" in runs[0].stderr
@@ -355,7 +373,7 @@ def _healthy(url: str) -> bool:
 
 @pytest.mark.parametrize("rank", [1, 2], ids=["prefill-tier", "decode-tier"])
 def test_a_disaggregated_server_loses_a_tier_rank_and_every_stream_resumes_exactly(
-    checkpoint, tmp_path, rank
+    checkpoint, tmp_path, rank, undisturbed
 ):
     """Prefill tier cp=2 (world ranks 0-1), decode tier of one rank (world rank 2, the API's);
     prompts of 64 new tokens or more prefill on the prefill tier, the rest on the decode tier.
@@ -364,9 +382,9 @@ def test_a_disaggregated_server_loses_a_tier_rank_and_every_stream_resumes_exact
     args = ["--prefill", "tp=1,cp=2", "--decode", "tp=1", "--disagg-min-tokens", "64"]
     s = Server(checkpoint, 3, args, tmp_path / "serve.log")
     try:
-        _restart_run(s.url, s.port, rank=rank)
-        # the first run's two long prompts went to the prefill tier (the second run's were
-        # cached); the restarted prefill tier takes a new one
+        _restart_run(s.url, s.port, rank, undisturbed)
+        # the two long prompts went to the prefill tier (resumed, they prefill on the decode
+        # tier); the restarted prefill tier takes a new one
         assert _metric(s.url, "cp_infer_disagg_prefills_total") == 2
         fresh = s.post("/v1/completions", {"prompt": list(range(200, 300)), "max_tokens": 4})
         assert fresh.status_code == 200 and len(fresh.json()["choices"][0]["token_ids"]) == 4
