@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_serve import scrape, start_server, stop_server
 
-from cp_infer.checkpoint.formats import read_config
+from cp_infer.checkpoint.formats import detect_format, read_config
 from cp_infer.models import get_preset
 from cp_infer.reporting import format_table, write_json
 from cp_infer.testing.processes import engine_pids
@@ -105,7 +105,11 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not 0 < args.kill_after < args.max_tokens:
         p.error("--kill-after must be in (0, --max-tokens)")
-    vocab = (get_preset(args.preset) if args.preset else read_config(args.checkpoint)[0]).vocab_size
+    vocab = (
+        get_preset(args.preset)
+        if args.preset
+        else read_config(args.checkpoint, detect_format(args.checkpoint))[0]
+    ).vocab_size
     rng = random.Random(args.seed)
     args.log.parent.mkdir(parents=True, exist_ok=True)
     extra = ["--max-restarts", str(len(args.prompt_tokens) * args.repeats)]
@@ -142,7 +146,7 @@ def main(argv=None) -> dict:
             med["start_s"] = statistics.median(starts) if starts else float("nan")
             exact = all(r["exact"] for r in runs)
             records.append({"prompt_tokens": n, **med, "exact": exact, "runs": runs})
-            rows.append([n, f"{med['gap_s']:.2f}", f"{med['down_s']:.2f}",
+            rows.append([str(n), f"{med['gap_s']:.2f}", f"{med['down_s']:.2f}",
                          f"{med['start_s']:.2f}", f"{med['resume_s']:.2f}",
                          f"{med['ttft_s']:.2f}", "yes" if exact else "NO"])  # fmt: skip
     finally:

@@ -230,12 +230,26 @@ def run(args, argv: list[str]) -> int:
     if rank == _api_rank(args):  # the server's leading rank logs as rank 0 does
         logging.getLogger().setLevel(min(logging.INFO, logging.getLogger().level or logging.INFO))
         api = _start_api(args, address, authkey)
+    _preload()
     keeper = Keeper(
         rank=rank, world=world, api=api, watch_parent=launched, timeout_s=args.timeout,
         policy=RestartPolicy(args.max_restarts, args.restart_window),
         engine_main=lambda g: _engine(args, argv, launched, g, (address, authkey)),
     )  # fmt: skip
     return keeper.run()
+
+
+def _preload() -> None:
+    """Import, in the keeper, what an engine imports on its way up (megatron-core's parallel
+    state; torch's reference ops and what they pull in, sympy and dynamo among them, on the
+    first initialisation of a meta tensor): about 900 modules, which every forked engine then
+    has for free instead of importing them again at each restart. Runs no kernel: a meta
+    tensor has no data, so no thread pool starts before the fork."""
+    import megatron.core.parallel_state  # noqa: F401
+    import torch
+
+    with torch.device("meta"):
+        torch.nn.Embedding(2, 2)
 
 
 def _api_rank(args) -> int:

@@ -155,23 +155,26 @@ class Keeper:
         """Run engines until the server stops; the exit code of this rank's launched process."""
         for sig in (signal.SIGINT, signal.SIGTERM):  # noted; the loop acts on them
             signal.signal(sig, lambda sig, _frame: self.signals.append(sig))
-        gen = 0
+        gen, engine = 0, self._fork(0)
         while True:
             started = time.time()
-            engine = self._fork(gen)
             end = self._watch(engine, gen)
             if end is not None:
                 return end
-            why, when = self._cause(gen)
-            self.deaths.append(when)
+            when = json.loads(self.store.get(f"{PREFIX}gen{gen}/failed"))["time"]
+            self.deaths.append(float(when))
             if gen == 0 and not self._ready(0):
                 # it never served: a bad checkpoint or option fails alike every time
+                why = self._cause(gen)
                 return self._give_up(f"{why} before the server was ready (not restarted)")
             if not self.policy.allows(self.deaths):
                 return self._give_up(
-                    f"{why}; that is {len(self.deaths)} deaths, more than --max-restarts "
-                    f"{self.policy.max_restarts} within {self.policy.window_s:.0f}s"
+                    f"{self._cause(gen)}; that is {len(self.deaths)} deaths, more than "
+                    f"--max-restarts {self.policy.max_restarts} within "
+                    f"{self.policy.window_s:.0f}s"
                 )
+            engine = self._fork(gen + 1)  # what died is read while the next one loads
+            why = self._cause(gen)
             n = sum(1 for t in self.deaths if when - t <= self.policy.window_s)
             logger.error("the engine died: %s (served %.1fs); restarting (%d of at most %d)",
                          why, when - started, n, self.policy.max_restarts)  # fmt: skip
@@ -236,9 +239,9 @@ class Keeper:
         self.store.compare_set(key, "", json.dumps({"time": time.time(), "rank": self.rank}))
         self.store.set(f"{PREFIX}gen{gen}/died/{self.rank}", why)
 
-    def _cause(self, gen: int) -> tuple[str, float]:
-        """What died (the ranks' reports: a rank killed by a signal before one whose collective
-        broke because of it) and when."""
+    def _cause(self, gen: int) -> str:
+        """What died: the ranks' reports, a rank killed by a signal before one whose collective
+        broke because of it."""
         first = json.loads(self.store.get(f"{PREFIX}gen{gen}/failed"))
         time.sleep(SETTLE_S)  # the dead rank's keeper may report a moment after its peers
         reports = []
@@ -247,8 +250,7 @@ class Keeper:
             if self.store.check([key]):
                 reports.append(self.store.get(key).decode())
         signalled = [w for w in reports if "killed by" in w]
-        why = (signalled or reports or [f"rank {first['rank']}'s engine failed"])[0]
-        return why, float(first["time"])
+        return (signalled or reports or [f"rank {first['rank']}'s engine failed"])[0]
 
     def _ready(self, gen: int) -> bool:
         key = f"{PREFIX}gen{gen}/ready"
