@@ -205,6 +205,12 @@ class Stream:
         return out
 
     @property
+    def usage(self) -> dict | None:
+        """The usage chunk's (``stream_options.include_usage``), if one came."""
+        found = [e["usage"] for e in self.events if isinstance(e, dict) and e.get("usage")]
+        return found[-1] if found else None
+
+    @property
     def finish_reason(self) -> str | None:
         reasons = [e["choices"][0]["finish_reason"] for e in self.events
                    if isinstance(e, dict) and e.get("choices")]  # fmt: skip

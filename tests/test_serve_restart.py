@@ -160,7 +160,8 @@ def _bodies() -> list[tuple[str, dict]]:
     msgs = [{"role": "user", "content": " ".join(f"w{i}" for i in range(10, 30))}]
     # fmt: off
     return [
-        (comp, {"prompt": list(range(3, 60)), "max_tokens": 480, "temperature": 0}),
+        (comp, {"prompt": list(range(3, 60)), "max_tokens": 480, "temperature": 0,
+                "stream_options": {"include_usage": True}}),
         (comp, {"prompt": list(range(7, 90)), "max_tokens": 450, "temperature": 0.8, "seed": 4}),
         (comp, {"prompt": list(range(100, 180)), "max_tokens": 420, "temperature": 0,
                 "logprobs": 2}),
@@ -185,7 +186,8 @@ def _answers(streams: list[Stream]) -> list[tuple]:
     for s in streams:
         s.join(TIMEOUT)
         assert not s.errors and s.error is None, (s.errors, s.error)
-        out.append((s.tokens, s.finish_reason, s.logprobs))
+        usage = s.usage and (s.usage["prompt_tokens"], s.usage["completion_tokens"])
+        out.append((s.tokens, s.finish_reason, s.logprobs, usage))
     return out
 
 
@@ -242,6 +244,7 @@ def _restart_run(url: str, port: int, rank: int, undisturbed) -> None:
     got = _answers(streams)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g[:2] == w[:2], (i, len(g[0]), len(w[0]), g[1], w[1])
+        assert g[3] == w[3], (i, g[3], w[3])  # the prompt counted once, every token
         if w[2]:
             assert max(abs(a - b) for a, b in zip(g[2], w[2], strict=True)) < 1e-4, i
     assert _metric(url, "cp_infer_engine_restarts_total") == 1
