@@ -386,12 +386,14 @@ def test_a_disaggregated_server_loses_a_tier_rank_and_every_stream_resumes_exact
     s = Server(checkpoint, 3, args, tmp_path / "serve.log")
     try:
         _restart_run(s.url, s.port, rank, undisturbed)
-        # the two long prompts went to the prefill tier (resumed, they prefill on the decode
-        # tier); the restarted prefill tier takes a new one
-        assert _metric(s.url, "cp_infer_disagg_prefills_total") == 2
-        fresh = s.post("/v1/completions", {"prompt": list(range(200, 300)), "max_tokens": 4})
-        assert fresh.status_code == 200 and len(fresh.json()["choices"][0]["token_ids"]) == 4
-        assert _metric(s.url, "cp_infer_disagg_prefills_total") == 3
+        # the two long prompts went to the prefill tier, and after the restart every resumed
+        # completion of 64 tokens or more (its prompt and what it got) did, on the new prefill
+        # tier (not the one with logprobs, which the decode tier computes; the chats share a
+        # prompt, so the decode tier's cache may hold most of a later one's)
+        long = sum(1 for (_, body), (tokens, *_) in zip(*undisturbed, strict=True)
+                   if "prompt" in body and "logprobs" not in body
+                   and len(body["prompt"]) + min(40, len(tokens)) >= 64)  # fmt: skip
+        assert long == 4 and _metric(s.url, "cp_infer_disagg_prefills_total") >= 2 + long
     finally:
         took = s.stop()
     assert took < 10, f"stopping took {took:.1f}s"

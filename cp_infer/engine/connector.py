@@ -23,12 +23,15 @@ __all__ = ["KVConnector", "PrefillJob"]
 @dataclass(frozen=True)
 class PrefillJob:
     """A prompt for another engine to prefill: its tokens, sampling (for the first token), and
-    how many leading tokens this engine's cache holds already (not sent back)."""
+    how many leading tokens this engine's cache holds already (not sent back). ``generated``:
+    how many of the last tokens the request generated already (a request resumed after a
+    restart): their draws are spent, and its budget and ``min_tokens`` count them."""
 
     rid: int
     tokens: tuple[int, ...]
     sampling: SamplingConfig
     skip: int
+    generated: int = 0
 
 
 class KVConnector(abc.ABC):

@@ -43,10 +43,10 @@ class RemotePrefills:
 
     def wants(self, x: _Live, tokens: list[int], shared: int) -> bool:
         """Whether ``x`` prefills elsewhere: a long prompt the other engine's pool can hold,
-        not a recomputed one, and not one whose prompt's log-probabilities this engine must
-        compute."""
+        not one recomputed after a preemption (a resumed one is: its tokens so far with it),
+        and not one whose prompt's log-probabilities this engine must compute."""
         c = self.connector
-        return (not x.before and not x.request.wants_logprobs
+        return (x.first_run and not x.request.wants_logprobs
                 and len(tokens) - shared >= c.min_tokens and c.fits(len(tokens)))  # fmt: skip
 
     def send(self, x: _Live, tokens: list[int], holder: int | None, shared: int) -> None:
@@ -57,11 +57,12 @@ class RemotePrefills:
         if pinned is not None:
             kv.pin(pinned)
         job = PrefillJob(x.request.rid, tuple(tokens), x.request.sampling,
-                         skip=shared if pinned is not None else 0)  # fmt: skip
+                         skip=shared if pinned is not None else 0,
+                         generated=len(x.before))  # fmt: skip
         self.connector.submit(job)
         kv.ops.append(("remote", job))  # every follower expects its share of the K/V
         self.jobs[x.request.rid] = (x, pinned)
-        x.outcome.cached_tokens = job.skip  # what this engine's cache held of it
+        x.outcome.cached_tokens = min(job.skip, len(x.request.tokens))  # what it held of it
         kv.stats.remote_prefills += 1
 
     def cancel(self, rids: set[int] | frozenset[int]) -> None:
@@ -81,7 +82,7 @@ class RemotePrefills:
                 if error is None:
                     seq = adopt(
                         engine,
-                        x.request.tokens,
+                        x.tokens,
                         lambda _seq, s=staged: s.store(engine.cache),
                         skip=staged.skip,
                     )
@@ -91,7 +92,7 @@ class RemotePrefills:
                 if pinned is not None:
                     engine.kv.unpin(pinned)
             if seq is not None:  # the followers store their shares of it as this sequence
-                engine.kv.ops.append(("adopt", rid, seq, staged.skip, len(x.request.tokens)))
+                engine.kv.ops.append(("adopt", rid, seq, staged.skip, len(x.tokens)))
             else:
                 engine.kv.ops.append(("drop", rid))
             o = x.outcome
@@ -100,15 +101,16 @@ class RemotePrefills:
                     o.finish_reason, o.error = "error", error
                 engine._finish([x], done)
                 continue
-            x.before = [first]
+            x.before = [*x.before, first]  # (a resumed request's tokens so far, then it)
             if x.request.sampling.temperature >= GREEDY_BELOW:  # the other engine drew one
                 engine.kv.ops.append(("draw", rid, 1))
             o.ttft_s = time.perf_counter() - x.admitted
             if emit is not None:
                 emit([(rid, first, None)])
-            if first in x.request.sampling.eos_ids or x.request.sampling.max_new_tokens == 1:
-                o.tokens = [first]
-                o.finish_reason = "stop" if first in x.request.sampling.eos_ids else "length"
+            sampling = x.request.sampling
+            if first in sampling.eos_ids or len(x.before) >= sampling.max_new_tokens:
+                o.tokens = list(x.before)
+                o.finish_reason = "stop" if first in sampling.eos_ids else "length"
                 engine._finish([x], done)
                 continue
             engine.waiting.appendleft(x)

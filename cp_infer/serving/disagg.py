@@ -200,10 +200,13 @@ def prefill_worker(engine: EngineCore, tiers: TierGroups) -> None:
         if kind != "job":
             continue
         # the first token alone: a request's min_tokens reaches past it (the decode tier
-        # counts it on), but keeps EOS from being that token
-        first_only = replace(job.sampling, max_new_tokens=1,
-                             min_tokens=min(job.sampling.min_tokens, 1))  # fmt: skip
-        request = Request(job.rid, job.tokens, first_only)
+        # counts it on), but keeps EOS from being that token. A resumed request's tokens so
+        # far count too (its draws spent, its budget and min_tokens counting them)
+        n = job.generated
+        first_only = replace(job.sampling, max_new_tokens=n + 1,
+                             min_tokens=min(job.sampling.min_tokens, n + 1))  # fmt: skip
+        cut = len(job.tokens) - n
+        request = Request(job.rid, job.tokens[:cut], first_only, generated=job.tokens[cut:])
         sender = KVSender(engine, tiers=tiers, length=len(job.tokens), skip=job.skip)
 
         def after_layer(batch, layer: int, sender=sender) -> None:  # stream as it computes
@@ -217,7 +220,7 @@ def prefill_worker(engine: EngineCore, tiers: TierGroups) -> None:
         # every rank alike (its rank 0 leads): a failure is agreed, and ends this job alone
         (outcome,), _ = engine.run([request], contain=True, after_layer=after_layer)
         if outcome.error is None:
-            first = outcome.tokens[0]
+            first = outcome.tokens[-1]
         else:
             logger.warning("request %d: prefill failed: %s", job.rid, outcome.error)
             first = -1
