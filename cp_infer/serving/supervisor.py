@@ -229,7 +229,8 @@ class Keeper:
                                 time.time() - self.deaths[-1])  # fmt: skip
                 lost = self._beat()
             except Exception as e:  # the store lives in the launcher (or rank 0's keeper)
-                lost = f"lost the rendezvous store ({type(e).__name__}): its host is gone"
+                lost = (f"lost the rendezvous store ({type(e).__name__}): the launcher that "
+                        "hosts it (or rank 0's keeper, under another launcher) is gone")  # fmt: skip
             if lost is not None:
                 return self._abandon(engine, lost)
 
