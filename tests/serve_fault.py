@@ -6,12 +6,16 @@
   other ranks enter it (ranks out of step: rank 1 must stop, and the server with it);
 - a prefill tier's hand-off of a 321-token prompt fails at its last layer, on every rank of
   the tier, after the earlier layers went (that request must fail alone, the tiers stay in
-  step).
+  step);
+- a request seeded 888 kills rank 1's process (SIGKILL) when it samples: a crash no
+  containment sees (a poison pill: every restarted engine dies of it again).
 
 A rank out of step stops after :data:`ALONE_AFTER_S` (shortened here: the tests wait for it).
 """
 
 import importlib
+import os
+import signal
 import sys
 
 import torch.distributed as dist
@@ -27,6 +31,8 @@ _sample_rows = worker.sample_rows
 def _faulty_sample_rows(logits, configs, generators, generated):
     if any(cfg.seed == 666 for cfg in configs):
         raise RuntimeError("injected fault in sampling")
+    if any(cfg.seed == 888 for cfg in configs) and dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
     return _sample_rows(logits, configs, generators, generated)
 
 

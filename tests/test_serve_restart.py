@@ -17,13 +17,14 @@ import os
 import signal
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import httpx
 import pytest
 
 from cp_infer.distributed import free_port
 from cp_infer.engine.params import SamplingConfig
-from cp_infer.engine.request import Request
+from cp_infer.engine.request import Outcome, Request
 from cp_infer.serving.supervisor import RestartPolicy
 from cp_infer.testing.hosts import EmulatedHosts, namespaces_unavailable
 from tests.serve_helpers import REPO, Server, Stream, engine_pids
@@ -146,6 +147,18 @@ def test_the_api_resumes_what_the_engine_had_taken_and_ends_what_needs_no_engine
         assert ends[2].finish_reason == "length" and ends[2].tokens == [20, 21, 22, 23]
         assert front.metrics.resumed._value.get() == 1
         assert front.metrics.restarts._value.get() == 1
+        # in flight at two more deaths (--max-resumes 2): resumed once more, then it fails
+        for deaths in (2, 3):
+            front.next_batch(0, 8)
+            front.engine_down("rank 0 died", time.time())
+            front.engine_up()
+            await asyncio.sleep(0)
+            ends = [[e for e in p.events._queue if isinstance(e, Outcome)] for p in pend]
+            assert ends[3] == []  # queued at the first death: in flight at two only
+            if deaths == 2:
+                assert ends[0] == []
+            else:
+                assert ends[0][0].finish_reason == "error" and "died 3 times" in ends[0][0].error
 
     asyncio.run(main())
 
@@ -397,3 +410,23 @@ def test_a_disaggregated_server_loses_a_tier_rank_and_every_stream_resumes_exact
     finally:
         took = s.stop()
     assert took < 10, f"stopping took {took:.1f}s"
+
+
+def test_a_request_that_kills_the_engine_each_time_fails_alone_and_the_server_goes_on(
+    checkpoint, tmp_path
+):
+    """tests/serve_fault.py: a request seeded 888 kills rank 1's engine when it samples, every
+    time (rank 0 drew the token first: it gets one token per death). Resumed twice (--max-resumes 2), it is in flight at a third death and fails alone;
+    the server, 3 restarts in (--max-restarts 3), goes on."""
+    s = Server(checkpoint, 2, ["--cp", "2", "--max-restarts", "3", "--max-resumes", "2",
+                               "--ring-min-tokens", "0"],  # every rank samples it
+               tmp_path / "serve.log", script=str(Path(__file__).with_name("serve_fault.py")))  # fmt: skip
+    try:
+        bad = s.post("/v1/completions", {"prompt": [1, 2], "max_tokens": 50, "seed": 888,
+                                         "temperature": 1.0})  # fmt: skip
+        assert bad.status_code == 500 and "died 3 times" in bad.text, bad.text
+        good = s.post("/v1/completions", {"prompt": [1, 2], "max_tokens": 3, "seed": 1})
+        assert good.status_code == 200 and len(good.json()["choices"][0]["token_ids"]) == 3
+        assert _metric(s.url, "cp_infer_engine_restarts_total") == 3
+    finally:
+        s.stop()

@@ -156,6 +156,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--restart-window", type=float, default=600.0, metavar="SECONDS",
         help="the window --max-restarts counts deaths in",
     )  # fmt: skip
+    restarts.add_argument(
+        "--max-resumes", type=int, default=2, metavar="N",
+        help="times one request is resumed after the engine died under it; in flight at one "
+        "more death, it fails alone with an error, and the server goes on: a request that "
+        "crashes the engine every time (a poison pill) does not use up --max-restarts (keep "
+        "it below that)",
+    )  # fmt: skip
     add_model_arguments(g)
     add_tier_arguments(g, "serve")
     add_common_arguments(g)
@@ -209,6 +216,8 @@ def run(args, argv: list[str]) -> int:
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # else: no launcher to watch
     if args.max_restarts < 0:
         raise ValueError(f"--max-restarts must be >= 0, got {args.max_restarts}")
+    if args.max_resumes < 0:
+        raise ValueError(f"--max-resumes must be >= 0, got {args.max_resumes}")
     if not args.restart_window > 0:
         raise ValueError(f"--restart-window must be > 0 seconds, got {args.restart_window}")
     tiered = args.prefill is not None or args.decode is not None
@@ -396,6 +405,6 @@ def _start_api(args, address: str, authkey: bytes):
         max_queue=args.max_queue, eos_ids=eos_ids, info=layout,
         tbt_slo_s=None if args.tbt_slo_ms is None else args.tbt_slo_ms / 1000,
         log_level=logging.getLogger().getEffectiveLevel(), engine_address=address,
-        authkey=authkey,
+        authkey=authkey, max_resumes=args.max_resumes,
     )  # fmt: skip
     return ApiControl.start(settings)

@@ -44,6 +44,7 @@ class ApiSettings:
     log_level: int
     engine_address: str  # the socket rank 0's engine connects to (abstract: no file)
     authkey: bytes  # what it proves itself with
+    max_resumes: int = 2  # a request in flight at more engine deaths fails alone
 
 
 class ApiControl:
@@ -148,7 +149,7 @@ def run_api(control: Connection, settings: ApiSettings) -> None:
         tokenizer=_tokenizer(settings.checkpoint), model_name=settings.model_name,
         vocab_size=settings.vocab_size, max_seq_len=settings.max_seq_len,
         max_batch=settings.max_batch, max_queue=settings.max_queue, eos_ids=settings.eos_ids,
-        info=settings.info,
+        info=settings.info, max_resumes=settings.max_resumes,
     )  # fmt: skip
     failed: list[str] = []
 

@@ -55,6 +55,7 @@ class Pending:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # token ids, then the Outcome
     # (token, logprob) of every token the engine sent, across its restarts
     delivered: list[tuple[int, object]] = field(default_factory=list)
+    resumes: int = 0  # engine deaths it was in flight at
 
     def resumed(self) -> Request:
         """Its request as a restarted engine takes it: the tokens it got so far recomputed."""
@@ -100,16 +101,19 @@ class Frontend:
         pool: the engine's latest :class:`~cp_infer.engine.request.PoolStats` (None until it
             runs): a request that cannot fit the KV pool even alone gets a 400.
         info: labels of ``/metrics``' ``cp_infer_info`` (the layout, say).
+        max_resumes: times one request is resumed after the engine died under it; in flight at
+            one more death, it fails alone (it may be what kills the engine).
     """
 
     def __init__(
         self, *, tokenizer, model_name: str, vocab_size: int, max_seq_len: int, max_batch: int,
         max_queue: int, eos_ids: frozenset[int] = frozenset(), pool=None,
-        info: dict[str, str] | None = None,
+        info: dict[str, str] | None = None, max_resumes: int = 2,
     ) -> None:  # fmt: skip
         self.tokenizer, self.model_name = tokenizer, model_name
         self.vocab_size, self.max_seq_len = vocab_size, max_seq_len
         self.max_batch, self.max_queue, self.eos_ids = max_batch, max_queue, eos_ids
+        self.max_resumes = max_resumes
         self.pool = pool or (lambda: None)  # -> PoolStats | None
         self._queue: queue.Queue[Pending] = queue.Queue()
         self._live: dict[int, Pending] = {}
@@ -323,6 +327,13 @@ class Frontend:
             for p in taken:
                 rid = p.request.rid
                 early = p.finished_early()
+                p.resumes += 1
+                if early is None and p.resumes > self.max_resumes:
+                    early = Outcome(tokens=[t for t, _ in p.delivered], finish_reason="error",
+                                    prompt_tokens=len(p.request.tokens),
+                                    error=f"the engine died {p.resumes} times while this "
+                                    "request ran (it may be what kills it): not resumed again "
+                                    "(serve --max-resumes)")  # fmt: skip
                 if rid in self._cancelled or early is not None:
                     stopped = rid in self._stopped
                     if early is None:  # its client left, or a stop string ended it
