@@ -245,7 +245,9 @@ def run(args, argv: list[str]) -> int:
         policy=RestartPolicy(args.max_restarts, args.restart_window),
         engine_main=lambda g: _engine(args, argv, launched, g, (address, authkey)),
     )  # fmt: skip
-    return keeper.run()
+    # at once: a keeper that hosts the rendezvous store (under DeepSpeed's launcher) took 3 s
+    # to shut its interpreter down, and its launcher signals the next rank only after that
+    exit_now(keeper.run())
 
 
 def _preload() -> None:

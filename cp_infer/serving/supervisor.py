@@ -271,6 +271,9 @@ class Keeper:
             except Exception:  # the store is gone with its host
                 return None
             if where == host and not process_running(int(pid)):
+                with contextlib.suppress(Exception):
+                    if self.store.check([f"{PREFIX}left/{r}"]):
+                        continue  # it stopped too, in order
                 return f"rank {r}'s keeper (pid {pid}) died"
         return None
 
@@ -316,6 +319,8 @@ class Keeper:
         return self._finish(1)
 
     def _finish(self, code: int) -> int:
+        with contextlib.suppress(Exception):  # an orderly exit: not a death (_dead_keeper)
+            self.store.set(f"{PREFIX}left/{self.rank}", str(code))
         if self.api is not None:
             code = max(code, self.api.join())
         return code
@@ -328,11 +333,13 @@ def _kill(engine) -> None:
 
 
 def _engine(main: Callable[[EngineGeneration], int], g: EngineGeneration) -> None:
-    """A forked engine's body: its own signal handling, then ``main``; exits with its code."""
-    import sys
+    """A forked engine's body: its own signal handling, then ``main``; exits with its code at
+    once (an interpreter's shutdown joins threads a process group may hold for seconds, and
+    nothing of an engine needs it: its shared memory is unlinked as soon as it is mapped)."""
+    from cp_infer.distributed import exit_now
 
     global _current
     _current = g
     for sig in (signal.SIGINT, signal.SIGTERM):  # the keeper's handlers do not apply here
         signal.signal(sig, signal.SIG_DFL)
-    sys.exit(main(g))
+    exit_now(main(g))
