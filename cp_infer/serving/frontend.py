@@ -61,16 +61,20 @@ class Pending:
         """Its request as a restarted engine takes it: the tokens it got so far recomputed."""
         return dataclasses.replace(self.request, generated=tuple(t for t, _ in self.delivered))
 
+    def ended(self, finish_reason: str, error: str | None = None) -> Outcome:
+        """Its outcome, ended by the API process itself: the tokens it got so far."""
+        return Outcome(tokens=[t for t, _ in self.delivered], finish_reason=finish_reason,
+                       prompt_tokens=len(self.request.tokens), error=error)  # fmt: skip
+
     def finished_early(self) -> Outcome | None:
         """Its outcome, when the tokens it got already end it (the engine died between its last
         token and its end): EOS met, or the budget spent."""
-        tokens = [t for t, _ in self.delivered]
         sampling = self.request.sampling
-        if not tokens or not (tokens[-1] in sampling.eos_ids
-                              or len(tokens) >= sampling.max_new_tokens):  # fmt: skip
+        last = self.delivered[-1][0] if self.delivered else None
+        if last is None or not (last in sampling.eos_ids
+                                or len(self.delivered) >= sampling.max_new_tokens):  # fmt: skip
             return None
-        o = Outcome(tokens=tokens, prompt_tokens=len(self.request.tokens),
-                    finish_reason="stop" if tokens[-1] in sampling.eos_ids else "length")  # fmt: skip
+        o = self.ended("stop" if last in sampling.eos_ids else "length")
         if self.request.logprobs:  # the prompt's log-probabilities went with the engine
             o.finish_reason = "error"
             o.error = ("the engine restarted after this request's last token, and its prompt's "
@@ -329,17 +333,13 @@ class Frontend:
                 early = p.finished_early()
                 p.resumes += 1
                 if early is None and p.resumes > self.max_resumes:
-                    early = Outcome(tokens=[t for t, _ in p.delivered], finish_reason="error",
-                                    prompt_tokens=len(p.request.tokens),
-                                    error=f"the engine died {p.resumes} times while this "
+                    early = p.ended("error", f"the engine died {p.resumes} times while this "
                                     "request ran (it may be what kills it): not resumed again "
                                     "(serve --max-resumes)")  # fmt: skip
                 if rid in self._cancelled or early is not None:
                     stopped = rid in self._stopped
                     if early is None:  # its client left, or a stop string ended it
-                        early = Outcome(tokens=[t for t, _ in p.delivered],
-                                        finish_reason="cancelled",
-                                        prompt_tokens=len(p.request.tokens))  # fmt: skip
+                        early = p.ended("cancelled")
                     self._forget(rid)
                     ended.append((p, early, stopped))
                     continue

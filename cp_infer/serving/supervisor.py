@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-__all__ = ["EngineGeneration", "Keeper", "RestartPolicy", "engine_generation"]
+__all__ = ["EngineGeneration", "Keeper", "RestartPolicy"]
 
 logger = logging.getLogger("cp_infer")
 
@@ -73,9 +73,6 @@ class EngineGeneration:
     """What a forked engine knows of its keeper: its generation and the keepers' store."""
 
     gen: int
-    rank: int
-    world: int
-    keeper_pid: int
     addr: str
     port: int
     started: float  # time.time() at its fork
@@ -95,14 +92,6 @@ class EngineGeneration:
         store = dist.TCPStore(self.addr, self.port, is_master=False,
                               timeout=timedelta(seconds=30))  # fmt: skip
         store.add(f"{PREFIX}gen{self.gen}/ready", 1)
-
-
-_current: EngineGeneration | None = None
-
-
-def engine_generation() -> EngineGeneration | None:
-    """The generation this process runs, if a keeper forked it (else None)."""
-    return _current
 
 
 def _describe(code: int) -> str:
@@ -161,20 +150,21 @@ class Keeper:
             end = self._watch(engine, gen)
             if end is not None:
                 return end
-            when = json.loads(self.store.get(f"{PREFIX}gen{gen}/failed"))["time"]
-            self.deaths.append(float(when))
+            first = json.loads(self.store.get(f"{PREFIX}gen{gen}/failed"))
+            when = float(first["time"])
+            self.deaths.append(when)
             if gen == 0 and not self._ready(0):
                 # it never served: a bad checkpoint or option fails alike every time
-                why = self._cause(gen)
+                why = self._cause(gen, first["rank"])
                 return self._give_up(f"{why} before the server was ready (not restarted)")
             if not self.policy.allows(self.deaths):
                 return self._give_up(
-                    f"{self._cause(gen)}; that is {len(self.deaths)} deaths, more than "
+                    f"{self._cause(gen, first['rank'])}; that is {len(self.deaths)} deaths, more than "
                     f"--max-restarts {self.policy.max_restarts} within "
                     f"{self.policy.window_s:.0f}s"
                 )
             engine = self._fork(gen + 1)  # what died is read while the next one loads
-            why = self._cause(gen)
+            why = self._cause(gen, first["rank"])
             n = sum(1 for t in self.deaths if when - t <= self.policy.window_s)
             logger.error("the engine died: %s (served %.1fs); restarting (%d of at most %d)",
                          why, when - started, n, self.policy.max_restarts)  # fmt: skip
@@ -184,8 +174,7 @@ class Keeper:
 
     def _fork(self, gen: int):
         ctx = multiprocessing.get_context("fork")
-        g = EngineGeneration(gen, self.rank, self.world, os.getpid(), self.addr, self.port,
-                             time.time())  # fmt: skip
+        g = EngineGeneration(gen, self.addr, self.port, time.time())
         engine = ctx.Process(target=_engine, args=(self.engine_main, g), name=f"engine-{gen}",
                              daemon=False)  # fmt: skip
         engine.start()
@@ -240,10 +229,9 @@ class Keeper:
         self.store.compare_set(key, "", json.dumps({"time": time.time(), "rank": self.rank}))
         self.store.set(f"{PREFIX}gen{gen}/died/{self.rank}", why)
 
-    def _cause(self, gen: int) -> str:
+    def _cause(self, gen: int, first: int) -> str:
         """What died: the ranks' reports, a rank killed by a signal before one whose collective
-        broke because of it."""
-        first = json.loads(self.store.get(f"{PREFIX}gen{gen}/failed"))
+        broke because of it (``first``: the rank that reported first)."""
         time.sleep(SETTLE_S)  # the dead rank's keeper may report a moment after its peers
         reports = []
         for r in range(self.world):
@@ -251,7 +239,7 @@ class Keeper:
             if self.store.check([key]):
                 reports.append(self.store.get(key).decode())
         signalled = [w for w in reports if "killed by" in w]
-        return (signalled or reports or [f"rank {first['rank']}'s engine failed"])[0]
+        return (signalled or reports or [f"rank {first}'s engine failed"])[0]
 
     def _ready(self, gen: int) -> bool:
         key = f"{PREFIX}gen{gen}/ready"
@@ -338,8 +326,6 @@ def _engine(main: Callable[[EngineGeneration], int], g: EngineGeneration) -> Non
     nothing of an engine needs it: its shared memory is unlinked as soon as it is mapped)."""
     from cp_infer.distributed import exit_now
 
-    global _current
-    _current = g
     for sig in (signal.SIGINT, signal.SIGTERM):  # the keeper's handlers do not apply here
         signal.signal(sig, signal.SIG_DFL)
     exit_now(main(g))
