@@ -36,6 +36,7 @@ class _Live:
     admitted: float = 0.0  # perf_counter when it arrived
     before: list[int] = field(default_factory=list)  # generated before it was preempted
     waited: bool = False  # it waited for room in the pool
+    tiered: bool = False  # it looked in the KV tier (once)
 
     @property
     def tokens(self) -> list[int]:
@@ -74,6 +75,8 @@ class Admission:
         when it is back)."""
         if self.remote is not None:
             self.remote.cancel(rids)
+        if self.tiering is not None:
+            self.tiering.cancel(rids)
         for x in self.live.values():
             if x.request.rid in rids and not x.state.done:
                 x.state.done = True
@@ -136,6 +139,11 @@ class Admission:
             holder, shared = self._match(x, tokens)
             if self._joins_a_prefill(tokens, shared):
                 i += 1
+                continue
+            found = self.tiering.wants(x, tokens, shared) if self.tiering is not None else None
+            if found is not None:  # its prefix is in the KV tier: read back meanwhile
+                del self.waiting[i]
+                self.tiering.fetch(x, holder, shared, *found)
                 continue
             if self.remote is not None and self.remote.wants(x, tokens, shared):
                 del self.waiting[i]

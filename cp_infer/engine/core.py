@@ -83,6 +83,7 @@ from cp_infer.engine.request import (
 )  # fmt: skip
 from cp_infer.engine.runner import ModelRunner
 from cp_infer.engine.scheduler import Scheduler
+from cp_infer.engine.tiering import TierReads
 from cp_infer.engine.worker import PlanResult, Worker
 
 __all__ = ["EngineCore", "Outcome", "Request", "Step", "check_pool", "check_request"]
@@ -170,6 +171,8 @@ class EngineCore(Admission, Iterations):
         self.contain = True
         # long prompts prefilled elsewhere (disaggregated serving): see connect()
         self.remote: RemotePrefills | None = None
+        # prefixes read back from a KV tier (the leader's; see cp_infer.engine.tiering)
+        self.tiering: TierReads | None = None
         self.ring_min_tokens, self.ring_threshold = (
             ring_min_tokens,
             self._threshold(ring_min_tokens),
@@ -238,13 +241,16 @@ class EngineCore(Admission, Iterations):
 
     @property
     def busy(self) -> bool:
-        return bool(self.sched.seqs or self.waiting or (self.remote and self.remote.jobs))
+        return bool(self.sched.seqs or self.waiting or (self.remote and self.remote.jobs)
+                    or (self.tiering and self.tiering.jobs))  # fmt: skip
 
     @property
     def runnable(self) -> bool:
         """Something to compute now (not only prompts away at the prefill tier)."""
-        return bool(self.sched.seqs or self.waiting) or bool(
-            self.connector is not None and self.connector.arrived()
+        return (
+            bool(self.sched.seqs or self.waiting)
+            or bool(self.connector is not None and self.connector.arrived())
+            or bool(self.tiering is not None and self.tiering.ready())
         )
 
     @property
@@ -254,7 +260,8 @@ class EngineCore(Admission, Iterations):
 
     def live_requests(self) -> set[int]:
         return ({x.request.rid for x in self.live.values()} | {x.request.rid for x in self.waiting}
-                | set(self.remote.jobs if self.remote else ()))  # fmt: skip
+                | set(self.remote.jobs if self.remote else ())
+                | {j.x.request.rid for j in (self.tiering.jobs.values() if self.tiering else ())})  # fmt: skip
 
     def pool_stats(self) -> PoolStats:
         """The pool and prefix reuse now (the leader sends them to the API's metrics)."""
@@ -291,6 +298,8 @@ class EngineCore(Admission, Iterations):
         """
         try:
             self._retire(done)  # cancelled ones leave before they cost a step
+            if self.tiering is not None:
+                self.tiering.land(done)  # prefixes read back from the KV tier
             for i in range(SPAN):
                 if i and interrupt is not None and interrupt():
                     break

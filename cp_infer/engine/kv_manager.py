@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from cp_infer.engine.kv_pool import KVPool, PoolFull
 from cp_infer.engine.request import PoolStats
@@ -149,6 +149,9 @@ class KVCacheManager:
         self.retained: OrderedDict[int, int] = OrderedDict()  # seq -> cached tokens; LRU first
         self.pins: Counter[int] = Counter()  # seq -> jobs that skip its tokens
         self._moving: list[int] = []  # sources of reshards the workers have not run yet
+        # told of every retained sequence evicted, with its tokens, before its blocks go (a
+        # KV tier spills it: :mod:`cp_infer.engine.tiering`)
+        self.evicting: Callable[[int, list[int]], None] | None = None
         self.next_seq = 0
         self.stats = PoolStats(total_blocks=pool.n_blocks, block_size=pool.block_size, cp=pool.cp)
 
@@ -304,6 +307,8 @@ class KVCacheManager:
             if self.pool.deficit(needs) <= 0:
                 break
             if seq != keep and not self.pins[seq]:
+                if self.evicting is not None:
+                    self.evicting(seq, self.index.tokens[seq])
                 self.release(seq)
         return self.pool.deficit(needs) <= 0
 

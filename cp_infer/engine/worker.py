@@ -25,6 +25,7 @@ import torch
 from cp_infer.distributed import error_message
 from cp_infer.engine.batch import StepBatch
 from cp_infer.engine.connector import KVConnector
+from cp_infer.engine.kv_tier import TierIO
 from cp_infer.engine.params import SamplingConfig
 from cp_infer.engine.plan import Draws, StepPlan
 from cp_infer.engine.remote import handoff_plans, store_handoff
@@ -98,6 +99,9 @@ class Worker:
         self.generators: dict[int, torch.Generator] = {}
         self.first_logits: dict[int, torch.Tensor] = {}  # rid -> (V,) (the last stage)
         self.connector: KVConnector | None = None  # a follower's, disaggregated
+        self.tier: TierIO | None = None  # this rank's KV tier files, and the engine's group
+        self.group = None
+        self.tier_agreed: dict[int, bool] = {}  # ticket -> every rank read its share
         # host seconds per part of the plans run here: replaying the books' changes, the
         # forward passes, drawing and sharing the tokens (tools/bench_step.py)
         self.host_s: Counter[str] = Counter()
@@ -327,6 +331,8 @@ class Worker:
             elif kind == "forget":
                 self.samplings.pop(op[1], None)
                 self.generators.pop(op[1], None)
+            elif kind.startswith("tier_") or kind == "spill":
+                self._tier(op)
             elif not self.leader:  # the hand-off's, on a follower
                 self._handoff(op)
 
@@ -376,6 +382,29 @@ class Worker:
                                device=t.device)  # fmt: skip
             torch.distributed.recv(part, pg.cp_ranks[rank], group=pg.cp_group)
             t.index_copy_(2, to, part)
+
+    def _tier(self, op: tuple) -> None:
+        """A KV tier's op (:mod:`cp_infer.engine.tiering`): the leader spilled and adopts at
+        decision time; every rank reads and agrees."""
+        kind, tier = op[0], self.tier
+        if kind == "spill":  # before the free that follows it
+            if not self.leader:
+                tier.capture(op[1], op[2])
+        elif kind == "tier_fetch":
+            tier.fetch(*op[1:])
+        elif kind == "tier_check":
+            self.tier_agreed[op[1]] = tier.agree(op[1], self.group)
+        elif kind == "tier_adopt":
+            if not self.leader:
+                _, ticket, seq, skip, length = op
+                staged, _ = tier.take(ticket)
+                plans = handoff_plans(seq, skip, length, self.pool.cp)
+                store_handoff(self.cache, plans, lambda: staged.store(self.cache))
+        elif kind == "tier_drop":
+            if not self.leader:
+                tier.take(op[1])
+        else:
+            raise ValueError(f"unknown KV op {kind!r}")
 
     def _handoff(self, op: tuple) -> None:
         kind = op[0]
