@@ -437,7 +437,14 @@ class TierIndex:
                 self.touch(held)
             return None
         nbytes = self.entry_bytes(len(tokens))
-        if nbytes > self.budget or pending + nbytes > self.write_buffer or not self._fit(nbytes):
+        if nbytes > self.budget or pending + nbytes > self.write_buffer:
+            self.stats.spills_skipped += 1
+            return None
+        for old in [e for e in self.entries.values()
+                    if len(e.tokens) < len(tokens) and not e.pins
+                    and tokens[: len(e.tokens)] == e.tokens]:  # fmt: skip
+            self.drop(old)  # superseded: the new entry holds all it had (a chat's last turn)
+        if not self._fit(nbytes):  # (every older entry is being read)
             self.stats.spills_skipped += 1
             return None
         entry = TierEntry(key, tokens, tuple(self.shards(rank_tokens)), nbytes)
@@ -452,10 +459,6 @@ class TierIndex:
             shutil.rmtree(d, ignore_errors=True)
             self.stats.spills_skipped += 1
             return None
-        for old in [e for e in self.entries.values()
-                    if len(e.tokens) < len(tokens) and not e.pins
-                    and tokens[: len(e.tokens)] == e.tokens]:  # fmt: skip
-            self.drop(old)  # superseded: the new entry holds all it had
         self._add(entry)
         self.stats.store_bytes += nbytes
         return entry
