@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark a server: ``cp_infer serve`` under torchrun, or any OpenAI-compatible peer.
 
-Five workloads (``--workload``):
+Six workloads (``--workload``):
 
 - ``chat``: N concurrent chat clients. Every client holds a conversation: its first turn is a
   ``--prompt-len``-token prompt, each later turn resends the whole history (prompts and answers
@@ -22,6 +22,12 @@ Five workloads (``--workload``):
   ending at the model's EOS (variable lengths, at most ``--max-tokens``), or with
   ``--ignore-eos`` always ``--max-tokens`` long (cp_infer and vLLM take ``ignore_eos``). The
   table adds the answers' lengths.
+
+- ``revisit``: ``--clients`` chats take turns one at a time, round-robin, for ``--turns`` turns
+  each: every turn resends its chat's history plus ``--turn-len`` new tokens. With a
+  ``--kv-cache-memory`` that holds one chat, every chat's history is evicted by the time its
+  next turn comes: without a KV tier it is prefilled again, with ``--kv-tier DIR`` it is read
+  back. The table adds the first turns' TTFT (a cold prefill) against the later turns'.
 
 For ``cp_infer`` the table adds what its ``/metrics`` counted over the run: the prompt tokens
 prefilled (the rest were found cached: "saved"), requests preempted, requests that waited for
@@ -47,6 +53,9 @@ Examples (the figures in docs/performance.md)::
         --prompt-len 64 --requests 32 --clients 8 --json bench_out/shared.json
     python tools/bench_serve.py --workload pressure --preset small-llama --requests 16 \\
         --prompt-len 2048 --max-tokens 64 --kv-cache-memory 24MiB --json bench_out/pressure.json
+    python tools/bench_serve.py --workload revisit --preset small-llama --clients 2 --turns 3 \\
+        --prompt-len 16384 --kv-cache-memory 48MiB --kv-tier bench_out/kv_tier \\
+        --json bench_out/revisit_tier.json
 """
 
 from __future__ import annotations
@@ -326,6 +335,31 @@ def scrape(url: str) -> dict[str, float]:
         return {}
 
 
+def run_revisit(url, args) -> tuple[list[dict], float]:
+    """``--clients`` chats, one turn at a time, round-robin (each turn's TTFT is its own)."""
+    rngs = [random.Random(i) for i in range(args.clients)]
+
+    def fresh(i, n):
+        return [rngs[i].randrange(1, args.vocab) for _ in range(n)]
+
+    histories = [fresh(i, args.prompt_len) for i in range(args.clients)]
+    results: list[dict] = []
+
+    async def run_all():
+        async with httpx.AsyncClient(timeout=1800) as client:
+            for turn in range(args.turns):
+                for i in range(args.clients):
+                    r = await _turn(client, url, histories[i], args.max_tokens)
+                    results.append({**r, "turn": turn})
+                    logger.info("chat %d turn %d: %d prompt tokens, TTFT %.2f s", i, turn,
+                                r["usage"]["prompt_tokens"], r["ttft_s"])  # fmt: skip
+                    histories[i] = histories[i] + r["tokens"] + fresh(i, args.turn_len)
+
+    t0 = time.perf_counter()
+    asyncio.run(run_all())
+    return results, time.perf_counter() - t0
+
+
 def run_chat(url, args) -> tuple[list[dict], float]:
     results: list[dict] = []
     t0 = time.perf_counter()
@@ -373,7 +407,17 @@ def summarize(args, results: list[dict], wall: float, counted: dict | None = Non
         "ignore_eos": args.ignore_eos, "answer_tokens_min": min(lengths),
         "answer_tokens_mean": generated / len(results), "answer_tokens_max": max(lengths),
         "stopped_at_eos": sum(r.get("finish_reason") == "stop" for r in results),
+        "kv_tier": str(args.kv_tier) if args.kv_tier else None,
+        "tier_hits": (counted or {}).get("external_prefix_cache_hits_total"),
+        "tier_load_bytes": (counted or {}).get("kv_offload_load_bytes_total"),
+        "tier_store_bytes": (counted or {}).get("kv_offload_store_bytes_total"),
+        "first_turn_ttft_p50_s": _median([r["ttft_s"] for r in results if r.get("turn") == 0]),
+        "later_turn_ttft_p50_s": _median([r["ttft_s"] for r in results if r.get("turn")]),
     }  # fmt: skip
+
+
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
 
 
 def main(argv=None) -> dict:
@@ -381,7 +425,8 @@ def main(argv=None) -> dict:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--workload",
-                   choices=["chat", "requests", "shared-prefix", "pressure", "questions"],
+                   choices=["chat", "requests", "shared-prefix", "pressure", "questions",
+                            "revisit"],
                    default="chat")  # fmt: skip
     p.add_argument("--server", choices=["cp_infer", "transformers"], default="cp_infer",
                    help="the server to start (transformers: `transformers serve "
@@ -432,6 +477,11 @@ def main(argv=None) -> dict:
         help="the server's --ring-min-tokens (default: serve's, auto): 0 puts every request on "
         "the ring",
     )  # fmt: skip
+    p.add_argument(
+        "--kv-tier", type=Path, metavar="DIR",
+        help="start cp_infer with --kv-tier DIR (emptied first: a cold tier)",
+    )  # fmt: skip
+    p.add_argument("--kv-tier-size", default="8GiB", help="the server's --kv-tier-size")
     p.add_argument("--vocab", type=int, default=500, help="prompt ids are drawn below this")
     p.add_argument("--log", type=Path, help="the started server's output")
     p.add_argument("--json", type=Path)
@@ -451,6 +501,11 @@ def main(argv=None) -> dict:
         extra.append("--no-prefix-sharing")
     if args.ring_min_tokens is not None:
         extra += ["--ring-min-tokens", args.ring_min_tokens]
+    if args.kv_tier is not None:
+        import shutil
+
+        shutil.rmtree(args.kv_tier, ignore_errors=True)
+        extra += ["--kv-tier", str(args.kv_tier), "--kv-tier-size", args.kv_tier_size]
     model = args.model
     if model is None and args.server == "transformers":
         model = str(args.checkpoint)
@@ -461,7 +516,8 @@ def main(argv=None) -> dict:
     run = {"chat": lambda: run_chat(url, args), "requests": lambda: run_requests(url, args, model),
            "shared-prefix": lambda: run_shared_prefix(url, args),
            "pressure": lambda: run_pressure(url, args),
-           "questions": lambda: run_questions(url, args, model)}[args.workload]  # fmt: skip
+           "questions": lambda: run_questions(url, args, model),
+           "revisit": lambda: run_revisit(url, args)}[args.workload]  # fmt: skip
     try:
         # the warm-up rounds count too: what the workload timed is told by the requests'
         # own usage; the metrics add what only the server knows
@@ -493,6 +549,11 @@ def main(argv=None) -> dict:
         cols.append("answer tok min/mean/max")
         row.append(f"{summary['answer_tokens_min']}/{summary['answer_tokens_mean']:.1f}/"
                    f"{summary['answer_tokens_max']}")  # fmt: skip
+    if args.workload == "revisit":
+        cols += ["TTFT turn 1 / later p50 (ms)", "tier hits"]
+        later = summary["later_turn_ttft_p50_s"]
+        row += [f"{ms * summary['first_turn_ttft_p50_s']:.0f}/"
+                f"{'-' if later is None else f'{ms * later:.0f}'}", count("tier_hits")]  # fmt: skip
     print(format_table(cols, [row]))
     if args.json:
         write_json(args.json, {"summary": summary, "requests": results})

@@ -268,10 +268,12 @@ class EngineCore(Admission, Iterations):
         if self.connector is not None:
             self.stats.handoff_tokens = self.connector.token_heads
         placed = self.placement_stats()
+        tier = vars(self.tiering.stats) if self.tiering is not None else {}
         return replace(
             self.kv.snapshot(), ring_requests=placed["ring"], rank_requests=placed["rank"],
             ring_moves=placed["moved"], rank_running=tuple(placed["rank_running"]),
             rank_tokens=tuple(placed["rank_tokens"]),
+            **{f"tier_{k}": v for k, v in tier.items()},
         )  # fmt: skip
 
     # -- the leader's loop --------------------------------------------------------------------

@@ -182,6 +182,8 @@ class PoolStats:
             every rank).
         rank_tokens: per CP rank, the context tokens of its running requests (a ring
             request's split evenly).
+        tier_*: the KV tier's :class:`~cp_infer.engine.kv_tier.TierStats` (``tier_queries``,
+            ``tier_hits``, ...; zeros without a tier).
     """
 
     usage: float = 0.0
@@ -202,3 +204,13 @@ class PoolStats:
     ring_moves: int = 0
     rank_running: tuple[int, ...] = ()
     rank_tokens: tuple[int, ...] = ()
+    tier_queries: int = 0
+    tier_hits: int = 0
+    tier_load_bytes: int = 0
+    tier_load_s: float = 0.0
+    tier_store_bytes: int = 0
+    tier_store_s: float = 0.0
+    tier_entries: int = 0
+    tier_nbytes: int = 0
+    tier_skipped: int = 0
+    tier_spills_skipped: int = 0

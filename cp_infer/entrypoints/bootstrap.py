@@ -55,6 +55,7 @@ __all__ = [
     "resolve_device",
     "start_ranks",
     "start_tiers",
+    "weights_identity",
 ]
 
 logger = logging.getLogger("cp_infer")
@@ -294,6 +295,18 @@ def start_tiers(args, argv: list[str], store=None):
     targs.tp, targs.cp, targs.pp, targs.ep = (tiers.tier.tp, tiers.tier.cp, tiers.tier.pp,
                                               tiers.tier.ep)  # fmt: skip
     return tiers, device, targs
+
+
+def weights_identity(args) -> str:
+    """What the weights an engine runs are, for a KV tier's fingerprint: the preset and seed, or
+    the checkpoint's sampled digest (:func:`~cp_infer.checkpoint.manifest.sampled_digest`), and
+    what runs in FP8 (it changes the K/V)."""
+    from cp_infer.checkpoint.manifest import sampled_digest
+
+    source = (f"preset {args.preset} seed {args.seed}" if args.preset
+              else f"checkpoint {sampled_digest(args.checkpoint)}")  # fmt: skip
+    quant = f"fp8 {','.join(args.fp8_layers)}" if args.quant == "fp8" else "none"
+    return f"{source}; quant {quant}"
 
 
 def build_model(

@@ -21,6 +21,7 @@ import argparse
 import gc
 import logging
 import os
+import shutil
 import time
 import uuid
 
@@ -34,8 +35,10 @@ from cp_infer.distributed import (
     report_failure,
 )
 from cp_infer.engine.kv_cache import DEFAULT_BLOCK_SIZE
+from cp_infer.engine.kv_tier import HOST_TIER_ROOT, model_fingerprint, resolve_tier_path
 from cp_infer.engine.runner import ModelRunner
 from cp_infer.entrypoints.bootstrap import (
+    DTYPES,
     add_model_arguments,
     add_tier_arguments,
     build_model,
@@ -45,6 +48,7 @@ from cp_infer.entrypoints.bootstrap import (
     parse_ring_min_tokens,
     start_ranks,
     start_tiers,
+    weights_identity,
 )
 from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments, ensure_launched
 from cp_infer.parallel import check_model_fits_layout
@@ -163,6 +167,27 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "crashes the engine every time (a poison pill) does not use up --max-restarts (keep "
         "it below that)",
     )  # fmt: skip
+    tier = g.add_argument_group(
+        "a second tier for the KV cache",
+        "Finished requests' K/V stay in the KV pool for reuse until it needs their blocks. "
+        "With a tier, what the pool evicts is written to files first (in the background), "
+        "and a prompt that starts with such a sequence (a chat's next turn) reads its K/V "
+        "back instead of prefilling them again. The files record positions, heads and layers, "
+        "not ranks: a tier written at one layout (--tp/--cp/--pp, a decode tier) is read at "
+        "any other, and a server started on a directory uses what is there. A damaged file, or "
+        "another model's, is skipped and its prefix prefilled. See docs/serving.md",
+    )  # fmt: skip
+    tier.add_argument(
+        "--kv-tier", metavar="DIR|host",
+        help="the tier's directory (one every rank of the engine sees: a local disk on one "
+        "host, a shared file system across hosts); 'host': host memory (a directory in "
+        f"{HOST_TIER_ROOT}, kept until the machine restarts or you delete it)",
+    )  # fmt: skip
+    tier.add_argument(
+        "--kv-tier-size", default="auto", metavar="SIZE",
+        help="bytes the tier may hold (e.g. 64GiB); past it the least recently used entries "
+        "go. 'auto': half the free space of its file system when the server starts",
+    )  # fmt: skip
     add_model_arguments(g)
     add_tier_arguments(g, "serve")
     add_common_arguments(g)
@@ -199,6 +224,13 @@ def _check(args, world_size: int):
     if args.kv_cache_memory != "auto":
         parse_bytes(args.kv_cache_memory)  # a size that does not read fails now
     hardware_profile(args.hardware)  # a name that is no profile fails now
+    if args.kv_tier_size != "auto":
+        if args.kv_tier is None:
+            raise ValueError("--kv-tier-size needs --kv-tier DIR|host")
+        if parse_bytes(args.kv_tier_size) < 1:
+            raise ValueError(f"--kv-tier-size must be > 0, got {args.kv_tier_size}")
+    if args.kv_tier == "":
+        raise ValueError("--kv-tier needs a directory, or 'host' for host memory")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     sizes = validate_parallel_sizes(world_size, tp=args.tp, cp=args.cp, pp=args.pp, ep=args.ep)
@@ -289,6 +321,7 @@ def _run(args, device, tiers, g, api_address) -> int:
     """This rank's engine: a colocated one, or a tier of a disaggregated one (the decode tier
     serves the API; the prefill tier takes its jobs)."""
     from cp_infer.engine.core import EngineCore
+    from cp_infer.engine.tiering import detach_tier
     from cp_infer.serving.disagg import join_decode_tier, prefill_worker
     from cp_infer.serving.loop import ServeLoop
 
@@ -325,6 +358,8 @@ def _run(args, device, tiers, g, api_address) -> int:
                                           lead=leads)  # fmt: skip
             logger.info("decode tier: prompts of %d new tokens or more go to the prefill tier",
                         args.disagg_min_tokens)  # fmt: skip
+        if args.kv_tier is not None and not prefill_tier:
+            _attach_tier(engine, args, cfg)
         loop = ServeLoop(engine)
         # what is loaded by now lives as long as the engine: keep it out of the collector's
         # full passes, whose pauses (on any rank) would stall every rank's iteration
@@ -347,7 +382,24 @@ def _run(args, device, tiers, g, api_address) -> int:
         else:
             loop.follow()
         dog.stop()
+        detach_tier(engine)  # its spills written before the engine goes
         return 0
+
+
+def _attach_tier(engine, args, cfg) -> None:
+    """``--kv-tier``: every rank of the engine attaches (a collective; an error raises on all)."""
+    from cp_infer.engine.tiering import attach_tier
+
+    path = resolve_tier_path(args.kv_tier)
+    if args.kv_tier_size != "auto":
+        budget = parse_bytes(args.kv_tier_size)
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        budget = shutil.disk_usage(path).free // 2
+    weights = weights_identity(args)
+    fingerprint = model_fingerprint(cfg, dtype=DTYPES[args.dtype], kv_dtype=args.kv_dtype,
+                                    weights=weights)  # fmt: skip
+    attach_tier(engine, path, fingerprint=fingerprint, budget=budget)
 
 
 def _died(why: str) -> None:

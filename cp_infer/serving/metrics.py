@@ -65,6 +65,27 @@ _POOL_METRICS = {
     "handoff_tokens": (Counter, "kv_handoff_token_heads",
                        "(token, KV head, layer) triples rank 0 of the decode tier received "
                        "from the prefill tier"),
+    # the KV tier (serve --kv-tier), with vLLM's names where they mean the same
+    "tier_queries": (Counter, "external_prefix_cache_queries",
+                     "Prompt tokens looked up in the KV tier (those the pool did not hold)"),
+    "tier_hits": (Counter, "external_prefix_cache_hits",
+                  "Prompt tokens read back from the KV tier (not prefilled)"),
+    "tier_load_bytes": (Counter, "kv_offload_load_bytes",
+                        "Bytes of K/V read back from the KV tier (every rank's share)"),
+    "tier_load_s": (Counter, "kv_offload_load_time",
+                    "Seconds rank 0 spent reading the KV tier (in the background)"),
+    "tier_store_bytes": (Counter, "kv_offload_store_bytes",
+                         "Bytes of K/V spilled to the KV tier (every rank's share)"),
+    "tier_store_s": (Counter, "kv_offload_store_time",
+                     "Seconds rank 0 spent writing the KV tier (in the background)"),
+    "tier_entries": (Gauge, "kv_tier_entries", "Sequences the KV tier holds"),
+    "tier_nbytes": (Gauge, "kv_tier_bytes", "Bytes the KV tier holds (within --kv-tier-size)"),
+    "tier_skipped": (Counter, "kv_tier_skipped_entries",
+                     "KV tier entries found unusable (corrupt, cut short, another model's): "
+                     "dropped, their prefixes prefilled"),
+    "tier_spills_skipped": (Counter, "kv_tier_spills_skipped",
+                            "Evicted sequences not spilled (over --kv-tier-size or the write "
+                            "buffer)"),
 }  # fmt: skip
 
 
