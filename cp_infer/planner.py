@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass
 from cp_infer.models.config import ModelConfig
 from cp_infer.parallel.tensor_parallel import padded_vocab_size
 
-__all__ = ["KV_DTYPES", "MemoryPlan", "check_fits", "device_memory", "parse_bytes", "plan_memory"]
+__all__ = ["KV_DTYPES", "MemoryPlan", "TierPlan", "check_fits", "device_memory", "parse_bytes",
+           "plan_host_tier", "plan_memory"]  # fmt: skip
 
 KV_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8_e4m3": 1}
 _UNITS = {"": 1, "B": 1, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
@@ -123,6 +124,53 @@ def plan_memory(
     activations = residual + max(ffn_act, ring)
     total = weights + kv + activations
     return MemoryPlan(weights, kv, activations, total, device_bytes, total <= device_bytes)
+
+
+@dataclass(frozen=True)
+class TierPlan:
+    """What a host-memory KV tier holds for a layout, and how fast it gives a prompt back.
+
+    Attributes:
+        entry_bytes: one conversation's K/V in the tier (every layer, every KV head once,
+            FP8 scales included), over all its hosts.
+        hosts: hosts the layout spans (its devices over ``devices_per_host``).
+        host_bytes: of one conversation, what each host holds (its ranks' shares).
+        conversations: conversations the tier's host memory holds.
+        read_s: reading one conversation back (each host its share, at the host's bandwidth,
+            all hosts at once).
+        prefill_s: prefilling it again instead (the hardware model's TTFT).
+    """
+
+    entry_bytes: int
+    hosts: int
+    host_bytes: int
+    conversations: int
+    read_s: float
+    prefill_s: float
+
+    @property
+    def speedup(self) -> float:
+        return self.prefill_s / self.read_s
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "speedup": self.speedup}
+
+
+def plan_host_tier(
+    cfg: ModelConfig, *, tp: int, cp: int, pp: int, context: int, kv_dtype: str,
+    host_memory: int, host_bytes_s: float, devices_per_host: int, prefill_s: float,
+) -> TierPlan:  # fmt: skip
+    """A host-memory KV tier (``serve --kv-tier host``) for ``context``-token conversations:
+    how many fit ``host_memory`` per host, and their read-back against a re-prefill."""
+    if host_memory < 1 or host_bytes_s <= 0:
+        raise ValueError("--host-memory and --host-bandwidth must be > 0")
+    per_token = 2 * cfg.n_kv_heads * cfg.head_dim * KV_DTYPES[kv_dtype]
+    if kv_dtype == "fp8_e4m3":
+        per_token += 2 * cfg.n_kv_heads * 4
+    entry = cfg.n_layers * context * (per_token + 8)  # (+ each token's position)
+    hosts = max(1, math.ceil(tp * cp * pp / devices_per_host))
+    host = math.ceil(entry / hosts)
+    return TierPlan(entry, hosts, host, host_memory // host, host / host_bytes_s, prefill_s)
 
 
 def device_memory(spec: str, device) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cp_infer.entrypoints.launch import HelpFormatter, add_common_arguments
 from cp_infer.models.config import PRESETS, get_preset
-from cp_infer.planner import KV_DTYPES, parse_bytes, plan_memory
+from cp_infer.planner import KV_DTYPES, parse_bytes, plan_host_tier, plan_memory
 from cp_infer.quant import FP8_LAYERS
 from cp_infer.reporting import format_table, write_json
 from parallel_state import check_head_split
@@ -23,6 +23,13 @@ whether they fit the device. Pure arithmetic: it runs for the real shapes on any
 
   python -m cp_infer plan-memory --preset llama3-405b --tp 8 --cp 16 --context 1048576 \\
       --quant fp8 --kv-dtype fp8_e4m3 --device-memory 80GiB --json plan.json
+
+With --host-memory it also plans a host-memory KV tier (serve --kv-tier host): how many
+conversations of --context tokens a host's RAM holds, and reading one back against prefilling
+it again (the --hardware model's TTFT):
+
+  python -m cp_infer plan-memory --preset llama3-405b --tp 8 --context 131072 --quant fp8 \\
+      --kv-dtype fp8_e4m3 --host-memory 1536GiB --host-bandwidth 200GB
 """
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -53,6 +60,20 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--device-memory", default="80GiB",
         help="bytes per rank (e.g. 80GiB), or a --hardware profile's device: h100-rdma, "
         "h100-tcp, cpu-gloo or a calibrated JSON (the hardware model's registry)",
+    )  # fmt: skip
+    tier = g.add_argument_group("a host-memory KV tier (serve --kv-tier host)")
+    tier.add_argument("--host-memory", metavar="SIZE",
+                      help="host RAM per host given to the tier (e.g. 1536GiB)")  # fmt: skip
+    tier.add_argument(
+        "--host-bandwidth", default="200GB", metavar="BYTES",
+        help="bytes per second a host reads its share of a conversation back at (its memory "
+        "or its host-to-device links, whichever is slower; default 200GB: 8 PCIe Gen5 x16 "
+        "links at ~25 GB/s each)",
+    )  # fmt: skip
+    tier.add_argument(
+        "--hardware", default="h100-rdma",
+        help="the hardware model whose TTFT is the re-prefill (h100-rdma, h100-tcp, cpu-gloo, "
+        "or a calibrated JSON)",
     )  # fmt: skip
     g.add_argument("--json", type=Path, metavar="PATH", help="also write the plan as JSON")
     add_common_arguments(g)
@@ -103,6 +124,37 @@ def run(args, argv: list[str]) -> int:
     print(format_table(["", "GiB"], rows))
     print("fits" if plan.fits else "does NOT fit: raise --cp/--tp/--pp, or use --quant fp8 / "
           "--kv-dtype fp8_e4m3")  # fmt: skip
+    out = plan.to_dict()
+    if args.host_memory is not None:
+        out["host_tier"] = _host_tier(args, cfg).to_dict()
     if args.json:
-        write_json(args.json, plan.to_dict())
+        write_json(args.json, out)
     return 0
+
+
+def _host_tier(args, cfg):
+    """The host-memory tier's plan, printed."""
+    from cp_infer.costmodel import plan_prefill
+    from cp_infer.hardware import profile
+
+    prof = profile(args.hardware)
+    prefill = plan_prefill(cfg, prof, cp=args.cp, context=args.context, tp=args.tp,
+                           bytes_per_element=_DTYPE_BYTES[args.dtype], quant=args.quant,
+                           kv_dtype=args.kv_dtype)  # fmt: skip
+    t = plan_host_tier(
+        cfg, tp=args.tp, cp=args.cp, pp=args.pp, context=args.context, kv_dtype=args.kv_dtype,
+        host_memory=parse_bytes(args.host_memory), host_bytes_s=parse_bytes(args.host_bandwidth),
+        devices_per_host=prof.devices_per_host, prefill_s=prefill.ttft_s,
+    )  # fmt: skip
+    gib = 2**30
+    print(f"\nhost-memory KV tier, {args.context}-token conversations, KV {args.kv_dtype}:")
+    print(format_table(["", "value"], [
+        ["one conversation (all hosts)", f"{t.entry_bytes / gib:.2f} GiB"],
+        ["hosts of the layout", str(t.hosts)],
+        ["per host", f"{t.host_bytes / gib:.2f} GiB"],
+        [f"conversations in {args.host_memory} a host", str(t.conversations)],
+        ["read back", f"{t.read_s:.3f} s"],
+        [f"prefill again ({prof.name})", f"{t.prefill_s:.2f} s"],
+        ["read back is faster by", f"{t.speedup:.0f}x"],
+    ]))  # fmt: skip
+    return t
