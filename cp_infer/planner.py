@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from cp_infer.engine.sizing import token_bytes
 from cp_infer.models.config import ModelConfig
 from cp_infer.parallel.tensor_parallel import padded_vocab_size
 
@@ -164,10 +165,9 @@ def plan_host_tier(
     how many fit ``host_memory`` per host, and their read-back against a re-prefill."""
     if host_memory < 1 or host_bytes_s <= 0:
         raise ValueError("--host-memory and --host-bandwidth must be > 0")
-    per_token = 2 * cfg.n_kv_heads * cfg.head_dim * KV_DTYPES[kv_dtype]
-    if kv_dtype == "fp8_e4m3":
-        per_token += 2 * cfg.n_kv_heads * 4
-    entry = cfg.n_layers * context * (per_token + 8)  # (+ each token's position)
+    per_token = token_bytes(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, KV_DTYPES[kv_dtype],
+                            kv_dtype)  # fmt: skip
+    entry = context * (per_token + 8)  # (+ each token's position)
     hosts = max(1, math.ceil(tp * cp * pp / devices_per_host))
     host = math.ceil(entry / hosts)
     return TierPlan(entry, hosts, host, host_memory // host, host / host_bytes_s, prefill_s)

@@ -52,6 +52,33 @@ def test_plan_memory_command_writes_the_plan(tmp_path, capsys):
     assert "fits" in capsys.readouterr().out
 
 
+def test_a_host_memory_tier_holds_405b_conversations_and_reads_them_back_fast(tmp_path, capsys):
+    from cp_infer.cli import main
+    from cp_infer.planner import plan_host_tier
+
+    cfg = get_preset("llama3-405b")  # 126 layers, 8 KV heads of 128
+    one = plan_host_tier(cfg, tp=8, cp=1, pp=1, context=131072, kv_dtype="fp8_e4m3",
+                         host_memory=1536 * 2**30, host_bytes_s=200e9, devices_per_host=8,
+                         prefill_s=42.0)  # fmt: skip
+    per_token = 2 * 126 * 8 * (128 + 4) + 8  # K and V bytes with their scales, a position
+    assert one.entry_bytes == 131072 * per_token and one.hosts == 1
+    assert one.conversations == 1536 * 2**30 // one.entry_bytes == 47
+    assert one.read_s == pytest.approx(one.entry_bytes / 200e9) and one.speedup > 200
+    # over 16 hosts (CP16) each holds a sixteenth of every conversation, read at once
+    ring = plan_host_tier(cfg, tp=8, cp=16, pp=1, context=131072, kv_dtype="fp8_e4m3",
+                          host_memory=1536 * 2**30, host_bytes_s=200e9, devices_per_host=8,
+                          prefill_s=3.8)  # fmt: skip
+    assert ring.hosts == 16 and ring.conversations >= 16 * 47 and ring.read_s < one.read_s / 15
+    out = tmp_path / "plan.json"
+    argv = ["plan-memory", "--preset", "llama3-405b", "--tp", "8", "--context", "131072",
+            "--quant", "fp8", "--kv-dtype", "fp8_e4m3", "--host-memory", "1536GiB",
+            "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    tier = json.loads(out.read_text())["host_tier"]
+    assert tier["conversations"] == 47 and 35 < tier["prefill_s"] < 50  # the paper's 42 s
+    assert "read back is faster by" in capsys.readouterr().out
+
+
 def test_generate_refuses_a_batch_that_cannot_fit_on_every_rank(dist_pool, tmp_path):
     from tests.cli_runner import run_cli
 

@@ -41,6 +41,7 @@ from cp_infer.engine.kv_tier import (
 )  # fmt: skip
 from cp_infer.engine.remote import adopt
 from cp_infer.engine.request import Done
+from cp_infer.engine.sizing import token_bytes
 
 if TYPE_CHECKING:
     from cp_infer.engine.core import EngineCore, _Live
@@ -226,12 +227,13 @@ def attach_tier(
 
 
 def _token_bytes(engine: EngineCore) -> int:
-    """Bytes of one token's K/V in an entry, every layer and KV head (and FP8 scales)."""
-    cfg, cache = engine.cfg, engine.cache
-    per = 2 * cfg.n_kv_heads * cfg.n_layers
-    if cache.fp8:
-        return per * (cfg.head_dim + 4) + 8
-    return per * cfg.head_dim * cache.k.dtype.itemsize + 8
+    """Bytes of one token in an entry: its K/V of every layer and KV head (FP8 with scales)
+    and its position in every shard (a shard per TP writer and stage)."""
+    cfg, cache, pg = engine.cfg, engine.cache, engine.pg
+    writers = sum(bool(len(owned_heads(cfg, pg.tp, t))) for t in range(pg.tp)) * pg.pp
+    kv = token_bytes(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cache.dtype.itemsize,
+                     cache.kv_dtype)  # fmt: skip
+    return kv + 8 * writers
 
 
 def _shards(engine: EngineCore, rank_tokens: Sequence[int]) -> list[str]:
