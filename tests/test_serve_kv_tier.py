@@ -1,6 +1,6 @@
 """``serve --kv-tier`` at the front door: a chat the pool evicted is read back on its next turn
-(the usage and /metrics say so), a second server cannot take the same directory, and a server
-started later at another layout on that directory answers the same turn from it."""
+(the usage and /metrics say so), a second server cannot take the same directory, and servers
+started later on that directory, at cp1 and disaggregated, answer the same turn from it."""
 
 from __future__ import annotations
 
@@ -74,3 +74,14 @@ def test_an_evicted_chat_is_read_back_and_a_restart_at_another_layout_reuses_it(
     finally:
         later.stop()
     assert "(warm start)" in (tmp_path / "later.log").read_text()
+
+    # a disaggregated server's decode tier reads it too (the new turn then prefills there:
+    # it is shorter than --disagg-min-tokens)
+    disagg = Server(checkpoint, 3, ["--prefill", "tp=1,cp=2", "--decode", "tp=1",
+                                    "--kv-tier", str(tier)], tmp_path / "disagg.log")  # fmt: skip
+    try:
+        again = _complete(disagg, A + a1["tokens"] + TURN)
+        assert again["tokens"] == a2["tokens"] and again["cached"] == len(A) + NEW - 1
+        assert again["logprobs"] == pytest.approx(a2["logprobs"], abs=1e-4)
+    finally:
+        disagg.stop()

@@ -410,6 +410,7 @@ def summarize(args, results: list[dict], wall: float, counted: dict | None = Non
         "kv_tier": str(args.kv_tier) if args.kv_tier else None,
         "tier_hits": (counted or {}).get("external_prefix_cache_hits_total"),
         "tier_load_bytes": (counted or {}).get("kv_offload_load_bytes_total"),
+        "tier_load_s": (counted or {}).get("kv_offload_load_time_total"),
         "tier_store_bytes": (counted or {}).get("kv_offload_store_bytes_total"),
         "first_turn_ttft_p50_s": _median([r["ttft_s"] for r in results if r.get("turn") == 0]),
         "later_turn_ttft_p50_s": _median([r["ttft_s"] for r in results if r.get("turn")]),
