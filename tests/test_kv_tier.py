@@ -152,3 +152,53 @@ def test_a_damaged_entry_is_skipped_and_prefilled(dist_pool, written, llama, tmp
     # every rank skipped it alike, and A's turn 2 prefilled its whole context: the same answer
     _check(results, a2, prefilled=len(A) + NEW + len(TURN), hits=0, skipped=1)
     assert results[0]["stats"].entries == 1  # the damaged entry is gone; B's is left
+
+
+def _overlap_rank(path, a1: list[int], tier: str) -> dict:
+    """One rank: A's turn 2 reads A back slowly (a read held for a second) while a short
+    request C arrives with it: C's steps run meanwhile."""
+    import time
+
+    from cp_infer.checkpoint import SafetensorsSource, load_weights
+    from cp_infer.engine import ModelRunner, SamplingConfig
+    from cp_infer.engine.core import EngineCore, Request
+    from cp_infer.engine.tiering import attach_tier, detach_tier
+    from cp_infer.models import ModelConfig
+    from cp_infer.parallel import parallelize
+    from parallel_state import parallel_groups
+
+    cfg = ModelConfig.from_hf(path)
+    sampling = SamplingConfig(max_new_tokens=NEW)
+    with parallel_groups(timeout_s=60) as pg:
+        model = parallelize(cfg, pg, torch.float32)
+        with SafetensorsSource(path, cfg) as source:
+            load_weights(model, source)
+        e = EngineCore(ModelRunner(model, pg, kv_tokens=512, kv_block_size=64))  # 8 blocks
+        attach_tier(e, Path(tier), fingerprint="f" * 64, budget=1 << 30)
+        e.run([Request(0, tuple(A), sampling)])
+        e.run([Request(1, tuple(B), sampling)])  # evicts A
+        io = e.worker.tier
+        io.drain()
+        read = io._read
+
+        def slow(*args):
+            time.sleep(1.0)
+            return read(*args)
+
+        io._read = slow
+        pending = []
+        a2 = Request(2, tuple(A + a1 + TURN), sampling)
+        c = Request(3, tuple(TURN), SamplingConfig(max_new_tokens=4))
+        out, _ = e.run([a2, c], on_step=lambda s: pending.append(bool(e.tiering.jobs)))
+        stats = e.tiering.stats
+        detach_tier(e)
+    return {"tokens": [o.tokens for o in out], "cached": out[0].cached_tokens,
+            "pending": pending, "hits": stats.hits}  # fmt: skip
+
+
+def test_a_read_from_the_tier_lets_other_requests_run(dist_pool, llama, tmp_path):
+    path, a1, a2 = llama
+    (r,) = dist_pool(1).run(_overlap_rank, path, a1, str(tmp_path / "tier"), timeout_s=TIMEOUT)
+    assert r["tokens"][0] == a2["tokens"] and r["cached"] == r["hits"] == len(A) + NEW - 1
+    # C prefilled and decoded (its 4 tokens: 1 + 3 steps) while A's read was pending
+    assert sum(r["pending"]) >= 4 and not r["pending"][-1]

@@ -11,7 +11,14 @@ import torch
 
 from cp_infer.engine.kv_cache import KVCache
 from cp_infer.engine.kv_pool import KVPool
-from cp_infer.engine.kv_tier import MANIFEST, TierIndex, TierIO, entry_key, shard_name
+from cp_infer.engine.kv_tier import (
+    MANIFEST,
+    TierIndex,
+    TierIO,
+    entry_key,
+    owned_heads,
+    shard_name,
+)
 from cp_infer.engine.remote import handoff_plans, store_handoff
 from cp_infer.engine.tier_files import ShardFile, TierFileError, write_file
 from cp_infer.models.config import get_preset
@@ -64,14 +71,18 @@ def _write(root, cp: int, tp: int, length: int, kv_dtype: str = "auto") -> tuple
             io = _io(root, cache, cp, c, tp, t)
             io.capture(0, key)
             io.close()
-    return key, [shard_name(t, c, 0) for c in range(cp) for t in range(tp)], caches
+    written = [shard_name(t, c, 0) for c in range(cp) for t in range(tp)
+               if len(owned_heads(CFG, tp, t))]  # a replicated head: its first holder's  # fmt: skip
+    assert sorted(p.name for p in (root / key).iterdir()) == sorted(written)
+    return key, written, caches
 
 
 @pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize(("write", "read"), [((1, 2), (1, 1)), ((1, 1), (2, 2)),
-                                             ((2, 2), (1, 4)), ((1, 4), (2, 1))],
-                         ids=["cp2-to-cp1", "cp1-to-tp2xcp2", "tp2xcp2-to-cp4",
-                              "cp4-to-tp2"])  # fmt: skip
+                                             ((2, 2), (1, 4)), ((1, 4), (2, 1)),
+                                             ((4, 1), (1, 2)), ((1, 2), (4, 1))],
+                         ids=["cp2-to-cp1", "cp1-to-tp2xcp2", "tp2xcp2-to-cp4", "cp4-to-tp2",
+                              "tp4-replicated-to-cp2", "cp2-to-tp4-replicated"])  # fmt: skip
 def test_an_entry_reads_back_exactly_at_another_layout(tmp_path, write, read, kv_dtype):
     length = 75  # not a multiple of anything: ragged chunks on every rank
     key, shards, _ = _write(tmp_path, write[1], write[0], length, kv_dtype)

@@ -1,6 +1,7 @@
 """``serve --kv-tier`` at the front door: a chat the pool evicted is read back on its next turn
-(the usage and /metrics say so), a second server cannot take the same directory, and servers
-started later on that directory, at cp1 and disaggregated, answer the same turn from it."""
+(the usage and /metrics say so), a second server cannot take the same directory, a stopping
+server spills what its pool keeps, and servers started later on that directory, at cp1 and
+disaggregated, answer the same turn from it."""
 
 from __future__ import annotations
 
@@ -61,16 +62,20 @@ def test_an_evicted_chat_is_read_back_and_a_restart_at_another_layout_reuses_it(
             Server(checkpoint, 1, ["--kv-tier", str(tier)], tmp_path / "second.log")
     finally:
         first.stop()
-    manifests = list(tier.glob("*/*/manifest.json"))
-    assert len(manifests) == 2 and all(json.loads(m.read_text())["tokens"] for m in manifests)
+    # stopping spilled what the pool kept: A's second turn, which supersedes its first
+    tokens = sorted(
+        len(json.loads(m.read_text())["tokens"]) for m in tier.glob("*/*/manifest.json")
+    )
+    assert tokens == [len(B) + NEW - 1, len(A) + NEW + len(TURN) + NEW - 1]
+    whole = len(A) + NEW + len(TURN) - 1  # all of A's third prompt but its last token
 
     later = Server(checkpoint, 1, ["--kv-cache-memory", "1MiB", "--kv-tier", str(tier)],
                    tmp_path / "later.log")  # fmt: skip
     try:
         again = _complete(later, A + a1["tokens"] + TURN)
-        assert again["tokens"] == a2["tokens"] and again["cached"] == len(A) + NEW - 1
+        assert again["tokens"] == a2["tokens"] and again["cached"] == whole
         assert again["logprobs"] == pytest.approx(a2["logprobs"], abs=1e-4)
-        assert _metrics(later)["cp_infer_external_prefix_cache_hits_total"] == len(A) + NEW - 1
+        assert _metrics(later)["cp_infer_external_prefix_cache_hits_total"] == whole
     finally:
         later.stop()
     assert "(warm start)" in (tmp_path / "later.log").read_text()
@@ -81,7 +86,7 @@ def test_an_evicted_chat_is_read_back_and_a_restart_at_another_layout_reuses_it(
                                     "--kv-tier", str(tier)], tmp_path / "disagg.log")  # fmt: skip
     try:
         again = _complete(disagg, A + a1["tokens"] + TURN)
-        assert again["tokens"] == a2["tokens"] and again["cached"] == len(A) + NEW - 1
+        assert again["tokens"] == a2["tokens"] and again["cached"] == whole
         assert again["logprobs"] == pytest.approx(a2["logprobs"], abs=1e-4)
     finally:
         disagg.stop()

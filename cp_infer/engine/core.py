@@ -340,6 +340,18 @@ class EngineCore(Admission, Iterations):
         """Seconds since the leader last sent anything."""
         return time.monotonic() - self._sent_at
 
+    def spill_retained(self) -> int:
+        """The leader, stopping: with a KV tier, the sequences the pool keeps for reuse go to
+        it (a restart on the tier finds them); returns how many were spilled."""
+        if self.tiering is None:
+            return 0
+        before = self.tiering.stats.store_bytes
+        n = self.tiering.spill_all()
+        if n:
+            logger.info("KV tier: %d retained sequences spilled (%.1f MiB) before stopping", n,
+                        (self.tiering.stats.store_bytes - before) / 2**20)  # fmt: skip
+        return n
+
     def stop_followers(self, payload=None) -> None:
         """The leader: the run is over; followers return ``payload`` from :meth:`follow`."""
         self.flush()
@@ -445,6 +457,10 @@ class EngineCore(Admission, Iterations):
                 admit, waiting = waiting[: self.room], waiting[self.room :]
                 self.submit(admit, done)
                 self.iterate(emit, done, on_step=stepped, after_layer=after_layer)
+                if not waiting and not self.runnable:  # only reads from a KV tier pending
+                    time.sleep(0.001)
+                    if self.idle_for() >= 1.0:
+                        self.heartbeat()
         except _PassFailed as e:  # the followers may be inside the pass: nothing reaches them
             raise e.__cause__ from None
         except Exception as e:  # the leader's own bookkeeping: the followers wait for a word

@@ -252,7 +252,7 @@ class TierIO:
             logger.warning("KV tier: %s", e)
             ok = 0
         if dist.is_available() and dist.is_initialized():
-            flag = torch.tensor([ok], dtype=torch.int32)
+            flag = torch.tensor([ok], dtype=torch.int32, device=self.cache.k.device)  # (NCCL)
             dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
             ok = int(flag)
         return bool(ok)

@@ -96,6 +96,16 @@ class TierReads:
         self.io.capture(seq, entry.key)  # now: the plan may reuse its blocks before it runs
         self.engine.kv.ops.append(("spill", seq, entry.key))
 
+    def spill_all(self) -> int:
+        """Evict every retained sequence no job pins, spilling what the index takes (the
+        engine is stopping: the pool's contents would be lost). Returns the spills."""
+        kv = self.engine.kv
+        ops = len(kv.ops)
+        for seq in [s for s in kv.retained if not kv.pins[s]]:
+            self.evicting(seq, kv.index.tokens[seq])
+            kv.release(seq)
+        return sum(op[0] == "spill" for op in kv.ops[ops:])
+
     # -- reads --------------------------------------------------------------------------------
     def wants(self, x: _Live, tokens: list[int], shared: int) -> tuple[TierEntry, int] | None:
         """The entry ``x`` (whose ``tokens`` those are; the pool holds ``shared``) reads, and
@@ -214,7 +224,7 @@ def attach_tier(
             index.open()
         except (OSError, RuntimeError) as e:
             error = str(e) if isinstance(e, RuntimeError) else f"KV tier {root}: {e}"
-    _agree(root, group, error)
+    _agree(root, group, error, cache.k.device)
     io = TierIO(root, fingerprint=fingerprint, cfg=cfg, cache=cache, tp=pg.tp,
                 tp_rank=pg.tp_rank, cp=pg.cp, cp_rank=pg.cp_rank, pp_rank=pg.pp_rank)  # fmt: skip
     engine.worker.tier, engine.worker.group = io, group
@@ -243,7 +253,7 @@ def _shards(engine: EngineCore, rank_tokens: Sequence[int]) -> list[str]:
             if rank_tokens[c] and len(owned_heads(cfg, pg.tp, t))]  # fmt: skip
 
 
-def _agree(root: Path, group, error: str | None) -> None:
+def _agree(root: Path, group, error: str | None, device: torch.device) -> None:
     """Every rank learns whether the leader took the tier, and checks it sees the directory
     (the leader leaves a file there). Raises RuntimeError on every rank otherwise."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
@@ -259,7 +269,7 @@ def _agree(root: Path, group, error: str | None) -> None:
     error, probe = box[0]
     if error is not None:
         raise RuntimeError(error)
-    seen = torch.tensor([int((root / probe).exists())], dtype=torch.int32)
+    seen = torch.tensor([int((root / probe).exists())], dtype=torch.int32, device=device)
     dist.all_reduce(seen, op=dist.ReduceOp.MIN, group=group)
     if leader:
         (root / probe).unlink(missing_ok=True)

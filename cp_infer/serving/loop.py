@@ -67,6 +67,7 @@ class ServeLoop:
             wait_s = 0.0 if engine.runnable else (REMOTE_POLL_S if busy else self.idle_s)
             requests = next_requests(wait_s, engine.room)
             if requests is None:
+                engine.spill_retained()  # (with a KV tier: what the pool keeps is not lost)
                 engine.stop_followers()
                 return
             engine.submit(requests, done)

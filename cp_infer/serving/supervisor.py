@@ -326,6 +326,9 @@ def _engine(main: Callable[[EngineGeneration], int], g: EngineGeneration) -> Non
     nothing of an engine needs it: its shared memory is unlinked as soon as it is mapped)."""
     from cp_infer.distributed import exit_now
 
-    for sig in (signal.SIGINT, signal.SIGTERM):  # the keeper's handlers do not apply here
-        signal.signal(sig, signal.SIG_DFL)
+    # a launcher's signal reaches the engine too (torchrun signals each rank's process group):
+    # the keeper stops it in order (rank 0's engine tells the others, a KV tier takes what the
+    # pool keeps), and kills it if it is not gone within STOP_GRACE_S
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     exit_now(main(g))
