@@ -34,7 +34,8 @@ def llama(tmp_path_factory):
     return path, a1, a2
 
 
-def _tier_rank(path, sizes: dict, tier: str, kv_tokens: int, a1: list[int], write: bool) -> dict:
+def _tier_rank(path, sizes: dict, tier: str, kv_tokens: int, a1: list[int], write: bool,
+               placed: bool = False) -> dict:  # fmt: skip
     from cp_infer.checkpoint import SafetensorsSource, load_weights
     from cp_infer.engine import ModelRunner, SamplingConfig
     from cp_infer.engine.core import EngineCore, Request
@@ -51,14 +52,18 @@ def _tier_rank(path, sizes: dict, tier: str, kv_tokens: int, a1: list[int], writ
         with SafetensorsSource(path, cfg) as source:
             load_weights(model, source)
 
+        # placed: requests under 400 tokens run on one CP rank, B (twice as long) on the ring
+        b = B + B if placed else B
+
         def engine(tokens: int) -> EngineCore:
-            return EngineCore(ModelRunner(model, pg, kv_tokens=tokens, kv_block_size=64))
+            return EngineCore(ModelRunner(model, pg, kv_tokens=tokens, kv_block_size=64),
+                              ring_min_tokens=400 if placed else 0)  # fmt: skip
 
         def turns(e: EngineCore, first: bool) -> dict:
             """A's first turn and B's (a pool for one chat evicts A), then A's second."""
             if first:
                 assert e.run([Request(0, tuple(A), sampling)])[0][0].tokens == a1
-                e.run([Request(1, tuple(B), sampling)])
+                e.run([Request(1, tuple(b), sampling)])
                 if e.worker.tier is not None:  # (spilled in the background: written now)
                     e.worker.tier.drain()
                 torch.distributed.barrier()
@@ -73,9 +78,12 @@ def _tier_rank(path, sizes: dict, tier: str, kv_tokens: int, a1: list[int], writ
         attach_tier(tiered, Path(tier), fingerprint=fingerprint, budget=1 << 30)
         got = turns(tiered, first=write)
         stats = tiered.tiering.stats if tiered.tiering is not None else None
+        tiered.worker.tier.drain()  # every rank's spills written: the directory as it stays
+        torch.distributed.barrier()
+        shards = sorted(p.name for p in Path(tier).glob("*/*/shard-*"))
         detach_tier(tiered)
         ref = turns(engine(4096), first=True)  # a pool that never evicts: A's turn 2 shares
-    return {"got": got, "ref": ref, "stats": stats}
+    return {"got": got, "ref": ref, "stats": stats, "shards": shards}
 
 
 def _check(results, a2, *, prefilled: int, hits: int, skipped: int = 0) -> None:
@@ -108,6 +116,18 @@ def test_an_evicted_chat_comes_back_from_the_tier(written, llama):
     _check(results, a2, prefilled=len(TURN) + 1, hits=len(A) + NEW - 1)
     assert results[0]["got"]["cached"] == len(A) + NEW - 1
     assert results[0]["stats"].entries == 2  # A, and B (evicted for A's read)
+
+
+def test_a_chat_on_one_cp_rank_spills_from_it_and_reads_back_on_the_ring(dist_pool, llama,
+                                                                         tmp_path):  # fmt: skip
+    path, a1, a2 = llama
+    results = dist_pool(2).run(_tier_rank, path, {"cp": 2}, str(tmp_path / "tier"), 384, a1,
+                               True, True, timeout_s=TIMEOUT)  # fmt: skip
+    # A ran on CP rank 0 alone; B, on the ring, evicted it: A's entry is rank 0's shard alone
+    # (B's, evicted for A's read, has both ranks')
+    assert results[0]["shards"] == ["shard-tp0-cp0-pp0.safetensors"] * 2 + [
+        "shard-tp0-cp1-pp0.safetensors"]  # fmt: skip
+    _check(results, a2, prefilled=len(TURN) + 1, hits=len(A) + NEW - 1)
 
 
 LAYOUTS = {"cp1": ({}, 1, 512), "tp2xcp2": ({"tp": 2, "cp": 2}, 4, 256),

@@ -13,6 +13,7 @@ from cp_infer.engine.kv_cache import KVCache
 from cp_infer.engine.kv_pool import KVPool
 from cp_infer.engine.kv_tier import (
     MANIFEST,
+    UNWRITTEN_S,
     TierIndex,
     TierIO,
     entry_key,
@@ -202,3 +203,14 @@ def test_the_index_keeps_its_budget_supersedes_and_finds_entries_after_a_restart
     third = _index(tmp_path)  # a shard gone: the entry is not used, and goes
     assert list(third.entries) == [d.key]
     third.close()
+
+
+def test_an_entry_a_rank_never_wrote_is_not_found_and_dropped_after_a_while(tmp_path):
+    index = _index(tmp_path)
+    entry = index.plan_spill(list(range(30)), [30], pending=0)  # its shard never comes
+    assert index.match(list(range(40))) == (None, 0) and entry.key in index.entries
+    entry.spilled -= UNWRITTEN_S + 1
+    assert index.match(list(range(40))) == (None, 0)
+    assert entry.key not in index.entries and not (tmp_path / entry.key).exists()
+    assert index.stats.skipped == 1
+    index.close()

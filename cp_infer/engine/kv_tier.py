@@ -45,7 +45,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -61,7 +61,7 @@ from cp_infer.reporting import atomic_write
 from cp_infer.sharding import span_positions
 
 __all__ = [
-    "HOST_TIER_ROOT", "TierEntry", "TierIO", "TierIndex", "TierStats", "entry_key",
+    "HOST_TIER_ROOT", "UNWRITTEN_S", "TierEntry", "TierIO", "TierIndex", "TierStats", "entry_key",
     "model_fingerprint", "resolve_tier_path", "shard_name",
 ]  # fmt: skip
 
@@ -70,6 +70,9 @@ logger = logging.getLogger(__name__)
 #: where ``--kv-tier host`` keeps its files: host memory (tmpfs)
 HOST_TIER_ROOT = Path("/dev/shm")
 MANIFEST = "manifest.json"
+#: an entry some shard of which is still missing this long after its spill is dropped (a rank
+#: could not write it: a full disk, say)
+UNWRITTEN_S = 60.0
 
 
 def model_fingerprint(
@@ -146,6 +149,7 @@ class TierEntry:
     nbytes: int
     whole: bool = False  # every shard file is there (checked once, then trusted)
     pins: int = 0  # reads in flight
+    spilled: float = field(default_factory=time.monotonic)
 
 
 class TierIO:
@@ -407,6 +411,9 @@ class TierIndex:
         if not entry.whole:  # its shards are still being written: not yet
             entry.whole = all((self.root / entry.key / s).exists() for s in entry.shards)
             if not entry.whole:
+                if time.monotonic() - entry.spilled > UNWRITTEN_S and not entry.pins:
+                    self.drop(entry, f"a rank did not write its shard within {UNWRITTEN_S:.0f}s "
+                              "(see its log)")  # fmt: skip
                 return None, 0
         return entry, n
 
