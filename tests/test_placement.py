@@ -317,3 +317,41 @@ def test_placed_requests_return_the_ring_s_prompt_and_token_log_probabilities(di
                 assert [lp for alts in a for _, lp in alts] == pytest.approx(
                     [lp for alts in b for _, lp in alts], abs=1e-5
                 )
+
+
+def _tight_rank(shared: int) -> dict:
+    """A pool of 22 blocks a rank holds one of two ~2K-token prompts; they share their first
+    ``shared`` tokens (a chat template's header, say), which lie on CP rank 0 alone."""
+    from cp_infer.engine import SamplingConfig
+    from cp_infer.engine.core import Request
+
+    groups, engine, cfg = _engine("tiny-llama", {"cp": 2}, ring_min_tokens=14,
+                                  kv_tokens=22 * 64, block=64)  # fmt: skip
+    try:
+        g = random.Random(11)
+        head = [g.randrange(1, cfg.vocab_size) for _ in range(shared)]
+        a, b = ([*head, *(g.randrange(1, cfg.vocab_size) for _ in range(n - shared))]
+                for n in (2130, 2249))  # fmt: skip
+        sampling = SamplingConfig(max_new_tokens=8)
+        engine.run([Request(0, tuple(a), sampling)])
+        (got,), _ = engine.run([Request(1, tuple(b), sampling)], contain=True)
+        forgone = engine.stats.prefix_forgone
+    finally:
+        groups.__exit__(None, None, None)
+    groups, alone, _ = _engine("tiny-llama", {"cp": 2}, ring_min_tokens=14, kv_tokens=4096)
+    try:
+        (want,), _ = alone.run([Request(1, tuple(b), sampling)])
+    finally:
+        groups.__exit__(None, None, None)
+    return {"error": got.error, "tokens": got.tokens, "want": want.tokens, "forgone": forgone,
+            "cached": got.cached_tokens}  # fmt: skip
+
+
+@pytest.mark.parametrize("shared", [30, 100])
+def test_a_prefix_on_one_rank_is_prefilled_again_when_moving_it_leaves_no_room(dist_pool,
+                                                                              shared):  # fmt: skip
+    # moving the prefix onto the ring pins its holder (the other prompt, 17 blocks a rank)
+    # for a step: with 22 blocks the new prompt (18) would not fit, and it failed alone
+    r = dist_pool(2).run(_tight_rank, shared, timeout_s=TIMEOUT)[0]
+    assert r["error"] is None and r["tokens"] == r["want"]
+    assert r["cached"] == 0 and r["forgone"] == shared

@@ -185,6 +185,18 @@ class Admission:
         self, x: _Live, tokens: list[int], holder: int | None, shared: int, done: Done | None
     ) -> bool:
         """Admit ``x`` (its ``tokens``) if the pool can hold its prompt; False: it waits."""
+        rank, moving, keep = self._place(x, tokens, holder, shared)
+        if moving is not None and not self._can_move(holder, shared, len(tokens)):
+            logger.info("request %d: its %d cached tokens on rank %d are prefilled again on the "
+                        "ring (moving them would not leave the pool room)", x.request.rid,
+                        shared, moving)  # fmt: skip
+            self.stats.prefix_forgone += shared
+            holder, shared, moving = None, 0, None
+        elif not keep:  # its prefix's rank is too busy: prefill it again on another
+            logger.info("request %d: %d cached tokens on a busy rank prefilled again on rank %d",
+                        x.request.rid, shared, rank)  # fmt: skip
+            self.stats.prefix_forgone += shared
+            holder, shared = None, 0
         need = self.kv.blocks_for_tokens(len(tokens) - shared)
         if need + self._promised() > self.kv.available():
             if self.sched.seqs:
@@ -195,12 +207,6 @@ class Admission:
                 f"{self.pool.block_size} per CP rank, {self.kv.available()} available): raise "
                 "--kv-cache-memory or --cp"), done)  # fmt: skip
             return True
-        rank, moving, keep = self._place(x, tokens, holder, shared)
-        if not keep:  # its prefix's rank is too busy: prefill it again on another
-            logger.info("request %d: %d cached tokens on a busy rank prefilled again on rank %d",
-                        x.request.rid, shared, rank)  # fmt: skip
-            self.stats.prefix_forgone += shared
-            holder, shared = None, 0
         if rank is not None and not self._fits_rank(rank, len(tokens) - shared):
             if self.sched.seqs:
                 return False  # its rank frees blocks as its requests finish
@@ -225,6 +231,21 @@ class Admission:
         budget = x.request.sampling.max_new_tokens - len(x.before)
         self.sched.admit(state, tokens[shared:], budget, x.request.sampling.eos_ids)
         return True
+
+    def _can_move(self, holder: int, shared: int, tokens: int) -> bool:
+        """Whether moving ``holder``'s first ``shared`` tokens (on one CP rank) onto the ring
+        for a prompt of ``tokens`` beats prefilling them again: they fill a block at least,
+        and the pool holds the copy and the prompt's new tokens while the holder stays pinned
+        (until the plan that copies it has run, its blocks cannot be reclaimed)."""
+        if shared < self.pool.block_size:
+            return False
+        pinned = 0
+        if holder in self.kv.retained and not self.kv.pins[holder]:  # reclaimable otherwise
+            pinned = max(len(g.tables[holder].blocks) if holder in g.tables else 0
+                         for g in self.pool.ledgers)  # fmt: skip
+        copy = max(self.pool.spread_needs(shared))
+        need = self.kv.blocks_for_tokens(tokens - shared)
+        return need + copy + pinned + self._promised() <= self.kv.available()
 
     # -- placement ----------------------------------------------------------------------------
     def _place(
