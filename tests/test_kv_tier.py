@@ -35,7 +35,7 @@ def llama(tmp_path_factory):
 
 
 def _tier_rank(path, sizes: dict, tier: str, kv_tokens: int, a1: list[int], write: bool,
-               placed: bool = False) -> dict:  # fmt: skip
+               placed: bool = False, header: int = 0) -> dict:  # fmt: skip
     from cp_infer.checkpoint import SafetensorsSource, load_weights
     from cp_infer.engine import ModelRunner, SamplingConfig
     from cp_infer.engine.core import EngineCore, Request
@@ -53,7 +53,7 @@ def _tier_rank(path, sizes: dict, tier: str, kv_tokens: int, a1: list[int], writ
             load_weights(model, source)
 
         # placed: requests under 400 tokens run on one CP rank, B (twice as long) on the ring
-        b = B + B if placed else B
+        b = B + B if placed else A[:header] + B[header:]  # (header: B starts as A does)
 
         def engine(tokens: int) -> EngineCore:
             return EngineCore(ModelRunner(model, pg, kv_tokens=tokens, kv_block_size=64),
@@ -127,6 +127,17 @@ def test_a_chat_on_one_cp_rank_spills_from_it_and_reads_back_on_the_ring(dist_po
     # (B's, evicted for A's read, has both ranks')
     assert results[0]["shards"] == ["shard-tp0-cp0-pp0.safetensors"] * 2 + [
         "shard-tp0-cp1-pp0.safetensors"]  # fmt: skip
+    _check(results, a2, prefilled=len(TURN) + 1, hits=len(A) + NEW - 1)
+
+
+def test_a_chat_sharing_a_header_with_the_one_that_evicted_it_reads_it_all_back(
+    dist_pool, llama, tmp_path
+):
+    path, a1, a2 = llama
+    # B starts with A's first 24 tokens (a chat template's header): pinning B for them would
+    # leave no room to adopt the rest of A, so A is read from its first token
+    results = dist_pool(2).run(_tier_rank, path, {"cp": 2}, str(tmp_path / "tier"), 256, a1,
+                               True, False, 24, timeout_s=TIMEOUT)  # fmt: skip
     _check(results, a2, prefilled=len(TURN) + 1, hits=len(A) + NEW - 1)
 
 

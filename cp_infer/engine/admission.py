@@ -239,13 +239,9 @@ class Admission:
         (until the plan that copies it has run, its blocks cannot be reclaimed)."""
         if shared < self.pool.block_size:
             return False
-        pinned = 0
-        if holder in self.kv.retained and not self.kv.pins[holder]:  # reclaimable otherwise
-            pinned = max(len(g.tables[holder].blocks) if holder in g.tables else 0
-                         for g in self.pool.ledgers)  # fmt: skip
         copy = max(self.pool.spread_needs(shared))
         need = self.kv.blocks_for_tokens(tokens - shared)
-        return need + copy + pinned + self._promised() <= self.kv.available()
+        return need + copy + self.kv.held_back(holder) + self._promised() <= self.kv.available()
 
     # -- placement ----------------------------------------------------------------------------
     def _place(

@@ -296,6 +296,14 @@ class KVCacheManager:
             del self.pins[seq]
         self._sync_live(seq)
 
+    def held_back(self, seq: int) -> int:
+        """Blocks (on the rank where it has most) that pinning ``seq`` keeps from being
+        reclaimed: its own if it is retained and unpinned, else none (a running sequence's
+        are not reclaimable anyway). An upper bound: blocks it shares count too."""
+        if seq not in self.retained or self.pins[seq]:
+            return 0
+        return max(len(g.tables[seq].blocks) if seq in g.tables else 0 for g in self.pool.ledgers)
+
     def is_cached(self, seq: int) -> bool:
         return seq in self.running or seq in self.retained
 

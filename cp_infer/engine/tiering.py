@@ -122,10 +122,17 @@ class TierReads:
 
     def fetch(self, x: _Live, holder: int | None, shared: int, entry: TierEntry, n: int) -> None:
         """Every rank starts reading its share of ``entry``'s first ``n`` tokens past the
-        ``shared`` ones the pool holds (``holder``'s, pinned meanwhile)."""
-        pinned = holder if holder is not None and shared else None
+        ``shared`` ones the pool holds (``holder``'s, pinned meanwhile), or all ``n`` when
+        pinning ``holder`` would not leave the pool room for the rest (a chat template's
+        header, shared with another chat, is no reason to keep that chat)."""
+        kv = self.engine.kv
+        pinned = None
+        if holder is not None and shared >= kv.block_size:
+            need = kv.blocks_for_tokens(n - shared)
+            if need + kv.held_back(holder) + self.engine._promised() <= kv.available():
+                pinned = holder
         if pinned is not None:
-            self.engine.kv.pin(pinned)
+            kv.pin(pinned)
         skip = shared if pinned is not None else 0
         self.index.pin(entry)
         ticket = next(self._tickets)
