@@ -214,3 +214,18 @@ def test_an_entry_a_rank_never_wrote_is_not_found_and_dropped_after_a_while(tmp_
     assert entry.key not in index.entries and not (tmp_path / entry.key).exists()
     assert index.stats.skipped == 1
     index.close()
+
+
+def test_a_shard_whose_crcs_hold_but_whose_shapes_do_not_fails_the_read(tmp_path):
+    key, shards, _ = _write(tmp_path, 1, 1, 40)
+    path = tmp_path / key / shards[0]
+    with ShardFile(path, fingerprint=FP) as f:
+        meta = {k: v for k, v in f.meta.items() if k not in ("crc32", "format", "cp_infer_kv")}
+        tensors = {name: f.read(name) for name in f.names()}
+    tensors["k.1"] = tensors["k.1"][:, :7]  # well formed, checksummed, and too short
+    write_file(path, tensors, meta)
+    io = _io(tmp_path, _rank(1, 0, 1, 0, 40, "auto", fill=False), 1, 0)
+    io.fetch(0, key, shards, 0, 40)
+    staged, error = io.take(0)
+    assert staged is None and "IndexError" in error
+    io.close()

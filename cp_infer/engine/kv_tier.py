@@ -168,13 +168,7 @@ class TierIO:
         tp_rank: int, cp: int, cp_rank: int, pp_rank: int,
     ) -> None:  # fmt: skip
         self.root, self.fingerprint, self.cfg, self.cache = Path(root), fingerprint, cfg, cache
-        self.tp, self.tp_rank, self.cp, self.cp_rank, self.pp_rank = (
-            tp,
-            tp_rank,
-            cp,
-            cp_rank,
-            pp_rank,
-        )
+        self.cp, self.cp_rank = cp, cp_rank
         self.heads = range(*kv_head_range(cfg, tp, tp_rank))
         self.owned = owned_heads(cfg, tp, tp_rank)
         self.name = shard_name(tp_rank, cp_rank, pp_rank)
@@ -200,7 +194,7 @@ class TierIO:
             parts = self.cache.raw(layer, seq)
             names = ("k", "v", "k_scale", "v_scale")
             for name, t in zip(names, parts, strict=False):
-                t = t[local].cpu()
+                t = t[local].contiguous().cpu()  # (its own memory: the heads it writes)
                 tensors[f"{name}.{layer}"] = t.view(torch.uint8) if t.dtype.itemsize == 1 else t
         meta = {
             "fingerprint": self.fingerprint, "entry": key,
@@ -262,7 +256,19 @@ class TierIO:
         return bool(ok)
 
     def _read(self, key: str, shards: tuple[str, ...], skip: int, length: int) -> StagedKV:
+        """This rank's share, staged; any failure is a :class:`TierFileError` (a file whose
+        CRCs hold but whose shapes do not add up is as unusable as a corrupt one)."""
         t0 = time.perf_counter()
+        try:
+            staged = self._read_entry(key, shards, skip, length)
+        except TierFileError:
+            raise
+        except Exception as e:
+            raise TierFileError(f"entry {key}: {type(e).__name__}: {e}") from e
+        self.read_s += time.perf_counter() - t0
+        return staged
+
+    def _read_entry(self, key: str, shards: tuple[str, ...], skip: int, length: int) -> StagedKV:
         cfg, cache = self.cfg, self.cache
         layers = list(cache.layer_ids)
         kept = torch.tensor(span_positions(skip, length, self.cp, self.cp_rank), dtype=torch.int64)
@@ -310,7 +316,6 @@ class TierIO:
             missing = int((covered == 0).sum())
             raise TierFileError(f"entry {key}: {missing} (layer, head, position) triples of "
                                 "this rank's share missing or repeated")  # fmt: skip
-        self.read_s += time.perf_counter() - t0
         return StagedKV(length, skip, kv, scales, stats)
 
     def close(self) -> None:
