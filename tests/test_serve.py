@@ -609,6 +609,8 @@ OPTION_ERRORS = [
     (["--cp", "2"], "cp=2 does not divide world_size=1"),
     (["--tbt-slo-ms", "0"], "--tbt-slo-ms must be > 0"),
     (["--hardware", "nope.json"], "calibrate --output FILE"),
+    (["--kv-tier-size", "1GiB"], "--kv-tier-size needs --kv-tier DIR|host"),
+    (["--kv-tier", "/tmp/t", "--kv-tier-size", "0"], "--kv-tier-size must be > 0"),
 ]
 
 

@@ -230,7 +230,9 @@ def attach_tier(
         try:
             index.open()
         except (OSError, RuntimeError) as e:
-            error = str(e) if isinstance(e, RuntimeError) else f"KV tier {root}: {e}"
+            error = (str(e) if isinstance(e, RuntimeError) else
+                     f"--kv-tier {path}: {e.strerror or e}: give a directory this user can "
+                     "create and write")  # fmt: skip
     _agree(root, group, error, cache.k.device)
     io = TierIO(root, fingerprint=fingerprint, cfg=cfg, cache=cache, tp=pg.tp,
                 tp_rank=pg.tp_rank, cp=pg.cp, cp_rank=pg.cp_rank, pp_rank=pg.pp_rank)  # fmt: skip

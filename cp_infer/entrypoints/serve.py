@@ -394,8 +394,12 @@ def _attach_tier(engine, args, cfg) -> None:
     if args.kv_tier_size != "auto":
         budget = parse_bytes(args.kv_tier_size)
     else:
-        path.mkdir(parents=True, exist_ok=True)
-        budget = shutil.disk_usage(path).free // 2
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            budget = shutil.disk_usage(path).free // 2
+        except OSError as e:
+            raise RuntimeError(f"--kv-tier {path}: {e.strerror or e}: give a directory this user "
+                               "can create and write") from None  # fmt: skip
     weights = weights_identity(args)
     fingerprint = model_fingerprint(cfg, dtype=DTYPES[args.dtype], kv_dtype=args.kv_dtype,
                                     weights=weights)  # fmt: skip
