@@ -237,11 +237,19 @@ class Admission:
         for a prompt of ``tokens`` beats prefilling them again: they fill a block at least,
         and the pool holds the copy and the prompt's new tokens while the holder stays pinned
         (until the plan that copies it has run, its blocks cannot be reclaimed)."""
-        if shared < self.pool.block_size:
-            return False
         copy = max(self.pool.spread_needs(shared))
-        need = self.kv.blocks_for_tokens(tokens - shared)
-        return need + copy + self.kv.held_back(holder) + self._promised() <= self.kv.available()
+        return self._worth_pinning(
+            holder, shared, self.kv.blocks_for_tokens(tokens - shared) + copy
+        )
+
+    def _worth_pinning(self, holder: int, shared: int, blocks: int) -> bool:
+        """Whether a request should keep ``holder`` pinned for its first ``shared`` tokens
+        while ``blocks`` more are taken (a move onto the ring, a KV tier's read): they fill a
+        block at least, and the pool holds those blocks beside the holder, whose own cannot be
+        reclaimed while it is pinned. Else its prefix is better computed (or read) again."""
+        return shared >= self.pool.block_size and (
+            blocks + self.kv.held_back(holder) + self._promised() <= self.kv.available()
+        )
 
     # -- placement ----------------------------------------------------------------------------
     def _place(

@@ -49,8 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from cp_infer.distributed import RankFailure, on_all_ranks
 from cp_infer.engine.handoff import HandoffStats, StagedKV
 from cp_infer.engine.kv_cache import KVCache
 from cp_infer.engine.kv_manager import PrefixIndex
@@ -239,21 +239,15 @@ class TierIO:
         except TierFileError as e:
             return None, str(e)
 
-    def agree(self, ticket: int, group=None) -> bool:
-        """Whether every rank of ``group`` read its share of ``ticket`` (a collective: every
-        rank calls it, in the same order). A rank that failed says why in its log."""
-        fut = self._reads[ticket]
+    def agree(self, ticket: int, group=None) -> str | None:
+        """None when every rank of ``group`` read its share of ``ticket``, else why not (the
+        first failing rank's reason, on every rank). A collective: every rank calls it, in
+        the same order."""
         try:
-            fut.result()
-            ok = 1
-        except TierFileError as e:
-            logger.warning("KV tier: %s", e)
-            ok = 0
-        if dist.is_available() and dist.is_initialized():
-            flag = torch.tensor([ok], dtype=torch.int32, device=self.cache.k.device)  # (NCCL)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-            ok = int(flag)
-        return bool(ok)
+            on_all_ranks(self._reads[ticket].result, group)
+        except RankFailure as e:
+            return str(e)
+        return None
 
     def _read(self, key: str, shards: tuple[str, ...], skip: int, length: int) -> StagedKV:
         """This rank's share, staged; any failure is a :class:`TierFileError` (a file whose

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 import torch.distributed as dist
 
+from cp_infer.distributed import on_all_ranks
 from cp_infer.engine.kv_tier import (
     TierEntry,
     TierIndex,
@@ -127,10 +127,10 @@ class TierReads:
         header, shared with another chat, is no reason to keep that chat)."""
         kv = self.engine.kv
         pinned = None
-        if holder is not None and shared >= kv.block_size:
-            need = kv.blocks_for_tokens(n - shared)
-            if need + kv.held_back(holder) + self.engine._promised() <= kv.available():
-                pinned = holder
+        if holder is not None and self.engine._worth_pinning(
+            holder, shared, kv.blocks_for_tokens(n - shared)
+        ):
+            pinned = holder
         if pinned is not None:
             kv.pin(pinned)
         skip = shared if pinned is not None else 0
@@ -159,10 +159,10 @@ class TierReads:
         engine.flush()  # every rank says whether it read its share
         for t in ready:
             job = self.jobs.pop(t)
-            ok = engine.worker.tier_agreed.pop(t)
-            staged, error = self.io.take(t)
+            why = engine.worker.tier_agreed.pop(t)  # (None: every rank read its share)
+            staged, _ = self.io.take(t)
             seq = None
-            if ok:
+            if why is None:
                 tokens = job.x.tokens[: job.length]
                 try:
                     seq = adopt(engine, tokens, lambda _seq, s=staged: s.store(engine.cache),
@@ -184,9 +184,8 @@ class TierReads:
                              time.perf_counter() - job.started)  # fmt: skip
             else:
                 kv.ops.append(("tier_drop", t))
-                if not ok:
-                    self.index.drop(job.entry, error or "another rank could not read its share "
-                                    "(see that rank's log)")  # fmt: skip
+                if why is not None:
+                    self.index.drop(job.entry, why)
             x = job.x
             if x.outcome.finish_reason == "cancelled":
                 x.outcome.tokens = list(x.before)
@@ -222,9 +221,10 @@ def attach_tier(
     index = None
     error = None
     if engine.leader:
+        per_token = _token_bytes(engine)
         index = TierIndex(
             root, fingerprint=fingerprint, budget=budget, write_buffer=write_buffer,
-            entry_bytes=lambda n: n * _token_bytes(engine),
+            entry_bytes=lambda n: n * per_token,
             shards=lambda rank_tokens: _shards(engine, rank_tokens),
         )  # fmt: skip
         try:
@@ -233,7 +233,7 @@ def attach_tier(
             error = (str(e) if isinstance(e, RuntimeError) else
                      f"--kv-tier {path}: {e.strerror or e}: give a directory this user can "
                      "create and write")  # fmt: skip
-    _agree(root, group, error, cache.k.device)
+    _agree(root, group, engine.leader, error)
     io = TierIO(root, fingerprint=fingerprint, cfg=cfg, cache=cache, tp=pg.tp,
                 tp_rank=pg.tp_rank, cp=pg.cp, cp_rank=pg.cp_rank, pp_rank=pg.pp_rank)  # fmt: skip
     engine.worker.tier, engine.worker.group = io, group
@@ -262,31 +262,38 @@ def _shards(engine: EngineCore, rank_tokens: Sequence[int]) -> list[str]:
             if rank_tokens[c] and len(owned_heads(cfg, pg.tp, t))]  # fmt: skip
 
 
-def _agree(root: Path, group, error: str | None, device: torch.device) -> None:
+def _agree(root: Path, group, leader: bool, error: str | None) -> None:
     """Every rank learns whether the leader took the tier, and checks it sees the directory
-    (the leader leaves a file there). Raises RuntimeError on every rank otherwise."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        if error:
+    (the leader leaves a file there). Raises on every rank otherwise."""
+
+    def took() -> str:
+        if error is not None:
             raise RuntimeError(error)
-        return
-    leader = dist.get_rank(group) == 0
-    box = [(error, f".probe-{secrets.token_hex(8)}")] if leader else [None]
-    if leader and error is None:
-        (root / box[0][1]).write_text("")
-    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group else 0,
-                               group=group)  # fmt: skip
-    error, probe = box[0]
-    if error is not None:
-        raise RuntimeError(error)
-    seen = torch.tensor([int((root / probe).exists())], dtype=torch.int32, device=device)
-    dist.all_reduce(seen, op=dist.ReduceOp.MIN, group=group)
-    if leader:
-        (root / probe).unlink(missing_ok=True)
-    if not int(seen):
-        raise RuntimeError(
-            f"the KV tier {root.parent} is not one directory every rank of the engine sees "
-            "(ranks on another host): give --kv-tier a shared file system's path"
-        )
+        if not leader:
+            return ""
+        probe = f".probe-{secrets.token_hex(8)}"
+        (root / probe).write_text("")
+        return probe
+
+    probe = on_all_ranks(took, group)
+    if dist.is_available() and dist.is_initialized():
+        box = [probe]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group else 0,
+                                   group=group)  # fmt: skip
+        probe = box[0]
+
+    def sees() -> None:
+        if not (root / probe).exists():
+            raise RuntimeError(
+                f"the KV tier {root.parent} is not one directory every rank of the engine sees "
+                "(ranks on another host): give --kv-tier a shared file system's path"
+            )
+
+    try:
+        on_all_ranks(sees, group)
+    finally:
+        if leader:
+            (root / probe).unlink(missing_ok=True)
 
 
 def detach_tier(engine: EngineCore) -> None:

@@ -101,7 +101,7 @@ class Worker:
         self.connector: KVConnector | None = None  # a follower's, disaggregated
         self.tier: TierIO | None = None  # this rank's KV tier files, and the engine's group
         self.group = None
-        self.tier_agreed: dict[int, bool] = {}  # ticket -> every rank read its share
+        self.tier_agreed: dict[int, str | None] = {}  # ticket -> why a rank could not read
         # host seconds per part of the plans run here: replaying the books' changes, the
         # forward passes, drawing and sharing the tokens (tools/bench_step.py)
         self.host_s: Counter[str] = Counter()
@@ -397,9 +397,7 @@ class Worker:
         elif kind == "tier_adopt":
             if not self.leader:
                 _, ticket, seq, skip, length = op
-                staged, _ = tier.take(ticket)
-                plans = handoff_plans(seq, skip, length, self.pool.cp)
-                store_handoff(self.cache, plans, lambda: staged.store(self.cache))
+                self._store(seq, skip, length, tier.take(ticket)[0])
         elif kind == "tier_drop":
             if not self.leader:
                 tier.take(op[1])
@@ -417,10 +415,15 @@ class Worker:
             _, staged, error = self.connector.take(rid)
             if error is not None:
                 raise RuntimeError(f"the hand-off of request {rid} failed here alone: {error}")
-            plans = handoff_plans(seq, skip, length, self.pool.cp)
-            store_handoff(self.cache, plans, lambda: staged.store(self.cache))
+            self._store(seq, skip, length, staged)
         else:
             raise ValueError(f"unknown KV op {kind!r}")
+
+    def _store(self, seq: int, skip: int, length: int, staged) -> None:
+        """Store staged K/V (a prefill tier's hand-off, a KV tier's read) as this rank's
+        positions ``[skip, length)`` of ``seq``, as the leader's adoption planned them."""
+        plans = handoff_plans(seq, skip, length, self.pool.cp)
+        store_handoff(self.cache, plans, lambda: staged.store(self.cache))
 
     # -- sampling -----------------------------------------------------------------------------
     def _draw(
